@@ -1,0 +1,108 @@
+//! Starting and stopping an agent: store, student, committer, HTTP server.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use anyhow::Context;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+
+use crate::api::{self, App};
+use crate::config::Config;
+use crate::infer::Student;
+use crate::pipeline::{Command, Pipeline};
+use crate::policy::PolicyConfig;
+
+/// The process-wide metrics recorder (one per process, shared by agents in tests).
+pub fn metrics_handle() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets(&[
+                    0.00001, 0.00005, 0.0001, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1.0,
+                ])
+                .unwrap_or_else(|_| PrometheusBuilder::new());
+            let recorder = builder.build_recorder();
+            let handle = recorder.handle();
+            if metrics::set_global_recorder(recorder).is_err() {
+                tracing::warn!("a metrics recorder was already installed");
+            }
+            handle
+        })
+        .clone()
+}
+
+/// A running agent.
+pub struct RunningAgent {
+    /// Where the HTTP API listens.
+    pub addr: SocketAddr,
+    /// Shared state (status, counts).
+    pub app: Arc<App>,
+    stop: watch::Sender<bool>,
+    server: JoinHandle<()>,
+    committer: JoinHandle<()>,
+}
+
+impl RunningAgent {
+    /// Changes the policy at run time (as `PUT /v1/policy` does).
+    pub async fn set_policy(&self, cfg: PolicyConfig) -> anyhow::Result<()> {
+        let (tx, rx) = oneshot::channel();
+        self.app.tx.send(Command::SetPolicy(cfg, tx)).await.map_err(|_| anyhow::anyhow!("agent stopped"))?;
+        rx.await.map_err(|_| anyhow::anyhow!("agent stopped"))
+    }
+
+    /// Stops accepting requests, lets those in flight finish, flushes and returns.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        let _ = self.stop.send(true);
+        self.server.await.context("HTTP server task")?;
+        let RunningAgent { app, committer, .. } = self;
+        // The committer ends when the last sender (held by the app) is gone.
+        drop(app);
+        committer.await.context("committer task")?;
+        Ok(())
+    }
+}
+
+/// Opens the store, loads the student and starts serving.
+pub async fn start(cfg: Config) -> anyhow::Result<RunningAgent> {
+    cfg.validate()?;
+    let student = Arc::new(match &cfg.model {
+        Some(path) => Student::from_file(path)?,
+        None => Student::embedded()?,
+    });
+    let db = crate::store::open(&cfg.data_dir, cfg.store.cache_mib * 1024 * 1024)?;
+    let (pipeline, shared) = Pipeline::new(cfg.data_dir.clone(), cfg.accept_data_loss, db.clone(), student.clone(), cfg.policy.clone(), cfg.store.clone(), cfg.max_data_bytes())
+        .with_context(|| format!("recovering the store in {}", cfg.data_dir.display()))?;
+    let (tx, rx) = mpsc::channel(4096);
+    let committer = tokio::spawn(pipeline.run(rx));
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| format!("listening on {}", cfg.listen))?;
+    let addr = listener.local_addr()?;
+    let app = Arc::new(App {
+        db,
+        tx,
+        shared,
+        cfg,
+        student,
+        metrics: metrics_handle(),
+        started: Instant::now(),
+    });
+    let (stop, mut stopped) = watch::channel(false);
+    let router = api::router(app.clone());
+    let server = tokio::spawn(async move {
+        let result = axum::serve(listener, router)
+            .with_graceful_shutdown(async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            })
+            .await;
+        if let Err(e) = result {
+            tracing::error!("HTTP server: {e}");
+        }
+    });
+    tracing::info!(%addr, "edge agent listening");
+    Ok(RunningAgent { addr, app, stop, server, committer })
+}
