@@ -22,7 +22,8 @@ pub fn metrics_handle() -> PrometheusHandle {
         .get_or_init(|| {
             let builder = PrometheusBuilder::new()
                 .set_buckets(&[
-                    0.00001, 0.00005, 0.0001, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1.0,
+                    0.00001, 0.00005, 0.0001, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1,
+                    0.5, 1.0,
                 ])
                 .unwrap_or_else(|_| PrometheusBuilder::new());
             let recorder = builder.build_recorder();
@@ -50,7 +51,11 @@ impl RunningAgent {
     /// Changes the policy at run time (as `PUT /v1/policy` does).
     pub async fn set_policy(&self, cfg: PolicyConfig) -> anyhow::Result<()> {
         let (tx, rx) = oneshot::channel();
-        self.app.tx.send(Command::SetPolicy(cfg, tx)).await.map_err(|_| anyhow::anyhow!("agent stopped"))?;
+        self.app
+            .tx
+            .send(Command::SetPolicy(cfg, tx))
+            .await
+            .map_err(|_| anyhow::anyhow!("agent stopped"))?;
         rx.await.map_err(|_| anyhow::anyhow!("agent stopped"))
     }
 
@@ -74,8 +79,16 @@ pub async fn start(cfg: Config) -> anyhow::Result<RunningAgent> {
         None => Student::embedded()?,
     });
     let db = crate::store::open(&cfg.data_dir, cfg.store.cache_mib * 1024 * 1024)?;
-    let (pipeline, shared) = Pipeline::new(cfg.data_dir.clone(), cfg.accept_data_loss, db.clone(), student.clone(), cfg.policy.clone(), cfg.store.clone(), cfg.max_data_bytes())
-        .with_context(|| format!("recovering the store in {}", cfg.data_dir.display()))?;
+    let (pipeline, shared) = Pipeline::new(
+        cfg.data_dir.clone(),
+        cfg.accept_data_loss,
+        db.clone(),
+        student.clone(),
+        cfg.policy.clone(),
+        cfg.store.clone(),
+        cfg.max_data_bytes(),
+    )
+    .with_context(|| format!("recovering the store in {}", cfg.data_dir.display()))?;
     let (tx, rx) = mpsc::channel(4096);
     let committer = tokio::spawn(pipeline.run(rx));
     let listener = tokio::net::TcpListener::bind(cfg.listen)
@@ -104,5 +117,11 @@ pub async fn start(cfg: Config) -> anyhow::Result<RunningAgent> {
         }
     });
     tracing::info!(%addr, "edge agent listening");
-    Ok(RunningAgent { addr, app, stop, server, committer })
+    Ok(RunningAgent {
+        addr,
+        app,
+        stop,
+        server,
+        committer,
+    })
 }

@@ -42,7 +42,9 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<()> {
     for clients in [1usize, 8, 64] {
         results.push(ingest_scenario(clients, 1, 20_000 / scale).await?);
     }
-    println!("| scenario | records | requests | seconds | records/s | requests/s | agent peak RSS |");
+    println!(
+        "| scenario | records | requests | seconds | records/s | requests/s | agent peak RSS |"
+    );
     println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
     for r in &results {
         println!(
@@ -63,7 +65,11 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<()> {
 
 fn inference(quick: bool) -> anyhow::Result<()> {
     let student = Student::embedded()?;
-    let mut sim = Simulator::new(SimConfig { machines: 64, fault_share: 0.5, ..SimConfig::default() });
+    let mut sim = Simulator::new(SimConfig {
+        machines: 64,
+        fault_share: 0.5,
+        ..SimConfig::default()
+    });
     let mut windows: Vec<Vec<shared::record::Record>> = vec![Vec::new(); 64];
     for _ in 0..WINDOW_LEN {
         for (i, r) in sim.tick().into_iter().enumerate() {
@@ -82,7 +88,10 @@ fn inference(quick: bool) -> anyhow::Result<()> {
             std::hint::black_box(student.infer(std::hint::black_box(input))?);
         }
         let per_call = t.elapsed().as_secs_f64() * 1e6 / iters as f64;
-        println!("| batch {batch} | {per_call:.1} | {:.2} |", per_call / batch as f64);
+        println!(
+            "| batch {batch} | {per_call:.1} | {:.2} |",
+            per_call / batch as f64
+        );
     }
     let t = Instant::now();
     for _ in 0..iters {
@@ -97,7 +106,11 @@ fn inference(quick: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn ingest_scenario(clients: usize, batch: usize, total: usize) -> anyhow::Result<IngestResult> {
+async fn ingest_scenario(
+    clients: usize,
+    batch: usize,
+    total: usize,
+) -> anyhow::Result<IngestResult> {
     let dir = tempfile::tempdir()?;
     let exe = std::env::current_exe()?;
     let mut child = tokio::process::Command::new(exe)
@@ -127,7 +140,12 @@ async fn ingest_scenario(clients: usize, batch: usize, total: usize) -> anyhow::
 
     // Pre-generate every body: client i posts the records of machine i, in order.
     let per_client = total / clients;
-    let mut sim = Simulator::new(SimConfig { machines: clients, seed: 42, fault_share: 0.35, ..SimConfig::default() });
+    let mut sim = Simulator::new(SimConfig {
+        machines: clients,
+        seed: 42,
+        fault_share: 0.35,
+        ..SimConfig::default()
+    });
     let mut bodies: Vec<Vec<Vec<u8>>> = vec![Vec::new(); clients];
     let mut current: Vec<Vec<u8>> = vec![Vec::new(); clients];
     let mut in_current = 0;
@@ -144,7 +162,9 @@ async fn ingest_scenario(clients: usize, batch: usize, total: usize) -> anyhow::
             in_current = 0;
         }
     }
-    let client = reqwest::Client::builder().pool_max_idle_per_host(clients).build()?;
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(clients)
+        .build()?;
     let started = Instant::now();
     let mut tasks = Vec::new();
     for list in bodies {
@@ -154,7 +174,12 @@ async fn ingest_scenario(clients: usize, batch: usize, total: usize) -> anyhow::
             let mut acked = 0u64;
             let mut requests = 0u64;
             for body in list {
-                let resp = client.post(&url).header("content-type", "application/x-ndjson").body(body).send().await?;
+                let resp = client
+                    .post(&url)
+                    .header("content-type", "application/x-ndjson")
+                    .body(body)
+                    .send()
+                    .await?;
                 if resp.status().as_u16() != 202 {
                     bail!("agent answered {}", resp.status());
                 }

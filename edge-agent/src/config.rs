@@ -98,7 +98,7 @@ impl Default for IngestConfig {
 impl Default for StoreConfig {
     fn default() -> Self {
         StoreConfig {
-            cache_mib: 32,
+            cache_mib: 8,
             record_retention_hours: 24.0 * 7.0,
             case_retention_hours: 24.0 * 90.0,
             max_data_mib: 4096.0,
@@ -113,8 +113,8 @@ impl Config {
     pub fn from_file(path: &Path) -> anyhow::Result<Config> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("reading config file {}", path.display()))?;
-        let cfg: Config = toml::from_str(&text)
-            .with_context(|| format!("config file {}", path.display()))?;
+        let cfg: Config =
+            toml::from_str(&text).with_context(|| format!("config file {}", path.display()))?;
         cfg.validate()
             .with_context(|| format!("config file {}", path.display()))?;
         Ok(cfg)
@@ -122,22 +122,45 @@ impl Config {
 
     /// Checks values that parse but make no sense.
     pub fn validate(&self) -> anyhow::Result<()> {
-        anyhow::ensure!(self.ingest.max_line_bytes >= 256, "ingest.max_line_bytes must be at least 256");
+        anyhow::ensure!(
+            self.ingest.max_line_bytes >= 256,
+            "ingest.max_line_bytes must be at least 256"
+        );
         anyhow::ensure!(
             self.ingest.max_body_bytes >= self.ingest.max_line_bytes,
             "ingest.max_body_bytes must be at least ingest.max_line_bytes"
         );
-        anyhow::ensure!(self.ingest.max_records_per_request >= 1, "ingest.max_records_per_request must be at least 1");
-        anyhow::ensure!(self.store.cache_mib >= 1, "store.cache_mib must be at least 1");
-        anyhow::ensure!(self.store.max_data_mib > 0.0, "store.max_data_mib must be positive");
-        anyhow::ensure!(self.store.record_retention_hours > 0.0, "store.record_retention_hours must be positive");
-        anyhow::ensure!(self.store.case_retention_hours > 0.0, "store.case_retention_hours must be positive");
-        anyhow::ensure!(self.store.janitor_interval_secs > 0.0, "store.janitor_interval_secs must be positive");
+        anyhow::ensure!(
+            self.ingest.max_records_per_request >= 1,
+            "ingest.max_records_per_request must be at least 1"
+        );
+        anyhow::ensure!(
+            self.store.cache_mib >= 1,
+            "store.cache_mib must be at least 1"
+        );
+        anyhow::ensure!(
+            self.store.max_data_mib > 0.0,
+            "store.max_data_mib must be positive"
+        );
+        anyhow::ensure!(
+            self.store.record_retention_hours > 0.0,
+            "store.record_retention_hours must be positive"
+        );
+        anyhow::ensure!(
+            self.store.case_retention_hours > 0.0,
+            "store.case_retention_hours must be positive"
+        );
+        anyhow::ensure!(
+            self.store.janitor_interval_secs > 0.0,
+            "store.janitor_interval_secs must be positive"
+        );
         anyhow::ensure!(
             !self.device_id.is_empty() && shared::schema::valid_machine(&self.device_id),
             "device_id must be 1–64 characters of A-Za-z0-9._-"
         );
-        self.policy.validate().map_err(|e| anyhow::anyhow!("policy: {e}"))?;
+        self.policy
+            .validate()
+            .map_err(|e| anyhow::anyhow!("policy: {e}"))?;
         Ok(())
     }
 

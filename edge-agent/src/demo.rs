@@ -32,11 +32,18 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
             tmp.path().to_path_buf()
         }
     };
-    let cfg = Config { data_dir, listen: "127.0.0.1:0".parse()?, ..Config::default() };
+    let cfg = Config {
+        data_dir,
+        listen: "127.0.0.1:0".parse()?,
+        ..Config::default()
+    };
     let running = agent::start(cfg).await?;
     let url = format!("http://{}", running.addr);
     println!("edge-agent demo: agent at {url} — try {url}/v1/status, {url}/v1/cases?decision=hard, {url}/metrics");
-    println!("{} simulated machines at {} records/s each; Ctrl-C to stop\n", opts.machines, opts.rate);
+    println!(
+        "{} simulated machines at {} records/s each; Ctrl-C to stop\n",
+        opts.machines, opts.rate
+    );
     let sim = tokio::spawn(simulate::run(SimulateOptions {
         target: url.clone(),
         machines: opts.machines,
@@ -88,7 +95,10 @@ fn print_screen(app: &crate::api::App, tty: bool) {
     ));
     if tty {
         out.push_str("\nlatest cases:\n  machine     class              conf   decision reason\n");
-        let q = CaseQuery { limit: 10, ..CaseQuery::default() };
+        let q = CaseQuery {
+            limit: 10,
+            ..CaseQuery::default()
+        };
         if let Ok((cases, _)) = store::list_cases(&app.db, &q) {
             for c in cases {
                 let conf = c.probs.iter().copied().fold(0f32, f32::max);

@@ -109,7 +109,7 @@ struct RunArgs {
     /// This gateway's device id [config: device_id; default: edge-local].
     #[arg(long)]
     device_id: Option<String>,
-    /// sled page cache in MiB: the store's share of the memory budget [config: store.cache_mib; default: 32].
+    /// sled page cache in MiB: the store's share of the memory budget [config: store.cache_mib; default: 8].
     #[arg(long)]
     cache_mib: Option<u64>,
     /// Cap on stored data in MiB; over it, eviction by value, then 503 [config: store.max_data_mib; default: 4096].
@@ -178,7 +178,10 @@ struct DemoArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("edge-agent: cannot start the runtime: {e}");
@@ -278,7 +281,13 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Demo(a) => {
             init_logging("warn");
-            demo::run(demo::DemoOptions { data_dir: a.data_dir, machines: a.machines, rate: a.rate, duration: a.duration }).await
+            demo::run(demo::DemoOptions {
+                data_dir: a.data_dir,
+                machines: a.machines,
+                rate: a.rate,
+                duration: a.duration,
+            })
+            .await
         }
         Cmd::Inspect { data_dir, json } => inspect(&data_dir, json),
         Cmd::Export { data_dir, what } => export(&data_dir, what),
@@ -292,7 +301,10 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
 /// Waits for Ctrl-C or SIGTERM; SIGHUP re-reads the policy from the config file.
 async fn wait_for_stop(running: &agent::RunningAgent, config: Option<&std::path::Path>) {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut hup)) = (signal(SignalKind::terminate()), signal(SignalKind::hangup())) else {
+    let (Ok(mut term), Ok(mut hup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::hangup()),
+    ) else {
         let _ = tokio::signal::ctrl_c().await;
         return;
     };
@@ -329,8 +341,14 @@ fn inspect(dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
     } else {
         println!("records            {}", counts.records);
         println!("open-window records {}", counts.pending_records);
-        println!("cases              {} (local {}, hard {})", counts.cases, counts.cases_local, counts.cases_hard);
-        println!("outbox             {} (audit samples {})", counts.outbox, counts.outbox_audit);
+        println!(
+            "cases              {} (local {}, hard {})",
+            counts.cases, counts.cases_local, counts.cases_hard
+        );
+        println!(
+            "outbox             {} (audit samples {})",
+            counts.outbox, counts.outbox_audit
+        );
         println!("live bytes         {}", counts.live_bytes);
         println!("disk bytes         {disk}");
     }
@@ -350,14 +368,16 @@ fn export(dir: &std::path::Path, what: ExportWhat) -> anyhow::Result<()> {
         let (_, v) = item.context("reading the store")?;
         let line = match what {
             ExportWhat::Records => {
-                let r: store::StoredRecord = postcard::from_bytes(&v).context("a stored record is unreadable")?;
+                let r: store::StoredRecord =
+                    postcard::from_bytes(&v).context("a stored record is unreadable")?;
                 let mut j = r.record.to_json();
                 j["_seq"] = serde_json::json!(r.seq);
                 j["_received"] = serde_json::json!(shared::record::format_ts(r.received_ms));
                 j
             }
             ExportWhat::Cases => {
-                let c: store::CaseEntry = postcard::from_bytes(&v).context("a stored case is unreadable")?;
+                let c: store::CaseEntry =
+                    postcard::from_bytes(&v).context("a stored case is unreadable")?;
                 let mut j = c.to_json();
                 j["features"] = serde_json::json!(c.features);
                 j

@@ -32,7 +32,7 @@ use crate::policy::{Policy, PolicyConfig, PolicyState, Uncertainty};
 use crate::store::{self, keys, CaseEntry, Counts, OutboxState, StoredRecord};
 
 /// Most records taken into one group commit.
-const MAX_GROUP_RECORDS: usize = 50_000;
+const MAX_GROUP_RECORDS: usize = 2_000;
 /// Cases handled per eviction or retention step.
 const STEP_CASES: usize = 64;
 
@@ -128,6 +128,10 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// A window that just filled: (machine, its records with their sequence numbers, the
+/// index of the request that completed it).
+type CompletedWindow = (String, Vec<(u64, Record)>, usize);
+
 /// The committer's state.
 pub struct Pipeline {
     db: sled::Db,
@@ -178,7 +182,8 @@ impl Pipeline {
                     anyhow::bail!(msg);
                 }
                 tracing::error!("{msg}; continuing because --accept-data-loss was given");
-                metrics::counter!("edge_records_lost_total").increment(w.next_record_seq.saturating_sub(rec.next_record_seq));
+                metrics::counter!("edge_records_lost_total")
+                    .increment(w.next_record_seq.saturating_sub(rec.next_record_seq));
             }
         }
         let state: PolicyState = match &rec.policy_state {
@@ -217,7 +222,9 @@ impl Pipeline {
 
     /// Runs until every sender is gone, then flushes.
     pub async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
-        let mut janitor = tokio::time::interval(Duration::from_secs_f64(self.store_cfg.janitor_interval_secs));
+        let mut janitor = tokio::time::interval(Duration::from_secs_f64(
+            self.store_cfg.janitor_interval_secs,
+        ));
         janitor.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let first = tokio::select! {
@@ -254,9 +261,12 @@ impl Pipeline {
         let started = Instant::now();
         let now = now_ms();
         let mut batch = sled::Batch::default();
-        let mut waiting: Vec<(oneshot::Sender<Result<IngestOutcome, IngestError>>, IngestOutcome)> = Vec::new();
+        let mut waiting: Vec<(
+            oneshot::Sender<Result<IngestOutcome, IngestError>>,
+            IngestOutcome,
+        )> = Vec::new();
         let mut seen_idem: HashSet<Vec<u8>> = HashSet::new();
-        let mut completed: Vec<(String, Vec<(u64, Record)>, usize)> = Vec::new();
+        let mut completed: Vec<CompletedWindow> = Vec::new();
         let mut touched: HashSet<String> = HashSet::new();
         let mut added_bytes = 0u64;
         let mut added_records = 0u64;
@@ -272,9 +282,16 @@ impl Pipeline {
                     }
                     let _ = reply.send(());
                 }
-                Command::Ingest { records, est_bytes, reply } => {
+                Command::Ingest {
+                    records,
+                    est_bytes,
+                    reply,
+                } => {
                     if let Some(f) = &failed {
-                        let _ = reply.send(Err(IngestError::new(503, format!("the store failed ({f}); restart the agent"))));
+                        let _ = reply.send(Err(IngestError::new(
+                            503,
+                            format!("the store failed ({f}); restart the agent"),
+                        )));
                         continue;
                     }
                     if !self.make_room(added_bytes + est_bytes) {
@@ -305,7 +322,11 @@ impl Pipeline {
                         }
                         let seq = self.next_record_seq;
                         self.next_record_seq += 1;
-                        let stored = StoredRecord { seq, received_ms: now, record: r };
+                        let stored = StoredRecord {
+                            seq,
+                            received_ms: now,
+                            record: r,
+                        };
                         let value = match postcard::to_stdvec(&stored) {
                             Ok(v) => v,
                             Err(e) => {
@@ -371,7 +392,10 @@ impl Pipeline {
         metrics::histogram!("edge_commit_records").record(added_records as f64);
         match result {
             Ok(()) => {
-                let w = store::watermark::Watermark { next_record_seq: self.next_record_seq, next_case_seq: self.next_case_seq };
+                let w = store::watermark::Watermark {
+                    next_record_seq: self.next_record_seq,
+                    next_case_seq: self.next_case_seq,
+                };
                 if let Err(e) = store::watermark::write(&self.data_dir, &w) {
                     tracing::warn!("writing the acknowledgement watermark: {e}");
                 }
@@ -422,7 +446,10 @@ impl Pipeline {
                     *f = Some(e.to_string());
                 }
                 for (reply, _) in waiting {
-                    let _ = reply.send(Err(IngestError::new(500, format!("the store could not write the records: {e}"))));
+                    let _ = reply.send(Err(IngestError::new(
+                        500,
+                        format!("the store could not write the records: {e}"),
+                    )));
                 }
             }
         }
@@ -430,16 +457,19 @@ impl Pipeline {
 
     fn decide_cases(
         &mut self,
-        completed: &[(String, Vec<(u64, Record)>, usize)],
+        completed: &[CompletedWindow],
         now: i64,
         batch: &mut sled::Batch,
-        waiting: &mut [(oneshot::Sender<Result<IngestOutcome, IngestError>>, IngestOutcome)],
+        waiting: &mut [(
+            oneshot::Sender<Result<IngestOutcome, IngestError>>,
+            IngestOutcome,
+        )],
     ) -> (Vec<CaseEntry>, u64) {
         if completed.is_empty() {
             return (Vec::new(), 0);
         }
-        let windows: Vec<Vec<Record>> = completed.iter().map(|(_, w, _)| w.iter().map(|(_, r)| r.clone()).collect()).collect();
-        let features: Vec<[f32; NUM_FEATURES]> = windows.iter().map(|w| extract(w)).collect();
+        let windows: Vec<Vec<&Record>> = completed.iter().map(|(_, w, _)| w.iter().map(|(_, r)| r).collect()).collect();
+        let features: Vec<[f32; NUM_FEATURES]> = windows.iter().map(|w| extract(w.as_slice())).collect();
         let t = Instant::now();
         let inferred = match self.student.infer(&features) {
             Ok(v) => Some(v),
@@ -454,7 +484,7 @@ impl Pipeline {
         let mut bytes = 0u64;
         for (i, (machine, window, reply_index)) in completed.iter().enumerate() {
             let records = &windows[i];
-            let id = CaseId::of_window(machine, records);
+            let id = CaseId::of_window(machine, records.as_slice());
             if !seen.insert(id) || self.db.contains_key(keys::case_id(&id)).unwrap_or(false) {
                 continue; // the same window content was already a case
             }
@@ -489,10 +519,16 @@ impl Pipeline {
                 decision,
                 reason,
                 model: self.model_tag.clone(),
-                outbox: if decision == Decision::Hard { OutboxState::Queued } else { OutboxState::NotQueued },
+                outbox: if decision == Decision::Hard {
+                    OutboxState::Queued
+                } else {
+                    OutboxState::NotQueued
+                },
                 records_removed: false,
             };
-            let Ok(value) = postcard::to_stdvec(&entry) else { continue };
+            let Ok(value) = postcard::to_stdvec(&entry) else {
+                continue;
+            };
             bytes += (9 + value.len() + 17 + 8) as u64;
             batch.insert(&keys::case(seq)[..], value);
             batch.insert(&keys::case_id(&id)[..], &seq.to_be_bytes()[..]);
@@ -536,7 +572,12 @@ impl Pipeline {
 
     /// One eviction step, in order of value. `false` when nothing is evictable.
     fn evict_step(&mut self) -> bool {
-        let audit = self.shared.counts.lock().map(|c| c.outbox_audit).unwrap_or(0);
+        let audit = self
+            .shared
+            .counts
+            .lock()
+            .map(|c| c.outbox_audit)
+            .unwrap_or(0);
         if audit > 0 && self.evict_audit_samples() {
             return true;
         }
@@ -601,7 +642,9 @@ impl Pipeline {
     fn remove_raw_records(&mut self, why: EvictWhy) -> bool {
         let cutoff = match why {
             EvictWhy::Cap => i64::MAX,
-            EvictWhy::Retention => now_ms() - (self.store_cfg.record_retention_hours * 3_600_000.0) as i64,
+            EvictWhy::Retention => {
+                now_ms() - (self.store_cfg.record_retention_hours * 3_600_000.0) as i64
+            }
         };
         let cursor = match why {
             EvictWhy::Cap => self.evict_records_cursor,
@@ -611,7 +654,9 @@ impl Pipeline {
         let mut next_cursor = cursor;
         for item in self.db.range(keys::case(cursor)..keys::case(u64::MAX)) {
             let Ok((_, v)) = item else { break };
-            let Ok(c) = postcard::from_bytes::<CaseEntry>(&v) else { continue };
+            let Ok(c) = postcard::from_bytes::<CaseEntry>(&v) else {
+                continue;
+            };
             if c.created_ms >= cutoff {
                 break;
             }
@@ -658,8 +703,12 @@ impl Pipeline {
             }
         }
         match why {
-            EvictWhy::Cap => metrics::counter!("edge_evictions_total", "kind" => "raw_records").increment(n),
-            EvictWhy::Retention => metrics::counter!("edge_expired_total", "kind" => "raw_records").increment(n),
+            EvictWhy::Cap => {
+                metrics::counter!("edge_evictions_total", "kind" => "raw_records").increment(n)
+            }
+            EvictWhy::Retention => {
+                metrics::counter!("edge_expired_total", "kind" => "raw_records").increment(n)
+            }
         }
         true
     }
@@ -668,7 +717,9 @@ impl Pipeline {
     fn remove_summaries(&mut self, why: EvictWhy) -> bool {
         let cutoff = match why {
             EvictWhy::Cap => i64::MAX,
-            EvictWhy::Retention => now_ms() - (self.store_cfg.case_retention_hours * 3_600_000.0) as i64,
+            EvictWhy::Retention => {
+                now_ms() - (self.store_cfg.case_retention_hours * 3_600_000.0) as i64
+            }
         };
         let cursor = match why {
             EvictWhy::Cap => self.evict_summaries_cursor,
@@ -678,7 +729,9 @@ impl Pipeline {
         let mut next_cursor = cursor;
         for item in self.db.range(keys::case(cursor)..keys::case(u64::MAX)) {
             let Ok((_, v)) = item else { break };
-            let Ok(c) = postcard::from_bytes::<CaseEntry>(&v) else { continue };
+            let Ok(c) = postcard::from_bytes::<CaseEntry>(&v) else {
+                continue;
+            };
             if c.created_ms >= cutoff {
                 break;
             }
@@ -734,8 +787,12 @@ impl Pipeline {
             }
         }
         match why {
-            EvictWhy::Cap => metrics::counter!("edge_evictions_total", "kind" => "case_summary").increment(n),
-            EvictWhy::Retention => metrics::counter!("edge_expired_total", "kind" => "case_summary").increment(n),
+            EvictWhy::Cap => {
+                metrics::counter!("edge_evictions_total", "kind" => "case_summary").increment(n)
+            }
+            EvictWhy::Retention => {
+                metrics::counter!("edge_expired_total", "kind" => "case_summary").increment(n)
+            }
         }
         true
     }
@@ -764,7 +821,12 @@ impl Pipeline {
 
     /// Queues the rewrite of a case entry; returns the bytes saved (old − new).
     fn rewrite_case(&self, c: &CaseEntry, batch: &mut sled::Batch) -> u64 {
-        let old = self.db.get(keys::case(c.seq)).ok().flatten().map_or(0, |v| v.len());
+        let old = self
+            .db
+            .get(keys::case(c.seq))
+            .ok()
+            .flatten()
+            .map_or(0, |v| v.len());
         match postcard::to_stdvec(c) {
             Ok(v) => {
                 let saved = old.saturating_sub(v.len()) as u64;
@@ -796,7 +858,11 @@ impl Pipeline {
             // Room again (retention, or a raised cap): take input.
             self.shared.full.store(false, Ordering::Relaxed);
         }
-        metrics::gauge!("edge_store_full").set(if self.shared.full.load(Ordering::Relaxed) { 1.0 } else { 0.0 });
+        metrics::gauge!("edge_store_full").set(if self.shared.full.load(Ordering::Relaxed) {
+            1.0
+        } else {
+            0.0
+        });
         if let Ok(size) = self.db.size_on_disk() {
             metrics::gauge!("edge_store_disk_bytes").set(size as f64);
         }

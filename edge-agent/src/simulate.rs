@@ -71,7 +71,9 @@ pub async fn run(opts: SimulateOptions) -> anyhow::Result<SimulateReport> {
         fault_share: opts.fault_share,
     });
     let url = format!("{}/v1/logs", opts.target.trim_end_matches('/'));
-    let client = reqwest::Client::builder().timeout(Duration::from_secs(30)).build()?;
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()?;
     let started = Instant::now();
     let mut report = SimulateReport::default();
     let mut tick: u64 = 0;
@@ -83,7 +85,11 @@ pub async fn run(opts: SimulateOptions) -> anyhow::Result<SimulateReport> {
         ((opts.rate / 10.0).ceil() as u64).max(1)
     };
     loop {
-        if opts.ticks.is_some_and(|t| tick >= t) || opts.duration.is_some_and(|d| started.elapsed().as_secs_f64() >= d) {
+        if opts.ticks.is_some_and(|t| tick >= t)
+            || opts
+                .duration
+                .is_some_and(|d| started.elapsed().as_secs_f64() >= d)
+        {
             break;
         }
         let mut body = Vec::with_capacity(256 * opts.machines * ticks_per_post as usize);

@@ -44,9 +44,12 @@ fn main() {
             let mut sim = Simulator::new(cfg);
             let stdout = std::io::stdout();
             let mut out = std::io::BufWriter::new(stdout.lock());
-            let header: Vec<String> = std::iter::once("label".to_string()).chain(feature_names()).collect();
+            let header: Vec<String> = std::iter::once("label".to_string())
+                .chain(feature_names())
+                .collect();
             let _ = writeln!(out, "{}", header.join(","));
-            let mut windows: HashMap<String, Vec<(shared::record::Record, &'static str)>> = HashMap::new();
+            let mut windows: HashMap<String, Vec<(shared::record::Record, &'static str)>> =
+                HashMap::new();
             for _ in 0..ticks {
                 for r in sim.tick() {
                     let w = windows.entry(r.machine.clone()).or_default();

@@ -1,6 +1,7 @@
 //! Cases: one complete window of one machine, its id, the student's answer and the
 //! policy's decision.
 
+use std::borrow::Borrow;
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
@@ -16,12 +17,13 @@ pub struct CaseId(pub [u8; 16]);
 
 impl CaseId {
     /// Derives the id of a window.
-    pub fn of_window(machine: &str, window: &[Record]) -> CaseId {
+    pub fn of_window<R: Borrow<Record>>(machine: &str, window: &[R]) -> CaseId {
         let mut h = Sha256::new();
         h.update(b"case/v1\0");
         h.update((machine.len() as u64).to_le_bytes());
         h.update(machine.as_bytes());
         for r in window {
+            let r: &Record = r.borrow();
             h.update(r.ts_ms.to_le_bytes());
             match &r.id {
                 Some(id) => {
@@ -147,7 +149,9 @@ impl Reason {
                 format!("out-of-distribution score {score:.2} is high")
             }
             Reason::Audit => "drawn for the random audit sample".into(),
-            Reason::OverShareBudget => "uncertain, but the hard-case share budget is used up".into(),
+            Reason::OverShareBudget => {
+                "uncertain, but the hard-case share budget is used up".into()
+            }
             Reason::OverRateBudget => "uncertain, but the hard-case rate budget is used up".into(),
         }
     }

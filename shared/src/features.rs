@@ -5,6 +5,8 @@
 //! The training script in `onnx/` reads these names from the dataset header that
 //! `edge-agent dataset` writes, so the layout lives only here.
 
+use std::borrow::Borrow;
+
 use crate::record::Record;
 use crate::schema::CHANNELS;
 
@@ -39,7 +41,11 @@ pub fn feature_names() -> Vec<String> {
 
 /// Severity of a log line, as the features count it.
 pub fn message_severity(message: &str) -> u8 {
-    let head: String = message.chars().take(16).collect::<String>().to_ascii_uppercase();
+    let head: String = message
+        .chars()
+        .take(16)
+        .collect::<String>()
+        .to_ascii_uppercase();
     if head.starts_with("ERROR") || head.starts_with("ALARM") || head.starts_with("FAULT") {
         2
     } else if head.starts_with("WARN") {
@@ -53,7 +59,7 @@ pub fn message_severity(message: &str) -> u8 {
 ///
 /// An empty window gives all zeros; the statistics never produce NaN or infinity for
 /// finite readings (which validation guarantees).
-pub fn extract(window: &[Record]) -> [f32; NUM_FEATURES] {
+pub fn extract<R: Borrow<Record>>(window: &[R]) -> [f32; NUM_FEATURES] {
     let mut out = [0f32; NUM_FEATURES];
     let n = window.len();
     if n == 0 {
@@ -62,7 +68,7 @@ pub fn extract(window: &[Record]) -> [f32; NUM_FEATURES] {
     let mut values = Vec::with_capacity(n);
     for (c, _) in CHANNELS.iter().enumerate() {
         values.clear();
-        values.extend(window.iter().map(|r| r.channel(c)));
+        values.extend(window.iter().map(|r| r.borrow().channel(c)));
         let stats = channel_stats(&values);
         let base = c * CHANNEL_STATS.len();
         for (i, s) in stats.iter().enumerate() {
@@ -72,7 +78,7 @@ pub fn extract(window: &[Record]) -> [f32; NUM_FEATURES] {
     let mut warn = 0usize;
     let mut error = 0usize;
     for r in window {
-        match r.message.as_deref().map(message_severity) {
+        match r.borrow().message.as_deref().map(message_severity) {
             Some(1) => warn += 1,
             Some(2) => error += 1,
             _ => {}
@@ -156,7 +162,17 @@ mod tests {
     #[test]
     fn statistics_are_right_on_a_ramp() {
         let w: Vec<Record> = (0..4)
-            .map(|i| rec(i as f64, 50.0, if i == 0 { Some("WARN hot") } else { Some("ERROR x") }))
+            .map(|i| {
+                rec(
+                    i as f64,
+                    50.0,
+                    if i == 0 {
+                        Some("WARN hot")
+                    } else {
+                        Some("ERROR x")
+                    },
+                )
+            })
             .collect();
         let f = extract(&w);
         assert_eq!(f[0], 1.5); // mean

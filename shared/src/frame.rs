@@ -182,16 +182,45 @@ mod tests {
 
     fn message() -> impl Strategy<Value = Message> {
         prop_oneof![
-            (any::<u8>(), ".{0,20}", "[0-9a-f]{0,64}").prop_map(|(protocol, agent_version, model_sha256)| Message::Hello { protocol, agent_version, model_sha256 }),
-            proptest::collection::vec(any::<[u8; 16]>(), 0..20).prop_map(|ids| Message::Ack { case_ids: ids.into_iter().map(CaseId).collect() }),
+            (any::<u8>(), ".{0,20}", "[0-9a-f]{0,64}").prop_map(
+                |(protocol, agent_version, model_sha256)| Message::Hello {
+                    protocol,
+                    agent_version,
+                    model_sha256
+                }
+            ),
+            proptest::collection::vec(any::<[u8; 16]>(), 0..20).prop_map(|ids| Message::Ack {
+                case_ids: ids.into_iter().map(CaseId).collect()
+            }),
             any::<u64>().prop_map(|seq| Message::Heartbeat { seq }),
             proptest::collection::vec(
-                (any::<[u8; 16]>(), "[a-z]{1,8}", any::<i64>(), proptest::collection::vec(any::<f32>().prop_filter("finite", |x| x.is_finite()), 0..30), proptest::collection::vec(record(), 0..4)),
+                (
+                    any::<[u8; 16]>(),
+                    "[a-z]{1,8}",
+                    any::<i64>(),
+                    proptest::collection::vec(
+                        any::<f32>().prop_filter("finite", |x| x.is_finite()),
+                        0..30
+                    ),
+                    proptest::collection::vec(record(), 0..4)
+                ),
                 0..4
-            ).prop_map(|cases| Message::Cases(cases.into_iter().map(|(id, machine, ts, features, records)| HardCase {
-                id: CaseId(id), machine, start_ms: ts, end_ms: ts, probs: features.clone(), features,
-                reason: Reason::LowConfidence { max_prob: 0.4 }, records,
-            }).collect())),
+            )
+            .prop_map(|cases| Message::Cases(
+                cases
+                    .into_iter()
+                    .map(|(id, machine, ts, features, records)| HardCase {
+                        id: CaseId(id),
+                        machine,
+                        start_ms: ts,
+                        end_ms: ts,
+                        probs: features.clone(),
+                        features,
+                        reason: Reason::LowConfidence { max_prob: 0.4 },
+                        records,
+                    })
+                    .collect()
+            )),
         ]
     }
 
@@ -225,20 +254,42 @@ mod tests {
     #[test]
     fn unknown_version_and_oversize_are_typed_errors_before_allocation() {
         let codec = FrameCodec::new(1024);
-        assert_eq!(codec.decode(&[9, 0, 0, 0, 0, 0]), Err(FrameError::UnknownVersion(9)));
+        assert_eq!(
+            codec.decode(&[9, 0, 0, 0, 0, 0]),
+            Err(FrameError::UnknownVersion(9))
+        );
         assert_eq!(codec.decode(&[9]), Err(FrameError::UnknownVersion(9)));
         // Claims 4 GiB: refused from the header alone.
         assert_eq!(
             codec.decode(&[PROTOCOL_VERSION, 0, 0xff, 0xff, 0xff, 0xff]),
-            Err(FrameError::TooLarge { len: u32::MAX as usize, max: 1024 })
+            Err(FrameError::TooLarge {
+                len: u32::MAX as usize,
+                max: 1024
+            })
         );
-        assert_eq!(codec.decode(&[PROTOCOL_VERSION, 1, 0, 0, 0, 0]), Err(FrameError::UnknownFlags(1)));
-        assert_eq!(codec.decode(&[PROTOCOL_VERSION, 0, 2, 0]), Ok(Decoded::NeedMore(HEADER_LEN)));
-        let big = Message::Hello { protocol: 1, agent_version: "x".repeat(2000), model_sha256: String::new() };
+        assert_eq!(
+            codec.decode(&[PROTOCOL_VERSION, 1, 0, 0, 0, 0]),
+            Err(FrameError::UnknownFlags(1))
+        );
+        assert_eq!(
+            codec.decode(&[PROTOCOL_VERSION, 0, 2, 0]),
+            Ok(Decoded::NeedMore(HEADER_LEN))
+        );
+        let big = Message::Hello {
+            protocol: 1,
+            agent_version: "x".repeat(2000),
+            model_sha256: String::new(),
+        };
         let mut out = Vec::new();
-        assert!(matches!(codec.encode(&big, &mut out), Err(FrameError::TooLarge { .. })));
+        assert!(matches!(
+            codec.encode(&big, &mut out),
+            Err(FrameError::TooLarge { .. })
+        ));
         assert!(out.is_empty());
         // Garbage payload of the right length is Malformed.
-        assert!(matches!(codec.decode(&[PROTOCOL_VERSION, 0, 2, 0, 0, 0, 0xff, 0xff]), Err(FrameError::Malformed(_))));
+        assert!(matches!(
+            codec.decode(&[PROTOCOL_VERSION, 0, 2, 0, 0, 0, 0xff, 0xff]),
+            Err(FrameError::Malformed(_))
+        ));
     }
 }

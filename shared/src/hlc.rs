@@ -11,7 +11,9 @@
 use serde::{Deserialize, Serialize};
 
 /// One HLC timestamp. Ordering is lexicographic over the fields, in order.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 pub struct Timestamp {
     /// Physical component, Unix milliseconds.
     pub wall_ms: u64,
@@ -25,7 +27,9 @@ pub struct Timestamp {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum ClockError {
     /// A remote timestamp is further in the future than the allowed drift.
-    #[error("remote clock is {ahead_ms} ms ahead of ours (more than the allowed {max_drift_ms} ms)")]
+    #[error(
+        "remote clock is {ahead_ms} ms ahead of ours (more than the allowed {max_drift_ms} ms)"
+    )]
     TooFarAhead {
         /// How far ahead it is.
         ahead_ms: u64,
@@ -90,7 +94,11 @@ impl Hlc {
 
     /// Merges a remote timestamp; the result is greater than both it and every earlier
     /// local timestamp.
-    pub fn observe(&mut self, remote: Timestamp, physical_ms: u64) -> Result<Timestamp, ClockError> {
+    pub fn observe(
+        &mut self,
+        remote: Timestamp,
+        physical_ms: u64,
+    ) -> Result<Timestamp, ClockError> {
         if remote.wall_ms > physical_ms.saturating_add(self.max_drift_ms) {
             return Err(ClockError::TooFarAhead {
                 ahead_ms: remote.wall_ms - physical_ms,
@@ -119,7 +127,8 @@ mod tests {
     fn op() -> impl Strategy<Value = Op> {
         prop_oneof![
             (0u64..10_000).prop_map(Op::Local),
-            (0u64..12_000, any::<u32>(), 0u64..5, 0u64..10_000).prop_map(|(w, l, n, p)| Op::Remote(w, l, n, p)),
+            (0u64..12_000, any::<u32>(), 0u64..5, 0u64..10_000)
+                .prop_map(|(w, l, n, p)| Op::Remote(w, l, n, p)),
         ]
     }
 
@@ -157,7 +166,15 @@ mod tests {
 
     #[test]
     fn logical_overflow_borrows_the_next_millisecond() {
-        let mut c = Hlc::resume(1, 10, Timestamp { wall_ms: 5, logical: u32::MAX, node: 1 });
+        let mut c = Hlc::resume(
+            1,
+            10,
+            Timestamp {
+                wall_ms: 5,
+                logical: u32::MAX,
+                node: 1,
+            },
+        );
         let t = c.now(5);
         assert_eq!((t.wall_ms, t.logical), (6, 0));
     }

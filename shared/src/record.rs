@@ -236,7 +236,10 @@ fn parse_readings(r: Map<String, Value>) -> Result<BTreeMap<String, f64>, Record
             _ => {
                 return Err(err(
                     format!("readings.{}", truncate(&name, READING_NAME_MAX_LEN)),
-                    format!("must be a finite number (got {})", truncate(&v.to_string(), 40)),
+                    format!(
+                        "must be a finite number (got {})",
+                        truncate(&v.to_string(), 40)
+                    ),
                 ))
             }
         }
@@ -279,7 +282,10 @@ mod tests {
         assert_eq!(r.machine, "press-07");
         assert_eq!(r.ts_ms, 1_795_417_200_125);
         assert_eq!(r.readings.len(), 5);
-        assert_eq!(r.extra_field("label"), Some(Value::String("overheating".into())));
+        assert_eq!(
+            r.extra_field("label"),
+            Some(Value::String("overheating".into()))
+        );
         let back = Record::from_json_value(r.to_json()).expect("round trip");
         assert_eq!(back, r);
     }
@@ -288,7 +294,10 @@ mod tests {
     fn integer_milliseconds_are_accepted() {
         let mut v = good();
         v["ts"] = serde_json::json!(1_700_000_000_000i64);
-        assert_eq!(Record::from_json_value(v).expect("valid").ts_ms, 1_700_000_000_000);
+        assert_eq!(
+            Record::from_json_value(v).expect("valid").ts_ms,
+            1_700_000_000_000
+        );
     }
 
     #[test]
@@ -298,7 +307,11 @@ mod tests {
             ("machine", serde_json::json!(""), "machine"),
             ("ts", serde_json::json!("yesterday"), "ts"),
             ("ts", serde_json::json!(-5), "ts"),
-            ("readings", serde_json::json!({"vibration": 1.0}), "readings.temperature"),
+            (
+                "readings",
+                serde_json::json!({"vibration": 1.0}),
+                "readings.temperature",
+            ),
             ("readings", serde_json::json!([1, 2]), "readings"),
             ("message", serde_json::json!(5), "message"),
             ("id", serde_json::json!(""), "id"),
@@ -311,12 +324,20 @@ mod tests {
         }
         let mut v = good();
         v["readings"]["current"] = serde_json::json!("NaN");
-        assert_eq!(Record::from_json_value(v).expect_err("nan").field, "readings.current");
+        assert_eq!(
+            Record::from_json_value(v).expect_err("nan").field,
+            "readings.current"
+        );
         let mut v = good();
         v.as_object_mut().expect("object").remove("machine");
-        assert_eq!(Record::from_json_value(v).expect_err("missing").field, "machine");
         assert_eq!(
-            Record::from_json_slice(b"{\"machine\": ").expect_err("json").field,
+            Record::from_json_value(v).expect_err("missing").field,
+            "machine"
+        );
+        assert_eq!(
+            Record::from_json_slice(b"{\"machine\": ")
+                .expect_err("json")
+                .field,
             "record"
         );
     }

@@ -134,7 +134,8 @@ const KINDS: [&str; 5] = ["press", "lathe", "pump", "mill", "fan"];
 
 impl Machine {
     fn new(index: usize, seed: u64, fault_share: f64) -> Machine {
-        let mut rng = StdRng::seed_from_u64(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (index as u64 + 1));
+        let mut rng =
+            StdRng::seed_from_u64(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (index as u64 + 1));
         let base = [
             rng.random_range(1.4..2.6),
             rng.random_range(42.0..62.0),
@@ -147,7 +148,15 @@ impl Machine {
             base,
             rpm,
             rng,
-            episode: Episode { class: 0, len: 0, at: 0, severity: 0.0, channel: 0, stuck_mode: false, stuck_value: 0.0 },
+            episode: Episode {
+                class: 0,
+                len: 0,
+                at: 0,
+                severity: 0.0,
+                channel: 0,
+                stuck_mode: false,
+                stuck_value: 0.0,
+            },
             seq: 0,
             last: base,
             fault_share,
@@ -158,9 +167,14 @@ impl Machine {
 
     fn next_episode(&mut self, first: bool) {
         let w = WINDOW_LEN as u32;
-        let fault = !first && self.episode.class == 0 && self.rng.random_bool(self.fault_share.clamp(0.0, 1.0));
+        let fault = !first
+            && self.episode.class == 0
+            && self.rng.random_bool(self.fault_share.clamp(0.0, 1.0));
         let (class, len) = if fault {
-            (self.rng.random_range(1..CLASSES.len()), self.rng.random_range(2 * w..6 * w))
+            (
+                self.rng.random_range(1..CLASSES.len()),
+                self.rng.random_range(2 * w..6 * w),
+            )
         } else {
             (0, self.rng.random_range(2 * w..6 * w))
         };
@@ -184,7 +198,8 @@ impl Machine {
         let i = e.at as f64;
         let p = i / e.len.max(1) as f64;
         let s = e.severity;
-        let noise = |rng: &mut StdRng, sd: f64| Normal::new(0.0, sd).map(|n| n.sample(rng)).unwrap_or(0.0);
+        let noise =
+            |rng: &mut StdRng, sd: f64| Normal::new(0.0, sd).map(|n| n.sample(rng)).unwrap_or(0.0);
         let mut v = [
             self.base[0] + noise(&mut self.rng, 0.08),
             self.base[1] + noise(&mut self.rng, 0.3),
@@ -232,10 +247,17 @@ impl Machine {
                 if e.stuck_mode {
                     v[c] = e.stuck_value;
                 } else if self.rng.random_bool(0.15 + 0.35 * s) {
-                    v[c] = if self.rng.random_bool(0.5) { 0.0 } else { [99.9, -40.0, 250.0, -1.0][c] };
+                    v[c] = if self.rng.random_bool(0.5) {
+                        0.0
+                    } else {
+                        [99.9, -40.0, 250.0, -1.0][c]
+                    };
                 }
                 if r < 0.1 {
-                    message = Some(format!("WARN sensor {} reading implausible", crate::schema::CHANNELS[c]));
+                    message = Some(format!(
+                        "WARN sensor {} reading implausible",
+                        crate::schema::CHANNELS[c]
+                    ));
                 }
             }
             _ => {
@@ -276,8 +298,14 @@ pub struct Simulator {
 impl Simulator {
     /// A fleet as configured.
     pub fn new(cfg: SimConfig) -> Simulator {
-        let machines = (0..cfg.machines).map(|i| Machine::new(i, cfg.seed, cfg.fault_share)).collect();
-        Simulator { cfg, machines, tick: 0 }
+        let machines = (0..cfg.machines)
+            .map(|i| Machine::new(i, cfg.seed, cfg.fault_share))
+            .collect();
+        Simulator {
+            cfg,
+            machines,
+            tick: 0,
+        }
     }
 
     /// Machine names, in order.
@@ -322,7 +350,12 @@ mod tests {
 
     #[test]
     fn deterministic_and_every_class_appears() {
-        let cfg = SimConfig { machines: 5, seed: 9, fault_share: 0.6, ..SimConfig::default() };
+        let cfg = SimConfig {
+            machines: 5,
+            seed: 9,
+            fault_share: 0.6,
+            ..SimConfig::default()
+        };
         let mut a = Simulator::new(cfg.clone());
         let mut b = Simulator::new(cfg);
         let mut seen = std::collections::BTreeSet::new();
@@ -332,7 +365,10 @@ mod tests {
             for r in ra {
                 seen.insert(r.label);
                 let rec = r.to_record();
-                assert_eq!(rec.extra_field("label"), Some(Value::String(r.label.into())));
+                assert_eq!(
+                    rec.extra_field("label"),
+                    Some(Value::String(r.label.into()))
+                );
             }
         }
         assert_eq!(seen.len(), CLASSES.len(), "{seen:?}");
@@ -340,7 +376,10 @@ mod tests {
 
     #[test]
     fn window_label_is_the_majority() {
-        assert_eq!(window_label(["normal", "overheating", "overheating"]), "overheating");
+        assert_eq!(
+            window_label(["normal", "overheating", "overheating"]),
+            "overheating"
+        );
         assert_eq!(window_label(["normal", "overheating"]), "overheating");
         assert_eq!(window_label([]), "normal");
     }

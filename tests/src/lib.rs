@@ -14,7 +14,10 @@ use std::time::Duration;
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
     // target/<profile>/deps/<test> → target/<profile>/<name>
-    let dir = exe.parent().and_then(Path::parent).expect("target profile directory");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target profile directory");
     let path = dir.join(name);
     assert!(
         path.exists(),
@@ -38,7 +41,14 @@ impl Agent {
     /// Starts `edge-agent run` on a free loopback port with extra arguments.
     pub fn start(data_dir: &Path, extra: &[&str]) -> Agent {
         let mut child = Command::new(bin("edge-agent"))
-            .args(["run", "--listen", "127.0.0.1:0", "--log", "warn", "--data-dir"])
+            .args([
+                "run",
+                "--listen",
+                "127.0.0.1:0",
+                "--log",
+                "warn",
+                "--data-dir",
+            ])
             .arg(data_dir)
             .args(extra)
             .stdout(Stdio::piped())
@@ -61,7 +71,11 @@ impl Agent {
                 panic!("edge-agent did not report its address within 60 s");
             }
         };
-        Agent { child, url, data_dir: data_dir.to_path_buf() }
+        Agent {
+            child,
+            url,
+            data_dir: data_dir.to_path_buf(),
+        }
     }
 
     /// `kill -9`.
@@ -72,7 +86,9 @@ impl Agent {
 
     /// SIGTERM and wait (graceful: in-flight requests finish, store flushed).
     pub fn stop(mut self) {
-        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         while std::time::Instant::now() < deadline {
             if let Ok(Some(_)) = self.child.try_wait() {
@@ -86,28 +102,51 @@ impl Agent {
 
     /// GET a JSON document.
     pub fn get(&self, path: &str) -> (u16, serde_json::Value) {
-        let r = client().get(format!("{}{path}", self.url)).send().expect("GET");
+        let r = client()
+            .get(format!("{}{path}", self.url))
+            .send()
+            .expect("GET");
         let status = r.status().as_u16();
         let text = r.text().unwrap_or_default();
-        (status, serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)))
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)),
+        )
     }
 
     /// POST a body with a content type; (status, JSON body, Retry-After).
-    pub fn post(&self, path: &str, content_type: Option<&str>, body: Vec<u8>) -> (u16, serde_json::Value, Option<String>) {
+    pub fn post(
+        &self,
+        path: &str,
+        content_type: Option<&str>,
+        body: Vec<u8>,
+    ) -> (u16, serde_json::Value, Option<String>) {
         let mut req = client().post(format!("{}{path}", self.url)).body(body);
         if let Some(ct) = content_type {
             req = req.header("content-type", ct);
         }
         let r = req.send().expect("POST");
         let status = r.status().as_u16();
-        let retry = r.headers().get("retry-after").and_then(|v| v.to_str().ok()).map(str::to_string);
+        let retry = r
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
         let text = r.text().unwrap_or_default();
-        (status, serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)), retry)
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)),
+            retry,
+        )
     }
 
     /// PUT JSON.
     pub fn put(&self, path: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
-        let r = client().put(format!("{}{path}", self.url)).json(&body).send().expect("PUT");
+        let r = client()
+            .put(format!("{}{path}", self.url))
+            .json(&body)
+            .send()
+            .expect("PUT");
         let status = r.status().as_u16();
         (status, r.json().unwrap_or(serde_json::Value::Null))
     }
@@ -130,7 +169,10 @@ pub fn client() -> reqwest::blocking::Client {
 
 /// Runs an edge-agent subcommand to completion; returns stdout (panics with stderr on failure).
 pub fn edge(args: &[&str]) -> String {
-    let out = Command::new(bin("edge-agent")).args(args).output().expect("run edge-agent");
+    let out = Command::new(bin("edge-agent"))
+        .args(args)
+        .output()
+        .expect("run edge-agent");
     assert!(
         out.status.success(),
         "edge-agent {args:?} failed: {}",
@@ -141,7 +183,10 @@ pub fn edge(args: &[&str]) -> String {
 
 /// Parses NDJSON.
 pub fn ndjson(text: &str) -> Vec<serde_json::Value> {
-    text.lines().filter(|l| !l.trim().is_empty()).map(|l| serde_json::from_str(l).expect("NDJSON line")).collect()
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).expect("NDJSON line"))
+        .collect()
 }
 
 /// A valid record as JSON text.

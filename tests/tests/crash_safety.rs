@@ -29,11 +29,23 @@ fn every_acknowledged_record_survives_kill_9_exactly_once() {
                     .map(|_| {
                         seq += 1;
                         let id = format!("{machine}-{seq:07}");
-                        (id.clone(), record(&machine, 1_700_000_000_000 + seq * 100, &id))
+                        (
+                            id.clone(),
+                            record(&machine, 1_700_000_000_000 + seq * 100, &id),
+                        )
                     })
                     .collect();
-                let body = lines.iter().map(|(_, l)| l.as_str()).collect::<Vec<_>>().join("\n");
-                match http.post(&url).header("content-type", "application/x-ndjson").body(body).send() {
+                let body = lines
+                    .iter()
+                    .map(|(_, l)| l.as_str())
+                    .collect::<Vec<_>>()
+                    .join("\n");
+                match http
+                    .post(&url)
+                    .header("content-type", "application/x-ndjson")
+                    .body(body)
+                    .send()
+                {
                     Ok(r) if r.status().as_u16() == 202 => {
                         let mut a = acked.lock().expect("lock");
                         for (id, line) in lines {
@@ -56,40 +68,76 @@ fn every_acknowledged_record_survives_kill_9_exactly_once() {
         c.join().expect("client thread");
     }
     let acked = acked.lock().expect("lock").clone();
-    assert!(before_kill > 500, "too few records acknowledged before the kill ({before_kill}) to prove anything");
+    assert!(
+        before_kill > 500,
+        "too few records acknowledged before the kill ({before_kill}) to prove anything"
+    );
     println!("{} records acknowledged before kill -9", acked.len());
 
     // Restart on the same store: it recovers, and re-sending everything stores nothing twice.
     let agent = Agent::start(dir.path(), &[]);
     let (_, status) = agent.get("/v1/status");
     let records_after_restart = status["store"]["records"].as_u64().expect("records");
-    assert!(records_after_restart >= acked.len() as u64, "{records_after_restart} < {}", acked.len());
+    assert!(
+        records_after_restart >= acked.len() as u64,
+        "{records_after_restart} < {}",
+        acked.len()
+    );
     let lines: Vec<&String> = acked.values().collect();
     let mut dup_total = 0;
     for chunk in lines.chunks(500) {
-        let body = chunk.iter().map(|s| s.as_str()).collect::<Vec<_>>().join("\n");
-        let (code, outcome, _) = agent.post("/v1/logs", Some("application/x-ndjson"), body.into_bytes());
+        let body = chunk
+            .iter()
+            .map(|s| s.as_str())
+            .collect::<Vec<_>>()
+            .join("\n");
+        let (code, outcome, _) =
+            agent.post("/v1/logs", Some("application/x-ndjson"), body.into_bytes());
         assert_eq!(code, 202, "{outcome}");
-        assert_eq!(outcome["accepted"], 0, "a re-sent acknowledged record was stored again: {outcome}");
+        assert_eq!(
+            outcome["accepted"], 0,
+            "a re-sent acknowledged record was stored again: {outcome}"
+        );
         dup_total += outcome["duplicates"].as_u64().expect("duplicates");
     }
     assert_eq!(dup_total, acked.len() as u64);
     agent.stop();
 
     // The store, read without the agent: each acknowledged id exactly once.
-    let exported = ndjson(&edge(&["export", "--data-dir", dir.path().to_str().expect("utf-8"), "records"]));
+    let exported = ndjson(&edge(&[
+        "export",
+        "--data-dir",
+        dir.path().to_str().expect("utf-8"),
+        "records",
+    ]));
     let mut seen: HashMap<String, usize> = HashMap::new();
     for r in &exported {
-        *seen.entry(r["id"].as_str().expect("id").to_string()).or_default() += 1;
+        *seen
+            .entry(r["id"].as_str().expect("id").to_string())
+            .or_default() += 1;
     }
     let missing: Vec<&String> = acked.keys().filter(|id| !seen.contains_key(*id)).collect();
-    assert!(missing.is_empty(), "{} acknowledged records lost, e.g. {:?}", missing.len(), &missing[..missing.len().min(5)]);
+    assert!(
+        missing.is_empty(),
+        "{} acknowledged records lost, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(5)]
+    );
     let doubled: Vec<(&String, &usize)> = seen.iter().filter(|(_, n)| **n > 1).collect();
     assert!(doubled.is_empty(), "records stored twice: {doubled:?}");
-    let seqs: HashSet<u64> = exported.iter().map(|r| r["_seq"].as_u64().expect("seq")).collect();
+    let seqs: HashSet<u64> = exported
+        .iter()
+        .map(|r| r["_seq"].as_u64().expect("seq"))
+        .collect();
     assert_eq!(seqs.len(), exported.len(), "sequence numbers are unique");
 
     // Counts from inspect agree with the export.
-    let counts: serde_json::Value = serde_json::from_str(&edge(&["inspect", "--data-dir", dir.path().to_str().expect("utf-8"), "--json"])).expect("json");
+    let counts: serde_json::Value = serde_json::from_str(&edge(&[
+        "inspect",
+        "--data-dir",
+        dir.path().to_str().expect("utf-8"),
+        "--json",
+    ]))
+    .expect("json");
     assert_eq!(counts["records"].as_u64(), Some(exported.len() as u64));
 }

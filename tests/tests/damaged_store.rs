@@ -9,8 +9,20 @@ use e2e::{bin, record, Agent};
 fn fill(dir: &std::path::Path) -> u64 {
     let agent = Agent::start(dir, &[]);
     for round in 0..20 {
-        let body: Vec<String> = (0..100).map(|i| record("press-01", 1_700_000_000_000 + (round * 100 + i) * 1000, &format!("{round}-{i}"))).collect();
-        let (code, body, _) = agent.post("/v1/logs", Some("application/x-ndjson"), body.join("\n").into_bytes());
+        let body: Vec<String> = (0..100)
+            .map(|i| {
+                record(
+                    "press-01",
+                    1_700_000_000_000 + (round * 100 + i) * 1000,
+                    &format!("{round}-{i}"),
+                )
+            })
+            .collect();
+        let (code, body, _) = agent.post(
+            "/v1/logs",
+            Some("application/x-ndjson"),
+            body.join("\n").into_bytes(),
+        );
         assert_eq!(code, 202, "{body}");
     }
     let (_, s) = agent.get("/v1/status");
@@ -38,7 +50,12 @@ fn try_start(dir: &std::path::Path) -> Result<u64, String> {
     });
     match rx.recv_timeout(Duration::from_secs(60)) {
         Ok(url) => {
-            let s: serde_json::Value = e2e::client().get(format!("{url}/v1/status")).send().expect("status").json().expect("json");
+            let s: serde_json::Value = e2e::client()
+                .get(format!("{url}/v1/status"))
+                .send()
+                .expect("status")
+                .json()
+                .expect("json");
             let _ = child.kill();
             let _ = child.wait();
             Ok(s["store"]["records"].as_u64().expect("records"))
@@ -73,23 +90,52 @@ fn damaged_store_is_recovered_or_refused_never_emptied() {
     let db_len = std::fs::metadata(good.join("db")).expect("db file").len();
     type Damage = Box<dyn Fn(&std::path::Path)>;
     let damages: Vec<(&str, Damage)> = vec![
-        ("garbage over the middle of the data file", Box::new(move |d| {
-            let mut f = std::fs::OpenOptions::new().write(true).open(d.join("db")).expect("open");
-            f.seek(SeekFrom::Start(db_len / 2)).expect("seek");
-            f.write_all(&vec![0xA5; 64 * 1024]).expect("write");
-        })),
-        ("data file truncated to half", Box::new(move |d| {
-            std::fs::OpenOptions::new().write(true).open(d.join("db")).expect("open").set_len(db_len / 2).expect("truncate");
-        })),
-        ("data file zeroed at the start", Box::new(|d| {
-            let mut f = std::fs::OpenOptions::new().write(true).open(d.join("db")).expect("open");
-            f.write_all(&[0u8; 4096]).expect("write");
-        })),
-        ("configuration file garbled", Box::new(|d| std::fs::write(d.join("conf"), b"\x00\x01garbage").expect("write"))),
-        ("torn tail: garbage appended", Box::new(|d| {
-            let mut f = std::fs::OpenOptions::new().append(true).open(d.join("db")).expect("open");
-            f.write_all(&[0x5A; 1000]).expect("write");
-        })),
+        (
+            "garbage over the middle of the data file",
+            Box::new(move |d| {
+                let mut f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(d.join("db"))
+                    .expect("open");
+                f.seek(SeekFrom::Start(db_len / 2)).expect("seek");
+                f.write_all(&vec![0xA5; 64 * 1024]).expect("write");
+            }),
+        ),
+        (
+            "data file truncated to half",
+            Box::new(move |d| {
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(d.join("db"))
+                    .expect("open")
+                    .set_len(db_len / 2)
+                    .expect("truncate");
+            }),
+        ),
+        (
+            "data file zeroed at the start",
+            Box::new(|d| {
+                let mut f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(d.join("db"))
+                    .expect("open");
+                f.write_all(&[0u8; 4096]).expect("write");
+            }),
+        ),
+        (
+            "configuration file garbled",
+            Box::new(|d| std::fs::write(d.join("conf"), b"\x00\x01garbage").expect("write")),
+        ),
+        (
+            "torn tail: garbage appended",
+            Box::new(|d| {
+                let mut f = std::fs::OpenOptions::new()
+                    .append(true)
+                    .open(d.join("db"))
+                    .expect("open");
+                f.write_all(&[0x5A; 1000]).expect("write");
+            }),
+        ),
     ];
     for (name, damage) in damages {
         let dir = base.path().join(name.replace([' ', ':'], "_"));
@@ -98,13 +144,25 @@ fn damaged_store_is_recovered_or_refused_never_emptied() {
         match try_start(&dir) {
             Ok(records) => {
                 println!("{name}: recovered, {records} records");
-                assert_eq!(records, stored, "{name}: the agent started but the store lost records");
+                assert_eq!(
+                    records, stored,
+                    "{name}: the agent started but the store lost records"
+                );
             }
             Err(stderr) => {
                 println!("{name}: refused: {}", stderr.trim());
-                assert!(stderr.contains("store") && stderr.contains("damaged"), "{name}: the refusal must say what is wrong: {stderr}");
-                assert!(!stderr.contains("panicked"), "{name}: a damaged store is refused, not a panic: {stderr}");
-                assert!(dir.join("db").exists(), "{name}: a refused store is left in place");
+                assert!(
+                    stderr.contains("store") && stderr.contains("damaged"),
+                    "{name}: the refusal must say what is wrong: {stderr}"
+                );
+                assert!(
+                    !stderr.contains("panicked"),
+                    "{name}: a damaged store is refused, not a panic: {stderr}"
+                );
+                assert!(
+                    dir.join("db").exists(),
+                    "{name}: a refused store is left in place"
+                );
             }
         }
     }

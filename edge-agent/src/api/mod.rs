@@ -58,7 +58,8 @@ pub fn router(app: Arc<App>) -> Router {
 
 fn error_response(e: IngestError, retry_after: Option<u64>) -> Response {
     let status = StatusCode::from_u16(e.status).unwrap_or(StatusCode::BAD_REQUEST);
-    metrics::counter!("edge_requests_rejected_total", "status" => e.status.to_string()).increment(1);
+    metrics::counter!("edge_requests_rejected_total", "status" => e.status.to_string())
+        .increment(1);
     let mut resp = (status, Json(e)).into_response();
     if let Some(s) = retry_after {
         if let Ok(v) = HeaderValue::from_str(&s.to_string()) {
@@ -71,13 +72,20 @@ fn error_response(e: IngestError, retry_after: Option<u64>) -> Response {
 async fn post_logs(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> Response {
     let retry = app.cfg.store.retry_after_secs;
     let limits = &app.cfg.ingest;
-    let kind = match body_kind(headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok())) {
+    let kind = match body_kind(
+        headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok()),
+    ) {
         Ok(k) => k,
         Err(e) => return error_response(e, None),
     };
     if app.shared.full.load(Ordering::Relaxed) {
         return error_response(
-            IngestError::new(503, "the store is full of hard cases not yet delivered to the cloud; retry later"),
+            IngestError::new(
+                503,
+                "the store is full of hard cases not yet delivered to the cloud; retry later",
+            ),
             Some(retry),
         );
     }
@@ -87,7 +95,14 @@ async fn post_logs(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) 
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limits.max_body_bytes as u64) {
         return error_response(
-            IngestError::new(413, format!("body of {} bytes is over the limit of {} bytes", declared.unwrap_or(0), limits.max_body_bytes)),
+            IngestError::new(
+                413,
+                format!(
+                    "body of {} bytes is over the limit of {} bytes",
+                    declared.unwrap_or(0),
+                    limits.max_body_bytes
+                ),
+            ),
             None,
         );
     }
@@ -95,11 +110,22 @@ async fn post_logs(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) 
         Ok(b) => b,
         Err(e) => {
             let msg = format!("{e}");
-            let over = std::error::Error::source(&e).is_some_and(|s| s.to_string().contains("length limit")) || msg.contains("length limit");
+            let over = std::error::Error::source(&e)
+                .is_some_and(|s| s.to_string().contains("length limit"))
+                || msg.contains("length limit");
             return if over {
-                error_response(IngestError::new(413, format!("body is over the limit of {} bytes", limits.max_body_bytes)), None)
+                error_response(
+                    IngestError::new(
+                        413,
+                        format!("body is over the limit of {} bytes", limits.max_body_bytes),
+                    ),
+                    None,
+                )
             } else {
-                error_response(IngestError::new(400, format!("could not read the body: {msg}")), None)
+                error_response(
+                    IngestError::new(400, format!("could not read the body: {msg}")),
+                    None,
+                )
             };
         }
     };
@@ -119,8 +145,20 @@ async fn post_logs(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) 
     };
     let est_bytes = bytes.len() as u64 + 64 * records.len() as u64;
     let (reply, rx) = oneshot::channel();
-    if app.tx.send(Command::Ingest { records, est_bytes, reply }).await.is_err() {
-        return error_response(IngestError::new(503, "the agent is shutting down"), Some(retry));
+    if app
+        .tx
+        .send(Command::Ingest {
+            records,
+            est_bytes,
+            reply,
+        })
+        .await
+        .is_err()
+    {
+        return error_response(
+            IngestError::new(503, "the agent is shutting down"),
+            Some(retry),
+        );
     }
     match rx.await {
         Ok(Ok(outcome)) => (StatusCode::ACCEPTED, Json(outcome)).into_response(),
@@ -128,15 +166,33 @@ async fn post_logs(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) 
             let retry_after = (e.status == 503).then_some(retry);
             error_response(e, retry_after)
         }
-        Err(_) => error_response(IngestError::new(503, "the agent is shutting down"), Some(retry)),
+        Err(_) => error_response(
+            IngestError::new(503, "the agent is shutting down"),
+            Some(retry),
+        ),
     }
 }
 
 /// The status document (also printed by `demo`).
 pub fn status_json(app: &App) -> serde_json::Value {
-    let counts = app.shared.counts.lock().map(|c| c.clone()).unwrap_or_default();
-    let totals = app.shared.totals.lock().map(|t| t.clone()).unwrap_or_default();
-    let policy = app.shared.policy.read().map(|p| p.clone()).unwrap_or_default();
+    let counts = app
+        .shared
+        .counts
+        .lock()
+        .map(|c| c.clone())
+        .unwrap_or_default();
+    let totals = app
+        .shared
+        .totals
+        .lock()
+        .map(|t| t.clone())
+        .unwrap_or_default();
+    let policy = app
+        .shared
+        .policy
+        .read()
+        .map(|p| p.clone())
+        .unwrap_or_default();
     let failed = app.shared.failed.lock().ok().and_then(|f| f.clone());
     let decided = totals.cases_local + totals.cases_hard;
     let disk = app.db.size_on_disk().unwrap_or(0);
@@ -191,7 +247,11 @@ struct CasesParams {
 }
 
 fn bad_request(msg: impl Into<String>) -> Response {
-    (StatusCode::BAD_REQUEST, Json(serde_json::json!({"error": msg.into()}))).into_response()
+    (
+        StatusCode::BAD_REQUEST,
+        Json(serde_json::json!({"error": msg.into()})),
+    )
+        .into_response()
 }
 
 async fn list_cases(State(app): State<Arc<App>>, Query(p): Query<CasesParams>) -> Response {
@@ -199,13 +259,20 @@ async fn list_cases(State(app): State<Arc<App>>, Query(p): Query<CasesParams>) -
         None => None,
         Some("local") => Some(Decision::Local),
         Some("hard") => Some(Decision::Hard),
-        Some(other) => return bad_request(format!("decision must be local or hard (got {other:?})")),
+        Some(other) => {
+            return bad_request(format!("decision must be local or hard (got {other:?})"))
+        }
     };
     let limit = p.limit.unwrap_or(50);
     if limit == 0 || limit > 1000 {
         return bad_request("limit must be within 1–1000");
     }
-    let q = CaseQuery { machine: p.machine, decision, before: p.before, limit };
+    let q = CaseQuery {
+        machine: p.machine,
+        decision,
+        before: p.before,
+        limit,
+    };
     let db = app.db.clone();
     match tokio::task::spawn_blocking(move || store::list_cases(&db, &q)).await {
         Ok(Ok((cases, next))) => Json(serde_json::json!({
@@ -213,7 +280,11 @@ async fn list_cases(State(app): State<Arc<App>>, Query(p): Query<CasesParams>) -
             "next_before": next,
         }))
         .into_response(),
-        Ok(Err(e)) => (StatusCode::INTERNAL_SERVER_ERROR, Json(serde_json::json!({"error": format!("{e:#}")}))).into_response(),
+        Ok(Err(e)) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Json(serde_json::json!({"error": format!("{e:#}")})),
+        )
+            .into_response(),
         Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, "listing failed").into_response(),
     }
 }
@@ -234,18 +305,37 @@ async fn get_case(State(app): State<Arc<App>>, Path(id): Path<String>) -> Respon
             v["records"] = serde_json::Value::Array(records);
             Json(v).into_response()
         }
-        Ok(None) => (StatusCode::NOT_FOUND, Json(serde_json::json!({"error": format!("no case {id}")}))).into_response(),
-        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, Json(serde_json::json!({"error": format!("{e:#}")}))).into_response(),
+        Ok(None) => (
+            StatusCode::NOT_FOUND,
+            Json(serde_json::json!({"error": format!("no case {id}")})),
+        )
+            .into_response(),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Json(serde_json::json!({"error": format!("{e:#}")})),
+        )
+            .into_response(),
     }
 }
 
 async fn get_policy(State(app): State<Arc<App>>) -> Json<PolicyConfig> {
-    Json(app.shared.policy.read().map(|p| p.clone()).unwrap_or_default())
+    Json(
+        app.shared
+            .policy
+            .read()
+            .map(|p| p.clone())
+            .unwrap_or_default(),
+    )
 }
 
 async fn put_policy(State(app): State<Arc<App>>, body: axum::body::Bytes) -> Response {
     // Fields not given keep their current value.
-    let current = app.shared.policy.read().map(|p| p.clone()).unwrap_or_default();
+    let current = app
+        .shared
+        .policy
+        .read()
+        .map(|p| p.clone())
+        .unwrap_or_default();
     let mut merged = match serde_json::to_value(&current) {
         Ok(v) => v,
         Err(e) => return bad_request(e.to_string()),
@@ -268,8 +358,18 @@ async fn put_policy(State(app): State<Arc<App>>, body: axum::body::Bytes) -> Res
         return bad_request(format!("policy: {e}"));
     }
     let (tx, rx) = oneshot::channel();
-    if app.tx.send(Command::SetPolicy(cfg.clone(), tx)).await.is_err() || rx.await.is_err() {
-        return (StatusCode::SERVICE_UNAVAILABLE, "the agent is shutting down").into_response();
+    if app
+        .tx
+        .send(Command::SetPolicy(cfg.clone(), tx))
+        .await
+        .is_err()
+        || rx.await.is_err()
+    {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the agent is shutting down",
+        )
+            .into_response();
     }
     tracing::info!(?cfg, "policy changed at run time");
     Json(cfg).into_response()

@@ -74,16 +74,22 @@ impl Student {
 
     /// A model file, with its `.json` sidecar beside it (same stem).
     pub fn from_file(path: &Path) -> anyhow::Result<Student> {
-        let onnx = std::fs::read(path).with_context(|| format!("reading model {}", path.display()))?;
+        let onnx =
+            std::fs::read(path).with_context(|| format!("reading model {}", path.display()))?;
         let meta_path = path.with_extension("json");
-        let meta = std::fs::read_to_string(&meta_path)
-            .with_context(|| format!("reading model metadata {} (expected beside the model)", meta_path.display()))?;
+        let meta = std::fs::read_to_string(&meta_path).with_context(|| {
+            format!(
+                "reading model metadata {} (expected beside the model)",
+                meta_path.display()
+            )
+        })?;
         Student::from_bytes(&onnx, &meta, &path.display().to_string())
     }
 
     /// A model from bytes.
     pub fn from_bytes(onnx: &[u8], meta: &str, source: &str) -> anyhow::Result<Student> {
-        let meta: StudentMeta = serde_json::from_str(meta).with_context(|| format!("model metadata of {source}"))?;
+        let meta: StudentMeta =
+            serde_json::from_str(meta).with_context(|| format!("model metadata of {source}"))?;
         check_meta(&meta).with_context(|| format!("model metadata of {source}"))?;
         let mut reader = onnx;
         let plan = tract_onnx::onnx()
@@ -92,10 +98,21 @@ impl Student {
             .and_then(|m| m.into_runnable())
             .map_err(|e| anyhow::anyhow!("loading ONNX model {source}: {e:#}"))?;
         let sha256 = hex::encode(sha2::Sha256::digest(onnx));
-        let student = Student { plan, meta, sha256, source: source.to_string() };
+        let student = Student {
+            plan,
+            meta,
+            sha256,
+            source: source.to_string(),
+        };
         // A model that loads but cannot run one case is refused now, not at the first case.
-        let probe = student.infer(&[[0f32; NUM_FEATURES]]).with_context(|| format!("running model {source}"))?;
-        anyhow::ensure!(probe.len() == 1, "model {source} returned {} rows for 1 input", probe.len());
+        let probe = student
+            .infer(&[[0f32; NUM_FEATURES]])
+            .with_context(|| format!("running model {source}"))?;
+        anyhow::ensure!(
+            probe.len() == 1,
+            "model {source} returned {} rows for 1 input",
+            probe.len()
+        );
         Ok(student)
     }
 
@@ -120,18 +137,33 @@ impl Student {
             return Ok(Vec::new());
         }
         let flat: Vec<f32> = batch.iter().flat_map(|r| r.iter().copied()).collect();
-        let input = Tensor::from_shape(&[batch.len(), NUM_FEATURES], &flat).map_err(|e| anyhow::anyhow!("{e}"))?;
-        let out = self.plan.run(tvec![input.into()]).map_err(|e| anyhow::anyhow!("inference failed: {e:#}"))?;
-        let Some(probs) = out.first() else { bail!("model returned no output") };
-        let view = probs.to_plain_array_view::<f32>().map_err(|e| anyhow::anyhow!("model output: {e}"))?;
+        let input = Tensor::from_shape(&[batch.len(), NUM_FEATURES], &flat)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let out = self
+            .plan
+            .run(tvec![input.into()])
+            .map_err(|e| anyhow::anyhow!("inference failed: {e:#}"))?;
+        let Some(probs) = out.first() else {
+            bail!("model returned no output")
+        };
+        let view = probs
+            .to_plain_array_view::<f32>()
+            .map_err(|e| anyhow::anyhow!("model output: {e}"))?;
         if view.shape() != [batch.len(), NUM_CLASSES] {
-            bail!("model output has shape {:?}, expected [{}, {NUM_CLASSES}]", view.shape(), batch.len());
+            bail!(
+                "model output has shape {:?}, expected [{}, {NUM_CLASSES}]",
+                view.shape(),
+                batch.len()
+            );
         }
         let flat = view.iter().copied().collect::<Vec<f32>>();
         Ok(batch
             .iter()
             .zip(flat.chunks(NUM_CLASSES))
-            .map(|(x, p)| Inference { probs: p.to_vec(), ood: self.ood_score(x) })
+            .map(|(x, p)| Inference {
+                probs: p.to_vec(),
+                ood: self.ood_score(x),
+            })
             .collect())
     }
 
@@ -156,9 +188,16 @@ impl Student {
 }
 
 fn check_meta(meta: &StudentMeta) -> anyhow::Result<()> {
-    anyhow::ensure!(meta.format == 1, "unsupported metadata format {}", meta.format);
     anyhow::ensure!(
-        meta.classes.iter().map(String::as_str).eq(CLASSES.iter().copied()),
+        meta.format == 1,
+        "unsupported metadata format {}",
+        meta.format
+    );
+    anyhow::ensure!(
+        meta.classes
+            .iter()
+            .map(String::as_str)
+            .eq(CLASSES.iter().copied()),
         "classes {:?} differ from this agent's {:?}: retrain the model (onnx/train.py)",
         meta.classes,
         CLASSES
@@ -168,11 +207,19 @@ fn check_meta(meta: &StudentMeta) -> anyhow::Result<()> {
         "feature layout differs from this agent's ({} features expected): retrain the model",
         NUM_FEATURES
     );
-    anyhow::ensure!(meta.window_len == WINDOW_LEN, "window_len {} differs from this agent's {WINDOW_LEN}", meta.window_len);
+    anyhow::ensure!(
+        meta.window_len == WINDOW_LEN,
+        "window_len {} differs from this agent's {WINDOW_LEN}",
+        meta.window_len
+    );
     anyhow::ensure!(
         meta.class_mean.len() == NUM_CLASSES
             && meta.class_std.len() == NUM_CLASSES
-            && meta.class_mean.iter().chain(&meta.class_std).all(|r| r.len() == NUM_FEATURES && r.iter().all(|x| x.is_finite())),
+            && meta
+                .class_mean
+                .iter()
+                .chain(&meta.class_std)
+                .all(|r| r.len() == NUM_FEATURES && r.iter().all(|x| x.is_finite())),
         "class_mean/class_std must be {NUM_CLASSES} rows of {NUM_FEATURES} finite numbers"
     );
     Ok(())
@@ -186,12 +233,16 @@ mod tests {
     struct Parity {
         inputs: Vec<Vec<f32>>,
         probs: Vec<Vec<f32>>,
+        /// The OOD score of each row, computed by the training script.
+        ood: Vec<f32>,
     }
 
     #[test]
     fn tract_matches_onnxruntime_on_the_parity_fixtures() {
         let student = Student::embedded().expect("embedded model loads");
-        let fixtures: Parity = serde_json::from_str(include_str!("../../../onnx/fixtures/parity.json")).expect("fixtures");
+        let fixtures: Parity =
+            serde_json::from_str(include_str!("../../../onnx/fixtures/parity.json"))
+                .expect("fixtures");
         let batch: Vec<[f32; NUM_FEATURES]> = fixtures
             .inputs
             .iter()
@@ -204,8 +255,16 @@ mod tests {
                 max_diff = max_diff.max((a - b).abs());
             }
         }
-        println!("tract vs onnxruntime on {} fixture rows: max |Δprob| = {max_diff:e}", batch.len());
+        println!(
+            "tract vs onnxruntime on {} fixture rows: max |Δprob| = {max_diff:e}",
+            batch.len()
+        );
         assert!(max_diff <= 1e-5, "max abs diff {max_diff}");
+        // The OOD score is the same formula as the training script's.
+        for (g, want) in got.iter().zip(&fixtures.ood) {
+            let tol = 1e-4 * want.abs().max(1.0);
+            assert!((g.ood - want).abs() <= tol, "ood {} vs {want}", g.ood);
+        }
         // Batched and one-at-a-time inference agree.
         for (row, g) in batch.iter().zip(&got).take(8) {
             let one = student.infer(std::slice::from_ref(row)).expect("single");
@@ -220,9 +279,13 @@ mod tests {
     fn mismatched_metadata_is_refused_with_a_reason() {
         let mut meta: serde_json::Value = serde_json::from_str(EMBEDDED_META).expect("meta");
         meta["classes"][0] = serde_json::json!("fine");
-        let e = Student::from_bytes(EMBEDDED_ONNX, &meta.to_string(), "test").err().expect("refused");
+        let e = Student::from_bytes(EMBEDDED_ONNX, &meta.to_string(), "test")
+            .err()
+            .expect("refused");
         assert!(format!("{e:#}").contains("classes"), "{e:#}");
-        let e = Student::from_bytes(b"not onnx", EMBEDDED_META, "garbage").err().expect("refused");
+        let e = Student::from_bytes(b"not onnx", EMBEDDED_META, "garbage")
+            .err()
+            .expect("refused");
         assert!(format!("{e:#}").contains("garbage"), "{e:#}");
     }
 }

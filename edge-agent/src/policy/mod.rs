@@ -47,7 +47,7 @@ impl Default for PolicyConfig {
             min_max_prob: 0.70,
             min_margin: 0.50,
             max_entropy: 0.90,
-            max_ood_score: 6.0,
+            max_ood_score: 3.0,
             audit_share: 0.01,
             audit_salt: 0,
             max_share: 0.25,
@@ -73,19 +73,34 @@ impl PolicyConfig {
         unit("audit_share", self.audit_share)?;
         unit("max_share", self.max_share)?;
         if !(self.max_entropy.is_finite() && self.max_entropy >= 0.0) {
-            return Err(format!("max_entropy must be a non-negative number (got {})", self.max_entropy));
+            return Err(format!(
+                "max_entropy must be a non-negative number (got {})",
+                self.max_entropy
+            ));
         }
         if !(self.max_ood_score.is_finite() && self.max_ood_score >= 0.0) {
-            return Err(format!("max_ood_score must be a non-negative number (got {})", self.max_ood_score));
+            return Err(format!(
+                "max_ood_score must be a non-negative number (got {})",
+                self.max_ood_score
+            ));
         }
         if self.share_window == 0 || self.share_window > 100_000 {
-            return Err(format!("share_window must be within 1–100000 (got {})", self.share_window));
+            return Err(format!(
+                "share_window must be within 1–100000 (got {})",
+                self.share_window
+            ));
         }
         if !(self.max_per_minute.is_finite() && self.max_per_minute >= 0.0) {
-            return Err(format!("max_per_minute must be a non-negative number (got {})", self.max_per_minute));
+            return Err(format!(
+                "max_per_minute must be a non-negative number (got {})",
+                self.max_per_minute
+            ));
         }
         if !(self.rate_burst.is_finite() && self.rate_burst >= 1.0) {
-            return Err(format!("rate_burst must be at least 1 (got {})", self.rate_burst));
+            return Err(format!(
+                "rate_burst must be at least 1 (got {})",
+                self.rate_burst
+            ));
         }
         Ok(())
     }
@@ -134,7 +149,12 @@ impl Uncertainty {
                 entropy -= p * p.ln();
             }
         }
-        Uncertainty { max_prob: top1, margin: top1 - top2, entropy, ood }
+        Uncertainty {
+            max_prob: top1,
+            margin: top1 - top2,
+            entropy,
+            ood,
+        }
     }
 }
 
@@ -182,7 +202,8 @@ impl Policy {
             }
             Some(prev) if record_ms > prev => {
                 let minutes = (record_ms - prev) as f64 / 60_000.0;
-                self.state.tokens = (self.state.tokens + minutes * self.cfg.max_per_minute).min(self.cfg.rate_burst);
+                self.state.tokens = (self.state.tokens + minutes * self.cfg.max_per_minute)
+                    .min(self.cfg.rate_burst);
                 self.state.clock_ms = Some(record_ms);
             }
             Some(_) => {}
@@ -192,7 +213,9 @@ impl Policy {
         let wanted = if u.ood > c.max_ood_score {
             Some(Reason::OutOfDistribution { score: u.ood })
         } else if u.max_prob < c.min_max_prob {
-            Some(Reason::LowConfidence { max_prob: u.max_prob })
+            Some(Reason::LowConfidence {
+                max_prob: u.max_prob,
+            })
         } else if u.margin < c.min_margin {
             Some(Reason::SmallMargin { margin: u.margin })
         } else if u.entropy > c.max_entropy {
@@ -261,7 +284,13 @@ mod tests {
 
     #[test]
     fn each_threshold_gives_its_reason() {
-        let mut p = Policy::new(PolicyConfig { audit_share: 0.0, ..Default::default() }, PolicyState::default());
+        let mut p = Policy::new(
+            PolicyConfig {
+                audit_share: 0.0,
+                ..Default::default()
+            },
+            PolicyState::default(),
+        );
         let (d, r) = p.decide(&id(1), &Uncertainty::measure(&[0.99, 0.01], 0.5), 0);
         assert_eq!((d, r), (Decision::Local, Reason::Confident));
         let (d, r) = p.decide(&id(2), &Uncertainty::measure(&[0.99, 0.01], 50.0), 0);
@@ -271,30 +300,57 @@ mod tests {
         assert_eq!(r.code(), "low_confidence");
         let (_, r) = p.decide(&id(4), &Uncertainty::measure(&[0.72, 0.28], 0.0), 0);
         assert_eq!(r.code(), "small_margin");
-        let (_, r) = p.decide(&id(5), &Uncertainty::measure(&[0.75, 0.05, 0.05, 0.05, 0.05, 0.05], 0.0), 0);
+        let (_, r) = p.decide(
+            &id(5),
+            &Uncertainty::measure(&[0.75, 0.05, 0.05, 0.05, 0.05, 0.05], 0.0),
+            0,
+        );
         assert_eq!(r.code(), "high_entropy");
     }
 
     #[test]
     fn audit_draw_follows_the_share_and_the_case_id() {
-        let cfg = PolicyConfig { audit_share: 0.1, max_share: 1.0, rate_burst: 1e9, ..Default::default() };
+        let cfg = PolicyConfig {
+            audit_share: 0.1,
+            max_share: 1.0,
+            rate_burst: 1e9,
+            ..Default::default()
+        };
         let mut p = Policy::new(cfg.clone(), PolicyState::default());
         let confident = Uncertainty::measure(&[0.99, 0.01], 0.0);
-        let audits = (0..10_000).filter(|n| p.decide(&id(*n), &confident, 0).1 == Reason::Audit).count();
+        let audits = (0..10_000)
+            .filter(|n| p.decide(&id(*n), &confident, 0).1 == Reason::Audit)
+            .count();
         assert!((800..1200).contains(&audits), "{audits}");
         let mut q = Policy::new(cfg, PolicyState::default());
         for n in 0..100 {
-            assert_eq!(Policy::new(q.config().clone(), PolicyState::default()).decide(&id(n), &confident, 0).1, q.decide(&id(n), &confident, 0).1);
+            assert_eq!(
+                Policy::new(q.config().clone(), PolicyState::default())
+                    .decide(&id(n), &confident, 0)
+                    .1,
+                q.decide(&id(n), &confident, 0).1
+            );
         }
     }
 
     #[test]
     fn rate_budget_counts_record_time() {
-        let cfg = PolicyConfig { max_share: 1.0, max_per_minute: 60.0, rate_burst: 5.0, audit_share: 0.0, ..Default::default() };
+        let cfg = PolicyConfig {
+            max_share: 1.0,
+            max_per_minute: 60.0,
+            rate_burst: 5.0,
+            audit_share: 0.0,
+            ..Default::default()
+        };
         let mut p = Policy::new(cfg, PolicyState::default());
-        let sent: Vec<bool> = (0..10).map(|n| p.decide(&id(n), &unsure(), 1_000).0 == Decision::Hard).collect();
+        let sent: Vec<bool> = (0..10)
+            .map(|n| p.decide(&id(n), &unsure(), 1_000).0 == Decision::Hard)
+            .collect();
         assert_eq!(sent.iter().filter(|s| **s).count(), 5);
-        assert_eq!(p.decide(&id(99), &unsure(), 1_000).1, Reason::OverRateBudget);
+        assert_eq!(
+            p.decide(&id(99), &unsure(), 1_000).1,
+            Reason::OverRateBudget
+        );
         // Two seconds of record time refill two tokens, however long the wall clock took.
         assert_eq!(p.decide(&id(100), &unsure(), 3_000).0, Decision::Hard);
         assert_eq!(p.decide(&id(101), &unsure(), 3_000).0, Decision::Hard);

@@ -114,7 +114,10 @@ pub struct CaseEntry {
 impl CaseEntry {
     /// The student's class name.
     pub fn class_name(&self) -> &'static str {
-        CLASSES.get(usize::from(self.class)).copied().unwrap_or("unknown")
+        CLASSES
+            .get(usize::from(self.class))
+            .copied()
+            .unwrap_or("unknown")
     }
 
     /// Handled: nothing more will happen to it on this gateway (local, delivered or evicted).
@@ -188,7 +191,8 @@ pub struct Recovered {
 
 /// Opens (or creates) the store. `cache_bytes` bounds sled's page cache.
 pub fn open(dir: &Path, cache_bytes: u64) -> anyhow::Result<sled::Db> {
-    std::fs::create_dir_all(dir).with_context(|| format!("creating data directory {}", dir.display()))?;
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("creating data directory {}", dir.display()))?;
     let config = sled::Config::new()
         .path(dir)
         .cache_capacity(cache_bytes)
@@ -228,7 +232,8 @@ pub fn open(dir: &Path, cache_bytes: u64) -> anyhow::Result<sled::Db> {
         })?;
     match db.get(keys::meta("format"))? {
         Some(v) => {
-            let version: u32 = postcard::from_bytes(&v).context("store format marker is unreadable")?;
+            let version: u32 =
+                postcard::from_bytes(&v).context("store format marker is unreadable")?;
             anyhow::ensure!(
                 version == FORMAT_VERSION,
                 "the store in {} has format {version}; this agent reads format {FORMAT_VERSION}",
@@ -259,7 +264,12 @@ pub fn recover(db: &sled::Db) -> anyhow::Result<Recovered> {
     let mut policy_state = None;
     for item in db.iter() {
         let (k, v) = item.context("reading the store")?;
-        let bad = |what: &str| anyhow::anyhow!("store value under key {:?} is not a valid {what}: the store is damaged", String::from_utf8_lossy(&k));
+        let bad = |what: &str| {
+            anyhow::anyhow!(
+                "store value under key {:?} is not a valid {what}: the store is damaged",
+                String::from_utf8_lossy(&k)
+            )
+        };
         match Prefix::of(&k) {
             Some(Prefix::Record) => {
                 let r: StoredRecord = postcard::from_bytes(&v).map_err(|_| bad("record"))?;
@@ -319,7 +329,8 @@ pub fn recover(db: &sled::Db) -> anyhow::Result<Recovered> {
     }
     let meta_u64 = |name: &str| -> anyhow::Result<u64> {
         Ok(match db.get(keys::meta(name))? {
-            Some(v) => postcard::from_bytes(&v).with_context(|| format!("store meta {name} is unreadable"))?,
+            Some(v) => postcard::from_bytes(&v)
+                .with_context(|| format!("store meta {name} is unreadable"))?,
             None => 0,
         })
     };
@@ -335,7 +346,9 @@ pub fn recover(db: &sled::Db) -> anyhow::Result<Recovered> {
 /// One stored record by sequence number.
 pub fn get_record(db: &sled::Db, seq: u64) -> anyhow::Result<Option<StoredRecord>> {
     match db.get(keys::record(seq))? {
-        Some(v) => Ok(Some(postcard::from_bytes(&v).with_context(|| format!("record {seq} is unreadable"))?)),
+        Some(v) => Ok(Some(
+            postcard::from_bytes(&v).with_context(|| format!("record {seq} is unreadable"))?,
+        )),
         None => Ok(None),
     }
 }
@@ -343,7 +356,9 @@ pub fn get_record(db: &sled::Db, seq: u64) -> anyhow::Result<Option<StoredRecord
 /// One case by sequence number.
 pub fn get_case_by_seq(db: &sled::Db, seq: u64) -> anyhow::Result<Option<CaseEntry>> {
     match db.get(keys::case(seq))? {
-        Some(v) => Ok(Some(postcard::from_bytes(&v).with_context(|| format!("case {seq} is unreadable"))?)),
+        Some(v) => Ok(Some(
+            postcard::from_bytes(&v).with_context(|| format!("case {seq} is unreadable"))?,
+        )),
         None => Ok(None),
     }
 }
@@ -378,7 +393,9 @@ pub fn list_cases(db: &sled::Db, q: &CaseQuery) -> anyhow::Result<(Vec<CaseEntry
     for item in db.range(start..end).rev() {
         let (_, v) = item?;
         let c: CaseEntry = postcard::from_bytes(&v).context("case is unreadable")?;
-        if q.machine.as_deref().is_some_and(|m| m != c.machine) || q.decision.is_some_and(|d| d != c.decision) {
+        if q.machine.as_deref().is_some_and(|m| m != c.machine)
+            || q.decision.is_some_and(|d| d != c.decision)
+        {
             continue;
         }
         if out.len() == q.limit {
