@@ -81,7 +81,7 @@ enum Cmd {
 
 #[derive(Clone, Copy, ValueEnum)]
 enum ExportWhat {
-    /// Raw records, with their sequence number and arrival time.
+    /// Raw records, with their sequence number (`_seq`) and arrival time (`_received`), in case order.
     Records,
     /// Cases with features, student answer, decision and reason.
     Cases,
@@ -360,31 +360,42 @@ fn export(dir: &std::path::Path, what: ExportWhat) -> anyhow::Result<()> {
     let db = store::open(dir, 16 << 20)?;
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
-    let prefix = match what {
-        ExportWhat::Records => store::keys::Prefix::Record,
-        ExportWhat::Cases => store::keys::Prefix::Case,
+    let record_line = |r: &store::StoredRecord| {
+        let mut j = r.record.to_json();
+        j["_seq"] = serde_json::json!(r.seq);
+        j["_received"] = serde_json::json!(shared::record::format_ts(r.received_ms));
+        j
     };
-    for item in db.scan_prefix([prefix as u8]) {
+    // Cases in creation order (their records with them), then the open windows.
+    for item in db.scan_prefix([store::keys::Prefix::Case as u8]) {
         let (_, v) = item.context("reading the store")?;
-        let line = match what {
+        let c: store::CaseEntry =
+            postcard::from_bytes(&v).context("a stored case is unreadable")?;
+        match what {
             ExportWhat::Records => {
-                let r: store::StoredRecord =
-                    postcard::from_bytes(&v).context("a stored record is unreadable")?;
-                let mut j = r.record.to_json();
-                j["_seq"] = serde_json::json!(r.seq);
-                j["_received"] = serde_json::json!(shared::record::format_ts(r.received_ms));
-                j
+                for r in &c.records {
+                    serde_json::to_writer(&mut out, &record_line(r))?;
+                    out.write_all(b"\n")?;
+                }
             }
             ExportWhat::Cases => {
-                let c: store::CaseEntry =
-                    postcard::from_bytes(&v).context("a stored case is unreadable")?;
                 let mut j = c.to_json();
                 j["features"] = serde_json::json!(c.features);
-                j
+                serde_json::to_writer(&mut out, &j)?;
+                out.write_all(b"\n")?;
             }
-        };
-        serde_json::to_writer(&mut out, &line)?;
-        out.write_all(b"\n")?;
+        }
+    }
+    if let ExportWhat::Records = what {
+        for item in db.scan_prefix([store::keys::Prefix::Pending as u8]) {
+            let (_, v) = item.context("reading the store")?;
+            let w: Vec<store::StoredRecord> =
+                postcard::from_bytes(&v).context("an open window is unreadable")?;
+            for r in &w {
+                serde_json::to_writer(&mut out, &record_line(r))?;
+                out.write_all(b"\n")?;
+            }
+        }
     }
     out.flush()?;
     Ok(())

@@ -130,7 +130,7 @@ pub fn now_ms() -> i64 {
 
 /// A window that just filled: (machine, its records with their sequence numbers, the
 /// index of the request that completed it).
-type CompletedWindow = (String, Vec<(u64, Record)>, usize);
+type CompletedWindow = (String, Vec<StoredRecord>, usize);
 
 /// The committer's state.
 pub struct Pipeline {
@@ -138,7 +138,11 @@ pub struct Pipeline {
     data_dir: std::path::PathBuf,
     student: Arc<Student>,
     policy: Policy,
-    windows: HashMap<String, Vec<(u64, Record)>>,
+    windows: HashMap<String, Vec<StoredRecord>>,
+    /// Stored size of each open window's entry (key + value), for the cap's accounting.
+    pending_bytes: HashMap<String, u64>,
+    /// Records of windows found identical to an earlier case in the current commit.
+    duplicate_window_records: u64,
     next_record_seq: u64,
     next_case_seq: u64,
     shared: Arc<Shared>,
@@ -205,6 +209,8 @@ impl Pipeline {
                 student,
                 policy: Policy::new(policy_cfg, state),
                 windows: rec.windows,
+                pending_bytes: rec.pending_bytes,
+                duplicate_window_records: 0,
                 next_record_seq: rec.next_record_seq,
                 next_case_seq: rec.next_case_seq,
                 shared: shared.clone(),
@@ -327,20 +333,11 @@ impl Pipeline {
                             received_ms: now,
                             record: r,
                         };
-                        let value = match postcard::to_stdvec(&stored) {
-                            Ok(v) => v,
-                            Err(e) => {
-                                tracing::error!("encoding record: {e}");
-                                continue;
-                            }
-                        };
-                        added_bytes += (9 + value.len()) as u64;
-                        batch.insert(&keys::record(seq)[..], value);
                         added_records += 1;
                         outcome.accepted += 1;
                         let machine = stored.record.machine.clone();
                         let w = self.windows.entry(machine.clone()).or_default();
-                        w.push((seq, stored.record));
+                        w.push(stored);
                         if w.len() >= WINDOW_LEN {
                             completed.push((machine.clone(), std::mem::take(w), reply_index));
                         }
@@ -356,20 +353,29 @@ impl Pipeline {
         }
 
         // Complete windows → cases.
-        let (new_cases, case_bytes) = self.decide_cases(&completed, now, &mut batch, &mut waiting);
+        self.duplicate_window_records = 0;
+        let (new_cases, case_bytes) = self.decide_cases(completed, now, &mut batch, &mut waiting);
         added_bytes += case_bytes;
+        added_records -= self.duplicate_window_records.min(added_records);
 
+        // Open windows are stored whole, records included, under their machine.
+        let mut replaced_bytes = 0u64;
         for m in &touched {
+            replaced_bytes += self.pending_bytes.remove(m).unwrap_or(0);
+            let key = keys::pending(m);
             match self.windows.get(m) {
-                Some(w) if !w.is_empty() => {
-                    let seqs: Vec<u64> = w.iter().map(|(s, _)| *s).collect();
-                    if let Ok(v) = postcard::to_stdvec(&seqs) {
-                        batch.insert(keys::pending(m), v);
+                Some(w) if !w.is_empty() => match postcard::to_stdvec(w) {
+                    Ok(v) => {
+                        let size = (key.len() + v.len()) as u64;
+                        added_bytes += size;
+                        self.pending_bytes.insert(m.clone(), size);
+                        batch.insert(key, v);
                     }
-                }
+                    Err(e) => tracing::error!("encoding the open window of {m}: {e}"),
+                },
                 _ => {
                     self.windows.remove(m);
-                    batch.remove(keys::pending(m));
+                    batch.remove(key);
                 }
             }
         }
@@ -401,7 +407,7 @@ impl Pipeline {
                 }
                 if let Ok(mut c) = self.shared.counts.lock() {
                     c.records += added_records;
-                    c.live_bytes += added_bytes;
+                    c.live_bytes = (c.live_bytes + added_bytes).saturating_sub(replaced_bytes);
                     c.pending_records = self.windows.values().map(|w| w.len() as u64).sum();
                     for e in &new_cases {
                         c.cases += 1;
@@ -457,7 +463,7 @@ impl Pipeline {
 
     fn decide_cases(
         &mut self,
-        completed: &[CompletedWindow],
+        completed: Vec<CompletedWindow>,
         now: i64,
         batch: &mut sled::Batch,
         waiting: &mut [(
@@ -468,8 +474,17 @@ impl Pipeline {
         if completed.is_empty() {
             return (Vec::new(), 0);
         }
-        let windows: Vec<Vec<&Record>> = completed.iter().map(|(_, w, _)| w.iter().map(|(_, r)| r).collect()).collect();
-        let features: Vec<[f32; NUM_FEATURES]> = windows.iter().map(|w| extract(w.as_slice())).collect();
+        let features: Vec<[f32; NUM_FEATURES]> = completed
+            .iter()
+            .map(|(_, w, _)| {
+                extract(
+                    w.iter()
+                        .map(|s| &s.record)
+                        .collect::<Vec<&Record>>()
+                        .as_slice(),
+                )
+            })
+            .collect();
         let t = Instant::now();
         let inferred = match self.student.infer(&features) {
             Ok(v) => Some(v),
@@ -482,11 +497,14 @@ impl Pipeline {
         let mut seen = HashSet::new();
         let mut out = Vec::new();
         let mut bytes = 0u64;
-        for (i, (machine, window, reply_index)) in completed.iter().enumerate() {
-            let records = &windows[i];
-            let id = CaseId::of_window(machine, records.as_slice());
+        for (i, (machine, window, reply_index)) in completed.into_iter().enumerate() {
+            let records: Vec<&Record> = window.iter().map(|s| &s.record).collect();
+            let id = CaseId::of_window(&machine, records.as_slice());
             if !seen.insert(id) || self.db.contains_key(keys::case_id(&id)).unwrap_or(false) {
-                continue; // the same window content was already a case
+                // A window identical in content (machine, timestamps, ids, readings) to an
+                // earlier case: already stored, once.
+                self.duplicate_window_records += window.len() as u64;
+                continue;
             }
             let (probs, ood) = match &inferred {
                 Some(v) => (v[i].probs.clone(), v[i].ood),
@@ -495,6 +513,7 @@ impl Pipeline {
             let u = Uncertainty::measure(&probs, ood);
             let start_ms = records.iter().map(|r| r.ts_ms).min().unwrap_or(0);
             let end_ms = records.iter().map(|r| r.ts_ms).max().unwrap_or(0);
+            drop(records);
             let (decision, reason) = self.policy.decide(&id, &u, end_ms);
             let class = probs
                 .iter()
@@ -511,7 +530,8 @@ impl Pipeline {
                 start_ms,
                 end_ms,
                 created_ms: now,
-                record_seqs: window.iter().map(|(s, _)| *s).collect(),
+                record_seqs: window.iter().map(|s| s.seq).collect(),
+                records: window,
                 features: features[i].to_vec(),
                 probs,
                 class,
@@ -536,7 +556,7 @@ impl Pipeline {
                 batch.insert(&keys::outbox(seq)[..], &id.0[..]);
                 bytes += 9 + 16;
             }
-            if let Some((_, outcome)) = waiting.get_mut(*reply_index) {
+            if let Some((_, outcome)) = waiting.get_mut(reply_index) {
                 outcome.cases.push(CaseAnswer {
                     id: id.to_string(),
                     machine: machine.clone(),
@@ -612,11 +632,10 @@ impl Pipeline {
         for mut c in victims.iter().cloned() {
             batch.remove(&keys::outbox(c.seq)[..]);
             freed += 9 + 16;
-            let (n, b) = self.remove_records_of(&c, &mut batch);
+            let (n, b) = self.remove_records_of(&mut c, &mut batch);
             records += n;
             freed += b;
             c.outbox = OutboxState::Evicted;
-            c.records_removed = true;
             freed += self.rewrite_case(&c, &mut batch);
         }
         if self.apply(batch) {
@@ -681,10 +700,9 @@ impl Pipeline {
         let mut freed = 0u64;
         let mut records = 0u64;
         for mut c in victims.iter().cloned() {
-            let (n, b) = self.remove_records_of(&c, &mut batch);
+            let (n, b) = self.remove_records_of(&mut c, &mut batch);
             records += n;
             freed += b;
-            c.records_removed = true;
             freed += self.rewrite_case(&c, &mut batch);
         }
         if !self.apply(batch) {
@@ -754,7 +772,7 @@ impl Pipeline {
         let mut freed = 0u64;
         let mut records = 0u64;
         let (mut local, mut hard) = (0u64, 0u64);
-        for (c, len) in &victims {
+        for (c, len) in victims.iter_mut() {
             if !c.records_removed {
                 let (n, b) = self.remove_records_of(c, &mut batch);
                 records += n;
@@ -762,7 +780,7 @@ impl Pipeline {
             }
             batch.remove(&keys::case(c.seq)[..]);
             batch.remove(&keys::case_id(&c.id)[..]);
-            freed += (9 + len + 17 + 8) as u64;
+            freed += (9 + *len + 17 + 8) as u64;
             match c.decision {
                 Decision::Local => local += 1,
                 Decision::Hard => hard += 1,
@@ -797,25 +815,20 @@ impl Pipeline {
         true
     }
 
-    /// Queues removal of a case's records and their idempotency keys; (records, bytes).
-    fn remove_records_of(&self, c: &CaseEntry, batch: &mut sled::Batch) -> (u64, u64) {
-        let mut n = 0;
+    /// Queues removal of the idempotency keys of a case's records and empties its record
+    /// list (the caller rewrites or deletes the case); (records, bytes of the keys).
+    fn remove_records_of(&self, c: &mut CaseEntry, batch: &mut sled::Batch) -> (u64, u64) {
         let mut bytes = 0u64;
-        for s in &c.record_seqs {
-            let k = keys::record(*s);
-            if let Ok(Some(v)) = self.db.get(k) {
-                bytes += (k.len() + v.len()) as u64;
-                if let Ok(r) = postcard::from_bytes::<StoredRecord>(&v) {
-                    if let Some(id) = &r.record.id {
-                        let ik = keys::idem(&r.record.machine, id);
-                        bytes += (ik.len() + 8) as u64;
-                        batch.remove(ik);
-                    }
-                }
-                batch.remove(&k[..]);
-                n += 1;
+        for s in &c.records {
+            if let Some(id) = &s.record.id {
+                let ik = keys::idem(&s.record.machine, id);
+                bytes += (ik.len() + 8) as u64;
+                batch.remove(ik);
             }
         }
+        let n = c.records.len() as u64;
+        c.records = Vec::new();
+        c.records_removed = true;
         (n, bytes)
     }
 

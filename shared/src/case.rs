@@ -184,9 +184,9 @@ mod tests {
 
     #[test]
     fn ids_are_content_derived_and_parse_back() {
-        let a = CaseId::of_window("m1", &[]);
-        assert_eq!(a, CaseId::of_window("m1", &[]));
-        assert_ne!(a, CaseId::of_window("m2", &[]));
+        let a = CaseId::of_window::<Record>("m1", &[]);
+        assert_eq!(a, CaseId::of_window::<Record>("m1", &[]));
+        assert_ne!(a, CaseId::of_window::<Record>("m2", &[]));
         assert_eq!(CaseId::parse(&a.to_string()), Some(a));
         assert_eq!(CaseId::parse("zz"), None);
         let d = a.unit_draw(1);

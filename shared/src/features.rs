@@ -184,6 +184,6 @@ mod tests {
         assert_eq!(f[7 + 6], 1.0); // temperature is flat
         assert_eq!(f[NUM_FEATURES - 2], 0.25);
         assert_eq!(f[NUM_FEATURES - 1], 0.75);
-        assert!(extract(&[]).iter().all(|x| *x == 0.0));
+        assert!(extract::<Record>(&[]).iter().all(|x| *x == 0.0));
     }
 }

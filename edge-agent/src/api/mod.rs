@@ -296,12 +296,8 @@ async fn get_case(State(app): State<Arc<App>>, Path(id): Path<String>) -> Respon
     match store::get_case(&app.db, &id) {
         Ok(Some(c)) => {
             let mut v = c.to_json();
-            let records: Vec<serde_json::Value> = c
-                .record_seqs
-                .iter()
-                .filter_map(|s| store::get_record(&app.db, *s).ok().flatten())
-                .map(|r| r.record.to_json())
-                .collect();
+            let records: Vec<serde_json::Value> =
+                c.records.iter().map(|r| r.record.to_json()).collect();
             v["records"] = serde_json::Value::Array(records);
             Json(v).into_response()
         }

@@ -6,8 +6,6 @@ use shared::case::CaseId;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
 pub enum Prefix {
-    /// `r` seq → record
-    Record = b'r',
     /// `i` machine 0 id → seq
     Idem = b'i',
     /// `p` machine → open window
@@ -26,7 +24,6 @@ impl Prefix {
     /// The prefix of a key.
     pub fn of(key: &[u8]) -> Option<Prefix> {
         Some(match key.first()? {
-            b'r' => Prefix::Record,
             b'i' => Prefix::Idem,
             b'p' => Prefix::Pending,
             b'c' => Prefix::Case,
@@ -43,11 +40,6 @@ fn with_seq(p: Prefix, seq: u64) -> [u8; 9] {
     k[0] = p as u8;
     k[1..].copy_from_slice(&seq.to_be_bytes());
     k
-}
-
-/// Key of a record.
-pub fn record(seq: u64) -> [u8; 9] {
-    with_seq(Prefix::Record, seq)
 }
 
 /// Key of a case.
@@ -94,7 +86,7 @@ pub fn meta(name: &str) -> Vec<u8> {
     k
 }
 
-/// The sequence number of a `r`, `c` or `o` key.
+/// The sequence number of a `c` or `o` key.
 pub fn seq_of(key: &[u8]) -> u64 {
     be_u64(key.get(1..).unwrap_or(&[]))
 }

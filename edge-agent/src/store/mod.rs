@@ -6,13 +6,17 @@
 //!
 //! | key | value | what |
 //! | --- | --- | --- |
-//! | `r` seq | [`StoredRecord`] | an acknowledged record |
 //! | `i` machine `\0` id | seq | idempotency index: (machine, id) → record |
-//! | `p` machine | `Vec<u64>` | records of the machine's open (incomplete) window |
-//! | `c` case-seq | [`CaseEntry`] | a case: features, student answer, decision, outbox state |
+//! | `p` machine | `Vec<StoredRecord>` | the machine's open (incomplete) window, records included |
+//! | `c` case-seq | [`CaseEntry`] | a case: its records, features, student answer, decision, outbox state |
 //! | `k` case-id | case-seq | case id → case |
 //! | `o` case-seq | case-id | the outbox: hard cases not yet acknowledged by the cloud |
 //! | `m` name | varies | meta: format version, next sequence numbers, policy state |
+//!
+//! A record lives in its machine's open window until the window is complete, then inside
+//! its case: one value per window instead of one per record (sled copies a leaf on every
+//! insert, so fewer, larger values are much cheaper to write). Removing a case's raw
+//! records rewrites the case without them.
 //!
 //! Everything one ingest batch writes goes into one `sled::Batch`, which sled applies
 //! atomically; the batch is durable only after `flush`, and nothing is acknowledged
@@ -89,8 +93,10 @@ pub struct CaseEntry {
     pub end_ms: i64,
     /// When the case was formed (agent clock, Unix ms).
     pub created_ms: i64,
-    /// The window's records.
+    /// Sequence numbers of the window's records.
     pub record_seqs: Vec<u64>,
+    /// The records themselves (empty once removed by retention or the disk cap).
+    pub records: Vec<StoredRecord>,
     /// Features.
     pub features: Vec<f32>,
     /// Student class probabilities.
@@ -179,8 +185,10 @@ pub struct Counts {
 pub struct Recovered {
     /// Counts.
     pub counts: Counts,
-    /// Open windows: machine → (record seq, record).
-    pub windows: HashMap<String, Vec<(u64, Record)>>,
+    /// Open windows: machine → records.
+    pub windows: HashMap<String, Vec<StoredRecord>>,
+    /// Stored size of each open window (key + value).
+    pub pending_bytes: HashMap<String, u64>,
     /// Next record sequence number.
     pub next_record_seq: u64,
     /// Next case sequence number.
@@ -260,7 +268,8 @@ pub fn recover(db: &sled::Db) -> anyhow::Result<Recovered> {
     let mut counts = Counts::default();
     let mut max_record_seq = None;
     let mut max_case_seq = None;
-    let mut pending: Vec<(String, Vec<u64>)> = Vec::new();
+    let mut windows = HashMap::new();
+    let mut pending_bytes = HashMap::new();
     let mut policy_state = None;
     for item in db.iter() {
         let (k, v) = item.context("reading the store")?;
@@ -271,22 +280,22 @@ pub fn recover(db: &sled::Db) -> anyhow::Result<Recovered> {
             )
         };
         match Prefix::of(&k) {
-            Some(Prefix::Record) => {
-                let r: StoredRecord = postcard::from_bytes(&v).map_err(|_| bad("record"))?;
-                counts.records += 1;
-                counts.live_bytes += (k.len() + v.len()) as u64;
-                max_record_seq = max_record_seq.max(Some(r.seq));
-            }
             Some(Prefix::Idem) => counts.live_bytes += (k.len() + v.len()) as u64,
             Some(Prefix::Pending) => {
-                let seqs: Vec<u64> = postcard::from_bytes(&v).map_err(|_| bad("window"))?;
+                let w: Vec<StoredRecord> = postcard::from_bytes(&v).map_err(|_| bad("window"))?;
                 let machine = String::from_utf8(k[1..].to_vec()).map_err(|_| bad("window key"))?;
-                counts.pending_records += seqs.len() as u64;
-                pending.push((machine, seqs));
+                counts.pending_records += w.len() as u64;
+                counts.records += w.len() as u64;
+                counts.live_bytes += (k.len() + v.len()) as u64;
+                max_record_seq = max_record_seq.max(w.iter().map(|r| r.seq).max());
+                pending_bytes.insert(machine.clone(), (k.len() + v.len()) as u64);
+                windows.insert(machine, w);
             }
             Some(Prefix::Case) => {
                 let c: CaseEntry = postcard::from_bytes(&v).map_err(|_| bad("case"))?;
                 counts.cases += 1;
+                counts.records += c.records.len() as u64;
+                max_record_seq = max_record_seq.max(c.records.iter().map(|r| r.seq).max());
                 match c.decision {
                     Decision::Local => counts.cases_local += 1,
                     Decision::Hard => counts.cases_hard += 1,
@@ -316,17 +325,6 @@ pub fn recover(db: &sled::Db) -> anyhow::Result<Recovered> {
             }
         }
     }
-    let mut windows = HashMap::new();
-    for (machine, seqs) in pending {
-        let mut w = Vec::with_capacity(seqs.len());
-        for s in seqs {
-            let r = get_record(db, s)?.ok_or_else(|| {
-                anyhow::anyhow!("open window of {machine} names record {s}, which is missing: the store is damaged")
-            })?;
-            w.push((s, r.record));
-        }
-        windows.insert(machine, w);
-    }
     let meta_u64 = |name: &str| -> anyhow::Result<u64> {
         Ok(match db.get(keys::meta(name))? {
             Some(v) => postcard::from_bytes(&v)
@@ -337,20 +335,11 @@ pub fn recover(db: &sled::Db) -> anyhow::Result<Recovered> {
     Ok(Recovered {
         counts,
         windows,
+        pending_bytes,
         next_record_seq: meta_u64("next_record_seq")?.max(max_record_seq.map_or(0, |s| s + 1)),
         next_case_seq: meta_u64("next_case_seq")?.max(max_case_seq.map_or(0, |s| s + 1)),
         policy_state,
     })
-}
-
-/// One stored record by sequence number.
-pub fn get_record(db: &sled::Db, seq: u64) -> anyhow::Result<Option<StoredRecord>> {
-    match db.get(keys::record(seq))? {
-        Some(v) => Ok(Some(
-            postcard::from_bytes(&v).with_context(|| format!("record {seq} is unreadable"))?,
-        )),
-        None => Ok(None),
-    }
 }
 
 /// One case by sequence number.
