@@ -895,3 +895,123 @@ fn publish_gauges(c: &Counts) {
     metrics::gauge!("edge_stored_cases").set(c.cases as f64);
     metrics::gauge!("edge_open_window_records").set(c.pending_records as f64);
 }
+
+#[cfg(test)]
+mod tests {
+    //! A model-based test: random sequences of ingest requests (with re-sent records) and
+    //! restarts, against a trivial in-memory model of what must be stored.
+
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::BTreeMap;
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        /// Post records `ids` of machine `m`.
+        Ingest(usize, Vec<u32>),
+        /// Stop the committer and recover from the store.
+        Restart,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            6 => (0usize..3, proptest::collection::vec(0u32..120, 1..40)).prop_map(|(m, ids)| Op::Ingest(m, ids)),
+            1 => Just(Op::Restart),
+        ]
+    }
+
+    fn record(m: usize, id: u32) -> Record {
+        let mut readings = BTreeMap::new();
+        for (i, ch) in shared::schema::CHANNELS.iter().enumerate() {
+            readings.insert(ch.to_string(), f64::from(id) * 0.01 + i as f64);
+        }
+        Record {
+            machine: format!("m{m}"),
+            ts_ms: 1_700_000_000_000 + i64::from(id) * 1000,
+            readings,
+            message: None,
+            id: Some(format!("r{id}")),
+            extra: None,
+        }
+    }
+
+    fn open(dir: &std::path::Path, student: &Arc<Student>) -> Pipeline {
+        let db = store::open(dir, 1 << 20).expect("open");
+        let (p, _) = Pipeline::new(
+            dir.to_path_buf(),
+            false,
+            db,
+            student.clone(),
+            PolicyConfig::default(),
+            StoreConfig::default(),
+            u64::MAX,
+        )
+        .expect("recover");
+        p
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+        #[test]
+        fn store_matches_model_across_resends_and_restarts(ops in proptest::collection::vec(op(), 1..25)) {
+            let student = Arc::new(Student::embedded().expect("model"));
+            let dir = tempfile::tempdir().expect("tempdir");
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            // Model: per machine, the ids accepted, in order.
+            let mut model: Vec<Vec<u32>> = vec![Vec::new(); 3];
+            let mut pipeline = open(dir.path(), &student);
+            for op in ops {
+                match op {
+                    Op::Restart => {
+                        drop(pipeline);
+                        pipeline = open(dir.path(), &student);
+                    }
+                    Op::Ingest(m, ids) => {
+                        let (tx, rx) = oneshot::channel();
+                        let records: Vec<Record> = ids.iter().map(|id| record(m, *id)).collect();
+                        rt.block_on(pipeline.commit(vec![Command::Ingest { records, est_bytes: 0, reply: tx }]));
+                        let outcome = rt.block_on(rx).expect("reply").expect("accepted");
+                        let mut new = 0;
+                        let mut expected_cases = 0;
+                        for id in ids {
+                            if !model[m].contains(&id) {
+                                model[m].push(id);
+                                new += 1;
+                                if model[m].len() % WINDOW_LEN == 0 {
+                                    expected_cases += 1;
+                                }
+                            }
+                        }
+                        prop_assert_eq!(outcome.accepted, new);
+                        prop_assert_eq!(outcome.cases.len(), expected_cases);
+                    }
+                }
+            }
+            drop(pipeline);
+            let db = store::open(dir.path(), 1 << 20).expect("open");
+            let rec = store::recover(&db).expect("recover");
+            let total: usize = model.iter().map(Vec::len).sum();
+            prop_assert_eq!(rec.counts.records, total as u64);
+            prop_assert_eq!(rec.counts.cases, model.iter().map(|v| (v.len() / WINDOW_LEN) as u64).sum::<u64>());
+            for (m, ids) in model.iter().enumerate() {
+                let open: Vec<String> = rec
+                    .windows
+                    .get(&format!("m{m}"))
+                    .map(|w| w.iter().filter_map(|r| r.record.id.clone()).collect())
+                    .unwrap_or_default();
+                let want: Vec<String> = ids[ids.len() - ids.len() % WINDOW_LEN..].iter().map(|id| format!("r{id}")).collect();
+                prop_assert_eq!(open, want, "open window of m{}", m);
+            }
+            // Every case holds the 16 records of its window, in arrival order.
+            let (cases, _) = store::list_cases(&db, &store::CaseQuery { limit: 1000, ..Default::default() }).expect("list");
+            for c in cases {
+                let m: usize = c.machine[1..].parse().expect("machine");
+                let ids: Vec<String> = c.records.iter().filter_map(|r| r.record.id.clone()).collect();
+                let pos = model[m].iter().position(|id| format!("r{id}") == ids[0]).expect("first id in model");
+                let want: Vec<String> = model[m][pos..pos + WINDOW_LEN].iter().map(|id| format!("r{id}")).collect();
+                prop_assert_eq!(pos % WINDOW_LEN, 0);
+                prop_assert_eq!(ids, want);
+            }
+        }
+    }
+}

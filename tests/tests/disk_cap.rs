@@ -138,3 +138,79 @@ fn cap_evicts_by_value_and_never_an_undelivered_hard_case() {
         queued.len()
     );
 }
+
+#[test]
+fn retention_removes_only_what_is_handled() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = dir.path().join("agent.toml");
+    // Raw records of handled cases kept ~1.8 s, their summaries ~5.4 s.
+    std::fs::write(
+        &cfg,
+        "[store]\nrecord_retention_hours = 0.0005\ncase_retention_hours = 0.0015\njanitor_interval_secs = 0.2\n[policy]\naudit_share = 0.0\n",
+    )
+    .expect("config");
+    let store = dir.path().join("store");
+    let agent = Agent::start(&store, &["--config", cfg.to_str().expect("utf-8")]);
+    for round in 0..10 {
+        let (code, body, _) = agent.post(
+            "/v1/logs",
+            Some("application/x-ndjson"),
+            batch(round).into_bytes(),
+        );
+        assert_eq!(code, 202, "{body}");
+    }
+    // Then every case is hard: these wait in the outbox, and must outlive any retention.
+    let (code, _) = agent.put(
+        "/v1/policy",
+        serde_json::json!({"max_ood_score": 0.0, "max_share": 1.0, "rate_burst": 100000.0}),
+    );
+    assert_eq!(code, 200);
+    for round in 10..13 {
+        let (code, body, _) = agent.post(
+            "/v1/logs",
+            Some("application/x-ndjson"),
+            batch(round).into_bytes(),
+        );
+        assert_eq!(code, 202, "{body}");
+    }
+    let (_, before) = agent.get("/v1/status");
+    assert_eq!(before["store"]["records"], 13 * 160);
+    let hard = before["store"]["outbox"].as_u64().expect("outbox");
+    assert_eq!(hard, 30);
+    // Wait (bounded) for both retentions to pass.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let status = loop {
+        let (_, s) = agent.get("/v1/status");
+        if s["store"]["cases"].as_u64() == Some(hard) || std::time::Instant::now() > deadline {
+            break s;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    println!("after retention: {}", status["store"]);
+    assert_eq!(
+        status["store"]["cases"].as_u64(),
+        Some(hard),
+        "only the undelivered hard cases remain"
+    );
+    assert_eq!(
+        status["store"]["records"].as_u64(),
+        Some(hard * 16),
+        "with all their records"
+    );
+    assert_eq!(status["store"]["outbox"].as_u64(), Some(hard));
+    assert_eq!(
+        status["since_start"]["expired_raw_records"].as_u64(),
+        Some(100)
+    );
+    assert_eq!(
+        status["since_start"]["expired_case_summaries"].as_u64(),
+        Some(100)
+    );
+    assert!(metric(&agent, "edge_expired_total") >= 200.0);
+    let (_, hard_cases) = agent.get("/v1/cases?decision=hard&limit=100");
+    for c in hard_cases["cases"].as_array().expect("cases") {
+        assert_eq!(c["records_kept"], true);
+    }
+    // An expired record may be sent again later: it is stored anew (its key expired with it).
+    agent.stop();
+}
