@@ -63,23 +63,26 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     loop {
         tokio::select! {
             _ = interval.tick() => {
-                print_screen(&running.app, tty);
+                print_screen(&running.app, &url, tty);
                 if sim.is_finished() { break; }
             }
             _ = &mut ctrl_c => break,
         }
     }
     sim.abort();
-    print_screen(&running.app, false);
+    print_screen(&running.app, &url, false);
     running.shutdown().await?;
     Ok(())
 }
 
-fn print_screen(app: &crate::api::App, tty: bool) {
+fn print_screen(app: &crate::api::App, url: &str, tty: bool) {
     let s = crate::api::status_json(app);
     let mut out = String::new();
     if tty {
         out.push_str("\x1b[2J\x1b[H");
+        out.push_str(&format!(
+            "edge-agent demo — API at {url} (/v1/status, /v1/cases?decision=hard, /metrics); Ctrl-C to stop\n\n"
+        ));
     }
     let st = &s["store"];
     out.push_str(&format!(
@@ -94,6 +97,10 @@ fn print_screen(app: &crate::api::App, tty: bool) {
         st["live_bytes"].as_f64().unwrap_or(0.0) / 1024.0,
     ));
     if tty {
+        out.push_str(&format!(
+            "offline: hard cases wait in the outbox for the cloud link ({} queued)\n",
+            st["outbox"]
+        ));
         out.push_str("\nlatest cases:\n  machine     class              conf   decision reason\n");
         let q = CaseQuery {
             limit: 10,

@@ -166,10 +166,10 @@ struct DemoArgs {
     #[arg(long)]
     data_dir: Option<PathBuf>,
     /// Simulated machines.
-    #[arg(long, default_value_t = 6)]
+    #[arg(long, default_value_t = 8)]
     machines: usize,
     /// Records per second per machine.
-    #[arg(long, default_value_t = 4.0)]
+    #[arg(long, default_value_t = 10.0)]
     rate: f64,
     /// Stop after this many seconds (default: until Ctrl-C).
     #[arg(long)]

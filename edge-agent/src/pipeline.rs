@@ -657,6 +657,36 @@ impl Pipeline {
         }
     }
 
+    /// Up to [`STEP_CASES`] cases from `cursor` on, created before `cutoff`, that `wanted`
+    /// picks (with their stored size), and the cursor to continue from. Cases still queued
+    /// are never picked; the uplink resets the cursors when it delivers one.
+    fn oldest_cases(
+        &self,
+        cursor: u64,
+        cutoff: i64,
+        wanted: impl Fn(&CaseEntry) -> bool,
+    ) -> (Vec<(CaseEntry, usize)>, u64) {
+        let mut victims = Vec::new();
+        let mut next_cursor = cursor;
+        for item in self.db.range(keys::case(cursor)..keys::case(u64::MAX)) {
+            let Ok((_, v)) = item else { break };
+            let Ok(c) = postcard::from_bytes::<CaseEntry>(&v) else {
+                continue;
+            };
+            if c.created_ms >= cutoff {
+                break;
+            }
+            next_cursor = c.seq + 1;
+            if wanted(&c) {
+                victims.push((c, v.len()));
+                if victims.len() == STEP_CASES {
+                    break;
+                }
+            }
+        }
+        (victims, next_cursor)
+    }
+
     /// Removes the raw records of handled cases, oldest first (eviction or retention).
     fn remove_raw_records(&mut self, why: EvictWhy) -> bool {
         let cutoff = match why {
@@ -669,26 +699,9 @@ impl Pipeline {
             EvictWhy::Cap => self.evict_records_cursor,
             EvictWhy::Retention => self.expire_records_cursor,
         };
-        let mut victims = Vec::new();
-        let mut next_cursor = cursor;
-        for item in self.db.range(keys::case(cursor)..keys::case(u64::MAX)) {
-            let Ok((_, v)) = item else { break };
-            let Ok(c) = postcard::from_bytes::<CaseEntry>(&v) else {
-                continue;
-            };
-            if c.created_ms >= cutoff {
-                break;
-            }
-            // Cases still queued are never removed; the uplink resets the cursors when it
-            // delivers one.
-            next_cursor = c.seq + 1;
-            if c.handled() && !c.records_removed {
-                victims.push(c);
-                if victims.len() == STEP_CASES {
-                    break;
-                }
-            }
-        }
+        let (victims, next_cursor) =
+            self.oldest_cases(cursor, cutoff, |c| c.handled() && !c.records_removed);
+        let victims: Vec<CaseEntry> = victims.into_iter().map(|(c, _)| c).collect();
         match why {
             EvictWhy::Cap => self.evict_records_cursor = next_cursor,
             EvictWhy::Retention => self.expire_records_cursor = next_cursor,
@@ -743,24 +756,7 @@ impl Pipeline {
             EvictWhy::Cap => self.evict_summaries_cursor,
             EvictWhy::Retention => self.expire_cases_cursor,
         };
-        let mut victims = Vec::new();
-        let mut next_cursor = cursor;
-        for item in self.db.range(keys::case(cursor)..keys::case(u64::MAX)) {
-            let Ok((_, v)) = item else { break };
-            let Ok(c) = postcard::from_bytes::<CaseEntry>(&v) else {
-                continue;
-            };
-            if c.created_ms >= cutoff {
-                break;
-            }
-            next_cursor = c.seq + 1;
-            if c.handled() {
-                victims.push((c, v.len()));
-                if victims.len() == STEP_CASES {
-                    break;
-                }
-            }
-        }
+        let (mut victims, next_cursor) = self.oldest_cases(cursor, cutoff, CaseEntry::handled);
         match why {
             EvictWhy::Cap => self.evict_summaries_cursor = next_cursor,
             EvictWhy::Retention => self.expire_cases_cursor = next_cursor,
