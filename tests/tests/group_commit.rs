@@ -111,12 +111,19 @@ fn sighup_rereads_the_policy_from_the_config_file() {
     let dir = tempfile::tempdir().expect("tempdir");
     let cfg = dir.path().join("agent.toml");
     std::fs::write(&cfg, "[policy]\nmin_max_prob = 0.6\n").expect("config");
-    let agent = Agent::start(&dir.path().join("store"), &["--config", cfg.to_str().expect("utf-8")]);
+    let agent = Agent::start(
+        &dir.path().join("store"),
+        &["--config", cfg.to_str().expect("utf-8")],
+    );
     let (_, p) = agent.get("/v1/policy");
     assert_eq!(p["min_max_prob"].as_f64(), Some(0.6));
     std::fs::write(&cfg, "[policy]\nmin_max_prob = 0.9\nmax_share = 0.1\n").expect("config");
     let pid = agent.child.id().to_string();
-    assert!(std::process::Command::new("kill").args(["-HUP", &pid]).status().expect("kill").success());
+    assert!(std::process::Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .expect("kill")
+        .success());
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
         let (_, p) = agent.get("/v1/policy");
@@ -124,12 +131,19 @@ fn sighup_rereads_the_policy_from_the_config_file() {
             assert_eq!(p["max_share"].as_f64(), Some(0.1));
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "SIGHUP did not re-read the policy: {p}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "SIGHUP did not re-read the policy: {p}"
+        );
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
     // A bad file keeps the policy in force.
     std::fs::write(&cfg, "[policy]\nmin_max_prob = 7\n").expect("config");
-    assert!(std::process::Command::new("kill").args(["-HUP", &pid]).status().expect("kill").success());
+    assert!(std::process::Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .expect("kill")
+        .success());
     std::thread::sleep(std::time::Duration::from_millis(300));
     let (_, p) = agent.get("/v1/policy");
     assert_eq!(p["min_max_prob"].as_f64(), Some(0.9));
