@@ -973,7 +973,7 @@ mod tests {
                             if !model[m].contains(&id) {
                                 model[m].push(id);
                                 new += 1;
-                                if model[m].len() % WINDOW_LEN == 0 {
+                                if model[m].len().is_multiple_of(WINDOW_LEN) {
                                     expected_cases += 1;
                                 }
                             }
