@@ -5,5 +5,8 @@
 //! safetensors, memory-mapped, bf16/f16/f32). The forward pass, backends, tokenizer,
 //! generation and serving are not built yet.
 
+pub mod backend;
 pub mod config;
+pub mod model;
+pub mod rope;
 pub mod weights;

@@ -1,0 +1,300 @@
+//! The CPU backend: the reference implementation, multi-threaded GEMM from the `gemm`
+//! crate, straightforward loops for everything else.
+
+use super::{Backend, RopeLayout};
+
+/// The CPU backend.
+#[derive(Clone, Debug, Default)]
+pub struct Cpu {
+    /// Threads for GEMM (0: all cores).
+    pub threads: usize,
+}
+
+impl Backend for Cpu {
+    type Buf = Vec<f32>;
+
+    fn upload(&self, data: &[f32]) -> Vec<f32> {
+        data.to_vec()
+    }
+
+    fn download(&self, b: &Vec<f32>) -> Vec<f32> {
+        b.clone()
+    }
+
+    fn len(&self, b: &Vec<f32>) -> usize {
+        b.len()
+    }
+
+    fn linear(&self, x: &Vec<f32>, m: usize, w: &Vec<f32>, n: usize, k: usize) -> Vec<f32> {
+        assert_eq!(x.len(), m * k, "linear: input is not [{m}, {k}]");
+        assert_eq!(w.len(), n * k, "linear: weight is not [{n}, {k}]");
+        let mut y = vec![0f32; m * n];
+        if m == 0 || n == 0 {
+            return y;
+        }
+        if k == 0 {
+            return y;
+        }
+        let threads = if self.threads == 0 {
+            rayon_threads()
+        } else {
+            self.threads
+        };
+        let par = if m * n * k < 64 * 64 * 64 || threads <= 1 {
+            gemm::Parallelism::None
+        } else {
+            gemm::Parallelism::Rayon(threads)
+        };
+        // SAFETY: the asserts above guarantee x is m×k, w is n×k and y is m×n, and the
+        // strides below address exactly those row-major layouts (wᵀ read column-wise).
+        #[allow(unsafe_code)]
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                y.as_mut_ptr(),
+                1,
+                n as isize,
+                false,
+                x.as_ptr(),
+                1,
+                k as isize,
+                w.as_ptr(),
+                k as isize,
+                1,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                par,
+            );
+        }
+        y
+    }
+
+    fn add_bias(&self, x: &mut Vec<f32>, bias: &Vec<f32>) {
+        let n = bias.len();
+        for row in x.chunks_exact_mut(n) {
+            for (a, b) in row.iter_mut().zip(bias) {
+                *a += b;
+            }
+        }
+    }
+
+    fn add(&self, x: &mut Vec<f32>, y: &Vec<f32>) {
+        for (a, b) in x.iter_mut().zip(y) {
+            *a += b;
+        }
+    }
+
+    fn add_scaled(&self, x: &mut Vec<f32>, y: &Vec<f32>, s: f32) {
+        for (a, b) in x.iter_mut().zip(y) {
+            *a += s * b;
+        }
+    }
+
+    fn rms_norm(&self, x: &Vec<f32>, w: &Vec<f32>, eps: f32) -> Vec<f32> {
+        let d = w.len();
+        let mut out = vec![0f32; x.len()];
+        for (row, o) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+            let ms = row.iter().map(|v| v * v).sum::<f32>() / d as f32;
+            let r = 1.0 / (ms + eps).sqrt();
+            for ((o, v), g) in o.iter_mut().zip(row).zip(w) {
+                *o = v * r * g;
+            }
+        }
+        out
+    }
+
+    fn silu_mul(&self, gate: &Vec<f32>, up: &Vec<f32>) -> Vec<f32> {
+        gate.iter()
+            .zip(up)
+            .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
+            .collect()
+    }
+
+    fn gather_rows(&self, table: &Vec<f32>, d: usize, ids: &[u32]) -> Vec<f32> {
+        let mut out = Vec::with_capacity(ids.len() * d);
+        for &i in ids {
+            let start = i as usize * d;
+            out.extend_from_slice(&table[start..start + d]);
+        }
+        out
+    }
+
+    fn slice_cols(&self, x: &Vec<f32>, cols: usize, from: usize, width: usize) -> Vec<f32> {
+        let mut out = Vec::with_capacity(x.len() / cols.max(1) * width);
+        for row in x.chunks_exact(cols) {
+            out.extend_from_slice(&row[from..from + width]);
+        }
+        out
+    }
+
+    fn concat_cols(&self, a: &Vec<f32>, ca: usize, b: &Vec<f32>, cb: usize) -> Vec<f32> {
+        let mut out = Vec::with_capacity(a.len() + b.len());
+        for (ra, rb) in a.chunks_exact(ca).zip(b.chunks_exact(cb)) {
+            out.extend_from_slice(ra);
+            out.extend_from_slice(rb);
+        }
+        out
+    }
+
+    fn add_rows_scaled(
+        &self,
+        dst: &mut Vec<f32>,
+        d: usize,
+        src: &Vec<f32>,
+        rows: &[usize],
+        weights: &[f32],
+    ) {
+        for ((r, w), s) in rows.iter().zip(weights).zip(src.chunks_exact(d)) {
+            for (a, b) in dst[r * d..(r + 1) * d].iter_mut().zip(s) {
+                *a += w * b;
+            }
+        }
+    }
+
+    fn mla_expand(
+        &self,
+        kv: &Vec<f32>,
+        k_pe: &Vec<f32>,
+        t: usize,
+        h: usize,
+        nope: usize,
+        dv: usize,
+        rope: usize,
+    ) -> (Vec<f32>, Vec<f32>) {
+        let mut k = Vec::with_capacity(t * h * (nope + rope));
+        let mut v = Vec::with_capacity(t * h * dv);
+        for i in 0..t {
+            let pe = &k_pe[i * rope..(i + 1) * rope];
+            for head in 0..h {
+                let base = (i * h + head) * (nope + dv);
+                k.extend_from_slice(&kv[base..base + nope]);
+                k.extend_from_slice(pe);
+                v.extend_from_slice(&kv[base + nope..base + nope + dv]);
+            }
+        }
+        (k, v)
+    }
+
+    fn append_rows(&self, cache: &mut Vec<f32>, rows: &Vec<f32>) {
+        cache.extend_from_slice(rows);
+    }
+
+    fn rope(
+        &self,
+        x: &mut Vec<f32>,
+        heads: usize,
+        head_dim: usize,
+        offset: usize,
+        rot_dim: usize,
+        positions: &[usize],
+        cos: &Vec<f32>,
+        sin: &Vec<f32>,
+        layout: RopeLayout,
+    ) {
+        let half = rot_dim / 2;
+        for (row, &pos) in x.chunks_exact_mut(heads * head_dim).zip(positions) {
+            let c = &cos[pos * half..(pos + 1) * half];
+            let s = &sin[pos * half..(pos + 1) * half];
+            for h in 0..heads {
+                let v = &mut row[h * head_dim + offset..h * head_dim + offset + rot_dim];
+                for i in 0..half {
+                    let (a, b) = match layout {
+                        RopeLayout::Halves => (i, i + half),
+                        RopeLayout::Interleaved => (2 * i, 2 * i + 1),
+                    };
+                    let (x0, x1) = (v[a], v[b]);
+                    v[a] = x0 * c[i] - x1 * s[i];
+                    v[b] = x1 * c[i] + x0 * s[i];
+                }
+            }
+        }
+    }
+
+    fn attention(
+        &self,
+        q: &Vec<f32>,
+        k: &Vec<f32>,
+        v: &Vec<f32>,
+        t: usize,
+        h: usize,
+        hk: usize,
+        dk: usize,
+        dv: usize,
+        scale: f32,
+    ) -> Vec<f32> {
+        let total = k.len() / (hk * dk);
+        let group = h / hk;
+        let mut out = vec![0f32; t * h * dv];
+        let mut scores = vec![0f32; total];
+        for qi in 0..t {
+            let visible = total - t + qi + 1; // causal: positions 0..=this one
+            for head in 0..h {
+                let kh = head / group;
+                let qv = &q[(qi * h + head) * dk..(qi * h + head + 1) * dk];
+                let mut max = f32::NEG_INFINITY;
+                for (j, s) in scores.iter_mut().enumerate().take(visible) {
+                    let kv = &k[(j * hk + kh) * dk..(j * hk + kh + 1) * dk];
+                    *s = qv.iter().zip(kv).map(|(a, b)| a * b).sum::<f32>() * scale;
+                    max = max.max(*s);
+                }
+                let mut sum = 0f32;
+                for s in scores.iter_mut().take(visible) {
+                    *s = (*s - max).exp();
+                    sum += *s;
+                }
+                let o = &mut out[(qi * h + head) * dv..(qi * h + head + 1) * dv];
+                for (j, s) in scores.iter().enumerate().take(visible) {
+                    let w = s / sum;
+                    let vv = &v[(j * hk + kh) * dv..(j * hk + kh + 1) * dv];
+                    for (a, b) in o.iter_mut().zip(vv) {
+                        *a += w * b;
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+fn rayon_threads() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn linear_matches_a_naive_product() {
+        let cpu = Cpu::default();
+        let (m, n, k) = (3, 70, 65);
+        let x: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin()).collect();
+        let w: Vec<f32> = (0..n * k).map(|i| (i as f32 * 0.11).cos()).collect();
+        let y = cpu.linear(&x, m, &w, n, k);
+        for r in 0..m {
+            for c in 0..n {
+                let want: f32 = (0..k).map(|i| x[r * k + i] * w[c * k + i]).sum();
+                assert!((y[r * n + c] - want).abs() < 1e-4, "{r},{c}");
+            }
+        }
+    }
+
+    #[test]
+    fn attention_of_one_position_is_its_value_and_is_causal() {
+        let cpu = Cpu::default();
+        // Two positions, one head, dk = dv = 2.
+        let q = vec![1.0, 0.0, 0.0, 1.0];
+        let k = vec![1.0, 0.0, 0.0, 1.0];
+        let v = vec![5.0, 6.0, 7.0, 8.0];
+        let o = cpu.attention(&q, &k, &v, 2, 1, 1, 2, 2, 1.0);
+        assert_eq!(&o[..2], &[5.0, 6.0]); // the first query sees only itself
+        assert!(o[2] > 6.0 && o[2] < 7.0);
+    }
+}

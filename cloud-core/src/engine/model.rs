@@ -1,0 +1,591 @@
+//! The decoder-only transformer of every supported architecture, written once against
+//! [`Backend`].
+//!
+//! - Llama / Qwen2: grouped-query attention (Qwen2 with Q/K/V bias), RoPE on whole heads
+//!   (`rotate_half` layout), SwiGLU MLP.
+//! - DeepSeek-V2/V3: Multi-head Latent Attention — queries directly or through a low-rank
+//!   `q_a → norm → q_b`; keys/values from a compressed latent `kv_a → norm → kv_b` plus a
+//!   rope key shared by all heads (interleaved RoPE, YaRN) — and MoE layers with shared
+//!   experts after the first `first_k_dense_replace` dense ones.
+//!
+//! This is the straightforward (non-absorbed) MLA: the cache holds per-head keys and
+//! values. The absorbed decode path that caches only the latent is not built yet.
+
+use std::path::Path;
+
+use super::backend::{Backend, RopeLayout};
+use super::config::{Arch, ConfigError, ModelConfig, MoeConfig, ScoringFunc, TopkMethod};
+use super::rope;
+use super::weights::{Checkpoint, WeightsError};
+
+/// Errors of loading a model.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// `config.json`.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Weights.
+    #[error(transparent)]
+    Weights(#[from] WeightsError),
+    /// A request the model cannot serve.
+    #[error("{0}")]
+    Request(String),
+}
+
+struct Mlp<B: Backend> {
+    gate: B::Buf,
+    up: B::Buf,
+    down: B::Buf,
+    inter: usize,
+}
+
+enum Ffn<B: Backend> {
+    Dense(Mlp<B>),
+    Moe {
+        gate: B::Buf,
+        bias: Option<Vec<f32>>,
+        experts: Vec<Mlp<B>>,
+        shared: Option<Mlp<B>>,
+    },
+}
+
+enum Attn<B: Backend> {
+    Gqa {
+        q: B::Buf,
+        k: B::Buf,
+        v: B::Buf,
+        o: B::Buf,
+        bias: Option<(B::Buf, B::Buf, B::Buf)>,
+    },
+    Mla {
+        /// `q_a_proj` and `q_a_layernorm`, when queries are low-rank.
+        q_a: Option<(B::Buf, B::Buf)>,
+        /// `q_proj`, or `q_b_proj` after `q_a`.
+        q: B::Buf,
+        kv_a: B::Buf,
+        kv_a_norm: B::Buf,
+        kv_b: B::Buf,
+        o: B::Buf,
+    },
+}
+
+struct Layer<B: Backend> {
+    in_norm: B::Buf,
+    attn: Attn<B>,
+    post_norm: B::Buf,
+    ffn: Ffn<B>,
+}
+
+/// A loaded model.
+pub struct Model<B: Backend> {
+    cfg: ModelConfig,
+    be: B,
+    embed: B::Buf,
+    layers: Vec<Layer<B>>,
+    norm: B::Buf,
+    lm_head: B::Buf,
+    cos: B::Buf,
+    sin: B::Buf,
+    scale: f32,
+    max_pos: usize,
+}
+
+/// One sequence's key/value cache.
+pub struct Cache<B: Backend> {
+    k: Vec<B::Buf>,
+    v: Vec<B::Buf>,
+    len: usize,
+}
+
+impl<B: Backend> Cache<B> {
+    /// Positions cached so far.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// `true` before the first token.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+struct Loader<'a, B: Backend> {
+    ck: &'a Checkpoint,
+    be: &'a B,
+}
+
+impl<B: Backend> Loader<'_, B> {
+    fn get(&self, name: &str, shape: &[usize]) -> Result<B::Buf, WeightsError> {
+        Ok(self.be.upload(&self.ck.f32(name, shape)?))
+    }
+
+    fn mlp(&self, prefix: &str, hidden: usize, inter: usize) -> Result<Mlp<B>, WeightsError> {
+        Ok(Mlp {
+            gate: self.get(&format!("{prefix}.gate_proj.weight"), &[inter, hidden])?,
+            up: self.get(&format!("{prefix}.up_proj.weight"), &[inter, hidden])?,
+            down: self.get(&format!("{prefix}.down_proj.weight"), &[hidden, inter])?,
+            inter,
+        })
+    }
+}
+
+impl<B: Backend> Model<B> {
+    /// Loads `config.json` and the weights of a checkpoint directory.
+    pub fn load(dir: &Path, be: B) -> Result<Model<B>, EngineError> {
+        let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
+        let ck = Checkpoint::open(dir)?;
+        let l = Loader { ck: &ck, be: &be };
+        let hd = cfg.hidden_size;
+        let embed = l.get("model.embed_tokens.weight", &[cfg.vocab_size, hd])?;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let attn = match &cfg.mla {
+                None => {
+                    let (h, kvh, d) = (
+                        cfg.num_attention_heads,
+                        cfg.num_key_value_heads,
+                        cfg.head_dim,
+                    );
+                    let a = format!("{p}.self_attn");
+                    let bias = if cfg.attention_bias {
+                        Some((
+                            l.get(&format!("{a}.q_proj.bias"), &[h * d])?,
+                            l.get(&format!("{a}.k_proj.bias"), &[kvh * d])?,
+                            l.get(&format!("{a}.v_proj.bias"), &[kvh * d])?,
+                        ))
+                    } else {
+                        None
+                    };
+                    Attn::Gqa {
+                        q: l.get(&format!("{a}.q_proj.weight"), &[h * d, hd])?,
+                        k: l.get(&format!("{a}.k_proj.weight"), &[kvh * d, hd])?,
+                        v: l.get(&format!("{a}.v_proj.weight"), &[kvh * d, hd])?,
+                        o: l.get(&format!("{a}.o_proj.weight"), &[hd, h * d])?,
+                        bias,
+                    }
+                }
+                Some(m) => {
+                    let h = cfg.num_attention_heads;
+                    let qd = m.qk_nope_head_dim + m.qk_rope_head_dim;
+                    let a = format!("{p}.self_attn");
+                    let (q_a, q) = match m.q_lora_rank {
+                        Some(r) => (
+                            Some((
+                                l.get(&format!("{a}.q_a_proj.weight"), &[r, hd])?,
+                                l.get(&format!("{a}.q_a_layernorm.weight"), &[r])?,
+                            )),
+                            l.get(&format!("{a}.q_b_proj.weight"), &[h * qd, r])?,
+                        ),
+                        None => (None, l.get(&format!("{a}.q_proj.weight"), &[h * qd, hd])?),
+                    };
+                    Attn::Mla {
+                        q_a,
+                        q,
+                        kv_a: l.get(
+                            &format!("{a}.kv_a_proj_with_mqa.weight"),
+                            &[m.kv_lora_rank + m.qk_rope_head_dim, hd],
+                        )?,
+                        kv_a_norm: l
+                            .get(&format!("{a}.kv_a_layernorm.weight"), &[m.kv_lora_rank])?,
+                        kv_b: l.get(
+                            &format!("{a}.kv_b_proj.weight"),
+                            &[h * (m.qk_nope_head_dim + m.v_head_dim), m.kv_lora_rank],
+                        )?,
+                        o: l.get(&format!("{a}.o_proj.weight"), &[hd, h * m.v_head_dim])?,
+                    }
+                }
+            };
+            let ffn = match &cfg.moe {
+                Some(moe) if cfg.is_moe_layer(i) => Self::load_moe(&l, &p, hd, moe)?,
+                _ => Ffn::Dense(l.mlp(&format!("{p}.mlp"), hd, cfg.intermediate_size)?),
+            };
+            layers.push(Layer {
+                in_norm: l.get(&format!("{p}.input_layernorm.weight"), &[hd])?,
+                attn,
+                post_norm: l.get(&format!("{p}.post_attention_layernorm.weight"), &[hd])?,
+                ffn,
+            });
+        }
+        let norm = l.get("model.norm.weight", &[hd])?;
+        let lm_head = if cfg.tie_word_embeddings && !ck.contains("lm_head.weight") {
+            embed.clone()
+        } else {
+            l.get("lm_head.weight", &[cfg.vocab_size, hd])?
+        };
+        let (rot_dim, head_dim) = match &cfg.mla {
+            Some(m) => (m.qk_rope_head_dim, m.qk_nope_head_dim + m.qk_rope_head_dim),
+            None => (cfg.head_dim, cfg.head_dim),
+        };
+        let max_pos = cfg.max_position_embeddings.clamp(1, 1 << 17);
+        let (cos, sin) = rope::tables(rot_dim, cfg.rope_theta, &cfg.rope_scaling, max_pos);
+        let scale = match cfg.arch {
+            Arch::DeepseekV2 | Arch::DeepseekV3 => rope::softmax_scale(head_dim, &cfg.rope_scaling),
+            Arch::Qwen2 | Arch::Llama => 1.0 / (head_dim as f64).sqrt(),
+        } as f32;
+        Ok(Model {
+            cos: be.upload(&cos),
+            sin: be.upload(&sin),
+            cfg,
+            be,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            scale,
+            max_pos,
+        })
+    }
+
+    fn load_moe(
+        l: &Loader<'_, B>,
+        p: &str,
+        hd: usize,
+        moe: &MoeConfig,
+    ) -> Result<Ffn<B>, WeightsError> {
+        let n = moe.n_routed_experts;
+        let gate = l.get(&format!("{p}.mlp.gate.weight"), &[n, hd])?;
+        let bias_name = format!("{p}.mlp.gate.e_score_correction_bias");
+        let bias = if moe.topk_method == TopkMethod::NoauxTc || l.ck.contains(&bias_name) {
+            Some(l.ck.f32(&bias_name, &[n])?)
+        } else {
+            None
+        };
+        let inter = moe.moe_intermediate_size;
+        let experts = if l
+            .ck
+            .contains(&format!("{p}.mlp.experts.0.gate_proj.weight"))
+        {
+            (0..n)
+                .map(|j| l.mlp(&format!("{p}.mlp.experts.{j}"), hd, inter))
+                .collect::<Result<Vec<_>, _>>()?
+        } else {
+            // transformers 5 fused layout: gate_up_proj [n, 2·inter, hidden], down_proj [n, hidden, inter].
+            let gu = l.ck.f32(
+                &format!("{p}.mlp.experts.gate_up_proj"),
+                &[n, 2 * inter, hd],
+            )?;
+            let down =
+                l.ck.f32(&format!("{p}.mlp.experts.down_proj"), &[n, hd, inter])?;
+            (0..n)
+                .map(|j| {
+                    let e = &gu[j * 2 * inter * hd..(j + 1) * 2 * inter * hd];
+                    Mlp {
+                        gate: l.be.upload(&e[..inter * hd]),
+                        up: l.be.upload(&e[inter * hd..]),
+                        down: l.be.upload(&down[j * hd * inter..(j + 1) * hd * inter]),
+                        inter,
+                    }
+                })
+                .collect()
+        };
+        let shared = if moe.n_shared_experts > 0 {
+            Some(l.mlp(
+                &format!("{p}.mlp.shared_experts"),
+                hd,
+                inter * moe.n_shared_experts,
+            )?)
+        } else {
+            None
+        };
+        Ok(Ffn::Moe {
+            gate,
+            bias,
+            experts,
+            shared,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    /// An empty cache for one sequence.
+    pub fn new_cache(&self) -> Cache<B> {
+        let empty = self.be.upload(&[]);
+        Cache {
+            k: vec![empty.clone(); self.layers.len()],
+            v: vec![empty; self.layers.len()],
+            len: 0,
+        }
+    }
+
+    fn mlp(&self, m: &Mlp<B>, x: &B::Buf, t: usize) -> B::Buf {
+        let hd = self.cfg.hidden_size;
+        let g = self.be.linear(x, t, &m.gate, m.inter, hd);
+        let u = self.be.linear(x, t, &m.up, m.inter, hd);
+        self.be
+            .linear(&self.be.silu_mul(&g, &u), t, &m.down, hd, m.inter)
+    }
+
+    /// Runs `ids` (the next positions of the sequence in `cache`) and returns the logits of
+    /// every one of them, `[ids.len(), vocab]`.
+    pub fn forward(&self, ids: &[u32], cache: &mut Cache<B>) -> Result<Vec<f32>, EngineError> {
+        let t = ids.len();
+        if cache.len + t > self.max_pos {
+            return Err(EngineError::Request(format!(
+                "{} positions exceed the model's {} (max_position_embeddings)",
+                cache.len + t,
+                self.max_pos
+            )));
+        }
+        if let Some(bad) = ids.iter().find(|i| **i as usize >= self.cfg.vocab_size) {
+            return Err(EngineError::Request(format!(
+                "token id {bad} is outside the vocabulary ({})",
+                self.cfg.vocab_size
+            )));
+        }
+        let be = &self.be;
+        let hd = self.cfg.hidden_size;
+        let eps = self.cfg.rms_norm_eps as f32;
+        let positions: Vec<usize> = (cache.len..cache.len + t).collect();
+        let mut x = be.gather_rows(&self.embed, hd, ids);
+        for (li, layer) in self.layers.iter().enumerate() {
+            let xn = be.rms_norm(&x, &layer.in_norm, eps);
+            let attn = self.attention(
+                &layer.attn,
+                &xn,
+                t,
+                &positions,
+                &mut cache.k[li],
+                &mut cache.v[li],
+            );
+            be.add(&mut x, &attn);
+            let xn = be.rms_norm(&x, &layer.post_norm, eps);
+            let y = match &layer.ffn {
+                Ffn::Dense(m) => self.mlp(m, &xn, t),
+                Ffn::Moe {
+                    gate,
+                    bias,
+                    experts,
+                    shared,
+                } => self.moe(gate, bias.as_deref(), experts, shared.as_ref(), &xn, t),
+            };
+            be.add(&mut x, &y);
+        }
+        cache.len += t;
+        let xn = be.rms_norm(&x, &self.norm, eps);
+        Ok(be.download(&be.linear(&xn, t, &self.lm_head, self.cfg.vocab_size, hd)))
+    }
+
+    fn attention(
+        &self,
+        attn: &Attn<B>,
+        x: &B::Buf,
+        t: usize,
+        positions: &[usize],
+        k_cache: &mut B::Buf,
+        v_cache: &mut B::Buf,
+    ) -> B::Buf {
+        let be = &self.be;
+        let hd = self.cfg.hidden_size;
+        let h = self.cfg.num_attention_heads;
+        match attn {
+            Attn::Gqa { q, k, v, o, bias } => {
+                let (kvh, d) = (self.cfg.num_key_value_heads, self.cfg.head_dim);
+                let mut qx = be.linear(x, t, q, h * d, hd);
+                let mut kx = be.linear(x, t, k, kvh * d, hd);
+                let mut vx = be.linear(x, t, v, kvh * d, hd);
+                if let Some((qb, kb, vb)) = bias {
+                    be.add_bias(&mut qx, qb);
+                    be.add_bias(&mut kx, kb);
+                    be.add_bias(&mut vx, vb);
+                }
+                be.rope(
+                    &mut qx,
+                    h,
+                    d,
+                    0,
+                    d,
+                    positions,
+                    &self.cos,
+                    &self.sin,
+                    RopeLayout::Halves,
+                );
+                be.rope(
+                    &mut kx,
+                    kvh,
+                    d,
+                    0,
+                    d,
+                    positions,
+                    &self.cos,
+                    &self.sin,
+                    RopeLayout::Halves,
+                );
+                be.append_rows(k_cache, &kx);
+                be.append_rows(v_cache, &vx);
+                let out = be.attention(&qx, k_cache, v_cache, t, h, kvh, d, d, self.scale);
+                be.linear(&out, t, o, hd, h * d)
+            }
+            Attn::Mla {
+                q_a,
+                q,
+                kv_a,
+                kv_a_norm,
+                kv_b,
+                o,
+            } => {
+                let Some(m) = &self.cfg.mla else {
+                    unreachable!("MLA weights without MLA config")
+                };
+                let (nope, rope_d, dv, lora) = (
+                    m.qk_nope_head_dim,
+                    m.qk_rope_head_dim,
+                    m.v_head_dim,
+                    m.kv_lora_rank,
+                );
+                let qd = nope + rope_d;
+                let eps = self.cfg.rms_norm_eps as f32;
+                let mut qx = match (q_a, m.q_lora_rank) {
+                    (Some((qa, qa_norm)), Some(r)) => {
+                        let c = be.rms_norm(&be.linear(x, t, qa, r, hd), qa_norm, eps);
+                        be.linear(&c, t, q, h * qd, r)
+                    }
+                    _ => be.linear(x, t, q, h * qd, hd),
+                };
+                be.rope(
+                    &mut qx,
+                    h,
+                    qd,
+                    nope,
+                    rope_d,
+                    positions,
+                    &self.cos,
+                    &self.sin,
+                    RopeLayout::Interleaved,
+                );
+                let kva = be.linear(x, t, kv_a, lora + rope_d, hd);
+                let latent =
+                    be.rms_norm(&be.slice_cols(&kva, lora + rope_d, 0, lora), kv_a_norm, eps);
+                let mut k_pe = be.slice_cols(&kva, lora + rope_d, lora, rope_d);
+                be.rope(
+                    &mut k_pe,
+                    1,
+                    rope_d,
+                    0,
+                    rope_d,
+                    positions,
+                    &self.cos,
+                    &self.sin,
+                    RopeLayout::Interleaved,
+                );
+                let kv = be.linear(&latent, t, kv_b, h * (nope + dv), lora);
+                let (kx, vx) = be.mla_expand(&kv, &k_pe, t, h, nope, dv, rope_d);
+                be.append_rows(k_cache, &kx);
+                be.append_rows(v_cache, &vx);
+                let out = be.attention(&qx, k_cache, v_cache, t, h, h, qd, dv, self.scale);
+                be.linear(&out, t, o, hd, h * dv)
+            }
+        }
+    }
+
+    fn moe(
+        &self,
+        gate: &B::Buf,
+        bias: Option<&[f32]>,
+        experts: &[Mlp<B>],
+        shared: Option<&Mlp<B>>,
+        x: &B::Buf,
+        t: usize,
+    ) -> B::Buf {
+        let be = &self.be;
+        let hd = self.cfg.hidden_size;
+        let Some(moe) = &self.cfg.moe else {
+            unreachable!("MoE weights without MoE config")
+        };
+        let n = moe.n_routed_experts;
+        let logits = be.download(&be.linear(x, t, gate, n, hd));
+        // Route on the host: a few numbers per token.
+        let mut per_expert: Vec<(Vec<usize>, Vec<f32>)> = vec![(Vec::new(), Vec::new()); n];
+        for (tok, row) in logits.chunks_exact(n).enumerate() {
+            for (e, w) in route(row, bias, moe) {
+                per_expert[e].0.push(tok);
+                per_expert[e].1.push(w);
+            }
+        }
+        let mut out = match shared {
+            Some(s) => self.mlp(s, x, t),
+            None => be.upload(&vec![0.0; t * hd]),
+        };
+        for (e, (toks, ws)) in per_expert.iter().enumerate() {
+            if toks.is_empty() {
+                continue;
+            }
+            let ids: Vec<u32> = toks.iter().map(|&i| i as u32).collect();
+            let xe = be.gather_rows(x, hd, &ids);
+            let ye = self.mlp(&experts[e], &xe, toks.len());
+            be.add_rows_scaled(&mut out, hd, &ye, toks, ws);
+        }
+        out
+    }
+}
+
+/// DeepSeek's gate: which experts a token goes to, with which weights.
+pub fn route(logits: &[f32], bias: Option<&[f32]>, moe: &MoeConfig) -> Vec<(usize, f32)> {
+    let n = logits.len();
+    let scores: Vec<f32> = match moe.scoring_func {
+        ScoringFunc::Softmax => {
+            let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let e: Vec<f32> = logits.iter().map(|l| (l - max).exp()).collect();
+            let s: f32 = e.iter().sum();
+            e.iter().map(|v| v / s).collect()
+        }
+        ScoringFunc::Sigmoid => logits.iter().map(|l| 1.0 / (1.0 + (-l).exp())).collect(),
+    };
+    // Scores used to choose (V3: bias-corrected); weights come from `scores`.
+    let choice: Vec<f32> = match (moe.topk_method, bias) {
+        (TopkMethod::NoauxTc, Some(b)) => scores.iter().zip(b).map(|(s, b)| s + b).collect(),
+        _ => scores.clone(),
+    };
+    let k = moe.num_experts_per_tok;
+    let per_group = n / moe.n_group;
+    let allowed: Vec<bool> = match moe.topk_method {
+        TopkMethod::Greedy => vec![true; n],
+        TopkMethod::GroupLimitedGreedy | TopkMethod::NoauxTc => {
+            let group_score: Vec<f32> = (0..moe.n_group)
+                .map(|g| {
+                    let mut s: Vec<f32> = choice[g * per_group..(g + 1) * per_group].to_vec();
+                    s.sort_by(|a, b| b.total_cmp(a));
+                    match moe.topk_method {
+                        TopkMethod::NoauxTc => s.iter().take(2).sum(),
+                        _ => s[0],
+                    }
+                })
+                .collect();
+            let keep = top_indices(&group_score, moe.topk_group);
+            (0..n).map(|e| keep.contains(&(e / per_group))).collect()
+        }
+    };
+    let masked: Vec<f32> = choice
+        .iter()
+        .zip(&allowed)
+        .map(|(s, a)| if *a { *s } else { f32::NEG_INFINITY })
+        .collect();
+    let chosen = top_indices(&masked, k);
+    let mut weights: Vec<f32> = chosen.iter().map(|&e| scores[e]).collect();
+    let v3 = moe.topk_method == TopkMethod::NoauxTc;
+    if k > 1 && moe.norm_topk_prob {
+        let sum: f32 = weights.iter().sum::<f32>() + 1e-20;
+        weights.iter_mut().for_each(|w| *w /= sum);
+        if v3 {
+            weights
+                .iter_mut()
+                .for_each(|w| *w *= moe.routed_scaling_factor as f32);
+        }
+    } else {
+        weights
+            .iter_mut()
+            .for_each(|w| *w *= moe.routed_scaling_factor as f32);
+    }
+    chosen.into_iter().zip(weights).collect()
+}
+
+/// Indices of the `k` largest values (ties: lower index first).
+fn top_indices(v: &[f32], k: usize) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..v.len()).collect();
+    idx.sort_by(|a, b| v[*b].total_cmp(&v[*a]).then(a.cmp(b)));
+    idx.truncate(k);
+    idx
+}
