@@ -141,3 +141,163 @@ fn deepseek_v2_with_q_lora_matches_the_reference() {
 fn deepseek_v3_matches_the_reference() {
     check("deepseek_v3");
 }
+
+/// Both prompts of a fixture run together — prefill in one batch, then every decode step
+/// in one batch, and once with one sequence prefilling while the other decodes — and give
+/// the same tokens (and logits within tolerance) as one at a time.
+#[allow(clippy::needless_range_loop)] // `step` indexes the reference of every sequence
+fn check_batched(arch: &str) {
+    let dir = fixtures().join(arch);
+    let reference: Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("reference.json")).expect("reference.json"),
+    )
+    .expect("json");
+    let model = Model::load(&dir, Cpu::default()).unwrap_or_else(|e| panic!("{arch}: {e}"));
+    let vocab = model.config().vocab_size;
+    let cases = reference["cases"].as_array().expect("cases");
+    let prompts: Vec<Vec<u32>> = cases
+        .iter()
+        .map(|c| {
+            c["prompt_ids"]
+                .as_array()
+                .expect("ids")
+                .iter()
+                .map(|x| x.as_u64().expect("id") as u32)
+                .collect()
+        })
+        .collect();
+    let want: Vec<Vec<u32>> = cases
+        .iter()
+        .map(|c| {
+            c["greedy_ids"]
+                .as_array()
+                .expect("ids")
+                .iter()
+                .map(|x| x.as_u64().expect("id") as u32)
+                .collect()
+        })
+        .collect();
+    let steps: Vec<Vec<Vec<f32>>> = cases.iter().map(|c| rows(&c["step_logits"])).collect();
+    let n_new = want[0].len();
+
+    // Together from the start.
+    let mut caches: Vec<_> = prompts.iter().map(|_| model.new_cache()).collect();
+    let mut tokens: Vec<Vec<u32>> = vec![Vec::new(); prompts.len()];
+    let mut inputs: Vec<Vec<u32>> = prompts.clone();
+    for step in 0..n_new {
+        let mut batch: Vec<(&[u32], &mut _)> = inputs
+            .iter()
+            .map(|v| v.as_slice())
+            .zip(caches.iter_mut())
+            .collect();
+        let out = model.forward_batch(&mut batch).expect("batch");
+        for (s, logits) in out.iter().enumerate() {
+            let last = &logits[logits.len() - vocab..];
+            let d = rel_diff(last, &steps[s][step]);
+            assert!(
+                d <= TOLERANCE,
+                "{arch}: batched step {step}, sequence {s}: {d:e}"
+            );
+            tokens[s].push(argmax(last));
+        }
+        inputs = tokens
+            .iter()
+            .map(|t| vec![*t.last().expect("token")])
+            .collect();
+    }
+    assert_eq!(tokens, want, "{arch}: batched decode changed the tokens");
+
+    // Staggered: sequence 1 prefills while sequence 0 is already decoding.
+    let mut c0 = model.new_cache();
+    let mut c1 = model.new_cache();
+    let first = model.forward(&prompts[0], &mut c0).expect("prefill 0");
+    let mut t0 = vec![argmax(&first[first.len() - vocab..])];
+    let out = model
+        .forward_batch(&mut [(&[t0[0]][..], &mut c0), (prompts[1].as_slice(), &mut c1)])
+        .expect("mixed batch");
+    t0.push(argmax(&out[0]));
+    let t1 = argmax(&out[1][out[1].len() - vocab..]);
+    assert_eq!(
+        &t0[..],
+        &want[0][..2],
+        "{arch}: decoding beside a prefill changed sequence 0"
+    );
+    assert_eq!(
+        t1, want[1][0],
+        "{arch}: prefilling beside a decode changed sequence 1"
+    );
+}
+
+#[test]
+fn batched_decode_gives_the_same_tokens_as_one_at_a_time() {
+    for arch in [
+        "llama",
+        "qwen2",
+        "deepseek_v2_lite",
+        "deepseek_v2_qlora",
+        "deepseek_v3",
+    ] {
+        check_batched(arch);
+    }
+}
+
+#[test]
+fn bad_requests_are_errors_not_panics() {
+    let model = Model::load(&fixtures().join("qwen2"), Cpu::default()).expect("load");
+    let mut cache = model.new_cache();
+    let e = model
+        .forward(&[1, 9999], &mut cache)
+        .expect_err("out of vocabulary");
+    assert!(e.to_string().contains("9999"), "{e}");
+    let too_long = vec![1u32; model.config().max_position_embeddings + 1];
+    assert!(model.forward(&too_long, &mut cache).is_err());
+    assert!(
+        cache.is_empty(),
+        "a refused request leaves the cache untouched"
+    );
+}
+
+#[test]
+fn a_checkpoint_that_disagrees_with_its_config_is_refused_by_name() {
+    let src = fixtures().join("qwen2");
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::copy(
+        src.join("model.safetensors"),
+        dir.path().join("model.safetensors"),
+    )
+    .expect("copy");
+    let mut cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).expect("config"))
+            .expect("json");
+    let inter = cfg["intermediate_size"].as_u64().expect("inter");
+    cfg["intermediate_size"] = (inter + 8).into();
+    std::fs::write(dir.path().join("config.json"), cfg.to_string()).expect("write");
+    let e = Model::load(dir.path(), Cpu::default())
+        .err()
+        .expect("shape mismatch")
+        .to_string();
+    assert!(
+        e.contains("mlp.gate_proj.weight") && e.contains("shape"),
+        "{e}"
+    );
+    cfg["intermediate_size"] = inter.into();
+    cfg["num_hidden_layers"] = 3.into();
+    std::fs::write(dir.path().join("config.json"), cfg.to_string()).expect("write");
+    let e = Model::load(dir.path(), Cpu::default())
+        .err()
+        .expect("missing layer")
+        .to_string();
+    assert!(
+        e.contains("model.layers.2.") && e.contains("missing"),
+        "{e}"
+    );
+    std::fs::remove_file(dir.path().join("config.json")).expect("rm");
+    let e = Model::load(dir.path(), Cpu::default())
+        .err()
+        .expect("no config")
+        .to_string();
+    assert!(
+        e.contains("config.json") && e.contains("cannot read"),
+        "{e}"
+    );
+}

@@ -18,6 +18,10 @@ use super::config::{Arch, ConfigError, ModelConfig, MoeConfig, ScoringFunc, Topk
 use super::rope;
 use super::weights::{Checkpoint, WeightsError};
 
+/// The eps of DeepSeek's `q_a_layernorm` and `kv_a_layernorm` (their reference code builds
+/// them with the RMSNorm default, whatever `rms_norm_eps` says).
+const LORA_NORM_EPS: f32 = 1e-6;
+
 /// Errors of loading a model.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -322,61 +326,126 @@ impl<B: Backend> Model<B> {
     /// Runs `ids` (the next positions of the sequence in `cache`) and returns the logits of
     /// every one of them, `[ids.len(), vocab]`.
     pub fn forward(&self, ids: &[u32], cache: &mut Cache<B>) -> Result<Vec<f32>, EngineError> {
-        let t = ids.len();
-        if cache.len + t > self.max_pos {
-            return Err(EngineError::Request(format!(
-                "{} positions exceed the model's {} (max_position_embeddings)",
-                cache.len + t,
-                self.max_pos
-            )));
-        }
-        if let Some(bad) = ids.iter().find(|i| **i as usize >= self.cfg.vocab_size) {
-            return Err(EngineError::Request(format!(
-                "token id {bad} is outside the vocabulary ({})",
-                self.cfg.vocab_size
-            )));
+        let mut out = self.forward_batch(&mut [(ids, cache)])?;
+        Ok(out.pop().unwrap_or_default())
+    }
+
+    /// Runs several sequences at once — prefill chunks or single decode tokens, each at
+    /// its own position — and returns each one's logits, `[ids.len(), vocab]`. Every
+    /// projection, MLP and expert runs once over the rows of all sequences; attention runs
+    /// per sequence against its own cache.
+    pub fn forward_batch(
+        &self,
+        seqs: &mut [(&[u32], &mut Cache<B>)],
+    ) -> Result<Vec<Vec<f32>>, EngineError> {
+        for (ids, cache) in seqs.iter() {
+            if cache.len + ids.len() > self.max_pos {
+                return Err(EngineError::Request(format!(
+                    "{} positions exceed the model's {} (max_position_embeddings)",
+                    cache.len + ids.len(),
+                    self.max_pos
+                )));
+            }
+            if let Some(bad) = ids.iter().find(|i| **i as usize >= self.cfg.vocab_size) {
+                return Err(EngineError::Request(format!(
+                    "token id {bad} is outside the vocabulary ({})",
+                    self.cfg.vocab_size
+                )));
+            }
         }
         let be = &self.be;
         let hd = self.cfg.hidden_size;
         let eps = self.cfg.rms_norm_eps as f32;
-        let positions: Vec<usize> = (cache.len..cache.len + t).collect();
-        let mut x = be.gather_rows(&self.embed, hd, ids);
+        let lens: Vec<usize> = seqs.iter().map(|(ids, _)| ids.len()).collect();
+        let total: usize = lens.iter().sum();
+        if total == 0 {
+            return Ok(vec![Vec::new(); seqs.len()]);
+        }
+        let ids: Vec<u32> = seqs
+            .iter()
+            .flat_map(|(ids, _)| ids.iter().copied())
+            .collect();
+        let positions: Vec<usize> = seqs
+            .iter()
+            .flat_map(|(ids, c)| c.len..c.len + ids.len())
+            .collect();
+        let mut x = be.gather_rows(&self.embed, hd, &ids);
         for (li, layer) in self.layers.iter().enumerate() {
             let xn = be.rms_norm(&x, &layer.in_norm, eps);
-            let attn = self.attention(
-                &layer.attn,
-                &xn,
-                t,
-                &positions,
-                &mut cache.k[li],
-                &mut cache.v[li],
-            );
+            let attn = self.attention(&layer.attn, &xn, total, &positions, &lens, li, seqs);
             be.add(&mut x, &attn);
             let xn = be.rms_norm(&x, &layer.post_norm, eps);
             let y = match &layer.ffn {
-                Ffn::Dense(m) => self.mlp(m, &xn, t),
+                Ffn::Dense(m) => self.mlp(m, &xn, total),
                 Ffn::Moe {
                     gate,
                     bias,
                     experts,
                     shared,
-                } => self.moe(gate, bias.as_deref(), experts, shared.as_ref(), &xn, t),
+                } => self.moe(gate, bias.as_deref(), experts, shared.as_ref(), &xn, total),
             };
             be.add(&mut x, &y);
         }
-        cache.len += t;
+        for (ids, cache) in seqs.iter_mut() {
+            cache.len += ids.len();
+        }
         let xn = be.rms_norm(&x, &self.norm, eps);
-        Ok(be.download(&be.linear(&xn, t, &self.lm_head, self.cfg.vocab_size, hd)))
+        let vocab = self.cfg.vocab_size;
+        let logits = be.download(&be.linear(&xn, total, &self.lm_head, vocab, hd));
+        let mut out = Vec::with_capacity(seqs.len());
+        let mut at = 0;
+        for len in lens {
+            out.push(logits[at * vocab..(at + len) * vocab].to_vec());
+            at += len;
+        }
+        Ok(out)
     }
 
+    /// Per-sequence causal attention over the rows of all sequences.
+    #[allow(clippy::too_many_arguments)]
+    fn attend(
+        &self,
+        q: &B::Buf,
+        k: &B::Buf,
+        v: &B::Buf,
+        lens: &[usize],
+        li: usize,
+        seqs: &mut [(&[u32], &mut Cache<B>)],
+        (h, hk, dk, dv): (usize, usize, usize, usize),
+    ) -> B::Buf {
+        let be = &self.be;
+        let mut outs = Vec::with_capacity(lens.len());
+        let mut at = 0;
+        for (len, (_, cache)) in lens.iter().zip(seqs.iter_mut()) {
+            be.append_rows(&mut cache.k[li], &be.slice_rows(k, hk * dk, at, *len));
+            be.append_rows(&mut cache.v[li], &be.slice_rows(v, hk * dv, at, *len));
+            let qs = be.slice_rows(q, h * dk, at, *len);
+            outs.push(be.attention(
+                &qs,
+                &cache.k[li],
+                &cache.v[li],
+                *len,
+                h,
+                hk,
+                dk,
+                dv,
+                self.scale,
+            ));
+            at += len;
+        }
+        be.concat_rows(&outs)
+    }
+
+    #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
         attn: &Attn<B>,
         x: &B::Buf,
         t: usize,
         positions: &[usize],
-        k_cache: &mut B::Buf,
-        v_cache: &mut B::Buf,
+        lens: &[usize],
+        li: usize,
+        seqs: &mut [(&[u32], &mut Cache<B>)],
     ) -> B::Buf {
         let be = &self.be;
         let hd = self.cfg.hidden_size;
@@ -414,9 +483,7 @@ impl<B: Backend> Model<B> {
                     &self.sin,
                     RopeLayout::Halves,
                 );
-                be.append_rows(k_cache, &kx);
-                be.append_rows(v_cache, &vx);
-                let out = be.attention(&qx, k_cache, v_cache, t, h, kvh, d, d, self.scale);
+                let out = self.attend(&qx, &kx, &vx, lens, li, seqs, (h, kvh, d, d));
                 be.linear(&out, t, o, hd, h * d)
             }
             Attn::Mla {
@@ -437,7 +504,8 @@ impl<B: Backend> Model<B> {
                     m.kv_lora_rank,
                 );
                 let qd = nope + rope_d;
-                let eps = self.cfg.rms_norm_eps as f32;
+                // DeepSeek's q_a/kv_a norms are built with the default eps, not rms_norm_eps.
+                let eps = LORA_NORM_EPS;
                 let mut qx = match (q_a, m.q_lora_rank) {
                     (Some((qa, qa_norm)), Some(r)) => {
                         let c = be.rms_norm(&be.linear(x, t, qa, r, hd), qa_norm, eps);
@@ -473,9 +541,7 @@ impl<B: Backend> Model<B> {
                 );
                 let kv = be.linear(&latent, t, kv_b, h * (nope + dv), lora);
                 let (kx, vx) = be.mla_expand(&kv, &k_pe, t, h, nope, dv, rope_d);
-                be.append_rows(k_cache, &kx);
-                be.append_rows(v_cache, &vx);
-                let out = be.attention(&qx, k_cache, v_cache, t, h, h, qd, dv, self.scale);
+                let out = self.attend(&qx, &kx, &vx, lens, li, seqs, (h, h, qd, dv));
                 be.linear(&out, t, o, hd, h * dv)
             }
         }

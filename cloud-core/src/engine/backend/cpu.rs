@@ -180,6 +180,14 @@ impl Backend for Cpu {
         (k, v)
     }
 
+    fn slice_rows(&self, x: &Vec<f32>, cols: usize, from: usize, count: usize) -> Vec<f32> {
+        x[from * cols..(from + count) * cols].to_vec()
+    }
+
+    fn concat_rows(&self, parts: &[Vec<f32>]) -> Vec<f32> {
+        parts.concat()
+    }
+
     fn append_rows(&self, cache: &mut Vec<f32>, rows: &Vec<f32>) {
         cache.extend_from_slice(rows);
     }

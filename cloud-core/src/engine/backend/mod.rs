@@ -71,6 +71,10 @@ pub trait Backend {
         dv: usize,
         rope: usize,
     ) -> (Self::Buf, Self::Buf);
+    /// Rows `[from, from + count)` of `x[·, cols]`.
+    fn slice_rows(&self, x: &Self::Buf, cols: usize, from: usize, count: usize) -> Self::Buf;
+    /// Row blocks one after another.
+    fn concat_rows(&self, parts: &[Self::Buf]) -> Self::Buf;
     /// Appends rows (a KV cache growing by the new positions).
     fn append_rows(&self, cache: &mut Self::Buf, rows: &Self::Buf);
     /// Rotates, in every row of `x[m, heads · head_dim]`, the `rot_dim` dimensions starting
