@@ -301,3 +301,87 @@ fn a_checkpoint_that_disagrees_with_its_config_is_refused_by_name() {
         "{e}"
     );
 }
+
+#[test]
+fn generation_batches_requests_and_honours_sampling_stop_and_length() {
+    use cloud_core::engine::generate::{generate, Finish, Request};
+    use cloud_core::engine::sampler::SamplingParams;
+    let dir = fixtures().join("deepseek_v3");
+    let reference: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).expect("ref"))
+            .expect("json");
+    let model = Model::load(&dir, Cpu::default()).expect("load");
+    let cases = reference["cases"].as_array().expect("cases");
+    let ids = |v: &Value| {
+        v.as_array()
+            .expect("ids")
+            .iter()
+            .map(|x| x.as_u64().expect("id") as u32)
+            .collect::<Vec<u32>>()
+    };
+    let greedy = |max| SamplingParams {
+        max_tokens: max,
+        top_logprobs: 3,
+        ..Default::default()
+    };
+    let requests: Vec<Request> = cases
+        .iter()
+        .map(|c| Request {
+            prompt: ids(&c["prompt_ids"]),
+            params: greedy(8),
+        })
+        .collect();
+    let out = generate(&model, &requests).expect("generate");
+    for (o, c) in out.iter().zip(cases) {
+        assert_eq!(
+            o.tokens,
+            ids(&c["greedy_ids"]),
+            "greedy generation reproduces the reference"
+        );
+        assert_eq!(o.finish, Finish::Length);
+        assert!(o
+            .steps
+            .iter()
+            .all(|s| s.top.len() == 3 && s.top[0].0 == s.token && s.logprob <= 0.0));
+    }
+    // A stop token ends the sequence (and is not part of the output); the other goes on.
+    let stop_at = ids(&cases[0]["greedy_ids"])[3];
+    let mut stopping = requests.clone();
+    stopping[0].params.stop_tokens = vec![stop_at];
+    let out = generate(&model, &stopping).expect("generate");
+    assert_eq!(out[0].finish, Finish::Stop);
+    assert_eq!(out[0].tokens, ids(&cases[0]["greedy_ids"])[..3]);
+    assert_eq!(out[1].tokens.len(), 8);
+    // Seeded sampling: reproducible, and the seed matters.
+    let sampled = |seed| {
+        let r = Request {
+            prompt: ids(&cases[0]["prompt_ids"]),
+            params: SamplingParams {
+                temperature: 1.5,
+                seed,
+                max_tokens: 12,
+                ..Default::default()
+            },
+        };
+        generate(&model, &[r]).expect("generate").remove(0).tokens
+    };
+    assert_eq!(sampled(7), sampled(7));
+    assert_ne!(sampled(7), sampled(8));
+    // Requests the model cannot serve are refused up front.
+    let too_long = Request {
+        prompt: vec![1; 10],
+        params: SamplingParams {
+            max_tokens: 1_000_000,
+            ..Default::default()
+        },
+    };
+    assert!(generate(&model, &[too_long]).is_err());
+    assert!(generate(
+        &model,
+        &[Request {
+            prompt: vec![],
+            params: greedy(2)
+        }]
+    )
+    .is_err());
+}

@@ -7,6 +7,8 @@
 
 pub mod backend;
 pub mod config;
+pub mod generate;
 pub mod model;
 pub mod rope;
+pub mod sampler;
 pub mod weights;

@@ -1,0 +1,294 @@
+//! Turning logits into the next token: greedy, temperature, top-k, top-p, repetition
+//! penalty, seeded — with the log-probabilities the API reports.
+//!
+//! Log-probabilities are those of the model's own distribution (log-softmax of the raw
+//! logits), not of the distribution after penalties and truncation; that is what
+//! `logprobs` means in the OpenAI API.
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// How to sample. The defaults are greedy decoding.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SamplingParams {
+    /// 0 for greedy; otherwise logits are divided by it.
+    pub temperature: f32,
+    /// Keep only the `top_k` most likely tokens (0: all).
+    pub top_k: usize,
+    /// Keep the smallest set of tokens whose probability reaches `top_p` (1: all).
+    pub top_p: f32,
+    /// HF-style repetition penalty over the prompt and the output so far (1: none).
+    pub repetition_penalty: f32,
+    /// Seed of this request's random stream.
+    pub seed: u64,
+    /// Most new tokens.
+    pub max_tokens: usize,
+    /// Tokens that end the output (not included in it).
+    pub stop_tokens: Vec<u32>,
+    /// How many alternatives to report per step (0: none).
+    pub top_logprobs: usize,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        SamplingParams {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            repetition_penalty: 1.0,
+            seed: 0,
+            max_tokens: 16,
+            stop_tokens: Vec::new(),
+            top_logprobs: 0,
+        }
+    }
+}
+
+impl SamplingParams {
+    /// Checks ranges; the error names the parameter.
+    pub fn validate(&self) -> Result<(), String> {
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            return Err(format!(
+                "temperature must be ≥ 0 (got {})",
+                self.temperature
+            ));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(format!("top_p must be within (0, 1] (got {})", self.top_p));
+        }
+        if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
+            return Err(format!(
+                "repetition_penalty must be > 0 (got {})",
+                self.repetition_penalty
+            ));
+        }
+        if self.top_logprobs > 20 {
+            return Err(format!(
+                "top_logprobs must be at most 20 (got {})",
+                self.top_logprobs
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// One sampled step.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Sampled {
+    /// The token.
+    pub token: u32,
+    /// Its log-probability under the model.
+    pub logprob: f32,
+    /// The most likely tokens and their log-probabilities, best first.
+    pub top: Vec<(u32, f32)>,
+}
+
+/// A request's sampler (owns its random stream).
+pub struct Sampler {
+    params: SamplingParams,
+    rng: StdRng,
+}
+
+/// Log-softmax.
+pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits.iter().map(|l| ((l - max) as f64).exp()).sum();
+    let lse = max + sum.ln() as f32;
+    logits.iter().map(|l| l - lse).collect()
+}
+
+fn argmax(v: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, x) in v.iter().enumerate() {
+        if *x > v[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+impl Sampler {
+    /// A sampler seeded by `params.seed`.
+    pub fn new(params: SamplingParams) -> Sampler {
+        let rng = StdRng::seed_from_u64(params.seed);
+        Sampler { params, rng }
+    }
+
+    /// The parameters.
+    pub fn params(&self) -> &SamplingParams {
+        &self.params
+    }
+
+    /// Picks the next token from `logits`, given every token of the sequence so far.
+    pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> Sampled {
+        let p = &self.params;
+        let lp = log_softmax(logits);
+        let mut x = logits.to_vec();
+        if p.repetition_penalty != 1.0 {
+            let mut seen = vec![false; x.len()];
+            for &t in history {
+                if let Some(s) = seen.get_mut(t as usize) {
+                    *s = true;
+                }
+            }
+            for (v, s) in x.iter_mut().zip(&seen) {
+                if *s {
+                    *v = if *v > 0.0 {
+                        *v / p.repetition_penalty
+                    } else {
+                        *v * p.repetition_penalty
+                    };
+                }
+            }
+        }
+        let token = if p.temperature == 0.0 || p.top_k == 1 {
+            argmax(&x)
+        } else {
+            for v in x.iter_mut() {
+                *v /= p.temperature;
+            }
+            let mut order: Vec<usize> = (0..x.len()).collect();
+            order.sort_by(|a, b| x[*b].total_cmp(&x[*a]).then(a.cmp(b)));
+            if p.top_k > 0 {
+                order.truncate(p.top_k);
+            }
+            let max = x[order[0]];
+            let mut probs: Vec<f64> = order.iter().map(|&i| ((x[i] - max) as f64).exp()).collect();
+            let total: f64 = probs.iter().sum();
+            probs.iter_mut().for_each(|q| *q /= total);
+            if p.top_p < 1.0 {
+                let mut acc = 0.0;
+                let mut keep = probs.len();
+                for (i, q) in probs.iter().enumerate() {
+                    acc += q;
+                    if acc >= f64::from(p.top_p) {
+                        keep = i + 1;
+                        break;
+                    }
+                }
+                probs.truncate(keep);
+                order.truncate(keep);
+                let total: f64 = probs.iter().sum();
+                probs.iter_mut().for_each(|q| *q /= total);
+            }
+            let r: f64 = self.rng.random();
+            let mut acc = 0.0;
+            let mut pick = order[order.len() - 1];
+            for (i, q) in order.iter().zip(&probs) {
+                acc += q;
+                if r < acc {
+                    pick = *i;
+                    break;
+                }
+            }
+            pick
+        };
+        let top = if p.top_logprobs > 0 {
+            let mut idx: Vec<usize> = (0..lp.len()).collect();
+            idx.sort_by(|a, b| lp[*b].total_cmp(&lp[*a]).then(a.cmp(b)));
+            idx.into_iter()
+                .take(p.top_logprobs)
+                .map(|i| (i as u32, lp[i]))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        Sampled {
+            token: token as u32,
+            logprob: lp[token],
+            top,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LOGITS: [f32; 5] = [1.0, 3.0, 2.5, -1.0, 0.0];
+
+    #[test]
+    fn greedy_and_top_k_1_pick_the_best() {
+        let mut s = Sampler::new(SamplingParams {
+            top_logprobs: 2,
+            ..Default::default()
+        });
+        let out = s.sample(&LOGITS, &[]);
+        assert_eq!(out.token, 1);
+        assert_eq!(out.top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![1, 2]);
+        assert!((out.logprob - log_softmax(&LOGITS)[1]).abs() < 1e-6);
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 5.0,
+            top_k: 1,
+            ..Default::default()
+        });
+        assert!((0..50).all(|_| s.sample(&LOGITS, &[]).token == 1));
+    }
+
+    #[test]
+    fn seeded_sampling_is_reproducible_and_follows_the_distribution() {
+        let params = SamplingParams {
+            temperature: 1.0,
+            seed: 42,
+            ..Default::default()
+        };
+        let draw = |p: &SamplingParams| {
+            let mut s = Sampler::new(p.clone());
+            (0..2000)
+                .map(|_| s.sample(&LOGITS, &[]).token)
+                .collect::<Vec<_>>()
+        };
+        let a = draw(&params);
+        assert_eq!(a, draw(&params));
+        assert_ne!(
+            a,
+            draw(&SamplingParams {
+                seed: 43,
+                ..params.clone()
+            })
+        );
+        let p1 = (log_softmax(&LOGITS)[1] as f64).exp();
+        let share = a.iter().filter(|t| **t == 1).count() as f64 / a.len() as f64;
+        assert!((share - p1).abs() < 0.04, "{share} vs {p1}");
+    }
+
+    #[test]
+    fn top_p_and_top_k_truncate() {
+        // top_p 0.5: token 1 alone carries more than half of the probability.
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 1.0,
+            top_p: 0.5,
+            seed: 1,
+            ..Default::default()
+        });
+        assert!((0..200).all(|_| s.sample(&LOGITS, &[]).token == 1));
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 1.0,
+            top_k: 2,
+            seed: 1,
+            ..Default::default()
+        });
+        assert!((0..500).all(|_| matches!(s.sample(&LOGITS, &[]).token, 1 | 2)));
+    }
+
+    #[test]
+    fn repetition_penalty_discourages_what_was_said() {
+        let mut s = Sampler::new(SamplingParams {
+            repetition_penalty: 2.0,
+            ..Default::default()
+        });
+        assert_eq!(s.sample(&LOGITS, &[1]).token, 2); // 3.0 / 2 = 1.5 < 2.5
+        assert!(SamplingParams {
+            top_p: 0.0,
+            ..Default::default()
+        }
+        .validate()
+        .is_err());
+        assert!(SamplingParams {
+            temperature: -1.0,
+            ..Default::default()
+        }
+        .validate()
+        .is_err());
+    }
+}
