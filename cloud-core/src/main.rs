@@ -2,23 +2,212 @@
 //! verdict service and the DeepSeek engine (CPU, CUDA and remote backends), operator API
 //! and dashboard.
 //!
-//! None of that is built yet: this binary only says so, and exits with status 2. It must
-//! never pretend to serve. The README's "Status" section lists what arrives with which
-//! piece of work.
+//! Built so far: the engine's CPU forward pass (library) and `cloud-core bench`. Serving,
+//! the fleet CA and `generate` are not built yet: the binary says so and exits with
+//! status 2 rather than pretend. The README's "Status" section lists what is missing.
 
 use std::process::ExitCode;
+use std::time::Instant;
+
+use clap::{Parser, Subcommand};
+use cloud_core::engine::backend::cpu::Cpu;
+use cloud_core::engine::config::ModelConfig;
+use cloud_core::engine::model::Model;
+
+/// Cloud core of the factory edge/cloud inference system.
+#[derive(Parser)]
+#[command(name = "cloud-core", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Cmd>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Measure the CPU engine: prefill and decode tokens/s on random weights of a named shape.
+    Bench {
+        /// Model shape: qwen2-1.5b (DeepSeek-R1-Distill-Qwen-1.5B), deepseek-v2-mini, or tiny.
+        #[arg(long, default_value = "qwen2-1.5b")]
+        shape: String,
+        /// Prompt length for the prefill measurement.
+        #[arg(long, default_value_t = 128)]
+        prompt: usize,
+        /// Decode steps per measurement.
+        #[arg(long, default_value_t = 16)]
+        steps: usize,
+        /// Decode batch sizes to measure, comma-separated.
+        #[arg(long, default_value = "1,4")]
+        batches: String,
+    },
+}
+
+fn shape(name: &str) -> Result<ModelConfig, String> {
+    let json = match name {
+        // DeepSeek-R1-Distill-Qwen-1.5B's config.json, as published (values that matter).
+        "qwen2-1.5b" => {
+            r#"{"model_type": "qwen2", "hidden_size": 1536, "intermediate_size": 8960,
+            "num_hidden_layers": 28, "num_attention_heads": 12, "num_key_value_heads": 2,
+            "vocab_size": 151936, "rope_theta": 10000, "rms_norm_eps": 1e-6,
+            "max_position_embeddings": 4096, "tie_word_embeddings": false}"#
+        }
+        // DeepSeek-V2-Lite's architecture at a size that fits this machine in f32.
+        "deepseek-v2-mini" => {
+            r#"{"model_type": "deepseek_v2", "hidden_size": 1024, "intermediate_size": 2816,
+            "num_hidden_layers": 8, "num_attention_heads": 16, "num_key_value_heads": 16, "vocab_size": 32000,
+            "kv_lora_rank": 256, "q_lora_rank": null, "qk_nope_head_dim": 64, "qk_rope_head_dim": 32,
+            "v_head_dim": 64, "n_routed_experts": 32, "n_shared_experts": 2, "num_experts_per_tok": 6,
+            "moe_intermediate_size": 352, "first_k_dense_replace": 1, "topk_method": "greedy",
+            "rope_theta": 10000, "max_position_embeddings": 4096,
+            "rope_scaling": {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096,
+                "beta_fast": 32, "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707}}"#
+        }
+        "tiny" => {
+            r#"{"model_type": "qwen2", "hidden_size": 256, "intermediate_size": 512,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 4096,
+            "max_position_embeddings": 1024}"#
+        }
+        other => {
+            return Err(format!(
+                "unknown shape {other:?} (qwen2-1.5b, deepseek-v2-mini, tiny)"
+            ))
+        }
+    };
+    ModelConfig::from_json(json, std::path::Path::new(name)).map_err(|e| e.to_string())
+}
+
+fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kib| kib / 1024.0)
+}
+
+fn bench(shape_name: &str, prompt: usize, steps: usize, batches: &str) -> Result<(), String> {
+    let cfg = shape(shape_name)?;
+    let batches: Vec<usize> = batches
+        .split(',')
+        .map(|b| {
+            b.trim()
+                .parse::<usize>()
+                .map_err(|_| format!("--batches: {b:?} is not a number"))
+        })
+        .collect::<Result<_, _>>()?;
+    let params = {
+        let c = &cfg;
+        let attn = match &c.mla {
+            Some(m) => {
+                c.hidden_size * c.num_attention_heads * (m.qk_nope_head_dim + m.qk_rope_head_dim)
+                    + c.hidden_size * (m.kv_lora_rank + m.qk_rope_head_dim)
+                    + m.kv_lora_rank * c.num_attention_heads * (m.qk_nope_head_dim + m.v_head_dim)
+                    + c.num_attention_heads * m.v_head_dim * c.hidden_size
+            }
+            None => {
+                c.hidden_size * c.head_dim * (2 * c.num_attention_heads + 2 * c.num_key_value_heads)
+            }
+        };
+        let mlp = (0..c.num_hidden_layers)
+            .map(|i| match &c.moe {
+                Some(m) if c.is_moe_layer(i) => {
+                    3 * c.hidden_size
+                        * m.moe_intermediate_size
+                        * (m.n_routed_experts + m.n_shared_experts)
+                        + m.n_routed_experts * c.hidden_size
+                }
+                _ => 3 * c.hidden_size * c.intermediate_size,
+            })
+            .sum::<usize>();
+        c.num_hidden_layers * attn + mlp + 2 * c.vocab_size * c.hidden_size
+    };
+    println!(
+        "shape {shape_name}: {:.3e} parameters (f32, {:.2} GB)",
+        params as f64,
+        params as f64 * 4e-9
+    );
+    let t = Instant::now();
+    let model = Model::random(cfg.clone(), Cpu::default(), 1).map_err(|e| e.to_string())?;
+    println!("random weights built in {:.1} s", t.elapsed().as_secs_f64());
+    let vocab = cfg.vocab_size as u32;
+    let ids: Vec<u32> = (0..prompt as u32)
+        .map(|i| (i * 7919 + 13) % vocab)
+        .collect();
+    println!("| measurement | tokens | seconds | tokens/s |");
+    println!("| --- | ---: | ---: | ---: |");
+    let mut cache = model.new_cache();
+    let t = Instant::now();
+    let logits = model.forward(&ids, &mut cache).map_err(|e| e.to_string())?;
+    let s = t.elapsed().as_secs_f64();
+    std::hint::black_box(logits);
+    println!(
+        "| prefill, batch 1, {prompt}-token prompt | {prompt} | {s:.2} | {:.1} |",
+        prompt as f64 / s
+    );
+    for &b in &batches {
+        let mut caches: Vec<_> = (0..b).map(|_| model.new_cache()).collect();
+        for c in caches.iter_mut() {
+            model
+                .forward(&ids[..ids.len().min(32)], c)
+                .map_err(|e| e.to_string())?;
+        }
+        let mut next: Vec<u32> = (0..b as u32).collect();
+        let t = Instant::now();
+        for _ in 0..steps {
+            let inputs: Vec<[u32; 1]> = next.iter().map(|t| [*t]).collect();
+            let mut batch: Vec<(&[u32], &mut _)> = inputs
+                .iter()
+                .map(|v| &v[..])
+                .zip(caches.iter_mut())
+                .collect();
+            let out = model.forward_batch(&mut batch).map_err(|e| e.to_string())?;
+            next = out
+                .iter()
+                .map(|l| {
+                    (l.iter()
+                        .enumerate()
+                        .fold(0, |best, (i, v)| if *v > l[best] { i } else { best }))
+                        as u32
+                })
+                .collect();
+        }
+        let s = t.elapsed().as_secs_f64();
+        println!(
+            "| decode, batch {b} (after a 32-token prompt) | {} | {s:.2} | {:.2} |",
+            b * steps,
+            (b * steps) as f64 / s
+        );
+    }
+    println!("peak RSS {:.0} MiB", peak_rss_mib());
+    Ok(())
+}
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.iter().any(|a| a == "--version" || a == "-V") {
-        println!("cloud-core {}", env!("CARGO_PKG_VERSION"));
-        return ExitCode::SUCCESS;
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Cmd::Bench {
+            shape,
+            prompt,
+            steps,
+            batches,
+        }) => match bench(&shape, prompt, steps, &batches) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("cloud-core bench: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        None => {
+            eprintln!(
+                "cloud-core {}: serving is not built yet. The engine's CPU forward pass exists (see \
+                 `cloud-core bench`); the QUIC server, fleet registry, verdict service, `generate` and \
+                 the HTTP APIs are planned (see README, \"Status\"). Until then edge agents run \
+                 offline and queue their hard cases in their outbox.",
+                env!("CARGO_PKG_VERSION")
+            );
+            ExitCode::from(2)
+        }
     }
-    eprintln!(
-        "cloud-core {}: not built yet. The QUIC server, fleet registry, verdict service and DeepSeek \
-         engine are planned (see README, \"Status\"); until then edge agents run offline and queue \
-         their hard cases in their outbox.",
-        env!("CARGO_PKG_VERSION")
-    );
-    ExitCode::from(2)
 }

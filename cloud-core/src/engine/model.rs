@@ -113,14 +113,38 @@ impl<B: Backend> Cache<B> {
     }
 }
 
+/// Where weights come from.
+enum Source<'a> {
+    /// A checkpoint on disk.
+    Checkpoint(&'a Checkpoint),
+    /// Deterministic random weights of the configured shape (benchmarks): matrices
+    /// uniform with standard deviation `1/√fan_in`, norms 1, biases 0.
+    Random(u64),
+}
+
 struct Loader<'a, B: Backend> {
-    ck: &'a Checkpoint,
+    src: Source<'a>,
     be: &'a B,
 }
 
 impl<B: Backend> Loader<'_, B> {
+    fn f32(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>, WeightsError> {
+        match &self.src {
+            Source::Checkpoint(ck) => ck.f32(name, shape),
+            Source::Random(seed) => Ok(random_tensor(*seed, name, shape)),
+        }
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        match &self.src {
+            Source::Checkpoint(ck) => ck.contains(name),
+            // Random models use the published (per-expert) layout, with an lm_head.
+            Source::Random(_) => !name.ends_with("gate_up_proj"),
+        }
+    }
+
     fn get(&self, name: &str, shape: &[usize]) -> Result<B::Buf, WeightsError> {
-        Ok(self.be.upload(&self.ck.f32(name, shape)?))
+        Ok(self.be.upload(&self.f32(name, shape)?))
     }
 
     fn mlp(&self, prefix: &str, hidden: usize, inter: usize) -> Result<Mlp<B>, WeightsError> {
@@ -138,7 +162,17 @@ impl<B: Backend> Model<B> {
     pub fn load(dir: &Path, be: B) -> Result<Model<B>, EngineError> {
         let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
         let ck = Checkpoint::open(dir)?;
-        let l = Loader { ck: &ck, be: &be };
+        Model::build(cfg, Source::Checkpoint(&ck), be)
+    }
+
+    /// A model of the configured shape with deterministic random weights (benchmarks of
+    /// shapes whose checkpoints are not at hand).
+    pub fn random(cfg: ModelConfig, be: B, seed: u64) -> Result<Model<B>, EngineError> {
+        Model::build(cfg, Source::Random(seed), be)
+    }
+
+    fn build(cfg: ModelConfig, src: Source<'_>, be: B) -> Result<Model<B>, EngineError> {
+        let l = Loader { src, be: &be };
         let hd = cfg.hidden_size;
         let embed = l.get("model.embed_tokens.weight", &[cfg.vocab_size, hd])?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
@@ -212,7 +246,7 @@ impl<B: Backend> Model<B> {
             });
         }
         let norm = l.get("model.norm.weight", &[hd])?;
-        let lm_head = if cfg.tie_word_embeddings && !ck.contains("lm_head.weight") {
+        let lm_head = if cfg.tie_word_embeddings && !l.contains("lm_head.weight") {
             embed.clone()
         } else {
             l.get("lm_head.weight", &[cfg.vocab_size, hd])?
@@ -250,27 +284,23 @@ impl<B: Backend> Model<B> {
         let n = moe.n_routed_experts;
         let gate = l.get(&format!("{p}.mlp.gate.weight"), &[n, hd])?;
         let bias_name = format!("{p}.mlp.gate.e_score_correction_bias");
-        let bias = if moe.topk_method == TopkMethod::NoauxTc || l.ck.contains(&bias_name) {
-            Some(l.ck.f32(&bias_name, &[n])?)
+        let bias = if moe.topk_method == TopkMethod::NoauxTc || l.contains(&bias_name) {
+            Some(l.f32(&bias_name, &[n])?)
         } else {
             None
         };
         let inter = moe.moe_intermediate_size;
-        let experts = if l
-            .ck
-            .contains(&format!("{p}.mlp.experts.0.gate_proj.weight"))
-        {
+        let experts = if l.contains(&format!("{p}.mlp.experts.0.gate_proj.weight")) {
             (0..n)
                 .map(|j| l.mlp(&format!("{p}.mlp.experts.{j}"), hd, inter))
                 .collect::<Result<Vec<_>, _>>()?
         } else {
             // transformers 5 fused layout: gate_up_proj [n, 2·inter, hidden], down_proj [n, hidden, inter].
-            let gu = l.ck.f32(
+            let gu = l.f32(
                 &format!("{p}.mlp.experts.gate_up_proj"),
                 &[n, 2 * inter, hd],
             )?;
-            let down =
-                l.ck.f32(&format!("{p}.mlp.experts.down_proj"), &[n, hd, inter])?;
+            let down = l.f32(&format!("{p}.mlp.experts.down_proj"), &[n, hd, inter])?;
             (0..n)
                 .map(|j| {
                     let e = &gu[j * 2 * inter * hd..(j + 1) * 2 * inter * hd];
@@ -654,4 +684,31 @@ fn top_indices(v: &[f32], k: usize) -> Vec<usize> {
     idx.sort_by(|a, b| v[*b].total_cmp(&v[*a]).then(a.cmp(b)));
     idx.truncate(k);
     idx
+}
+
+/// Deterministic random tensor for [`Model::random`].
+fn random_tensor(seed: u64, name: &str, shape: &[usize]) -> Vec<f32> {
+    let n: usize = shape.iter().product();
+    if name.ends_with("norm.weight") {
+        return vec![1.0; n];
+    }
+    if name.ends_with(".bias") {
+        return vec![0.0; n];
+    }
+    // A fast generator is enough: weights only need the right shape and scale.
+    let mut h = seed ^ 0x9E37_79B9_7F4A_7C15;
+    for b in name.bytes() {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    let fan_in = *shape.last().unwrap_or(&1) as f32;
+    let amp = (3.0f32).sqrt() / fan_in.sqrt();
+    let mut x = h | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            ((x >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * amp
+        })
+        .collect()
 }
