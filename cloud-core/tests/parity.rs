@@ -67,54 +67,75 @@ fn check(arch: &str) {
         let published = ModelConfig::from_file(&published_path).expect("published-style config");
         assert_eq!(saved, published, "{arch}: the two config spellings differ");
     }
-    let model = Model::load(&dir, Cpu::default()).unwrap_or_else(|e| panic!("{arch}: {e}"));
+    let mut model = Model::load(&dir, Cpu::default()).unwrap_or_else(|e| panic!("{arch}: {e}"));
     let vocab = model.config().vocab_size;
-    let mut worst = 0f64;
-    for case in reference["cases"].as_array().expect("cases") {
-        let name = case["name"].as_str().unwrap_or("?");
-        let prompt: Vec<u32> = case["prompt_ids"]
-            .as_array()
-            .expect("ids")
-            .iter()
-            .map(|x| x.as_u64().expect("id") as u32)
-            .collect();
-        let want_greedy: Vec<u32> = case["greedy_ids"]
-            .as_array()
-            .expect("ids")
-            .iter()
-            .map(|x| x.as_u64().expect("id") as u32)
-            .collect();
-        let prefill = rows(&case["prefill_logits"]);
-        let steps = rows(&case["step_logits"]);
-        let mut cache = model.new_cache();
-        let logits = model.forward(&prompt, &mut cache).expect("prefill");
-        for (pos, want) in prefill.iter().enumerate() {
-            let d = rel_diff(&logits[pos * vocab..(pos + 1) * vocab], want);
-            worst = worst.max(d);
-            assert!(
-                d <= TOLERANCE,
-                "{arch}/{name}: prefill position {pos}: relative difference {d:e}"
-            );
-        }
-        let mut last = logits[(prompt.len() - 1) * vocab..].to_vec();
-        let mut greedy = Vec::new();
-        for (step, want) in steps.iter().enumerate() {
-            if step > 0 {
-                last = model
-                    .forward(&[*greedy.last().expect("token")], &mut cache)
-                    .expect("decode");
+    // DeepSeek: both MLA formulations — absorbed (latent cache) and expanded (per-head K/V).
+    let modes: &[bool] = if model.config().mla.is_some() {
+        &[true, false]
+    } else {
+        &[true]
+    };
+    for &absorbed in modes {
+        model.set_mla_absorbed(absorbed);
+        let arch = format!(
+            "{arch}{}",
+            if model.config().mla.is_none() {
+                ""
+            } else if absorbed {
+                " (absorbed MLA)"
+            } else {
+                " (expanded MLA)"
             }
-            let d = rel_diff(&last, want);
-            worst = worst.max(d);
-            assert!(
-                d <= TOLERANCE,
-                "{arch}/{name}: decode step {step}: relative difference {d:e}"
-            );
-            greedy.push(argmax(&last));
+        );
+        let mut worst = 0f64;
+        for case in reference["cases"].as_array().expect("cases") {
+            let name = case["name"].as_str().unwrap_or("?");
+            let prompt: Vec<u32> = case["prompt_ids"]
+                .as_array()
+                .expect("ids")
+                .iter()
+                .map(|x| x.as_u64().expect("id") as u32)
+                .collect();
+            let want_greedy: Vec<u32> = case["greedy_ids"]
+                .as_array()
+                .expect("ids")
+                .iter()
+                .map(|x| x.as_u64().expect("id") as u32)
+                .collect();
+            let prefill = rows(&case["prefill_logits"]);
+            let steps = rows(&case["step_logits"]);
+            let mut cache = model.new_cache();
+            let logits = model.forward(&prompt, &mut cache).expect("prefill");
+            for (pos, want) in prefill.iter().enumerate() {
+                let d = rel_diff(&logits[pos * vocab..(pos + 1) * vocab], want);
+                worst = worst.max(d);
+                assert!(
+                    d <= TOLERANCE,
+                    "{arch}/{name}: prefill position {pos}: relative difference {d:e}"
+                );
+            }
+            let mut last = logits[(prompt.len() - 1) * vocab..].to_vec();
+            let mut greedy = Vec::new();
+            for (step, want) in steps.iter().enumerate() {
+                if step > 0 {
+                    last = model
+                        .forward(&[*greedy.last().expect("token")], &mut cache)
+                        .expect("decode");
+                }
+                let d = rel_diff(&last, want);
+                worst = worst.max(d);
+                assert!(
+                    d <= TOLERANCE,
+                    "{arch}/{name}: decode step {step}: relative difference {d:e}"
+                );
+                greedy.push(argmax(&last));
+            }
+            assert_eq!(greedy, want_greedy, "{arch}/{name}: greedy tokens differ");
         }
-        assert_eq!(greedy, want_greedy, "{arch}/{name}: greedy tokens differ");
+        println!(
+            "{arch}: parity with transformers holds; worst max|Δlogit|/max|logit| = {worst:.2e}"
+        );
     }
-    println!("{arch}: parity with transformers holds; worst max|Δlogit|/max|logit| = {worst:.2e}");
 }
 
 #[test]

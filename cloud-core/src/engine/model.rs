@@ -8,8 +8,10 @@
 //!   rope key shared by all heads (interleaved RoPE, YaRN) — and MoE layers with shared
 //!   experts after the first `first_k_dense_replace` dense ones.
 //!
-//! This is the straightforward (non-absorbed) MLA: the cache holds per-head keys and
-//! values. The absorbed decode path that caches only the latent is not built yet.
+//! MLA runs absorbed by default (DeepSeek-V2 paper, §2.1.2): the cache holds only each
+//! position's normalised latent and rope key; queries are moved into the latent space
+//! through `kv_b`'s key part and attention outputs back out through its value part. The
+//! expanded formulation (per-head keys and values in the cache) is kept as the reference.
 
 use std::path::Path;
 
@@ -69,6 +71,10 @@ enum Attn<B: Backend> {
         kv_a: B::Buf,
         kv_a_norm: B::Buf,
         kv_b: B::Buf,
+        /// `kv_b`'s key part per head, `[h, nope, lora]` (absorbed into the queries).
+        w_uk: B::Buf,
+        /// `kv_b`'s value part per head, `[h, dv, lora]` (applied after attention).
+        w_uv: B::Buf,
         o: B::Buf,
     },
 }
@@ -92,6 +98,7 @@ pub struct Model<B: Backend> {
     sin: B::Buf,
     scale: f32,
     max_pos: usize,
+    mla_absorbed: bool,
 }
 
 /// One sequence's key/value cache.
@@ -217,6 +224,12 @@ impl<B: Backend> Model<B> {
                         ),
                         None => (None, l.get(&format!("{a}.q_proj.weight"), &[h * qd, hd])?),
                     };
+                    let kv_b = l.f32(
+                        &format!("{a}.kv_b_proj.weight"),
+                        &[h * (m.qk_nope_head_dim + m.v_head_dim), m.kv_lora_rank],
+                    )?;
+                    let (w_uk, w_uv) =
+                        split_kv_b(&kv_b, h, m.qk_nope_head_dim, m.v_head_dim, m.kv_lora_rank);
                     Attn::Mla {
                         q_a,
                         q,
@@ -226,10 +239,9 @@ impl<B: Backend> Model<B> {
                         )?,
                         kv_a_norm: l
                             .get(&format!("{a}.kv_a_layernorm.weight"), &[m.kv_lora_rank])?,
-                        kv_b: l.get(
-                            &format!("{a}.kv_b_proj.weight"),
-                            &[h * (m.qk_nope_head_dim + m.v_head_dim), m.kv_lora_rank],
-                        )?,
+                        kv_b: be.upload(&kv_b),
+                        w_uk: be.upload(&w_uk),
+                        w_uv: be.upload(&w_uv),
                         o: l.get(&format!("{a}.o_proj.weight"), &[hd, h * m.v_head_dim])?,
                     }
                 }
@@ -272,6 +284,7 @@ impl<B: Backend> Model<B> {
             lm_head,
             scale,
             max_pos,
+            mla_absorbed: true,
         })
     }
 
@@ -328,6 +341,15 @@ impl<B: Backend> Model<B> {
             experts,
             shared,
         })
+    }
+
+    /// Chooses MLA's attention path (DeepSeek only; default: absorbed). Absorbed: the
+    /// cache holds only each position's compressed latent and rope key, and the key/value
+    /// up-projections are folded into the queries and the output. Expanded: the cache holds
+    /// every head's keys and values (the reference formulation). Set it before creating
+    /// caches: the two keep different caches.
+    pub fn set_mla_absorbed(&mut self, absorbed: bool) {
+        self.mla_absorbed = absorbed;
     }
 
     /// The configuration.
@@ -522,6 +544,8 @@ impl<B: Backend> Model<B> {
                 kv_a,
                 kv_a_norm,
                 kv_b,
+                w_uk,
+                w_uv,
                 o,
             } => {
                 let Some(m) = &self.cfg.mla else {
@@ -569,10 +593,30 @@ impl<B: Backend> Model<B> {
                     &self.sin,
                     RopeLayout::Interleaved,
                 );
-                let kv = be.linear(&latent, t, kv_b, h * (nope + dv), lora);
-                let (kx, vx) = be.mla_expand(&kv, &k_pe, t, h, nope, dv, rope_d);
-                let out = self.attend(&qx, &kx, &vx, lens, li, seqs, (h, h, qd, dv));
-                be.linear(&out, t, o, hd, h * dv)
+                if self.mla_absorbed {
+                    // score = (W_UKᵀ q_nope) · c + q_pe · k_pe, output = W_UV (Σ p c).
+                    let q_nope = be.slice_cols(&qx, qd, 0, nope); // [t·h, nope]
+                    let q_pe = be.slice_cols(&qx, qd, nope, rope_d);
+                    let q_lat = be.head_linear(&q_nope, t, h, w_uk, nope, lora, false); // [t, h, lora]
+                    let q_cat = be.concat_cols(&q_lat, lora, &q_pe, rope_d);
+                    let k_cat = be.concat_cols(&latent, lora, &k_pe, rope_d); // [t, lora + rope]
+                    let ctx = self.attend(
+                        &q_cat,
+                        &k_cat,
+                        &latent,
+                        lens,
+                        li,
+                        seqs,
+                        (h, 1, lora + rope_d, lora),
+                    );
+                    let out = be.head_linear(&ctx, t, h, w_uv, dv, lora, true); // [t, h, dv]
+                    be.linear(&out, t, o, hd, h * dv)
+                } else {
+                    let kv = be.linear(&latent, t, kv_b, h * (nope + dv), lora);
+                    let (kx, vx) = be.mla_expand(&kv, &k_pe, t, h, nope, dv, rope_d);
+                    let out = self.attend(&qx, &kx, &vx, lens, li, seqs, (h, h, qd, dv));
+                    be.linear(&out, t, o, hd, h * dv)
+                }
             }
         }
     }
@@ -711,4 +755,17 @@ fn random_tensor(seed: u64, name: &str, shape: &[usize]) -> Vec<f32> {
             ((x >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * amp
         })
         .collect()
+}
+
+/// Splits MLA's `kv_b_proj` (`[h · (nope + dv), lora]`, per head the key rows then the
+/// value rows) into per-head key and value blocks.
+fn split_kv_b(kv_b: &[f32], h: usize, nope: usize, dv: usize, lora: usize) -> (Vec<f32>, Vec<f32>) {
+    let mut uk = Vec::with_capacity(h * nope * lora);
+    let mut uv = Vec::with_capacity(h * dv * lora);
+    for i in 0..h {
+        let base = i * (nope + dv) * lora;
+        uk.extend_from_slice(&kv_b[base..base + nope * lora]);
+        uv.extend_from_slice(&kv_b[base + nope * lora..base + (nope + dv) * lora]);
+    }
+    (uk, uv)
 }

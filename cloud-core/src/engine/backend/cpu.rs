@@ -188,6 +188,59 @@ impl Backend for Cpu {
         parts.concat()
     }
 
+    fn head_linear(
+        &self,
+        x: &Vec<f32>,
+        t: usize,
+        h: usize,
+        w: &Vec<f32>,
+        rows: usize,
+        cols: usize,
+        transposed: bool,
+    ) -> Vec<f32> {
+        let (din, dout) = if transposed {
+            (cols, rows)
+        } else {
+            (rows, cols)
+        };
+        assert_eq!(
+            x.len(),
+            t * h * din,
+            "head_linear: input is not [{t}, {h}, {din}]"
+        );
+        assert_eq!(
+            w.len(),
+            h * rows * cols,
+            "head_linear: weight is not [{h}, {rows}, {cols}]"
+        );
+        let mut y = vec![0f32; t * h * dout];
+        for r in 0..t {
+            for i in 0..h {
+                let xi = &x[(r * h + i) * din..(r * h + i + 1) * din];
+                let wi = &w[i * rows * cols..(i + 1) * rows * cols];
+                let yi = &mut y[(r * h + i) * dout..(r * h + i + 1) * dout];
+                if transposed {
+                    // y[o] = Σ_c x[c] · w[o, c]
+                    for (o, yo) in yi.iter_mut().enumerate() {
+                        *yo = wi[o * cols..(o + 1) * cols]
+                            .iter()
+                            .zip(xi)
+                            .map(|(a, b)| a * b)
+                            .sum();
+                    }
+                } else {
+                    // y[c] = Σ_r x[r] · w[r, c]
+                    for (rr, xv) in xi.iter().enumerate() {
+                        for (yc, wv) in yi.iter_mut().zip(&wi[rr * cols..(rr + 1) * cols]) {
+                            *yc += xv * wv;
+                        }
+                    }
+                }
+            }
+        }
+        y
+    }
+
     fn append_rows(&self, cache: &mut Vec<f32>, rows: &Vec<f32>) {
         cache.extend_from_slice(rows);
     }

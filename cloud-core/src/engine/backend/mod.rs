@@ -75,6 +75,21 @@ pub trait Backend {
     fn slice_rows(&self, x: &Self::Buf, cols: usize, from: usize, count: usize) -> Self::Buf;
     /// Row blocks one after another.
     fn concat_rows(&self, parts: &[Self::Buf]) -> Self::Buf;
+    /// Per-head products: for `x[t, h, ·]` and per-head blocks `w[h, rows, cols]`, row
+    /// `x[r, i]` times `w[i]` (`rows` in, `cols` out) or, `transposed`, times `w[i]ᵀ`
+    /// (`cols` in, `rows` out). MLA's absorbed path uses it to move queries into the
+    /// latent space and attention outputs back out of it.
+    #[allow(clippy::too_many_arguments)]
+    fn head_linear(
+        &self,
+        x: &Self::Buf,
+        t: usize,
+        h: usize,
+        w: &Self::Buf,
+        rows: usize,
+        cols: usize,
+        transposed: bool,
+    ) -> Self::Buf;
     /// Appends rows (a KV cache growing by the new positions).
     fn append_rows(&self, cache: &mut Self::Buf, rows: &Self::Buf);
     /// Rotates, in every row of `x[m, heads · head_dim]`, the `rot_dim` dimensions starting
