@@ -2,8 +2,8 @@
 //! verdict service and the DeepSeek engine (CPU, CUDA and remote backends), operator API
 //! and dashboard.
 //!
-//! Built so far: the engine's CPU forward pass (library) and `cloud-core bench`. Serving,
-//! the fleet CA and `generate` are not built yet: the binary says so and exits with
+//! Built so far: the engine's CPU forward pass (library), `cloud-core generate` and
+//! `cloud-core bench`. Serving and the fleet CA are not built yet: the binary says so and exits with
 //! status 2 rather than pretend. The README's "Status" section lists what is missing.
 
 use std::process::ExitCode;
@@ -24,6 +24,40 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Generate text from a prompt with a checkpoint directory (config.json, safetensors,
+    /// tokenizer.json) on the CPU engine.
+    Generate {
+        /// Checkpoint directory, as published on Hugging Face.
+        #[arg(long)]
+        model: std::path::PathBuf,
+        /// Prompt text (encoded with the checkpoint's tokenizer; no chat template).
+        #[arg(long)]
+        prompt: String,
+        /// Most new tokens.
+        #[arg(long, default_value_t = 64)]
+        max_tokens: usize,
+        /// Sampling temperature (0: greedy).
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f32,
+        /// Keep only the k most likely tokens (0: all).
+        #[arg(long, default_value_t = 0)]
+        top_k: usize,
+        /// Nucleus sampling threshold (1: off).
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f32,
+        /// Repetition penalty (1: off).
+        #[arg(long, default_value_t = 1.0)]
+        repetition_penalty: f32,
+        /// Seed of the sampler.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Alternatives reported per step with --json.
+        #[arg(long, default_value_t = 5)]
+        top_logprobs: usize,
+        /// Print token ids, text and each step's top log-probabilities as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Measure the CPU engine: prefill and decode tokens/s on random weights of a named shape.
     Bench {
         /// Model shape: qwen2-1.5b (DeepSeek-R1-Distill-Qwen-1.5B), deepseek-v2-mini, or tiny.
@@ -184,9 +218,91 @@ fn bench(shape_name: &str, prompt: usize, steps: usize, batches: &str) -> Result
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
+fn generate_cmd(
+    dir: &std::path::Path,
+    prompt: &str,
+    params: cloud_core::engine::sampler::SamplingParams,
+    json: bool,
+) -> Result<(), String> {
+    use cloud_core::engine::generate::{generate, Request};
+    use cloud_core::engine::tokenizer::Tokenizer;
+    let tok = Tokenizer::load(dir).map_err(|e| e.to_string())?;
+    let model = Model::load(dir, Cpu::default()).map_err(|e| e.to_string())?;
+    let ids = tok.encode(prompt).map_err(|e| e.to_string())?;
+    let mut params = params;
+    params.stop_tokens = model.config().eos_token_ids.clone();
+    let out = generate(
+        &model,
+        &[Request {
+            prompt: ids.clone(),
+            params,
+        }],
+    )
+    .map_err(|e| e.to_string())?
+    .remove(0);
+    let text = tok.decode(&out.tokens).map_err(|e| e.to_string())?;
+    if json {
+        let piece = |t: u32| tok.decode(&[t]).unwrap_or_default();
+        let steps: Vec<serde_json::Value> = out
+            .steps
+            .iter()
+            .map(|s| {
+                serde_json::json!({
+                    "token": s.token,
+                    "text": piece(s.token),
+                    "logprob": s.logprob,
+                    "top_logprobs": s.top.iter().map(|(t, lp)| serde_json::json!({"token": t, "text": piece(*t), "logprob": lp})).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        let v = serde_json::json!({
+            "prompt_ids": ids,
+            "token_ids": out.tokens,
+            "text": text,
+            "finish_reason": out.finish.as_str(),
+            "steps": steps,
+        });
+        println!("{v}");
+    } else {
+        println!("{text}");
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Some(Cmd::Generate {
+            model,
+            prompt,
+            max_tokens,
+            temperature,
+            top_k,
+            top_p,
+            repetition_penalty,
+            seed,
+            top_logprobs,
+            json,
+        }) => {
+            let params = cloud_core::engine::sampler::SamplingParams {
+                temperature,
+                top_k,
+                top_p,
+                repetition_penalty,
+                seed,
+                max_tokens,
+                stop_tokens: Vec::new(),
+                top_logprobs,
+            };
+            match generate_cmd(&model, &prompt, params, json) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("cloud-core generate: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Some(Cmd::Bench {
             shape,
             prompt,
@@ -202,8 +318,8 @@ fn main() -> ExitCode {
         None => {
             eprintln!(
                 "cloud-core {}: serving is not built yet. The engine's CPU forward pass exists (see \
-                 `cloud-core bench`); the QUIC server, fleet registry, verdict service, `generate` and \
-                 the HTTP APIs are planned (see README, \"Status\"). Until then edge agents run \
+                 `cloud-core generate` and `cloud-core bench`); the QUIC server, fleet registry, \
+                 verdict service and the HTTP APIs are planned (see README, \"Status\"). Until then edge agents run \
                  offline and queue their hard cases in their outbox.",
                 env!("CARGO_PKG_VERSION")
             );

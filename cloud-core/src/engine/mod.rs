@@ -11,4 +11,5 @@ pub mod generate;
 pub mod model;
 pub mod rope;
 pub mod sampler;
+pub mod tokenizer;
 pub mod weights;

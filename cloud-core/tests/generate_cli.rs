@@ -1,0 +1,103 @@
+//! `cloud-core generate` end to end: a checkpoint directory with a tokenizer, text in,
+//! the reference's greedy tokens out, with log-probabilities in `--json`.
+
+use std::path::Path;
+use std::process::Command;
+
+use serde_json::{json, Value};
+
+fn checkpoint_with_tokenizer(dir: &Path) -> Value {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/parity/qwen2");
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(src.join(f), dir.join(f)).expect("copy");
+    }
+    // A word-level tokenizer over the fixture's 256 ids: "t0" … "t254", and "<unk>".
+    let mut vocab = serde_json::Map::new();
+    for i in 0..255 {
+        vocab.insert(format!("t{i}"), json!(i));
+    }
+    vocab.insert("<unk>".into(), json!(255));
+    let tok = json!({"version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null, "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}});
+    std::fs::write(dir.join("tokenizer.json"), tok.to_string()).expect("tokenizer");
+    serde_json::from_str(&std::fs::read_to_string(src.join("reference.json")).expect("ref"))
+        .expect("json")
+}
+
+#[test]
+fn generate_prints_the_reference_continuation_with_logprobs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let reference = checkpoint_with_tokenizer(dir.path());
+    let case = &reference["cases"][0];
+    let prompt: Vec<String> = case["prompt_ids"]
+        .as_array()
+        .expect("ids")
+        .iter()
+        .map(|i| format!("t{i}"))
+        .collect();
+    let out = Command::new(env!("CARGO_BIN_EXE_cloud-core"))
+        .args(["generate", "--model"])
+        .arg(dir.path())
+        .args([
+            "--prompt",
+            &prompt.join(" "),
+            "--max-tokens",
+            "8",
+            "--json",
+            "--top-logprobs",
+            "3",
+        ])
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v["prompt_ids"], case["prompt_ids"]);
+    assert_eq!(v["token_ids"], case["greedy_ids"]);
+    let text: Vec<String> = case["greedy_ids"]
+        .as_array()
+        .expect("ids")
+        .iter()
+        .map(|i| format!("t{i}"))
+        .collect();
+    assert_eq!(v["text"], text.join(" "));
+    assert_eq!(v["finish_reason"], "length");
+    let steps = v["steps"].as_array().expect("steps");
+    assert_eq!(steps.len(), 8);
+    for s in steps {
+        assert_eq!(s["top_logprobs"].as_array().expect("top").len(), 3);
+        assert_eq!(
+            s["top_logprobs"][0]["token"], s["token"],
+            "greedy picks the most likely token"
+        );
+        assert!(s["logprob"].as_f64().expect("lp") <= 0.0);
+    }
+}
+
+#[test]
+fn generate_names_what_is_missing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    checkpoint_with_tokenizer(dir.path());
+    std::fs::remove_file(dir.path().join("tokenizer.json")).expect("rm");
+    let out = Command::new(env!("CARGO_BIN_EXE_cloud-core"))
+        .args(["generate", "--model"])
+        .arg(dir.path())
+        .args(["--prompt", "t1 t2"])
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("tokenizer.json") && err.contains("missing"),
+        "{err}"
+    );
+    // Without a subcommand the binary says serving is not built, and fails.
+    let out = Command::new(env!("CARGO_BIN_EXE_cloud-core"))
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2));
+}
