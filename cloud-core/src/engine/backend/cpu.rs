@@ -35,6 +35,9 @@ impl Backend for Cpu {
         if k == 0 {
             return y;
         }
+        if m <= GEMV_MAX_ROWS {
+            return gemv(x, m, w, n, k);
+        }
         let threads = if self.threads == 0 {
             rayon_threads()
         } else {
@@ -322,6 +325,55 @@ impl Backend for Cpu {
     }
 }
 
+/// Up to this many input rows (decode steps of small batches), weights are streamed once
+/// with dot products instead of going through GEMM, which packs the whole weight matrix
+/// on every call and so reads it twice.
+const GEMV_MAX_ROWS: usize = 8;
+
+/// `y[m, n] = x[m, k] · wᵀ` for small `m`: each thread streams a block of weight rows.
+fn gemv(x: &[f32], m: usize, w: &[f32], n: usize, k: usize) -> Vec<f32> {
+    use rayon::prelude::*;
+    // Output transposed ([n, m]) so that each weight row writes one contiguous run.
+    let mut yt = vec![0f32; n * m];
+    let rows_per_task = (n / (4 * rayon::current_num_threads().max(1))).clamp(16, 1024);
+    yt.par_chunks_mut(rows_per_task * m)
+        .enumerate()
+        .for_each(|(blk, out)| {
+            let first = blk * rows_per_task;
+            for (jj, o) in out.chunks_exact_mut(m).enumerate() {
+                let wr = &w[(first + jj) * k..(first + jj + 1) * k];
+                for (r, v) in o.iter_mut().enumerate() {
+                    *v = dot(&x[r * k..(r + 1) * k], wr);
+                }
+            }
+        });
+    let mut y = vec![0f32; m * n];
+    for j in 0..n {
+        for r in 0..m {
+            y[r * n + j] = yt[j * m + r];
+        }
+    }
+    y
+}
+
+/// Dot product with independent partial sums (so the compiler vectorises it).
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let ca = a.chunks_exact(16);
+    let cb = b.chunks_exact(16);
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for i in 0..16 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for (x, y) in ra.iter().zip(rb) {
+        s += x * y;
+    }
+    s
+}
+
 fn rayon_threads() -> usize {
     std::thread::available_parallelism()
         .map(|n| n.get())
@@ -335,7 +387,12 @@ mod tests {
     #[test]
     fn linear_matches_a_naive_product() {
         let cpu = Cpu::default();
-        let (m, n, k) = (3, 70, 65);
+        for (m, n, k) in [(3, 70, 65), (12, 70, 65), (1, 2000, 33)] {
+            check_linear(&cpu, m, n, k);
+        }
+    }
+
+    fn check_linear(cpu: &Cpu, m: usize, n: usize, k: usize) {
         let x: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin()).collect();
         let w: Vec<f32> = (0..n * k).map(|i| (i as f32 * 0.11).cos()).collect();
         let y = cpu.linear(&x, m, &w, n, k);
