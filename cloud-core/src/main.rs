@@ -57,6 +57,13 @@ enum Cmd {
         /// Print token ids, text and each step's top log-probabilities as JSON.
         #[arg(long)]
         json: bool,
+        /// Treat the prompt as a user message and render it with the checkpoint's chat
+        /// template (tokenizer_config.json).
+        #[arg(long)]
+        chat: bool,
+        /// System message (with --chat).
+        #[arg(long)]
+        system: Option<String>,
     },
     /// Measure the CPU engine: prefill and decode tokens/s on random weights of a named shape.
     Bench {
@@ -224,14 +231,48 @@ fn generate_cmd(
     prompt: &str,
     params: cloud_core::engine::sampler::SamplingParams,
     json: bool,
+    chat: Option<Option<String>>,
 ) -> Result<(), String> {
+    use cloud_core::engine::chat::{generation_eos, ChatTemplate, Message};
     use cloud_core::engine::generate::{generate, Request};
     use cloud_core::engine::tokenizer::Tokenizer;
     let tok = Tokenizer::load(dir).map_err(|e| e.to_string())?;
     let model = Model::load(dir, Cpu::default()).map_err(|e| e.to_string())?;
-    let ids = tok.encode(prompt).map_err(|e| e.to_string())?;
+    let ids = match chat {
+        None => tok.encode(prompt).map_err(|e| e.to_string())?,
+        Some(system) => {
+            let template = ChatTemplate::load(dir)
+                .map_err(|e| e.to_string())?
+                .ok_or_else(|| {
+                    format!(
+                        "{}: no chat_template (drop --chat to send the prompt as it is)",
+                        dir.join("tokenizer_config.json").display()
+                    )
+                })?;
+            let mut messages = Vec::new();
+            if let Some(s) = system {
+                messages.push(Message {
+                    role: "system".into(),
+                    content: s,
+                });
+            }
+            messages.push(Message {
+                role: "user".into(),
+                content: prompt.to_string(),
+            });
+            let text = template
+                .render(&messages, true)
+                .map_err(|e| e.to_string())?;
+            tok.encode_raw(&text).map_err(|e| e.to_string())?
+        }
+    };
     let mut params = params;
     params.stop_tokens = model.config().eos_token_ids.clone();
+    for t in generation_eos(dir).map_err(|e| e.to_string())? {
+        if !params.stop_tokens.contains(&t) {
+            params.stop_tokens.push(t);
+        }
+    }
     let out = generate(
         &model,
         &[Request {
@@ -284,6 +325,8 @@ fn main() -> ExitCode {
             seed,
             top_logprobs,
             json,
+            chat,
+            system,
         }) => {
             let params = cloud_core::engine::sampler::SamplingParams {
                 temperature,
@@ -295,7 +338,8 @@ fn main() -> ExitCode {
                 stop_tokens: Vec::new(),
                 top_logprobs,
             };
-            match generate_cmd(&model, &prompt, params, json) {
+            let chat = chat.then_some(system);
+            match generate_cmd(&model, &prompt, params, json, chat) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("cloud-core generate: {e}");

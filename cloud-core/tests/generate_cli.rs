@@ -101,3 +101,65 @@ fn generate_names_what_is_missing() {
         .expect("run");
     assert_eq!(out.status.code(), Some(2));
 }
+
+#[test]
+fn generate_renders_the_chat_template_and_stops_at_generation_config_eos() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let reference = checkpoint_with_tokenizer(dir.path());
+    let case = &reference["cases"][0];
+    let ids: Vec<u64> = case["prompt_ids"]
+        .as_array()
+        .expect("ids")
+        .iter()
+        .map(|v| v.as_u64().expect("id"))
+        .collect();
+    // The template adds the first prompt token as its "BOS" and the user's text after it.
+    std::fs::write(
+        dir.path().join("tokenizer_config.json"),
+        json!({"bos_token": format!("t{}", ids[0]), "eos_token": "t0",
+            "chat_template": "{{ bos_token }}{% for m in messages %} {{ m.content }}{% endfor %}"})
+        .to_string(),
+    )
+    .expect("write");
+    let greedy: Vec<u64> = case["greedy_ids"]
+        .as_array()
+        .expect("ids")
+        .iter()
+        .map(|v| v.as_u64().expect("id"))
+        .collect();
+    std::fs::write(
+        dir.path().join("generation_config.json"),
+        json!({"eos_token_id": greedy[2]}).to_string(),
+    )
+    .expect("write");
+    let rest: Vec<String> = ids[1..].iter().map(|i| format!("t{i}")).collect();
+    let out = Command::new(env!("CARGO_BIN_EXE_cloud-core"))
+        .args([
+            "generate",
+            "--chat",
+            "--json",
+            "--max-tokens",
+            "8",
+            "--model",
+        ])
+        .arg(dir.path())
+        .args(["--prompt", &rest.join(" ")])
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(
+        v["prompt_ids"], case["prompt_ids"],
+        "the template's BOS and the message make the prompt"
+    );
+    assert_eq!(
+        v["token_ids"],
+        json!(greedy[..2]),
+        "stopped at generation_config's eos"
+    );
+    assert_eq!(v["finish_reason"], "stop");
+}

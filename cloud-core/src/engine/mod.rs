@@ -6,6 +6,7 @@
 //! generation and serving are not built yet.
 
 pub mod backend;
+pub mod chat;
 pub mod config;
 pub mod generate;
 pub mod model;
