@@ -206,12 +206,7 @@ fn bench(shape_name: &str, prompt: usize, steps: usize, batches: &str) -> Result
             let out = model.forward_batch(&mut batch).map_err(|e| e.to_string())?;
             next = out
                 .iter()
-                .map(|l| {
-                    (l.iter()
-                        .enumerate()
-                        .fold(0, |best, (i, v)| if *v > l[best] { i } else { best }))
-                        as u32
-                })
+                .map(|l| cloud_core::engine::sampler::argmax(l) as u32)
                 .collect();
         }
         let s = t.elapsed().as_secs_f64();

@@ -45,13 +45,7 @@ fn rel_diff(got: &[f32], want: &[f32]) -> f64 {
 }
 
 fn argmax(v: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, x) in v.iter().enumerate() {
-        if *x > v[best] {
-            best = i;
-        }
-    }
-    best as u32
+    cloud_core::engine::sampler::argmax(v) as u32
 }
 
 fn check(arch: &str) {

@@ -7,7 +7,6 @@
 //! `BENCHMARKS.md`; nothing here asserts on speed.
 
 use std::process::Stdio;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -200,7 +199,6 @@ async fn ingest_scenario(
     let seconds = started.elapsed().as_secs_f64();
     let peak_rss_kib = peak_rss_kib(pid).unwrap_or(0);
     let _ = child.kill().await;
-    let _ = Arc::new(());
     Ok(IngestResult {
         label: if batch == 1 {
             format!("{clients} client(s), 1 record/request")

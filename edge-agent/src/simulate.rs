@@ -93,7 +93,6 @@ pub async fn run(opts: SimulateOptions) -> anyhow::Result<SimulateReport> {
             break;
         }
         let mut body = Vec::with_capacity(256 * opts.machines * ticks_per_post as usize);
-        let mut n = 0;
         for _ in 0..ticks_per_post {
             if opts.ticks.is_some_and(|t| tick >= t) {
                 break;
@@ -101,7 +100,6 @@ pub async fn run(opts: SimulateOptions) -> anyhow::Result<SimulateReport> {
             for r in sim.tick() {
                 serde_json::to_writer(&mut body, &r.to_json())?;
                 body.push(b'\n');
-                n += 1;
             }
             tick += 1;
         }
@@ -119,7 +117,6 @@ pub async fn run(opts: SimulateOptions) -> anyhow::Result<SimulateReport> {
             report.cases += cases.len() as u64;
             report.hard += cases.iter().filter(|c| c["decision"] == "hard").count() as u64;
         }
-        let _ = n;
         if opts.verbose && last_print.elapsed() >= Duration::from_secs(1) {
             last_print = Instant::now();
             eprintln!(

@@ -152,19 +152,10 @@ pub fn generation_eos(dir: &Path) -> Result<Vec<u32>, ChatError> {
     let Some(cfg) = read_json(&file)? else {
         return Ok(Vec::new());
     };
-    let bad = || ChatError::File {
+    super::config::token_ids(cfg.get("eos_token_id")).ok_or_else(|| ChatError::File {
         file: file.clone(),
         reason: "eos_token_id must be a token id or a list of them".into(),
-    };
-    match cfg.get("eos_token_id") {
-        None | Some(Value::Null) => Ok(Vec::new()),
-        Some(Value::Number(n)) => n.as_u64().map(|n| vec![n as u32]).ok_or_else(bad),
-        Some(Value::Array(a)) => a
-            .iter()
-            .map(|v| v.as_u64().map(|n| n as u32).ok_or_else(bad))
-            .collect(),
-        Some(_) => Err(bad()),
-    }
+    })
 }
 
 #[cfg(test)]

@@ -410,27 +410,8 @@ impl ModelConfig {
         } else {
             None
         };
-        let eos_token_ids = match f.get("eos_token_id") {
-            None => Vec::new(),
-            Some(Value::Number(n)) => n
-                .as_u64()
-                .map(|n| vec![n as u32])
-                .ok_or_else(|| f.err("eos_token_id", "expected a token id"))?,
-            Some(Value::Array(a)) => a
-                .iter()
-                .map(|v| {
-                    v.as_u64()
-                        .map(|n| n as u32)
-                        .ok_or_else(|| f.err("eos_token_id", "expected token ids"))
-                })
-                .collect::<Result<_, _>>()?,
-            Some(v) => {
-                return Err(f.err(
-                    "eos_token_id",
-                    format!("expected a token id or a list, found {v}"),
-                ))
-            }
-        };
+        let eos_token_ids = token_ids(f.get("eos_token_id"))
+            .ok_or_else(|| f.err("eos_token_id", "expected a token id or a list of them"))?;
         Ok(ModelConfig {
             arch,
             vocab_size: f.positive("vocab_size")?,
@@ -462,6 +443,22 @@ impl ModelConfig {
             Some(m) => i >= m.first_k_dense_replace && i.is_multiple_of(m.moe_layer_freq),
             None => false,
         }
+    }
+}
+
+/// Token ids as configs write them: absent, one id, or a list. `None` if malformed.
+pub fn token_ids(v: Option<&Value>) -> Option<Vec<u32>> {
+    match v {
+        None | Some(Value::Null) => Some(Vec::new()),
+        Some(Value::Number(n)) => n
+            .as_u64()
+            .and_then(|n| u32::try_from(n).ok())
+            .map(|n| vec![n]),
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|v| v.as_u64().and_then(|n| u32::try_from(n).ok()))
+            .collect(),
+        Some(_) => None,
     }
 }
 

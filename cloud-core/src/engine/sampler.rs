@@ -97,7 +97,8 @@ pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
     logits.iter().map(|l| l - lse).collect()
 }
 
-fn argmax(v: &[f32]) -> usize {
+/// Index of the largest value (the first one on ties): greedy decoding.
+pub fn argmax(v: &[f32]) -> usize {
     let mut best = 0;
     for (i, x) in v.iter().enumerate() {
         if *x > v[best] {

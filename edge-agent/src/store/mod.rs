@@ -270,6 +270,7 @@ pub fn recover(db: &sled::Db) -> anyhow::Result<Recovered> {
     let mut max_case_seq = None;
     let mut windows = HashMap::new();
     let mut pending_bytes = HashMap::new();
+    let mut audit_cases = std::collections::HashSet::new();
     let mut policy_state = None;
     for item in db.iter() {
         let (k, v) = item.context("reading the store")?;
@@ -302,11 +303,18 @@ pub fn recover(db: &sled::Db) -> anyhow::Result<Recovered> {
                 }
                 counts.live_bytes += (k.len() + v.len()) as u64;
                 max_case_seq = max_case_seq.max(Some(c.seq));
+                if c.reason == Reason::Audit && c.outbox == OutboxState::Queued {
+                    audit_cases.insert(c.seq);
+                }
             }
             Some(Prefix::CaseId) => counts.live_bytes += (k.len() + v.len()) as u64,
             Some(Prefix::Outbox) => {
                 counts.outbox += 1;
                 counts.live_bytes += (k.len() + v.len()) as u64;
+                // `c` keys sort before `o` keys: every case has been seen already.
+                if audit_cases.contains(&keys::seq_of(&k)) {
+                    counts.outbox_audit += 1;
+                }
             }
             Some(Prefix::Meta) => {
                 if &k[1..] == b"policy_state" {
@@ -314,15 +322,6 @@ pub fn recover(db: &sled::Db) -> anyhow::Result<Recovered> {
                 }
             }
             None => return Err(bad("key of this store")),
-        }
-    }
-    // Audit samples in the outbox (evictable under the cap).
-    for item in db.scan_prefix([Prefix::Outbox as u8]) {
-        let (k, _) = item?;
-        if let Some(c) = get_case_by_seq(db, keys::seq_of(&k))? {
-            if c.reason == Reason::Audit {
-                counts.outbox_audit += 1;
-            }
         }
     }
     let meta_u64 = |name: &str| -> anyhow::Result<u64> {

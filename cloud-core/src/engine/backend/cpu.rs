@@ -225,11 +225,7 @@ impl Backend for Cpu {
                 if transposed {
                     // y[o] = Σ_c x[c] · w[o, c]
                     for (o, yo) in yi.iter_mut().enumerate() {
-                        *yo = wi[o * cols..(o + 1) * cols]
-                            .iter()
-                            .zip(xi)
-                            .map(|(a, b)| a * b)
-                            .sum();
+                        *yo = dot(&wi[o * cols..(o + 1) * cols], xi);
                     }
                 } else {
                     // y[c] = Σ_r x[r] · w[r, c]
@@ -303,7 +299,7 @@ impl Backend for Cpu {
                 let mut max = f32::NEG_INFINITY;
                 for (j, s) in scores.iter_mut().enumerate().take(visible) {
                     let kv = &k[(j * hk + kh) * dk..(j * hk + kh + 1) * dk];
-                    *s = qv.iter().zip(kv).map(|(a, b)| a * b).sum::<f32>() * scale;
+                    *s = dot(qv, kv) * scale;
                     max = max.max(*s);
                 }
                 let mut sum = 0f32;
