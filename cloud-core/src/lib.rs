@@ -6,3 +6,4 @@
 //!   only; no forward pass, no serving. The `cloud-core` binary says so and exits.
 
 pub mod engine;
+pub mod verdict;

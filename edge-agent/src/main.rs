@@ -11,6 +11,7 @@
 //! - [`policy`]: the hard-case policy and its budgets.
 //! - [`api`]: the HTTP API; [`agent`]: starting and stopping it all.
 //! - [`simulate`], [`demo`], [`bench`]: simulated machines, the demo screen, benchmarks.
+//! - [`dataset`]: labelled simulated cases, decided as the agent decides them.
 //!
 //! It never acknowledges a record before the flush that makes it durable, never evicts an
 //! undelivered hard case, and never panics on input.
@@ -19,6 +20,7 @@ mod agent;
 mod api;
 mod bench;
 mod config;
+mod dataset;
 mod demo;
 mod infer;
 mod ingest;
@@ -70,6 +72,25 @@ enum Cmd {
         data_dir: PathBuf,
         /// What to export.
         what: ExportWhat,
+    },
+    /// Write simulated cases as NDJSON, decided by the embedded student and the default
+    /// policy, each with the simulator's true label (for training and evaluating models).
+    Dataset {
+        /// Simulator seed.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Simulated machines.
+        #[arg(long, default_value_t = 8)]
+        machines: usize,
+        /// Records per machine.
+        #[arg(long, default_value_t = 1600)]
+        ticks: u64,
+        /// Chance that a normal episode is followed by a fault.
+        #[arg(long, default_value_t = 0.5)]
+        fault_share: f64,
+        /// Only the cases the policy sends to the cloud.
+        #[arg(long)]
+        hard_only: bool,
     },
     /// Measure durable ingest, inference and memory; prints Markdown tables.
     Bench {
@@ -291,6 +312,30 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Inspect { data_dir, json } => inspect(&data_dir, json),
         Cmd::Export { data_dir, what } => export(&data_dir, what),
+        Cmd::Dataset {
+            seed,
+            machines,
+            ticks,
+            fault_share,
+            hard_only,
+        } => {
+            anyhow::ensure!(
+                (0.0..=1.0).contains(&fault_share),
+                "--fault-share must be in [0, 1]"
+            );
+            let stdout = std::io::stdout();
+            let mut out = std::io::BufWriter::new(stdout.lock());
+            let opts = dataset::DatasetOptions {
+                seed,
+                machines,
+                ticks,
+                fault_share,
+                hard_only,
+            };
+            let (n, hard) = dataset::run(&opts, &mut out)?;
+            eprintln!("{n} cases written ({hard} hard)");
+            Ok(())
+        }
         Cmd::Bench { quick } => {
             init_logging("warn");
             bench::run(bench::BenchOptions { quick }).await

@@ -7,7 +7,18 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::record::Record;
+use serde_json::{Map, Value};
+
+use crate::features::NUM_FEATURES;
+use crate::record::{format_ts, Record, RecordError};
+use crate::schema::{class_index, CLASSES};
+
+fn err(field: impl Into<String>, reason: impl Into<String>) -> RecordError {
+    RecordError {
+        field: field.into(),
+        reason: reason.into(),
+    }
+}
 
 /// A content-derived case id: the first 128 bits of SHA-256 over the machine name and
 /// every record of the window (timestamp, idempotency key, readings), as 32 hex digits.
@@ -178,6 +189,183 @@ pub struct HardCase {
     pub records: Vec<Record>,
 }
 
+impl Reason {
+    /// The measured value a reason carries (`None` for reasons without one).
+    pub fn value(&self) -> Option<f32> {
+        match *self {
+            Reason::LowConfidence { max_prob } => Some(max_prob),
+            Reason::SmallMargin { margin } => Some(margin),
+            Reason::HighEntropy { entropy } => Some(entropy),
+            Reason::OutOfDistribution { score } => Some(score),
+            _ => None,
+        }
+    }
+
+    /// The reason with this code and value (the inverse of [`Reason::code`] and
+    /// [`Reason::value`]); `None` for an unknown code.
+    pub fn from_code(code: &str, value: f32) -> Option<Reason> {
+        Some(match code {
+            "confident" => Reason::Confident,
+            "low_confidence" => Reason::LowConfidence { max_prob: value },
+            "small_margin" => Reason::SmallMargin { margin: value },
+            "high_entropy" => Reason::HighEntropy { entropy: value },
+            "out_of_distribution" => Reason::OutOfDistribution { score: value },
+            "audit" => Reason::Audit,
+            "over_share_budget" => Reason::OverShareBudget,
+            "over_rate_budget" => Reason::OverRateBudget,
+            _ => return None,
+        })
+    }
+}
+
+/// Most records a case may carry in its JSON form.
+pub const CASE_MAX_RECORDS: usize = 4 * crate::schema::WINDOW_LEN;
+
+impl HardCase {
+    /// The case as JSON: what the cloud's verdict endpoint accepts and datasets hold.
+    ///
+    /// `{"id", "machine", "start", "end", "features": [..], "probs": {class: p},
+    /// "reason": {"code", "value"?}, "records": [record JSON]}`
+    pub fn to_json(&self) -> Value {
+        let probs: Map<String, Value> = CLASSES
+            .iter()
+            .zip(&self.probs)
+            .map(|(c, p)| (c.to_string(), serde_json::json!(p)))
+            .collect();
+        let mut reason = serde_json::json!({ "code": self.reason.code() });
+        if let Some(v) = self.reason.value() {
+            reason["value"] = serde_json::json!(v);
+        }
+        serde_json::json!({
+            "id": self.id.to_string(),
+            "machine": self.machine,
+            "start": format_ts(self.start_ms),
+            "end": format_ts(self.end_ms),
+            "features": self.features,
+            "probs": probs,
+            "reason": reason,
+            "records": self.records.iter().map(Record::to_json).collect::<Vec<_>>(),
+        })
+    }
+
+    /// Parses and validates the JSON form. `id`, `start`, `end`, `features` and `reason`
+    /// may be left out: they are then derived from the records (the features by the
+    /// edge's own code) or set to "audit". Errors name the field.
+    pub fn from_json(value: &Value) -> Result<HardCase, RecordError> {
+        let obj = value
+            .as_object()
+            .ok_or_else(|| err("case", "expected a JSON object"))?;
+        let records: Vec<Record> = match obj.get("records") {
+            Some(Value::Array(a)) => {
+                if a.is_empty() || a.len() > CASE_MAX_RECORDS {
+                    return Err(err(
+                        "records",
+                        format!("must hold 1–{CASE_MAX_RECORDS} records (got {})", a.len()),
+                    ));
+                }
+                a.iter()
+                    .enumerate()
+                    .map(|(i, r)| {
+                        Record::from_json_value(r.clone()).map_err(|e| {
+                            err(format!("records[{i}].{}", e.field), e.reason)
+                        })
+                    })
+                    .collect::<Result<_, _>>()?
+            }
+            Some(_) => return Err(err("records", "must be an array of records")),
+            None => return Err(err("records", "missing")),
+        };
+        let machine = match obj.get("machine") {
+            Some(Value::String(s)) => s.clone(),
+            Some(_) => return Err(err("machine", "must be a string")),
+            None => records[0].machine.clone(),
+        };
+        if let Some(i) = records.iter().position(|r| r.machine != machine) {
+            return Err(err(
+                format!("records[{i}].machine"),
+                format!("differs from the case's machine {machine:?}"),
+            ));
+        }
+        let id = match obj.get("id") {
+            Some(Value::String(s)) => {
+                CaseId::parse(s).ok_or_else(|| err("id", "must be 32 hex digits"))?
+            }
+            Some(_) => return Err(err("id", "must be a string of 32 hex digits")),
+            None => CaseId::of_window(&machine, &records),
+        };
+        let ts = |field: &str, default: i64| -> Result<i64, RecordError> {
+            match obj.get(field) {
+                None => Ok(default),
+                Some(v) => crate::record::parse_ts(v).map_err(|e| err(field, e.reason)),
+            }
+        };
+        let start_ms = ts("start", records.iter().map(|r| r.ts_ms).min().unwrap_or(0))?;
+        let end_ms = ts("end", records.iter().map(|r| r.ts_ms).max().unwrap_or(0))?;
+        let features = match obj.get("features") {
+            None => crate::features::extract(&records).to_vec(),
+            Some(Value::Array(a)) if a.len() == NUM_FEATURES => a
+                .iter()
+                .enumerate()
+                .map(|(i, x)| {
+                    x.as_f64()
+                        .filter(|x| x.is_finite())
+                        .map(|x| x as f32)
+                        .ok_or_else(|| err(format!("features[{i}]"), "must be a finite number"))
+                })
+                .collect::<Result<_, _>>()?,
+            Some(_) => {
+                return Err(err(
+                    "features",
+                    format!("must be an array of {NUM_FEATURES} numbers"),
+                ))
+            }
+        };
+        let probs = match obj.get("probs") {
+            Some(Value::Object(m)) => {
+                if let Some(k) = m.keys().find(|k| class_index(k).is_none()) {
+                    return Err(err(format!("probs.{k}"), "not a known class"));
+                }
+                CLASSES
+                    .iter()
+                    .map(|c| match m.get(*c) {
+                        None => Ok(0.0),
+                        Some(v) => v
+                            .as_f64()
+                            .filter(|p| (0.0..=1.0).contains(p))
+                            .map(|p| p as f32)
+                            .ok_or_else(|| err(format!("probs.{c}"), "must be a number in [0, 1]")),
+                    })
+                    .collect::<Result<Vec<f32>, _>>()?
+            }
+            Some(_) => return Err(err("probs", "must be an object of class → probability")),
+            None => return Err(err("probs", "missing (the student's class probabilities)")),
+        };
+        let reason = match obj.get("reason") {
+            None => Reason::Audit,
+            Some(Value::Object(r)) => {
+                let code = r
+                    .get("code")
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| err("reason.code", "missing"))?;
+                let value = r.get("value").and_then(Value::as_f64).unwrap_or(0.0) as f32;
+                Reason::from_code(code, value)
+                    .ok_or_else(|| err("reason.code", format!("unknown reason {code:?}")))?
+            }
+            Some(_) => return Err(err("reason", "must be an object {code, value}")),
+        };
+        Ok(HardCase {
+            id,
+            machine,
+            start_ms,
+            end_ms,
+            features,
+            probs,
+            reason,
+            records,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -192,5 +380,43 @@ mod tests {
         let d = a.unit_draw(1);
         assert!((0.0..1.0).contains(&d));
         assert_eq!(d, a.unit_draw(1));
+    }
+
+    #[test]
+    fn hard_case_json_round_trips_and_errors_name_the_field() {
+        let mut sim = crate::sim::Simulator::new(crate::sim::SimConfig {
+            machines: 1,
+            ..Default::default()
+        });
+        let records: Vec<Record> = (0..16).map(|_| sim.tick()[0].to_record()).collect();
+        let case = HardCase {
+            id: CaseId::of_window(&records[0].machine, &records),
+            machine: records[0].machine.clone(),
+            start_ms: records[0].ts_ms,
+            end_ms: records[15].ts_ms,
+            features: crate::features::extract(&records).to_vec(),
+            probs: vec![0.5, 0.3, 0.1, 0.05, 0.05, 0.0],
+            reason: Reason::SmallMargin { margin: 0.2 },
+            records,
+        };
+        let back = HardCase::from_json(&case.to_json()).unwrap();
+        assert_eq!(back, case);
+        // Only records and probs are required; the rest is derived.
+        let minimal = serde_json::json!({
+            "records": case.to_json()["records"],
+            "probs": {"normal": 0.5, "overheating": 0.5},
+        });
+        let m = HardCase::from_json(&minimal).unwrap();
+        assert_eq!((m.id, &m.features), (case.id, &case.features));
+        let mut bad = case.to_json();
+        bad["records"][3]["readings"]["temperature"] = serde_json::json!("hot");
+        let e = HardCase::from_json(&bad).unwrap_err();
+        assert!(e.field.starts_with("records[3].readings"), "{e}");
+        let mut bad = case.to_json();
+        bad["probs"]["melted"] = serde_json::json!(0.1);
+        assert_eq!(HardCase::from_json(&bad).unwrap_err().field, "probs.melted");
+        let mut bad = case.to_json();
+        bad["features"] = serde_json::json!([1, 2]);
+        assert_eq!(HardCase::from_json(&bad).unwrap_err().field, "features");
     }
 }

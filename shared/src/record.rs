@@ -177,7 +177,7 @@ fn truncate(s: &str, max: usize) -> String {
     s.chars().take(max).collect()
 }
 
-fn parse_ts(v: &Value) -> Result<i64, RecordError> {
+pub(crate) fn parse_ts(v: &Value) -> Result<i64, RecordError> {
     match v {
         Value::Number(n) => {
             let ms = n

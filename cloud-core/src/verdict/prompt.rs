@@ -1,0 +1,1 @@
+//! The verdict prompt: how a hard case is put to the model.
