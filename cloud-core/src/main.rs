@@ -268,15 +268,9 @@ fn generate_cmd(
             params.stop_tokens.push(t);
         }
     }
-    let out = generate(
-        &model,
-        &[Request {
-            prompt: ids.clone(),
-            params,
-        }],
-    )
-    .map_err(|e| e.to_string())?
-    .remove(0);
+    let out = generate(&model, vec![Request::new(ids.clone(), params)])
+        .map_err(|e| e.to_string())?
+        .remove(0);
     let text = tok.decode(&out.tokens).map_err(|e| e.to_string())?;
     if json {
         let piece = |t: u32| tok.decode(&[t]).unwrap_or_default();

@@ -341,12 +341,15 @@ fn generation_batches_requests_and_honours_sampling_stop_and_length() {
     };
     let requests: Vec<Request> = cases
         .iter()
-        .map(|c| Request {
-            prompt: ids(&c["prompt_ids"]),
-            params: greedy(8),
-        })
+        .map(|c| Request::new(ids(&c["prompt_ids"]), greedy(8)))
         .collect();
-    let out = generate(&model, &requests).expect("generate");
+    let requests = || {
+        requests
+            .iter()
+            .map(|r| Request::new(r.prompt.clone(), r.params.clone()))
+            .collect::<Vec<_>>()
+    };
+    let out = generate(&model, requests()).expect("generate");
     for (o, c) in out.iter().zip(cases) {
         assert_eq!(
             o.tokens,
@@ -361,42 +364,38 @@ fn generation_batches_requests_and_honours_sampling_stop_and_length() {
     }
     // A stop token ends the sequence (and is not part of the output); the other goes on.
     let stop_at = ids(&cases[0]["greedy_ids"])[3];
-    let mut stopping = requests.clone();
+    let mut stopping = requests();
     stopping[0].params.stop_tokens = vec![stop_at];
-    let out = generate(&model, &stopping).expect("generate");
+    let out = generate(&model, stopping).expect("generate");
     assert_eq!(out[0].finish, Finish::Stop);
     assert_eq!(out[0].tokens, ids(&cases[0]["greedy_ids"])[..3]);
     assert_eq!(out[1].tokens.len(), 8);
     // Seeded sampling: reproducible, and the seed matters.
     let sampled = |seed| {
-        let r = Request {
-            prompt: ids(&cases[0]["prompt_ids"]),
-            params: SamplingParams {
+        let r = Request::new(
+            ids(&cases[0]["prompt_ids"]),
+            SamplingParams {
                 temperature: 1.5,
                 seed,
                 max_tokens: 12,
                 ..Default::default()
             },
-        };
-        generate(&model, &[r]).expect("generate").remove(0).tokens
+        );
+        generate(&model, vec![r])
+            .expect("generate")
+            .remove(0)
+            .tokens
     };
     assert_eq!(sampled(7), sampled(7));
     assert_ne!(sampled(7), sampled(8));
     // Requests the model cannot serve are refused up front.
-    let too_long = Request {
-        prompt: vec![1; 10],
-        params: SamplingParams {
+    let too_long = Request::new(
+        vec![1; 10],
+        SamplingParams {
             max_tokens: 1_000_000,
             ..Default::default()
         },
-    };
-    assert!(generate(&model, &[too_long]).is_err());
-    assert!(generate(
-        &model,
-        &[Request {
-            prompt: vec![],
-            params: greedy(2)
-        }]
-    )
-    .is_err());
+    );
+    assert!(generate(&model, vec![too_long]).is_err());
+    assert!(generate(&model, vec![Request::new(vec![], greedy(2))]).is_err());
 }

@@ -1,24 +1,66 @@
-//! Generation: many requests decoded together, each with its own sampler, stop tokens and
-//! token budget. Every step runs all unfinished sequences as one batch (the first step of
-//! a sequence is its prompt); a sequence leaves the batch as soon as it finishes.
+//! Generation: many requests decoded together, each with its own sampler, stop tokens,
+//! token budget and (optionally) grammar.
+//!
+//! A [`Sequence`] is one request in flight: its cache, sampler and output so far. Every
+//! [`step`] runs all given sequences as one batch (the first step of a sequence is its
+//! whole prompt) and samples one token for each. [`generate`] drives a fixed set of
+//! requests to the end; the serving scheduler ([`super::scheduler`]) drives the same
+//! sequences while requests join and leave at every step.
 
 use super::backend::Backend;
-use super::model::{EngineError, Model};
+use super::constrain::Constraint;
+use super::model::{Cache, EngineError, Model};
 use super::sampler::{Sampled, Sampler, SamplingParams};
 
 /// One generation request.
-#[derive(Clone, Debug)]
 pub struct Request {
     /// Prompt token ids (at least one).
     pub prompt: Vec<u32>,
     /// Sampling.
     pub params: SamplingParams,
+    /// A grammar the output must follow (a JSON schema, usually).
+    pub constraint: Option<Constraint>,
+}
+
+impl Request {
+    /// An unconstrained request.
+    pub fn new(prompt: Vec<u32>, params: SamplingParams) -> Request {
+        Request {
+            prompt,
+            params,
+            constraint: None,
+        }
+    }
+}
+
+impl Request {
+    /// Checks the request against a model with `vocab` tokens and a context of `ctx`
+    /// positions; the error says what is wrong.
+    pub fn check(&self, vocab: usize, ctx: usize) -> Result<(), EngineError> {
+        if self.prompt.is_empty() {
+            return Err(EngineError::Request("the prompt is empty".into()));
+        }
+        self.params.validate().map_err(EngineError::Request)?;
+        if let Some(bad) = self.prompt.iter().find(|t| **t as usize >= vocab) {
+            return Err(EngineError::Request(format!(
+                "prompt token {bad} is outside the vocabulary ({vocab})"
+            )));
+        }
+        if self.prompt.len() + self.params.max_tokens > ctx {
+            return Err(EngineError::Request(format!(
+                "the prompt ({} tokens) plus max_tokens ({}) exceed the model's context of {ctx}",
+                self.prompt.len(),
+                self.params.max_tokens,
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// Why a sequence ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Finish {
-    /// A stop token was sampled.
+    /// A stop token was sampled (for a constrained request: the answer is complete).
     Stop,
     /// `max_tokens` were produced.
     Length,
@@ -45,38 +87,149 @@ pub struct Output {
     pub finish: Finish,
 }
 
+/// What one step did to one sequence.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Step {
+    /// A new token (the sequence goes on unless `finish` is set).
+    Token(Sampled, Option<Finish>),
+    /// The sequence ended without a new token (a stop token was sampled).
+    Done(Finish),
+}
+
+/// One request in flight.
+pub struct Sequence<B: Backend> {
+    cache: Cache<B>,
+    sampler: Sampler,
+    history: Vec<u32>,
+    next_input: Vec<u32>,
+    constraint: Option<Constraint>,
+    produced: usize,
+    finish: Option<Finish>,
+}
+
+impl<B: Backend> Sequence<B> {
+    /// Checks the request against the model and starts it.
+    pub fn new(model: &Model<B>, request: Request) -> Result<Sequence<B>, EngineError> {
+        let cfg = model.config();
+        request.check(cfg.vocab_size, cfg.max_position_embeddings)?;
+        let finish = (request.params.max_tokens == 0).then_some(Finish::Length);
+        Ok(Sequence {
+            cache: model.new_cache(),
+            history: request.prompt.clone(),
+            next_input: request.prompt,
+            sampler: Sampler::new(request.params),
+            constraint: request.constraint,
+            produced: 0,
+            finish,
+        })
+    }
+
+    /// Why it ended, once it has.
+    pub fn finished(&self) -> Option<Finish> {
+        self.finish
+    }
+
+    /// Tokens the next step will run (the prompt first, then one at a time).
+    pub fn pending(&self) -> usize {
+        self.next_input.len()
+    }
+
+    /// Positions in its cache.
+    pub fn cached(&self) -> usize {
+        self.cache.len()
+    }
+
+    /// Takes the logits of the last position, samples, and advances.
+    fn accept(&mut self, logits: &[f32]) -> Result<Step, EngineError> {
+        let s = match &mut self.constraint {
+            None => self.sampler.sample(logits, &self.history),
+            Some(c) => {
+                let mut allowed = logits.to_vec();
+                c.mask(&mut allowed)
+                    .map_err(|e| EngineError::Request(e.to_string()))?;
+                self.sampler.sample_from(logits, allowed, &self.history)
+            }
+        };
+        if let Some(c) = &mut self.constraint {
+            if c.advance(s.token)
+                .map_err(|e| EngineError::Request(e.to_string()))?
+            {
+                self.finish = Some(Finish::Stop);
+                return Ok(Step::Done(Finish::Stop));
+            }
+        } else if self.sampler.params().stop_tokens.contains(&s.token) {
+            self.finish = Some(Finish::Stop);
+            return Ok(Step::Done(Finish::Stop));
+        }
+        self.history.push(s.token);
+        self.next_input = vec![s.token];
+        self.produced += 1;
+        if self.produced >= self.sampler.params().max_tokens {
+            self.finish = Some(Finish::Length);
+        }
+        Ok(Step::Token(s, self.finish))
+    }
+}
+
+/// Runs one batched step over `seqs` (all unfinished) and samples a token for each.
+/// The outer error is the batch's (nothing advanced); an inner error is one sequence's
+/// (a grammar failure, say), which then counts as finished.
+pub fn step<B: Backend>(
+    model: &Model<B>,
+    seqs: &mut [&mut Sequence<B>],
+) -> Result<Vec<Result<Step, EngineError>>, EngineError> {
+    if seqs
+        .iter()
+        .any(|s| s.finish.is_some() || s.next_input.is_empty())
+    {
+        return Err(EngineError::Request(
+            "a finished sequence was given to step".into(),
+        ));
+    }
+    let inputs: Vec<Vec<u32>> = seqs
+        .iter_mut()
+        .map(|s| std::mem::take(&mut s.next_input))
+        .collect();
+    let mut batch: Vec<(&[u32], &mut Cache<B>)> = inputs
+        .iter()
+        .zip(seqs.iter_mut())
+        .map(|(ids, s)| (ids.as_slice(), &mut s.cache))
+        .collect();
+    let logits = match model.forward_batch_last(&mut batch) {
+        Ok(l) => l,
+        Err(e) => {
+            for (s, ids) in seqs.iter_mut().zip(inputs) {
+                s.next_input = ids;
+            }
+            return Err(e);
+        }
+    };
+    Ok(seqs
+        .iter_mut()
+        .zip(&logits)
+        .map(|(s, l)| {
+            let r = s.accept(l);
+            if r.is_err() {
+                s.finish = Some(Finish::Stop);
+            }
+            r
+        })
+        .collect())
+}
+
 /// Generates for every request, batching all of them at every step.
 pub fn generate<B: Backend>(
     model: &Model<B>,
-    requests: &[Request],
+    requests: Vec<Request>,
 ) -> Result<Vec<Output>, EngineError> {
-    for (i, r) in requests.iter().enumerate() {
-        if r.prompt.is_empty() {
-            return Err(EngineError::Request(format!(
-                "request {i}: the prompt is empty"
-            )));
-        }
-        r.params
-            .validate()
-            .map_err(|e| EngineError::Request(format!("request {i}: {e}")))?;
-        let need = r.prompt.len() + r.params.max_tokens;
-        if need > model.config().max_position_embeddings {
-            return Err(EngineError::Request(format!(
-                "request {i}: prompt ({}) plus max_tokens ({}) exceed the model's context of {}",
-                r.prompt.len(),
-                r.params.max_tokens,
-                model.config().max_position_embeddings
-            )));
-        }
+    let mut seqs = Vec::with_capacity(requests.len());
+    for (i, r) in requests.into_iter().enumerate() {
+        seqs.push(
+            Sequence::new(model, r)
+                .map_err(|e| EngineError::Request(format!("request {i}: {e}")))?,
+        );
     }
-    let vocab = model.config().vocab_size;
-    let mut caches: Vec<_> = requests.iter().map(|_| model.new_cache()).collect();
-    let mut samplers: Vec<Sampler> = requests
-        .iter()
-        .map(|r| Sampler::new(r.params.clone()))
-        .collect();
-    let mut history: Vec<Vec<u32>> = requests.iter().map(|r| r.prompt.clone()).collect();
-    let mut outputs: Vec<Output> = requests
+    let mut outputs: Vec<Output> = seqs
         .iter()
         .map(|_| Output {
             tokens: Vec::new(),
@@ -84,45 +237,28 @@ pub fn generate<B: Backend>(
             finish: Finish::Length,
         })
         .collect();
-    let mut next_input: Vec<Vec<u32>> = requests.iter().map(|r| r.prompt.clone()).collect();
-    let mut active: Vec<usize> = (0..requests.len())
-        .filter(|i| requests[*i].params.max_tokens > 0)
-        .collect();
-    while !active.is_empty() {
-        let inputs: Vec<Vec<u32>> = active
-            .iter()
-            .map(|i| std::mem::take(&mut next_input[*i]))
-            .collect();
-        let mut cache_refs: Vec<_> = caches
+    loop {
+        let (idx, mut active): (Vec<usize>, Vec<&mut Sequence<B>>) = seqs
             .iter_mut()
             .enumerate()
-            .filter(|(i, _)| active.contains(i))
-            .map(|(_, c)| c)
-            .collect();
-        let mut batch: Vec<(&[u32], &mut _)> = inputs
-            .iter()
-            .map(|v| v.as_slice())
-            .zip(cache_refs.iter_mut().map(|c| &mut **c))
-            .collect();
-        let logits = model.forward_batch(&mut batch)?;
-        let mut still = Vec::with_capacity(active.len());
-        for (&i, l) in active.iter().zip(&logits) {
-            let last = &l[l.len() - vocab..];
-            let s = samplers[i].sample(last, &history[i]);
-            let params = samplers[i].params();
-            if params.stop_tokens.contains(&s.token) {
-                outputs[i].finish = Finish::Stop;
-                continue;
-            }
-            history[i].push(s.token);
-            outputs[i].tokens.push(s.token);
-            next_input[i] = vec![s.token];
-            outputs[i].steps.push(s);
-            if outputs[i].tokens.len() < params.max_tokens {
-                still.push(i);
+            .filter(|(_, s)| s.finish.is_none())
+            .unzip();
+        if active.is_empty() {
+            break;
+        }
+        let results = step(model, &mut active)?;
+        for (i, r) in idx.into_iter().zip(results) {
+            match r.map_err(|e| EngineError::Request(format!("request {i}: {e}")))? {
+                Step::Token(s, finish) => {
+                    outputs[i].tokens.push(s.token);
+                    outputs[i].steps.push(s);
+                    if let Some(f) = finish {
+                        outputs[i].finish = f;
+                    }
+                }
+                Step::Done(f) => outputs[i].finish = f,
             }
         }
-        active = still;
     }
     Ok(outputs)
 }

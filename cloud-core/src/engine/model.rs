@@ -390,6 +390,24 @@ impl<B: Backend> Model<B> {
         &self,
         seqs: &mut [(&[u32], &mut Cache<B>)],
     ) -> Result<Vec<Vec<f32>>, EngineError> {
+        self.forward_rows(seqs, false)
+    }
+
+    /// Like [`Model::forward_batch`], but returns only the logits of each sequence's last
+    /// position, `[vocab]` (what generation needs: the output head runs once per sequence,
+    /// not once per prompt token).
+    pub fn forward_batch_last(
+        &self,
+        seqs: &mut [(&[u32], &mut Cache<B>)],
+    ) -> Result<Vec<Vec<f32>>, EngineError> {
+        self.forward_rows(seqs, true)
+    }
+
+    fn forward_rows(
+        &self,
+        seqs: &mut [(&[u32], &mut Cache<B>)],
+        last_only: bool,
+    ) -> Result<Vec<Vec<f32>>, EngineError> {
         for (ids, cache) in seqs.iter() {
             if cache.len + ids.len() > self.max_pos {
                 return Err(EngineError::Request(format!(
@@ -397,6 +415,11 @@ impl<B: Backend> Model<B> {
                     cache.len + ids.len(),
                     self.max_pos
                 )));
+            }
+            if last_only && ids.is_empty() {
+                return Err(EngineError::Request(
+                    "a sequence in the batch has no tokens to run".into(),
+                ));
             }
             if let Some(bad) = ids.iter().find(|i| **i as usize >= self.cfg.vocab_size) {
                 return Err(EngineError::Request(format!(
@@ -441,8 +464,20 @@ impl<B: Backend> Model<B> {
         for (ids, cache) in seqs.iter_mut() {
             cache.len += ids.len();
         }
-        let xn = be.rms_norm(&x, &self.norm, eps);
         let vocab = self.cfg.vocab_size;
+        if last_only {
+            let mut last = Vec::with_capacity(lens.len());
+            let mut end = 0;
+            for len in &lens {
+                end += len;
+                last.push((end - 1) as u32);
+            }
+            let x = be.gather_rows(&x, hd, &last);
+            let xn = be.rms_norm(&x, &self.norm, eps);
+            let logits = be.download(&be.linear(&xn, last.len(), &self.lm_head, vocab, hd));
+            return Ok(logits.chunks(vocab).map(<[f32]>::to_vec).collect());
+        }
+        let xn = be.rms_norm(&x, &self.norm, eps);
         let logits = be.download(&be.linear(&xn, total, &self.lm_head, vocab, hd));
         let mut out = Vec::with_capacity(seqs.len());
         let mut at = 0;

@@ -122,9 +122,16 @@ impl Sampler {
 
     /// Picks the next token from `logits`, given every token of the sequence so far.
     pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> Sampled {
+        self.sample_from(logits, logits.to_vec(), history)
+    }
+
+    /// Picks the next token from `allowed` — the logits with every forbidden token at −∞
+    /// (a grammar's mask) — while the reported log-probabilities stay those of the
+    /// model's own `logits`.
+    pub fn sample_from(&mut self, logits: &[f32], allowed: Vec<f32>, history: &[u32]) -> Sampled {
         let p = &self.params;
         let lp = log_softmax(logits);
-        let mut x = logits.to_vec();
+        let mut x = allowed;
         if p.repetition_penalty != 1.0 {
             let mut seen = vec![false; x.len()];
             for &t in history {

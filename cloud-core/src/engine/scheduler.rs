@@ -1,0 +1,306 @@
+//! Continuous batching: one engine thread owns the model and steps every running
+//! sequence together; requests join at the next step and leave the moment they finish,
+//! so a long answer never holds up a short one and a new prompt never waits for a batch
+//! to drain.
+//!
+//! Admission is bounded: at most `max_batch` sequences run at once, a step takes in at
+//! most `max_prefill_tokens` of new prompts (a long prompt still gets in alone), and at
+//! most `max_queue` requests wait — beyond that [`Handle::submit`] answers
+//! [`SubmitError::Busy`] at once. A request whose receiver is dropped (the client went
+//! away) is cancelled at the next step.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::Instant;
+
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+
+use super::backend::Backend;
+use super::generate::{step, Finish, Request, Sequence, Step};
+use super::model::{EngineError, Model};
+use super::sampler::Sampled;
+
+/// Limits of the scheduler.
+#[derive(Clone, Copy, Debug)]
+pub struct SchedulerConfig {
+    /// Most sequences decoded together.
+    pub max_batch: usize,
+    /// Most requests waiting to start.
+    pub max_queue: usize,
+    /// Most prompt tokens taken into one step.
+    pub max_prefill_tokens: usize,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        SchedulerConfig {
+            max_batch: 16,
+            max_queue: 256,
+            max_prefill_tokens: 2048,
+        }
+    }
+}
+
+/// What a request's receiver gets, in order: tokens, then exactly one end.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Event {
+    /// The next token.
+    Token(Sampled),
+    /// The request is complete.
+    Finished(Finish),
+    /// The request failed; nothing more follows.
+    Failed(String),
+}
+
+/// Why a request was not taken.
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    /// The request itself is unusable (the message says why).
+    #[error("{0}")]
+    Invalid(String),
+    /// The queue is full; try again later.
+    #[error("the engine's queue is full ({0} requests waiting)")]
+    Busy(usize),
+    /// The engine thread has stopped.
+    #[error("the engine has stopped")]
+    Stopped,
+}
+
+/// Counters of the engine, for status pages.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Sequences being decoded.
+    pub running: AtomicUsize,
+    /// Requests waiting to start.
+    pub waiting: AtomicUsize,
+    /// Prompt tokens processed.
+    pub prompt_tokens: AtomicU64,
+    /// Tokens generated.
+    pub generated_tokens: AtomicU64,
+    /// Requests completed (finished or failed).
+    pub completed: AtomicU64,
+    /// Batched steps run.
+    pub steps: AtomicU64,
+}
+
+struct Job {
+    request: Request,
+    events: UnboundedSender<Event>,
+}
+
+/// A handle to the engine thread; cheap to clone.
+#[derive(Clone)]
+pub struct Handle {
+    tx: mpsc::Sender<Job>,
+    stats: Arc<Stats>,
+    cfg: SchedulerConfig,
+    vocab: usize,
+    ctx: usize,
+}
+
+impl Handle {
+    /// Queues a request; its events arrive on the returned receiver.
+    pub fn submit(&self, request: Request) -> Result<UnboundedReceiver<Event>, SubmitError> {
+        request
+            .check(self.vocab, self.ctx)
+            .map_err(|e| SubmitError::Invalid(e.to_string()))?;
+        let waiting = self.stats.waiting.load(Ordering::Relaxed);
+        if waiting >= self.cfg.max_queue {
+            return Err(SubmitError::Busy(waiting));
+        }
+        let (events, rx) = unbounded_channel();
+        self.stats.waiting.fetch_add(1, Ordering::Relaxed);
+        self.tx.send(Job { request, events }).map_err(|_| {
+            self.stats.waiting.fetch_sub(1, Ordering::Relaxed);
+            SubmitError::Stopped
+        })?;
+        Ok(rx)
+    }
+
+    /// The engine's counters.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// The model's vocabulary size (logits per step).
+    pub fn vocab(&self) -> usize {
+        self.vocab
+    }
+
+    /// The model's context length.
+    pub fn context(&self) -> usize {
+        self.ctx
+    }
+
+    /// The scheduler's limits.
+    pub fn config(&self) -> SchedulerConfig {
+        self.cfg
+    }
+}
+
+/// Starts the engine thread with `model`. It runs until every [`Handle`] is dropped.
+pub fn start<B>(model: Model<B>, cfg: SchedulerConfig) -> Handle
+where
+    B: Backend + Send + 'static,
+    Model<B>: Send,
+{
+    let (tx, rx) = mpsc::channel();
+    let stats = Arc::new(Stats::default());
+    let handle = Handle {
+        tx,
+        stats: stats.clone(),
+        cfg: SchedulerConfig {
+            max_batch: cfg.max_batch.max(1),
+            ..cfg
+        },
+        vocab: model.config().vocab_size,
+        ctx: model.config().max_position_embeddings,
+    };
+    let cfg = handle.cfg;
+    std::thread::Builder::new()
+        .name("engine".into())
+        .spawn(move || run(model, cfg, rx, stats))
+        .map(|_| ())
+        .unwrap_or_else(|e| tracing::error!("cannot start the engine thread: {e}"));
+    handle
+}
+
+fn run<B: Backend>(
+    model: Model<B>,
+    cfg: SchedulerConfig,
+    rx: mpsc::Receiver<Job>,
+    stats: Arc<Stats>,
+) {
+    let mut waiting: VecDeque<Job> = VecDeque::new();
+    let mut active: Vec<(Sequence<B>, UnboundedSender<Event>)> = Vec::new();
+    let finish = |stats: &Stats, outcome: &str| {
+        stats.completed.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("engine_requests_total", "outcome" => outcome.to_string()).increment(1);
+    };
+    loop {
+        if active.is_empty() && waiting.is_empty() {
+            match rx.recv() {
+                Ok(job) => waiting.push_back(job),
+                Err(_) => return,
+            }
+        }
+        while let Ok(job) = rx.try_recv() {
+            waiting.push_back(job);
+        }
+        // Admit waiting requests while there is room in the batch and the step's prompt
+        // budget (the first one always gets in, however long its prompt).
+        let mut prefill = 0;
+        while active.len() < cfg.max_batch {
+            let Some(job) = waiting.front() else { break };
+            let len = job.request.prompt.len();
+            if prefill > 0 && prefill + len > cfg.max_prefill_tokens {
+                break;
+            }
+            let Some(job) = waiting.pop_front() else {
+                break;
+            };
+            stats.waiting.fetch_sub(1, Ordering::Relaxed);
+            if job.events.is_closed() {
+                finish(&stats, "cancelled");
+                continue;
+            }
+            match Sequence::new(&model, job.request) {
+                Ok(seq) => {
+                    prefill += len;
+                    stats.prompt_tokens.fetch_add(len as u64, Ordering::Relaxed);
+                    metrics::counter!("engine_prompt_tokens_total").increment(len as u64);
+                    if seq.finished().is_some() {
+                        let _ = job.events.send(Event::Finished(Finish::Length));
+                        finish(&stats, "length");
+                    } else {
+                        active.push((seq, job.events));
+                    }
+                }
+                Err(e) => {
+                    let _ = job.events.send(Event::Failed(e.to_string()));
+                    finish(&stats, "failed");
+                }
+            }
+        }
+        // Cancel sequences nobody listens to any more.
+        active.retain(|(_, events)| {
+            let open = !events.is_closed();
+            if !open {
+                finish(&stats, "cancelled");
+            }
+            open
+        });
+        stats.running.store(active.len(), Ordering::Relaxed);
+        metrics::gauge!("engine_running").set(active.len() as f64);
+        metrics::gauge!("engine_waiting").set(waiting.len() as f64);
+        if active.is_empty() {
+            continue;
+        }
+        let started = Instant::now();
+        let mut refs: Vec<&mut Sequence<B>> = active.iter_mut().map(|(s, _)| s).collect();
+        let results = step(&model, &mut refs);
+        metrics::histogram!("engine_step_seconds").record(started.elapsed().as_secs_f64());
+        metrics::histogram!("engine_batch_size").record(active.len() as f64);
+        stats.steps.fetch_add(1, Ordering::Relaxed);
+        match results {
+            Err(e) => {
+                let msg = format!("engine step failed: {e}");
+                tracing::error!("{msg}");
+                for (_, events) in active.drain(..) {
+                    let _ = events.send(Event::Failed(msg.clone()));
+                    finish(&stats, "failed");
+                }
+            }
+            Ok(results) => {
+                let mut done = vec![false; active.len()];
+                for (i, r) in results.into_iter().enumerate() {
+                    let events = &active[i].1;
+                    match r {
+                        Ok(Step::Token(s, end)) => {
+                            stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
+                            metrics::counter!("engine_generated_tokens_total").increment(1);
+                            let _ = events.send(Event::Token(s));
+                            if let Some(f) = end {
+                                let _ = events.send(Event::Finished(f));
+                                finish(&stats, f.as_str());
+                                done[i] = true;
+                            }
+                        }
+                        Ok(Step::Done(f)) => {
+                            let _ = events.send(Event::Finished(f));
+                            finish(&stats, f.as_str());
+                            done[i] = true;
+                        }
+                        Err(e) => {
+                            let _ = events.send(Event::Failed(e.to_string()));
+                            finish(&stats, "failed");
+                            done[i] = true;
+                        }
+                    }
+                }
+                let mut i = 0;
+                active.retain(|_| {
+                    i += 1;
+                    !done[i - 1]
+                });
+            }
+        }
+        stats.running.store(active.len(), Ordering::Relaxed);
+    }
+}
+
+/// Waits for all events of a request: the tokens and how it ended.
+pub async fn collect(
+    mut rx: UnboundedReceiver<Event>,
+) -> Result<(Vec<Sampled>, Finish), EngineError> {
+    let mut steps = Vec::new();
+    while let Some(ev) = rx.recv().await {
+        match ev {
+            Event::Token(s) => steps.push(s),
+            Event::Finished(f) => return Ok((steps, f)),
+            Event::Failed(e) => return Err(EngineError::Request(e)),
+        }
+    }
+    Err(EngineError::Request("the engine stopped".into()))
+}
