@@ -6,4 +6,5 @@
 //!   only; no forward pass, no serving. The `cloud-core` binary says so and exits.
 
 pub mod engine;
+pub mod server;
 pub mod verdict;

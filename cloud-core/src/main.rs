@@ -65,6 +65,38 @@ enum Cmd {
         #[arg(long)]
         system: Option<String>,
     },
+    /// Serve the model: the OpenAI-compatible API, verdicts on hard cases, engine status
+    /// and metrics over HTTP (the QUIC link for edge agents is not built yet).
+    Serve {
+        /// State directory (the operator token lives here).
+        #[arg(long)]
+        data_dir: std::path::PathBuf,
+        /// HTTP listen address.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen_http: std::net::SocketAddr,
+        /// Checkpoint directory, as published on Hugging Face.
+        #[arg(long)]
+        model: std::path::PathBuf,
+        /// The model name the API reports and accepts [default: the directory's name].
+        #[arg(long)]
+        model_name: Option<String>,
+        /// Engine backend. Only `cpu` is built so far.
+        #[arg(long, default_value = "cpu")]
+        engine: String,
+        /// Operator token (at least 16 characters) [default: DATA_DIR/operator-token,
+        /// created on first start].
+        #[arg(long, env = "CLOUD_CORE_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// Most sequences decoded together.
+        #[arg(long, default_value_t = 16)]
+        max_batch: usize,
+        /// Most requests waiting; beyond that requests get 503 with Retry-After.
+        #[arg(long, default_value_t = 256)]
+        max_queue: usize,
+        /// Log filter (error, warn, info, debug, or a tracing filter).
+        #[arg(long, default_value = "info")]
+        log: String,
+    },
     /// Measure the CPU engine: prefill and decode tokens/s on random weights of a named shape.
     Bench {
         /// Model shape: qwen2-1.5b (DeepSeek-R1-Distill-Qwen-1.5B), deepseek-v2-mini, or tiny.
@@ -300,6 +332,27 @@ fn generate_cmd(
     Ok(())
 }
 
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -348,6 +401,63 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Some(Cmd::Serve {
+            data_dir,
+            listen_http,
+            model,
+            model_name,
+            engine,
+            token,
+            max_batch,
+            max_queue,
+            log,
+        }) => {
+            if engine != "cpu" {
+                eprintln!(
+                    "cloud-core serve: --engine {engine} is not built yet (only cpu; the CUDA \
+                     and remote backends are planned, see README \"Status\")"
+                );
+                return ExitCode::from(2);
+            }
+            let filter = tracing_subscriber::EnvFilter::try_new(&log)
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+            tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_writer(std::io::stderr)
+                .init();
+            let model_name = model_name.unwrap_or_else(|| {
+                std::fs::canonicalize(&model)
+                    .ok()
+                    .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+                    .unwrap_or_else(|| "model".into())
+            });
+            let opts = cloud_core::server::ServeOptions {
+                data_dir,
+                listen_http,
+                model,
+                model_name,
+                token,
+                scheduler: cloud_core::engine::scheduler::SchedulerConfig {
+                    max_batch,
+                    max_queue,
+                    ..Default::default()
+                },
+            };
+            let rt = match tokio::runtime::Runtime::new() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("cloud-core serve: cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match rt.block_on(cloud_core::server::run(opts, shutdown_signal())) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("cloud-core serve: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         None => {
             eprintln!(
                 "cloud-core {}: serving is not built yet. The engine's CPU forward pass exists (see \

@@ -19,5 +19,6 @@ pub mod model;
 pub mod rope;
 pub mod sampler;
 pub mod scheduler;
+pub mod service;
 pub mod tokenizer;
 pub mod weights;

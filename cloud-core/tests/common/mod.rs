@@ -65,3 +65,51 @@ pub fn random_v3_config() -> Value {
     cfg["eos_token_id"] = json!(260);
     cfg
 }
+
+/// A servable checkpoint from the V3 parity fixture's random weights (vocabulary 256):
+/// a byte-level tokenizer over bytes 0x00–0xFE with `<eos>` as id 255 (0xFF never occurs
+/// in UTF-8), a chat template and a generation config. Returns the `<eos>` id.
+pub fn write_fixture_checkpoint(dir: &Path) -> u32 {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/parity/deepseek_v3");
+    std::fs::copy(
+        fixture.join("model.safetensors"),
+        dir.join("model.safetensors"),
+    )
+    .expect("weights");
+    let mut cfg: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture.join("config.json")).expect("config"),
+    )
+    .expect("json");
+    let eos = 255u32;
+    cfg["eos_token_id"] = json!(eos);
+    cfg["max_position_embeddings"] = json!(2048);
+    std::fs::write(dir.join("config.json"), cfg.to_string()).expect("config");
+    let mut vocab = serde_json::Map::new();
+    for b in 0..=254u8 {
+        vocab.insert(byte_char(b).to_string(), json!(b));
+    }
+    let tok = json!({
+        "version": "1.0", "truncation": null, "padding": null,
+        "added_tokens": [{"id": eos, "content": "<eos>", "single_word": false, "lstrip": false,
+                          "rstrip": false, "normalized": false, "special": true}],
+        "normalizer": null,
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
+        "post_processor": null,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                  "vocab": Value::Object(vocab), "merges": []},
+    });
+    std::fs::write(dir.join("tokenizer.json"), tok.to_string()).expect("tokenizer.json");
+    let tc = json!({
+        "eos_token": "<eos>",
+        "chat_template": "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}",
+    });
+    std::fs::write(dir.join("tokenizer_config.json"), tc.to_string()).expect("tokenizer_config");
+    std::fs::write(
+        dir.join("generation_config.json"),
+        json!({"eos_token_id": eos}).to_string(),
+    )
+    .expect("generation_config");
+    eos
+}

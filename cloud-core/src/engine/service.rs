@@ -1,0 +1,119 @@
+//! A checkpoint being served: the scheduler's engine thread plus everything needed to
+//! turn text into requests and tokens back into text — tokenizer, chat template, stop
+//! tokens and grammars.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::backend::cpu::Cpu;
+use super::chat::{generation_eos, ChatTemplate};
+use super::constrain::Grammars;
+use super::model::Model;
+use super::scheduler::{self, Handle, SchedulerConfig};
+use super::tokenizer::Tokenizer;
+
+/// A loaded, running checkpoint. Cheap to clone.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    name: String,
+    dir: PathBuf,
+    handle: Handle,
+    tokenizer: Tokenizer,
+    chat: Option<ChatTemplate>,
+    grammars: Option<Grammars>,
+    stop_tokens: Vec<u32>,
+    pieces: Vec<String>,
+}
+
+impl Engine {
+    /// Loads the checkpoint in `dir` on the CPU backend and starts its engine thread.
+    /// `name` is the model name the API reports and accepts.
+    pub fn load_cpu(dir: &Path, name: &str, cfg: SchedulerConfig) -> anyhow::Result<Engine> {
+        let tokenizer = Tokenizer::load(dir)?;
+        let chat = ChatTemplate::load(dir)?;
+        let model = Model::load(dir, Cpu::default())?;
+        let mut stop_tokens = model.config().eos_token_ids.clone();
+        for t in generation_eos(dir)? {
+            if !stop_tokens.contains(&t) {
+                stop_tokens.push(t);
+            }
+        }
+        let vocab = model.config().vocab_size;
+        // Structured output needs a token that ends the answer.
+        let grammars = match stop_tokens.first() {
+            Some(&eos) => Some(Grammars::load(dir, vocab, eos)?),
+            None => {
+                tracing::warn!(
+                    "{}: no eos_token_id in config.json or generation_config.json: \
+                     structured output (response_format, verdicts) is unavailable",
+                    dir.display()
+                );
+                None
+            }
+        };
+        let pieces = (0..vocab as u32)
+            .map(|t| tokenizer.decode_keep_special(&[t]).unwrap_or_default())
+            .collect();
+        let handle = scheduler::start(model, cfg);
+        Ok(Engine {
+            inner: Arc::new(Inner {
+                name: name.to_string(),
+                dir: dir.to_path_buf(),
+                handle,
+                tokenizer,
+                chat,
+                grammars,
+                stop_tokens,
+                pieces,
+            }),
+        })
+    }
+
+    /// The model name.
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// The checkpoint directory.
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    /// The scheduler.
+    pub fn handle(&self) -> &Handle {
+        &self.inner.handle
+    }
+
+    /// The tokenizer.
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.inner.tokenizer
+    }
+
+    /// The chat template, if the checkpoint has one.
+    pub fn chat_template(&self) -> Option<&ChatTemplate> {
+        self.inner.chat.as_ref()
+    }
+
+    /// Grammars for structured output (absent without an end-of-sequence token).
+    pub fn grammars(&self) -> Option<&Grammars> {
+        self.inner.grammars.as_ref()
+    }
+
+    /// Tokens that end an answer.
+    pub fn stop_tokens(&self) -> &[u32] {
+        &self.inner.stop_tokens
+    }
+
+    /// The text of one token on its own (special tokens spelled out); partial UTF-8
+    /// sequences come out as U+FFFD.
+    pub fn piece(&self, token: u32) -> &str {
+        self.inner
+            .pieces
+            .get(token as usize)
+            .map_or("", String::as_str)
+    }
+}
