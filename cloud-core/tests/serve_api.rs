@@ -243,6 +243,62 @@ async fn concurrent_requests_are_batched_and_answer_as_alone() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_prompt_prefix_is_run_once_and_changes_nothing() {
+    let dir = checkpoint();
+    let srv = Server::start(dir.path()).await;
+    let header = "You are the diagnosis model of a factory. Readings of one machine follow. ";
+    let model = Model::load(dir.path(), Cpu::default()).expect("model");
+    for (i, tail) in ["pump-01 hot", "lathe-02 loud", "fan-03 fine"]
+        .iter()
+        .enumerate()
+    {
+        let prompt = format!("{header}{tail}");
+        let v = srv
+            .post_json(
+                "/v1/completions",
+                json!({"prompt": prompt, "max_tokens": 8, "temperature": 0}),
+            )
+            .await;
+        // The library, with no prefix cache, gives the same tokens.
+        let ids: Vec<u32> = prompt.bytes().map(u32::from).collect();
+        let out = generate(
+            &model,
+            vec![Request::new(
+                ids,
+                SamplingParams {
+                    max_tokens: 8,
+                    stop_tokens: vec![255],
+                    ..Default::default()
+                },
+            )],
+        )
+        .expect("generate")
+        .remove(0);
+        let text =
+            String::from_utf8_lossy(&out.tokens.iter().map(|t| *t as u8).collect::<Vec<_>>())
+                .into_owned();
+        assert_eq!(v["choices"][0]["text"], text.as_str(), "prompt {i}");
+    }
+    let status: Value = serde_json::from_str(
+        &srv.client
+            .get(format!("http://{}/api/v1/engine", srv.addr))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .expect("status")
+            .text()
+            .await
+            .expect("body"),
+    )
+    .expect("json");
+    assert_eq!(status["prefix_cache_hits"], 2, "{status}");
+    assert!(
+        status["prefix_tokens_reused"].as_u64().expect("n") >= 2 * header.len() as u64,
+        "{status}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chat_with_a_json_schema_and_verdicts_parse() {
     let dir = checkpoint();
     let srv = Server::start(dir.path()).await;

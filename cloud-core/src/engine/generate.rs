@@ -110,13 +110,30 @@ pub struct Sequence<B: Backend> {
 impl<B: Backend> Sequence<B> {
     /// Checks the request against the model and starts it.
     pub fn new(model: &Model<B>, request: Request) -> Result<Sequence<B>, EngineError> {
+        Sequence::with_prefix(model, request, model.new_cache())
+    }
+
+    /// Starts the request from `prefix`, the cache of the first `prefix.len()` tokens of
+    /// its prompt (from [`Model::cache_prefix`]): only the rest of the prompt is run.
+    /// The caller guarantees the cached tokens are the prompt's; at least one prompt token
+    /// must remain to be run.
+    pub fn with_prefix(
+        model: &Model<B>,
+        request: Request,
+        prefix: Cache<B>,
+    ) -> Result<Sequence<B>, EngineError> {
         let cfg = model.config();
         request.check(cfg.vocab_size, cfg.max_position_embeddings)?;
+        if prefix.len() >= request.prompt.len() {
+            return Err(EngineError::Request(
+                "a cached prefix must leave at least one prompt token to run".into(),
+            ));
+        }
         let finish = (request.params.max_tokens == 0).then_some(Finish::Length);
         Ok(Sequence {
-            cache: model.new_cache(),
-            history: request.prompt.clone(),
-            next_input: request.prompt,
+            next_input: request.prompt[prefix.len()..].to_vec(),
+            cache: prefix,
+            history: request.prompt,
             sampler: Sampler::new(request.params),
             constraint: request.constraint,
             produced: 0,
@@ -137,6 +154,16 @@ impl<B: Backend> Sequence<B> {
     /// Positions in its cache.
     pub fn cached(&self) -> usize {
         self.cache.len()
+    }
+
+    /// The cache (to keep a copy of a prompt's prefix).
+    pub fn cache(&self) -> &Cache<B> {
+        &self.cache
+    }
+
+    /// The prompt followed by the tokens generated so far.
+    pub fn tokens(&self) -> &[u32] {
+        &self.history
     }
 
     /// Takes the logits of the last position, samples, and advances.

@@ -367,6 +367,24 @@ impl<B: Backend> Model<B> {
         }
     }
 
+    /// A copy of `cache` holding only its first `keep` positions: the cache of a shared
+    /// prompt prefix, to start another sequence from.
+    pub fn cache_prefix(&self, cache: &Cache<B>, keep: usize) -> Cache<B> {
+        let keep = keep.min(cache.len);
+        let cut = |b: &B::Buf| {
+            let n = self.be.len(b);
+            if cache.len == 0 || n == 0 {
+                return b.clone();
+            }
+            self.be.slice_rows(b, n / cache.len, 0, keep)
+        };
+        Cache {
+            k: cache.k.iter().map(cut).collect(),
+            v: cache.v.iter().map(cut).collect(),
+            len: keep,
+        }
+    }
+
     fn mlp(&self, m: &Mlp<B>, x: &B::Buf, t: usize) -> B::Buf {
         let hd = self.cfg.hidden_size;
         let g = self.be.linear(x, t, &m.gate, m.inter, hd);

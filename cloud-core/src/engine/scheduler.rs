@@ -8,6 +8,11 @@
 //! most `max_queue` requests wait — beyond that [`Handle::submit`] answers
 //! [`SubmitError::Busy`] at once. A request whose receiver is dropped (the client went
 //! away) is cancelled at the next step.
+//!
+//! Prefix cache: the caches of the last few prompts are kept; a new prompt that shares at
+//! least `min_prefix` leading tokens with one of them (the verdict prompt's fixed
+//! instructions, a chat's system prompt) starts from a copy of that cache and runs only
+//! the rest of its prompt.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -18,7 +23,7 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use super::backend::Backend;
 use super::generate::{step, Finish, Request, Sequence, Step};
-use super::model::{EngineError, Model};
+use super::model::{Cache, EngineError, Model};
 use super::sampler::Sampled;
 
 /// Limits of the scheduler.
@@ -30,6 +35,10 @@ pub struct SchedulerConfig {
     pub max_queue: usize,
     /// Most prompt tokens taken into one step.
     pub max_prefill_tokens: usize,
+    /// Prompts whose caches are kept for reuse (0: no prefix cache).
+    pub prefix_cache_entries: usize,
+    /// Shortest shared prefix worth reusing, in tokens.
+    pub min_prefix: usize,
 }
 
 impl Default for SchedulerConfig {
@@ -38,6 +47,8 @@ impl Default for SchedulerConfig {
             max_batch: 16,
             max_queue: 256,
             max_prefill_tokens: 2048,
+            prefix_cache_entries: 8,
+            min_prefix: 32,
         }
     }
 }
@@ -82,6 +93,10 @@ pub struct Stats {
     pub completed: AtomicU64,
     /// Batched steps run.
     pub steps: AtomicU64,
+    /// Requests that started from a cached prompt prefix.
+    pub prefix_hits: AtomicU64,
+    /// Prompt tokens not run again thanks to the prefix cache.
+    pub prefix_tokens_reused: AtomicU64,
 }
 
 struct Job {
@@ -166,6 +181,65 @@ where
     handle
 }
 
+/// The caches of recent prompts.
+struct PrefixCache<B: Backend> {
+    entries: Vec<(Vec<u32>, Cache<B>, u64)>,
+    capacity: usize,
+    min: usize,
+    clock: u64,
+}
+
+impl<B: Backend> PrefixCache<B> {
+    /// The longest cached prefix of `prompt` worth reusing: (entry, length), leaving at
+    /// least one prompt token to run.
+    fn lookup(&mut self, prompt: &[u32]) -> Option<(usize, usize)> {
+        let best = self
+            .entries
+            .iter()
+            .enumerate()
+            .map(|(i, (t, _, _))| (i, t.iter().zip(prompt).take_while(|(a, b)| a == b).count()))
+            .max_by_key(|(_, n)| *n)?;
+        let n = best.1.min(prompt.len().saturating_sub(1));
+        if n < self.min.max(1) {
+            return None;
+        }
+        self.clock += 1;
+        self.entries[best.0].2 = self.clock;
+        Some((best.0, n))
+    }
+
+    fn insert(&mut self, tokens: Vec<u32>, cache: Cache<B>) {
+        if self.capacity == 0 || tokens.len() < self.min.max(1) {
+            return;
+        }
+        self.clock += 1;
+        if let Some(e) = self.entries.iter_mut().find(|e| e.0 == tokens) {
+            e.2 = self.clock;
+            return;
+        }
+        if self.entries.len() >= self.capacity {
+            if let Some(oldest) = self
+                .entries
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, e)| e.2)
+                .map(|(i, _)| i)
+            {
+                self.entries.swap_remove(oldest);
+            }
+        }
+        self.entries.push((tokens, cache, self.clock));
+    }
+}
+
+struct Active<B: Backend> {
+    seq: Sequence<B>,
+    events: UnboundedSender<Event>,
+    /// Prompt length, until its prefill has run (then its cache is offered to the
+    /// prefix cache).
+    prefill: Option<usize>,
+}
+
 fn run<B: Backend>(
     model: Model<B>,
     cfg: SchedulerConfig,
@@ -173,7 +247,13 @@ fn run<B: Backend>(
     stats: Arc<Stats>,
 ) {
     let mut waiting: VecDeque<Job> = VecDeque::new();
-    let mut active: Vec<(Sequence<B>, UnboundedSender<Event>)> = Vec::new();
+    let mut active: Vec<Active<B>> = Vec::new();
+    let mut prefixes = PrefixCache::<B> {
+        entries: Vec::new(),
+        capacity: cfg.prefix_cache_entries,
+        min: cfg.min_prefix,
+        clock: 0,
+    };
     let finish = |stats: &Stats, outcome: &str| {
         stats.completed.fetch_add(1, Ordering::Relaxed);
         metrics::counter!("engine_requests_total", "outcome" => outcome.to_string()).increment(1);
@@ -205,16 +285,38 @@ fn run<B: Backend>(
                 finish(&stats, "cancelled");
                 continue;
             }
-            match Sequence::new(&model, job.request) {
+            let mcfg = model.config();
+            let usable = job
+                .request
+                .check(mcfg.vocab_size, mcfg.max_position_embeddings)
+                .is_ok();
+            let started = match prefixes.lookup(&job.request.prompt) {
+                Some((entry, n)) if usable => {
+                    let cache = model.cache_prefix(&prefixes.entries[entry].1, n);
+                    stats.prefix_hits.fetch_add(1, Ordering::Relaxed);
+                    stats
+                        .prefix_tokens_reused
+                        .fetch_add(n as u64, Ordering::Relaxed);
+                    metrics::counter!("engine_prefix_cache_reused_tokens_total")
+                        .increment(n as u64);
+                    Sequence::with_prefix(&model, job.request, cache)
+                }
+                _ => Sequence::new(&model, job.request),
+            };
+            match started {
                 Ok(seq) => {
-                    prefill += len;
+                    prefill += seq.pending();
                     stats.prompt_tokens.fetch_add(len as u64, Ordering::Relaxed);
                     metrics::counter!("engine_prompt_tokens_total").increment(len as u64);
                     if seq.finished().is_some() {
                         let _ = job.events.send(Event::Finished(Finish::Length));
                         finish(&stats, "length");
                     } else {
-                        active.push((seq, job.events));
+                        active.push(Active {
+                            seq,
+                            events: job.events,
+                            prefill: Some(len),
+                        });
                     }
                 }
                 Err(e) => {
@@ -224,8 +326,8 @@ fn run<B: Backend>(
             }
         }
         // Cancel sequences nobody listens to any more.
-        active.retain(|(_, events)| {
-            let open = !events.is_closed();
+        active.retain(|a| {
+            let open = !a.events.is_closed();
             if !open {
                 finish(&stats, "cancelled");
             }
@@ -238,7 +340,7 @@ fn run<B: Backend>(
             continue;
         }
         let started = Instant::now();
-        let mut refs: Vec<&mut Sequence<B>> = active.iter_mut().map(|(s, _)| s).collect();
+        let mut refs: Vec<&mut Sequence<B>> = active.iter_mut().map(|a| &mut a.seq).collect();
         let results = step(&model, &mut refs);
         metrics::histogram!("engine_step_seconds").record(started.elapsed().as_secs_f64());
         metrics::histogram!("engine_batch_size").record(active.len() as f64);
@@ -247,15 +349,24 @@ fn run<B: Backend>(
             Err(e) => {
                 let msg = format!("engine step failed: {e}");
                 tracing::error!("{msg}");
-                for (_, events) in active.drain(..) {
-                    let _ = events.send(Event::Failed(msg.clone()));
+                for a in active.drain(..) {
+                    let _ = a.events.send(Event::Failed(msg.clone()));
                     finish(&stats, "failed");
                 }
             }
             Ok(results) => {
                 let mut done = vec![false; active.len()];
+                for a in active.iter_mut() {
+                    // The prompt has run: its cache may serve later prompts.
+                    if let Some(len) = a.prefill.take() {
+                        if len >= cfg.min_prefix && cfg.prefix_cache_entries > 0 {
+                            let tokens = a.seq.tokens()[..len].to_vec();
+                            prefixes.insert(tokens, model.cache_prefix(a.seq.cache(), len));
+                        }
+                    }
+                }
                 for (i, r) in results.into_iter().enumerate() {
-                    let events = &active[i].1;
+                    let events = &active[i].events;
                     match r {
                         Ok(Step::Token(s, end)) => {
                             stats.generated_tokens.fetch_add(1, Ordering::Relaxed);

@@ -123,6 +123,8 @@ async fn engine_status(State(st): State<AppState>) -> Json<serde_json::Value> {
         "generated_tokens": s.generated_tokens.load(Ordering::Relaxed),
         "completed_requests": s.completed.load(Ordering::Relaxed),
         "steps": s.steps.load(Ordering::Relaxed),
+        "prefix_cache_hits": s.prefix_hits.load(Ordering::Relaxed),
+        "prefix_tokens_reused": s.prefix_tokens_reused.load(Ordering::Relaxed),
         "verdicts": st.verdicts.count(),
     }))
 }
