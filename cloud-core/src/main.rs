@@ -64,6 +64,9 @@ enum Cmd {
         /// System message (with --chat).
         #[arg(long)]
         system: Option<String>,
+        /// Constrain the output to this JSON schema (a file); the answer always parses.
+        #[arg(long)]
+        schema: Option<std::path::PathBuf>,
     },
     /// Serve the model: the OpenAI-compatible API, verdicts on hard cases, engine status
     /// and metrics over HTTP (the QUIC link for edge agents is not built yet).
@@ -102,6 +105,13 @@ enum Cmd {
         /// Model shape: qwen2-1.5b (DeepSeek-R1-Distill-Qwen-1.5B), deepseek-v2-mini, or tiny.
         #[arg(long, default_value = "qwen2-1.5b")]
         shape: String,
+        /// Measure this checkpoint directory instead of random weights of a shape.
+        #[arg(long)]
+        model: Option<std::path::PathBuf>,
+        /// With --model: also judge this many simulated cases through the verdict service,
+        /// one at a time and all at once.
+        #[arg(long, default_value_t = 0)]
+        verdicts: usize,
         /// Prompt length for the prefill measurement.
         #[arg(long, default_value_t = 128)]
         prompt: usize,
@@ -160,8 +170,24 @@ fn peak_rss_mib() -> f64 {
         .map_or(0.0, |kib| kib / 1024.0)
 }
 
-fn bench(shape_name: &str, prompt: usize, steps: usize, batches: &str) -> Result<(), String> {
-    let cfg = shape(shape_name)?;
+fn bench(
+    shape_name: &str,
+    checkpoint: Option<&std::path::Path>,
+    prompt: usize,
+    steps: usize,
+    batches: &str,
+) -> Result<(), String> {
+    let (cfg, loaded) = match checkpoint {
+        Some(dir) => {
+            let model = Model::load(dir, Cpu::default()).map_err(|e| e.to_string())?;
+            (model.config().clone(), Some(model))
+        }
+        None => (shape(shape_name)?, None),
+    };
+    let shape_name = match checkpoint {
+        Some(dir) => dir.display().to_string(),
+        None => shape_name.to_string(),
+    };
     let batches: Vec<usize> = batches
         .split(',')
         .map(|b| {
@@ -202,8 +228,14 @@ fn bench(shape_name: &str, prompt: usize, steps: usize, batches: &str) -> Result
         params as f64 * 4e-9
     );
     let t = Instant::now();
-    let model = Model::random(cfg.clone(), Cpu::default(), 1).map_err(|e| e.to_string())?;
-    println!("random weights built in {:.1} s", t.elapsed().as_secs_f64());
+    let model = match loaded {
+        Some(m) => m,
+        None => {
+            let m = Model::random(cfg.clone(), Cpu::default(), 1).map_err(|e| e.to_string())?;
+            println!("random weights built in {:.1} s", t.elapsed().as_secs_f64());
+            m
+        }
+    };
     let vocab = cfg.vocab_size as u32;
     let ids: Vec<u32> = (0..prompt as u32)
         .map(|i| (i * 7919 + 13) % vocab)
@@ -252,6 +284,89 @@ fn bench(shape_name: &str, prompt: usize, steps: usize, batches: &str) -> Result
     Ok(())
 }
 
+/// Verdicts per second on simulated cases: one at a time, then all submitted at once
+/// (the scheduler batches them).
+fn bench_verdicts(dir: &std::path::Path, n: usize) -> Result<(), String> {
+    use cloud_core::engine::scheduler::SchedulerConfig;
+    use cloud_core::engine::service::Engine;
+    use cloud_core::verdict::VerdictService;
+    use shared::case::{CaseId, HardCase, Reason};
+    use shared::sim::{SimConfig, Simulator};
+    let mut sim = Simulator::new(SimConfig {
+        machines: n,
+        seed: 4242,
+        fault_share: 0.6,
+        ..SimConfig::default()
+    });
+    let mut windows: Vec<Vec<shared::record::Record>> = vec![Vec::new(); n];
+    for _ in 0..shared::schema::WINDOW_LEN * 3 {
+        for (i, r) in sim.tick().into_iter().enumerate() {
+            let w = &mut windows[i];
+            if w.len() == shared::schema::WINDOW_LEN {
+                w.clear();
+            }
+            w.push(r.to_record());
+        }
+    }
+    let cases: Vec<HardCase> = windows
+        .into_iter()
+        .map(|records| HardCase {
+            id: CaseId::of_window(&records[0].machine, &records),
+            machine: records[0].machine.clone(),
+            start_ms: records[0].ts_ms,
+            end_ms: records[records.len() - 1].ts_ms,
+            features: shared::features::extract(&records).to_vec(),
+            probs: vec![1.0 / 6.0; 6],
+            reason: Reason::LowConfidence {
+                max_prob: 1.0 / 6.0,
+            },
+            records,
+        })
+        .collect();
+    let name = dir.display().to_string();
+    let cfg = SchedulerConfig {
+        max_batch: n.max(1),
+        ..SchedulerConfig::default()
+    };
+    let rt = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
+    rt.block_on(async {
+        let engine = Engine::load_cpu(dir, &name, cfg).map_err(|e| format!("{e:#}"))?;
+        let service = VerdictService::new(engine).map_err(|e| format!("{e:#}"))?;
+        println!(
+            "| verdicts ({n} simulated cases) | verdicts | seconds | verdicts/s | tokens/verdict |"
+        );
+        println!("| --- | ---: | ---: | ---: | ---: |");
+        let t = Instant::now();
+        let mut tokens = 0;
+        for c in &cases {
+            tokens += service
+                .judge(c)
+                .await
+                .map_err(|e| e.to_string())?
+                .completion_tokens;
+        }
+        let s = t.elapsed().as_secs_f64();
+        println!(
+            "| one at a time | {n} | {s:.2} | {:.1} | {:.1} |",
+            n as f64 / s,
+            tokens as f64 / n as f64
+        );
+        let t = Instant::now();
+        let all = futures_util::future::join_all(cases.iter().map(|c| service.judge(c))).await;
+        let s = t.elapsed().as_secs_f64();
+        let mut tokens = 0;
+        for j in all {
+            tokens += j.map_err(|e| e.to_string())?.completion_tokens;
+        }
+        println!(
+            "| all at once (batched) | {n} | {s:.2} | {:.1} | {:.1} |",
+            n as f64 / s,
+            tokens as f64 / n as f64
+        );
+        Ok::<(), String>(())
+    })
+}
+
 #[allow(clippy::too_many_arguments)]
 fn generate_cmd(
     dir: &std::path::Path,
@@ -259,6 +374,7 @@ fn generate_cmd(
     params: cloud_core::engine::sampler::SamplingParams,
     json: bool,
     chat: Option<Option<String>>,
+    schema: Option<&std::path::Path>,
 ) -> Result<(), String> {
     use cloud_core::engine::chat::{generation_eos, ChatTemplate, Message};
     use cloud_core::engine::generate::{generate, Request};
@@ -300,9 +416,37 @@ fn generate_cmd(
             params.stop_tokens.push(t);
         }
     }
-    let out = generate(&model, vec![Request::new(ids.clone(), params)])
-        .map_err(|e| e.to_string())?
-        .remove(0);
+    let constraint = match schema {
+        None => None,
+        Some(file) => {
+            let text =
+                std::fs::read_to_string(file).map_err(|e| format!("{}: {e}", file.display()))?;
+            let schema: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| format!("{}: not JSON: {e}", file.display()))?;
+            let eos = *params.stop_tokens.first().ok_or_else(|| {
+                "the checkpoint names no eos_token_id, so --schema cannot end the answer"
+                    .to_string()
+            })?;
+            let grammars =
+                cloud_core::engine::constrain::Grammars::load(dir, model.config().vocab_size, eos)
+                    .map_err(|e| e.to_string())?;
+            Some(
+                grammars
+                    .json_schema(&schema)
+                    .map_err(|e| format!("{}: {e}", file.display()))?,
+            )
+        }
+    };
+    let out = generate(
+        &model,
+        vec![Request {
+            prompt: ids.clone(),
+            params,
+            constraint,
+        }],
+    )
+    .map_err(|e| e.to_string())?
+    .remove(0);
     let text = tok.decode(&out.tokens).map_err(|e| e.to_string())?;
     if json {
         let piece = |t: u32| tok.decode(&[t]).unwrap_or_default();
@@ -369,6 +513,7 @@ fn main() -> ExitCode {
             json,
             chat,
             system,
+            schema,
         }) => {
             let params = cloud_core::engine::sampler::SamplingParams {
                 temperature,
@@ -381,7 +526,7 @@ fn main() -> ExitCode {
                 top_logprobs,
             };
             let chat = chat.then_some(system);
-            match generate_cmd(&model, &prompt, params, json, chat) {
+            match generate_cmd(&model, &prompt, params, json, chat, schema.as_deref()) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("cloud-core generate: {e}");
@@ -391,10 +536,17 @@ fn main() -> ExitCode {
         }
         Some(Cmd::Bench {
             shape,
+            model,
+            verdicts,
             prompt,
             steps,
             batches,
-        }) => match bench(&shape, prompt, steps, &batches) {
+        }) => match bench(&shape, model.as_deref(), prompt, steps, &batches).and_then(|()| {
+            match &model {
+                Some(dir) if verdicts > 0 => bench_verdicts(dir, verdicts),
+                _ => Ok(()),
+            }
+        }) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("cloud-core bench: {e}");

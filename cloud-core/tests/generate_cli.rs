@@ -1,6 +1,8 @@
 //! `cloud-core generate` end to end: a checkpoint directory with a tokenizer, text in,
 //! the reference's greedy tokens out, with log-probabilities in `--json`.
 
+mod common;
+
 use std::path::Path;
 use std::process::Command;
 
@@ -162,4 +164,56 @@ fn generate_renders_the_chat_template_and_stops_at_generation_config_eos() {
         "stopped at generation_config's eos"
     );
     assert_eq!(v["finish_reason"], "stop");
+}
+
+#[test]
+fn schema_constrains_the_output() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    common::write_fixture_checkpoint(dir.path());
+    let schema = dir.path().join("schema.json");
+    std::fs::write(
+        &schema,
+        json!({"type": "object", "properties": {"class": {"enum": ["normal", "overheating"]},
+               "score": {"type": "integer", "minimum": 0, "maximum": 9}},
+               "required": ["class", "score"], "additionalProperties": false})
+        .to_string(),
+    )
+    .expect("schema");
+    let out = Command::new(env!("CARGO_BIN_EXE_cloud-core"))
+        .args(["generate", "--model"])
+        .arg(dir.path())
+        .args([
+            "--prompt",
+            "Pump 3:",
+            "--max-tokens",
+            "200",
+            "--temperature",
+            "1",
+            "--seed",
+            "4",
+            "--schema",
+        ])
+        .arg(&schema)
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v: Value = serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("{e}: {text}"));
+    assert!(["normal", "overheating"].contains(&v["class"].as_str().expect("class")));
+    assert!((0..=9).contains(&v["score"].as_i64().expect("score")));
+    // A schema that is not JSON is named in the error.
+    std::fs::write(&schema, "{not json").expect("write");
+    let out = Command::new(env!("CARGO_BIN_EXE_cloud-core"))
+        .args(["generate", "--model"])
+        .arg(dir.path())
+        .args(["--prompt", "x", "--schema"])
+        .arg(&schema)
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("schema.json"));
 }
