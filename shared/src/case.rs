@@ -266,9 +266,8 @@ impl HardCase {
                 a.iter()
                     .enumerate()
                     .map(|(i, r)| {
-                        Record::from_json_value(r.clone()).map_err(|e| {
-                            err(format!("records[{i}].{}", e.field), e.reason)
-                        })
+                        Record::from_json_value(r.clone())
+                            .map_err(|e| err(format!("records[{i}].{}", e.field), e.reason))
                     })
                     .collect::<Result<_, _>>()?
             }
@@ -399,24 +398,30 @@ mod tests {
             reason: Reason::SmallMargin { margin: 0.2 },
             records,
         };
-        let back = HardCase::from_json(&case.to_json()).unwrap();
+        let back = HardCase::from_json(&case.to_json()).expect("round trip");
         assert_eq!(back, case);
         // Only records and probs are required; the rest is derived.
         let minimal = serde_json::json!({
             "records": case.to_json()["records"],
             "probs": {"normal": 0.5, "overheating": 0.5},
         });
-        let m = HardCase::from_json(&minimal).unwrap();
+        let m = HardCase::from_json(&minimal).expect("minimal case");
         assert_eq!((m.id, &m.features), (case.id, &case.features));
         let mut bad = case.to_json();
         bad["records"][3]["readings"]["temperature"] = serde_json::json!("hot");
-        let e = HardCase::from_json(&bad).unwrap_err();
+        let e = HardCase::from_json(&bad).expect_err("refused");
         assert!(e.field.starts_with("records[3].readings"), "{e}");
         let mut bad = case.to_json();
         bad["probs"]["melted"] = serde_json::json!(0.1);
-        assert_eq!(HardCase::from_json(&bad).unwrap_err().field, "probs.melted");
+        assert_eq!(
+            HardCase::from_json(&bad).expect_err("refused").field,
+            "probs.melted"
+        );
         let mut bad = case.to_json();
         bad["features"] = serde_json::json!([1, 2]);
-        assert_eq!(HardCase::from_json(&bad).unwrap_err().field, "features");
+        assert_eq!(
+            HardCase::from_json(&bad).expect_err("refused").field,
+            "features"
+        );
     }
 }
