@@ -1,9 +1,11 @@
-//! The cloud core's library: what exists of the engine so far.
+//! The cloud core's library.
 //!
 //! # Layout
 //!
-//! - [`engine`]: the DeepSeek engine — so far checkpoint configuration and weight loading
-//!   only; no forward pass, no serving. The `cloud-core` binary says so and exits.
+//! - [`engine`]: the DeepSeek engine — checkpoints, the model on a backend trait (CPU
+//!   backend), sampling, constrained decoding, generation and the serving scheduler.
+//! - [`verdict`]: hard case → prompt → schema-constrained verdict.
+//! - [`server`]: the HTTP server — OpenAI-compatible API, verdicts, status, metrics.
 
 pub mod engine;
 pub mod server;

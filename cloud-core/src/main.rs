@@ -2,9 +2,9 @@
 //! verdict service and the DeepSeek engine (CPU, CUDA and remote backends), operator API
 //! and dashboard.
 //!
-//! Built so far: the engine's CPU forward pass (library), `cloud-core generate` and
-//! `cloud-core bench`. Serving and the fleet CA are not built yet: the binary says so and exits with
-//! status 2 rather than pretend. The README's "Status" section lists what is missing.
+//! Built so far: `serve` (the OpenAI-compatible API and verdicts over HTTP on the CPU
+//! engine), `generate` and `bench`. The QUIC link, the fleet CA and registry, the CUDA and
+//! remote backends are not built yet; the README's "Status" section lists what is missing.
 
 use std::process::ExitCode;
 use std::time::Instant;
@@ -16,10 +16,10 @@ use cloud_core::engine::model::Model;
 
 /// Cloud core of the factory edge/cloud inference system.
 #[derive(Parser)]
-#[command(name = "cloud-core", version, about)]
+#[command(name = "cloud-core", version, about, arg_required_else_help = true)]
 struct Cli {
     #[command(subcommand)]
-    command: Option<Cmd>,
+    command: Cmd,
 }
 
 #[derive(Subcommand)]
@@ -500,7 +500,7 @@ async fn shutdown_signal() {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Some(Cmd::Generate {
+        Cmd::Generate {
             model,
             prompt,
             max_tokens,
@@ -514,7 +514,7 @@ fn main() -> ExitCode {
             chat,
             system,
             schema,
-        }) => {
+        } => {
             let params = cloud_core::engine::sampler::SamplingParams {
                 temperature,
                 top_k,
@@ -534,14 +534,14 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Some(Cmd::Bench {
+        Cmd::Bench {
             shape,
             model,
             verdicts,
             prompt,
             steps,
             batches,
-        }) => match bench(&shape, model.as_deref(), prompt, steps, &batches).and_then(|()| {
+        } => match bench(&shape, model.as_deref(), prompt, steps, &batches).and_then(|()| {
             match &model {
                 Some(dir) if verdicts > 0 => bench_verdicts(dir, verdicts),
                 _ => Ok(()),
@@ -553,7 +553,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Some(Cmd::Serve {
+        Cmd::Serve {
             data_dir,
             listen_http,
             model,
@@ -563,7 +563,7 @@ fn main() -> ExitCode {
             max_batch,
             max_queue,
             log,
-        }) => {
+        } => {
             if engine != "cpu" {
                 eprintln!(
                     "cloud-core serve: --engine {engine} is not built yet (only cpu; the CUDA \
@@ -609,16 +609,6 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
-        }
-        None => {
-            eprintln!(
-                "cloud-core {}: serving is not built yet. The engine's CPU forward pass exists (see \
-                 `cloud-core generate` and `cloud-core bench`); the QUIC server, fleet registry, \
-                 verdict service and the HTTP APIs are planned (see README, \"Status\"). Until then edge agents run \
-                 offline and queue their hard cases in their outbox.",
-                env!("CARGO_PKG_VERSION")
-            );
-            ExitCode::from(2)
         }
     }
 }

@@ -97,11 +97,12 @@ fn generate_names_what_is_missing() {
         err.contains("tokenizer.json") && err.contains("missing"),
         "{err}"
     );
-    // Without a subcommand the binary says serving is not built, and fails.
+    // Without a subcommand the binary prints its help, and fails.
     let out = Command::new(env!("CARGO_BIN_EXE_cloud-core"))
         .output()
         .expect("run");
     assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("serve"));
 }
 
 #[test]
