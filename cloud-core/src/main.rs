@@ -100,6 +100,16 @@ enum Cmd {
         #[arg(long, default_value = "info")]
         log: String,
     },
+    /// The fleet CA: create it (with the cloud's QUIC server certificate).
+    Ca {
+        #[command(subcommand)]
+        command: CaCmd,
+    },
+    /// Device identities: issue a certificate for a device id, revoke one, list them.
+    Device {
+        #[command(subcommand)]
+        command: DeviceCmd,
+    },
     /// Measure the CPU engine: prefill and decode tokens/s on random weights of a named shape.
     Bench {
         /// Model shape: qwen2-1.5b (DeepSeek-R1-Distill-Qwen-1.5B), deepseek-v2-mini, or tiny.
@@ -122,6 +132,118 @@ enum Cmd {
         #[arg(long, default_value = "1,4")]
         batches: String,
     },
+}
+
+#[derive(Subcommand)]
+enum CaCmd {
+    /// Create a fleet CA in a new directory.
+    Init {
+        /// CA directory (must not hold a CA yet).
+        #[arg(long)]
+        dir: std::path::PathBuf,
+        /// The CA's name.
+        #[arg(long, default_value = "factory fleet CA")]
+        name: String,
+        /// DNS names and IP addresses the edges use to reach the cloud (repeatable).
+        #[arg(long = "server-name", default_values_t = ["localhost".to_string(), "127.0.0.1".to_string()])]
+        server_names: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum DeviceCmd {
+    /// Issue a certificate and key for a device id; writes device.pem, device.key, ca.pem.
+    Issue {
+        /// The device id (1–64 characters of A-Za-z0-9._-).
+        id: String,
+        /// CA directory.
+        #[arg(long)]
+        ca: std::path::PathBuf,
+        /// Where to write the device's files.
+        #[arg(long)]
+        out: std::path::PathBuf,
+        /// Days of validity.
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+    },
+    /// Revoke every certificate issued to a device id (the server refuses it at the handshake).
+    Revoke {
+        /// The device id.
+        id: String,
+        /// CA directory.
+        #[arg(long)]
+        ca: std::path::PathBuf,
+    },
+    /// List issued certificates as JSON.
+    List {
+        /// CA directory.
+        #[arg(long)]
+        ca: std::path::PathBuf,
+    },
+}
+
+fn ca_cmd(cmd: CaCmd) -> anyhow::Result<()> {
+    use cloud_core::fleet::ca::Ca;
+    match cmd {
+        CaCmd::Init {
+            dir,
+            name,
+            server_names,
+        } => {
+            Ca::init(&dir, &name, &server_names)?;
+            println!(
+                "fleet CA created in {} (server certificate for {})",
+                dir.display(),
+                server_names.join(", ")
+            );
+            Ok(())
+        }
+    }
+}
+
+fn device_cmd(cmd: DeviceCmd) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use cloud_core::fleet::ca::Ca;
+    match cmd {
+        DeviceCmd::Issue { id, ca, out, days } => {
+            let ident = Ca::open(&ca)?.issue_device(&id, days)?;
+            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+            std::fs::write(out.join("device.pem"), &ident.cert_pem)?;
+            std::fs::write(out.join("ca.pem"), &ident.ca_pem)?;
+            let key = out.join("device.key");
+            {
+                use std::io::Write;
+                let mut opts = std::fs::OpenOptions::new();
+                opts.write(true).create(true).truncate(true);
+                #[cfg(unix)]
+                {
+                    use std::os::unix::fs::OpenOptionsExt;
+                    opts.mode(0o600);
+                }
+                let mut f = opts
+                    .open(&key)
+                    .with_context(|| format!("creating {}", key.display()))?;
+                f.write_all(ident.key_pem.as_bytes())?;
+            }
+            println!(
+                "device {id}: certificate, key and CA written to {}",
+                out.display()
+            );
+            Ok(())
+        }
+        DeviceCmd::Revoke { id, ca } => {
+            let n = Ca::open(&ca)?.revoke_device(&id)?;
+            println!("device {id}: {n} certificate(s) revoked; the revocation list is updated");
+            Ok(())
+        }
+        DeviceCmd::List { ca } => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&Ca::open(&ca)?.issued()?)?
+            );
+            Ok(())
+        }
+    }
 }
 
 fn shape(name: &str) -> Result<ModelConfig, String> {
@@ -500,6 +622,20 @@ async fn shutdown_signal() {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Cmd::Ca { command } => match ca_cmd(command) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("cloud-core ca: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Cmd::Device { command } => match device_cmd(command) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("cloud-core device: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Cmd::Generate {
             model,
             prompt,
