@@ -21,14 +21,19 @@ pub const DEFAULT_MAX_PAYLOAD: usize = 1 << 20;
 /// The messages of the edge–cloud protocol.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Message {
-    /// First message of a connection.
+    /// First message of a connection (edge → cloud).
     Hello {
         /// Protocol version of the sender.
         protocol: u8,
+        /// The device id the edge believes it has; the cloud refuses the connection if it
+        /// differs from the id in the edge's verified certificate.
+        device: String,
         /// Agent build version.
         agent_version: String,
         /// Hash of the student model in use.
         model_sha256: String,
+        /// Hard cases waiting in the edge's outbox.
+        backlog: u64,
     },
     /// A batch of hard cases.
     Cases(Vec<HardCase>),
@@ -42,6 +47,50 @@ pub enum Message {
         /// Sequence number, echoed back.
         seq: u64,
     },
+    /// The cloud's answer to `Hello`: the link is up.
+    Welcome {
+        /// Protocol version of the cloud.
+        protocol: u8,
+    },
+    /// Verdicts on cases the edge sent (cloud → edge).
+    Verdicts(Vec<VerdictMsg>),
+    /// The edge stored these verdicts (the cloud stops re-sending them).
+    VerdictAck {
+        /// Cases whose verdicts are stored.
+        case_ids: Vec<CaseId>,
+    },
+    /// Echo of a heartbeat.
+    HeartbeatAck {
+        /// The heartbeat's sequence number.
+        seq: u64,
+    },
+    /// Backlog report (edge → cloud), sent when it changes.
+    Backlog {
+        /// Hard cases waiting in the outbox.
+        backlog: u64,
+    },
+    /// The sender is closing the connection, and why.
+    Goodbye {
+        /// The reason, for logs.
+        reason: String,
+    },
+}
+
+/// A verdict as the link carries it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VerdictMsg {
+    /// The case.
+    pub case_id: CaseId,
+    /// The class (one of [`crate::schema::CLASSES`]).
+    pub class: String,
+    /// Confidence in [0, 1].
+    pub confidence: f32,
+    /// Why.
+    pub explanation: String,
+    /// What to do.
+    pub action: String,
+    /// The model that gave it.
+    pub model: String,
 }
 
 /// Frame errors. Every one is final for the connection that produced it.
@@ -182,13 +231,53 @@ mod tests {
 
     fn message() -> impl Strategy<Value = Message> {
         prop_oneof![
-            (any::<u8>(), ".{0,20}", "[0-9a-f]{0,64}").prop_map(
-                |(protocol, agent_version, model_sha256)| Message::Hello {
-                    protocol,
-                    agent_version,
-                    model_sha256
+            (
+                any::<u8>(),
+                "[a-z0-9-]{1,12}",
+                ".{0,20}",
+                "[0-9a-f]{0,64}",
+                any::<u64>()
+            )
+                .prop_map(
+                    |(protocol, device, agent_version, model_sha256, backlog)| Message::Hello {
+                        protocol,
+                        device,
+                        agent_version,
+                        model_sha256,
+                        backlog,
+                    }
+                ),
+            any::<u8>().prop_map(|protocol| Message::Welcome { protocol }),
+            proptest::collection::vec(
+                (
+                    any::<[u8; 16]>(),
+                    "[a-z_]{1,16}",
+                    0f32..1.0,
+                    ".{0,40}",
+                    ".{0,40}"
+                ),
+                0..4
+            )
+            .prop_map(|vs| Message::Verdicts(
+                vs.into_iter()
+                    .map(|(id, class, confidence, explanation, action)| VerdictMsg {
+                        case_id: CaseId(id),
+                        class,
+                        confidence,
+                        explanation,
+                        action,
+                        model: "demo".into(),
+                    })
+                    .collect()
+            )),
+            proptest::collection::vec(any::<[u8; 16]>(), 0..20).prop_map(|ids| {
+                Message::VerdictAck {
+                    case_ids: ids.into_iter().map(CaseId).collect(),
                 }
-            ),
+            }),
+            any::<u64>().prop_map(|seq| Message::HeartbeatAck { seq }),
+            any::<u64>().prop_map(|backlog| Message::Backlog { backlog }),
+            ".{0,40}".prop_map(|reason| Message::Goodbye { reason }),
             proptest::collection::vec(any::<[u8; 16]>(), 0..20).prop_map(|ids| Message::Ack {
                 case_ids: ids.into_iter().map(CaseId).collect()
             }),
@@ -277,8 +366,10 @@ mod tests {
         );
         let big = Message::Hello {
             protocol: 1,
+            device: "d".into(),
             agent_version: "x".repeat(2000),
             model_sha256: String::new(),
+            backlog: 0,
         };
         let mut out = Vec::new();
         assert!(matches!(

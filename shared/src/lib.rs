@@ -16,12 +16,16 @@
 //! - [`case`]: case ids, decisions and reasons, the hard case sent to the cloud.
 //! - [`hlc`]: the hybrid logical clock.
 //! - [`frame`]: versioned, size-limited postcard frames.
+//! - [`protocol`]: the edge–cloud protocol as sans-IO state machines.
 //! - [`sim`]: the simulated factory machines (normal operation and fault signatures).
+//! - [`sync`]: the last-writer-wins map of shared state and its incremental sync.
 
 pub mod case;
 pub mod features;
 pub mod frame;
 pub mod hlc;
+pub mod protocol;
 pub mod record;
 pub mod schema;
 pub mod sim;
+pub mod sync;
