@@ -1,10 +1,11 @@
-"""The peer figure for `cloud-core bench --shape qwen2-1.5b`: Hugging Face transformers on
-the CPU, same shape (DeepSeek-R1-Distill-Qwen-1.5B), f32, random weights, same prompt
-lengths and steps, same thread count as the machine's cores.
+"""The peer figure for `cloud-core bench`: Hugging Face transformers on the CPU, f32, same
+prompt lengths, steps and thread count as the machine's cores — for `--shape qwen2-1.5b`
+(DeepSeek-R1-Distill-Qwen-1.5B's shape, random weights) or, with `--model DIR`, for a
+checkpoint directory such as the demo model (`cloud-core bench --model DIR`).
 
 Run outside CI (torch is large):
     python3 -m venv /tmp/refvenv && /tmp/refvenv/bin/pip install -r cloud-core/fixtures/parity/requirements.txt
-    /tmp/refvenv/bin/python cloud-core/bench/peer_transformers.py [--steps 16] [--prompt 128]
+    /tmp/refvenv/bin/python cloud-core/bench/peer_transformers.py [--steps 16] [--prompt 128] [--model DIR]
 """
 
 import argparse
@@ -13,7 +14,7 @@ import time
 
 import torch
 import transformers
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 
 def main() -> None:
@@ -21,6 +22,7 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--batches", default="1,4")
+    ap.add_argument("--model", help="checkpoint directory instead of random Qwen2-1.5B weights")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(0)
@@ -31,7 +33,11 @@ def main() -> None:
     )
     cfg._attn_implementation = "sdpa"
     t = time.time()
-    model = Qwen2ForCausalLM(cfg).float().eval()
+    if args.model:
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+        cfg = model.config
+    else:
+        model = Qwen2ForCausalLM(cfg).float().eval()
     print(f"transformers {transformers.__version__}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"model built in {time.time() - t:.1f} s")
     vocab = cfg.vocab_size

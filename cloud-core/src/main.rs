@@ -69,7 +69,7 @@ enum Cmd {
         schema: Option<std::path::PathBuf>,
     },
     /// Serve the model: the OpenAI-compatible API, verdicts on hard cases, engine status
-    /// and metrics over HTTP (the QUIC link for edge agents is not built yet).
+    /// and metrics over HTTP; with --listen-quic, the QUIC link for edge agents.
     Serve {
         /// State directory (the operator token lives here).
         #[arg(long)]
@@ -83,6 +83,12 @@ enum Cmd {
         /// The model name the API reports and accepts [default: the directory's name].
         #[arg(long)]
         model_name: Option<String>,
+        /// QUIC listen address for edge agents (needs --ca).
+        #[arg(long, requires = "ca")]
+        listen_quic: Option<std::net::SocketAddr>,
+        /// The fleet CA directory (`cloud-core ca init`): server certificate, revocation list.
+        #[arg(long)]
+        ca: Option<std::path::PathBuf>,
         /// Engine backend. Only `cpu` is built so far.
         #[arg(long, default_value = "cpu")]
         engine: String,
@@ -694,6 +700,8 @@ fn main() -> ExitCode {
             listen_http,
             model,
             model_name,
+            listen_quic,
+            ca,
             engine,
             token,
             max_batch,
@@ -725,6 +733,7 @@ fn main() -> ExitCode {
                 model,
                 model_name,
                 token,
+                quic: listen_quic.zip(ca),
                 scheduler: cloud_core::engine::scheduler::SchedulerConfig {
                     max_batch,
                     max_queue,

@@ -34,6 +34,8 @@ pub struct AppState {
     /// SHA-256 of the operator token.
     token_hash: [u8; 32],
     metrics: Option<PrometheusHandle>,
+    /// The fleet (when the QUIC link is served).
+    pub fleet: Option<Arc<crate::fleet::server::Fleet>>,
 }
 
 impl AppState {
@@ -49,7 +51,14 @@ impl AppState {
             verdicts: Arc::new(verdicts),
             token_hash: Sha256::digest(token.as_bytes()).into(),
             metrics,
+            fleet: None,
         }
+    }
+
+    /// With the fleet served over QUIC: its devices and cases show in the API.
+    pub fn with_fleet(mut self, fleet: Arc<crate::fleet::server::Fleet>) -> AppState {
+        self.fleet = Some(fleet);
+        self
     }
 }
 
@@ -61,6 +70,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/api/v1/verdicts", post(crate::verdict::http::judge))
         .route("/api/v1/engine", get(engine_status))
+        .route("/api/v1/fleet", get(fleet_status))
+        .route("/api/v1/fleet/cases/{id}", get(fleet_case))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
     Router::new()
         .merge(protected)
@@ -129,6 +140,76 @@ async fn engine_status(State(st): State<AppState>) -> Json<serde_json::Value> {
     }))
 }
 
+async fn fleet_status(State(st): State<AppState>) -> Response {
+    let Some(fleet) = &st.fleet else {
+        return ApiError::status(
+            StatusCode::NOT_FOUND,
+            "the QUIC link is not served (--listen-quic)",
+        )
+        .into_response();
+    };
+    let connected = fleet.connected().await;
+    match fleet.store.devices() {
+        Ok(devices) => {
+            let devices: Vec<serde_json::Value> = devices
+                .into_iter()
+                .map(|d| {
+                    let mut v = serde_json::to_value(&d).unwrap_or_default();
+                    v["connected"] = json!(connected.contains(&d.id));
+                    v
+                })
+                .collect();
+            Json(json!({
+                "devices": devices,
+                "connected": connected.len(),
+                "verdict_queue": fleet.store.queue_len(),
+                "verdicts": fleet.store.verdict_count(),
+            }))
+            .into_response()
+        }
+        Err(e) => {
+            ApiError::status(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response()
+        }
+    }
+}
+
+async fn fleet_case(
+    State(st): State<AppState>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Response {
+    let Some(fleet) = &st.fleet else {
+        return ApiError::status(
+            StatusCode::NOT_FOUND,
+            "the QUIC link is not served (--listen-quic)",
+        )
+        .into_response();
+    };
+    let Some(case_id) = shared::case::CaseId::parse(&id) else {
+        return ApiError::bad("id", "a case id is 32 hex digits").into_response();
+    };
+    let (case, verdict) = match (fleet.store.case(&case_id), fleet.store.verdict(&case_id)) {
+        (Ok(c), Ok(v)) => (c, v),
+        (Err(e), _) | (_, Err(e)) => {
+            return ApiError::status(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+                .into_response()
+        }
+    };
+    let Some(case) = case else {
+        return ApiError::status(StatusCode::NOT_FOUND, format!("no case {id}")).into_response();
+    };
+    Json(json!({
+        "device": case.device,
+        "received_ms": case.received_ms,
+        "case": case.case.to_json(),
+        "verdict": verdict.map(|v| json!({
+            "class": v.verdict.class, "confidence": v.verdict.confidence,
+            "explanation": v.verdict.explanation, "action": v.verdict.action,
+            "model": v.verdict.model, "at_ms": v.at_ms, "seconds": v.seconds,
+        })),
+    }))
+    .into_response()
+}
+
 async fn metrics(State(st): State<AppState>) -> Response {
     match &st.metrics {
         Some(h) => (
@@ -168,6 +249,8 @@ pub struct ServeOptions {
     pub token: Option<String>,
     /// Scheduler limits.
     pub scheduler: crate::engine::scheduler::SchedulerConfig,
+    /// QUIC listen address for edge agents, and the fleet CA directory.
+    pub quic: Option<(SocketAddr, std::path::PathBuf)>,
 }
 
 /// Reads the operator token file, creating it (owner-only) with a random token the first
@@ -262,7 +345,35 @@ pub async fn run(
         use std::io::Write;
         let _ = std::io::stdout().flush();
     }
-    let state = AppState::new(engine, verdicts, &token, metrics);
+    let mut state = AppState::new(engine, verdicts, &token, metrics);
+    if let Some((addr, ca_dir)) = &opts.quic {
+        use crate::fleet::ca::files;
+        let read = |f: &str| {
+            std::fs::read(ca_dir.join(f)).with_context(|| {
+                format!(
+                    "reading {} (create the CA with `cloud-core ca init`)",
+                    ca_dir.join(f).display()
+                )
+            })
+        };
+        let tls = link::tls::server_config(
+            &read(files::CA_CERT)?,
+            &read(files::SERVER_CERT)?,
+            &read(files::SERVER_KEY)?,
+            &read(files::CRL)?,
+        )?;
+        let store = crate::fleet::store::FleetStore::open(&opts.data_dir.join("fleet"))?;
+        let fleet = crate::fleet::server::Fleet::new(
+            store,
+            state.verdicts.clone(),
+            opts.scheduler.max_batch,
+        );
+        let endpoint = quinn::Endpoint::server(tls, *addr)
+            .with_context(|| format!("binding QUIC on {addr}"))?;
+        println!("cloud-core QUIC link on {}", endpoint.local_addr()?);
+        tokio::spawn(crate::fleet::server::serve(endpoint, fleet.clone()));
+        state = state.with_fleet(fleet);
+    }
     serve(listener, state, shutdown).await?;
     Ok(())
 }

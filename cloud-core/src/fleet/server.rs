@@ -1,0 +1,279 @@
+//! The QUIC side of the cloud core: accepts edge connections (mutual TLS, the device id
+//! read from the verified certificate), drives one [`CloudSession`] per connection, stores
+//! cases durably before acknowledging them, and runs the verdict queue in front of the
+//! engine, pushing each verdict to its device now or when it next connects.
+//!
+//! One bidirectional stream per connection, opened by the edge, carries the frames both
+//! ways. A malformed or oversized frame, or a protocol violation, closes that connection
+//! only.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use shared::frame::{Decoded, FrameCodec, Message, VerdictMsg};
+use shared::protocol::{CloudEvent, CloudSession};
+use tokio::sync::{mpsc, Mutex, Notify};
+
+use super::store::{FleetStore, StoredVerdict};
+use crate::verdict::VerdictService;
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The fleet side of the cloud: store, verdict service, connected devices.
+pub struct Fleet {
+    /// The durable store.
+    pub store: FleetStore,
+    verdicts: Arc<VerdictService>,
+    connected: Mutex<HashMap<String, mpsc::UnboundedSender<Vec<VerdictMsg>>>>,
+    work: Notify,
+    /// Most cases judged at once (the engine batches them).
+    pub concurrency: usize,
+}
+
+impl Fleet {
+    /// A fleet over `store`, judging with `verdicts`.
+    pub fn new(store: FleetStore, verdicts: Arc<VerdictService>, concurrency: usize) -> Arc<Fleet> {
+        Arc::new(Fleet {
+            store,
+            verdicts,
+            connected: Mutex::new(HashMap::new()),
+            work: Notify::new(),
+            concurrency: concurrency.max(1),
+        })
+    }
+
+    /// Devices connected now.
+    pub async fn connected(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.connected.lock().await.keys().cloned().collect();
+        v.sort();
+        v
+    }
+}
+
+/// Accepts connections on `endpoint` until it is closed.
+pub async fn serve(endpoint: quinn::Endpoint, fleet: Arc<Fleet>) {
+    tokio::spawn(verdict_worker(fleet.clone()));
+    while let Some(incoming) = endpoint.accept().await {
+        let fleet = fleet.clone();
+        tokio::spawn(async move {
+            let remote = incoming.remote_address();
+            match incoming.await {
+                Ok(conn) => {
+                    if let Err(e) = connection(conn, remote, fleet).await {
+                        tracing::info!(%remote, "link closed: {e}");
+                    }
+                }
+                // Refused at the handshake (no certificate, another CA, revoked).
+                Err(e) => tracing::info!(%remote, "handshake refused: {e}"),
+            }
+        });
+    }
+}
+
+async fn write(
+    send: &mut quinn::SendStream,
+    codec: &FrameCodec,
+    msg: &Message,
+) -> anyhow::Result<()> {
+    let mut buf = Vec::new();
+    codec.encode(msg, &mut buf)?;
+    send.write_all(&buf).await?;
+    Ok(())
+}
+
+async fn connection(
+    conn: quinn::Connection,
+    remote: SocketAddr,
+    fleet: Arc<Fleet>,
+) -> anyhow::Result<()> {
+    let device = match link::tls::device_id(&conn) {
+        Ok(d) => d,
+        Err(e) => {
+            conn.close(1u32.into(), b"no device identity");
+            anyhow::bail!("{e}");
+        }
+    };
+    let (mut send, mut recv) =
+        match tokio::time::timeout(Duration::from_secs(10), conn.accept_bi()).await {
+            Ok(Ok(s)) => s,
+            _ => {
+                conn.close(1u32.into(), b"no stream");
+                anyhow::bail!("{device}: no stream opened");
+            }
+        };
+    let codec = FrameCodec::default();
+    let mut session = CloudSession::new(&device);
+    let (tx, mut pushed) = mpsc::unbounded_channel::<Vec<VerdictMsg>>();
+    let mut buf: Vec<u8> = Vec::new();
+    let result: anyhow::Result<()> = async {
+        loop {
+            tokio::select! {
+                chunk = recv.read_chunk(64 * 1024, true) => {
+                    let Some(chunk) = chunk? else { return Ok(()) };
+                    buf.extend_from_slice(&chunk.bytes);
+                    loop {
+                        let (msg, used) = match codec.decode(&buf) {
+                            Ok(Decoded::Frame(m, used)) => (m, used),
+                            Ok(Decoded::NeedMore(_)) => break,
+                            Err(e) => {
+                                let _ = write(&mut send, &codec, &Message::Goodbye { reason: e.to_string() }).await;
+                                anyhow::bail!("{device}: {e}");
+                            }
+                        };
+                        buf.drain(..used);
+                        let events = match session.handle(msg) {
+                            Ok(ev) => ev,
+                            Err(e) => {
+                                let _ = write(&mut send, &codec, &Message::Goodbye { reason: e.to_string() }).await;
+                                anyhow::bail!("{device}: {e}");
+                            }
+                        };
+                        for ev in events {
+                            match ev {
+                                CloudEvent::Send(m) => write(&mut send, &codec, &m).await?,
+                                CloudEvent::Connected(info) => {
+                                    let now = now_ms();
+                                    let addr = remote.to_string();
+                                    fleet.store.update_device(&device, |d| {
+                                        if d.first_seen_ms == 0 {
+                                            d.first_seen_ms = now;
+                                        }
+                                        d.last_seen_ms = now;
+                                        d.address = addr.clone();
+                                        d.agent_version = info.agent_version.clone();
+                                        d.model_sha256 = info.model_sha256.clone();
+                                        d.backlog = info.backlog;
+                                    })?;
+                                    fleet.connected.lock().await.insert(device.clone(), tx.clone());
+                                    metrics::gauge!("cloud_devices_connected").increment(1.0);
+                                    // Verdicts it has not acknowledged, from earlier connections.
+                                    let waiting = fleet.store.undelivered(&device, 256)?;
+                                    if let Some(m) = session.send_verdicts(waiting) {
+                                        write(&mut send, &codec, &m).await?;
+                                    }
+                                }
+                                CloudEvent::Store(cases) => {
+                                    let ids: Vec<_> = cases.iter().map(|c| c.id).collect();
+                                    let store = fleet.store.clone();
+                                    let dev = device.clone();
+                                    let now = now_ms();
+                                    let fresh = tokio::task::spawn_blocking(move || store.store_cases(&dev, cases, now)).await??;
+                                    metrics::counter!("cloud_cases_received_total").increment(ids.len() as u64);
+                                    metrics::counter!("cloud_cases_duplicate_total").increment((ids.len() - fresh.len()) as u64);
+                                    let ack = session.stored(ids);
+                                    write(&mut send, &codec, &ack).await?;
+                                    if !fresh.is_empty() {
+                                        fleet.work.notify_one();
+                                    }
+                                }
+                                CloudEvent::VerdictsDelivered(ids) => {
+                                    fleet.store.delivered(&device, &ids)?;
+                                    // More may be waiting than one message carried.
+                                    let waiting = fleet.store.undelivered(&device, 256)?;
+                                    if let Some(m) = session.send_verdicts(waiting) {
+                                        write(&mut send, &codec, &m).await?;
+                                    }
+                                }
+                                CloudEvent::Backlog(n) => {
+                                    let now = now_ms();
+                                    fleet.store.update_device(&device, |d| {
+                                        d.backlog = n;
+                                        d.last_seen_ms = now;
+                                    })?;
+                                }
+                            }
+                        }
+                    }
+                }
+                Some(v) = pushed.recv() => {
+                    if let Some(m) = session.send_verdicts(v) {
+                        write(&mut send, &codec, &m).await?;
+                    }
+                }
+            }
+        }
+    }
+    .await;
+    if session.is_greeted() {
+        let mut c = fleet.connected.lock().await;
+        if c.get(&device).is_some_and(|t| t.same_channel(&tx)) {
+            c.remove(&device);
+            metrics::gauge!("cloud_devices_connected").decrement(1.0);
+        }
+        let now = now_ms();
+        let _ = fleet.store.update_device(&device, |d| d.last_seen_ms = now);
+    }
+    if result.is_err() {
+        // Let the goodbye reach the edge before the connection goes.
+        let _ = send.finish();
+        let _ = tokio::time::timeout(Duration::from_millis(500), conn.closed()).await;
+        conn.close(2u32.into(), b"protocol error");
+    }
+    result
+}
+
+/// Judges queued cases, `concurrency` at a time (the scheduler decodes them as one
+/// batch), stores each verdict and pushes it to its device if connected.
+async fn verdict_worker(fleet: Arc<Fleet>) {
+    loop {
+        let store = fleet.store.clone();
+        let n = fleet.concurrency;
+        let batch = match tokio::task::spawn_blocking(move || store.queued(n)).await {
+            Ok(Ok(b)) => b,
+            Ok(Err(e)) => {
+                tracing::error!("reading the verdict queue: {e:#}");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+            Err(_) => return,
+        };
+        metrics::gauge!("cloud_verdict_queue").set(fleet.store.queue_len() as f64);
+        if batch.is_empty() {
+            let _ = tokio::time::timeout(Duration::from_secs(1), fleet.work.notified()).await;
+            continue;
+        }
+        let judged = futures_util::future::join_all(
+            batch.iter().map(|(_, c)| fleet.verdicts.judge(&c.case)),
+        )
+        .await;
+        for ((key, c), j) in batch.into_iter().zip(judged) {
+            let j = match j {
+                Ok(j) => j,
+                Err(e) => {
+                    // Left in the queue: retried on the next round.
+                    tracing::warn!(case = %c.case.id, "no verdict: {e}");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+            };
+            let msg = VerdictMsg {
+                case_id: c.case.id,
+                class: j.verdict.class.clone(),
+                confidence: j.verdict.confidence as f32,
+                explanation: j.verdict.explanation.clone(),
+                action: j.verdict.action.clone(),
+                model: j.model.clone(),
+            };
+            let stored = StoredVerdict {
+                verdict: msg.clone(),
+                at_ms: now_ms(),
+                seconds: j.seconds,
+            };
+            match fleet.store.store_verdict(&key, &c.device, stored) {
+                Ok(true) => {
+                    if let Some(tx) = fleet.connected.lock().await.get(&c.device) {
+                        let _ = tx.send(vec![msg]);
+                    }
+                }
+                Ok(false) => {}
+                Err(e) => tracing::error!(case = %c.case.id, "storing a verdict: {e:#}"),
+            }
+        }
+    }
+}

@@ -1,0 +1,266 @@
+//! The cloud's QUIC server with a client speaking the protocol (the edge's session logic
+//! from `shared::protocol`): cases acknowledged once stored, verdicts pushed back and
+//! re-sent until acknowledged — also across reconnects — a re-sent case acknowledged
+//! again but judged once, and impersonation or garbage closing only that connection.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cloud_core::engine::scheduler::SchedulerConfig;
+use cloud_core::engine::service::Engine;
+use cloud_core::fleet::ca::{files, Ca, DeviceIdentity};
+use cloud_core::fleet::server::{serve, Fleet};
+use cloud_core::fleet::store::FleetStore;
+use cloud_core::verdict::VerdictService;
+use shared::case::{CaseId, HardCase, Reason};
+use shared::frame::{Decoded, FrameCodec, Message, VerdictMsg};
+use shared::protocol::{EdgeEvent, EdgeInfo, EdgeSession};
+
+struct Edge {
+    _ep: quinn::Endpoint,
+    conn: quinn::Connection,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    buf: Vec<u8>,
+    codec: FrameCodec,
+}
+
+impl Edge {
+    async fn connect(addr: SocketAddr, id: &DeviceIdentity) -> Edge {
+        let cfg = link::tls::client_config(
+            id.ca_pem.as_bytes(),
+            id.cert_pem.as_bytes(),
+            id.key_pem.as_bytes(),
+        )
+        .expect("client config");
+        let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("ep");
+        ep.set_default_client_config(cfg);
+        let conn = ep
+            .connect(addr, "localhost")
+            .expect("connect")
+            .await
+            .expect("handshake");
+        let (send, recv) = conn.open_bi().await.expect("stream");
+        Edge {
+            _ep: ep,
+            conn,
+            send,
+            recv,
+            buf: Vec::new(),
+            codec: FrameCodec::default(),
+        }
+    }
+
+    async fn send(&mut self, m: &Message) {
+        let mut b = Vec::new();
+        self.codec.encode(m, &mut b).expect("encode");
+        self.send.write_all(&b).await.expect("write");
+    }
+
+    /// The next message, or None when the connection ends.
+    async fn next(&mut self) -> Option<Message> {
+        loop {
+            if let Ok(Decoded::Frame(m, used)) = self.codec.decode(&self.buf) {
+                self.buf.drain(..used);
+                return Some(m);
+            }
+            let chunk =
+                tokio::time::timeout(Duration::from_secs(60), self.recv.read_chunk(65536, true))
+                    .await
+                    .expect("a message within 60 s");
+            match chunk {
+                Ok(Some(c)) => self.buf.extend_from_slice(&c.bytes),
+                _ => return None,
+            }
+        }
+    }
+}
+
+fn cases(n: usize, seed: u64) -> Vec<HardCase> {
+    let mut sim = shared::sim::Simulator::new(shared::sim::SimConfig {
+        machines: n,
+        seed,
+        ..Default::default()
+    });
+    let mut w: Vec<Vec<shared::record::Record>> = vec![Vec::new(); n];
+    for _ in 0..16 {
+        for (i, r) in sim.tick().into_iter().enumerate() {
+            w[i].push(r.to_record());
+        }
+    }
+    w.into_iter()
+        .map(|records| HardCase {
+            id: CaseId::of_window(&records[0].machine, &records),
+            machine: records[0].machine.clone(),
+            start_ms: records[0].ts_ms,
+            end_ms: records[15].ts_ms,
+            features: shared::features::extract(&records).to_vec(),
+            probs: vec![0.5, 0.5, 0.0, 0.0, 0.0, 0.0],
+            reason: Reason::SmallMargin { margin: 0.0 },
+            records,
+        })
+        .collect()
+}
+
+/// Runs an edge session over `edge` until `want` verdicts arrived (acknowledging them)
+/// and every sent case was acknowledged. Returns (acked ids, verdicts).
+async fn drive(
+    edge: &mut Edge,
+    device: &str,
+    to_send: Vec<HardCase>,
+    want: usize,
+) -> (Vec<CaseId>, Vec<VerdictMsg>) {
+    let info = EdgeInfo {
+        device: device.into(),
+        agent_version: "test".into(),
+        model_sha256: "00".into(),
+        backlog: to_send.len() as u64,
+    };
+    let (mut s, hello) = EdgeSession::new(&info, 8);
+    edge.send(&hello).await;
+    let mut acked = Vec::new();
+    let mut verdicts = Vec::new();
+    let mut pending = to_send;
+    loop {
+        if s.is_ready() && pending.is_empty() && s.in_flight() == 0 && verdicts.len() >= want {
+            break;
+        }
+        let Some(m) = edge.next().await else { break };
+        for ev in s.handle(m, 0).expect("valid message") {
+            match ev {
+                EdgeEvent::Ready => {
+                    let batch = std::mem::take(&mut pending);
+                    if let Some(m) = s.send_cases(batch, 0) {
+                        edge.send(&m).await;
+                    }
+                }
+                EdgeEvent::Acked(ids) => acked.extend(ids),
+                EdgeEvent::Verdicts(v) => {
+                    let ack = s.verdicts_stored(v.iter().map(|v| v.case_id).collect());
+                    verdicts.extend(v);
+                    edge.send(&ack).await;
+                }
+                EdgeEvent::Send(m) => edge.send(&m).await,
+                EdgeEvent::Rtt(_) => {}
+            }
+        }
+    }
+    (acked, verdicts)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cases_in_verdicts_out_once_each() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ckpt = dir.path().join("model");
+    std::fs::create_dir_all(&ckpt).expect("mkdir");
+    common::write_fixture_checkpoint(&ckpt);
+    let ca_dir = dir.path().join("ca");
+    let ca = Ca::init(&ca_dir, "fleet", &["localhost".to_string()]).expect("ca");
+    let press = ca.issue_device("press-01", 30).expect("issue");
+    let read = |f: &str| std::fs::read(ca_dir.join(f)).expect("ca file");
+    let server_cfg = link::tls::server_config(
+        &read(files::CA_CERT),
+        &read(files::SERVER_CERT),
+        &read(files::SERVER_KEY),
+        &read(files::CRL),
+    )
+    .expect("server config");
+
+    let engine = Engine::load_cpu(&ckpt, "fixture", SchedulerConfig::default()).expect("engine");
+    let verdicts = Arc::new(VerdictService::new(engine.clone()).expect("verdicts"));
+    let store = FleetStore::open(&dir.path().join("fleet")).expect("store");
+    let fleet = Fleet::new(store, verdicts, 8);
+    let ep = quinn::Endpoint::server(server_cfg, "127.0.0.1:0".parse().expect("addr")).expect("ep");
+    let addr = ep.local_addr().expect("addr");
+    tokio::spawn(serve(ep, fleet.clone()));
+
+    // Three cases in; three acks and three verdicts back.
+    let batch = cases(3, 7);
+    let mut edge = Edge::connect(addr, &press).await;
+    let (acked, got) = drive(&mut edge, "press-01", batch.clone(), 3).await;
+    assert_eq!(acked.len(), 3);
+    assert_eq!(got.len(), 3);
+    for v in &got {
+        assert!(batch.iter().any(|c| c.id == v.case_id));
+        assert!(shared::schema::CLASSES.contains(&v.class.as_str()));
+    }
+    // The verdict acknowledgements reach the registry (the edge does not wait for them).
+    let mut devices = Vec::new();
+    for _ in 0..100 {
+        devices = fleet.store.devices().expect("devices");
+        if devices.len() == 1 && devices[0].verdicts_delivered == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(devices.len(), 1);
+    assert_eq!((devices[0].cases, devices[0].verdicts_delivered), (3, 3));
+    assert_eq!(devices[0].agent_version, "test");
+    edge.conn.close(0u32.into(), b"bye");
+
+    // Reconnect and send one case again plus a new one: both acked, only the new one
+    // judged; the engine ran four verdicts in all.
+    let mut edge = Edge::connect(addr, &press).await;
+    let mut again = vec![batch[0].clone()];
+    again.extend(cases(1, 99));
+    let (acked, got) = drive(&mut edge, "press-01", again, 1).await;
+    assert_eq!(acked.len(), 2, "a re-sent case is acknowledged again");
+    assert_eq!(got.len(), 1, "but judged once");
+    assert_eq!(fleet.store.verdict_count(), 4);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        engine
+            .handle()
+            .stats()
+            .completed
+            .load(std::sync::atomic::Ordering::Relaxed),
+        4
+    );
+    edge.conn.close(0u32.into(), b"bye");
+
+    // A frame claiming another device's id: refused with a goodbye, connection closed.
+    let mut edge = Edge::connect(addr, &press).await;
+    let (_, mut hello) = EdgeSession::new(
+        &EdgeInfo {
+            device: "lathe-02".into(),
+            agent_version: "x".into(),
+            model_sha256: "0".into(),
+            backlog: 0,
+        },
+        1,
+    );
+    edge.send(&hello).await;
+    match edge.next().await {
+        Some(Message::Goodbye { reason }) => assert!(reason.contains("lathe-02"), "{reason}"),
+        other => panic!("expected a goodbye, got {other:?}"),
+    }
+    assert!(edge.next().await.is_none(), "the connection is closed");
+
+    // Garbage and an oversized frame: that connection closes; the server goes on.
+    let mut edge = Edge::connect(addr, &press).await;
+    edge.send
+        .write_all(&[9, 9, 9, 9, 9, 9, 9])
+        .await
+        .expect("write");
+    assert!(matches!(
+        edge.next().await,
+        Some(Message::Goodbye { .. }) | None
+    ));
+    let mut edge = Edge::connect(addr, &press).await;
+    let mut header = vec![shared::frame::PROTOCOL_VERSION, 0];
+    header.extend_from_slice(&(64u32 << 20).to_le_bytes());
+    edge.send.write_all(&header).await.expect("write");
+    assert!(matches!(
+        edge.next().await,
+        Some(Message::Goodbye { .. }) | None
+    ));
+    if let Message::Hello { device, .. } = &mut hello {
+        *device = "press-01".into();
+    }
+    let mut edge = Edge::connect(addr, &press).await;
+    let (acked, _) = drive(&mut edge, "press-01", cases(1, 5), 1).await;
+    assert_eq!(acked.len(), 1, "still serving");
+}
