@@ -45,6 +45,7 @@ pub struct RunningAgent {
     stop: watch::Sender<bool>,
     server: JoinHandle<()>,
     committer: JoinHandle<()>,
+    uplink: Option<JoinHandle<()>>,
 }
 
 impl RunningAgent {
@@ -63,6 +64,9 @@ impl RunningAgent {
     pub async fn shutdown(self) -> anyhow::Result<()> {
         let _ = self.stop.send(true);
         self.server.await.context("HTTP server task")?;
+        if let Some(u) = self.uplink {
+            u.await.context("uplink task")?;
+        }
         let RunningAgent { app, committer, .. } = self;
         // The committer ends when the last sender (held by the app) is gone.
         drop(app);
@@ -95,6 +99,35 @@ pub async fn start(cfg: Config) -> anyhow::Result<RunningAgent> {
         .await
         .with_context(|| format!("listening on {}", cfg.listen))?;
     let addr = listener.local_addr()?;
+    let link: crate::uplink::LinkStatus = Default::default();
+    let (stop, mut stopped) = watch::channel(false);
+    let uplink = match (&cfg.cloud, &cfg.identity) {
+        (Some(cloud), Some(identity)) => {
+            // Fail at start on unusable identity files, not in the background.
+            crate::uplink::client(identity)?;
+            let server_name = cfg.cloud_name.clone().unwrap_or_else(|| {
+                cloud
+                    .rsplit_once(':')
+                    .map_or(cloud.as_str(), |(h, _)| h)
+                    .trim_matches(|c| c == '[' || c == ']')
+                    .to_string()
+            });
+            let ucfg = crate::uplink::UplinkConfig {
+                cloud: cloud.clone(),
+                server_name,
+                identity: identity.clone(),
+            };
+            Some(tokio::spawn(crate::uplink::run(
+                ucfg,
+                db.clone(),
+                tx.clone(),
+                link.clone(),
+                student.sha256().to_string(),
+                stop.subscribe(),
+            )))
+        }
+        _ => None,
+    };
     let app = Arc::new(App {
         db,
         tx,
@@ -103,8 +136,8 @@ pub async fn start(cfg: Config) -> anyhow::Result<RunningAgent> {
         student,
         metrics: metrics_handle(),
         started: Instant::now(),
+        link,
     });
-    let (stop, mut stopped) = watch::channel(false);
     let router = api::router(app.clone());
     let server = tokio::spawn(async move {
         let result = axum::serve(listener, router)
@@ -123,5 +156,6 @@ pub async fn start(cfg: Config) -> anyhow::Result<RunningAgent> {
         stop,
         server,
         committer,
+        uplink,
     })
 }

@@ -20,8 +20,13 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// HTTP listen address.
     pub listen: SocketAddr,
-    /// Cloud core address (HOST:PORT). The uplink is not built yet: hard cases queue.
+    /// Cloud core address (HOST:PORT) for the QUIC uplink; without it hard cases queue.
     pub cloud: Option<String>,
+    /// Directory with this device's identity: `device.pem`, `device.key`, `ca.pem`
+    /// (from `cloud-core device issue`). Required with `cloud`.
+    pub identity: Option<PathBuf>,
+    /// The name in the cloud's certificate [default: the host part of `cloud`].
+    pub cloud_name: Option<String>,
     /// This gateway's device id (reported in status; the cloud will derive it from the
     /// device certificate).
     pub device_id: String,
@@ -75,6 +80,8 @@ impl Default for Config {
             data_dir: PathBuf::from("edge-data"),
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             cloud: None,
+            identity: None,
+            cloud_name: None,
             device_id: "edge-local".to_string(),
             model: None,
             ingest: IngestConfig::default(),
@@ -122,6 +129,13 @@ impl Config {
 
     /// Checks values that parse but make no sense.
     pub fn validate(&self) -> anyhow::Result<()> {
+        if self.cloud.is_some() {
+            anyhow::ensure!(
+                self.identity.is_some(),
+                "cloud is set but identity is not: the link needs this device's certificate \
+                 (--identity DIR with device.pem, device.key, ca.pem from `cloud-core device issue`)"
+            );
+        }
         anyhow::ensure!(
             self.ingest.max_line_bytes >= 256,
             "ingest.max_line_bytes must be at least 256"

@@ -11,6 +11,7 @@
 //! - [`policy`]: the hard-case policy and its budgets.
 //! - [`api`]: the HTTP API; [`agent`]: starting and stopping it all.
 //! - [`simulate`], [`demo`], [`bench`]: simulated machines, the demo screen, benchmarks.
+//! - [`uplink`]: the QUIC link to the cloud core (outbox drain, verdicts back).
 //! - [`dataset`]: labelled simulated cases, decided as the agent decides them.
 //!
 //! It never acknowledges a record before the flush that makes it durable, never evicts an
@@ -28,6 +29,7 @@ mod pipeline;
 mod policy;
 mod simulate;
 mod store;
+mod uplink;
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -116,10 +118,17 @@ struct RunArgs {
     /// HTTP listen address, e.g. 0.0.0.0:8080 [config: listen; default: 127.0.0.1:8080].
     #[arg(long)]
     listen: Option<SocketAddr>,
-    /// Cloud core HOST:PORT. The QUIC uplink is not in this build yet: with or without
-    /// it, hard cases wait in the durable outbox [config: cloud].
+    /// Cloud core HOST:PORT: hard cases go there over QUIC (needs --identity); without
+    /// it they wait in the durable outbox [config: cloud].
     #[arg(long)]
     cloud: Option<String>,
+    /// Directory with device.pem, device.key and ca.pem (`cloud-core device issue`)
+    /// [config: identity].
+    #[arg(long)]
+    identity: Option<PathBuf>,
+    /// Name in the cloud's certificate [config: cloud_name; default: the host of --cloud].
+    #[arg(long)]
+    cloud_name: Option<String>,
     /// TOML configuration file; flags override its values (see README for every key).
     #[arg(long)]
     config: Option<PathBuf>,
@@ -240,6 +249,12 @@ fn load_config(args: &RunArgs) -> anyhow::Result<Config> {
     if let Some(v) = &args.cloud {
         cfg.cloud = Some(v.clone());
     }
+    if let Some(v) = &args.identity {
+        cfg.identity = Some(v.clone());
+    }
+    if let Some(v) = &args.cloud_name {
+        cfg.cloud_name = Some(v.clone());
+    }
     if let Some(v) = &args.model {
         cfg.model = Some(v.clone());
     }
@@ -265,9 +280,6 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
         Cmd::Run(args) => {
             init_logging(&args.log);
             let cfg = load_config(&args)?;
-            if let Some(cloud) = &cfg.cloud {
-                tracing::warn!(%cloud, "the QUIC uplink is not in this build: hard cases wait in the outbox");
-            }
             let running = agent::start(cfg).await?;
             println!("edge-agent listening on http://{}", running.addr);
             let _ = std::io::stdout().flush();

@@ -49,6 +49,10 @@ pub enum Command {
     },
     /// Replace the policy configuration.
     SetPolicy(PolicyConfig, oneshot::Sender<()>),
+    /// The cloud stored these hard cases: they leave the outbox.
+    Delivered(Vec<CaseId>, oneshot::Sender<()>),
+    /// Verdicts from the cloud, to store with their cases (replies after the flush).
+    Verdicts(Vec<shared::frame::VerdictMsg>, oneshot::Sender<()>),
 }
 
 /// The answer to an accepted request.
@@ -252,10 +256,113 @@ impl Pipeline {
                     Err(_) => break,
                 }
             }
-            self.commit(group).await;
+            let (link, group): (Vec<Command>, Vec<Command>) = group
+                .into_iter()
+                .partition(|c| matches!(c, Command::Delivered(..) | Command::Verdicts(..)));
+            if !link.is_empty() {
+                self.link_commit(link).await;
+            }
+            if !group.is_empty() {
+                self.commit(group).await;
+            }
         }
         if let Err(e) = self.db.flush_async().await {
             tracing::error!("final flush failed: {e}");
+        }
+    }
+
+    /// Outbox deliveries and verdicts from the uplink: one batch, one flush.
+    async fn link_commit(&mut self, cmds: Vec<Command>) {
+        let mut batch = sled::Batch::default();
+        let mut replies = Vec::new();
+        let (mut delivered, mut delivered_audit, mut verdicts, mut added) =
+            (0u64, 0u64, 0u64, 0u64);
+        let mut seen = HashSet::new();
+        for cmd in cmds {
+            match cmd {
+                Command::Delivered(ids, reply) => {
+                    for id in ids {
+                        if !seen.insert(id) {
+                            continue;
+                        }
+                        let Ok(Some(mut c)) = store::get_case(&self.db, &id) else {
+                            continue;
+                        };
+                        if c.outbox != OutboxState::Queued {
+                            continue;
+                        }
+                        batch.remove(&keys::outbox(c.seq)[..]);
+                        c.outbox = OutboxState::Delivered;
+                        self.rewrite_case(&c, &mut batch);
+                        delivered += 1;
+                        if c.reason == Reason::Audit {
+                            delivered_audit += 1;
+                        }
+                    }
+                    replies.push(reply);
+                }
+                Command::Verdicts(vs, reply) => {
+                    for v in vs {
+                        // Only for cases this gateway holds; a repeat overwrites with the same.
+                        if !self
+                            .db
+                            .contains_key(keys::case_id(&v.case_id))
+                            .unwrap_or(false)
+                        {
+                            continue;
+                        }
+                        let j = serde_json::json!({
+                            "class": v.class, "confidence": v.confidence,
+                            "explanation": v.explanation, "action": v.action, "model": v.model,
+                            "received": shared::record::format_ts(now_ms()),
+                        });
+                        if let Ok(bytes) = serde_json::to_vec(&j) {
+                            if !self
+                                .db
+                                .contains_key(keys::verdict(&v.case_id))
+                                .unwrap_or(true)
+                            {
+                                added += (17 + bytes.len()) as u64;
+                                verdicts += 1;
+                            }
+                            batch.insert(&keys::verdict(&v.case_id)[..], bytes);
+                        }
+                    }
+                    replies.push(reply);
+                }
+                Command::Ingest { reply, .. } => {
+                    let _ = reply.send(Err(IngestError::new(500, "misrouted command")));
+                }
+                Command::SetPolicy(_, reply) => {
+                    let _ = reply.send(());
+                }
+            }
+        }
+        let result = match self.db.apply_batch(batch) {
+            Ok(()) => self.db.flush_async().await.map(|_| ()),
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(()) => {
+                if let Ok(mut c) = self.shared.counts.lock() {
+                    c.outbox -= delivered.min(c.outbox);
+                    c.outbox_audit -= delivered_audit.min(c.outbox_audit);
+                    c.live_bytes += added;
+                    publish_gauges(&c);
+                }
+                metrics::counter!("edge_cases_delivered_total").increment(delivered);
+                metrics::counter!("edge_verdicts_received_total").increment(verdicts);
+                for r in replies {
+                    let _ = r.send(());
+                }
+            }
+            Err(e) => {
+                tracing::error!("store write failed: {e}; refusing ingest until restart");
+                if let Ok(mut f) = self.shared.failed.lock() {
+                    *f = Some(e.to_string());
+                }
+                // Replies dropped: the uplink sees the failure and acknowledges nothing.
+            }
         }
     }
 
@@ -281,6 +388,10 @@ impl Pipeline {
 
         for cmd in group {
             match cmd {
+                // Routed to `link_commit` by `run`; answered there.
+                Command::Delivered(_, reply) | Command::Verdicts(_, reply) => {
+                    drop(reply);
+                }
                 Command::SetPolicy(cfg, reply) => {
                     self.policy.set_config(cfg.clone());
                     if let Ok(mut p) = self.shared.policy.write() {
@@ -776,6 +887,7 @@ impl Pipeline {
             }
             batch.remove(&keys::case(c.seq)[..]);
             batch.remove(&keys::case_id(&c.id)[..]);
+            batch.remove(&keys::verdict(&c.id)[..]);
             freed += (9 + *len + 17 + 8) as u64;
             match c.decision {
                 Decision::Local => local += 1,

@@ -41,6 +41,8 @@ pub struct App {
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,
     /// Start time.
     pub started: Instant,
+    /// The uplink's state.
+    pub link: crate::uplink::LinkStatus,
 }
 
 /// The router.
@@ -205,8 +207,12 @@ pub fn status_json(app: &App) -> serde_json::Value {
         },
         "cloud": match &app.cfg.cloud {
             None => serde_json::json!({"link": "offline", "note": "no cloud configured: hard cases wait in the outbox"}),
-            Some(addr) => serde_json::json!({"link": "not_built", "address": addr,
-                "note": "the QUIC uplink is not part of this build yet: hard cases wait in the outbox"}),
+            Some(_) => {
+                let l = app.link.lock().map(|l| l.clone()).unwrap_or_default();
+                let mut v = serde_json::to_value(&l).unwrap_or_default();
+                v["link"] = serde_json::json!(l.state);
+                v
+            }
         },
         "model": {
             "source": app.student.source(),
@@ -299,6 +305,9 @@ async fn get_case(State(app): State<Arc<App>>, Path(id): Path<String>) -> Respon
             let records: Vec<serde_json::Value> =
                 c.records.iter().map(|r| r.record.to_json()).collect();
             v["records"] = serde_json::Value::Array(records);
+            if let Ok(Some(verdict)) = store::get_verdict(&app.db, &id) {
+                v["verdict"] = verdict;
+            }
             Json(v).into_response()
         }
         Ok(None) => (

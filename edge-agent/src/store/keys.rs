@@ -18,6 +18,8 @@ pub enum Prefix {
     Outbox = b'o',
     /// `m` name → meta
     Meta = b'm',
+    /// `v` case id → the cloud's verdict (JSON)
+    Verdict = b'v',
 }
 
 impl Prefix {
@@ -30,6 +32,7 @@ impl Prefix {
             b'k' => Prefix::CaseId,
             b'o' => Prefix::Outbox,
             b'm' => Prefix::Meta,
+            b'v' => Prefix::Verdict,
             _ => return None,
         })
     }
@@ -39,6 +42,14 @@ fn with_seq(p: Prefix, seq: u64) -> [u8; 9] {
     let mut k = [0u8; 9];
     k[0] = p as u8;
     k[1..].copy_from_slice(&seq.to_be_bytes());
+    k
+}
+
+/// Key of the cloud's verdict on a case.
+pub fn verdict(id: &CaseId) -> [u8; 17] {
+    let mut k = [0u8; 17];
+    k[0] = Prefix::Verdict as u8;
+    k[1..].copy_from_slice(&id.0);
     k
 }
 

@@ -307,7 +307,9 @@ pub fn recover(db: &sled::Db) -> anyhow::Result<Recovered> {
                     audit_cases.insert(c.seq);
                 }
             }
-            Some(Prefix::CaseId) => counts.live_bytes += (k.len() + v.len()) as u64,
+            Some(Prefix::CaseId) | Some(Prefix::Verdict) => {
+                counts.live_bytes += (k.len() + v.len()) as u64
+            }
             Some(Prefix::Outbox) => {
                 counts.outbox += 1;
                 counts.live_bytes += (k.len() + v.len()) as u64;
@@ -349,6 +351,49 @@ pub fn get_case_by_seq(db: &sled::Db, seq: u64) -> anyhow::Result<Option<CaseEnt
         )),
         None => Ok(None),
     }
+}
+
+/// The cloud's verdict on a case, if one arrived.
+pub fn get_verdict(db: &sled::Db, id: &CaseId) -> anyhow::Result<Option<serde_json::Value>> {
+    match db.get(keys::verdict(id))? {
+        Some(v) => Ok(Some(
+            serde_json::from_slice(&v).context("a stored verdict is unreadable")?,
+        )),
+        None => Ok(None),
+    }
+}
+
+/// The hard cases waiting in the outbox, oldest first (at most `n`, skipping `skip`),
+/// as the cloud receives them.
+pub fn outbox_cases(
+    db: &sled::Db,
+    n: usize,
+    skip: &dyn Fn(&CaseId) -> bool,
+) -> anyhow::Result<Vec<shared::case::HardCase>> {
+    let mut out = Vec::new();
+    for item in db.scan_prefix([Prefix::Outbox as u8]) {
+        if out.len() >= n {
+            break;
+        }
+        let (k, _) = item?;
+        let Some(c) = get_case_by_seq(db, keys::seq_of(&k))? else {
+            continue;
+        };
+        if skip(&c.id) || c.outbox != OutboxState::Queued {
+            continue;
+        }
+        out.push(shared::case::HardCase {
+            id: c.id,
+            machine: c.machine.clone(),
+            start_ms: c.start_ms,
+            end_ms: c.end_ms,
+            features: c.features.clone(),
+            probs: c.probs.clone(),
+            reason: c.reason,
+            records: c.records.into_iter().map(|r| r.record).collect(),
+        });
+    }
+    Ok(out)
 }
 
 /// One case by id.
