@@ -77,9 +77,10 @@ enum Cmd {
         /// HTTP listen address.
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen_http: std::net::SocketAddr,
-        /// Checkpoint directory, as published on Hugging Face.
+        /// Checkpoint directory, as published on Hugging Face [default: the embedded demo
+        /// model, written to DATA_DIR/demo-model].
         #[arg(long)]
-        model: std::path::PathBuf,
+        model: Option<std::path::PathBuf>,
         /// The model name the API reports and accepts [default: the directory's name].
         #[arg(long)]
         model_name: Option<String>,
@@ -721,6 +722,19 @@ fn main() -> ExitCode {
                 .with_env_filter(filter)
                 .with_writer(std::io::stderr)
                 .init();
+            let (model, model_name) = match model {
+                Some(m) => (m, model_name),
+                None => match cloud_core::demo_model::extract(&data_dir.join("demo-model")) {
+                    Ok(dir) => (
+                        dir,
+                        model_name.or_else(|| Some(cloud_core::demo_model::NAME.to_string())),
+                    ),
+                    Err(e) => {
+                        eprintln!("cloud-core serve: {e:#}");
+                        return ExitCode::FAILURE;
+                    }
+                },
+            };
             let model_name = model_name.unwrap_or_else(|| {
                 std::fs::canonicalize(&model)
                     .ok()
