@@ -103,6 +103,14 @@ enum Cmd {
         /// Most requests waiting; beyond that requests get 503 with Retry-After.
         #[arg(long, default_value_t = 256)]
         max_queue: usize,
+        /// Steer every edge toward sending this share of its cases (0–1); devices with
+        /// their own target (`PUT /api/v1/fleet/devices/ID/target`) use theirs. Without
+        /// it only devices with a target are steered.
+        #[arg(long, value_parser = share)]
+        target_share: Option<f64>,
+        /// Verdict queue length from which steering lowers the targets (from half of it).
+        #[arg(long, default_value_t = 512)]
+        queue_high: usize,
         /// Log filter (error, warn, info, debug, or a tracing filter).
         #[arg(long, default_value = "info")]
         log: String,
@@ -626,6 +634,13 @@ async fn shutdown_signal() {
     let _ = ctrl_c.await;
 }
 
+fn share(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.0..=1.0).contains(&v) => Ok(v),
+        _ => Err(format!("a share is a number within 0–1 (got {s:?})")),
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -707,6 +722,8 @@ fn main() -> ExitCode {
             token,
             max_batch,
             max_queue,
+            target_share,
+            queue_high,
             log,
         } => {
             if engine != "cpu" {
@@ -748,6 +765,10 @@ fn main() -> ExitCode {
                 model_name,
                 token,
                 quic: listen_quic.zip(ca),
+                steer: cloud_core::fleet::steer::SteerConfig {
+                    default_target: target_share,
+                    queue_high,
+                },
                 scheduler: cloud_core::engine::scheduler::SchedulerConfig {
                     max_batch,
                     max_queue,

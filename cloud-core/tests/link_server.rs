@@ -118,6 +118,7 @@ async fn drive(
         agent_version: "test".into(),
         model_sha256: "00".into(),
         backlog: to_send.len() as u64,
+        ..Default::default()
     };
     let (mut s, hello) = EdgeSession::new(&info, 8);
     edge.send(&hello).await;
@@ -131,7 +132,7 @@ async fn drive(
         let Some(m) = edge.next().await else { break };
         for ev in s.handle(m, 0).expect("valid message") {
             match ev {
-                EdgeEvent::Ready => {
+                EdgeEvent::Ready { .. } => {
                     let batch = std::mem::take(&mut pending);
                     if let Some(m) = s.send_cases(batch, 0) {
                         edge.send(&m).await;
@@ -175,7 +176,7 @@ async fn cases_in_verdicts_out_once_each() {
     let fleet = Fleet::new(store, verdicts, 8);
     let ep = quinn::Endpoint::server(server_cfg, "127.0.0.1:0".parse().expect("addr")).expect("ep");
     let addr = ep.local_addr().expect("addr");
-    tokio::spawn(serve(ep, fleet.clone()));
+    tokio::spawn(serve(ep, fleet.clone(), Default::default()));
 
     // Three cases in; three acks and three verdicts back.
     let batch = cases(3, 7);
@@ -229,6 +230,7 @@ async fn cases_in_verdicts_out_once_each() {
             agent_version: "x".into(),
             model_sha256: "0".into(),
             backlog: 0,
+            ..Default::default()
         },
         1,
     );

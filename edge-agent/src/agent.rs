@@ -6,13 +6,13 @@ use std::time::Instant;
 
 use anyhow::Context;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::api::{self, App};
 use crate::config::Config;
 use crate::infer::Student;
-use crate::pipeline::{Command, Pipeline};
+use crate::pipeline::Pipeline;
 use crate::policy::PolicyConfig;
 
 /// The process-wide metrics recorder (one per process, shared by agents in tests).
@@ -46,18 +46,19 @@ pub struct RunningAgent {
     server: JoinHandle<()>,
     committer: JoinHandle<()>,
     uplink: Option<JoinHandle<()>>,
+    reporter: JoinHandle<()>,
 }
 
 impl RunningAgent {
-    /// Changes the policy at run time (as `PUT /v1/policy` does).
+    /// Changes the local policy at run time (as `PUT /v1/policy` does); desired config
+    /// from the cloud still applies over it.
     pub async fn set_policy(&self, cfg: PolicyConfig) -> anyhow::Result<()> {
-        let (tx, rx) = oneshot::channel();
         self.app
-            .tx
-            .send(Command::SetPolicy(cfg, tx))
+            .sync
+            .set_local_policy(cfg)
             .await
-            .map_err(|_| anyhow::anyhow!("agent stopped"))?;
-        rx.await.map_err(|_| anyhow::anyhow!("agent stopped"))
+            .map(|_| ())
+            .map_err(|e| anyhow::anyhow!(e))
     }
 
     /// Stops accepting requests, lets those in flight finish, flushes and returns.
@@ -67,6 +68,7 @@ impl RunningAgent {
         if let Some(u) = self.uplink {
             u.await.context("uplink task")?;
         }
+        self.reporter.await.context("sync reporter task")?;
         let RunningAgent { app, committer, .. } = self;
         // The committer ends when the last sender (held by the app) is gone.
         drop(app);
@@ -101,10 +103,21 @@ pub async fn start(cfg: Config) -> anyhow::Result<RunningAgent> {
     let addr = listener.local_addr()?;
     let link: crate::uplink::LinkStatus = Default::default();
     let (stop, mut stopped) = watch::channel(false);
+    // The sync node is the certified device id when there is an identity.
+    let device = match &cfg.identity {
+        Some(identity) => crate::uplink::client(identity)?.1,
+        None => cfg.device_id.clone(),
+    };
+    let sync = crate::sync::EdgeSync::open(&db, &device, cfg.policy.clone(), tx.clone())?;
+    // Desired config stored from earlier connections applies from the start.
+    sync.apply().await;
+    let reporter = tokio::spawn(sync.clone().report(
+        shared.clone(),
+        student.sha256().to_string(),
+        stop.subscribe(),
+    ));
     let uplink = match (&cfg.cloud, &cfg.identity) {
         (Some(cloud), Some(identity)) => {
-            // Fail at start on unusable identity files, not in the background.
-            crate::uplink::client(identity)?;
             let server_name = cfg.cloud_name.clone().unwrap_or_else(|| {
                 cloud
                     .rsplit_once(':')
@@ -122,6 +135,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<RunningAgent> {
                 db.clone(),
                 tx.clone(),
                 link.clone(),
+                sync.clone(),
                 student.sha256().to_string(),
                 stop.subscribe(),
             )))
@@ -137,6 +151,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<RunningAgent> {
         metrics: metrics_handle(),
         started: Instant::now(),
         link,
+        sync,
     });
     let router = api::router(app.clone());
     let server = tokio::spawn(async move {
@@ -157,5 +172,6 @@ pub async fn start(cfg: Config) -> anyhow::Result<RunningAgent> {
         server,
         committer,
         uplink,
+        reporter,
     })
 }

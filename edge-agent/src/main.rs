@@ -29,6 +29,7 @@ mod pipeline;
 mod policy;
 mod simulate;
 mod store;
+mod sync;
 mod uplink;
 
 use std::io::Write;

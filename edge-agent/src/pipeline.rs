@@ -108,6 +108,8 @@ pub struct Totals {
     pub cases_local: u64,
     /// Cases decided hard.
     pub cases_hard: u64,
+    /// Cases the thresholds wanted to send but a budget (share or rate) held back.
+    pub cases_over_budget: u64,
     /// Requests refused because the store was full.
     pub refused_full: u64,
     /// Evictions under the disk cap, by kind.
@@ -543,6 +545,9 @@ impl Pipeline {
                         match e.decision {
                             Decision::Local => t.cases_local += 1,
                             Decision::Hard => t.cases_hard += 1,
+                        }
+                        if matches!(e.reason, Reason::OverShareBudget | Reason::OverRateBudget) {
+                            t.cases_over_budget += 1;
                         }
                     }
                 }

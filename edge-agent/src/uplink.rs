@@ -5,8 +5,11 @@
 //! jittered exponential backoff, sends the oldest queued hard cases first with a bounded
 //! number in flight, and removes an outbox entry only when the cloud acknowledges it
 //! stored the case (through the committer, like every other write). Verdicts are stored
-//! with their cases (`GET /v1/cases/{id}`) before they are acknowledged. The protocol
-//! rules live in `shared::protocol`; this module only moves frames and calls the store.
+//! with their cases (`GET /v1/cases/{id}`) before they are acknowledged. After the
+//! welcome it opens a second, lower-priority stream for the incremental sync of the
+//! shared state (`crate::sync`), so bulk sync never delays hard cases. The protocol rules
+//! live in `shared::protocol` and `shared::replica`; this module only moves frames and
+//! calls the store.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -94,6 +97,7 @@ pub async fn run(
     db: sled::Db,
     tx: mpsc::Sender<Command>,
     status: LinkStatus,
+    sync: Arc<crate::sync::EdgeSync>,
     model_sha256: String,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -108,7 +112,7 @@ pub async fn run(
         }
         let started = Instant::now();
         let result = tokio::select! {
-            r = session(&cfg, &db, &tx, &status, &model_sha256) => r,
+            r = session(&cfg, &db, &tx, &status, &sync, &model_sha256) => r,
             _ = stop.wait_for(|s| *s) => return,
         };
         let err = match result {
@@ -159,11 +163,21 @@ async fn commit(
         .context("the store could not write (see the agent's log)")
 }
 
+async fn read_opt(
+    r: &mut Option<quinn::RecvStream>,
+) -> Result<Option<quinn::Chunk>, quinn::ReadError> {
+    match r {
+        Some(r) => r.read_chunk(64 * 1024, true).await,
+        None => std::future::pending().await,
+    }
+}
+
 async fn session(
     cfg: &UplinkConfig,
     db: &sled::Db,
     tx: &mpsc::Sender<Command>,
     status: &LinkStatus,
+    sync: &crate::sync::EdgeSync,
     model_sha256: &str,
 ) -> anyhow::Result<()> {
     let (client_cfg, device) = client(&cfg.identity)?;
@@ -186,6 +200,7 @@ async fn session(
     .await
     .context("handshake timed out")??;
     let (mut out, mut inp) = conn.open_bi().await?;
+    let _ = out.set_priority(1);
     let codec = FrameCodec::default();
     let backlog = db
         .scan_prefix([crate::store::keys::Prefix::Outbox as u8])
@@ -195,14 +210,29 @@ async fn session(
         agent_version: env!("CARGO_PKG_VERSION").into(),
         model_sha256: model_sha256.into(),
         backlog,
+        sync_received: sync.with(|r| Ok((r.received(), false)))?,
     };
     let (mut s, hello) = EdgeSession::new(&info, MAX_IN_FLIGHT);
     send(&mut out, &codec, &hello).await?;
     let mut buf = Vec::new();
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     let mut heartbeat = tokio::time::interval(Duration::from_secs(5));
+    let mut sync_out: Option<quinn::SendStream> = None;
+    let mut sync_in: Option<quinn::RecvStream> = None;
+    let mut sync_buf = Vec::new();
     loop {
         tokio::select! {
+            chunk = read_opt(&mut sync_in) => {
+                let Some(chunk) = chunk? else { return Ok(()) };
+                sync_buf.extend_from_slice(&chunk.bytes);
+                while let Decoded::Frame(m, used) = codec.decode(&sync_buf)? {
+                    sync_buf.drain(..used);
+                    let step = sync.handle(m).await?;
+                    if let (Some(reply), Some(o)) = (step.reply, sync_out.as_mut()) {
+                        send(o, &codec, &reply).await?;
+                    }
+                }
+            }
             chunk = inp.read_chunk(64 * 1024, true) => {
                 let Some(chunk) = chunk? else { return Ok(()) };
                 buf.extend_from_slice(&chunk.bytes);
@@ -210,8 +240,20 @@ async fn session(
                     buf.drain(..used);
                     for ev in s.handle(m, now_ms().max(0) as u64)? {
                         match ev {
-                            EdgeEvent::Ready => {
+                            EdgeEvent::Ready { sync_received } => {
                                 tracing::info!(cloud = %cfg.cloud, %device, "link up");
+                                sync.with(|r| {
+                                    r.connected(sync_received);
+                                    Ok(((), false))
+                                })?;
+                                let (mut o, i) = conn.open_bi().await?;
+                                let _ = o.set_priority(0);
+                                // A stream is seen by the peer with its first bytes: open
+                                // it with our cursor (an acknowledgement of what we have).
+                                let ack = Message::SyncAck { upto: sync.with(|r| Ok((r.received(), false)))? };
+                                send(&mut o, &codec, &ack).await?;
+                                sync_out = Some(o);
+                                sync_in = Some(i);
                                 metrics::gauge!("edge_link_connected").set(1.0);
                                 set(status, |st| {
                                     st.state = "connected";
@@ -242,6 +284,11 @@ async fn session(
                 }
             }
             _ = tick.tick() => {
+                if let Some(o) = sync_out.as_mut() {
+                    while let Some(m) = sync.with(|r| Ok((r.outgoing(), false)))? {
+                        send(o, &codec, &m).await?;
+                    }
+                }
                 let room = s.room().min(BATCH);
                 if room > 0 {
                     let cases = {

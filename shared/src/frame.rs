@@ -10,6 +10,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::case::{CaseId, HardCase};
+use crate::sync::Batch;
 
 /// The protocol version this build speaks.
 pub const PROTOCOL_VERSION: u8 = 1;
@@ -34,6 +35,9 @@ pub enum Message {
         model_sha256: String,
         /// Hard cases waiting in the edge's outbox.
         backlog: u64,
+        /// The edge's sync cursor: the cloud's changes it has applied, through this
+        /// sequence number (the cloud sends only what comes after it).
+        sync_received: u64,
     },
     /// A batch of hard cases.
     Cases(Vec<HardCase>),
@@ -51,6 +55,9 @@ pub enum Message {
     Welcome {
         /// Protocol version of the cloud.
         protocol: u8,
+        /// The cloud's sync cursor for this device: the edge's changes it has applied,
+        /// through this sequence number.
+        sync_received: u64,
     },
     /// Verdicts on cases the edge sent (cloud → edge).
     Verdicts(Vec<VerdictMsg>),
@@ -68,6 +75,13 @@ pub enum Message {
     Backlog {
         /// Hard cases waiting in the outbox.
         backlog: u64,
+    },
+    /// Changes of the shared state (either way, on the sync stream).
+    Sync(Batch),
+    /// The receiver applied the sender's changes through `upto` (on the sync stream).
+    SyncAck {
+        /// The sender's sequence number the receiver has applied through.
+        upto: u64,
     },
     /// The sender is closing the connection, and why.
     Goodbye {
@@ -236,18 +250,50 @@ mod tests {
                 "[a-z0-9-]{1,12}",
                 ".{0,20}",
                 "[0-9a-f]{0,64}",
+                any::<u64>(),
                 any::<u64>()
             )
                 .prop_map(
-                    |(protocol, device, agent_version, model_sha256, backlog)| Message::Hello {
-                        protocol,
-                        device,
-                        agent_version,
-                        model_sha256,
-                        backlog,
+                    |(protocol, device, agent_version, model_sha256, backlog, sync_received)| {
+                        Message::Hello {
+                            protocol,
+                            device,
+                            agent_version,
+                            model_sha256,
+                            backlog,
+                            sync_received,
+                        }
                     }
                 ),
-            any::<u8>().prop_map(|protocol| Message::Welcome { protocol }),
+            (any::<u8>(), any::<u64>()).prop_map(|(protocol, sync_received)| Message::Welcome {
+                protocol,
+                sync_received
+            }),
+            any::<u64>().prop_map(|upto| Message::SyncAck { upto }),
+            (
+                any::<u64>(),
+                any::<u64>(),
+                "[a-z]{1,8}",
+                proptest::option::of(proptest::collection::vec(any::<u8>(), 0..16)),
+                any::<u64>()
+            )
+                .prop_map(|(after, upto, key, value, wall_ms)| Message::Sync(Batch {
+                    after,
+                    upto,
+                    entries: vec![crate::sync::BatchEntry {
+                        scope: crate::sync::Scope::Labels,
+                        key,
+                        entry: crate::sync::Entry {
+                            ts: crate::hlc::Timestamp {
+                                wall_ms,
+                                logical: 0,
+                                node: 7
+                            },
+                            origin: crate::sync::Role::Edge,
+                            value,
+                        },
+                    }],
+                })),
             proptest::collection::vec(
                 (
                     any::<[u8; 16]>(),
@@ -370,6 +416,7 @@ mod tests {
             agent_version: "x".repeat(2000),
             model_sha256: String::new(),
             backlog: 0,
+            sync_received: 0,
         };
         let mut out = Vec::new();
         assert!(matches!(

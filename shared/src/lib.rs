@@ -19,6 +19,7 @@
 //! - [`protocol`]: the edge–cloud protocol as sans-IO state machines.
 //! - [`sim`]: the simulated factory machines (normal operation and fault signatures).
 //! - [`sync`]: the last-writer-wins map of shared state and its incremental sync.
+//! - [`replica`]: one side's copy of the state shared with one peer, and the sync stream.
 
 pub mod case;
 pub mod features;
@@ -26,6 +27,7 @@ pub mod frame;
 pub mod hlc;
 pub mod protocol;
 pub mod record;
+pub mod replica;
 pub mod schema;
 pub mod sim;
 pub mod sync;

@@ -54,12 +54,14 @@ fn kind(m: &Message) -> &'static str {
         Message::VerdictAck { .. } => "VerdictAck",
         Message::HeartbeatAck { .. } => "HeartbeatAck",
         Message::Backlog { .. } => "Backlog",
+        Message::Sync(_) => "Sync",
+        Message::SyncAck { .. } => "SyncAck",
         Message::Goodbye { .. } => "Goodbye",
     }
 }
 
 /// What the edge reports about itself when it connects.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct EdgeInfo {
     /// The device id from the edge's own certificate.
     pub device: String,
@@ -69,6 +71,8 @@ pub struct EdgeInfo {
     pub model_sha256: String,
     /// Outbox backlog.
     pub backlog: u64,
+    /// The edge's sync cursor (the cloud's changes it has applied, through this).
+    pub sync_received: u64,
 }
 
 /// What the edge's caller must do.
@@ -76,8 +80,12 @@ pub struct EdgeInfo {
 pub enum EdgeEvent {
     /// Send this message.
     Send(Message),
-    /// The link is up: send cases.
-    Ready,
+    /// The link is up: send cases. The cloud has applied the edge's sync changes
+    /// through `sync_received`.
+    Ready {
+        /// The cloud's sync cursor for this device.
+        sync_received: u64,
+    },
     /// The cloud stored these cases: delete them from the outbox.
     Acked(Vec<CaseId>),
     /// Verdicts arrived: store them, then call [`EdgeSession::verdicts_stored`].
@@ -106,6 +114,7 @@ impl EdgeSession {
             agent_version: info.agent_version.clone(),
             model_sha256: info.model_sha256.clone(),
             backlog: info.backlog,
+            sync_received: info.sync_received,
         };
         let s = EdgeSession {
             ready: false,
@@ -182,7 +191,10 @@ impl EdgeSession {
     /// Handles one message from the cloud.
     pub fn handle(&mut self, msg: Message, now_ms: u64) -> Result<Vec<EdgeEvent>, ProtocolError> {
         match msg {
-            Message::Welcome { protocol } => {
+            Message::Welcome {
+                protocol,
+                sync_received,
+            } => {
                 if protocol != PROTOCOL_VERSION {
                     return Err(ProtocolError::Version(protocol));
                 }
@@ -190,7 +202,7 @@ impl EdgeSession {
                     return Err(ProtocolError::Unexpected("second Welcome"));
                 }
                 self.ready = true;
-                Ok(vec![EdgeEvent::Ready])
+                Ok(vec![EdgeEvent::Ready { sync_received }])
             }
             Message::Goodbye { reason } => Err(ProtocolError::Closed(reason)),
             m if !self.ready => Err(ProtocolError::Unexpected(kind(&m))),
@@ -243,15 +255,19 @@ pub enum CloudEvent {
 #[derive(Debug)]
 pub struct CloudSession {
     device: String,
+    sync_received: u64,
     greeted: bool,
     unacked_verdicts: BTreeSet<CaseId>,
 }
 
 impl CloudSession {
-    /// A connection whose verified certificate names `device`.
-    pub fn new(device: &str) -> CloudSession {
+    /// A connection whose verified certificate names `device`; `sync_received` is the
+    /// cloud's sync cursor for it (the device's changes applied through this), sent in
+    /// the welcome.
+    pub fn new(device: &str, sync_received: u64) -> CloudSession {
         CloudSession {
             device: device.to_string(),
+            sync_received,
             greeted: false,
             unacked_verdicts: BTreeSet::new(),
         }
@@ -299,6 +315,7 @@ impl CloudSession {
                 agent_version,
                 model_sha256,
                 backlog,
+                sync_received,
             } => {
                 if self.greeted {
                     return Err(ProtocolError::Unexpected("second Hello"));
@@ -319,9 +336,11 @@ impl CloudSession {
                         agent_version,
                         model_sha256,
                         backlog,
+                        sync_received,
                     }),
                     CloudEvent::Send(Message::Welcome {
                         protocol: PROTOCOL_VERSION,
+                        sync_received: self.sync_received,
                     }),
                 ])
             }
@@ -367,6 +386,7 @@ mod tests {
             agent_version: "0.1.0".into(),
             model_sha256: "ab".into(),
             backlog: 3,
+            sync_received: 5,
         }
     }
 
@@ -384,16 +404,18 @@ mod tests {
     /// Connects an edge and a cloud session; returns both, greeted.
     fn connect() -> (EdgeSession, CloudSession) {
         let (mut edge, hello) = EdgeSession::new(&info("press-01"), 4);
-        let mut cloud = CloudSession::new("press-01");
+        let mut cloud = CloudSession::new("press-01", 7);
         let ev = cloud.handle(hello).expect("hello");
-        assert!(matches!(ev[0], CloudEvent::Connected(ref i) if i.backlog == 3));
+        assert!(
+            matches!(ev[0], CloudEvent::Connected(ref i) if i.backlog == 3 && i.sync_received == 5)
+        );
         let CloudEvent::Send(welcome) = ev[1].clone() else {
             panic!("no welcome")
         };
         assert_eq!(edge.room(), 0, "nothing goes before the welcome");
         assert_eq!(
             edge.handle(welcome, 0).expect("welcome"),
-            vec![EdgeEvent::Ready]
+            vec![EdgeEvent::Ready { sync_received: 7 }]
         );
         (edge, cloud)
     }
@@ -401,7 +423,7 @@ mod tests {
     #[test]
     fn a_device_claiming_another_id_is_refused() {
         let (_, hello) = EdgeSession::new(&info("press-01"), 4);
-        let mut cloud = CloudSession::new("lathe-02");
+        let mut cloud = CloudSession::new("lathe-02", 0);
         assert!(matches!(
             cloud.handle(hello),
             Err(ProtocolError::Impersonation { .. })
@@ -411,7 +433,7 @@ mod tests {
 
     #[test]
     fn nothing_but_hello_before_the_welcome() {
-        let mut cloud = CloudSession::new("press-01");
+        let mut cloud = CloudSession::new("press-01", 7);
         assert_eq!(
             cloud.handle(Message::Cases(vec![case(1)])),
             Err(ProtocolError::Unexpected("Cases"))
@@ -423,7 +445,7 @@ mod tests {
             *protocol = 9;
         }
         assert_eq!(
-            CloudSession::new("press-01").handle(hello),
+            CloudSession::new("press-01", 7).handle(hello),
             Err(ProtocolError::Version(9))
         );
     }

@@ -885,6 +885,20 @@ impl SyncSession {
         Ok(())
     }
 
+    /// A new connection: the peer says it has applied our changes through
+    /// `peer_received`. That becomes the cursor, even if it is lower than the last
+    /// acknowledgement (a peer restored from an older copy of its state gets the rest
+    /// again); one beyond the map's last sequence number (we lost state) starts over.
+    /// Whatever was sent and not acknowledged is sent again.
+    pub fn reconnect(&mut self, peer_received: u64, map: &LwwMap) {
+        self.acked = if peer_received > map.last_seq() {
+            0
+        } else {
+            peer_received
+        };
+        self.sent = self.acked;
+    }
+
     /// Forgets what was sent but not acknowledged, so it is sent again: call on
     /// reconnect, or when an acknowledgement is overdue.
     pub fn rewind(&mut self) {

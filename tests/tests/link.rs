@@ -2,7 +2,10 @@
 //! QUIC with the demo model, an edge agent with its device certificate, simulated
 //! machines. (1) Steady state: hard cases leave the outbox and come back with verdicts.
 //! (2) The cloud is killed (-9): the edge buffers; the cloud returns; the backlog drains
-//! and every hard case has exactly one verdict.
+//! and every hard case has exactly one verdict. (3) The edge is killed (-9) mid-drain:
+//! nothing lost, one verdict and one engine run per case. (4) Desired config written while
+//! the edge is offline reaches it; conflicting label writes made on both sides while apart
+//! converge on both to the later one; the cloud's steering reaches the edge's policy.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -22,6 +25,10 @@ struct Cloud {
 
 impl Cloud {
     fn start(data: &Path, ca: &Path, quic_port: u16) -> Cloud {
+        Cloud::start_with(data, ca, quic_port, &[])
+    }
+
+    fn start_with(data: &Path, ca: &Path, quic_port: u16, extra: &[&str]) -> Cloud {
         // The demo model; CLOUD_CORE_MODEL points the test at another checkpoint.
         let model = std::env::var_os("CLOUD_CORE_MODEL")
             .map(std::path::PathBuf::from)
@@ -45,6 +52,7 @@ impl Cloud {
             .arg("--ca")
             .arg(ca)
             .args(["--listen-quic", &format!("127.0.0.1:{quic_port}")])
+            .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -71,6 +79,28 @@ impl Cloud {
             .bearer_auth(TOKEN)
             .send()
             .expect("fleet");
+        serde_json::from_str(&r.text().expect("body")).expect("json")
+    }
+
+    fn put(&self, path: &str, body: Value) -> Value {
+        let r = client()
+            .put(format!("{}{path}", self.http))
+            .bearer_auth(TOKEN)
+            .json(&body)
+            .send()
+            .expect("put");
+        let status = r.status();
+        let v: Value = serde_json::from_str(&r.text().expect("body")).expect("json");
+        assert!(status.is_success(), "PUT {path}: {status} {v}");
+        v
+    }
+
+    fn state(&self, device: &str) -> Value {
+        let r = client()
+            .get(format!("{}/api/v1/fleet/devices/{device}/state", self.http))
+            .bearer_auth(TOKEN)
+            .send()
+            .expect("state");
         serde_json::from_str(&r.text().expect("body")).expect("json")
     }
 
@@ -108,12 +138,16 @@ fn wait_for(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
 /// Simulated machines' first `ticks` records (a longer run repeats the shorter one's
 /// records first, which the agent stores once).
 fn simulate(agent: &Agent, ticks: u64) {
+    simulate_machines(agent, 4, ticks);
+}
+
+fn simulate_machines(agent: &Agent, machines: u32, ticks: u64) {
     edge(&[
         "simulate",
         "--target",
         &agent.url,
         "--machines",
-        "4",
+        &machines.to_string(),
         "--ticks",
         &ticks.to_string(),
         "--fast",
@@ -139,11 +173,10 @@ fn hard_cases(agent: &Agent) -> Vec<String> {
         .collect()
 }
 
-#[test]
-fn hard_cases_get_verdicts_through_outages() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let ca = dir.path().join("ca");
-    let id = dir.path().join("identity");
+/// A fleet CA in `dir/ca` and the identity of `device` in `dir/identity`.
+fn fleet_ca(dir: &Path, device: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    let ca = dir.join("ca");
+    let id = dir.join("identity");
     let cc = |args: &[&str]| {
         let out = Command::new(bin("cloud-core"))
             .args(args)
@@ -159,17 +192,18 @@ fn hard_cases_get_verdicts_through_outages() {
     cc(&[
         "device",
         "issue",
-        "gateway-7",
+        device,
         "--ca",
         ca.to_str().expect("utf8"),
         "--out",
         id.to_str().expect("utf8"),
     ]);
-    let port = free_udp_port();
-    let cloud_dir = dir.path().join("cloud");
-    let cloud = Cloud::start(&cloud_dir, &ca, port);
-    let agent = Agent::start(
-        &dir.path().join("edge"),
+    (ca, id)
+}
+
+fn start_agent(data: &Path, port: u16, id: &Path) -> Agent {
+    Agent::start(
+        data,
         &[
             "--cloud",
             &format!("127.0.0.1:{port}"),
@@ -178,7 +212,21 @@ fn hard_cases_get_verdicts_through_outages() {
             "--cloud-name",
             "localhost",
         ],
-    );
+    )
+}
+
+fn connected(agent: &Agent) -> bool {
+    agent.get("/v1/status").1["cloud"]["link"] == "connected"
+}
+
+#[test]
+fn hard_cases_get_verdicts_through_outages() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (ca, id) = fleet_ca(dir.path(), "gateway-7");
+    let port = free_udp_port();
+    let cloud_dir = dir.path().join("cloud");
+    let cloud = Cloud::start(&cloud_dir, &ca, port);
+    let agent = start_agent(&dir.path().join("edge"), port, &id);
 
     // (1) Steady state.
     simulate(&agent, 800);
@@ -225,5 +273,165 @@ fn hard_cases_get_verdicts_through_outages() {
         cloud.fleet()["verdicts"].as_u64() == Some(all_hard.len() as u64)
     });
     assert_eq!(cloud.fleet()["verdict_queue"], 0);
+    agent.stop();
+}
+
+#[test]
+fn an_edge_killed_mid_drain_loses_and_doubles_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (ca, id) = fleet_ca(dir.path(), "gateway-3");
+    let port = free_udp_port();
+    let edge_dir = dir.path().join("edge");
+    // A backlog builds while the cloud is not there yet.
+    let agent = start_agent(&edge_dir, port, &id);
+    simulate_machines(&agent, 24, 2400);
+    let hard = hard_cases(&agent);
+    let total = hard.len() as u64;
+    assert!(total > 100, "a backlog of hard cases ({total})");
+    assert_eq!(backlog(&agent), total);
+    let cloud = Cloud::start(&cloud_dir(&dir), &ca, port);
+    // Kill the edge as soon as the cloud has part of the backlog.
+    let mut at_kill = 0;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while Instant::now() < deadline {
+        let f = cloud.fleet();
+        at_kill = f["devices"][0]["cases"].as_u64().unwrap_or(0);
+        if at_kill > 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    agent.kill9();
+    assert!(at_kill > 0, "the drain started before the kill");
+    eprintln!("edge killed with {at_kill} of {total} cases stored by the cloud");
+    let agent = start_agent(&edge_dir, port, &id);
+    assert_eq!(hard_cases(&agent), hard, "the hard cases survived the kill");
+    wait_for(
+        "the backlog to drain and every verdict to arrive",
+        300,
+        || {
+            backlog(&agent) == 0
+                && hard
+                    .iter()
+                    .all(|id| !agent.get(&format!("/v1/cases/{id}")).1["verdict"].is_null())
+        },
+    );
+    wait_for("the cloud's counts to settle", 30, || {
+        cloud.fleet()["verdicts"].as_u64() == Some(total)
+    });
+    let f = cloud.fleet();
+    assert_eq!(f["devices"][0]["cases"].as_u64(), Some(total), "{f}");
+    assert_eq!(
+        f["engine_runs"].as_u64(),
+        Some(total),
+        "one engine run per case: {f}"
+    );
+    assert_eq!(f["verdict_queue"], 0);
+    agent.stop();
+}
+
+fn cloud_dir(dir: &tempfile::TempDir) -> std::path::PathBuf {
+    dir.path().join("cloud")
+}
+
+fn label(v: &Value, key: &str) -> Value {
+    v["scopes"]["labels"][key]["value"].clone()
+}
+
+#[test]
+fn shared_state_converges_through_offline_periods() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let device = "gateway-5";
+    let (ca, id) = fleet_ca(dir.path(), device);
+    let port = free_udp_port();
+    let edge_dir = dir.path().join("edge");
+    let steer = ["--target-share", "0.05"];
+    let cloud = Cloud::start_with(&cloud_dir(&dir), &ca, port, &steer);
+    let agent = start_agent(&edge_dir, port, &id);
+    wait_for("the link", 60, || connected(&agent));
+
+    // The cloud goes away; the edge writes label k1 (earlier).
+    cloud.kill9();
+    wait_for("the edge to notice", 60, || !connected(&agent));
+    let (code, v) = agent.put("/v1/labels/k1", serde_json::json!("edge-early"));
+    assert_eq!(code, 200, "{v}");
+    agent.stop();
+    std::thread::sleep(Duration::from_millis(20));
+
+    // The edge is offline; the cloud returns and writes desired config and labels.
+    let cloud = Cloud::start_with(&cloud_dir(&dir), &ca, port, &steer);
+    cloud.put(
+        &format!("/api/v1/fleet/devices/{device}/config/policy"),
+        serde_json::json!({"max_per_minute": 1234.0, "audit_share": 0.02}),
+    );
+    cloud.put(
+        &format!("/api/v1/fleet/devices/{device}/labels/k1"),
+        serde_json::json!("cloud-later"),
+    );
+    cloud.put(
+        &format!("/api/v1/fleet/devices/{device}/labels/k2"),
+        serde_json::json!("cloud-early"),
+    );
+    // A bad value is refused with the reason, and so is a write to the edge's scope.
+    let r = client()
+        .put(format!(
+            "{}/api/v1/fleet/devices/{device}/config/policy",
+            cloud.http
+        ))
+        .bearer_auth(TOKEN)
+        .body("{not json")
+        .send()
+        .expect("put");
+    assert_eq!(r.status().as_u16(), 400);
+    std::thread::sleep(Duration::from_millis(20));
+    cloud.kill9();
+
+    // The edge returns with no cloud, and writes label k2 (later).
+    let agent = start_agent(&edge_dir, port, &id);
+    let (code, _) = agent.put("/v1/labels/k2", serde_json::json!("edge-later"));
+    assert_eq!(code, 200);
+
+    // Both are up: everything converges, each conflict to the later write.
+    let cloud = Cloud::start_with(&cloud_dir(&dir), &ca, port, &steer);
+    wait_for("the desired policy to reach the edge", 90, || {
+        agent.get("/v1/policy").1["max_per_minute"] == 1234.0
+    });
+    wait_for("labels to converge on both sides", 60, || {
+        let (_, e) = agent.get("/v1/sync");
+        let c = cloud.state(device);
+        label(&e, "k1") == "cloud-later"
+            && label(&c, "k1") == "cloud-later"
+            && label(&e, "k2") == "edge-later"
+            && label(&c, "k2") == "edge-later"
+    });
+    let (_, st) = agent.get("/v1/status");
+    assert_eq!(st["sync"]["desired"]["policy"]["audit_share"], 0.02, "{st}");
+    assert!(st["sync"]["desired_error"].is_null(), "{st}");
+
+    // Steering (target 5%): the cloud writes `steering`, the edge's policy follows it.
+    simulate(&agent, 1200);
+    wait_for("steering to reach the edge", 90, || {
+        let c = cloud.state(device);
+        let s = &c["scopes"]["desired_config"]["steering"]["value"];
+        let (_, p) = agent.get("/v1/policy");
+        !s.is_null()
+            && p["max_share"] == s["policy"]["max_share"]
+            && p["min_margin"] == s["policy"]["min_margin"]
+    });
+    let (_, p) = agent.get("/v1/policy");
+    assert!(
+        (p["max_share"].as_f64().unwrap_or(1.0) - 0.075).abs() < 1e-6,
+        "the cap is 1.5 x the target: {p}"
+    );
+    let f = cloud.fleet();
+    let d = &f["devices"][0];
+    assert_eq!(d["steering"]["target"], 0.05, "{f}");
+    assert_eq!(d["sync"]["pending"], 0, "{f}");
+    // The reported stats reached the cloud.
+    let c = cloud.state(device);
+    assert!(
+        c["scopes"]["reported_state"]["stats"]["value"]["cases_hard"].as_u64() > Some(0),
+        "{c}"
+    );
     agent.stop();
 }

@@ -3,23 +3,29 @@
 //! cases durably before acknowledging them, and runs the verdict queue in front of the
 //! engine, pushing each verdict to its device now or when it next connects.
 //!
-//! One bidirectional stream per connection, opened by the edge, carries the frames both
-//! ways. A malformed or oversized frame, or a protocol violation, closes that connection
-//! only.
+//! The edge opens two bidirectional streams: the first carries the protocol (hello, cases,
+//! acks, verdicts, heartbeats) at high priority; the second, opened after the welcome,
+//! carries the incremental sync of the device's shared state (`shared::replica`) at low
+//! priority, so bulk sync never delays hard cases. A malformed or oversized frame, or a
+//! protocol violation, on either stream closes that connection only.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use shared::frame::{Decoded, FrameCodec, Message, VerdictMsg};
 use shared::protocol::{CloudEvent, CloudSession};
+use shared::replica::{node_id, Replica};
+use shared::sync::Role;
 use tokio::sync::{mpsc, Mutex, Notify};
 
 use super::store::{FleetStore, StoredVerdict};
 use crate::verdict::VerdictService;
 
-fn now_ms() -> u64 {
+/// Wall clock, Unix ms.
+pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
@@ -34,6 +40,11 @@ pub struct Fleet {
     work: Notify,
     /// Most cases judged at once (the engine batches them).
     pub concurrency: usize,
+    replicas: std::sync::Mutex<HashMap<String, Replica>>,
+    /// The hard-case share controller's state.
+    pub steering: super::steer::Steering,
+    /// Engine runs completed since start (one per judged case).
+    pub engine_runs: AtomicU64,
 }
 
 impl Fleet {
@@ -45,7 +56,46 @@ impl Fleet {
             connected: Mutex::new(HashMap::new()),
             work: Notify::new(),
             concurrency: concurrency.max(1),
+            replicas: std::sync::Mutex::new(HashMap::new()),
+            steering: Default::default(),
+            engine_runs: AtomicU64::new(0),
         })
+    }
+
+    /// The cloud's sync node id.
+    pub fn node() -> u64 {
+        node_id(Role::Cloud, "cloud")
+    }
+
+    /// Runs `f` on `device`'s sync replica (loaded from the store on first use); when `f`
+    /// returns `true` with its result, the replica is stored durably before this returns.
+    pub fn with_replica<R>(
+        &self,
+        device: &str,
+        f: impl FnOnce(&mut Replica) -> anyhow::Result<(R, bool)>,
+    ) -> anyhow::Result<R> {
+        let mut all = self
+            .replicas
+            .lock()
+            .map_err(|_| anyhow::anyhow!("the replica table is poisoned"))?;
+        let r = match all.entry(device.to_string()) {
+            std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+            std::collections::hash_map::Entry::Vacant(v) => {
+                let peer = node_id(Role::Edge, device);
+                let r = match self.store.replica(device)? {
+                    Some(b) => Replica::from_bytes(&b, Fleet::node()).map_err(|e| {
+                        anyhow::anyhow!("the stored sync state of {device} is unreadable: {e}")
+                    })?,
+                    None => Replica::new(Role::Cloud, Fleet::node(), peer),
+                };
+                v.insert(r)
+            }
+        };
+        let (out, dirty) = f(r)?;
+        if dirty {
+            self.store.store_replica(device, &r.to_bytes()?)?;
+        }
+        Ok(out)
     }
 
     /// Devices connected now.
@@ -57,8 +107,9 @@ impl Fleet {
 }
 
 /// Accepts connections on `endpoint` until it is closed.
-pub async fn serve(endpoint: quinn::Endpoint, fleet: Arc<Fleet>) {
+pub async fn serve(endpoint: quinn::Endpoint, fleet: Arc<Fleet>, steer: super::steer::SteerConfig) {
     tokio::spawn(verdict_worker(fleet.clone()));
+    tokio::spawn(super::steer::run(fleet.clone(), steer));
     while let Some(incoming) = endpoint.accept().await {
         let fleet = fleet.clone();
         tokio::spawn(async move {
@@ -107,13 +158,69 @@ async fn connection(
                 anyhow::bail!("{device}: no stream opened");
             }
         };
+    let _ = send.set_priority(1);
     let codec = FrameCodec::default();
-    let mut session = CloudSession::new(&device);
+    let sync_received = fleet.with_replica(&device, |r| Ok((r.received(), false)))?;
+    let mut session = CloudSession::new(&device, sync_received);
     let (tx, mut pushed) = mpsc::unbounded_channel::<Vec<VerdictMsg>>();
     let mut buf: Vec<u8> = Vec::new();
+    let mut sync_send: Option<quinn::SendStream> = None;
+    let mut sync_recv: Option<quinn::RecvStream> = None;
+    let mut sync_buf: Vec<u8> = Vec::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
     let result: anyhow::Result<()> = async {
         loop {
             tokio::select! {
+                bi = conn.accept_bi(), if sync_recv.is_none() && session.is_greeted() => {
+                    let (s, r) = bi?;
+                    let _ = s.set_priority(0);
+                    sync_send = Some(s);
+                    sync_recv = Some(r);
+                }
+                chunk = read_opt(&mut sync_recv) => {
+                    let Some(chunk) = chunk? else { return Ok(()) };
+                    sync_buf.extend_from_slice(&chunk.bytes);
+                    loop {
+                        let msg = match codec.decode(&sync_buf) {
+                            Ok(Decoded::Frame(m, used)) => {
+                                sync_buf.drain(..used);
+                                m
+                            }
+                            Ok(Decoded::NeedMore(_)) => break,
+                            Err(e) => {
+                                let _ = write(&mut send, &codec, &Message::Goodbye { reason: format!("sync stream: {e}") }).await;
+                                anyhow::bail!("{device}: sync stream: {e}");
+                            }
+                        };
+                        let now = now_ms();
+                        let step = match fleet.with_replica(&device, |r| {
+                            let st = r.handle(msg, now)?;
+                            let dirty = st.dirty;
+                            Ok((st, dirty))
+                        }) {
+                            Ok(st) => st,
+                            Err(e) => {
+                                let _ = write(&mut send, &codec, &Message::Goodbye { reason: format!("sync: {e}") }).await;
+                                anyhow::bail!("{device}: sync: {e}");
+                            }
+                        };
+                        for r in &step.rejected {
+                            tracing::warn!(%device, scope = %r.scope, key = %r.key, "sync entry refused: {}", r.reason);
+                        }
+                        metrics::counter!("cloud_sync_changes_total").increment(step.changed.len() as u64);
+                        metrics::counter!("cloud_sync_rejected_total").increment(step.rejected.len() as u64);
+                        if let (Some(reply), Some(s)) = (step.reply, sync_send.as_mut()) {
+                            write(s, &codec, &reply).await?;
+                        }
+                    }
+                }
+                _ = tick.tick() => {
+                    if let Some(s) = sync_send.as_mut() {
+                        while let Some(m) = fleet.with_replica(&device, |r| Ok((r.outgoing(), false)))? {
+                            write(s, &codec, &m).await?;
+                        }
+                    }
+                }
                 chunk = recv.read_chunk(64 * 1024, true) => {
                     let Some(chunk) = chunk? else { return Ok(()) };
                     buf.extend_from_slice(&chunk.bytes);
@@ -149,6 +256,10 @@ async fn connection(
                                         d.agent_version = info.agent_version.clone();
                                         d.model_sha256 = info.model_sha256.clone();
                                         d.backlog = info.backlog;
+                                    })?;
+                                    fleet.with_replica(&device, |r| {
+                                        r.connected(info.sync_received);
+                                        Ok(((), false))
                                     })?;
                                     fleet.connected.lock().await.insert(device.clone(), tx.clone());
                                     metrics::gauge!("cloud_devices_connected").increment(1.0);
@@ -218,6 +329,15 @@ async fn connection(
     result
 }
 
+async fn read_opt(
+    r: &mut Option<quinn::RecvStream>,
+) -> Result<Option<quinn::Chunk>, quinn::ReadError> {
+    match r {
+        Some(r) => r.read_chunk(64 * 1024, true).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Judges queued cases, `concurrency` at a time (the scheduler decodes them as one
 /// batch), stores each verdict and pushes it to its device if connected.
 async fn verdict_worker(fleet: Arc<Fleet>) {
@@ -244,7 +364,11 @@ async fn verdict_worker(fleet: Arc<Fleet>) {
         .await;
         for ((key, c), j) in batch.into_iter().zip(judged) {
             let j = match j {
-                Ok(j) => j,
+                Ok(j) => {
+                    fleet.engine_runs.fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!("cloud_engine_runs_total").increment(1);
+                    j
+                }
                 Err(e) => {
                     // Left in the queue: retried on the next round.
                     tracing::warn!(case = %c.case.id, "no verdict: {e}");

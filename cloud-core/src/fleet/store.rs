@@ -13,6 +13,7 @@
 //! verdicts case id → verdict                          exactly one per judged case
 //! outbox   device \0 case id → ()                     verdicts not yet acknowledged by the device
 //! devices  device → registry entry (JSON)
+//! sync     device → its sync replica (map, cursors, clock: shared::replica)
 //! ```
 
 use std::path::Path;
@@ -66,6 +67,10 @@ pub struct Device {
     pub cases: u64,
     /// Verdicts it acknowledged.
     pub verdicts_delivered: u64,
+    /// The share of its cases it should send to the cloud, set by an operator (the fleet
+    /// default applies when absent).
+    #[serde(default)]
+    pub target_share: Option<f64>,
 }
 
 /// The store.
@@ -77,6 +82,7 @@ pub struct FleetStore {
     verdicts: sled::Tree,
     outbox: sled::Tree,
     devices: sled::Tree,
+    sync: sled::Tree,
 }
 
 fn outbox_key(device: &str, id: &CaseId) -> Vec<u8> {
@@ -106,6 +112,7 @@ impl FleetStore {
             verdicts: db.open_tree("verdicts")?,
             outbox: db.open_tree("outbox")?,
             devices: db.open_tree("devices")?,
+            sync: db.open_tree("sync")?,
             db,
         })
     }
@@ -266,6 +273,18 @@ impl FleetStore {
             serde_json::to_vec(&d).ok()
         })?;
         Ok(out)
+    }
+
+    /// A device's stored sync replica.
+    pub fn replica(&self, device: &str) -> anyhow::Result<Option<Vec<u8>>> {
+        Ok(self.sync.get(device)?.map(|v| v.to_vec()))
+    }
+
+    /// Stores a device's sync replica durably.
+    pub fn store_replica(&self, device: &str, bytes: &[u8]) -> anyhow::Result<()> {
+        self.sync.insert(device, bytes)?;
+        self.db.flush()?;
+        Ok(())
     }
 
     /// Every registered device.

@@ -4,6 +4,7 @@
 //! Every endpoint except `/healthz` and `/metrics` needs `Authorization: Bearer TOKEN`
 //! with the operator token.
 
+pub mod fleet_api;
 pub mod openai;
 
 use std::net::SocketAddr;
@@ -14,7 +15,7 @@ use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
@@ -70,8 +71,14 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/api/v1/verdicts", post(crate::verdict::http::judge))
         .route("/api/v1/engine", get(engine_status))
-        .route("/api/v1/fleet", get(fleet_status))
+        .route("/api/v1/fleet", get(fleet_api::status))
         .route("/api/v1/fleet/cases/{id}", get(fleet_case))
+        .route("/api/v1/fleet/devices/{id}/state", get(fleet_api::state))
+        .route("/api/v1/fleet/devices/{id}/target", put(fleet_api::target))
+        .route(
+            "/api/v1/fleet/devices/{id}/{kind}/{key}",
+            put(fleet_api::put).delete(fleet_api::delete),
+        )
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
     Router::new()
         .merge(protected)
@@ -138,39 +145,6 @@ async fn engine_status(State(st): State<AppState>) -> Json<serde_json::Value> {
         "prefix_tokens_reused": s.prefix_tokens_reused.load(Ordering::Relaxed),
         "verdicts": st.verdicts.count(),
     }))
-}
-
-async fn fleet_status(State(st): State<AppState>) -> Response {
-    let Some(fleet) = &st.fleet else {
-        return ApiError::status(
-            StatusCode::NOT_FOUND,
-            "the QUIC link is not served (--listen-quic)",
-        )
-        .into_response();
-    };
-    let connected = fleet.connected().await;
-    match fleet.store.devices() {
-        Ok(devices) => {
-            let devices: Vec<serde_json::Value> = devices
-                .into_iter()
-                .map(|d| {
-                    let mut v = serde_json::to_value(&d).unwrap_or_default();
-                    v["connected"] = json!(connected.contains(&d.id));
-                    v
-                })
-                .collect();
-            Json(json!({
-                "devices": devices,
-                "connected": connected.len(),
-                "verdict_queue": fleet.store.queue_len(),
-                "verdicts": fleet.store.verdict_count(),
-            }))
-            .into_response()
-        }
-        Err(e) => {
-            ApiError::status(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response()
-        }
-    }
 }
 
 async fn fleet_case(
@@ -251,6 +225,8 @@ pub struct ServeOptions {
     pub scheduler: crate::engine::scheduler::SchedulerConfig,
     /// QUIC listen address for edge agents, and the fleet CA directory.
     pub quic: Option<(SocketAddr, std::path::PathBuf)>,
+    /// Steering of the edges' hard-case share.
+    pub steer: crate::fleet::steer::SteerConfig,
 }
 
 /// Reads the operator token file, creating it (owner-only) with a random token the first
@@ -371,7 +347,11 @@ pub async fn run(
         let endpoint = quinn::Endpoint::server(tls, *addr)
             .with_context(|| format!("binding QUIC on {addr}"))?;
         println!("cloud-core QUIC link on {}", endpoint.local_addr()?);
-        tokio::spawn(crate::fleet::server::serve(endpoint, fleet.clone()));
+        tokio::spawn(crate::fleet::server::serve(
+            endpoint,
+            fleet.clone(),
+            opts.steer,
+        ));
         state = state.with_fleet(fleet);
     }
     serve(listener, state, shutdown).await?;

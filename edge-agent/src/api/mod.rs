@@ -43,6 +43,8 @@ pub struct App {
     pub started: Instant,
     /// The uplink's state.
     pub link: crate::uplink::LinkStatus,
+    /// The state shared with the cloud.
+    pub sync: std::sync::Arc<crate::sync::EdgeSync>,
 }
 
 /// The router.
@@ -53,6 +55,11 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/cases", get(list_cases))
         .route("/v1/cases/{id}", get(get_case))
         .route("/v1/policy", get(get_policy).put(put_policy))
+        .route("/v1/sync", get(get_sync))
+        .route(
+            "/v1/labels/{key}",
+            axum::routing::put(put_label).delete(delete_label),
+        )
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .with_state(app)
@@ -237,6 +244,7 @@ pub fn status_json(app: &App) -> serde_json::Value {
         "since_start": totals,
         "hard_share": if decided > 0 { totals.cases_hard as f64 / decided as f64 } else { 0.0 },
         "policy": policy,
+        "sync": app.sync.status_json(),
     })
 }
 
@@ -334,13 +342,9 @@ async fn get_policy(State(app): State<Arc<App>>) -> Json<PolicyConfig> {
 }
 
 async fn put_policy(State(app): State<Arc<App>>, body: axum::body::Bytes) -> Response {
-    // Fields not given keep their current value.
-    let current = app
-        .shared
-        .policy
-        .read()
-        .map(|p| p.clone())
-        .unwrap_or_default();
+    // Fields not given keep their current (local) value; desired config from the cloud
+    // still applies over the result.
+    let current = app.sync.local_policy();
     let mut merged = match serde_json::to_value(&current) {
         Ok(v) => v,
         Err(e) => return bad_request(e.to_string()),
@@ -362,22 +366,54 @@ async fn put_policy(State(app): State<Arc<App>>, body: axum::body::Bytes) -> Res
     if let Err(e) = cfg.validate() {
         return bad_request(format!("policy: {e}"));
     }
-    let (tx, rx) = oneshot::channel();
-    if app
-        .tx
-        .send(Command::SetPolicy(cfg.clone(), tx))
-        .await
-        .is_err()
-        || rx.await.is_err()
-    {
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the agent is shutting down",
+    match app.sync.set_local_policy(cfg.clone()).await {
+        Ok(effective) => {
+            tracing::info!(?cfg, "local policy changed at run time");
+            Json(effective).into_response()
+        }
+        Err(e) => (
+            StatusCode::CONFLICT,
+            Json(serde_json::json!({"error": format!("the local policy is stored, but {e}")})),
         )
-            .into_response();
+            .into_response(),
     }
-    tracing::info!(?cfg, "policy changed at run time");
-    Json(cfg).into_response()
+}
+
+async fn get_sync(State(app): State<Arc<App>>) -> Json<serde_json::Value> {
+    Json(app.sync.entries_json())
+}
+
+async fn put_label(
+    State(app): State<Arc<App>>,
+    Path(key): Path<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    if let Err(e) = serde_json::from_slice::<serde_json::Value>(&body) {
+        return bad_request(format!("the label must be JSON: {e}"));
+    }
+    label(&app, &key, Some(body.to_vec()))
+}
+
+async fn delete_label(State(app): State<Arc<App>>, Path(key): Path<String>) -> Response {
+    label(&app, &key, None)
+}
+
+fn label(app: &App, key: &str, value: Option<Vec<u8>>) -> Response {
+    let deleted = value.is_none();
+    match app.sync.write(shared::sync::Scope::Labels, key, value) {
+        Ok(ts) => {
+            Json(serde_json::json!({"key": key, "deleted": deleted, "written_ms": ts.wall_ms}))
+                .into_response()
+        }
+        Err(e) => match e.downcast_ref::<shared::sync::SyncError>() {
+            Some(se) => bad_request(format!("label {key:?}: {se}")),
+            None => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                Json(serde_json::json!({"error": format!("{e:#}")})),
+            )
+                .into_response(),
+        },
+    }
 }
 
 async fn metrics(State(app): State<Arc<App>>) -> Response {
