@@ -176,7 +176,12 @@ async fn cases_in_verdicts_out_once_each() {
     let fleet = Fleet::new(store, verdicts, 8);
     let ep = quinn::Endpoint::server(server_cfg, "127.0.0.1:0".parse().expect("addr")).expect("ep");
     let addr = ep.local_addr().expect("addr");
-    tokio::spawn(serve(ep, fleet.clone(), Default::default()));
+    tokio::spawn(serve(
+        ep,
+        fleet.clone(),
+        Default::default(),
+        Some(ca_dir.clone()),
+    ));
 
     // Three cases in; three acks and three verdicts back.
     let batch = cases(3, 7);
@@ -265,4 +270,155 @@ async fn cases_in_verdicts_out_once_each() {
     let mut edge = Edge::connect(addr, &press).await;
     let (acked, _) = drive(&mut edge, "press-01", cases(1, 5), 1).await;
     assert_eq!(acked.len(), 1, "still serving");
+}
+
+/// Waits for the next message on a stream pair (frames from the protocol).
+async fn next_on(recv: &mut quinn::RecvStream, buf: &mut Vec<u8>) -> Option<Message> {
+    let codec = FrameCodec::default();
+    loop {
+        if let Ok(Decoded::Frame(m, used)) = codec.decode(buf) {
+            buf.drain(..used);
+            return Some(m);
+        }
+        match tokio::time::timeout(Duration::from_secs(30), recv.read_chunk(65536, true)).await {
+            Ok(Ok(Some(c))) => buf.extend_from_slice(&c.bytes),
+            _ => return None,
+        }
+    }
+}
+
+/// Hello on a fresh stream of `conn`; true when welcomed.
+async fn greet(
+    conn: &quinn::Connection,
+    device: &str,
+) -> Option<(quinn::SendStream, quinn::RecvStream, Vec<u8>)> {
+    let (mut send, mut recv) = conn.open_bi().await.ok()?;
+    let (_, hello) = EdgeSession::new(
+        &EdgeInfo {
+            device: device.into(),
+            ..Default::default()
+        },
+        8,
+    );
+    let mut b = Vec::new();
+    FrameCodec::default().encode(&hello, &mut b).ok()?;
+    send.write_all(&b).await.ok()?;
+    let mut buf = Vec::new();
+    match next_on(&mut recv, &mut buf).await {
+        Some(Message::Welcome { .. }) => Some((send, recv, buf)),
+        _ => None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnects_resume_migration_keeps_the_link_and_revocation_is_live() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ckpt = dir.path().join("model");
+    std::fs::create_dir_all(&ckpt).expect("mkdir");
+    common::write_fixture_checkpoint(&ckpt);
+    let ca_dir = dir.path().join("ca");
+    let ca = Ca::init(&ca_dir, "fleet", &["localhost".to_string()]).expect("ca");
+    let press = ca.issue_device("press-01", 30).expect("issue");
+    let lathe = ca.issue_device("lathe-02", 30).expect("issue");
+    let (server_cfg, _) = cloud_core::fleet::server::tls_from_ca(&ca_dir).expect("tls");
+    let engine = Engine::load_cpu(&ckpt, "fixture", SchedulerConfig::default()).expect("engine");
+    let verdicts = Arc::new(VerdictService::new(engine).expect("verdicts"));
+    let store = FleetStore::open(&dir.path().join("fleet")).expect("store");
+    let fleet = Fleet::new(store, verdicts, 8);
+    let ep = quinn::Endpoint::server(server_cfg, "127.0.0.1:0".parse().expect("addr")).expect("ep");
+    let addr = ep.local_addr().expect("addr");
+    tokio::spawn(serve(
+        ep,
+        fleet.clone(),
+        Default::default(),
+        Some(ca_dir.clone()),
+    ));
+
+    // One client endpoint and configuration, as the edge keeps them.
+    let client_cfg = link::tls::client_config(
+        press.ca_pem.as_bytes(),
+        press.cert_pem.as_bytes(),
+        press.key_pem.as_bytes(),
+    )
+    .expect("client config");
+    let mut client = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("ep");
+    client.set_default_client_config(client_cfg);
+
+    // First connection: a full handshake (no ticket yet).
+    let connecting = client.connect(addr, "localhost").expect("connect");
+    let conn = match connecting.into_0rtt() {
+        Ok(_) => panic!("no session to resume on the first connection"),
+        Err(c) => c.await.expect("handshake"),
+    };
+    assert!(greet(&conn, "press-01").await.is_some(), "welcomed");
+    tokio::time::sleep(Duration::from_millis(200)).await; // tickets arrive after the handshake
+    conn.close(0u32.into(), b"bye");
+
+    // Second: the session resumes, and the cloud still knows the device from it.
+    let connecting = client.connect(addr, "localhost").expect("connect");
+    let (conn, accepted) = connecting
+        .into_0rtt()
+        .map_err(|_| ())
+        .expect("a ticket from the first connection");
+    assert!(accepted.await, "the server resumed the session");
+    let (mut send, mut recv, mut buf) = greet(&conn, "press-01")
+        .await
+        .expect("welcomed on resumption");
+
+    // Migration: the client's address changes under the connection; it carries on.
+    let before = fleet.store.devices().expect("devices")[0].address.clone();
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("socket");
+    let new_addr = socket.local_addr().expect("addr").to_string();
+    client.rebind(socket).expect("rebind");
+    let batch = cases(2, 41);
+    let mut b = Vec::new();
+    FrameCodec::default()
+        .encode(&Message::Cases(batch.clone()), &mut b)
+        .expect("encode");
+    send.write_all(&b).await.expect("write after migration");
+    let mut acked = 0;
+    while acked < 2 {
+        match next_on(&mut recv, &mut buf).await {
+            Some(Message::Ack { case_ids }) => acked += case_ids.len(),
+            Some(_) => {}
+            None => panic!("the connection ended after migration"),
+        }
+    }
+    let mut address = before.clone();
+    for _ in 0..50 {
+        address = fleet.store.devices().expect("devices")[0].address.clone();
+        if address == new_addr {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        address, new_addr,
+        "the registry follows the migration (was {before})"
+    );
+
+    // Live revocation: the connected device is cut off, and its ticket no longer helps.
+    let lathe_edge = Edge::connect(addr, &lathe).await;
+    assert_eq!(ca.revoke_device("press-01").expect("revoke"), 1);
+    let closed = tokio::time::timeout(Duration::from_secs(10), conn.closed())
+        .await
+        .expect("the revoked device's connection is closed");
+    assert!(closed.to_string().contains("revoked"), "{closed}");
+    let again = client.connect(addr, "localhost").expect("connect");
+    let refused = match again.into_0rtt() {
+        Ok((c, _)) => greet(&c, "press-01").await.is_none(),
+        Err(c) => match c.await {
+            Ok(c) => greet(&c, "press-01").await.is_none(),
+            Err(_) => true,
+        },
+    };
+    assert!(
+        refused,
+        "a revoked device does not get back in, resumed or not"
+    );
+    // Another device's connection is untouched.
+    assert!(lathe_edge.conn.close_reason().is_none());
+    let mut lathe_edge = Edge::connect(addr, &lathe).await;
+    let (acked, _) = drive(&mut lathe_edge, "lathe-02", cases(1, 77), 0).await;
+    assert_eq!(acked.len(), 1, "others keep being served");
 }

@@ -45,6 +45,8 @@ pub struct LinkState {
     pub verdicts: u64,
     /// Connections made since start.
     pub connects: u64,
+    /// Of those, connections that resumed an earlier TLS session (no certificate exchange).
+    pub resumed: u64,
     /// The latest connection error.
     pub last_error: Option<String>,
 }
@@ -106,13 +108,16 @@ pub async fn run(
         s.address = Some(cfg.cloud.clone());
     });
     let mut backoff = Duration::from_millis(250);
+    // One endpoint and client configuration for the agent's life: the configuration keeps
+    // the session tickets that make reconnects fast (TLS resumption).
+    let mut client: Option<Client> = None;
     loop {
         if *stop.borrow() {
             return;
         }
         let started = Instant::now();
         let result = tokio::select! {
-            r = session(&cfg, &db, &tx, &status, &sync, &model_sha256) => r,
+            r = session(&cfg, &mut client, &db, &tx, &status, &sync, &model_sha256) => r,
             _ = stop.wait_for(|s| *s) => return,
         };
         let err = match result {
@@ -172,33 +177,82 @@ async fn read_opt(
     }
 }
 
+/// The client endpoint and identity, kept across connections.
+struct Client {
+    endpoint: quinn::Endpoint,
+    device: String,
+    /// The identity files' modification times: a renewed certificate is picked up.
+    stamp: Vec<Option<std::time::SystemTime>>,
+    ipv6: bool,
+}
+
+fn identity_stamp(dir: &Path) -> Vec<Option<std::time::SystemTime>> {
+    ["device.pem", "device.key", "ca.pem"]
+        .iter()
+        .map(|f| {
+            std::fs::metadata(dir.join(f))
+                .and_then(|m| m.modified())
+                .ok()
+        })
+        .collect()
+}
+
 async fn session(
     cfg: &UplinkConfig,
+    client_slot: &mut Option<Client>,
     db: &sled::Db,
     tx: &mpsc::Sender<Command>,
     status: &LinkStatus,
     sync: &crate::sync::EdgeSync,
     model_sha256: &str,
 ) -> anyhow::Result<()> {
-    let (client_cfg, device) = client(&cfg.identity)?;
     let addr = tokio::net::lookup_host(&cfg.cloud)
         .await
         .with_context(|| format!("resolving {}", cfg.cloud))?
         .next()
         .with_context(|| format!("{} resolves to no address", cfg.cloud))?;
-    let bind: std::net::SocketAddr = if addr.is_ipv6() {
-        "[::]:0".parse()?
-    } else {
-        "0.0.0.0:0".parse()?
+    let stamp = identity_stamp(&cfg.identity);
+    if client_slot
+        .as_ref()
+        .is_none_or(|c| c.stamp != stamp || c.ipv6 != addr.is_ipv6())
+    {
+        let (client_cfg, device) = client(&cfg.identity)?;
+        let bind: std::net::SocketAddr = if addr.is_ipv6() {
+            "[::]:0".parse()?
+        } else {
+            "0.0.0.0:0".parse()?
+        };
+        let mut endpoint = quinn::Endpoint::client(bind)?;
+        endpoint.set_default_client_config(client_cfg);
+        *client_slot = Some(Client {
+            endpoint,
+            device,
+            stamp,
+            ipv6: addr.is_ipv6(),
+        });
+    }
+    let Some(c) = client_slot.as_ref() else {
+        anyhow::bail!("no client endpoint");
     };
-    let mut endpoint = quinn::Endpoint::client(bind)?;
-    endpoint.set_default_client_config(client_cfg);
-    let conn = tokio::time::timeout(
-        Duration::from_secs(10),
-        endpoint.connect(addr, &cfg.server_name)?,
-    )
+    let device = c.device.clone();
+    let connecting = c.endpoint.connect(addr, &cfg.server_name)?;
+    // With a session ticket from an earlier connection the handshake resumes it. Nothing
+    // is sent as 0-RTT data: the hello waits for the confirmed handshake.
+    let (conn, resumed) = tokio::time::timeout(Duration::from_secs(10), async {
+        match connecting.into_0rtt() {
+            Ok((conn, accepted)) => Ok::<_, quinn::ConnectionError>((conn, accepted.await)),
+            Err(connecting) => Ok((connecting.await?, false)),
+        }
+    })
     .await
     .context("handshake timed out")??;
+    if let Some(reason) = conn.close_reason() {
+        anyhow::bail!("the cloud closed the connection: {reason}");
+    }
+    if resumed {
+        set(status, |st| st.resumed += 1);
+        metrics::counter!("edge_link_resumed_total").increment(1);
+    }
     let (mut out, mut inp) = conn.open_bi().await?;
     let _ = out.set_priority(1);
     let codec = FrameCodec::default();

@@ -408,30 +408,43 @@ fn shared_state_converges_through_offline_periods() {
     assert_eq!(st["sync"]["desired"]["policy"]["audit_share"], 0.02, "{st}");
     assert!(st["sync"]["desired_error"].is_null(), "{st}");
 
-    // Steering (target 5%): the cloud writes `steering`, the edge's policy follows it.
+    // Steering (target 5%): the edge reports its counts, the controller takes a step
+    // from them, and the edge's policy follows the thresholds it writes.
     simulate(&agent, 1200);
-    wait_for("steering to reach the edge", 90, || {
+    wait_for(
+        "a steering step from the edge's reported counts",
+        90,
+        || cloud.fleet()["devices"][0]["steering"]["steps"].as_u64() >= Some(1),
+    );
+    let f = cloud.fleet();
+    let d = &f["devices"][0];
+    assert_eq!(d["steering"]["target"], 0.05, "{f}");
+    assert!(d["steering"]["wanted_share"].as_f64().is_some(), "{f}");
+    assert_ne!(
+        d["steering"]["sensitivity"], 0.5,
+        "the controller moved: {f}"
+    );
+    wait_for("the steered policy to reach the edge", 60, || {
         let c = cloud.state(device);
-        let s = &c["scopes"]["desired_config"]["steering"]["value"];
+        let s = &c["scopes"]["desired_config"]["steering"]["value"]["policy"];
         let (_, p) = agent.get("/v1/policy");
         !s.is_null()
-            && p["max_share"] == s["policy"]["max_share"]
-            && p["min_margin"] == s["policy"]["min_margin"]
+            && p["min_margin"] == s["min_margin"]
+            && p["min_max_prob"] == s["min_max_prob"]
+            && p["max_share"] == s["max_share"]
     });
     let (_, p) = agent.get("/v1/policy");
     assert!(
         (p["max_share"].as_f64().unwrap_or(1.0) - 0.075).abs() < 1e-6,
         "the cap is 1.5 x the target: {p}"
     );
-    let f = cloud.fleet();
-    let d = &f["devices"][0];
-    assert_eq!(d["steering"]["target"], 0.05, "{f}");
-    assert_eq!(d["sync"]["pending"], 0, "{f}");
-    // The reported stats reached the cloud.
-    let c = cloud.state(device);
-    assert!(
-        c["scopes"]["reported_state"]["stats"]["value"]["cases_hard"].as_u64() > Some(0),
-        "{c}"
+    assert_eq!(
+        p["max_per_minute"], 1234.0,
+        "the operator's fields stay: {p}"
     );
+    wait_for("the sync to settle", 30, || {
+        cloud.fleet()["devices"][0]["sync"]["pending"] == 0
+            && agent.get("/v1/status").1["sync"]["pending"] == 0
+    });
     agent.stop();
 }

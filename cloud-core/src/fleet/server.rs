@@ -31,12 +31,21 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// A connected device.
+struct Live {
+    verdicts: mpsc::UnboundedSender<Vec<VerdictMsg>>,
+    conn: quinn::Connection,
+    serial: Vec<u8>,
+}
+
 /// The fleet side of the cloud: store, verdict service, connected devices.
 pub struct Fleet {
     /// The durable store.
     pub store: FleetStore,
     verdicts: Arc<VerdictService>,
-    connected: Mutex<HashMap<String, mpsc::UnboundedSender<Vec<VerdictMsg>>>>,
+    connected: Mutex<HashMap<String, Live>>,
+    /// Certificate serials revoked by the CA's current revocation list.
+    revoked: std::sync::RwLock<std::collections::HashSet<Vec<u8>>>,
     work: Notify,
     /// Most cases judged at once (the engine batches them).
     pub concurrency: usize,
@@ -54,6 +63,7 @@ impl Fleet {
             store,
             verdicts,
             connected: Mutex::new(HashMap::new()),
+            revoked: Default::default(),
             work: Notify::new(),
             concurrency: concurrency.max(1),
             replicas: std::sync::Mutex::new(HashMap::new()),
@@ -107,9 +117,25 @@ impl Fleet {
 }
 
 /// Accepts connections on `endpoint` until it is closed.
-pub async fn serve(endpoint: quinn::Endpoint, fleet: Arc<Fleet>, steer: super::steer::SteerConfig) {
+pub async fn serve(
+    endpoint: quinn::Endpoint,
+    fleet: Arc<Fleet>,
+    steer: super::steer::SteerConfig,
+    ca_dir: Option<std::path::PathBuf>,
+) {
     tokio::spawn(verdict_worker(fleet.clone()));
     tokio::spawn(super::steer::run(fleet.clone(), steer));
+    if let Some(dir) = ca_dir {
+        match tls_from_ca(&dir) {
+            Ok((_, revoked)) => {
+                if let Ok(mut r) = fleet.revoked.write() {
+                    *r = revoked;
+                }
+            }
+            Err(e) => tracing::error!("reading the revocation list: {e:#}"),
+        }
+        tokio::spawn(watch_revocations(endpoint.clone(), fleet.clone(), dir));
+    }
     while let Some(incoming) = endpoint.accept().await {
         let fleet = fleet.clone();
         tokio::spawn(async move {
@@ -143,13 +169,26 @@ async fn connection(
     remote: SocketAddr,
     fleet: Arc<Fleet>,
 ) -> anyhow::Result<()> {
-    let device = match link::tls::device_id(&conn) {
+    let (device, serial) = match link::tls::peer_cert(&conn).and_then(|c| {
+        Ok((
+            link::tls::device_id_of_cert(&c)?,
+            link::tls::serial_of_cert(&c)?,
+        ))
+    }) {
         Ok(d) => d,
         Err(e) => {
             conn.close(1u32.into(), b"no device identity");
             anyhow::bail!("{e}");
         }
     };
+    // A resumed session skips certificate verification: check the serial against the
+    // revocation list in force now.
+    if fleet.revoked.read().map_or(true, |r| r.contains(&serial)) {
+        conn.close(3u32.into(), b"the device certificate is revoked");
+        metrics::counter!("cloud_link_refused_total", "reason" => "revoked").increment(1);
+        anyhow::bail!("{device}: the certificate is revoked");
+    }
+    let mut seen_addr = remote;
     let (mut send, mut recv) =
         match tokio::time::timeout(Duration::from_secs(10), conn.accept_bi()).await {
             Ok(Ok(s)) => s,
@@ -215,6 +254,16 @@ async fn connection(
                     }
                 }
                 _ = tick.tick() => {
+                    // Connection migration: the edge's address changed under the same
+                    // connection.
+                    let addr = conn.remote_address();
+                    if addr != seen_addr {
+                        tracing::info!(%device, from = %seen_addr, to = %addr, "edge migrated");
+                        metrics::counter!("cloud_link_migrations_total").increment(1);
+                        seen_addr = addr;
+                        let a = addr.to_string();
+                        fleet.store.update_device(&device, |d| d.address = a.clone())?;
+                    }
                     if let Some(s) = sync_send.as_mut() {
                         while let Some(m) = fleet.with_replica(&device, |r| Ok((r.outgoing(), false)))? {
                             write(s, &codec, &m).await?;
@@ -261,7 +310,10 @@ async fn connection(
                                         r.connected(info.sync_received);
                                         Ok(((), false))
                                     })?;
-                                    fleet.connected.lock().await.insert(device.clone(), tx.clone());
+                                    fleet.connected.lock().await.insert(
+                                        device.clone(),
+                                        Live { verdicts: tx.clone(), conn: conn.clone(), serial: serial.clone() },
+                                    );
                                     metrics::gauge!("cloud_devices_connected").increment(1.0);
                                     // Verdicts it has not acknowledged, from earlier connections.
                                     let waiting = fleet.store.undelivered(&device, 256)?;
@@ -313,7 +365,7 @@ async fn connection(
     .await;
     if session.is_greeted() {
         let mut c = fleet.connected.lock().await;
-        if c.get(&device).is_some_and(|t| t.same_channel(&tx)) {
+        if c.get(&device).is_some_and(|l| l.verdicts.same_channel(&tx)) {
             c.remove(&device);
             metrics::gauge!("cloud_devices_connected").decrement(1.0);
         }
@@ -327,6 +379,73 @@ async fn connection(
         conn.close(2u32.into(), b"protocol error");
     }
     result
+}
+
+/// The QUIC server configuration from a fleet CA directory, and the serials its
+/// revocation list revokes.
+pub fn tls_from_ca(
+    dir: &std::path::Path,
+) -> anyhow::Result<(quinn::ServerConfig, std::collections::HashSet<Vec<u8>>)> {
+    use super::ca::files;
+    use anyhow::Context;
+    let read = |f: &str| {
+        std::fs::read(dir.join(f)).with_context(|| {
+            format!(
+                "reading {} (create the CA with `cloud-core ca init`)",
+                dir.join(f).display()
+            )
+        })
+    };
+    let crl = read(files::CRL)?;
+    let cfg = link::tls::server_config(
+        &read(files::CA_CERT)?,
+        &read(files::SERVER_CERT)?,
+        &read(files::SERVER_KEY)?,
+        &crl,
+    )?;
+    Ok((cfg, link::tls::revoked_serials(&crl)?))
+}
+
+/// Revocation without a restart: when the CA's revocation list changes (`cloud-core
+/// device revoke`), new handshakes use it, and connections of devices it revokes are
+/// closed now.
+async fn watch_revocations(endpoint: quinn::Endpoint, fleet: Arc<Fleet>, dir: std::path::PathBuf) {
+    let crl = dir.join(super::ca::files::CRL);
+    let stamp = |p: &std::path::Path| {
+        std::fs::metadata(p)
+            .ok()
+            .map(|m| (m.modified().ok(), m.len()))
+    };
+    let mut last = stamp(&crl);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let now = stamp(&crl);
+        if now == last {
+            continue;
+        }
+        let (cfg, revoked) = match tls_from_ca(&dir) {
+            Ok(x) => x,
+            Err(e) => {
+                // Possibly caught mid-write: try again on the next tick.
+                tracing::warn!("reloading the revocation list: {e:#}");
+                continue;
+            }
+        };
+        last = now;
+        endpoint.set_server_config(Some(cfg));
+        tracing::info!(revoked = revoked.len(), "revocation list reloaded");
+        for (device, live) in fleet.connected.lock().await.iter() {
+            if revoked.contains(&live.serial) {
+                tracing::info!(%device, "closing the connection of a revoked device");
+                live.conn
+                    .close(3u32.into(), b"the device certificate is revoked");
+            }
+        }
+        if let Ok(mut r) = fleet.revoked.write() {
+            *r = revoked;
+        }
+    }
 }
 
 async fn read_opt(
@@ -391,8 +510,8 @@ async fn verdict_worker(fleet: Arc<Fleet>) {
             };
             match fleet.store.store_verdict(&key, &c.device, stored) {
                 Ok(true) => {
-                    if let Some(tx) = fleet.connected.lock().await.get(&c.device) {
-                        let _ = tx.send(vec![msg]);
+                    if let Some(l) = fleet.connected.lock().await.get(&c.device) {
+                        let _ = l.verdicts.send(vec![msg]);
                     }
                 }
                 Ok(false) => {}

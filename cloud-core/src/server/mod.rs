@@ -323,21 +323,7 @@ pub async fn run(
     }
     let mut state = AppState::new(engine, verdicts, &token, metrics);
     if let Some((addr, ca_dir)) = &opts.quic {
-        use crate::fleet::ca::files;
-        let read = |f: &str| {
-            std::fs::read(ca_dir.join(f)).with_context(|| {
-                format!(
-                    "reading {} (create the CA with `cloud-core ca init`)",
-                    ca_dir.join(f).display()
-                )
-            })
-        };
-        let tls = link::tls::server_config(
-            &read(files::CA_CERT)?,
-            &read(files::SERVER_CERT)?,
-            &read(files::SERVER_KEY)?,
-            &read(files::CRL)?,
-        )?;
+        let (tls, _) = crate::fleet::server::tls_from_ca(ca_dir)?;
         let store = crate::fleet::store::FleetStore::open(&opts.data_dir.join("fleet"))?;
         let fleet = crate::fleet::server::Fleet::new(
             store,
@@ -351,6 +337,7 @@ pub async fn run(
             endpoint,
             fleet.clone(),
             opts.steer,
+            Some(ca_dir.clone()),
         ));
         state = state.with_fleet(fleet);
     }

@@ -75,6 +75,9 @@ fn transport(keep_alive: Option<Duration>) -> Arc<quinn::TransportConfig> {
     Arc::new(t)
 }
 
+/// Sessions the server keeps for resumption (a few KiB each).
+pub const RESUMABLE_SESSIONS: usize = 16_384;
+
 /// The cloud's side: the server certificate (`chain_pem`, `key_pem`), and every client
 /// must present a certificate of the fleet CA (`ca_pem`) that is not on one of the CA's
 /// revocation lists (`crl_pem`, any number of PEM CRLs, possibly empty).
@@ -101,6 +104,15 @@ pub fn server_config(
         )
         .map_err(|e| TlsError::Config(e.to_string()))?;
     cfg.alpn_protocols = vec![ALPN.to_vec()];
+    // Session resumption: sessions are kept in this process (up to RESUMABLE_SESSIONS, the
+    // oldest forgotten first; a restart forgets them all), so a reconnecting edge skips the
+    // certificate exchange. Its certificate is not verified again on resumption, which is
+    // why the server also checks every connection's certificate serial against the live
+    // revocation list ([`revoked_serials`]). QUIC 0-RTT needs this stateful resumption;
+    // the server allows it, and the edge sends nothing before its handshake is confirmed
+    // (0-RTT data could be replayed).
+    cfg.session_storage = rustls::server::ServerSessionMemoryCache::new(RESUMABLE_SESSIONS);
+    cfg.max_early_data_size = u32::MAX;
     let crypto = QuicServerConfig::try_from(cfg).map_err(|e| TlsError::Config(e.to_string()))?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     server.transport_config(transport(None));
@@ -123,6 +135,9 @@ pub fn client_config(
         )
         .map_err(|e| TlsError::Config(e.to_string()))?;
     cfg.alpn_protocols = vec![ALPN.to_vec()];
+    // Keep session tickets (rustls' in-memory store) for fast reconnects: reuse one
+    // client configuration across connections.
+    cfg.enable_early_data = true;
     let crypto = QuicClientConfig::try_from(cfg).map_err(|e| TlsError::Config(e.to_string()))?;
     let mut client = quinn::ClientConfig::new(Arc::new(crypto));
     client.transport_config(transport(Some(Duration::from_secs(5))));
@@ -143,17 +158,44 @@ pub fn device_id_of_cert(der: &[u8]) -> Result<String, TlsError> {
         .map_err(|e| TlsError::Identity(format!("the common name is not text: {e}")))
 }
 
-/// The device id of the peer of a connection, from the certificate the handshake
-/// verified.
-pub fn device_id(conn: &quinn::Connection) -> Result<String, TlsError> {
+/// The leaf certificate of the peer of a connection, as the handshake verified it (or as
+/// the resumed session remembers it).
+pub fn peer_cert(conn: &quinn::Connection) -> Result<CertificateDer<'static>, TlsError> {
     let identity = conn
         .peer_identity()
         .ok_or_else(|| TlsError::Identity("the peer presented no certificate".into()))?;
     let chain = identity
         .downcast::<Vec<CertificateDer<'static>>>()
         .map_err(|_| TlsError::Identity("unexpected identity type".into()))?;
-    let leaf = chain
+    chain
         .first()
-        .ok_or_else(|| TlsError::Identity("empty certificate chain".into()))?;
-    device_id_of_cert(leaf)
+        .cloned()
+        .ok_or_else(|| TlsError::Identity("empty certificate chain".into()))
+}
+
+/// The device id of the peer of a connection, from the certificate the handshake
+/// verified.
+pub fn device_id(conn: &quinn::Connection) -> Result<String, TlsError> {
+    device_id_of_cert(&peer_cert(conn)?)
+}
+
+/// The serial number of a certificate (its DER bytes).
+pub fn serial_of_cert(der: &[u8]) -> Result<Vec<u8>, TlsError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| TlsError::Identity(format!("unreadable certificate: {e}")))?;
+    Ok(cert.raw_serial().to_vec())
+}
+
+/// The serial numbers revoked by PEM CRLs (any number, possibly none).
+pub fn revoked_serials(crl_pem: &[u8]) -> Result<std::collections::HashSet<Vec<u8>>, TlsError> {
+    let mut out = std::collections::HashSet::new();
+    for crl in CertificateRevocationListDer::pem_slice_iter(crl_pem) {
+        let crl = crl.map_err(|e| pem_err("revocation list", format!("not valid PEM: {e:?}")))?;
+        let (_, parsed) = x509_parser::parse_x509_crl(&crl)
+            .map_err(|e| pem_err("revocation list", e.to_string()))?;
+        for r in parsed.iter_revoked_certificates() {
+            out.insert(r.raw_serial().to_vec());
+        }
+    }
+    Ok(out)
 }
