@@ -6,6 +6,8 @@
 //! engine), `generate` and `bench`. The QUIC link, the fleet CA and registry, the CUDA and
 //! remote backends are not built yet; the README's "Status" section lists what is missing.
 
+mod demo;
+
 use std::process::ExitCode;
 use std::time::Instant;
 
@@ -125,6 +127,9 @@ enum Cmd {
         #[command(subcommand)]
         command: DeviceCmd,
     },
+    /// The whole system on localhost: the cloud core with the demo model, edge agents linked
+    /// to it over QUIC, simulated factory machines, live fleet status (Ctrl-C to stop).
+    Demo(demo::DemoArgs),
     /// Measure the CPU engine: prefill and decode tokens/s on random weights of a named shape.
     Bench {
         /// Model shape: qwen2-1.5b (DeepSeek-R1-Distill-Qwen-1.5B), deepseek-v2-mini, or tiny.
@@ -644,6 +649,7 @@ fn share(s: &str) -> Result<f64, String> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Cmd::Demo(args) => demo::main(args),
         Cmd::Ca { command } => match ca_cmd(command) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

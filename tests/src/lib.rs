@@ -195,3 +195,113 @@ pub fn record(machine: &str, ts: i64, id: &str) -> String {
         "readings": {"vibration": 2.0, "temperature": 55.0 + (ts % 7) as f64 * 0.1, "current": 10.0, "pressure": 3.1}})
     .to_string()
 }
+
+/// Runs a cloud-core subcommand to completion; returns stdout (panics with stderr on failure).
+pub fn cloud_core(args: &[&str]) -> String {
+    let out = Command::new(bin("cloud-core"))
+        .args(args)
+        .output()
+        .expect("run cloud-core");
+    assert!(
+        out.status.success(),
+        "cloud-core {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A loopback UDP port free now (for `--listen-quic`).
+pub fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .map(|a| a.port())
+        .expect("a free UDP port")
+}
+
+/// Polls `f` every 200 ms until it holds; panics naming `what` after `secs` seconds.
+pub fn wait_for(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    while std::time::Instant::now() < deadline {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    panic!("timed out after {secs} s waiting for {what}");
+}
+
+/// A running `cloud-core serve` process with the QUIC link.
+pub struct Cloud {
+    /// The process.
+    pub child: Child,
+    /// Base URL of its HTTP API.
+    pub http: String,
+}
+
+impl Cloud {
+    /// The operator token the tests start the cloud with.
+    pub const TOKEN: &'static str = "e2e-operator-token-0123";
+
+    /// Starts `cloud-core serve` with the demo model (or `CLOUD_CORE_MODEL`), HTTP on a free
+    /// loopback port and QUIC on `quic_port`, with the fleet CA in `ca`.
+    pub fn start(data: &Path, ca: &Path, quic_port: u16) -> Cloud {
+        let model = std::env::var_os("CLOUD_CORE_MODEL")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                Path::new(env!("CARGO_MANIFEST_DIR")).join("../cloud-core/demo-model")
+            });
+        let mut child = Command::new(bin("cloud-core"))
+            .args(["serve", "--listen-http", "127.0.0.1:0", "--log", "warn"])
+            .args(["--token", Cloud::TOKEN])
+            .arg("--data-dir")
+            .arg(data)
+            .arg("--model")
+            .arg(&model)
+            .arg("--ca")
+            .arg(ca)
+            .args(["--listen-quic", &format!("127.0.0.1:{quic_port}")])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start cloud-core");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(a) = line.strip_prefix("cloud-core listening on ") {
+                    let _ = tx.send(a.split_whitespace().next().unwrap_or_default().to_string());
+                }
+            }
+        });
+        let http = match rx.recv_timeout(Duration::from_secs(120)) {
+            Ok(u) => u,
+            Err(_) => {
+                let _ = child.kill();
+                panic!("cloud-core did not report its address within 120 s");
+            }
+        };
+        Cloud { child, http }
+    }
+
+    /// `GET /api/v1/fleet` with the operator token.
+    pub fn fleet(&self) -> serde_json::Value {
+        let r = client()
+            .get(format!("{}/api/v1/fleet", self.http))
+            .bearer_auth(Cloud::TOKEN)
+            .send()
+            .expect("GET /api/v1/fleet");
+        serde_json::from_str(&r.text().expect("body")).expect("fleet status is JSON")
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Cloud {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
