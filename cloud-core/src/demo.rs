@@ -43,6 +43,9 @@ pub struct DemoArgs {
     /// The edge-agent binary [default: the one beside this executable].
     #[arg(long)]
     edge_agent: Option<PathBuf>,
+    /// The share of each edge's cases the cloud steers it toward sending (0–1).
+    #[arg(long, default_value_t = 0.2)]
+    target_share: f64,
     /// Log filter of the cloud core (the agents log to files in the data directory).
     #[arg(long, default_value = "warn")]
     log: String,
@@ -112,6 +115,9 @@ fn check(a: &DemoArgs) -> Result<(), String> {
     }
     if !(0.0..=1.0).contains(&a.fault_share) {
         return Err("--fault-share must be within 0–1".into());
+    }
+    if !(0.0..=1.0).contains(&a.target_share) {
+        return Err("--target-share must be within 0–1".into());
     }
     if a.duration.is_some_and(|d| !(d.is_finite() && d > 0.0)) {
         return Err("--duration must be a positive number of seconds".into());
@@ -370,8 +376,25 @@ impl Totals {
 
 fn status_line(elapsed: Duration, edges: usize, fleet: &Value) -> String {
     let t = Totals::of(fleet);
+    // The steering controller's view: the share the edges' thresholds want to send.
+    let wanted: Vec<f64> = fleet["devices"]
+        .as_array()
+        .map(|d| {
+            d.iter()
+                .filter_map(|d| d["steering"]["wanted_share"].as_f64())
+                .collect()
+        })
+        .unwrap_or_default();
+    let steer = if wanted.is_empty() {
+        String::new()
+    } else {
+        format!(
+            " | hard share wanted {:.0}%",
+            100.0 * wanted.iter().sum::<f64>() / wanted.len() as f64
+        )
+    };
     format!(
-        "[{:>4.0}s] edges connected {}/{} | hard cases received {:>4} | verdicts given {:>4}, delivered {:>4} | verdict queue {:>3}",
+        "[{:>4.0}s] edges connected {}/{} | hard cases received {:>4} | verdicts given {:>4}, delivered {:>4} | verdict queue {:>3}{steer}",
         elapsed.as_secs_f64(),
         t.connected,
         edges,
@@ -517,6 +540,10 @@ async fn start(args: &DemoArgs, data_dir: &Path) -> anyhow::Result<Demo> {
         model_name: cloud_core::demo_model::NAME.to_string(),
         token: Some(token.clone()),
         quic: Some((quic_addr, ca_dir)),
+        steer: cloud_core::fleet::steer::SteerConfig {
+            default_target: Some(args.target_share),
+            ..Default::default()
+        },
         scheduler: Default::default(),
     };
     let (stop_server, stopped) = tokio::sync::oneshot::channel::<()>();

@@ -30,6 +30,7 @@ fn hello(device: &str) -> Message {
         agent_version: "link-refusals-test".to_string(),
         model_sha256: String::new(),
         backlog: 0,
+        sync_received: 0,
     }
 }
 

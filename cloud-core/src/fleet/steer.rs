@@ -35,7 +35,7 @@ use super::server::Fleet;
 /// How often the controller looks.
 pub const INTERVAL: Duration = Duration::from_secs(2);
 /// Cases a device must have decided since the last step before the next one.
-pub const MIN_SAMPLE: u64 = 40;
+pub const MIN_SAMPLE: u64 = 24;
 /// Largest change of σ per step.
 pub const MAX_STEP: f64 = 0.1;
 /// The desired-config key the controller writes.
