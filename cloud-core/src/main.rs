@@ -3,8 +3,10 @@
 //! and dashboard.
 //!
 //! Built so far: `serve` (the OpenAI-compatible API and verdicts over HTTP on the CPU
-//! engine), `generate` and `bench`. The QUIC link, the fleet CA and registry, the CUDA and
-//! remote backends are not built yet; the README's "Status" section lists what is missing.
+//! engine; with `--listen-quic --ca`, the QUIC link for edge fleets: registry, verdict
+//! queue, sync, steering), `ca`, `device`, `demo`, `generate` and `bench`. The CUDA and
+//! remote backends, the dashboard and the student rollout are not built yet; the README's
+//! "Status" section lists what is missing.
 
 mod demo;
 
