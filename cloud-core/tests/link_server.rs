@@ -422,3 +422,68 @@ async fn reconnects_resume_migration_keeps_the_link_and_revocation_is_live() {
     let (acked, _) = drive(&mut lathe_edge, "lathe-02", cases(1, 77), 0).await;
     assert_eq!(acked.len(), 1, "others keep being served");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ticket_from_a_restarted_server_does_not_stop_the_reconnect() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ckpt = dir.path().join("model");
+    std::fs::create_dir_all(&ckpt).expect("mkdir");
+    common::write_fixture_checkpoint(&ckpt);
+    let ca_dir = dir.path().join("ca");
+    let ca = Ca::init(&ca_dir, "fleet", &["localhost".to_string()]).expect("ca");
+    let press = ca.issue_device("press-01", 30).expect("issue");
+    let engine = Engine::load_cpu(&ckpt, "fixture", SchedulerConfig::default()).expect("engine");
+    let verdicts = Arc::new(VerdictService::new(engine).expect("verdicts"));
+    let start = |addr: SocketAddr, n: u32| {
+        let (server_cfg, _) = cloud_core::fleet::server::tls_from_ca(&ca_dir).expect("tls");
+        let store = FleetStore::open(&dir.path().join(format!("fleet{n}"))).expect("store");
+        let fleet = Fleet::new(store, verdicts.clone(), 8);
+        let ep = quinn::Endpoint::server(server_cfg, addr).expect("ep");
+        let local = ep.local_addr().expect("addr");
+        let task = tokio::spawn(serve(ep.clone(), fleet, Default::default(), None));
+        (ep, local, task)
+    };
+    let (server, addr, task) = start("127.0.0.1:0".parse().expect("addr"), 0);
+    let client_cfg = link::tls::client_config(
+        press.ca_pem.as_bytes(),
+        press.cert_pem.as_bytes(),
+        press.key_pem.as_bytes(),
+    )
+    .expect("client config");
+    let mut client = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("ep");
+    client.set_default_client_config(client_cfg);
+    let conn = client
+        .connect(addr, "localhost")
+        .expect("connect")
+        .await
+        .expect("handshake");
+    assert!(greet(&conn, "press-01").await.is_some());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The server process "restarts": its session cache is gone.
+    server.close(0u32.into(), b"restart");
+    server.wait_idle().await;
+    task.abort();
+    let _ = task.await;
+    drop(server);
+    drop(conn);
+    // (Another port: tickets are kept per server name, so it is the same to the client.)
+    let (_server, addr, _task) = start("127.0.0.1:0".parse().expect("addr"), 1);
+    let connecting = client.connect(addr, "localhost").expect("connect");
+    let conn = tokio::time::timeout(Duration::from_secs(10), async {
+        match connecting.into_0rtt() {
+            Ok((conn, accepted)) => {
+                let ok = accepted.await;
+                eprintln!("0-RTT attempted, accepted: {ok}");
+                conn
+            }
+            Err(c) => c.await.expect("handshake"),
+        }
+    })
+    .await
+    .expect("the handshake completes");
+    assert!(
+        greet(&conn, "press-01").await.is_some(),
+        "welcomed by the restarted server: {:?}",
+        conn.close_reason()
+    );
+}

@@ -330,17 +330,19 @@ impl CloudSession {
                     });
                 }
                 self.greeted = true;
+                // The welcome goes first: whatever the caller sends on `Connected`
+                // (verdicts waiting from earlier connections) must follow it.
                 Ok(vec![
+                    CloudEvent::Send(Message::Welcome {
+                        protocol: PROTOCOL_VERSION,
+                        sync_received: self.sync_received,
+                    }),
                     CloudEvent::Connected(EdgeInfo {
                         device,
                         agent_version,
                         model_sha256,
                         backlog,
                         sync_received,
-                    }),
-                    CloudEvent::Send(Message::Welcome {
-                        protocol: PROTOCOL_VERSION,
-                        sync_received: self.sync_received,
                     }),
                 ])
             }
@@ -407,10 +409,10 @@ mod tests {
         let mut cloud = CloudSession::new("press-01", 7);
         let ev = cloud.handle(hello).expect("hello");
         assert!(
-            matches!(ev[0], CloudEvent::Connected(ref i) if i.backlog == 3 && i.sync_received == 5)
+            matches!(ev[1], CloudEvent::Connected(ref i) if i.backlog == 3 && i.sync_received == 5)
         );
-        let CloudEvent::Send(welcome) = ev[1].clone() else {
-            panic!("no welcome")
+        let CloudEvent::Send(welcome) = ev[0].clone() else {
+            panic!("the welcome comes first")
         };
         assert_eq!(edge.room(), 0, "nothing goes before the welcome");
         assert_eq!(
@@ -418,6 +420,28 @@ mod tests {
             vec![EdgeEvent::Ready { sync_received: 7 }]
         );
         (edge, cloud)
+    }
+
+    /// Verdicts waiting from an earlier connection, sent as soon as the device is known,
+    /// reach the edge after the welcome (a verdict before it is a protocol error).
+    #[test]
+    fn verdicts_waiting_at_connect_follow_the_welcome() {
+        let (mut edge, hello) = EdgeSession::new(&info("press-01"), 4);
+        let mut cloud = CloudSession::new("press-01", 0);
+        let mut wire = Vec::new();
+        for ev in cloud.handle(hello).expect("hello") {
+            match ev {
+                CloudEvent::Send(m) => wire.push(m),
+                CloudEvent::Connected(_) => {
+                    wire.extend(cloud.send_verdicts(vec![verdict(1), verdict(2)]));
+                }
+                _ => {}
+            }
+        }
+        assert_eq!(wire.len(), 2);
+        for m in wire {
+            edge.handle(m, 0).expect("in order");
+        }
     }
 
     #[test]

@@ -41,14 +41,10 @@ impl Agent {
     /// Starts `edge-agent run` on a free loopback port with extra arguments.
     pub fn start(data_dir: &Path, extra: &[&str]) -> Agent {
         let mut child = Command::new(bin("edge-agent"))
-            .args([
-                "run",
-                "--listen",
-                "127.0.0.1:0",
-                "--log",
-                "warn",
-                "--data-dir",
-            ])
+            .args(["run", "--listen", "127.0.0.1:0", "--log"])
+            // E2E_AGENT_LOG=info (or debug) shows the agents' logs when a test fails.
+            .arg(std::env::var("E2E_AGENT_LOG").unwrap_or_else(|_| "warn".into()))
+            .arg("--data-dir")
             .arg(data_dir)
             .args(extra)
             .stdout(Stdio::piped())

@@ -2,8 +2,8 @@
 //! QUIC with the demo model, an edge agent with its device certificate, simulated
 //! machines. (1) Steady state: hard cases leave the outbox and come back with verdicts.
 //! (2) The cloud is killed (-9): the edge buffers; the cloud returns; the backlog drains
-//! and every hard case has exactly one verdict. (3) The edge is killed (-9) mid-drain:
-//! nothing lost, one verdict and one engine run per case. (4) Desired config written while
+//! and every hard case has exactly one verdict. (3) The cloud, then the edge, is killed
+//! (-9) mid-drain: nothing lost, one verdict and one engine run per case. (4) Desired config written while
 //! the edge is offline reaches it; conflicting label writes made on both sides while apart
 //! converge on both to the later one; the cloud's steering reaches the edge's policy.
 
@@ -251,7 +251,7 @@ fn hard_cases_get_verdicts_through_outages() {
 
     // (2) The cloud dies; the edge keeps taking records and buffers its hard cases.
     cloud.kill9();
-    simulate(&agent, 1600);
+    simulate_machines(&agent, 24, 2400);
     let all_hard = hard_cases(&agent);
     assert!(
         all_hard.len() > hard.len(),
@@ -262,6 +262,17 @@ fn hard_cases_get_verdicts_through_outages() {
     });
     assert!(backlog(&agent) > 0, "they wait in the outbox");
     let cloud = Cloud::start(&cloud_dir, &ca, port);
+    // (3) Killed again mid-drain: while the engine works through the backlog.
+    let total = all_hard.len() as u64;
+    let mut progress = 0;
+    wait_for("the engine to start on the backlog", 120, || {
+        let f = cloud.fleet();
+        progress = f["verdicts"].as_u64().unwrap_or(0);
+        progress > hard.len() as u64 || progress >= total
+    });
+    cloud.kill9();
+    eprintln!("cloud killed with {progress} of {total} verdicts given");
+    let cloud = Cloud::start(&cloud_dir, &ca, port);
     wait_for("the backlog to drain after the cloud returns", 240, || {
         backlog(&agent) == 0
             && all_hard
@@ -270,9 +281,21 @@ fn hard_cases_get_verdicts_through_outages() {
     });
     // Exactly one verdict per hard case in the cloud's store.
     wait_for("the cloud's count to settle", 30, || {
-        cloud.fleet()["verdicts"].as_u64() == Some(all_hard.len() as u64)
+        cloud.fleet()["verdicts"].as_u64() == Some(total)
     });
-    assert_eq!(cloud.fleet()["verdict_queue"], 0);
+    let f = cloud.fleet();
+    assert_eq!(f["verdict_queue"], 0);
+    assert_eq!(f["devices"][0]["cases"].as_u64(), Some(total), "{f}");
+    // Cases judged before the kill were not judged again: this process ran the engine
+    // exactly once for each verdict it added.
+    assert_eq!(
+        f["engine_runs"].as_u64(),
+        f["verdicts"]
+            .as_u64()
+            .zip(f["verdicts_at_start"].as_u64())
+            .map(|(v, s)| v - s),
+        "{f}"
+    );
     agent.stop();
 }
 

@@ -54,12 +54,15 @@ pub struct Fleet {
     pub steering: super::steer::Steering,
     /// Engine runs completed since start (one per judged case).
     pub engine_runs: AtomicU64,
+    /// Verdicts in the store when this process opened it.
+    pub verdicts_at_start: usize,
 }
 
 impl Fleet {
     /// A fleet over `store`, judging with `verdicts`.
     pub fn new(store: FleetStore, verdicts: Arc<VerdictService>, concurrency: usize) -> Arc<Fleet> {
         Arc::new(Fleet {
+            verdicts_at_start: store.verdict_count(),
             store,
             verdicts,
             connected: Mutex::new(HashMap::new()),

@@ -86,6 +86,7 @@ pub async fn status(State(st): State<AppState>) -> Response {
         "verdict_queue": fleet.store.queue_len(),
         "verdicts": fleet.store.verdict_count(),
         "engine_runs": fleet.engine_runs.load(Ordering::Relaxed),
+        "verdicts_at_start": fleet.verdicts_at_start,
         "steering_pressure": fleet.steering.pressure(),
     }))
     .into_response()
