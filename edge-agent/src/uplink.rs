@@ -358,6 +358,12 @@ async fn session(
                 if s.is_ready() {
                     let m = s.heartbeat(now_ms().max(0) as u64);
                     send(&mut out, &codec, &m).await?;
+                    let backlog = db
+                        .scan_prefix([crate::store::keys::Prefix::Outbox as u8])
+                        .count() as u64;
+                    if let Some(m) = s.report_backlog(backlog) {
+                        send(&mut out, &codec, &m).await?;
+                    }
                 }
             }
         }

@@ -103,6 +103,7 @@ pub struct EdgeSession {
     heartbeat_seq: u64,
     heartbeat_sent: Option<(u64, u64)>,
     rtt_ms: Option<u64>,
+    backlog_reported: u64,
 }
 
 impl EdgeSession {
@@ -123,6 +124,7 @@ impl EdgeSession {
             heartbeat_seq: 0,
             heartbeat_sent: None,
             rtt_ms: None,
+            backlog_reported: info.backlog,
         };
         (s, hello)
     }
@@ -181,6 +183,16 @@ impl EdgeSession {
         Message::Heartbeat {
             seq: self.heartbeat_seq,
         }
+    }
+
+    /// The outbox backlog now: the report to send, if it changed since the last one (or
+    /// the hello) and the link is up.
+    pub fn report_backlog(&mut self, backlog: u64) -> Option<Message> {
+        if !self.ready || backlog == self.backlog_reported {
+            return None;
+        }
+        self.backlog_reported = backlog;
+        Some(Message::Backlog { backlog })
     }
 
     /// The edge stored these verdicts: the acknowledgement to send.
@@ -442,6 +454,18 @@ mod tests {
         for m in wire {
             edge.handle(m, 0).expect("in order");
         }
+    }
+
+    #[test]
+    fn the_backlog_is_reported_when_it_changes() {
+        let (mut edge, mut cloud) = connect();
+        assert_eq!(edge.report_backlog(3), None, "the hello said 3");
+        let m = edge.report_backlog(7).expect("changed");
+        assert_eq!(
+            cloud.handle(m).expect("backlog"),
+            vec![CloudEvent::Backlog(7)]
+        );
+        assert_eq!(edge.report_backlog(7), None);
     }
 
     #[test]

@@ -6,8 +6,9 @@
 //! `--target-share` applies). Edges report their cumulative decision counts under
 //! reported state (`stats`). Every [`INTERVAL`] the controller, per device with a target:
 //!
-//! 1. takes the cases decided since its last look and the share the policy *wanted* to
-//!    send (sent plus those held back by the edge's budgets), once at least
+//! 1. takes the cases decided since its last step (or since the agent started, when this
+//!    process has not stepped for this run of the agent yet) and the share the policy
+//!    *wanted* to send (sent plus those held back by the edge's budgets), once at least
 //!    [`MIN_SAMPLE`] cases were decided;
 //! 2. lowers the target under load: the effective target is the target times a pressure
 //!    factor of the verdict queue (1 up to half of `--queue-high` cases waiting, falling
@@ -193,27 +194,35 @@ fn look(fleet: &Fleet, cfg: SteerConfig) -> anyhow::Result<()> {
         s.target = target;
         s.effective_target = effective;
         if let Some(now_stats) = stats {
-            match &s.base {
+            // Counts are since the agent started: with no earlier look at this run of the
+            // agent (first look, an agent restart, a cloud restart), the sample starts at
+            // zero, i.e. at the agent's start.
+            let base = match &s.base {
                 Some(b)
                     if b.started_ms == now_stats.started_ms
                         && now_stats.cases_local >= b.cases_local
                         && now_stats.cases_hard >= b.cases_hard
                         && now_stats.over_budget >= b.over_budget =>
                 {
-                    let hard = now_stats.cases_hard - b.cases_hard;
-                    let over = now_stats.over_budget - b.over_budget;
-                    let decided = now_stats.cases_local - b.cases_local + hard;
-                    if decided >= MIN_SAMPLE {
-                        let wanted = (hard + over) as f64 / decided as f64;
-                        s.observed_share = Some(hard as f64 / decided as f64);
-                        s.wanted_share = Some(wanted);
-                        s.sensitivity = step(s.sensitivity, effective, wanted);
-                        s.steps += 1;
-                        s.base = Some(now_stats);
-                    }
+                    b.clone()
                 }
-                // First look, or the agent restarted: a new baseline.
-                _ => s.base = Some(now_stats),
+                _ => EdgeStats {
+                    started_ms: now_stats.started_ms,
+                    ..EdgeStats::default()
+                },
+            };
+            let hard = now_stats.cases_hard - base.cases_hard;
+            let over = now_stats.over_budget - base.over_budget;
+            let decided = now_stats.cases_local - base.cases_local + hard;
+            if decided >= MIN_SAMPLE {
+                let wanted = (hard + over) as f64 / decided as f64;
+                s.observed_share = Some(hard as f64 / decided as f64);
+                s.wanted_share = Some(wanted);
+                s.sensitivity = step(s.sensitivity, effective, wanted);
+                s.steps += 1;
+                s.base = Some(now_stats);
+            } else {
+                s.base = Some(base);
             }
         }
         let want = desired(s.sensitivity, effective);
