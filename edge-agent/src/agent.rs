@@ -109,8 +109,9 @@ pub async fn start(cfg: Config) -> anyhow::Result<RunningAgent> {
         None => cfg.device_id.clone(),
     };
     let sync = crate::sync::EdgeSync::open(&db, &device, cfg.policy.clone(), tx.clone())?;
-    // Desired config stored from earlier connections applies from the start.
-    sync.apply().await;
+    // Desired config stored from earlier connections applies from the start (an invalid
+    // one is logged and shown in the status).
+    let _ = sync.apply().await;
     let reporter = tokio::spawn(sync.clone().report(
         shared.clone(),
         student.sha256().to_string(),
@@ -132,11 +133,14 @@ pub async fn start(cfg: Config) -> anyhow::Result<RunningAgent> {
             };
             Some(tokio::spawn(crate::uplink::run(
                 ucfg,
-                db.clone(),
-                tx.clone(),
-                link.clone(),
-                sync.clone(),
-                student.sha256().to_string(),
+                crate::uplink::Agent {
+                    db: db.clone(),
+                    tx: tx.clone(),
+                    status: link.clone(),
+                    sync: sync.clone(),
+                    shared: shared.clone(),
+                    model_sha256: student.sha256().to_string(),
+                },
                 stop.subscribe(),
             )))
         }

@@ -108,7 +108,8 @@ impl EdgeSync {
             tracing::warn!(scope = %r.scope, key = %r.key, "sync entry refused: {}", r.reason);
         }
         if step.changed.iter().any(|k| k.scope == Scope::DesiredConfig) {
-            self.apply().await;
+            // An invalid desired config is logged and shown in the status by `apply`.
+            let _ = self.apply().await;
         }
         Ok(step)
     }
@@ -155,13 +156,15 @@ impl EdgeSync {
         Ok(cfg)
     }
 
-    /// Puts the effective policy in force (or records why it cannot be).
-    pub async fn apply(&self) {
-        match self.effective_policy() {
+    /// Puts the effective policy in force and returns it, or records (and returns) why it
+    /// cannot be; the policy in force then stays.
+    pub async fn apply(&self) -> Result<PolicyConfig, String> {
+        let result = self.effective_policy();
+        if let Ok(mut d) = self.desired_error.lock() {
+            *d = result.as_ref().err().cloned();
+        }
+        match &result {
             Ok(cfg) => {
-                if let Ok(mut e) = self.desired_error.lock() {
-                    *e = None;
-                }
                 let (reply, done) = oneshot::channel();
                 if self
                     .tx
@@ -173,13 +176,9 @@ impl EdgeSync {
                     tracing::info!(?cfg, "policy in force (local + desired config)");
                 }
             }
-            Err(e) => {
-                tracing::error!("keeping the current policy: {e}");
-                if let Ok(mut d) = self.desired_error.lock() {
-                    *d = Some(e);
-                }
-            }
+            Err(e) => tracing::error!("keeping the current policy: {e}"),
         }
+        result
     }
 
     /// Replaces the local policy and puts the effective one in force; returns it.
@@ -187,9 +186,7 @@ impl EdgeSync {
         if let Ok(mut p) = self.local_policy.lock() {
             *p = cfg;
         }
-        let eff = self.effective_policy()?;
-        self.apply().await;
-        Ok(eff)
+        self.apply().await
     }
 
     /// The local policy (before desired config).
@@ -230,32 +227,8 @@ impl EdgeSync {
 
     /// Every entry, by scope, for `GET /v1/sync`.
     pub fn entries_json(&self) -> serde_json::Value {
-        self.with(|r| {
-            let mut scopes = serde_json::Map::new();
-            for (scope, key, e) in r.map().iter() {
-                if let Some(o) = scopes
-                    .entry(scope.name())
-                    .or_insert_with(|| json!({}))
-                    .as_object_mut()
-                {
-                    o.insert(
-                        key.to_string(),
-                        json!({
-                            "value": e.value.as_deref().map(|v| serde_json::from_slice::<serde_json::Value>(v)
-                                .unwrap_or_else(|_| json!(String::from_utf8_lossy(v)))),
-                            "deleted": e.is_tombstone(),
-                            "written_ms": e.ts.wall_ms,
-                            "by": e.origin.to_string(),
-                        }),
-                    );
-                }
-            }
-            Ok((
-                json!({"scopes": scopes, "pending": r.pending(), "received": r.received()}),
-                false,
-            ))
-        })
-        .unwrap_or_else(|e| json!({"error": e.to_string()}))
+        self.with(|r| Ok((r.describe(), false)))
+            .unwrap_or_else(|e| json!({"error": e.to_string()}))
     }
 
     /// Reports the agent's decision counts under reported state `stats` every two seconds

@@ -93,17 +93,26 @@ pub fn client(identity: &Path) -> anyhow::Result<(quinn::ClientConfig, String)> 
 
 use rustls::pki_types::pem::PemObject;
 
+/// What the uplink works with in the agent.
+pub struct Agent {
+    /// The store (read side: the outbox).
+    pub db: sled::Db,
+    /// The committer, which makes every write.
+    pub tx: mpsc::Sender<Command>,
+    /// The link state shown in the status.
+    pub status: LinkStatus,
+    /// The state shared with the cloud.
+    pub sync: Arc<crate::sync::EdgeSync>,
+    /// The committer's counts (the outbox backlog).
+    pub shared: Arc<crate::pipeline::Shared>,
+    /// The student model's hash, reported in the hello.
+    pub model_sha256: String,
+}
+
 /// Runs until `stop` turns true.
-pub async fn run(
-    cfg: UplinkConfig,
-    db: sled::Db,
-    tx: mpsc::Sender<Command>,
-    status: LinkStatus,
-    sync: Arc<crate::sync::EdgeSync>,
-    model_sha256: String,
-    mut stop: watch::Receiver<bool>,
-) {
-    set(&status, |s| {
+pub async fn run(cfg: UplinkConfig, agent: Agent, mut stop: watch::Receiver<bool>) {
+    let status = &agent.status;
+    set(status, |s| {
         s.state = "connecting";
         s.address = Some(cfg.cloud.clone());
     });
@@ -117,7 +126,7 @@ pub async fn run(
         }
         let started = Instant::now();
         let result = tokio::select! {
-            r = session(&cfg, &mut client, &db, &tx, &status, &sync, &model_sha256) => r,
+            r = session(&cfg, &mut client, &agent) => r,
             _ = stop.wait_for(|s| *s) => return,
         };
         let err = match result {
@@ -132,7 +141,7 @@ pub async fn run(
         }
         let jitter = 0.5 + rand::random::<f64>();
         let wait = backoff.mul_f64(jitter);
-        set(&status, |s| {
+        set(status, |s| {
             s.state = "backoff";
             s.last_error = Some(err);
         });
@@ -141,7 +150,7 @@ pub async fn run(
             _ = stop.wait_for(|s| *s) => return,
         }
         backoff = (backoff * 2).min(Duration::from_secs(30));
-        set(&status, |s| s.state = "connecting");
+        set(status, |s| s.state = "connecting");
     }
 }
 
@@ -166,6 +175,11 @@ async fn commit(
         .context("the committer stopped")?;
     done.await
         .context("the store could not write (see the agent's log)")
+}
+
+/// Hard cases in the outbox, as the committer counts them.
+fn outbox_len(shared: &crate::pipeline::Shared) -> u64 {
+    shared.counts.lock().map_or(0, |c| c.outbox)
 }
 
 async fn read_opt(
@@ -200,12 +214,16 @@ fn identity_stamp(dir: &Path) -> Vec<Option<std::time::SystemTime>> {
 async fn session(
     cfg: &UplinkConfig,
     client_slot: &mut Option<Client>,
-    db: &sled::Db,
-    tx: &mpsc::Sender<Command>,
-    status: &LinkStatus,
-    sync: &crate::sync::EdgeSync,
-    model_sha256: &str,
+    agent: &Agent,
 ) -> anyhow::Result<()> {
+    let Agent {
+        db,
+        tx,
+        status,
+        sync,
+        shared,
+        model_sha256,
+    } = agent;
     let addr = tokio::net::lookup_host(&cfg.cloud)
         .await
         .with_context(|| format!("resolving {}", cfg.cloud))?
@@ -256,9 +274,7 @@ async fn session(
     let (mut out, mut inp) = conn.open_bi().await?;
     let _ = out.set_priority(1);
     let codec = FrameCodec::default();
-    let backlog = db
-        .scan_prefix([crate::store::keys::Prefix::Outbox as u8])
-        .count() as u64;
+    let backlog = outbox_len(shared);
     let info = EdgeInfo {
         device: device.clone(),
         agent_version: env!("CARGO_PKG_VERSION").into(),
@@ -358,10 +374,7 @@ async fn session(
                 if s.is_ready() {
                     let m = s.heartbeat(now_ms().max(0) as u64);
                     send(&mut out, &codec, &m).await?;
-                    let backlog = db
-                        .scan_prefix([crate::store::keys::Prefix::Outbox as u8])
-                        .count() as u64;
-                    if let Some(m) = s.report_backlog(backlog) {
+                    if let Some(m) = s.report_backlog(outbox_len(shared)) {
                         send(&mut out, &codec, &m).await?;
                     }
                 }

@@ -90,6 +90,26 @@ pub enum Message {
     },
 }
 
+impl Message {
+    /// The message's name, for errors and logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Message::Hello { .. } => "Hello",
+            Message::Cases(_) => "Cases",
+            Message::Ack { .. } => "Ack",
+            Message::Heartbeat { .. } => "Heartbeat",
+            Message::Welcome { .. } => "Welcome",
+            Message::Verdicts(_) => "Verdicts",
+            Message::VerdictAck { .. } => "VerdictAck",
+            Message::HeartbeatAck { .. } => "HeartbeatAck",
+            Message::Backlog { .. } => "Backlog",
+            Message::Sync(_) => "Sync",
+            Message::SyncAck { .. } => "SyncAck",
+            Message::Goodbye { .. } => "Goodbye",
+        }
+    }
+}
+
 /// A verdict as the link carries it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct VerdictMsg {

@@ -43,23 +43,6 @@ pub enum ProtocolError {
     Closed(String),
 }
 
-fn kind(m: &Message) -> &'static str {
-    match m {
-        Message::Hello { .. } => "Hello",
-        Message::Cases(_) => "Cases",
-        Message::Ack { .. } => "Ack",
-        Message::Heartbeat { .. } => "Heartbeat",
-        Message::Welcome { .. } => "Welcome",
-        Message::Verdicts(_) => "Verdicts",
-        Message::VerdictAck { .. } => "VerdictAck",
-        Message::HeartbeatAck { .. } => "HeartbeatAck",
-        Message::Backlog { .. } => "Backlog",
-        Message::Sync(_) => "Sync",
-        Message::SyncAck { .. } => "SyncAck",
-        Message::Goodbye { .. } => "Goodbye",
-    }
-}
-
 /// What the edge reports about itself when it connects.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct EdgeInfo {
@@ -217,7 +200,7 @@ impl EdgeSession {
                 Ok(vec![EdgeEvent::Ready { sync_received }])
             }
             Message::Goodbye { reason } => Err(ProtocolError::Closed(reason)),
-            m if !self.ready => Err(ProtocolError::Unexpected(kind(&m))),
+            m if !self.ready => Err(ProtocolError::Unexpected(m.kind())),
             Message::Ack { case_ids } => {
                 // Only what we sent counts; an ack for anything else is ignored (a late
                 // ack from an earlier connection, say) — the outbox entry stays.
@@ -242,7 +225,7 @@ impl EdgeSession {
                 }
                 _ => Ok(Vec::new()),
             },
-            m => Err(ProtocolError::Unexpected(kind(&m))),
+            m => Err(ProtocolError::Unexpected(m.kind())),
         }
     }
 }
@@ -359,7 +342,7 @@ impl CloudSession {
                 ])
             }
             Message::Goodbye { reason } => Err(ProtocolError::Closed(reason)),
-            m if !self.greeted => Err(ProtocolError::Unexpected(kind(&m))),
+            m if !self.greeted => Err(ProtocolError::Unexpected(m.kind())),
             Message::Cases(cases) => Ok(vec![CloudEvent::Store(cases)]),
             Message::VerdictAck { case_ids } => {
                 for id in &case_ids {
@@ -370,7 +353,7 @@ impl CloudSession {
             Message::Heartbeat { seq } => Ok(vec![CloudEvent::Send(Message::HeartbeatAck { seq })]),
             Message::HeartbeatAck { .. } => Ok(Vec::new()),
             Message::Backlog { backlog } => Ok(vec![CloudEvent::Backlog(backlog)]),
-            m => Err(ProtocolError::Unexpected(kind(&m))),
+            m => Err(ProtocolError::Unexpected(m.kind())),
         }
     }
 }

@@ -145,6 +145,38 @@ impl Replica {
             .write(&mut self.hlc, scope, key, value, physical_ms)
     }
 
+    /// Every entry by scope (values shown as JSON where they are JSON), with the cursors:
+    /// what the operator API and the agent's `/v1/sync` show.
+    pub fn describe(&self) -> serde_json::Value {
+        let mut scopes = serde_json::Map::new();
+        for (scope, key, e) in self.map.iter() {
+            let value = e.value.as_deref().map(|v| {
+                serde_json::from_slice(v)
+                    .unwrap_or_else(|_| serde_json::Value::from(String::from_utf8_lossy(v)))
+            });
+            if let Some(o) = scopes
+                .entry(scope.name())
+                .or_insert_with(|| serde_json::json!({}))
+                .as_object_mut()
+            {
+                o.insert(
+                    key.to_string(),
+                    serde_json::json!({
+                        "value": value,
+                        "deleted": e.is_tombstone(),
+                        "written_ms": e.ts.wall_ms,
+                        "by": e.origin.to_string(),
+                    }),
+                );
+            }
+        }
+        serde_json::json!({
+            "scopes": scopes,
+            "pending": self.pending(),
+            "received": self.received(),
+        })
+    }
+
     /// What we have applied of the peer's changes: the cursor sent on connecting.
     pub fn received(&self) -> u64 {
         self.session.received()
@@ -203,12 +235,7 @@ impl Replica {
             }
             other => Err(SyncError::Decode(format!(
                 "a {} message on the sync stream",
-                match other {
-                    Message::Hello { .. } => "Hello",
-                    Message::Welcome { .. } => "Welcome",
-                    Message::Cases(_) => "Cases",
-                    _ => "non-sync",
-                }
+                other.kind()
             ))),
         }
     }

@@ -241,6 +241,11 @@ impl Cloud {
     /// Starts `cloud-core serve` with the demo model (or `CLOUD_CORE_MODEL`), HTTP on a free
     /// loopback port and QUIC on `quic_port`, with the fleet CA in `ca`.
     pub fn start(data: &Path, ca: &Path, quic_port: u16) -> Cloud {
+        Cloud::start_with(data, ca, quic_port, &[])
+    }
+
+    /// [`Cloud::start`] with more `serve` arguments.
+    pub fn start_with(data: &Path, ca: &Path, quic_port: u16, extra: &[&str]) -> Cloud {
         let model = std::env::var_os("CLOUD_CORE_MODEL")
             .map(PathBuf::from)
             .unwrap_or_else(|| {
@@ -256,6 +261,7 @@ impl Cloud {
             .arg("--ca")
             .arg(ca)
             .args(["--listen-quic", &format!("127.0.0.1:{quic_port}")])
+            .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -287,6 +293,36 @@ impl Cloud {
             .send()
             .expect("GET /api/v1/fleet");
         serde_json::from_str(&r.text().expect("body")).expect("fleet status is JSON")
+    }
+
+    /// `PUT` of a JSON body with the operator token; panics unless it succeeds.
+    pub fn put(&self, path: &str, body: serde_json::Value) -> serde_json::Value {
+        let r = client()
+            .put(format!("{}{path}", self.http))
+            .bearer_auth(Cloud::TOKEN)
+            .json(&body)
+            .send()
+            .expect("put");
+        let status = r.status();
+        let v: serde_json::Value = serde_json::from_str(&r.text().expect("body")).expect("json");
+        assert!(status.is_success(), "PUT {path}: {status} {v}");
+        v
+    }
+
+    /// A device's shared state (`GET /api/v1/fleet/devices/ID/state`).
+    pub fn state(&self, device: &str) -> serde_json::Value {
+        let r = client()
+            .get(format!("{}/api/v1/fleet/devices/{device}/state", self.http))
+            .bearer_auth(Cloud::TOKEN)
+            .send()
+            .expect("state");
+        serde_json::from_str(&r.text().expect("body")).expect("json")
+    }
+
+    /// `kill -9`.
+    pub fn kill9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// Whether the process is still running.

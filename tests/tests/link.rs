@@ -3,137 +3,19 @@
 //! machines. (1) Steady state: hard cases leave the outbox and come back with verdicts.
 //! (2) The cloud is killed (-9): the edge buffers; the cloud returns; the backlog drains
 //! and every hard case has exactly one verdict. (3) The cloud, then the edge, is killed
-//! (-9) mid-drain: nothing lost, one verdict and one engine run per case. (4) Desired config written while
-//! the edge is offline reaches it; conflicting label writes made on both sides while apart
-//! converge on both to the later one; the cloud's steering reaches the edge's policy.
+//! (-9) mid-drain: nothing lost, one verdict and one engine run per case. (4) Desired
+//! config written while the edge is offline reaches it; conflicting label writes made on
+//! both sides while apart converge on both to the later one; the cloud's steering reaches
+//! the edge's policy.
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use e2e::{bin, client, edge, Agent};
+use e2e::{bin, client, edge, free_udp_port, wait_for, Agent, Cloud};
 use serde_json::Value;
 
-const TOKEN: &str = "e2e-operator-token-0123";
-
-struct Cloud {
-    child: Child,
-    http: String,
-}
-
-impl Cloud {
-    fn start(data: &Path, ca: &Path, quic_port: u16) -> Cloud {
-        Cloud::start_with(data, ca, quic_port, &[])
-    }
-
-    fn start_with(data: &Path, ca: &Path, quic_port: u16, extra: &[&str]) -> Cloud {
-        // The demo model; CLOUD_CORE_MODEL points the test at another checkpoint.
-        let model = std::env::var_os("CLOUD_CORE_MODEL")
-            .map(std::path::PathBuf::from)
-            .unwrap_or_else(|| {
-                Path::new(env!("CARGO_MANIFEST_DIR")).join("../cloud-core/demo-model")
-            });
-        let mut child = Command::new(bin("cloud-core"))
-            .args([
-                "serve",
-                "--listen-http",
-                "127.0.0.1:0",
-                "--log",
-                "warn",
-                "--token",
-                TOKEN,
-            ])
-            .arg("--data-dir")
-            .arg(data)
-            .arg("--model")
-            .arg(&model)
-            .arg("--ca")
-            .arg(ca)
-            .args(["--listen-quic", &format!("127.0.0.1:{quic_port}")])
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start cloud-core");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(a) = line.strip_prefix("cloud-core listening on ") {
-                    let url = a.split_whitespace().next().unwrap_or_default().to_string();
-                    let _ = tx.send(url);
-                }
-            }
-        });
-        let http = rx
-            .recv_timeout(Duration::from_secs(120))
-            .expect("cloud-core reports its address");
-        Cloud { child, http }
-    }
-
-    fn fleet(&self) -> Value {
-        let r = client()
-            .get(format!("{}/api/v1/fleet", self.http))
-            .bearer_auth(TOKEN)
-            .send()
-            .expect("fleet");
-        serde_json::from_str(&r.text().expect("body")).expect("json")
-    }
-
-    fn put(&self, path: &str, body: Value) -> Value {
-        let r = client()
-            .put(format!("{}{path}", self.http))
-            .bearer_auth(TOKEN)
-            .json(&body)
-            .send()
-            .expect("put");
-        let status = r.status();
-        let v: Value = serde_json::from_str(&r.text().expect("body")).expect("json");
-        assert!(status.is_success(), "PUT {path}: {status} {v}");
-        v
-    }
-
-    fn state(&self, device: &str) -> Value {
-        let r = client()
-            .get(format!("{}/api/v1/fleet/devices/{device}/state", self.http))
-            .bearer_auth(TOKEN)
-            .send()
-            .expect("state");
-        serde_json::from_str(&r.text().expect("body")).expect("json")
-    }
-
-    fn kill9(mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Cloud {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .and_then(|s| s.local_addr())
-        .map(|a| a.port())
-        .expect("a free UDP port")
-}
-
-fn wait_for(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while Instant::now() < deadline {
-        if f() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    panic!("timed out after {secs} s waiting for {what}");
-}
+const TOKEN: &str = Cloud::TOKEN;
 
 /// Simulated machines' first `ticks` records (a longer run repeats the shorter one's
 /// records first, which the agent stores once).

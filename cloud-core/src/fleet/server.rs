@@ -75,6 +75,14 @@ impl Fleet {
         })
     }
 
+    /// The certificate serials revoked now (checked on every connection, resumed ones
+    /// included).
+    pub fn set_revoked(&self, revoked: std::collections::HashSet<Vec<u8>>) {
+        if let Ok(mut r) = self.revoked.write() {
+            *r = revoked;
+        }
+    }
+
     /// The cloud's sync node id.
     pub fn node() -> u64 {
         node_id(Role::Cloud, "cloud")
@@ -119,7 +127,9 @@ impl Fleet {
     }
 }
 
-/// Accepts connections on `endpoint` until it is closed.
+/// Accepts connections on `endpoint` until it is closed. With `ca_dir`, changes of the
+/// CA's revocation list apply at once (see [`watch_revocations`]); the list the endpoint
+/// started with goes to [`Fleet::set_revoked`] first.
 pub async fn serve(
     endpoint: quinn::Endpoint,
     fleet: Arc<Fleet>,
@@ -129,14 +139,6 @@ pub async fn serve(
     tokio::spawn(verdict_worker(fleet.clone()));
     tokio::spawn(super::steer::run(fleet.clone(), steer));
     if let Some(dir) = ca_dir {
-        match tls_from_ca(&dir) {
-            Ok((_, revoked)) => {
-                if let Ok(mut r) = fleet.revoked.write() {
-                    *r = revoked;
-                }
-            }
-            Err(e) => tracing::error!("reading the revocation list: {e:#}"),
-        }
         tokio::spawn(watch_revocations(endpoint.clone(), fleet.clone(), dir));
     }
     while let Some(incoming) = endpoint.accept().await {
@@ -412,7 +414,11 @@ pub fn tls_from_ca(
 /// Revocation without a restart: when the CA's revocation list changes (`cloud-core
 /// device revoke`), new handshakes use it, and connections of devices it revokes are
 /// closed now.
-async fn watch_revocations(endpoint: quinn::Endpoint, fleet: Arc<Fleet>, dir: std::path::PathBuf) {
+pub async fn watch_revocations(
+    endpoint: quinn::Endpoint,
+    fleet: Arc<Fleet>,
+    dir: std::path::PathBuf,
+) {
     let crl = dir.join(super::ca::files::CRL);
     let stamp = |p: &std::path::Path| {
         std::fs::metadata(p)
@@ -445,9 +451,7 @@ async fn watch_revocations(endpoint: quinn::Endpoint, fleet: Arc<Fleet>, dir: st
                     .close(3u32.into(), b"the device certificate is revoked");
             }
         }
-        if let Ok(mut r) = fleet.revoked.write() {
-            *r = revoked;
-        }
+        fleet.set_revoked(revoked);
     }
 }
 

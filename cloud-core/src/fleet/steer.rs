@@ -22,7 +22,9 @@
 //!    thresholds settle.
 //!
 //! The edge applies `steering` over its local policy and the operator's desired `policy`
-//! config. State per device is shown in `GET /api/v1/fleet` (`steering`) and as metrics.
+//! config. A device whose target is removed (and with no fleet default) gets `steering`
+//! deleted, and goes back to its own thresholds. State per device is shown in `GET
+//! /api/v1/fleet` (`steering`) and as metrics.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -167,6 +169,17 @@ fn look(fleet: &Fleet, cfg: SteerConfig) -> anyhow::Result<()> {
     let now = super::server::now_ms();
     for d in fleet.store.devices()? {
         let Some(target) = d.target_share.or(cfg.default_target) else {
+            // Not steered (any more): the edge goes back to its own thresholds.
+            fleet.with_replica(&d.id, |r| {
+                let steered = r.get(Scope::DesiredConfig, KEY).is_some();
+                if steered {
+                    r.write(Scope::DesiredConfig, KEY, None, now)?;
+                }
+                Ok(((), steered))
+            })?;
+            if let Ok(mut devices) = fleet.steering.devices.lock() {
+                devices.remove(&d.id);
+            }
             continue;
         };
         let effective = (target * p).clamp(0.0, 1.0);

@@ -42,11 +42,6 @@ fn device_id(id: &str) -> Result<(), ApiError> {
     }
 }
 
-/// A stored value as JSON (values are JSON; anything else shows as a string).
-fn value_json(v: &[u8]) -> serde_json::Value {
-    serde_json::from_slice(v).unwrap_or_else(|_| json!(String::from_utf8_lossy(v)))
-}
-
 /// `GET /api/v1/fleet`: devices, link, sync and steering, queue and counts.
 pub async fn status(State(st): State<AppState>) -> Response {
     let fleet = match fleet(&st) {
@@ -102,33 +97,9 @@ pub async fn state(State(st): State<AppState>, Path(id): Path<String>) -> Respon
         return e.into_response();
     }
     let out = fleet.with_replica(&id, |r| {
-        let mut scopes = serde_json::Map::new();
-        for (scope, key, e) in r.map().iter() {
-            if let Some(o) = scopes
-                .entry(scope.name())
-                .or_insert_with(|| json!({}))
-                .as_object_mut()
-            {
-                o.insert(
-                    key.to_string(),
-                    json!({
-                        "value": e.value.as_deref().map(value_json),
-                        "deleted": e.is_tombstone(),
-                        "written_ms": e.ts.wall_ms,
-                        "by": e.origin.to_string(),
-                    }),
-                );
-            }
-        }
-        Ok((
-            json!({
-                "device": id,
-                "scopes": scopes,
-                "pending": r.pending(),
-                "received": r.received(),
-            }),
-            false,
-        ))
+        let mut v = r.describe();
+        v["device"] = json!(id);
+        Ok((v, false))
     });
     match out {
         Ok(v) => Json(v).into_response(),

@@ -323,13 +323,14 @@ pub async fn run(
     }
     let mut state = AppState::new(engine, verdicts, &token, metrics);
     if let Some((addr, ca_dir)) = &opts.quic {
-        let (tls, _) = crate::fleet::server::tls_from_ca(ca_dir)?;
+        let (tls, revoked) = crate::fleet::server::tls_from_ca(ca_dir)?;
         let store = crate::fleet::store::FleetStore::open(&opts.data_dir.join("fleet"))?;
         let fleet = crate::fleet::server::Fleet::new(
             store,
             state.verdicts.clone(),
             opts.scheduler.max_batch,
         );
+        fleet.set_revoked(revoked);
         let endpoint = quinn::Endpoint::server(tls, *addr)
             .with_context(|| format!("binding QUIC on {addr}"))?;
         println!("cloud-core QUIC link on {}", endpoint.local_addr()?);
