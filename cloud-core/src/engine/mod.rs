@@ -16,6 +16,7 @@ pub mod config;
 pub mod constrain;
 pub mod generate;
 pub mod model;
+pub mod paged;
 pub mod rope;
 pub mod sampler;
 pub mod scheduler;

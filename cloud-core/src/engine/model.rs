@@ -15,7 +15,7 @@
 
 use std::path::Path;
 
-use super::backend::{Backend, RopeLayout};
+use super::backend::{Backend, DeviceError, RopeLayout, Weight};
 use super::config::{Arch, ConfigError, ModelConfig, MoeConfig, ScoringFunc, TopkMethod};
 use super::rope;
 use super::weights::{Checkpoint, WeightsError};
@@ -36,6 +36,10 @@ pub enum EngineError {
     /// A request the model cannot serve.
     #[error("{0}")]
     Request(String),
+    /// The device failed, or the step's sequences do not fit its memory. The caches are
+    /// as they were before the step.
+    #[error(transparent)]
+    Device(#[from] DeviceError),
 }
 
 struct Mlp<B: Backend> {
@@ -151,7 +155,24 @@ impl<B: Backend> Loader<'_, B> {
     }
 
     fn get(&self, name: &str, shape: &[usize]) -> Result<B::Buf, WeightsError> {
-        Ok(self.be.upload(&self.f32(name, shape)?))
+        if shape.len() == 2 && self.be.wants_bf16_weights() {
+            match &self.src {
+                Source::Checkpoint(ck) => {
+                    return Ok(self
+                        .be
+                        .upload_weight(Weight::Bf16(&ck.bf16(name, shape)?), shape))
+                }
+                Source::Random(seed) => {
+                    let (seed, amp) = random_params(*seed, name, shape);
+                    if let Some(b) = self.be.random_weight(shape, amp, seed) {
+                        return Ok(b);
+                    }
+                }
+            }
+        }
+        Ok(self
+            .be
+            .upload_weight(Weight::F32(&self.f32(name, shape)?), shape))
     }
 
     fn mlp(&self, prefix: &str, hidden: usize, inter: usize) -> Result<Mlp<B>, WeightsError> {
@@ -239,7 +260,10 @@ impl<B: Backend> Model<B> {
                         )?,
                         kv_a_norm: l
                             .get(&format!("{a}.kv_a_layernorm.weight"), &[m.kv_lora_rank])?,
-                        kv_b: be.upload(&kv_b),
+                        kv_b: be.upload_weight(
+                            Weight::F32(&kv_b),
+                            &[h * (m.qk_nope_head_dim + m.v_head_dim), m.kv_lora_rank],
+                        ),
                         w_uk: be.upload(&w_uk),
                         w_uv: be.upload(&w_uv),
                         o: l.get(&format!("{a}.o_proj.weight"), &[hd, h * m.v_head_dim])?,
@@ -318,9 +342,16 @@ impl<B: Backend> Model<B> {
                 .map(|j| {
                     let e = &gu[j * 2 * inter * hd..(j + 1) * 2 * inter * hd];
                     Mlp {
-                        gate: l.be.upload(&e[..inter * hd]),
-                        up: l.be.upload(&e[inter * hd..]),
-                        down: l.be.upload(&down[j * hd * inter..(j + 1) * hd * inter]),
+                        gate: l
+                            .be
+                            .upload_weight(Weight::F32(&e[..inter * hd]), &[inter, hd]),
+                        up: l
+                            .be
+                            .upload_weight(Weight::F32(&e[inter * hd..]), &[inter, hd]),
+                        down: l.be.upload_weight(
+                            Weight::F32(&down[j * hd * inter..(j + 1) * hd * inter]),
+                            &[hd, inter],
+                        ),
                         inter,
                     }
                 })
@@ -370,19 +401,51 @@ impl<B: Backend> Model<B> {
     /// A copy of `cache` holding only its first `keep` positions: the cache of a shared
     /// prompt prefix, to start another sequence from.
     pub fn cache_prefix(&self, cache: &Cache<B>, keep: usize) -> Cache<B> {
-        let keep = keep.min(cache.len);
-        let cut = |b: &B::Buf| {
-            let n = self.be.len(b);
-            if cache.len == 0 || n == 0 {
+        self.cut(cache, keep.min(cache.len))
+    }
+
+    /// The first `keep` rows of every layer's cache (a paged backend shares the blocks).
+    fn cut(&self, cache: &Cache<B>, keep: usize) -> Cache<B> {
+        let (kc, vc) = self.cache_cols();
+        let cut = |b: &B::Buf, cols: usize| {
+            if self.be.len(b) == 0 {
                 return b.clone();
             }
-            self.be.slice_rows(b, n / cache.len, 0, keep)
+            self.be.slice_rows(b, cols, 0, keep)
         };
         Cache {
-            k: cache.k.iter().map(cut).collect(),
-            v: cache.v.iter().map(cut).collect(),
+            k: cache.k.iter().map(|b| cut(b, kc)).collect(),
+            v: cache.v.iter().map(|b| cut(b, vc)).collect(),
             len: keep,
         }
+    }
+
+    /// The widths of a cache row of keys and of values.
+    fn cache_cols(&self) -> (usize, usize) {
+        let c = &self.cfg;
+        match &c.mla {
+            None => (
+                c.num_key_value_heads * c.head_dim,
+                c.num_key_value_heads * c.head_dim,
+            ),
+            Some(m) if self.mla_absorbed => (m.kv_lora_rank + m.qk_rope_head_dim, m.kv_lora_rank),
+            Some(m) => (
+                c.num_attention_heads * (m.qk_nope_head_dim + m.qk_rope_head_dim),
+                c.num_attention_heads * m.v_head_dim,
+            ),
+        }
+    }
+
+    /// After a device error: every cache back to the positions it had before the step,
+    /// and the error.
+    fn roll_back(&self, seqs: &mut [(&[u32], &mut Cache<B>)], err: DeviceError) -> EngineError {
+        for (_, cache) in seqs.iter_mut() {
+            let len = cache.len;
+            **cache = self.cut(cache, len);
+        }
+        // The cuts themselves may have failed on a broken device: report the first error.
+        let _ = self.be.take_error();
+        EngineError::Device(err)
     }
 
     fn mlp(&self, m: &Mlp<B>, x: &B::Buf, t: usize) -> B::Buf {
@@ -479,11 +542,8 @@ impl<B: Backend> Model<B> {
             };
             be.add(&mut x, &y);
         }
-        for (ids, cache) in seqs.iter_mut() {
-            cache.len += ids.len();
-        }
         let vocab = self.cfg.vocab_size;
-        if last_only {
+        let logits = if last_only {
             let mut last = Vec::with_capacity(lens.len());
             let mut end = 0;
             for len in &lens {
@@ -492,11 +552,20 @@ impl<B: Backend> Model<B> {
             }
             let x = be.gather_rows(&x, hd, &last);
             let xn = be.rms_norm(&x, &self.norm, eps);
-            let logits = be.download(&be.linear(&xn, last.len(), &self.lm_head, vocab, hd));
+            be.download(&be.linear(&xn, last.len(), &self.lm_head, vocab, hd))
+        } else {
+            let xn = be.rms_norm(&x, &self.norm, eps);
+            be.download(&be.linear(&xn, total, &self.lm_head, vocab, hd))
+        };
+        if let Some(err) = be.take_error() {
+            return Err(self.roll_back(seqs, err));
+        }
+        for (ids, cache) in seqs.iter_mut() {
+            cache.len += ids.len();
+        }
+        if last_only {
             return Ok(logits.chunks(vocab).map(<[f32]>::to_vec).collect());
         }
-        let xn = be.rms_norm(&x, &self.norm, eps);
-        let logits = be.download(&be.linear(&xn, total, &self.lm_head, vocab, hd));
         let mut out = Vec::with_capacity(seqs.len());
         let mut at = 0;
         for len in lens {
@@ -522,8 +591,16 @@ impl<B: Backend> Model<B> {
         let mut outs = Vec::with_capacity(lens.len());
         let mut at = 0;
         for (len, (_, cache)) in lens.iter().zip(seqs.iter_mut()) {
-            be.append_rows(&mut cache.k[li], &be.slice_rows(k, hk * dk, at, *len));
-            be.append_rows(&mut cache.v[li], &be.slice_rows(v, hk * dv, at, *len));
+            be.append_rows(
+                &mut cache.k[li],
+                &be.slice_rows(k, hk * dk, at, *len),
+                hk * dk,
+            );
+            be.append_rows(
+                &mut cache.v[li],
+                &be.slice_rows(v, hk * dv, at, *len),
+                hk * dv,
+            );
             let qs = be.slice_rows(q, h * dk, at, *len);
             outs.push(be.attention(
                 &qs,
@@ -783,6 +860,17 @@ fn top_indices(v: &[f32], k: usize) -> Vec<usize> {
     idx
 }
 
+/// The seed of one random tensor (from the model's seed and the tensor's name) and its
+/// amplitude: uniform in `[-amp, amp]` has standard deviation `1/√fan_in`.
+fn random_params(seed: u64, name: &str, shape: &[usize]) -> (u64, f32) {
+    let mut h = seed ^ 0x9E37_79B9_7F4A_7C15;
+    for b in name.bytes() {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    let fan_in = *shape.last().unwrap_or(&1) as f32;
+    (h, (3.0f32).sqrt() / fan_in.sqrt())
+}
+
 /// Deterministic random tensor for [`Model::random`].
 fn random_tensor(seed: u64, name: &str, shape: &[usize]) -> Vec<f32> {
     let n: usize = shape.iter().product();
@@ -793,12 +881,7 @@ fn random_tensor(seed: u64, name: &str, shape: &[usize]) -> Vec<f32> {
         return vec![0.0; n];
     }
     // A fast generator is enough: weights only need the right shape and scale.
-    let mut h = seed ^ 0x9E37_79B9_7F4A_7C15;
-    for b in name.bytes() {
-        h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
-    }
-    let fan_in = *shape.last().unwrap_or(&1) as f32;
-    let amp = (3.0f32).sqrt() / fan_in.sqrt();
+    let (h, amp) = random_params(seed, name, shape);
     let mut x = h | 1;
     (0..n)
         .map(|_| {

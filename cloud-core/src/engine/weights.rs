@@ -278,23 +278,49 @@ impl Checkpoint {
         })
     }
 
-    /// A tensor converted to f32, checked against the shape the configuration implies.
-    pub fn f32(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>, WeightsError> {
+    fn file_of(&self, name: &str) -> PathBuf {
+        self.where_is
+            .get(name)
+            .map(|i| self.shards[*i].path.clone())
+            .unwrap_or_default()
+    }
+
+    /// The stored bytes of a tensor, checked against the shape the configuration implies.
+    fn checked(&self, name: &str, expected: &[usize]) -> Result<RawTensor<'_>, WeightsError> {
         let raw = self.raw(name)?;
-        let file = || {
-            self.where_is
-                .get(name)
-                .map(|i| self.shards[*i].path.clone())
-                .unwrap_or_default()
-        };
         if raw.shape != expected {
             return Err(WeightsError::ShapeMismatch {
-                file: file(),
+                file: self.file_of(name),
                 tensor: name.to_string(),
                 expected: expected.to_vec(),
                 found: raw.shape.to_vec(),
             });
         }
+        Ok(raw)
+    }
+
+    /// A tensor as bf16 (bf16 checkpoints: the stored values, no rounding through f32),
+    /// checked against the shape the configuration implies.
+    pub fn bf16(&self, name: &str, expected: &[usize]) -> Result<Vec<half::bf16>, WeightsError> {
+        let raw = self.checked(name, expected)?;
+        if raw.dtype == Dtype::BF16 {
+            return Ok(raw
+                .bytes
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]))
+                .collect());
+        }
+        Ok(self
+            .f32(name, expected)?
+            .into_iter()
+            .map(half::bf16::from_f32)
+            .collect())
+    }
+
+    /// A tensor converted to f32, checked against the shape the configuration implies.
+    pub fn f32(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>, WeightsError> {
+        let raw = self.checked(name, expected)?;
+        let file = || self.file_of(name);
         let b = raw.bytes;
         Ok(match raw.dtype {
             Dtype::F32 => b

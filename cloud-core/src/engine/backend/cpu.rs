@@ -240,7 +240,7 @@ impl Backend for Cpu {
         y
     }
 
-    fn append_rows(&self, cache: &mut Vec<f32>, rows: &Vec<f32>) {
+    fn append_rows(&self, cache: &mut Vec<f32>, rows: &Vec<f32>, _cols: usize) {
         cache.extend_from_slice(rows);
     }
 

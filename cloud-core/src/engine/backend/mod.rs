@@ -7,6 +7,43 @@
 //! must agree with it (and both with the committed fixtures).
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+
+/// A failure of the device a backend runs on, typed so that callers can tell a request
+/// that does not fit (refuse it, keep serving) from a broken device.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DeviceError {
+    /// The KV cache's budget is spent: the step's sequences do not all fit.
+    #[error(transparent)]
+    CacheFull(#[from] super::paged::CacheFull),
+    /// An allocation failed.
+    #[error("out of device memory: {what} wants {bytes} bytes ({free} bytes free)")]
+    OutOfMemory {
+        /// What was being allocated.
+        what: String,
+        /// Bytes asked for.
+        bytes: usize,
+        /// Bytes the device reported free.
+        free: usize,
+    },
+    /// Anything else the device or its libraries reported.
+    #[error("device error in {op}: {message}")]
+    Failed {
+        /// The operation.
+        op: String,
+        /// The error.
+        message: String,
+    },
+}
+
+/// A weight as the loader has it: f32 (converted, or random) or bf16 as stored.
+pub enum Weight<'a> {
+    /// f32 values.
+    F32(&'a [f32]),
+    /// bf16 values, as the checkpoint stores them.
+    Bf16(&'a [half::bf16]),
+}
 
 /// How RoPE pairs the dimensions it rotates.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -28,6 +65,34 @@ pub trait Backend {
     fn download(&self, b: &Self::Buf) -> Vec<f32>;
     /// Number of elements.
     fn len(&self, b: &Self::Buf) -> usize;
+
+    /// Whether matrices should be loaded as bf16 ([`Backend::upload_weight`] then gets
+    /// them as stored, with no f32 copy on the host).
+    fn wants_bf16_weights(&self) -> bool {
+        false
+    }
+    /// Uploads a weight of `shape` (a matrix `[out, in]`, a norm or a bias). Backends may
+    /// keep matrices in a narrower type; `linear`, `gather_rows`, `rms_norm` and
+    /// `add_bias` accept what this returns.
+    fn upload_weight(&self, w: Weight<'_>, shape: &[usize]) -> Self::Buf {
+        let _ = shape;
+        match w {
+            Weight::F32(v) => self.upload(v),
+            Weight::Bf16(v) => self.upload(&v.iter().map(|x| x.to_f32()).collect::<Vec<_>>()),
+        }
+    }
+    /// A random matrix of `shape`, uniform in `[-amp, amp]`, made where it will live
+    /// (benchmarks of shapes too large to build on the host); `None`: build it on the host.
+    fn random_weight(&self, shape: &[usize], amp: f32, seed: u64) -> Option<Self::Buf> {
+        let _ = (shape, amp, seed);
+        None
+    }
+    /// The first device error since the last call, if any. Operations after an error
+    /// do nothing and return empty buffers: callers check this after a forward pass and
+    /// discard its results.
+    fn take_error(&self) -> Option<DeviceError> {
+        None
+    }
 
     /// `y[m, n] = x[m, k] · wᵀ` for a weight `w[n, k]`.
     fn linear(&self, x: &Self::Buf, m: usize, w: &Self::Buf, n: usize, k: usize) -> Self::Buf;
@@ -90,8 +155,8 @@ pub trait Backend {
         cols: usize,
         transposed: bool,
     ) -> Self::Buf;
-    /// Appends rows (a KV cache growing by the new positions).
-    fn append_rows(&self, cache: &mut Self::Buf, rows: &Self::Buf);
+    /// Appends rows of width `cols` (a KV cache growing by the new positions).
+    fn append_rows(&self, cache: &mut Self::Buf, rows: &Self::Buf, cols: usize);
     /// Rotates, in every row of `x[m, heads · head_dim]`, the `rot_dim` dimensions starting
     /// at `offset` within each head, row `r` at position `positions[r]`, with the tables
     /// `cos`/`sin` of `[max_pos, rot_dim / 2]`.

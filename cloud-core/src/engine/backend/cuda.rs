@@ -1,0 +1,1401 @@
+//! The CUDA backend (cargo feature `cuda`), on `cudarc`.
+//!
+//! - The CUDA libraries (driver, NVRTC, cuBLAS) are opened at run time: the workspace
+//!   builds with no CUDA installed, and [`Cuda::new`] says why it cannot start where
+//!   there is no GPU (it never panics on a missing library).
+//! - Kernels are CUDA C ([`KERNELS`]), compiled once per process by NVRTC for the
+//!   device's architecture, with the CUDA headers found through `CUDA_INCLUDE`, then
+//!   `$CUDA_HOME/include`, then `/usr/local/cuda/include`.
+//! - Weight matrices live in device memory as bf16 (from a bf16 checkpoint: the stored
+//!   values, copied from the memory map); projections are cuBLAS bf16 GEMMs with f32
+//!   accumulation and f32 outputs. Activations are f32. Norms, biases and the MLA
+//!   per-head blocks stay f32.
+//! - The KV cache is paged ([`crate::engine::paged`]): bf16 rows in fixed-size blocks
+//!   drawn from pools sharing one byte budget; a sequence's cache of a layer is a table
+//!   of block addresses, prefixes share blocks by reference, attention reads the blocks
+//!   through the table. A step that does not fit is refused with
+//!   [`DeviceError::CacheFull`] and leaves every cache as it was.
+//! - Errors are sticky per step: the first one is kept, later operations do nothing, and
+//!   the model's forward pass returns it ([`Backend::take_error`]).
+//!
+//! What this backend does not do yet: CUDA graphs for the decode step, MoE routing on the
+//! device (the gate's logits come back to the host), fused attention/output kernels and
+//! sampling on the device. See README, Status.
+
+// The backend drives the GPU through cudarc's FFI-level calls (kernel launches, cuBLAS
+// with mixed types, raw block addresses of the paged cache). Every `unsafe` block states
+// the sizes it relies on.
+#![allow(unsafe_code)]
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use cudarc::cublas::{self, CudaBlas};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, LaunchConfig,
+    PushKernelArg,
+};
+use half::bf16;
+
+use super::{Backend, DeviceError, RopeLayout, Weight};
+use crate::engine::paged::{AllocError, BlockPool, Budget, ChunkSource, PagedRows};
+
+/// Launches kernel `$name` of `$self` with the arguments in order; a failure is recorded.
+macro_rules! launch {
+    ($self:expr, $name:literal, $cfg:expr, $($arg:expr),* $(,)?) => {{
+        let mut b = $self.stream.launch_builder($self.f($name));
+        $( b.arg($arg); )*
+        // SAFETY: each caller passes buffers of the sizes its kernel indexes (checked
+        // against the element counts just before) and scalars of the kernel's types.
+        let r = unsafe { b.launch($cfg) };
+        $self.check($name, r.map(|_| ()));
+    }};
+}
+
+/// The kernels' CUDA C source.
+pub const KERNELS: &str = include_str!("cuda_kernels.cu");
+
+/// Every kernel in [`KERNELS`].
+pub const KERNEL_NAMES: &[&str] = &[
+    "f32_to_bf16",
+    "bf16_to_f32",
+    "fill_uniform_bf16",
+    "axpy",
+    "add_bias",
+    "rms_norm",
+    "silu_mul",
+    "gather_rows_f32",
+    "gather_rows_bf16",
+    "copy_cols",
+    "add_rows_scaled",
+    "mla_expand",
+    "rope",
+    "paged_write",
+    "paged_read",
+    "attention_paged",
+];
+
+/// The most value dimensions the attention kernel handles per head (MLA's latent: 512).
+pub const MAX_DV: usize = 512;
+
+/// Why the CUDA backend is not available here (no library, no device).
+pub fn unavailable() -> Option<String> {
+    // SAFETY: these only try to open the shared libraries.
+    let (driver, nvrtc, blas) = unsafe {
+        (
+            cudarc::driver::sys::is_culib_present(),
+            cudarc::nvrtc::sys::is_culib_present(),
+            cudarc::cublas::sys::is_culib_present(),
+        )
+    };
+    if !driver {
+        return Some("no CUDA driver library (libcuda) on this machine".into());
+    }
+    if !nvrtc {
+        return Some("no NVRTC library (libnvrtc) on this machine".into());
+    }
+    if !blas {
+        return Some("no cuBLAS library (libcublas) on this machine".into());
+    }
+    match CudaContext::device_count() {
+        Ok(n) if n > 0 => None,
+        Ok(_) => Some("the CUDA driver sees no device".into()),
+        Err(e) => Some(format!("the CUDA driver does not start: {e}")),
+    }
+}
+
+/// Where NVRTC finds `cuda_bf16.h`: `CUDA_INCLUDE`, else `$CUDA_HOME/include`, else
+/// `/usr/local/cuda/include`.
+pub fn include_path() -> String {
+    if let Ok(p) = std::env::var("CUDA_INCLUDE") {
+        return p;
+    }
+    if let Ok(home) = std::env::var("CUDA_HOME") {
+        return format!("{home}/include");
+    }
+    "/usr/local/cuda/include".into()
+}
+
+/// Compiles [`KERNELS`] to PTX for `arch` (`sm_90`, say). Needs only NVRTC and the CUDA
+/// headers, no device: CI checks the kernels compile this way.
+pub fn compile(arch: &str) -> Result<cudarc::nvrtc::Ptx, String> {
+    // SAFETY: only tries to open the library.
+    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        return Err("no NVRTC library (libnvrtc) on this machine".into());
+    }
+    let arch: &'static str = Box::leak(arch.to_string().into_boxed_str());
+    let opts = cudarc::nvrtc::CompileOptions {
+        include_paths: vec![include_path()],
+        arch: Some(arch),
+        use_fast_math: Some(false),
+        name: Some("cloud_core_kernels.cu".into()),
+        ..Default::default()
+    };
+    cudarc::nvrtc::compile_ptx_with_opts(KERNELS, opts).map_err(|e| match e {
+        cudarc::nvrtc::CompileError::CompileError { log, .. } => format!(
+            "NVRTC could not compile the kernels for {arch} (headers from {}): {}",
+            include_path(),
+            log.to_string_lossy()
+        ),
+        other => format!("NVRTC: {other:?}"),
+    })
+}
+
+/// Options of the backend.
+#[derive(Clone, Debug)]
+pub struct CudaOptions {
+    /// Device ordinal.
+    pub device: usize,
+    /// Bytes for the KV cache; `None`: 90% of what is free when the first cache row is
+    /// written (after the weights are loaded), less `reserve`.
+    pub kv_cache_bytes: Option<usize>,
+    /// Kept free for activations and cuBLAS when the KV budget is computed.
+    pub reserve: usize,
+    /// Positions per KV block.
+    pub block_rows: usize,
+    /// Blocks per device allocation of a pool.
+    pub blocks_per_chunk: usize,
+}
+
+impl Default for CudaOptions {
+    fn default() -> Self {
+        CudaOptions {
+            device: 0,
+            kv_cache_bytes: None,
+            reserve: 2 << 30,
+            block_rows: 16,
+            blocks_per_chunk: 256,
+        }
+    }
+}
+
+/// Device memory for KV pools (chunks of the paged cache).
+pub struct DeviceChunks {
+    stream: Arc<CudaStream>,
+}
+
+impl ChunkSource for DeviceChunks {
+    type Chunk = CudaSlice<u8>;
+
+    fn alloc(&self, bytes: usize) -> Result<(CudaSlice<u8>, u64), String> {
+        let chunk = self
+            .stream
+            .alloc_zeros::<u8>(bytes)
+            .map_err(|e| e.to_string())?;
+        let base = {
+            let (ptr, _sync) = chunk.device_ptr(&self.stream);
+            ptr
+        };
+        Ok((chunk, base))
+    }
+}
+
+type Pool = BlockPool<DeviceChunks>;
+
+/// A buffer of the CUDA backend.
+#[derive(Clone)]
+pub enum CudaBuf {
+    /// f32 values (activations, norms, biases).
+    F32(Arc<CudaSlice<f32>>),
+    /// bf16 values (weight matrices).
+    Bf16(Arc<CudaSlice<bf16>>),
+    /// KV cache rows of width `cols`, bf16, in blocks.
+    Paged(PagedRows<DeviceChunks>, usize),
+}
+
+struct Kernels {
+    _module: Arc<CudaModule>,
+    f: HashMap<&'static str, CudaFunction>,
+}
+
+/// The CUDA backend.
+pub struct Cuda {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    blas: CudaBlas,
+    kernels: Kernels,
+    opts: CudaOptions,
+    name: String,
+    error: Mutex<Option<DeviceError>>,
+    budget: Mutex<Option<Arc<Budget>>>,
+    pools: Mutex<HashMap<usize, Arc<Pool>>>,
+}
+
+fn failed(op: &str, e: impl std::fmt::Display) -> DeviceError {
+    DeviceError::Failed {
+        op: op.to_string(),
+        message: e.to_string(),
+    }
+}
+
+/// Threads per block of the elementwise kernels, and a grid covering `n`.
+fn grid(n: usize) -> LaunchConfig {
+    let blocks = n.div_ceil(256).clamp(1, 65_535 * 8) as u32;
+    LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// One block per row, `threads` threads.
+fn per_row(rows: usize, threads: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+impl Cuda {
+    /// Starts the backend on a device: context, stream, cuBLAS, kernels.
+    pub fn new(opts: CudaOptions) -> Result<Cuda, DeviceError> {
+        if let Some(why) = unavailable() {
+            return Err(failed("start", why));
+        }
+        let ctx = CudaContext::new(opts.device).map_err(|e| failed("context", e))?;
+        let (major, minor) = ctx
+            .compute_capability()
+            .map_err(|e| failed("compute capability", e))?;
+        let name = ctx.name().unwrap_or_else(|_| "CUDA device".into());
+        let stream = ctx.default_stream();
+        let ptx = compile(&format!("sm_{major}{minor}")).map_err(|e| failed("NVRTC", e))?;
+        let module = ctx
+            .load_module(ptx)
+            .map_err(|e| failed("loading kernels", e))?;
+        let mut f = HashMap::new();
+        for k in KERNEL_NAMES {
+            f.insert(
+                *k,
+                module
+                    .load_function(k)
+                    .map_err(|e| failed(&format!("kernel {k}"), e))?,
+            );
+        }
+        let blas = CudaBlas::new(stream.clone()).map_err(|e| failed("cuBLAS", e))?;
+        Ok(Cuda {
+            ctx,
+            stream,
+            blas,
+            kernels: Kernels { _module: module, f },
+            opts,
+            name,
+            error: Mutex::new(None),
+            budget: Mutex::new(None),
+            pools: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The device's name.
+    pub fn device_name(&self) -> &str {
+        &self.name
+    }
+
+    /// The context (benchmarks time with its events).
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    /// The stream every operation runs on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// Waits for the device to finish what was queued.
+    pub fn synchronize(&self) -> Result<(), DeviceError> {
+        self.stream
+            .synchronize()
+            .map_err(|e| failed("synchronize", e))
+    }
+
+    /// `(free, total)` device memory in bytes.
+    pub fn memory(&self) -> Result<(usize, usize), DeviceError> {
+        self.ctx
+            .mem_get_info()
+            .map_err(|e| failed("memory info", e))
+    }
+
+    /// The KV budget and bytes in use, once the first cache row was written.
+    pub fn kv_usage(&self) -> Option<(usize, usize)> {
+        lock(&self.budget).as_ref().map(|b| (b.limit(), b.used()))
+    }
+
+    fn errored(&self) -> bool {
+        lock(&self.error).is_some()
+    }
+
+    fn record(&self, e: DeviceError) {
+        let mut slot = lock(&self.error);
+        if slot.is_none() {
+            tracing::warn!("CUDA backend: {e}");
+            *slot = Some(e);
+        }
+    }
+
+    fn empty(&self) -> CudaBuf {
+        match self.stream.null::<f32>() {
+            Ok(s) => CudaBuf::F32(Arc::new(s)),
+            Err(e) => {
+                self.record(failed("empty buffer", e));
+                // A null slice cannot fail twice in a way that matters: report and retry.
+                CudaBuf::F32(Arc::new(self.stream.null::<f32>().unwrap_or_else(|_| {
+                    unreachable!("cuMemAlloc of zero bytes failed twice")
+                })))
+            }
+        }
+    }
+
+    fn alloc_f32(&self, n: usize, what: &str) -> Option<CudaSlice<f32>> {
+        if n == 0 {
+            return self.stream.null::<f32>().ok();
+        }
+        // SAFETY: every caller writes all `n` elements before reading them.
+        match unsafe { self.stream.alloc::<f32>(n) } {
+            Ok(s) => Some(s),
+            Err(e) => {
+                let free = self.memory().map(|m| m.0).unwrap_or(0);
+                self.record(
+                    if e.0 == cudarc::driver::sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+                        DeviceError::OutOfMemory {
+                            what: what.to_string(),
+                            bytes: n * 4,
+                            free,
+                        }
+                    } else {
+                        failed(what, e)
+                    },
+                );
+                None
+            }
+        }
+    }
+
+    fn htod<T: cudarc::driver::DeviceRepr>(&self, data: &[T], what: &str) -> Option<CudaSlice<T>> {
+        if data.is_empty() {
+            return self.stream.null::<T>().ok();
+        }
+        match self.stream.clone_htod(data) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                self.record(failed(what, e));
+                None
+            }
+        }
+    }
+
+    fn f(&self, name: &str) -> &CudaFunction {
+        &self.kernels.f[name]
+    }
+
+    fn check(&self, op: &str, r: Result<(), cudarc::driver::DriverError>) {
+        if let Err(e) = r {
+            self.record(failed(op, e));
+        }
+    }
+
+    /// The f32 slice of a buffer (recording an error for any other kind).
+    fn f32_of<'a>(&self, b: &'a CudaBuf, op: &str) -> Option<&'a CudaSlice<f32>> {
+        match b {
+            CudaBuf::F32(s) => Some(s),
+            _ => {
+                self.record(failed(op, "expected an f32 activation buffer"));
+                None
+            }
+        }
+    }
+
+    fn pool(&self, cols: usize) -> Option<Arc<Pool>> {
+        let budget = {
+            let mut b = lock(&self.budget);
+            if b.is_none() {
+                let limit = match self.opts.kv_cache_bytes {
+                    Some(n) => n,
+                    None => {
+                        let free = self.memory().map(|m| m.0).unwrap_or(0);
+                        (free.saturating_sub(self.opts.reserve) as f64 * 0.9) as usize
+                    }
+                };
+                tracing::info!(
+                    "KV cache budget: {:.2} GiB",
+                    limit as f64 / (1u64 << 30) as f64
+                );
+                *b = Some(Budget::new(limit));
+            }
+            b.clone()?
+        };
+        let mut pools = lock(&self.pools);
+        Some(
+            pools
+                .entry(cols)
+                .or_insert_with(|| {
+                    BlockPool::new(
+                        DeviceChunks {
+                            stream: self.stream.clone(),
+                        },
+                        budget,
+                        self.opts.block_rows,
+                        cols * 2,
+                        self.opts.blocks_per_chunk,
+                    )
+                })
+                .clone(),
+        )
+    }
+
+    /// `y[m, n] = x[m, k] · wᵀ` with `w` bf16 `[n, k]`: `x` is rounded to bf16, the
+    /// product accumulates in f32 and is written as f32.
+    fn gemm_bf16(
+        &self,
+        x: &CudaSlice<f32>,
+        m: usize,
+        w: &CudaSlice<bf16>,
+        n: usize,
+        k: usize,
+    ) -> Option<CudaSlice<f32>> {
+        let xb = {
+            // SAFETY: the conversion kernel writes all m·k elements.
+            let mut xb = match unsafe { self.stream.alloc::<bf16>(m * k) } {
+                Ok(s) => s,
+                Err(e) => {
+                    self.record(failed("linear input", e));
+                    return None;
+                }
+            };
+            let total = (m * k) as i64;
+            launch!(self, "f32_to_bf16", grid(m * k), x, &mut xb, &total);
+            xb
+        };
+        let mut y = self.alloc_f32(m * n, "linear output")?;
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        {
+            let (wp, _a) = w.device_ptr(&self.stream);
+            let (xp, _b) = xb.device_ptr(&self.stream);
+            let (yp, _c) = cudarc::driver::DevicePtrMut::device_ptr_mut(&mut y, &self.stream);
+            // Column-major view: yᵀ[n, m] = (w as k×n)ᵀ · (x as k×m).
+            // SAFETY: w holds n·k, xb m·k and y m·n elements (checked by the caller).
+            let r = unsafe {
+                cublas::result::gemm_ex(
+                    *self.blas.handle(),
+                    cublas::sys::cublasOperation_t::CUBLAS_OP_T,
+                    cublas::sys::cublasOperation_t::CUBLAS_OP_N,
+                    n as i32,
+                    m as i32,
+                    k as i32,
+                    (&alpha) as *const f32 as *const _,
+                    wp as *const _,
+                    cublas::sys::cudaDataType_t::CUDA_R_16BF,
+                    k as i32,
+                    xp as *const _,
+                    cublas::sys::cudaDataType_t::CUDA_R_16BF,
+                    k as i32,
+                    (&beta) as *const f32 as *const _,
+                    yp as *mut _,
+                    cublas::sys::cudaDataType_t::CUDA_R_32F,
+                    n as i32,
+                    cublas::sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                    cublas::sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                )
+            };
+            if let Err(e) = r {
+                self.record(failed("cuBLAS bf16 GEMM", e));
+                return None;
+            }
+        }
+        Some(y)
+    }
+
+    /// f32 GEMM, strided over `batch` (per-head products), in cuBLAS's column-major terms.
+    #[allow(clippy::too_many_arguments)]
+    fn sgemm_batched(
+        &self,
+        transa: bool,
+        (m, n, k): (usize, usize, usize),
+        a: &CudaSlice<f32>,
+        (lda, stride_a): (usize, usize),
+        b: &CudaSlice<f32>,
+        (ldb, stride_b): (usize, usize),
+        c: &mut CudaSlice<f32>,
+        (ldc, stride_c): (usize, usize),
+        batch: usize,
+    ) {
+        use cudarc::cublas::{Gemm, GemmConfig, StridedBatchedConfig};
+        let cfg = StridedBatchedConfig {
+            gemm: GemmConfig {
+                transa: if transa {
+                    cublas::sys::cublasOperation_t::CUBLAS_OP_T
+                } else {
+                    cublas::sys::cublasOperation_t::CUBLAS_OP_N
+                },
+                transb: cublas::sys::cublasOperation_t::CUBLAS_OP_N,
+                m: m as i32,
+                n: n as i32,
+                k: k as i32,
+                alpha: 1.0f32,
+                lda: lda as i32,
+                ldb: ldb as i32,
+                beta: 0.0f32,
+                ldc: ldc as i32,
+            },
+            batch_size: batch as i32,
+            stride_a: stride_a as i64,
+            stride_b: stride_b as i64,
+            stride_c: stride_c as i64,
+        };
+        // SAFETY: the caller sized a, b and c for these strides and leading dimensions.
+        if let Err(e) = unsafe { self.blas.gemm_strided_batched(cfg, a, b, c) } {
+            self.record(failed("cuBLAS f32 GEMM", e));
+        }
+    }
+
+    /// A paged cache's rows as f32, `[rows, cols]`.
+    fn read_paged(&self, p: &PagedRows<DeviceChunks>, cols: usize) -> Option<CudaSlice<f32>> {
+        let rows = p.rows();
+        let mut out = self.alloc_f32(rows * cols, "cache read")?;
+        if rows == 0 {
+            return Some(out);
+        }
+        let table = self.htod(&p.table(), "block table")?;
+        let (br, c, from) = (p.pool().block_rows() as i32, cols as i32, 0i32);
+        launch!(
+            self,
+            "paged_read",
+            per_row(rows, 128),
+            &table,
+            &br,
+            &c,
+            &from,
+            &mut out
+        );
+        Some(out)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Backend for Cuda {
+    type Buf = CudaBuf;
+
+    fn upload(&self, data: &[f32]) -> CudaBuf {
+        if self.errored() {
+            return self.empty();
+        }
+        match self.htod(data, "upload") {
+            Some(s) => CudaBuf::F32(Arc::new(s)),
+            None => self.empty(),
+        }
+    }
+
+    fn download(&self, b: &CudaBuf) -> Vec<f32> {
+        if self.errored() {
+            return Vec::new();
+        }
+        let r = match b {
+            CudaBuf::F32(s) => self.stream.clone_dtoh(s.as_ref()),
+            CudaBuf::Bf16(s) => self
+                .stream
+                .clone_dtoh(s.as_ref())
+                .map(|v| v.into_iter().map(bf16::to_f32).collect()),
+            CudaBuf::Paged(p, cols) => match self.read_paged(p, *cols) {
+                Some(s) => self.stream.clone_dtoh(&s),
+                None => return Vec::new(),
+            },
+        };
+        match r {
+            Ok(v) => v,
+            Err(e) => {
+                self.record(failed("download", e));
+                Vec::new()
+            }
+        }
+    }
+
+    fn len(&self, b: &CudaBuf) -> usize {
+        match b {
+            CudaBuf::F32(s) => s.len(),
+            CudaBuf::Bf16(s) => s.len(),
+            CudaBuf::Paged(p, cols) => p.rows() * cols,
+        }
+    }
+
+    fn wants_bf16_weights(&self) -> bool {
+        true
+    }
+
+    fn upload_weight(&self, w: Weight<'_>, shape: &[usize]) -> CudaBuf {
+        if self.errored() {
+            return self.empty();
+        }
+        let matrix = shape.len() == 2;
+        match (w, matrix) {
+            (Weight::Bf16(v), true) => match self.htod(v, "weight upload") {
+                Some(s) => CudaBuf::Bf16(Arc::new(s)),
+                None => self.empty(),
+            },
+            (Weight::F32(v), true) => {
+                let v: Vec<bf16> = v.iter().map(|x| bf16::from_f32(*x)).collect();
+                match self.htod(&v, "weight upload") {
+                    Some(s) => CudaBuf::Bf16(Arc::new(s)),
+                    None => self.empty(),
+                }
+            }
+            (Weight::F32(v), false) => self.upload(v),
+            (Weight::Bf16(v), false) => {
+                self.upload(&v.iter().map(|x| x.to_f32()).collect::<Vec<_>>())
+            }
+        }
+    }
+
+    fn random_weight(&self, shape: &[usize], amp: f32, seed: u64) -> Option<CudaBuf> {
+        if self.errored() {
+            return Some(self.empty());
+        }
+        let n: usize = shape.iter().product();
+        // SAFETY: the fill kernel writes all n elements.
+        let mut y = match unsafe { self.stream.alloc::<bf16>(n) } {
+            Ok(s) => s,
+            Err(e) => {
+                let free = self.memory().map(|m| m.0).unwrap_or(0);
+                self.record(DeviceError::OutOfMemory {
+                    what: format!("a random weight {shape:?} ({e})"),
+                    bytes: n * 2,
+                    free,
+                });
+                return Some(self.empty());
+            }
+        };
+        let total = n as i64;
+        launch!(
+            self,
+            "fill_uniform_bf16",
+            grid(n),
+            &mut y,
+            &total,
+            &seed,
+            &amp
+        );
+        Some(CudaBuf::Bf16(Arc::new(y)))
+    }
+
+    fn take_error(&self) -> Option<DeviceError> {
+        lock(&self.error).take()
+    }
+
+    fn linear(&self, x: &CudaBuf, m: usize, w: &CudaBuf, n: usize, k: usize) -> CudaBuf {
+        if self.errored() {
+            return self.empty();
+        }
+        let Some(xs) = self.f32_of(x, "linear") else {
+            return self.empty();
+        };
+        if xs.len() != m * k || self.len(w) != n * k {
+            self.record(failed(
+                "linear",
+                format!(
+                    "shapes: x has {} elements for [{m}, {k}], w {} for [{n}, {k}]",
+                    xs.len(),
+                    self.len(w)
+                ),
+            ));
+            return self.empty();
+        }
+        if m == 0 || n == 0 {
+            return self.empty();
+        }
+        let y = match w {
+            CudaBuf::Bf16(ws) => self.gemm_bf16(xs, m, ws, n, k),
+            CudaBuf::F32(ws) => {
+                let mut y = match self.alloc_f32(m * n, "linear output") {
+                    Some(y) => y,
+                    None => return self.empty(),
+                };
+                self.sgemm_batched(true, (n, m, k), ws, (k, 0), xs, (k, 0), &mut y, (n, 0), 1);
+                Some(y)
+            }
+            CudaBuf::Paged(..) => {
+                self.record(failed("linear", "a cache is not a weight"));
+                None
+            }
+        };
+        y.map_or_else(|| self.empty(), |y| CudaBuf::F32(Arc::new(y)))
+    }
+
+    fn add_bias(&self, x: &mut CudaBuf, bias: &CudaBuf) {
+        if self.errored() {
+            return;
+        }
+        let n = self.len(bias);
+        let (CudaBuf::F32(xs), CudaBuf::F32(bs)) = (x, bias) else {
+            return self.record(failed("add_bias", "expected f32 buffers"));
+        };
+        if n == 0 || xs.len() % n != 0 {
+            return self.record(failed("add_bias", "bias length does not divide the rows"));
+        }
+        let xs = Arc::make_mut(xs);
+        let (len, total, n) = (xs.len(), xs.len() as i64, n as i32);
+        launch!(self, "add_bias", grid(len), xs, bs.as_ref(), &total, &n);
+    }
+
+    fn add(&self, x: &mut CudaBuf, y: &CudaBuf) {
+        self.add_scaled(x, y, 1.0);
+    }
+
+    fn add_scaled(&self, x: &mut CudaBuf, y: &CudaBuf, s: f32) {
+        if self.errored() {
+            return;
+        }
+        let (CudaBuf::F32(xs), CudaBuf::F32(ys)) = (x, y) else {
+            return self.record(failed("add", "expected f32 buffers"));
+        };
+        if xs.len() != ys.len() {
+            return self.record(failed("add", "lengths differ"));
+        }
+        let xs = Arc::make_mut(xs);
+        let (len, n) = (xs.len(), xs.len() as i64);
+        launch!(self, "axpy", grid(len), xs, ys.as_ref(), &n, &s);
+    }
+
+    fn rms_norm(&self, x: &CudaBuf, w: &CudaBuf, eps: f32) -> CudaBuf {
+        if self.errored() {
+            return self.empty();
+        }
+        let (CudaBuf::F32(xs), CudaBuf::F32(ws)) = (x, w) else {
+            self.record(failed("rms_norm", "expected f32 buffers"));
+            return self.empty();
+        };
+        let d = ws.len();
+        if d == 0 || xs.len() % d != 0 {
+            self.record(failed("rms_norm", "weight length does not divide the rows"));
+            return self.empty();
+        }
+        let Some(mut y) = self.alloc_f32(xs.len(), "rms_norm") else {
+            return self.empty();
+        };
+        let rows = xs.len() / d;
+        if rows > 0 {
+            let di = d as i32;
+            launch!(
+                self,
+                "rms_norm",
+                per_row(rows, 256),
+                xs.as_ref(),
+                ws.as_ref(),
+                &mut y,
+                &di,
+                &eps
+            );
+        }
+        CudaBuf::F32(Arc::new(y))
+    }
+
+    fn silu_mul(&self, gate: &CudaBuf, up: &CudaBuf) -> CudaBuf {
+        if self.errored() {
+            return self.empty();
+        }
+        let (CudaBuf::F32(g), CudaBuf::F32(u)) = (gate, up) else {
+            self.record(failed("silu_mul", "expected f32 buffers"));
+            return self.empty();
+        };
+        if g.len() != u.len() {
+            self.record(failed("silu_mul", "lengths differ"));
+            return self.empty();
+        }
+        let Some(mut y) = self.alloc_f32(g.len(), "silu_mul") else {
+            return self.empty();
+        };
+        let n = g.len() as i64;
+        if n > 0 {
+            launch!(
+                self,
+                "silu_mul",
+                grid(g.len()),
+                g.as_ref(),
+                u.as_ref(),
+                &mut y,
+                &n
+            );
+        }
+        CudaBuf::F32(Arc::new(y))
+    }
+
+    fn gather_rows(&self, table: &CudaBuf, d: usize, ids: &[u32]) -> CudaBuf {
+        if self.errored() {
+            return self.empty();
+        }
+        let rows = self.len(table).checked_div(d).unwrap_or(0);
+        if let Some(bad) = ids.iter().find(|i| **i as usize >= rows) {
+            self.record(failed("gather_rows", format!("row {bad} of {rows}")));
+            return self.empty();
+        }
+        let Some(mut y) = self.alloc_f32(ids.len() * d, "gather_rows") else {
+            return self.empty();
+        };
+        if ids.is_empty() {
+            return CudaBuf::F32(Arc::new(y));
+        }
+        let Some(idx) = self.htod(ids, "row ids") else {
+            return self.empty();
+        };
+        let di = d as i32;
+        match table {
+            CudaBuf::F32(t) => launch!(
+                self,
+                "gather_rows_f32",
+                per_row(ids.len(), 256),
+                t.as_ref(),
+                &idx,
+                &mut y,
+                &di
+            ),
+            CudaBuf::Bf16(t) => launch!(
+                self,
+                "gather_rows_bf16",
+                per_row(ids.len(), 256),
+                t.as_ref(),
+                &idx,
+                &mut y,
+                &di
+            ),
+            CudaBuf::Paged(..) => {
+                self.record(failed("gather_rows", "not from a cache"));
+                return self.empty();
+            }
+        }
+        CudaBuf::F32(Arc::new(y))
+    }
+
+    fn slice_cols(&self, x: &CudaBuf, cols: usize, from: usize, width: usize) -> CudaBuf {
+        if self.errored() {
+            return self.empty();
+        }
+        let Some(xs) = self.f32_of(x, "slice_cols") else {
+            return self.empty();
+        };
+        if cols == 0 || xs.len() % cols != 0 || from + width > cols {
+            self.record(failed("slice_cols", "columns out of range"));
+            return self.empty();
+        }
+        let rows = xs.len() / cols;
+        let Some(mut y) = self.alloc_f32(rows * width, "slice_cols") else {
+            return self.empty();
+        };
+        if rows * width > 0 {
+            let (xc, xf, yc, yf, w, r) = (
+                cols as i32,
+                from as i32,
+                width as i32,
+                0i32,
+                width as i32,
+                rows as i64,
+            );
+            launch!(
+                self,
+                "copy_cols",
+                grid(rows * width),
+                xs,
+                &xc,
+                &xf,
+                &mut y,
+                &yc,
+                &yf,
+                &w,
+                &r
+            );
+        }
+        CudaBuf::F32(Arc::new(y))
+    }
+
+    fn concat_cols(&self, a: &CudaBuf, ca: usize, b2: &CudaBuf, cb: usize) -> CudaBuf {
+        if self.errored() {
+            return self.empty();
+        }
+        let (Some(a), Some(bb)) = (
+            self.f32_of(a, "concat_cols"),
+            self.f32_of(b2, "concat_cols"),
+        ) else {
+            return self.empty();
+        };
+        if ca == 0 || cb == 0 || a.len() % ca != 0 || a.len() / ca != bb.len() / cb {
+            self.record(failed("concat_cols", "row counts differ"));
+            return self.empty();
+        }
+        let rows = a.len() / ca;
+        let Some(mut y) = self.alloc_f32(rows * (ca + cb), "concat_cols") else {
+            return self.empty();
+        };
+        if rows > 0 {
+            let yc = (ca + cb) as i32;
+            let r = rows as i64;
+            for (src, c, at) in [(a, ca, 0usize), (bb, cb, ca)] {
+                let (xc, xf, yf, w) = (c as i32, 0i32, at as i32, c as i32);
+                launch!(
+                    self,
+                    "copy_cols",
+                    grid(rows * c),
+                    src,
+                    &xc,
+                    &xf,
+                    &mut y,
+                    &yc,
+                    &yf,
+                    &w,
+                    &r
+                );
+            }
+        }
+        CudaBuf::F32(Arc::new(y))
+    }
+
+    fn add_rows_scaled(
+        &self,
+        dst: &mut CudaBuf,
+        d: usize,
+        src: &CudaBuf,
+        rows: &[usize],
+        weights: &[f32],
+    ) {
+        if self.errored() || rows.is_empty() {
+            return;
+        }
+        let (CudaBuf::F32(ds), CudaBuf::F32(ss)) = (dst, src) else {
+            return self.record(failed("add_rows_scaled", "expected f32 buffers"));
+        };
+        let n_dst = ds.len().checked_div(d).unwrap_or(0);
+        if ss.len() != rows.len() * d
+            || weights.len() != rows.len()
+            || rows.iter().any(|r| *r >= n_dst)
+        {
+            return self.record(failed("add_rows_scaled", "rows out of range"));
+        }
+        let ids: Vec<u32> = rows.iter().map(|r| *r as u32).collect();
+        let (Some(idx), Some(w)) = (self.htod(&ids, "rows"), self.htod(weights, "weights")) else {
+            return;
+        };
+        let ds = Arc::make_mut(ds);
+        let di = d as i32;
+        launch!(
+            self,
+            "add_rows_scaled",
+            per_row(rows.len(), 256),
+            ds,
+            &di,
+            ss.as_ref(),
+            &idx,
+            &w
+        );
+    }
+
+    fn mla_expand(
+        &self,
+        kv: &CudaBuf,
+        k_pe: &CudaBuf,
+        t: usize,
+        h: usize,
+        nope: usize,
+        dv: usize,
+        rope: usize,
+    ) -> (CudaBuf, CudaBuf) {
+        if self.errored() {
+            return (self.empty(), self.empty());
+        }
+        let (Some(kv), Some(pe)) = (
+            self.f32_of(kv, "mla_expand"),
+            self.f32_of(k_pe, "mla_expand"),
+        ) else {
+            return (self.empty(), self.empty());
+        };
+        if kv.len() != t * h * (nope + dv) || pe.len() != t * rope {
+            self.record(failed("mla_expand", "shapes"));
+            return (self.empty(), self.empty());
+        }
+        let (Some(mut k), Some(mut v)) = (
+            self.alloc_f32(t * h * (nope + rope), "mla keys"),
+            self.alloc_f32(t * h * dv, "mla values"),
+        ) else {
+            return (self.empty(), self.empty());
+        };
+        if t > 0 {
+            let (hh, n, d, r) = (h as i32, nope as i32, dv as i32, rope as i32);
+            launch!(
+                self,
+                "mla_expand",
+                per_row(t * h, 128),
+                kv,
+                pe,
+                &mut k,
+                &mut v,
+                &hh,
+                &n,
+                &d,
+                &r
+            );
+        }
+        (CudaBuf::F32(Arc::new(k)), CudaBuf::F32(Arc::new(v)))
+    }
+
+    fn slice_rows(&self, x: &CudaBuf, cols: usize, from: usize, count: usize) -> CudaBuf {
+        if self.errored() {
+            return self.empty();
+        }
+        match x {
+            CudaBuf::Paged(p, c) => {
+                if from != 0 || count > p.rows() || *c != cols {
+                    self.record(failed("slice_rows", "a cache slice must be a prefix"));
+                    return self.empty();
+                }
+                CudaBuf::Paged(p.prefix(count), *c)
+            }
+            CudaBuf::F32(s) => {
+                if (from + count) * cols > s.len() {
+                    self.record(failed("slice_rows", "rows out of range"));
+                    return self.empty();
+                }
+                let Some(mut y) = self.alloc_f32(count * cols, "slice_rows") else {
+                    return self.empty();
+                };
+                if count * cols > 0 {
+                    let view = s.slice(from * cols..(from + count) * cols);
+                    let r = self.stream.memcpy_dtod(&view, &mut y);
+                    self.check("slice_rows", r);
+                }
+                CudaBuf::F32(Arc::new(y))
+            }
+            CudaBuf::Bf16(_) => {
+                self.record(failed("slice_rows", "weights are not sliced"));
+                self.empty()
+            }
+        }
+    }
+
+    fn concat_rows(&self, parts: &[CudaBuf]) -> CudaBuf {
+        if self.errored() {
+            return self.empty();
+        }
+        if parts.len() == 1 {
+            return parts[0].clone();
+        }
+        let total: usize = parts.iter().map(|p| self.len(p)).sum();
+        let Some(mut y) = self.alloc_f32(total, "concat_rows") else {
+            return self.empty();
+        };
+        let mut at = 0;
+        for p in parts {
+            let Some(s) = self.f32_of(p, "concat_rows") else {
+                return self.empty();
+            };
+            if !s.is_empty() {
+                let mut dst = y.slice_mut(at..at + s.len());
+                let r = self.stream.memcpy_dtod(s, &mut dst);
+                self.check("concat_rows", r);
+            }
+            at += s.len();
+        }
+        CudaBuf::F32(Arc::new(y))
+    }
+
+    fn head_linear(
+        &self,
+        x: &CudaBuf,
+        t: usize,
+        h: usize,
+        w: &CudaBuf,
+        rows: usize,
+        cols: usize,
+        transposed: bool,
+    ) -> CudaBuf {
+        if self.errored() {
+            return self.empty();
+        }
+        let (Some(xs), Some(ws)) = (self.f32_of(x, "head_linear"), self.f32_of(w, "head_linear"))
+        else {
+            return self.empty();
+        };
+        let (inp, out) = if transposed {
+            (cols, rows)
+        } else {
+            (rows, cols)
+        };
+        if xs.len() != t * h * inp || ws.len() != h * rows * cols {
+            self.record(failed("head_linear", "shapes"));
+            return self.empty();
+        }
+        let Some(mut y) = self.alloc_f32(t * h * out, "head_linear") else {
+            return self.empty();
+        };
+        if t == 0 {
+            return CudaBuf::F32(Arc::new(y));
+        }
+        // Per head i (column-major): yᵢᵀ[out, t] = op(wᵢ)[out, inp] · xᵢᵀ[inp, t], with
+        // wᵢ row-major [rows, cols] seen as column-major [cols, rows] (ld = cols).
+        self.sgemm_batched(
+            transposed,
+            (out, t, inp),
+            ws,
+            (cols, rows * cols),
+            xs,
+            (h * inp, inp),
+            &mut y,
+            (h * out, out),
+            h,
+        );
+        CudaBuf::F32(Arc::new(y))
+    }
+
+    fn append_rows(&self, cache: &mut CudaBuf, rows: &CudaBuf, cols: usize) {
+        if self.errored() {
+            return;
+        }
+        let Some(src) = self.f32_of(rows, "append_rows") else {
+            return;
+        };
+        if cols == 0 || src.len() % cols != 0 {
+            return self.record(failed("append_rows", "rows are not whole"));
+        }
+        let n = src.len() / cols;
+        if let CudaBuf::F32(s) = cache {
+            if !s.is_empty() {
+                return self.record(failed("append_rows", "not a cache"));
+            }
+            let Some(pool) = self.pool(cols) else { return };
+            *cache = CudaBuf::Paged(PagedRows::new(pool), cols);
+        }
+        let CudaBuf::Paged(p, c) = cache else {
+            return self.record(failed("append_rows", "not a cache"));
+        };
+        if *c != cols {
+            return self.record(failed("append_rows", "row width changed"));
+        }
+        let (copies, addrs) = match p.grow(n) {
+            Ok(x) => x,
+            Err(AllocError::Full(f)) => return self.record(DeviceError::CacheFull(f)),
+            Err(AllocError::Device { bytes, message }) => {
+                let free = self.memory().map(|m| m.0).unwrap_or(0);
+                return self.record(DeviceError::OutOfMemory {
+                    what: format!("a KV cache chunk ({message})"),
+                    bytes,
+                    free,
+                });
+            }
+        };
+        let row_bytes = cols * 2;
+        for cp in copies {
+            // SAFETY: both addresses are blocks of this pool, each `block_rows` rows of
+            // `row_bytes` bytes, and `cp.rows` is at most `block_rows`.
+            let r = unsafe {
+                cudarc::driver::result::memcpy_dtod_async(
+                    cp.to,
+                    cp.from,
+                    cp.rows * row_bytes,
+                    self.stream.cu_stream(),
+                )
+            };
+            self.check("cache copy-on-write", r);
+        }
+        if n == 0 {
+            return;
+        }
+        let Some(dst) = self.htod(&addrs, "row addresses") else {
+            return;
+        };
+        let ci = cols as i32;
+        launch!(self, "paged_write", per_row(n, 128), src, &dst, &ci);
+    }
+
+    fn rope(
+        &self,
+        x: &mut CudaBuf,
+        heads: usize,
+        head_dim: usize,
+        offset: usize,
+        rot_dim: usize,
+        positions: &[usize],
+        cos: &CudaBuf,
+        sin: &CudaBuf,
+        layout: RopeLayout,
+    ) {
+        if self.errored() {
+            return;
+        }
+        let (CudaBuf::F32(xs), CudaBuf::F32(c), CudaBuf::F32(s)) = (x, cos, sin) else {
+            return self.record(failed("rope", "expected f32 buffers"));
+        };
+        let half = rot_dim / 2;
+        let max_pos = c.len().checked_div(half).unwrap_or(0);
+        if xs.len() != positions.len() * heads * head_dim
+            || offset + rot_dim > head_dim
+            || positions.iter().any(|p| *p >= max_pos)
+        {
+            return self.record(failed("rope", "shapes or positions out of range"));
+        }
+        if positions.is_empty() || half == 0 {
+            return;
+        }
+        let pos: Vec<u32> = positions.iter().map(|p| *p as u32).collect();
+        let Some(pos) = self.htod(&pos, "positions") else {
+            return;
+        };
+        let xs = Arc::make_mut(xs);
+        let (hh, hd, off, rot, il) = (
+            heads as i32,
+            head_dim as i32,
+            offset as i32,
+            rot_dim as i32,
+            i32::from(layout == RopeLayout::Interleaved),
+        );
+        let threads = (half.div_ceil(32) * 32).min(256) as u32;
+        launch!(
+            self,
+            "rope",
+            per_row(positions.len() * heads, threads),
+            xs,
+            &pos,
+            c.as_ref(),
+            s.as_ref(),
+            &hh,
+            &hd,
+            &off,
+            &rot,
+            &il
+        );
+    }
+
+    fn attention(
+        &self,
+        q: &CudaBuf,
+        k: &CudaBuf,
+        v: &CudaBuf,
+        t: usize,
+        h: usize,
+        hk: usize,
+        dk: usize,
+        dv: usize,
+        scale: f32,
+    ) -> CudaBuf {
+        if self.errored() {
+            return self.empty();
+        }
+        let Some(qs) = self.f32_of(q, "attention") else {
+            return self.empty();
+        };
+        let (CudaBuf::Paged(kp, kc), CudaBuf::Paged(vp, vc)) = (k, v) else {
+            self.record(failed("attention", "keys and values must be a cache"));
+            return self.empty();
+        };
+        let total = kp.rows();
+        if dv > MAX_DV
+            || hk == 0
+            || !h.is_multiple_of(hk)
+            || *kc != hk * dk
+            || *vc != hk * dv
+            || vp.rows() != total
+            || t > total
+            || qs.len() != t * h * dk
+        {
+            self.record(failed(
+                "attention",
+                format!("shapes (t {t}, T {total}, h {h}, hk {hk}, dk {dk}, dv {dv} ≤ {MAX_DV})"),
+            ));
+            return self.empty();
+        }
+        let Some(mut out) = self.alloc_f32(t * h * dv, "attention output") else {
+            return self.empty();
+        };
+        if t == 0 {
+            return CudaBuf::F32(Arc::new(out));
+        }
+        let (Some(kt), Some(vt)) = (
+            self.htod(&kp.table(), "key table"),
+            self.htod(&vp.table(), "value table"),
+        ) else {
+            return self.empty();
+        };
+        const WARPS: usize = 4;
+        let cfg = LaunchConfig {
+            grid_dim: ((t * h) as u32, 1, 1),
+            block_dim: ((WARPS * 32) as u32, 1, 1),
+            shared_mem_bytes: ((dk + 2 * WARPS + WARPS * dv) * 4) as u32,
+        };
+        let (ti, tt, hh, hki, dki, dvi, br) = (
+            t as i32,
+            total as i32,
+            h as i32,
+            hk as i32,
+            dk as i32,
+            dv as i32,
+            kp.pool().block_rows() as i32,
+        );
+        launch!(
+            self,
+            "attention_paged",
+            cfg,
+            qs,
+            &kt,
+            &vt,
+            &mut out,
+            &ti,
+            &tt,
+            &hh,
+            &hki,
+            &dki,
+            &dvi,
+            &scale,
+            &br
+        );
+        CudaBuf::F32(Arc::new(out))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The kernels compile with NVRTC for the architectures we serve on. Needs NVRTC and
+    /// the CUDA headers only (no GPU): CI installs both from PyPI and sets
+    /// `CLOUD_CORE_REQUIRE_NVRTC=1`, which turns the skip into a failure.
+    #[test]
+    fn kernels_compile_with_nvrtc() {
+        let required = std::env::var("CLOUD_CORE_REQUIRE_NVRTC").is_ok_and(|v| v == "1");
+        // SAFETY: only tries to open the library.
+        let nvrtc = unsafe { cudarc::nvrtc::sys::is_culib_present() };
+        let header = std::path::Path::new(&include_path()).join("cuda_bf16.h");
+        let missing = if !nvrtc {
+            Some("no NVRTC library (libnvrtc) on the library path".to_string())
+        } else if !header.exists() {
+            Some(format!("no {}", header.display()))
+        } else {
+            None
+        };
+        if let Some(why) = missing {
+            assert!(!required, "CLOUD_CORE_REQUIRE_NVRTC=1 but {why}");
+            eprintln!("skipped: {why}");
+            return;
+        }
+        for arch in ["sm_80", "sm_90"] {
+            let ptx = compile(arch).unwrap_or_else(|e| panic!("{e}"));
+            let src = ptx.to_src();
+            for k in KERNEL_NAMES {
+                assert!(
+                    src.contains(&format!(".entry {k}(")),
+                    "{arch}: kernel {k} missing from the PTX"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn without_a_gpu_the_backend_says_why_instead_of_panicking() {
+        match unavailable() {
+            Some(why) => {
+                let err = Cuda::new(CudaOptions::default())
+                    .err()
+                    .map(|e| e.to_string());
+                assert!(
+                    err.as_deref().is_some_and(|e| e.contains(&why)),
+                    "{err:?} does not say {why:?}"
+                );
+            }
+            None => eprintln!("a GPU is present: the start-up refusal is not exercised here"),
+        }
+    }
+}

@@ -1,0 +1,238 @@
+// The CUDA backend's kernels, compiled at run time by NVRTC (no nvcc at build time).
+// Activations are f32 row-major matrices; weight matrices are bf16; the paged KV cache
+// is bf16, addressed through tables of block addresses.
+
+#include <cuda_bf16.h>
+
+typedef unsigned long long u64;
+typedef __nv_bfloat16 bf16;
+
+#define WARP 32
+#define NEG_INF (-__int_as_float(0x7f800000))
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// Sum over the block (blockDim.x a multiple of 32, at most 1024). Call once per kernel.
+__device__ float block_sum(float v) {
+    __shared__ float part[32];
+    v = warp_sum(v);
+    int w = threadIdx.x / WARP, l = threadIdx.x % WARP;
+    if (l == 0) part[w] = v;
+    __syncthreads();
+    int nw = (blockDim.x + WARP - 1) / WARP;
+    if (w == 0) {
+        v = l < nw ? part[l] : 0.f;
+        v = warp_sum(v);
+        if (l == 0) part[0] = v;
+    }
+    __syncthreads();
+    return part[0];
+}
+
+extern "C" __global__ void f32_to_bf16(const float* __restrict__ x, bf16* __restrict__ y, long n) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
+        y[i] = __float2bfloat16(x[i]);
+}
+
+extern "C" __global__ void bf16_to_f32(const bf16* __restrict__ x, float* __restrict__ y, long n) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
+        y[i] = __bfloat162float(x[i]);
+}
+
+// Uniform in [-amp, amp] from a counter-based hash (splitmix64): random weights made in
+// device memory, for benchmarks of shapes whose checkpoints are not at hand.
+extern "C" __global__ void fill_uniform_bf16(bf16* __restrict__ y, long n, u64 seed, float amp) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
+        u64 z = seed + (u64)i * 0x9E3779B97F4A7C15ull;
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+        z ^= z >> 31;
+        float u = (float)(z >> 40) * (1.0f / 16777216.0f);
+        y[i] = __float2bfloat16((u * 2.f - 1.f) * amp);
+    }
+}
+
+// x += s * y
+extern "C" __global__ void axpy(float* __restrict__ x, const float* __restrict__ y, long n, float s) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
+        x[i] += s * y[i];
+}
+
+// x[r, :] += b
+extern "C" __global__ void add_bias(float* __restrict__ x, const float* __restrict__ b, long total, int n) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < total; i += (long)gridDim.x * blockDim.x)
+        x[i] += b[i % n];
+}
+
+// One block per row.
+extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __restrict__ w,
+                                    float* __restrict__ y, int d, float eps) {
+    const float* xr = x + (long)blockIdx.x * d;
+    float* yr = y + (long)blockIdx.x * d;
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) ss += xr[i] * xr[i];
+    ss = block_sum(ss);
+    float inv = rsqrtf(ss / d + eps);
+    for (int i = threadIdx.x; i < d; i += blockDim.x) yr[i] = xr[i] * inv * w[i];
+}
+
+extern "C" __global__ void silu_mul(const float* __restrict__ g, const float* __restrict__ u,
+                                    float* __restrict__ y, long n) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
+        float a = g[i];
+        y[i] = a / (1.f + __expf(-a)) * u[i];
+    }
+}
+
+// One block per output row.
+extern "C" __global__ void gather_rows_f32(const float* __restrict__ t, const unsigned* __restrict__ ids,
+                                           float* __restrict__ y, int d) {
+    const float* src = t + (long)ids[blockIdx.x] * d;
+    float* dst = y + (long)blockIdx.x * d;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) dst[i] = src[i];
+}
+
+extern "C" __global__ void gather_rows_bf16(const bf16* __restrict__ t, const unsigned* __restrict__ ids,
+                                            float* __restrict__ y, int d) {
+    const bf16* src = t + (long)ids[blockIdx.x] * d;
+    float* dst = y + (long)blockIdx.x * d;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) dst[i] = __bfloat162float(src[i]);
+}
+
+// y[r, yfrom + j] = x[r, xfrom + j] for j < width (slices and concatenations of columns).
+extern "C" __global__ void copy_cols(const float* __restrict__ x, int xcols, int xfrom,
+                                     float* __restrict__ y, int ycols, int yfrom, int width, long rows) {
+    long n = rows * width;
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
+        long r = i / width;
+        int j = (int)(i % width);
+        y[r * ycols + yfrom + j] = x[r * xcols + xfrom + j];
+    }
+}
+
+// dst[rows[i], :] += w[i] * src[i, :], one block per source row (rows are distinct).
+extern "C" __global__ void add_rows_scaled(float* __restrict__ dst, int d, const float* __restrict__ src,
+                                           const unsigned* __restrict__ rows, const float* __restrict__ w) {
+    float* o = dst + (long)rows[blockIdx.x] * d;
+    const float* s = src + (long)blockIdx.x * d;
+    float wi = w[blockIdx.x];
+    for (int i = threadIdx.x; i < d; i += blockDim.x) o[i] += wi * s[i];
+}
+
+// MLA, expanded: k[t, h, nope + rope] and v[t, h, dv] from kv[t, h, nope + dv] and k_pe[t, rope].
+extern "C" __global__ void mla_expand(const float* __restrict__ kv, const float* __restrict__ kpe,
+                                      float* __restrict__ k, float* __restrict__ v,
+                                      int h, int nope, int dv, int rope) {
+    int i = blockIdx.x / h, head = blockIdx.x % h;
+    const float* src = kv + ((long)i * h + head) * (nope + dv);
+    float* kd = k + ((long)i * h + head) * (nope + rope);
+    float* vd = v + ((long)i * h + head) * dv;
+    for (int j = threadIdx.x; j < nope; j += blockDim.x) kd[j] = src[j];
+    for (int j = threadIdx.x; j < rope; j += blockDim.x) kd[nope + j] = kpe[(long)i * rope + j];
+    for (int j = threadIdx.x; j < dv; j += blockDim.x) vd[j] = src[nope + j];
+}
+
+// Rotary embedding in place; one block per (row, head), one thread per rotated pair.
+extern "C" __global__ void rope(float* __restrict__ x, const unsigned* __restrict__ pos,
+                                const float* __restrict__ cos_t, const float* __restrict__ sin_t,
+                                int heads, int head_dim, int offset, int rot, int interleaved) {
+    int row = blockIdx.x / heads, head = blockIdx.x % heads;
+    int half = rot / 2;
+    float* v = x + ((long)row * heads + head) * head_dim + offset;
+    const float* c = cos_t + (long)pos[row] * half;
+    const float* s = sin_t + (long)pos[row] * half;
+    for (int i = threadIdx.x; i < half; i += blockDim.x) {
+        int a = interleaved ? 2 * i : i;
+        int b = interleaved ? 2 * i + 1 : i + half;
+        float x0 = v[a], x1 = v[b];
+        v[a] = x0 * c[i] - x1 * s[i];
+        v[b] = x1 * c[i] + x0 * s[i];
+    }
+}
+
+// Writes rows[n, cols] (f32) as bf16 to the cache rows at the given addresses.
+extern "C" __global__ void paged_write(const float* __restrict__ rows, const u64* __restrict__ dst, int cols) {
+    bf16* d = (bf16*)dst[blockIdx.x];
+    const float* s = rows + (long)blockIdx.x * cols;
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) d[i] = __float2bfloat16(s[i]);
+}
+
+// Reads `count` cache rows starting at `from` back as f32 (downloads, tests).
+extern "C" __global__ void paged_read(const u64* __restrict__ table, int block_rows, int cols, int from,
+                                      float* __restrict__ out) {
+    int p = from + blockIdx.x;
+    const bf16* s = (const bf16*)table[p / block_rows] + (long)(p % block_rows) * cols;
+    float* o = out + (long)blockIdx.x * cols;
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) o[i] = __bfloat162float(s[i]);
+}
+
+#define ATT_WARPS 4
+#define MAX_DV 512
+
+// Causal attention over a paged cache, one block (ATT_WARPS warps) per (query row, head).
+// q[t, h, dk] (f32); keys [T, hk, dk] and values [T, hk, dv] (bf16) in blocks of
+// `block_rows` rows; query row r is position T - t + r and sees positions 0..=it. Each
+// warp keeps an online softmax over every ATT_WARPS-th position; the warps merge at the end.
+extern "C" __global__ void attention_paged(const float* __restrict__ q, const u64* __restrict__ ktab,
+                                           const u64* __restrict__ vtab, float* __restrict__ out,
+                                           int t, int T, int h, int hk, int dk, int dv, float scale,
+                                           int block_rows) {
+    extern __shared__ float sm[];
+    float* qs = sm;                  // dk
+    float* wm = qs + dk;             // ATT_WARPS
+    float* ws = wm + ATT_WARPS;      // ATT_WARPS
+    float* wacc = ws + ATT_WARPS;    // ATT_WARPS * dv
+    int row = blockIdx.x / h, head = blockIdx.x % h;
+    int kvh = head / (h / hk);
+    int last = T - t + row;
+    const float* qr = q + ((long)row * h + head) * dk;
+    for (int i = threadIdx.x; i < dk; i += blockDim.x) qs[i] = qr[i] * scale;
+    __syncthreads();
+    int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
+    float m = NEG_INF, s = 0.f;
+    float acc[MAX_DV / WARP];
+#pragma unroll
+    for (int j = 0; j < MAX_DV / WARP; j++) acc[j] = 0.f;
+    long kcols = (long)hk * dk, vcols = (long)hk * dv;
+    for (int p = warp; p <= last; p += ATT_WARPS) {
+        const bf16* kr = (const bf16*)ktab[p / block_rows] + (long)(p % block_rows) * kcols + (long)kvh * dk;
+        float dot = 0.f;
+        for (int i = lane; i < dk; i += WARP) dot += qs[i] * __bfloat162float(kr[i]);
+        dot = warp_sum(dot);
+        float mn = fmaxf(m, dot);
+        float c = __expf(m - mn);
+        float e = __expf(dot - mn);
+        s = s * c + e;
+        const bf16* vr = (const bf16*)vtab[p / block_rows] + (long)(p % block_rows) * vcols + (long)kvh * dv;
+#pragma unroll
+        for (int j = 0; j < MAX_DV / WARP; j++) {
+            int i = lane + WARP * j;
+            if (i < dv) acc[j] = acc[j] * c + e * __bfloat162float(vr[i]);
+        }
+        m = mn;
+    }
+    if (lane == 0) {
+        wm[warp] = m;
+        ws[warp] = s;
+    }
+#pragma unroll
+    for (int j = 0; j < MAX_DV / WARP; j++) {
+        int i = lane + WARP * j;
+        if (i < dv) wacc[warp * dv + i] = acc[j];
+    }
+    __syncthreads();
+    float M = NEG_INF;
+    for (int w = 0; w < ATT_WARPS; w++) M = fmaxf(M, wm[w]);
+    float S = 0.f;
+    for (int w = 0; w < ATT_WARPS; w++) S += ws[w] * __expf(wm[w] - M);
+    float* o = out + ((long)row * h + head) * dv;
+    for (int i = threadIdx.x; i < dv; i += blockDim.x) {
+        float a = 0.f;
+        for (int w = 0; w < ATT_WARPS; w++) a += wacc[w * dv + i] * __expf(wm[w] - M);
+        o[i] = a / S;
+    }
+}

@@ -1,0 +1,528 @@
+//! The paged KV cache's bookkeeping, independent of where the memory lives.
+//!
+//! Memory comes in *chunks* (one device allocation each, never returned while the pool
+//! lives) cut into fixed-size *blocks* of `block_rows` cache rows. A sequence's cache of
+//! one layer is a [`PagedRows`]: a table of blocks plus a row count. Blocks are
+//! reference-counted ([`BlockRef`]): a prefix of one cache is another cache sharing the
+//! same blocks, so a shared system prompt is stored once, and a block goes back to its
+//! pool's free list when the last cache holding it drops it. Every block has the same
+//! size, so freeing never fragments; a pool grows a chunk at a time until the byte budget
+//! shared by all pools is spent, and then refuses with [`CacheFull`].
+//!
+//! Appending to a block that another cache also holds copies it first (copy-on-write of
+//! the last, partly filled block), so sharing never lets one sequence see another's rows.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// The pools' shared byte budget was spent.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "the KV cache is full: {needed} more blocks of {block_rows} positions were wanted and \
+     its budget of {limit_bytes} bytes is spent ({used_bytes} bytes in use)"
+)]
+pub struct CacheFull {
+    /// Blocks the append wanted.
+    pub needed: usize,
+    /// Positions per block.
+    pub block_rows: usize,
+    /// The budget.
+    pub limit_bytes: usize,
+    /// Bytes held by all pools.
+    pub used_bytes: usize,
+}
+
+/// A byte budget shared by every pool of one device.
+#[derive(Debug)]
+pub struct Budget {
+    limit: usize,
+    used: AtomicUsize,
+}
+
+impl Budget {
+    /// A budget of `limit` bytes.
+    pub fn new(limit: usize) -> Arc<Budget> {
+        Arc::new(Budget {
+            limit,
+            used: AtomicUsize::new(0),
+        })
+    }
+
+    /// The limit.
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    /// Bytes taken by chunks so far.
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    fn take(&self, bytes: usize) -> bool {
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
+                u.checked_add(bytes).filter(|n| *n <= self.limit)
+            })
+            .is_ok()
+    }
+
+    fn give_back(&self, bytes: usize) {
+        self.used.fetch_sub(bytes, Ordering::AcqRel);
+    }
+}
+
+/// Where chunks come from: the device allocator (or host memory in tests).
+pub trait ChunkSource: Send + Sync {
+    /// What keeps a chunk alive.
+    type Chunk: Send;
+    /// Allocates `bytes`; returns the chunk and its base address.
+    fn alloc(&self, bytes: usize) -> Result<(Self::Chunk, u64), String>;
+}
+
+struct PoolState<C> {
+    free: Vec<u64>,
+    chunks: Vec<C>,
+}
+
+/// Fixed-size blocks of cache rows of one width.
+pub struct BlockPool<S: ChunkSource> {
+    source: S,
+    budget: Arc<Budget>,
+    block_rows: usize,
+    block_bytes: usize,
+    blocks_per_chunk: usize,
+    state: Mutex<PoolState<S::Chunk>>,
+}
+
+/// Why a block could not be had.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum AllocError {
+    /// The budget is spent.
+    #[error(transparent)]
+    Full(#[from] CacheFull),
+    /// The allocator failed (out of device memory below the budget, or a device error).
+    #[error("allocating a KV cache chunk of {bytes} bytes: {message}")]
+    Device {
+        /// Bytes asked for.
+        bytes: usize,
+        /// The allocator's error.
+        message: String,
+    },
+}
+
+impl<S: ChunkSource> BlockPool<S> {
+    /// A pool of blocks of `block_rows` rows of `row_bytes` bytes, `blocks_per_chunk`
+    /// blocks per allocation, drawing on `budget`.
+    pub fn new(
+        source: S,
+        budget: Arc<Budget>,
+        block_rows: usize,
+        row_bytes: usize,
+        blocks_per_chunk: usize,
+    ) -> Arc<BlockPool<S>> {
+        Arc::new(BlockPool {
+            source,
+            budget,
+            block_rows: block_rows.max(1),
+            block_bytes: block_rows.max(1) * row_bytes,
+            blocks_per_chunk: blocks_per_chunk.max(1),
+            state: Mutex::new(PoolState {
+                free: Vec::new(),
+                chunks: Vec::new(),
+            }),
+        })
+    }
+
+    /// Rows per block.
+    pub fn block_rows(&self) -> usize {
+        self.block_rows
+    }
+
+    /// Bytes per block.
+    pub fn block_bytes(&self) -> usize {
+        self.block_bytes
+    }
+
+    /// Blocks free in the chunks allocated so far.
+    pub fn free_blocks(&self) -> usize {
+        self.lock().free.len()
+    }
+
+    /// Blocks in all chunks (free or held).
+    pub fn total_blocks(&self) -> usize {
+        self.lock().chunks.len() * self.blocks_per_chunk
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, PoolState<S::Chunk>> {
+        // A panic while holding the lock leaves the lists consistent (each operation is a
+        // push or a pop), so a poisoned lock is still usable.
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// `n` blocks, all or none.
+    pub fn alloc(self: &Arc<Self>, n: usize) -> Result<Vec<BlockRef<S>>, AllocError> {
+        let mut st = self.lock();
+        while st.free.len() < n {
+            let bytes = self.block_bytes * self.blocks_per_chunk;
+            if !self.budget.take(bytes) {
+                let short = n - st.free.len();
+                return Err(AllocError::Full(CacheFull {
+                    needed: short,
+                    block_rows: self.block_rows,
+                    limit_bytes: self.budget.limit(),
+                    used_bytes: self.budget.used(),
+                }));
+            }
+            match self.source.alloc(bytes) {
+                Ok((chunk, base)) => {
+                    st.chunks.push(chunk);
+                    // Lowest addresses handed out first.
+                    st.free.extend(
+                        (0..self.blocks_per_chunk)
+                            .rev()
+                            .map(|i| base + (i * self.block_bytes) as u64),
+                    );
+                }
+                Err(message) => {
+                    self.budget.give_back(bytes);
+                    return Err(AllocError::Device { bytes, message });
+                }
+            }
+        }
+        let at = st.free.len() - n;
+        let taken: Vec<u64> = st.free.drain(at..).rev().collect();
+        drop(st);
+        Ok(taken
+            .into_iter()
+            .map(|addr| {
+                Arc::new(Block {
+                    addr,
+                    pool: self.clone(),
+                })
+            })
+            .collect())
+    }
+}
+
+impl<S: ChunkSource> Drop for BlockPool<S> {
+    fn drop(&mut self) {
+        let chunks = self.lock().chunks.len();
+        self.budget
+            .give_back(chunks * self.blocks_per_chunk * self.block_bytes);
+    }
+}
+
+/// One block; back to its pool when the last reference drops.
+pub struct Block<S: ChunkSource> {
+    addr: u64,
+    pool: Arc<BlockPool<S>>,
+}
+
+impl<S: ChunkSource> Block<S> {
+    /// Its address.
+    pub fn addr(&self) -> u64 {
+        self.addr
+    }
+}
+
+impl<S: ChunkSource> Drop for Block<S> {
+    fn drop(&mut self) {
+        self.pool.lock().free.push(self.addr);
+    }
+}
+
+/// A shared block.
+pub type BlockRef<S> = Arc<Block<S>>;
+
+/// A copy to make before writing (copy-on-write of a shared block): `rows` rows from
+/// `from` to `to`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlockCopy {
+    /// Source block.
+    pub from: u64,
+    /// Destination block (new, owned by this cache alone).
+    pub to: u64,
+    /// Rows to copy.
+    pub rows: usize,
+}
+
+/// The rows of one sequence's cache for one layer.
+pub struct PagedRows<S: ChunkSource> {
+    pool: Arc<BlockPool<S>>,
+    blocks: Vec<BlockRef<S>>,
+    rows: usize,
+}
+
+impl<S: ChunkSource> Clone for PagedRows<S> {
+    fn clone(&self) -> Self {
+        self.prefix(self.rows)
+    }
+}
+
+impl<S: ChunkSource> PagedRows<S> {
+    /// An empty cache drawing on `pool`.
+    pub fn new(pool: Arc<BlockPool<S>>) -> PagedRows<S> {
+        PagedRows {
+            pool,
+            blocks: Vec::new(),
+            rows: 0,
+        }
+    }
+
+    /// Rows held.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// The pool.
+    pub fn pool(&self) -> &Arc<BlockPool<S>> {
+        &self.pool
+    }
+
+    /// The block addresses, in order (the table a kernel reads).
+    pub fn table(&self) -> Vec<u64> {
+        self.blocks.iter().map(|b| b.addr).collect()
+    }
+
+    /// The first `keep` rows, sharing this cache's blocks.
+    pub fn prefix(&self, keep: usize) -> PagedRows<S> {
+        let keep = keep.min(self.rows);
+        let n = keep.div_ceil(self.pool.block_rows);
+        PagedRows {
+            pool: self.pool.clone(),
+            blocks: self.blocks[..n].to_vec(),
+            rows: keep,
+        }
+    }
+
+    /// Makes room for `n` more rows: allocates the blocks they need and, when the last
+    /// block is partly filled and shared, replaces it by a private copy. Returns the
+    /// copies to make before writing, and the address of every new row, in order. On
+    /// error nothing changed.
+    pub fn grow(&mut self, n: usize) -> Result<(Vec<BlockCopy>, Vec<u64>), AllocError> {
+        let br = self.pool.block_rows;
+        let used_in_last = self.rows % br;
+        let cow = used_in_last != 0
+            && n > 0
+            && self.blocks.last().is_some_and(|b| Arc::strong_count(b) > 1);
+        let new_blocks = (self.rows + n).div_ceil(br) - self.blocks.len();
+        let mut fresh = self.pool.alloc(new_blocks + usize::from(cow))?;
+        let mut copies = Vec::new();
+        if cow {
+            let own = fresh.pop().expect("allocated one block for the copy");
+            let last = self.blocks.len() - 1;
+            copies.push(BlockCopy {
+                from: self.blocks[last].addr,
+                to: own.addr,
+                rows: used_in_last,
+            });
+            self.blocks[last] = own;
+        }
+        self.blocks.extend(fresh);
+        let row_bytes = (self.pool.block_bytes / br) as u64;
+        let addrs = (self.rows..self.rows + n)
+            .map(|r| self.blocks[r / br].addr + (r % br) as u64 * row_bytes)
+            .collect();
+        self.rows += n;
+        Ok((copies, addrs))
+    }
+
+    /// Drops rows past `keep` (and the blocks only they used).
+    pub fn truncate(&mut self, keep: usize) {
+        if keep < self.rows {
+            self.rows = keep;
+            self.blocks.truncate(keep.div_ceil(self.pool.block_rows));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Host memory standing in for device memory.
+    struct Host;
+
+    impl ChunkSource for Host {
+        type Chunk = Vec<u8>;
+        fn alloc(&self, bytes: usize) -> Result<(Vec<u8>, u64), String> {
+            let v = vec![0u8; bytes];
+            let base = v.as_ptr() as u64;
+            Ok((v, base))
+        }
+    }
+
+    fn pool(limit_blocks: usize) -> Arc<BlockPool<Host>> {
+        // 4 rows of 8 bytes per block, 2 blocks per chunk.
+        BlockPool::new(Host, Budget::new(limit_blocks * 32), 4, 8, 2)
+    }
+
+    #[test]
+    fn rows_land_in_consecutive_slots_of_their_blocks() {
+        let p = pool(8);
+        let mut c = PagedRows::new(p.clone());
+        let (copies, addrs) = c.grow(6).expect("room");
+        assert!(copies.is_empty());
+        let t = c.table();
+        assert_eq!(t.len(), 2);
+        assert_eq!(addrs[0], t[0]);
+        assert_eq!(addrs[3], t[0] + 24);
+        assert_eq!(addrs[4], t[1]);
+        assert_eq!(addrs[5], t[1] + 8);
+        let (_, more) = c.grow(3).expect("room");
+        assert_eq!(more[0], t[1] + 16);
+        assert_eq!(c.table().len(), 3);
+        assert_eq!(c.rows(), 9);
+    }
+
+    #[test]
+    fn blocks_return_to_the_pool_and_are_reused_without_growth() {
+        let p = pool(4);
+        for _ in 0..10 {
+            let mut c = PagedRows::new(p.clone());
+            c.grow(16).expect("four blocks fit the budget");
+            assert_eq!(p.free_blocks(), 0);
+        }
+        assert_eq!(p.free_blocks(), 4);
+        assert_eq!(p.total_blocks(), 4);
+    }
+
+    #[test]
+    fn a_full_budget_refuses_and_leaves_the_cache_as_it_was() {
+        let p = pool(4);
+        let mut a = PagedRows::new(p.clone());
+        a.grow(12).expect("three blocks");
+        let before = a.table();
+        let err = a.grow(8).expect_err("two more blocks exceed the budget");
+        match err {
+            AllocError::Full(f) => {
+                assert_eq!(f.needed, 1);
+                assert!(f.to_string().contains("KV cache is full"), "{f}");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        assert_eq!(a.table(), before);
+        assert_eq!(a.rows(), 12);
+        // What the failed call took went back: one more block still fits.
+        a.grow(4).expect("the fourth block");
+    }
+
+    #[test]
+    fn a_prefix_shares_blocks_and_copies_the_partial_one_before_writing() {
+        let p = pool(16);
+        let mut a = PagedRows::new(p.clone());
+        a.grow(6).expect("room");
+        let mut b = a.prefix(5);
+        assert_eq!(b.table(), a.table(), "shared by reference");
+        let before = p.free_blocks();
+        let (copies, addrs) = b.grow(1).expect("room");
+        assert_eq!(copies.len(), 1);
+        assert_eq!(copies[0].from, a.table()[1]);
+        assert_eq!(copies[0].rows, 1);
+        assert_ne!(
+            b.table()[1],
+            a.table()[1],
+            "the partial block is now private"
+        );
+        assert_eq!(b.table()[0], a.table()[0], "full blocks stay shared");
+        assert_eq!(addrs[0], b.table()[1] + 8);
+        assert!(p.free_blocks() < before || p.total_blocks() > 4);
+        // A prefix ending on a block boundary shares everything and copies nothing.
+        let mut c = a.prefix(4);
+        let (copies, _) = c.grow(2).expect("room");
+        assert!(copies.is_empty());
+        assert_eq!(c.table()[0], a.table()[0]);
+    }
+
+    #[test]
+    fn shared_blocks_free_only_when_the_last_holder_drops() {
+        let p = pool(16);
+        let mut a = PagedRows::new(p.clone());
+        a.grow(8).expect("room");
+        let b = a.prefix(8);
+        let free = p.free_blocks();
+        drop(a);
+        assert_eq!(p.free_blocks(), free, "still held by the prefix");
+        drop(b);
+        assert_eq!(p.free_blocks(), free + 2);
+    }
+
+    #[test]
+    fn truncate_releases_whole_blocks_past_the_kept_rows() {
+        let p = pool(16);
+        let mut a = PagedRows::new(p.clone());
+        a.grow(9).expect("room");
+        let free = p.free_blocks();
+        a.truncate(4);
+        assert_eq!(a.table().len(), 1);
+        assert_eq!(p.free_blocks(), free + 2);
+        let (_, addrs) = a.grow(1).expect("room");
+        assert_eq!(a.rows(), 5);
+        assert_eq!(addrs[0], a.table()[1]);
+    }
+
+    #[test]
+    fn pools_of_different_widths_share_one_budget() {
+        let budget = Budget::new(128);
+        let narrow = BlockPool::new(Host, budget.clone(), 4, 8, 1); // 32-byte blocks
+        let wide = BlockPool::new(Host, budget.clone(), 4, 16, 1); // 64-byte blocks
+        let mut a = PagedRows::new(narrow.clone());
+        let mut b = PagedRows::new(wide.clone());
+        a.grow(8).expect("64 bytes");
+        assert!(b.grow(8).is_err(), "128 more bytes exceed the budget");
+        b.grow(4).expect("64 bytes");
+        assert_eq!(budget.used(), 128);
+        drop((a, b, narrow, wide));
+        assert_eq!(budget.used(), 0, "a dropped pool gives its chunks back");
+    }
+
+    #[test]
+    fn random_sharing_never_hands_one_block_to_two_writers() {
+        // Many caches forking and growing at random: a block written by a cache (the rows
+        // it appends) is never one another live cache can still read at that row.
+        let p = pool(4096);
+        let mut caches: Vec<PagedRows<Host>> = Vec::new();
+        let mut x = 0x2545_F491_4F6C_DD1Du64;
+        let mut rnd = |n: usize| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % n as u64) as usize
+        };
+        for _ in 0..2000 {
+            match rnd(4) {
+                0 if !caches.is_empty() => {
+                    let i = rnd(caches.len());
+                    let keep = rnd(caches[i].rows() + 1);
+                    let c = caches[i].prefix(keep);
+                    caches.push(c);
+                }
+                1 if caches.len() > 1 => {
+                    let i = rnd(caches.len());
+                    caches.swap_remove(i);
+                }
+                _ => {
+                    if caches.is_empty() {
+                        caches.push(PagedRows::new(p.clone()));
+                    }
+                    let i = rnd(caches.len());
+                    let n = 1 + rnd(6);
+                    let (_, addrs) = caches[i].grow(n).expect("budget is ample");
+                    for (j, c) in caches.iter().enumerate() {
+                        if j == i {
+                            continue;
+                        }
+                        let readable: Vec<u64> = (0..c.rows())
+                            .map(|r| c.table()[r / 4] + (r % 4) as u64 * 8)
+                            .collect();
+                        for a in &addrs {
+                            assert!(!readable.contains(a), "row written into a live cache");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
