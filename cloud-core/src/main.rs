@@ -15,8 +15,10 @@ use std::time::Instant;
 
 use clap::{Parser, Subcommand};
 use cloud_core::engine::backend::cpu::Cpu;
-use cloud_core::engine::config::ModelConfig;
+use cloud_core::engine::backend::Backend;
+use cloud_core::engine::bench::{self, BenchOptions};
 use cloud_core::engine::model::Model;
+use cloud_core::engine::service::Device;
 
 /// Cloud core of the factory edge/cloud inference system.
 #[derive(Parser)]
@@ -94,9 +96,9 @@ enum Cmd {
         /// The fleet CA directory (`cloud-core ca init`): server certificate, revocation list.
         #[arg(long)]
         ca: Option<std::path::PathBuf>,
-        /// Engine backend. Only `cpu` is built so far.
+        /// Engine backend: cpu, or cuda (GPU 0; needs a build with the `cuda` feature).
         #[arg(long, default_value = "cpu")]
-        engine: String,
+        engine: cloud_core::engine::service::Device,
         /// Operator token (at least 16 characters) [default: DATA_DIR/operator-token,
         /// created on first start].
         #[arg(long, env = "CLOUD_CORE_TOKEN", hide_env_values = true)]
@@ -132,25 +134,31 @@ enum Cmd {
     /// The whole system on localhost: the cloud core with the demo model, edge agents linked
     /// to it over QUIC, simulated factory machines, live fleet status (Ctrl-C to stop).
     Demo(demo::DemoArgs),
-    /// Measure the CPU engine: prefill and decode tokens/s on random weights of a named shape.
+    /// Measure the engine: prefill and decode tokens/s at several batch sizes on random
+    /// weights of a named shape (made on the device for CUDA), the bytes a decode step
+    /// reads and the share of the copy bandwidth measured in the same run.
     Bench {
-        /// Model shape: qwen2-1.5b (DeepSeek-R1-Distill-Qwen-1.5B), deepseek-v2-mini, or tiny.
-        #[arg(long, default_value = "qwen2-1.5b")]
+        /// Model shape: deepseek-r1-distill-qwen-1.5b, deepseek-v2-lite, deepseek-v2-mini
+        /// or tiny.
+        #[arg(long, default_value = "deepseek-r1-distill-qwen-1.5b")]
         shape: String,
         /// Measure this checkpoint directory instead of random weights of a shape.
         #[arg(long)]
         model: Option<std::path::PathBuf>,
+        /// Engine backend: cpu, or cuda (needs a build with the `cuda` feature).
+        #[arg(long, default_value = "cpu")]
+        engine: Device,
         /// With --model: also judge this many simulated cases through the verdict service,
         /// one at a time and all at once.
         #[arg(long, default_value_t = 0)]
         verdicts: usize,
-        /// Prompt length for the prefill measurement.
+        /// Prompt tokens per sequence.
         #[arg(long, default_value_t = 128)]
         prompt: usize,
         /// Decode steps per measurement.
         #[arg(long, default_value_t = 16)]
         steps: usize,
-        /// Decode batch sizes to measure, comma-separated.
+        /// Batch sizes to measure, comma-separated.
         #[arg(long, default_value = "1,4")]
         batches: String,
     },
@@ -268,40 +276,6 @@ fn device_cmd(cmd: DeviceCmd) -> anyhow::Result<()> {
     }
 }
 
-fn shape(name: &str) -> Result<ModelConfig, String> {
-    let json = match name {
-        // DeepSeek-R1-Distill-Qwen-1.5B's config.json, as published (values that matter).
-        "qwen2-1.5b" => {
-            r#"{"model_type": "qwen2", "hidden_size": 1536, "intermediate_size": 8960,
-            "num_hidden_layers": 28, "num_attention_heads": 12, "num_key_value_heads": 2,
-            "vocab_size": 151936, "rope_theta": 10000, "rms_norm_eps": 1e-6,
-            "max_position_embeddings": 4096, "tie_word_embeddings": false}"#
-        }
-        // DeepSeek-V2-Lite's architecture at a size that fits this machine in f32.
-        "deepseek-v2-mini" => {
-            r#"{"model_type": "deepseek_v2", "hidden_size": 1024, "intermediate_size": 2816,
-            "num_hidden_layers": 8, "num_attention_heads": 16, "num_key_value_heads": 16, "vocab_size": 32000,
-            "kv_lora_rank": 256, "q_lora_rank": null, "qk_nope_head_dim": 64, "qk_rope_head_dim": 32,
-            "v_head_dim": 64, "n_routed_experts": 32, "n_shared_experts": 2, "num_experts_per_tok": 6,
-            "moe_intermediate_size": 352, "first_k_dense_replace": 1, "topk_method": "greedy",
-            "rope_theta": 10000, "max_position_embeddings": 4096,
-            "rope_scaling": {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096,
-                "beta_fast": 32, "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707}}"#
-        }
-        "tiny" => {
-            r#"{"model_type": "qwen2", "hidden_size": 256, "intermediate_size": 512,
-            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 4096,
-            "max_position_embeddings": 1024}"#
-        }
-        other => {
-            return Err(format!(
-                "unknown shape {other:?} (qwen2-1.5b, deepseek-v2-mini, tiny)"
-            ))
-        }
-    };
-    ModelConfig::from_json(json, std::path::Path::new(name)).map_err(|e| e.to_string())
-}
-
 fn peak_rss_mib() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -317,113 +291,85 @@ fn peak_rss_mib() -> f64 {
 fn bench(
     shape_name: &str,
     checkpoint: Option<&std::path::Path>,
-    prompt: usize,
-    steps: usize,
-    batches: &str,
+    device: Device,
+    opts: &BenchOptions,
 ) -> Result<(), String> {
-    let (cfg, loaded) = match checkpoint {
-        Some(dir) => {
-            let model = Model::load(dir, Cpu::default()).map_err(|e| e.to_string())?;
-            (model.config().clone(), Some(model))
+    match device {
+        Device::Cpu => {
+            let model = bench_model(shape_name, checkpoint, Cpu::default())?;
+            println!("device: CPU, {} threads", rayon::current_num_threads());
+            bench_report(&model, opts, bench::host_copy_bandwidth(), "f32")
         }
-        None => (shape(shape_name)?, None),
-    };
-    let shape_name = match checkpoint {
-        Some(dir) => dir.display().to_string(),
-        None => shape_name.to_string(),
-    };
-    let batches: Vec<usize> = batches
-        .split(',')
-        .map(|b| {
-            b.trim()
-                .parse::<usize>()
-                .map_err(|_| format!("--batches: {b:?} is not a number"))
-        })
-        .collect::<Result<_, _>>()?;
-    let params = {
-        let c = &cfg;
-        let attn = match &c.mla {
-            Some(m) => {
-                c.hidden_size * c.num_attention_heads * (m.qk_nope_head_dim + m.qk_rope_head_dim)
-                    + c.hidden_size * (m.kv_lora_rank + m.qk_rope_head_dim)
-                    + m.kv_lora_rank * c.num_attention_heads * (m.qk_nope_head_dim + m.v_head_dim)
-                    + c.num_attention_heads * m.v_head_dim * c.hidden_size
-            }
-            None => {
-                c.hidden_size * c.head_dim * (2 * c.num_attention_heads + 2 * c.num_key_value_heads)
-            }
-        };
-        let mlp = (0..c.num_hidden_layers)
-            .map(|i| match &c.moe {
-                Some(m) if c.is_moe_layer(i) => {
-                    3 * c.hidden_size
-                        * m.moe_intermediate_size
-                        * (m.n_routed_experts + m.n_shared_experts)
-                        + m.n_routed_experts * c.hidden_size
-                }
-                _ => 3 * c.hidden_size * c.intermediate_size,
-            })
-            .sum::<usize>();
-        c.num_hidden_layers * attn + mlp + 2 * c.vocab_size * c.hidden_size
-    };
-    println!(
-        "shape {shape_name}: {:.3e} parameters (f32, {:.2} GB)",
-        params as f64,
-        params as f64 * 4e-9
-    );
-    let t = Instant::now();
-    let model = match loaded {
-        Some(m) => m,
-        None => {
-            let m = Model::random(cfg.clone(), Cpu::default(), 1).map_err(|e| e.to_string())?;
-            println!("random weights built in {:.1} s", t.elapsed().as_secs_f64());
-            m
+        #[cfg(feature = "cuda")]
+        Device::Cuda => {
+            use cloud_core::engine::backend::cuda::{Cuda, CudaOptions};
+            let be = Cuda::new(CudaOptions::default()).map_err(|e| e.to_string())?;
+            let bw = be.copy_bandwidth(1 << 30).map_err(|e| e.to_string())?;
+            let (free, total) = be.memory().map_err(|e| e.to_string())?;
+            println!(
+                "device: {} ({:.1} GiB, {:.1} GiB free before the weights)",
+                be.device_name(),
+                total as f64 / (1u64 << 30) as f64,
+                free as f64 / (1u64 << 30) as f64
+            );
+            let model = bench_model(shape_name, checkpoint, be)?;
+            bench_report(&model, opts, bw, "bf16")
         }
-    };
-    let vocab = cfg.vocab_size as u32;
-    let ids: Vec<u32> = (0..prompt as u32)
-        .map(|i| (i * 7919 + 13) % vocab)
-        .collect();
-    println!("| measurement | tokens | seconds | tokens/s |");
-    println!("| --- | ---: | ---: | ---: |");
-    let mut cache = model.new_cache();
-    let t = Instant::now();
-    let logits = model.forward(&ids, &mut cache).map_err(|e| e.to_string())?;
-    let s = t.elapsed().as_secs_f64();
-    std::hint::black_box(logits);
-    println!(
-        "| prefill, batch 1, {prompt}-token prompt | {prompt} | {s:.2} | {:.1} |",
-        prompt as f64 / s
-    );
-    for &b in &batches {
-        let mut caches: Vec<_> = (0..b).map(|_| model.new_cache()).collect();
-        for c in caches.iter_mut() {
-            model
-                .forward(&ids[..ids.len().min(32)], c)
-                .map_err(|e| e.to_string())?;
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda => {
+            Err("this cloud-core was built without the CUDA backend (cargo feature `cuda`)".into())
         }
-        let mut next: Vec<u32> = (0..b as u32).collect();
-        let t = Instant::now();
-        for _ in 0..steps {
-            let inputs: Vec<[u32; 1]> = next.iter().map(|t| [*t]).collect();
-            let mut batch: Vec<(&[u32], &mut _)> = inputs
-                .iter()
-                .map(|v| &v[..])
-                .zip(caches.iter_mut())
-                .collect();
-            let out = model.forward_batch(&mut batch).map_err(|e| e.to_string())?;
-            next = out
-                .iter()
-                .map(|l| cloud_core::engine::sampler::argmax(l) as u32)
-                .collect();
-        }
-        let s = t.elapsed().as_secs_f64();
-        println!(
-            "| decode, batch {b} (after a 32-token prompt) | {} | {s:.2} | {:.2} |",
-            b * steps,
-            (b * steps) as f64 / s
-        );
     }
+}
+
+fn bench_model<B: Backend>(
+    shape_name: &str,
+    checkpoint: Option<&std::path::Path>,
+    be: B,
+) -> Result<Model<B>, String> {
+    let t = Instant::now();
+    let model = match checkpoint {
+        Some(dir) => Model::load(dir, be).map_err(|e| e.to_string())?,
+        None => Model::random(bench::shape(shape_name)?, be, 1).map_err(|e| e.to_string())?,
+    };
+    let what = checkpoint.map_or_else(|| shape_name.to_string(), |d| d.display().to_string());
+    let p = bench::parameters(model.config());
+    println!(
+        "shape {what}: {p:.3e} parameters; loaded in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    Ok(model)
+}
+
+fn bench_report<B: Backend>(
+    model: &Model<B>,
+    opts: &BenchOptions,
+    bandwidth: f64,
+    weights: &str,
+) -> Result<(), String> {
+    println!(
+        "copy bandwidth (read + written), measured now: {:.0} GB/s; weights held as {weights}",
+        bandwidth / 1e9
+    );
+    println!(
+        "prefill: {} prompt tokens per sequence, all sequences in one pass; decode: {} greedy steps after it",
+        opts.prompt, opts.steps
+    );
+    println!("| batch | prefill tokens/s | decode tokens/s | ms per step | GB per step (bf16) | GB/s | roofline share |");
+    println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    bench::run(model, opts, |r| {
+        let achieved = r.step_bytes / (r.step_ms / 1e3);
+        println!(
+            "| {} | {:.0} | {:.1} | {:.2} | {:.3} | {:.0} | {:.0}% |",
+            r.batch,
+            r.prefill_tps,
+            r.decode_tps,
+            r.step_ms,
+            r.step_bytes / 1e9,
+            achieved / 1e9,
+            100.0 * achieved / bandwidth
+        );
+    })?;
     println!("peak RSS {:.0} MiB", peak_rss_mib());
     Ok(())
 }
@@ -703,22 +649,42 @@ fn main() -> ExitCode {
         Cmd::Bench {
             shape,
             model,
+            engine,
             verdicts,
             prompt,
             steps,
             batches,
-        } => match bench(&shape, model.as_deref(), prompt, steps, &batches).and_then(|()| {
-            match &model {
-                Some(dir) if verdicts > 0 => bench_verdicts(dir, verdicts),
-                _ => Ok(()),
+        } => {
+            let run = || -> Result<(), String> {
+                let batches = batches
+                    .split(',')
+                    .map(|b| {
+                        b.trim()
+                            .parse::<usize>()
+                            .ok()
+                            .filter(|b| *b > 0)
+                            .ok_or_else(|| format!("--batches: {b:?} is not a positive number"))
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                let opts = BenchOptions {
+                    prompt,
+                    steps,
+                    batches,
+                };
+                bench(&shape, model.as_deref(), engine, &opts)?;
+                match &model {
+                    Some(dir) if verdicts > 0 => bench_verdicts(dir, verdicts),
+                    _ => Ok(()),
+                }
+            };
+            match run() {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("cloud-core bench: {e}");
+                    ExitCode::FAILURE
+                }
             }
-        }) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("cloud-core bench: {e}");
-                ExitCode::FAILURE
-            }
-        },
+        }
         Cmd::Serve {
             data_dir,
             listen_http,
@@ -734,13 +700,6 @@ fn main() -> ExitCode {
             queue_high,
             log,
         } => {
-            if engine != "cpu" {
-                eprintln!(
-                    "cloud-core serve: --engine {engine} is not built yet (only cpu; the CUDA \
-                     and remote backends are planned, see README \"Status\")"
-                );
-                return ExitCode::from(2);
-            }
             let filter = tracing_subscriber::EnvFilter::try_new(&log)
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
             tracing_subscriber::fmt()
@@ -782,6 +741,7 @@ fn main() -> ExitCode {
                     max_queue,
                     ..Default::default()
                 },
+                device: engine,
             };
             let rt = match tokio::runtime::Runtime::new() {
                 Ok(rt) => rt,

@@ -11,6 +11,7 @@
 //! - [`tokenizer`], [`chat`]: `tokenizer.json`, the chat template and stop tokens.
 
 pub mod backend;
+pub mod bench;
 pub mod chat;
 pub mod config;
 pub mod constrain;

@@ -105,6 +105,22 @@ pub struct Model<B: Backend> {
     mla_absorbed: bool,
 }
 
+/// What a forward pass returns.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Out {
+    /// Logits of every position.
+    All,
+    /// Logits of each sequence's last position.
+    Last,
+    /// The greedy token after each sequence's last position.
+    Greedy,
+}
+
+enum Outputs {
+    Logits(Vec<Vec<f32>>),
+    Tokens(Vec<u32>),
+}
+
 /// One sequence's key/value cache.
 pub struct Cache<B: Backend> {
     k: Vec<B::Buf>,
@@ -471,7 +487,10 @@ impl<B: Backend> Model<B> {
         &self,
         seqs: &mut [(&[u32], &mut Cache<B>)],
     ) -> Result<Vec<Vec<f32>>, EngineError> {
-        self.forward_rows(seqs, false)
+        match self.forward_rows(seqs, Out::All)? {
+            Outputs::Logits(l) => Ok(l),
+            Outputs::Tokens(_) => unreachable!("asked for logits"),
+        }
     }
 
     /// Like [`Model::forward_batch`], but returns only the logits of each sequence's last
@@ -481,14 +500,31 @@ impl<B: Backend> Model<B> {
         &self,
         seqs: &mut [(&[u32], &mut Cache<B>)],
     ) -> Result<Vec<Vec<f32>>, EngineError> {
-        self.forward_rows(seqs, true)
+        match self.forward_rows(seqs, Out::Last)? {
+            Outputs::Logits(l) => Ok(l),
+            Outputs::Tokens(_) => unreachable!("asked for logits"),
+        }
+    }
+
+    /// Like [`Model::forward_batch_last`], but returns each sequence's greedy next token,
+    /// chosen where the logits are (on the device for a GPU backend: only the token ids
+    /// come back).
+    pub fn forward_batch_greedy(
+        &self,
+        seqs: &mut [(&[u32], &mut Cache<B>)],
+    ) -> Result<Vec<u32>, EngineError> {
+        match self.forward_rows(seqs, Out::Greedy)? {
+            Outputs::Tokens(t) => Ok(t),
+            Outputs::Logits(_) => unreachable!("asked for tokens"),
+        }
     }
 
     fn forward_rows(
         &self,
         seqs: &mut [(&[u32], &mut Cache<B>)],
-        last_only: bool,
-    ) -> Result<Vec<Vec<f32>>, EngineError> {
+        out: Out,
+    ) -> Result<Outputs, EngineError> {
+        let last_only = out != Out::All;
         for (ids, cache) in seqs.iter() {
             if cache.len + ids.len() > self.max_pos {
                 return Err(EngineError::Request(format!(
@@ -515,7 +551,10 @@ impl<B: Backend> Model<B> {
         let lens: Vec<usize> = seqs.iter().map(|(ids, _)| ids.len()).collect();
         let total: usize = lens.iter().sum();
         if total == 0 {
-            return Ok(vec![Vec::new(); seqs.len()]);
+            return Ok(match out {
+                Out::Greedy => Outputs::Tokens(Vec::new()),
+                _ => Outputs::Logits(vec![Vec::new(); seqs.len()]),
+            });
         }
         let ids: Vec<u32> = seqs
             .iter()
@@ -552,10 +591,14 @@ impl<B: Backend> Model<B> {
             }
             let x = be.gather_rows(&x, hd, &last);
             let xn = be.rms_norm(&x, &self.norm, eps);
-            be.download(&be.linear(&xn, last.len(), &self.lm_head, vocab, hd))
+            be.linear(&xn, last.len(), &self.lm_head, vocab, hd)
         } else {
             let xn = be.rms_norm(&x, &self.norm, eps);
-            be.download(&be.linear(&xn, total, &self.lm_head, vocab, hd))
+            be.linear(&xn, total, &self.lm_head, vocab, hd)
+        };
+        let (logits, tokens) = match out {
+            Out::Greedy => (Vec::new(), be.argmax_rows(&logits, vocab)),
+            _ => (be.download(&logits), Vec::new()),
         };
         if let Some(err) = be.take_error() {
             return Err(self.roll_back(seqs, err));
@@ -563,16 +606,22 @@ impl<B: Backend> Model<B> {
         for (ids, cache) in seqs.iter_mut() {
             cache.len += ids.len();
         }
-        if last_only {
-            return Ok(logits.chunks(vocab).map(<[f32]>::to_vec).collect());
+        match out {
+            Out::Greedy => return Ok(Outputs::Tokens(tokens)),
+            Out::Last => {
+                return Ok(Outputs::Logits(
+                    logits.chunks(vocab).map(<[f32]>::to_vec).collect(),
+                ))
+            }
+            Out::All => {}
         }
-        let mut out = Vec::with_capacity(seqs.len());
+        let mut rows = Vec::with_capacity(seqs.len());
         let mut at = 0;
         for len in lens {
-            out.push(logits[at * vocab..(at + len) * vocab].to_vec());
+            rows.push(logits[at * vocab..(at + len) * vocab].to_vec());
             at += len;
         }
-        Ok(out)
+        Ok(Outputs::Logits(rows))
     }
 
     /// Per-sequence causal attention over the rows of all sequences.

@@ -21,7 +21,7 @@ use std::time::Instant;
 
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
-use super::backend::Backend;
+use super::backend::{Backend, DeviceError};
 use super::generate::{step, Finish, Request, Sequence, Step};
 use super::model::{Cache, EngineError, Model};
 use super::sampler::Sampled;
@@ -208,6 +208,19 @@ impl<B: Backend> PrefixCache<B> {
         Some((best.0, n))
     }
 
+    /// Drops the least recently used entry (its cache blocks go back to the device).
+    fn evict_oldest(&mut self) {
+        if let Some(oldest) = self
+            .entries
+            .iter()
+            .enumerate()
+            .min_by_key(|(_, e)| e.2)
+            .map(|(i, _)| i)
+        {
+            self.entries.swap_remove(oldest);
+        }
+    }
+
     fn insert(&mut self, tokens: Vec<u32>, cache: Cache<B>) {
         if self.capacity == 0 || tokens.len() < self.min.max(1) {
             return;
@@ -218,15 +231,7 @@ impl<B: Backend> PrefixCache<B> {
             return;
         }
         if self.entries.len() >= self.capacity {
-            if let Some(oldest) = self
-                .entries
-                .iter()
-                .enumerate()
-                .min_by_key(|(_, e)| e.2)
-                .map(|(i, _)| i)
-            {
-                self.entries.swap_remove(oldest);
-            }
+            self.evict_oldest();
         }
         self.entries.push((tokens, cache, self.clock));
     }
@@ -346,6 +351,26 @@ fn run<B: Backend>(
         metrics::histogram!("engine_batch_size").record(active.len() as f64);
         stats.steps.fetch_add(1, Ordering::Relaxed);
         match results {
+            // The step's sequences do not all fit the device's KV cache (nothing advanced,
+            // every cache as before): free what cached prompts hold, else refuse the
+            // newest request, and run the step again with the rest.
+            Err(EngineError::Device(DeviceError::CacheFull(full))) if !active.is_empty() => {
+                if !prefixes.entries.is_empty() {
+                    prefixes.evict_oldest();
+                    metrics::counter!("engine_prefix_cache_evictions_total").increment(1);
+                    continue;
+                }
+                if let Some(a) = active.pop() {
+                    let msg = format!(
+                        "refused: the request does not fit the KV cache beside the {} \
+                         running ({full})",
+                        active.len()
+                    );
+                    tracing::warn!("{msg}");
+                    let _ = a.events.send(Event::Failed(msg));
+                    finish(&stats, "refused");
+                }
+            }
             Err(e) => {
                 let msg = format!("engine step failed: {e}");
                 tracing::error!("{msg}");

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::backend::cpu::Cpu;
+use super::backend::Backend;
 use super::chat::{generation_eos, ChatTemplate};
 use super::constrain::Grammars;
 use super::model::Model;
@@ -29,13 +30,63 @@ struct Inner {
     pieces: Vec<String>,
 }
 
+/// Which backend runs the model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Device {
+    /// The CPU backend.
+    Cpu,
+    /// The CUDA backend on GPU 0 (built with the `cuda` feature).
+    Cuda,
+}
+
+impl std::str::FromStr for Device {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Device, String> {
+        match s {
+            "cpu" => Ok(Device::Cpu),
+            "cuda" => Ok(Device::Cuda),
+            other => Err(format!("unknown engine backend {other:?} (cpu, cuda)")),
+        }
+    }
+}
+
 impl Engine {
     /// Loads the checkpoint in `dir` on the CPU backend and starts its engine thread.
     /// `name` is the model name the API reports and accepts.
     pub fn load_cpu(dir: &Path, name: &str, cfg: SchedulerConfig) -> anyhow::Result<Engine> {
+        Engine::load(dir, name, cfg, Device::Cpu)
+    }
+
+    /// Loads the checkpoint in `dir` on `device` and starts its engine thread.
+    pub fn load(
+        dir: &Path,
+        name: &str,
+        cfg: SchedulerConfig,
+        device: Device,
+    ) -> anyhow::Result<Engine> {
+        match device {
+            Device::Cpu => Engine::start(dir, name, cfg, Cpu::default()),
+            #[cfg(feature = "cuda")]
+            Device::Cuda => {
+                let be = super::backend::cuda::Cuda::new(Default::default())?;
+                tracing::info!("CUDA backend on {}", be.device_name());
+                Engine::start(dir, name, cfg, be)
+            }
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda => anyhow::bail!(
+                "this cloud-core was built without the CUDA backend (cargo feature `cuda`)"
+            ),
+        }
+    }
+
+    fn start<B>(dir: &Path, name: &str, cfg: SchedulerConfig, be: B) -> anyhow::Result<Engine>
+    where
+        B: Backend + Send + 'static,
+        Model<B>: Send,
+    {
         let tokenizer = Tokenizer::load(dir)?;
         let chat = ChatTemplate::load(dir)?;
-        let model = Model::load(dir, Cpu::default())?;
+        let model = Model::load(dir, be)?;
         let mut stop_tokens = model.config().eos_token_ids.clone();
         for t in generation_eos(dir)? {
             if !stop_tokens.contains(&t) {

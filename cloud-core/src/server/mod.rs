@@ -223,6 +223,8 @@ pub struct ServeOptions {
     pub token: Option<String>,
     /// Scheduler limits.
     pub scheduler: crate::engine::scheduler::SchedulerConfig,
+    /// The engine's backend.
+    pub device: crate::engine::service::Device,
     /// QUIC listen address for edge agents, and the fleet CA directory.
     pub quic: Option<(SocketAddr, std::path::PathBuf)>,
     /// Steering of the edges' hard-case share.
@@ -297,7 +299,8 @@ pub async fn run(
     let model = opts.model.clone();
     let name = opts.model_name.clone();
     let sched = opts.scheduler;
-    let engine = tokio::task::spawn_blocking(move || Engine::load_cpu(&model, &name, sched))
+    let device = opts.device;
+    let engine = tokio::task::spawn_blocking(move || Engine::load(&model, &name, sched, device))
         .await
         .context("loading the model")??;
     tracing::info!(

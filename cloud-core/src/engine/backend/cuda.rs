@@ -73,6 +73,7 @@ pub const KERNEL_NAMES: &[&str] = &[
     "paged_write",
     "paged_read",
     "attention_paged",
+    "argmax_rows",
 ];
 
 /// The most value dimensions the attention kernel handles per head (MLA's latent: 512).
@@ -313,6 +314,37 @@ impl Cuda {
         self.ctx
             .mem_get_info()
             .map_err(|e| failed("memory info", e))
+    }
+
+    /// Device-to-device copy bandwidth (bytes read + written per second) over buffers of
+    /// `bytes`, timed with events: the memory roofline the benchmark compares against.
+    pub fn copy_bandwidth(&self, bytes: usize) -> Result<f64, DeviceError> {
+        use cudarc::driver::sys::CUevent_flags;
+        let n = bytes / 4;
+        let oom = |e: cudarc::driver::DriverError| failed("bandwidth buffers", e);
+        let src = self.stream.alloc_zeros::<f32>(n).map_err(oom)?;
+        let mut dst = self.stream.alloc_zeros::<f32>(n).map_err(oom)?;
+        let copy = |dst: &mut CudaSlice<f32>| {
+            self.stream
+                .memcpy_dtod(&src, dst)
+                .map_err(|e| failed("bandwidth copy", e))
+        };
+        copy(&mut dst)?;
+        let ev = || {
+            self.ctx
+                .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+                .map_err(|e| failed("event", e))
+        };
+        let (start, end) = (ev()?, ev()?);
+        let reps = 10;
+        start.record(&self.stream).map_err(|e| failed("event", e))?;
+        for _ in 0..reps {
+            copy(&mut dst)?;
+        }
+        end.record(&self.stream).map_err(|e| failed("event", e))?;
+        end.synchronize().map_err(|e| failed("event", e))?;
+        let ms = start.elapsed_ms(&end).map_err(|e| failed("event", e))?;
+        Ok((2 * n * 4 * reps) as f64 / (f64::from(ms) / 1e3))
     }
 
     /// The KV budget and bytes in use, once the first cache row was written.
@@ -676,6 +708,40 @@ impl Backend for Cuda {
             &amp
         );
         Some(CudaBuf::Bf16(Arc::new(y)))
+    }
+
+    fn argmax_rows(&self, x: &CudaBuf, cols: usize) -> Vec<u32> {
+        if self.errored() {
+            return Vec::new();
+        }
+        let Some(xs) = self.f32_of(x, "argmax_rows") else {
+            return Vec::new();
+        };
+        if cols == 0 || xs.len() % cols != 0 {
+            self.record(failed("argmax_rows", "rows are not whole"));
+            return Vec::new();
+        }
+        let rows = xs.len() / cols;
+        if rows == 0 {
+            return Vec::new();
+        }
+        // SAFETY: the kernel writes one index per row.
+        let mut out = match unsafe { self.stream.alloc::<u32>(rows) } {
+            Ok(o) => o,
+            Err(e) => {
+                self.record(failed("argmax_rows", e));
+                return Vec::new();
+            }
+        };
+        let c = cols as i32;
+        launch!(self, "argmax_rows", per_row(rows, 256), xs, &c, &mut out);
+        match self.stream.clone_dtoh(&out) {
+            Ok(v) => v,
+            Err(e) => {
+                self.record(failed("argmax_rows", e));
+                Vec::new()
+            }
+        }
     }
 
     fn take_error(&self) -> Option<DeviceError> {

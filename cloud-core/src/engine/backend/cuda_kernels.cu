@@ -170,6 +170,38 @@ extern "C" __global__ void paged_read(const u64* __restrict__ table, int block_r
     for (int i = threadIdx.x; i < cols; i += blockDim.x) o[i] = __bfloat162float(s[i]);
 }
 
+// Index of the largest value of each row (ties: the lowest index), one block of 256
+// threads per row: greedy decoding without copying the logits back.
+extern "C" __global__ void argmax_rows(const float* __restrict__ x, int cols, unsigned* __restrict__ out) {
+    __shared__ float bv[256];
+    __shared__ int bi[256];
+    const float* r = x + (long)blockIdx.x * cols;
+    float best = NEG_INF;
+    int idx = 0x7fffffff;
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) {
+        float v = r[i];
+        if (v > best) {
+            best = v;
+            idx = i;
+        }
+    }
+    bv[threadIdx.x] = best;
+    bi[threadIdx.x] = idx;
+    __syncthreads();
+    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) {
+            float ov = bv[threadIdx.x + s];
+            int oi = bi[threadIdx.x + s];
+            if (ov > bv[threadIdx.x] || (ov == bv[threadIdx.x] && oi < bi[threadIdx.x])) {
+                bv[threadIdx.x] = ov;
+                bi[threadIdx.x] = oi;
+            }
+        }
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) out[blockIdx.x] = bi[0] == 0x7fffffff ? 0 : (unsigned)bi[0];
+}
+
 #define ATT_WARPS 4
 #define MAX_DV 512
 

@@ -87,6 +87,17 @@ pub trait Backend {
         let _ = (shape, amp, seed);
         None
     }
+    /// The index of the largest value of every row of `x[·, cols]` (greedy decoding:
+    /// a GPU backend picks on the device and copies back only the indices).
+    fn argmax_rows(&self, x: &Self::Buf, cols: usize) -> Vec<u32> {
+        let v = self.download(x);
+        if cols == 0 {
+            return Vec::new();
+        }
+        v.chunks_exact(cols)
+            .map(|r| crate::engine::sampler::argmax(r) as u32)
+            .collect()
+    }
     /// The first device error since the last call, if any. Operations after an error
     /// do nothing and return empty buffers: callers check this after a forward pass and
     /// discard its results.
