@@ -27,8 +27,14 @@ const ARCHS: &[&str] = &[
     "deepseek_v3",
 ];
 
+/// The backend, or `None` with the reason printed. `CLOUD_CORE_REQUIRE_GPU=1` (set by
+/// `.ci/gpu`) makes a missing GPU a failure.
 fn gpu(opts: CudaOptions) -> Option<Cuda> {
     if let Some(why) = unavailable() {
+        assert!(
+            std::env::var("CLOUD_CORE_REQUIRE_GPU").map_or(true, |v| v != "1"),
+            "CLOUD_CORE_REQUIRE_GPU=1 but {why}"
+        );
         eprintln!("skipped: {why}");
         return None;
     }
@@ -38,8 +44,12 @@ fn gpu(opts: CudaOptions) -> Option<Cuda> {
     )
 }
 
+/// `fixtures/parity/`, or `CLOUD_CORE_FIXTURES` (a test binary carried to another machine).
 fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/parity")
+    match std::env::var_os("CLOUD_CORE_FIXTURES") {
+        Some(p) => PathBuf::from(p),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/parity"),
+    }
 }
 
 fn ids(v: &Value) -> Vec<u32> {

@@ -259,7 +259,10 @@ impl Cuda {
             .compute_capability()
             .map_err(|e| failed("compute capability", e))?;
         let name = ctx.name().unwrap_or_else(|_| "CUDA device".into());
-        let stream = ctx.default_stream();
+        // A stream of our own: the legacy default stream synchronises with everything and
+        // cannot be captured into a CUDA graph.
+        let stream = ctx.new_stream().map_err(|e| failed("stream", e))?;
+        keep_freed_memory(&ctx);
         let ptx = compile(&format!("sm_{major}{minor}")).map_err(|e| failed("NVRTC", e))?;
         let module = ctx
             .load_module(ptx)
@@ -499,6 +502,12 @@ impl Cuda {
         };
         let mut y = self.alloc_f32(m * n, "linear output")?;
         let (alpha, beta) = (1.0f32, 0.0f32);
+        // cuBLAS calls do not make the context current themselves (the engine runs on
+        // another thread than the one that created the backend).
+        if let Err(e) = self.ctx.bind_to_thread() {
+            self.record(failed("context", e));
+            return None;
+        }
         {
             let (wp, _a) = w.device_ptr(&self.stream);
             let (xp, _b) = xb.device_ptr(&self.stream);
@@ -573,6 +582,9 @@ impl Cuda {
             stride_b: stride_b as i64,
             stride_c: stride_c as i64,
         };
+        if let Err(e) = self.ctx.bind_to_thread() {
+            return self.record(failed("context", e));
+        }
         // SAFETY: the caller sized a, b and c for these strides and leading dimensions.
         if let Err(e) = unsafe { self.blas.gemm_strided_batched(cfg, a, b, c) } {
             self.record(failed("cuBLAS f32 GEMM", e));
@@ -599,6 +611,32 @@ impl Cuda {
             &mut out
         );
         Some(out)
+    }
+}
+
+/// Every operation allocates its outputs from the device's stream-ordered pool; by
+/// default the pool returns freed memory to the driver at every synchronisation, and the
+/// next step maps it again. Keep it instead (it is reused at once).
+fn keep_freed_memory(ctx: &CudaContext) {
+    use cudarc::driver::sys;
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    let mut threshold: u64 = u64::MAX;
+    // SAFETY: the context is current on this thread (just created), the pool handle is
+    // written by the driver, and the attribute takes a pointer to a u64.
+    let r = unsafe {
+        sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device())
+            .result()
+            .and_then(|()| {
+                sys::cuMemPoolSetAttribute(
+                    pool,
+                    sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                    (&mut threshold) as *mut u64 as *mut std::ffi::c_void,
+                )
+                .result()
+            })
+    };
+    if let Err(e) = r {
+        tracing::warn!("CUDA memory pool release threshold not set: {e}");
     }
 }
 
