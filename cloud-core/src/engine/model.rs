@@ -54,6 +54,8 @@ enum Ffn<B: Backend> {
     Moe {
         gate: B::Buf,
         bias: Option<Vec<f32>>,
+        /// `bias` on the backend (device routing).
+        bias_buf: Option<B::Buf>,
         experts: Vec<Mlp<B>>,
         shared: Option<Mlp<B>>,
     },
@@ -384,6 +386,7 @@ impl<B: Backend> Model<B> {
         };
         Ok(Ffn::Moe {
             gate,
+            bias_buf: bias.as_deref().map(|b| l.be.upload(b)),
             bias,
             experts,
             shared,
@@ -575,9 +578,17 @@ impl<B: Backend> Model<B> {
                 Ffn::Moe {
                     gate,
                     bias,
+                    bias_buf,
                     experts,
                     shared,
-                } => self.moe(gate, bias.as_deref(), experts, shared.as_ref(), &xn, total),
+                } => self.moe(
+                    gate,
+                    (bias.as_deref(), bias_buf.as_ref()),
+                    experts,
+                    shared.as_ref(),
+                    &xn,
+                    total,
+                ),
             };
             be.add(&mut x, &y);
         }
@@ -803,7 +814,7 @@ impl<B: Backend> Model<B> {
     fn moe(
         &self,
         gate: &B::Buf,
-        bias: Option<&[f32]>,
+        (bias, bias_buf): (Option<&[f32]>, Option<&B::Buf>),
         experts: &[Mlp<B>],
         shared: Option<&Mlp<B>>,
         x: &B::Buf,
@@ -815,7 +826,21 @@ impl<B: Backend> Model<B> {
             unreachable!("MoE weights without MoE config")
         };
         let n = moe.n_routed_experts;
-        let logits = be.download(&be.linear(x, t, gate, n, hd));
+        let logits = be.linear(x, t, gate, n, hd);
+        let weights: Vec<[&B::Buf; 3]> =
+            experts.iter().map(|e| [&e.gate, &e.up, &e.down]).collect();
+        let inter = experts.first().map_or(0, |e| e.inter);
+        if let Some(routed) = be.moe_routed(x, t, &logits, bias_buf, &weights, hd, inter, moe) {
+            return match shared {
+                Some(s) => {
+                    let mut out = self.mlp(s, x, t);
+                    be.add(&mut out, &routed);
+                    out
+                }
+                None => routed,
+            };
+        }
+        let logits = be.download(&logits);
         // Route on the host: a few numbers per token.
         let mut per_expert: Vec<(Vec<usize>, Vec<f32>)> = vec![(Vec::new(), Vec::new()); n];
         for (tok, row) in logits.chunks_exact(n).enumerate() {

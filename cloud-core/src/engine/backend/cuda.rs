@@ -74,6 +74,11 @@ pub const KERNEL_NAMES: &[&str] = &[
     "paged_read",
     "attention_paged",
     "argmax_rows",
+    "moe_route",
+    "moe_group",
+    "moe_gate_up",
+    "moe_down",
+    "moe_combine",
 ];
 
 /// The most value dimensions the attention kernel handles per head (MLA's latent: 512).
@@ -220,6 +225,9 @@ pub struct Cuda {
     error: Mutex<Option<DeviceError>>,
     budget: Mutex<Option<Arc<Budget>>>,
     pools: Mutex<HashMap<usize, Arc<Pool>>>,
+    /// Per MoE layer (keyed by its first expert's gate matrix address): the device tables
+    /// of every expert's gate, up and down matrix addresses.
+    expert_tables: Mutex<HashMap<u64, Arc<[CudaSlice<u64>; 3]>>>,
 }
 
 fn failed(op: &str, e: impl std::fmt::Display) -> DeviceError {
@@ -287,6 +295,7 @@ impl Cuda {
             error: Mutex::new(None),
             budget: Mutex::new(None),
             pools: Mutex::new(HashMap::new()),
+            expert_tables: Mutex::new(HashMap::new()),
         })
     }
 
@@ -591,6 +600,48 @@ impl Cuda {
         }
     }
 
+    /// The address tables of a layer's experts (`None` unless every matrix is bf16).
+    fn expert_tables(&self, experts: &[[&CudaBuf; 3]]) -> Option<Arc<[CudaSlice<u64>; 3]>> {
+        let addr = |b: &CudaBuf| match b {
+            CudaBuf::Bf16(s) => Some(s.device_ptr(&self.stream).0),
+            _ => None,
+        };
+        let key = addr(experts.first()?[0])?;
+        if let Some(t) = lock(&self.expert_tables).get(&key) {
+            return Some(t.clone());
+        }
+        let mut cols: [Vec<u64>; 3] = Default::default();
+        for e in experts {
+            for (j, m) in e.iter().enumerate() {
+                cols[j].push(addr(m)?);
+            }
+        }
+        let tables = Arc::new([
+            self.htod(&cols[0], "expert table")?,
+            self.htod(&cols[1], "expert table")?,
+            self.htod(&cols[2], "expert table")?,
+        ]);
+        lock(&self.expert_tables).insert(key, tables.clone());
+        Some(tables)
+    }
+
+    /// Uninitialised device memory the kernels fill, or the error recorded.
+    fn scratch<T: cudarc::driver::DeviceRepr>(&self, n: usize, what: &str) -> Option<CudaSlice<T>> {
+        // SAFETY: every caller's kernels write what they later read.
+        match unsafe { self.stream.alloc::<T>(n.max(1)) } {
+            Ok(s) => Some(s),
+            Err(e) => {
+                let free = self.memory().map(|m| m.0).unwrap_or(0);
+                self.record(DeviceError::OutOfMemory {
+                    what: format!("{what} ({e})"),
+                    bytes: n * std::mem::size_of::<T>(),
+                    free,
+                });
+                None
+            }
+        }
+    }
+
     /// A paged cache's rows as f32, `[rows, cols]`.
     fn read_paged(&self, p: &PagedRows<DeviceChunks>, cols: usize) -> Option<CudaSlice<f32>> {
         let rows = p.rows();
@@ -780,6 +831,199 @@ impl Backend for Cuda {
                 Vec::new()
             }
         }
+    }
+
+    fn moe_routed(
+        &self,
+        x: &CudaBuf,
+        t: usize,
+        logits: &CudaBuf,
+        bias: Option<&CudaBuf>,
+        experts: &[[&CudaBuf; 3]],
+        hidden: usize,
+        inter: usize,
+        moe: &crate::engine::config::MoeConfig,
+    ) -> Option<CudaBuf> {
+        use crate::engine::config::{ScoringFunc, TopkMethod};
+        let n = experts.len();
+        let k = moe.num_experts_per_tok;
+        let groups = moe.n_group.max(1);
+        // What the kernels handle; anything else goes the host's way.
+        if n == 0
+            || n > 512
+            || groups > 64
+            || !n.is_multiple_of(groups)
+            || k == 0
+            || k > n
+            || !hidden.is_multiple_of(2)
+            || !inter.is_multiple_of(2)
+        {
+            return None;
+        }
+        if self.errored() {
+            return Some(self.empty());
+        }
+        let tables = self.expert_tables(experts)?;
+        let (Some(xs), Some(ls)) = (self.f32_of(x, "moe"), self.f32_of(logits, "moe")) else {
+            return Some(self.empty());
+        };
+        if xs.len() != t * hidden || ls.len() != t * n {
+            self.record(failed("moe", "shapes"));
+            return Some(self.empty());
+        }
+        let Some(mut out) = self.alloc_f32(t * hidden, "moe output") else {
+            return Some(self.empty());
+        };
+        if t == 0 {
+            return Some(CudaBuf::F32(Arc::new(out)));
+        }
+        let pairs = t * k;
+        let (
+            Some(mut ids),
+            Some(mut w),
+            Some(mut count),
+            Some(mut start),
+            Some(mut slot_tok),
+            Some(mut slot_w),
+            Some(mut slot_of),
+            Some(mut h),
+            Some(mut y),
+        ) = (
+            self.scratch::<i32>(pairs, "moe routes"),
+            self.scratch::<f32>(pairs, "moe weights"),
+            self.scratch::<i32>(n, "moe counts"),
+            self.scratch::<i32>(n, "moe starts"),
+            self.scratch::<i32>(pairs, "moe slots"),
+            self.scratch::<f32>(pairs, "moe slots"),
+            self.scratch::<i32>(pairs, "moe slots"),
+            self.scratch::<f32>(pairs * inter, "moe intermediate"),
+            self.scratch::<f32>(pairs * hidden, "moe expert outputs"),
+        )
+        else {
+            return Some(self.empty());
+        };
+        let (ti, ni, ki) = (t as i32, n as i32, k as i32);
+        let scoring = i32::from(moe.scoring_func == ScoringFunc::Sigmoid);
+        let method = match moe.topk_method {
+            TopkMethod::Greedy => 0i32,
+            TopkMethod::GroupLimitedGreedy => 1,
+            TopkMethod::NoauxTc => 2,
+        };
+        let (gi, tg, norm, scale) = (
+            groups as i32,
+            moe.topk_group as i32,
+            i32::from(moe.norm_topk_prob),
+            moe.routed_scaling_factor as f32,
+        );
+        let route_cfg = LaunchConfig {
+            grid_dim: (t.div_ceil(64) as u32, 1, 1),
+            block_dim: (64, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        match bias {
+            Some(CudaBuf::F32(b)) if b.len() == n => {
+                launch!(
+                    self,
+                    "moe_route",
+                    route_cfg,
+                    ls,
+                    b.as_ref(),
+                    &ti,
+                    &ni,
+                    &ki,
+                    &scoring,
+                    &method,
+                    &gi,
+                    &tg,
+                    &norm,
+                    &scale,
+                    &mut ids,
+                    &mut w
+                )
+            }
+            _ => {
+                let null = 0u64;
+                launch!(
+                    self,
+                    "moe_route",
+                    route_cfg,
+                    ls,
+                    &null,
+                    &ti,
+                    &ni,
+                    &ki,
+                    &scoring,
+                    &method,
+                    &gi,
+                    &tg,
+                    &norm,
+                    &scale,
+                    &mut ids,
+                    &mut w
+                )
+            }
+        }
+        let pi = pairs as i32;
+        launch!(
+            self,
+            "moe_group",
+            per_row(1, 32),
+            &ids,
+            &w,
+            &pi,
+            &ki,
+            &ni,
+            &mut count,
+            &mut start,
+            &mut slot_tok,
+            &mut slot_w,
+            &mut slot_of
+        );
+        const WARPS: usize = 8;
+        let by_expert = |rows: usize| LaunchConfig {
+            grid_dim: (n as u32, rows.div_ceil(WARPS) as u32, 1),
+            block_dim: ((WARPS * 32) as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (hi, ii) = (hidden as i32, inter as i32);
+        launch!(
+            self,
+            "moe_gate_up",
+            by_expert(inter),
+            xs,
+            &tables[0],
+            &tables[1],
+            &count,
+            &start,
+            &slot_tok,
+            &hi,
+            &ii,
+            &mut h
+        );
+        launch!(
+            self,
+            "moe_down",
+            by_expert(hidden),
+            &h,
+            &tables[2],
+            &count,
+            &start,
+            &slot_w,
+            &hi,
+            &ii,
+            &mut y
+        );
+        launch!(
+            self,
+            "moe_combine",
+            per_row(t, 256),
+            &y,
+            &slot_of,
+            &ki,
+            &hi,
+            &mut out
+        );
+        Some(CudaBuf::F32(Arc::new(out)))
     }
 
     fn take_error(&self) -> Option<DeviceError> {

@@ -268,3 +268,191 @@ extern "C" __global__ void attention_paged(const float* __restrict__ q, const u6
         o[i] = a / S;
     }
 }
+
+// ---- Mixture of experts on the device ----------------------------------------------
+// Routing (DeepSeek's gate), one thread per token: n experts, k chosen. scoring: 0
+// softmax, 1 sigmoid; method: 0 greedy, 1 group-limited greedy, 2 noaux_tc (choice
+// scores corrected by `bias`, groups scored by their top two). Mirrors the CPU `route`.
+#define MOE_MAX_EXPERTS 512
+#define MOE_MAX_GROUPS 64
+extern "C" __global__ void moe_route(const float* __restrict__ logits, const float* __restrict__ bias,
+                                     int t, int n, int k, int scoring, int method, int n_group,
+                                     int topk_group, int norm_topk, float scaling,
+                                     int* __restrict__ ids, float* __restrict__ weights) {
+    int tok = blockIdx.x * blockDim.x + threadIdx.x;
+    if (tok >= t) return;
+    const float* l = logits + (long)tok * n;
+    float score[MOE_MAX_EXPERTS];
+    unsigned char allowed[MOE_MAX_EXPERTS];
+    if (scoring == 0) {
+        float m = NEG_INF;
+        for (int e = 0; e < n; e++) m = fmaxf(m, l[e]);
+        float s = 0.f;
+        for (int e = 0; e < n; e++) { score[e] = expf(l[e] - m); s += score[e]; }
+        for (int e = 0; e < n; e++) score[e] /= s;
+    } else {
+        for (int e = 0; e < n; e++) score[e] = 1.f / (1.f + expf(-l[e]));
+    }
+    bool corrected = method == 2 && bias != 0;
+    for (int e = 0; e < n; e++) allowed[e] = 1;
+    if (method != 0) {
+        int per = n / n_group;
+        float gs[MOE_MAX_GROUPS];
+        for (int g = 0; g < n_group; g++) {
+            float a = NEG_INF, b = NEG_INF;
+            for (int e = g * per; e < (g + 1) * per; e++) {
+                float c = corrected ? score[e] + bias[e] : score[e];
+                if (c > a) { b = a; a = c; } else if (c > b) { b = c; }
+            }
+            gs[g] = method == 2 ? a + (per > 1 ? b : 0.f) : a;
+        }
+        unsigned char keep[MOE_MAX_GROUPS];
+        for (int g = 0; g < n_group; g++) keep[g] = 0;
+        for (int i = 0; i < topk_group; i++) {
+            int best = -1;
+            for (int g = 0; g < n_group; g++)
+                if (!keep[g] && (best < 0 || gs[g] > gs[best])) best = g;
+            if (best >= 0) keep[best] = 1;
+        }
+        for (int e = 0; e < n; e++) allowed[e] = keep[e / per];
+    }
+    float sum = 0.f;
+    for (int i = 0; i < k; i++) {
+        int best = -1;
+        float bv = NEG_INF;
+        for (int e = 0; e < n; e++) {
+            if (allowed[e] != 1) continue;
+            float c = corrected ? score[e] + bias[e] : score[e];
+            if (best < 0 || c > bv) { best = e; bv = c; }
+        }
+        if (best < 0) best = 0;
+        allowed[best] = 2;
+        ids[tok * k + i] = best;
+        weights[tok * k + i] = score[best];
+        sum += score[best];
+    }
+    for (int i = 0; i < k; i++) {
+        float w = weights[tok * k + i];
+        if (k > 1 && norm_topk) {
+            w /= sum + 1e-20f;
+            if (method == 2) w *= scaling;
+        } else {
+            w *= scaling;
+        }
+        weights[tok * k + i] = w;
+    }
+}
+
+// Groups the t·k (token, expert) pairs by expert (one thread; t·k is small in decode):
+// count[e], start[e], and per sorted slot its token and weight; slot_of[pair] the slot of
+// pair `tok * k + i`.
+extern "C" __global__ void moe_group(const int* __restrict__ ids, const float* __restrict__ weights,
+                                     int pairs, int k, int n, int* __restrict__ count,
+                                     int* __restrict__ start, int* __restrict__ slot_tok,
+                                     float* __restrict__ slot_w, int* __restrict__ slot_of) {
+    if (blockIdx.x != 0 || threadIdx.x != 0) return;
+    for (int e = 0; e < n; e++) count[e] = 0;
+    for (int p = 0; p < pairs; p++) count[ids[p]]++;
+    int at = 0;
+    for (int e = 0; e < n; e++) { start[e] = at; at += count[e]; count[e] = 0; }
+    for (int p = 0; p < pairs; p++) {
+        int e = ids[p];
+        int s = start[e] + count[e]++;
+        slot_tok[s] = p / k;
+        slot_w[s] = weights[p];
+        slot_of[p] = s;
+    }
+}
+
+#define MOE_CHUNK 8
+
+// Dot products of one bf16 weight row with up to MOE_CHUNK f32 rows, by one warp.
+__device__ __forceinline__ void warp_dots(const bf16* __restrict__ w, const float* const* xs, int nx,
+                                          int len, float* out) {
+    int lane = threadIdx.x % WARP;
+    float acc[MOE_CHUNK];
+#pragma unroll
+    for (int j = 0; j < MOE_CHUNK; j++) acc[j] = 0.f;
+    const __nv_bfloat162* w2 = (const __nv_bfloat162*)w;
+    for (int i = lane; i < len / 2; i += WARP) {
+        float2 wf = __bfloat1622float2(w2[i]);
+#pragma unroll
+        for (int j = 0; j < MOE_CHUNK; j++) {
+            if (j < nx) {
+                float2 xv = ((const float2*)xs[j])[i];
+                acc[j] += wf.x * xv.x + wf.y * xv.y;
+            }
+        }
+    }
+#pragma unroll
+    for (int j = 0; j < MOE_CHUNK; j++) out[j] = warp_sum(acc[j]);
+}
+
+// h[slot, r] = silu(gate_e[r] · x_tok) · (up_e[r] · x_tok) for every slot of expert e;
+// grid (n experts, ceil(inter / warps)), one warp per row r. Weight tables hold each
+// expert's bf16 matrix address ([inter, hidden]).
+extern "C" __global__ void moe_gate_up(const float* __restrict__ x, const u64* __restrict__ gate_w,
+                                       const u64* __restrict__ up_w, const int* __restrict__ count,
+                                       const int* __restrict__ start, const int* __restrict__ slot_tok,
+                                       int hidden, int inter, float* __restrict__ h) {
+    int e = blockIdx.x;
+    int n_e = count[e];
+    if (n_e == 0) return;
+    int warps = blockDim.x / WARP;
+    int r = blockIdx.y * warps + threadIdx.x / WARP;
+    if (r >= inter) return;
+    const bf16* g = (const bf16*)gate_w[e] + (long)r * hidden;
+    const bf16* u = (const bf16*)up_w[e] + (long)r * hidden;
+    int s0 = start[e];
+    for (int c = 0; c < n_e; c += MOE_CHUNK) {
+        int nx = min(MOE_CHUNK, n_e - c);
+        const float* xs[MOE_CHUNK];
+#pragma unroll
+        for (int j = 0; j < MOE_CHUNK; j++)
+            xs[j] = x + (long)slot_tok[s0 + c + min(j, nx - 1)] * hidden;
+        float gv[MOE_CHUNK], uv[MOE_CHUNK];
+        warp_dots(g, xs, nx, hidden, gv);
+        warp_dots(u, xs, nx, hidden, uv);
+        if (threadIdx.x % WARP == 0)
+            for (int j = 0; j < nx; j++) {
+                float a = gv[j];
+                h[(long)(s0 + c + j) * inter + r] = a / (1.f + __expf(-a)) * uv[j];
+            }
+    }
+}
+
+// y[slot, r] = weight_slot · (down_e[r] · h[slot]); grid (n experts, ceil(hidden / warps)).
+extern "C" __global__ void moe_down(const float* __restrict__ h, const u64* __restrict__ down_w,
+                                    const int* __restrict__ count, const int* __restrict__ start,
+                                    const float* __restrict__ slot_w, int hidden, int inter,
+                                    float* __restrict__ y) {
+    int e = blockIdx.x;
+    int n_e = count[e];
+    if (n_e == 0) return;
+    int warps = blockDim.x / WARP;
+    int r = blockIdx.y * warps + threadIdx.x / WARP;
+    if (r >= hidden) return;
+    const bf16* d = (const bf16*)down_w[e] + (long)r * inter;
+    int s0 = start[e];
+    for (int c = 0; c < n_e; c += MOE_CHUNK) {
+        int nx = min(MOE_CHUNK, n_e - c);
+        const float* hs[MOE_CHUNK];
+#pragma unroll
+        for (int j = 0; j < MOE_CHUNK; j++) hs[j] = h + (long)(s0 + c + min(j, nx - 1)) * inter;
+        float v[MOE_CHUNK];
+        warp_dots(d, hs, nx, inter, v);
+        if (threadIdx.x % WARP == 0)
+            for (int j = 0; j < nx; j++) y[(long)(s0 + c + j) * hidden + r] = slot_w[s0 + c + j] * v[j];
+    }
+}
+
+// out[tok, :] = Σ_i y[slot_of[tok·k + i], :], one block per token.
+extern "C" __global__ void moe_combine(const float* __restrict__ y, const int* __restrict__ slot_of,
+                                       int k, int hidden, float* __restrict__ out) {
+    int tok = blockIdx.x;
+    for (int c = threadIdx.x; c < hidden; c += blockDim.x) {
+        float a = 0.f;
+        for (int i = 0; i < k; i++) a += y[(long)slot_of[tok * k + i] * hidden + c];
+        out[(long)tok * hidden + c] = a;
+    }
+}

@@ -98,6 +98,26 @@ pub trait Backend {
             .map(|r| crate::engine::sampler::argmax(r) as u32)
             .collect()
     }
+    /// Routed experts of an MoE layer, on the device: routes every row of `x[t, hidden]`
+    /// from the gate's `logits[t, n]` (and the noaux_tc correction `bias[n]`) as
+    /// [`crate::engine::model::route`] does, runs each chosen expert (`gate`, `up`, `down`
+    /// matrices, intermediate size `inter`) on its tokens, and returns the weighted sum,
+    /// `[t, hidden]` (shared experts not included). `None`: this backend routes on the host.
+    #[allow(clippy::too_many_arguments)]
+    fn moe_routed(
+        &self,
+        x: &Self::Buf,
+        t: usize,
+        logits: &Self::Buf,
+        bias: Option<&Self::Buf>,
+        experts: &[[&Self::Buf; 3]],
+        hidden: usize,
+        inter: usize,
+        moe: &crate::engine::config::MoeConfig,
+    ) -> Option<Self::Buf> {
+        let _ = (x, t, logits, bias, experts, hidden, inter, moe);
+        None
+    }
     /// The first device error since the last call, if any. Operations after an error
     /// do nothing and return empty buffers: callers check this after a forward pass and
     /// discard its results.

@@ -1,0 +1,820 @@
+//! The CUDA backend's kernels (`src/engine/backend/cuda_kernels.cu`), run on the CPU and
+//! checked against the CPU backend: so the kernels' logic is tested on every machine,
+//! GPU or not. The kernel source is compiled by the host C++ compiler against
+//! `tests/emu/shim.h`, which runs every CUDA thread of a block as an OS thread (barriers
+//! and warp shuffles behave as on the device) and every block in turn; device pointers
+//! are host pointers, so the paged cache's block tables hold host addresses. Each test
+//! launches a kernel with the grid and block shape the backend uses.
+//!
+//! Needs `g++` (C++20); without it the tests say so and skip, unless
+//! `CLOUD_CORE_REQUIRE_EMU=1` (CI sets it), which makes that a failure.
+
+// Loading the compiled kernels and handing them raw host pointers is FFI by nature.
+#![allow(unsafe_code)]
+
+use std::ffi::{c_char, c_void, CString};
+use std::sync::OnceLock;
+
+use cloud_core::engine::backend::cpu::Cpu;
+use cloud_core::engine::backend::{Backend, RopeLayout};
+use cloud_core::engine::config::{MoeConfig, ScoringFunc, TopkMethod};
+use cloud_core::engine::model::route;
+use half::bf16;
+
+const KERNELS: &str = include_str!("../src/engine/backend/cuda_kernels.cu");
+const SHIM: &str = include_str!("emu/shim.h");
+
+type LaunchFn =
+    unsafe extern "C" fn(*const c_char, u32, u32, u32, u32, u32, u32, u32, *mut *mut c_void) -> i32;
+
+struct Emu {
+    _lib: libloading::Library,
+    launch: LaunchFn,
+}
+
+/// The C++ glue: `emu_launch(name, grid, block, shared, args)` calls the named kernel with
+/// `args` read as its parameter types (as `cuLaunchKernel` reads them).
+fn glue(src: &str) -> String {
+    let mut out = String::from(
+        "extern \"C\" int emu_launch(const char* name, unsigned gx, unsigned gy, unsigned gz, \
+         unsigned bx, unsigned by, unsigned bz, unsigned shared, void** a) {\n  \
+         dim3 g{gx, gy, gz}, b{bx, by, bz};\n",
+    );
+    let marker = "extern \"C\" __global__ void ";
+    let mut rest = src;
+    while let Some(i) = rest.find(marker) {
+        rest = &rest[i + marker.len()..];
+        let open = rest.find('(').expect("(");
+        let name = rest[..open].trim();
+        let close = rest.find(')').expect(")");
+        let params: Vec<String> = rest[open + 1..close]
+            .split(',')
+            .enumerate()
+            .map(|(i, p)| {
+                let p = p.replace("__restrict__", " ");
+                let p = p.trim();
+                let cut = p
+                    .rfind(|c: char| !(c.is_alphanumeric() || c == '_'))
+                    .expect("a typed parameter");
+                let ty = p[..=cut].trim();
+                format!("*({ty}*)a[{i}]")
+            })
+            .collect();
+        out.push_str(&format!(
+            "  if (!std::strcmp(name, \"{name}\")) {{ emu_run(g, b, shared, [=] {{ {name}({}); }}); return 0; }}\n",
+            params.join(", ")
+        ));
+    }
+    out.push_str("  return 1;\n}\n");
+    out
+}
+
+fn emu() -> Option<&'static Emu> {
+    static EMU: OnceLock<Result<Emu, String>> = OnceLock::new();
+    let r = EMU.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("cloud-core-kernels-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        let kernels = KERNELS.replace("#include <cuda_bf16.h>", "").replace(
+            "extern __shared__ float sm[];",
+            "float* sm = (float*)emu_dynamic_shared;",
+        );
+        let src = format!("{SHIM}\n{kernels}\n{}", glue(KERNELS));
+        let cpp = dir.join("kernels.cpp");
+        std::fs::write(&cpp, src).map_err(|e| e.to_string())?;
+        let lib = dir.join("libkernels.so");
+        let out = std::process::Command::new("g++")
+            .args([
+                "-std=c++20",
+                "-O1",
+                "-shared",
+                "-fPIC",
+                "-pthread",
+                "-w",
+                "-o",
+            ])
+            .arg(&lib)
+            .arg(&cpp)
+            .output()
+            .map_err(|e| format!("no g++ to build the kernels for the CPU: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "g++ could not build the kernels: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        // SAFETY: the library is the one just built, with no initialisers of its own
+        // beyond the C++ runtime's; `emu_launch` has the signature of `LaunchFn`.
+        unsafe {
+            let l = libloading::Library::new(&lib).map_err(|e| e.to_string())?;
+            let f: libloading::Symbol<'_, LaunchFn> =
+                l.get(b"emu_launch\0").map_err(|e| e.to_string())?;
+            let launch = *f;
+            Ok(Emu { _lib: l, launch })
+        }
+    });
+    match r {
+        Ok(e) => Some(e),
+        Err(why) if why.starts_with("no g++") => {
+            assert!(
+                std::env::var("CLOUD_CORE_REQUIRE_EMU").map_or(true, |v| v != "1"),
+                "CLOUD_CORE_REQUIRE_EMU=1 but {why}"
+            );
+            eprintln!("skipped: {why}");
+            None
+        }
+        Err(why) => panic!("{why}"),
+    }
+}
+
+/// A kernel argument: a pointer into host memory standing in for device memory, or a
+/// scalar of the kernel parameter's type.
+enum Arg {
+    P(*const u8),
+    I(i32),
+    L(i64),
+    U(u64),
+    F(f32),
+}
+
+fn p<T>(v: &[T]) -> Arg {
+    Arg::P(v.as_ptr().cast())
+}
+
+fn pm<T>(v: &mut [T]) -> Arg {
+    Arg::P(v.as_mut_ptr().cast())
+}
+
+fn launch(name: &str, grid: (u32, u32), block: u32, shared: u32, args: &[Arg]) {
+    let Some(e) = emu() else { return };
+    let mut store: Vec<[u8; 8]> = args
+        .iter()
+        .map(|a| {
+            let mut b = [0u8; 8];
+            match a {
+                Arg::P(p) => b.copy_from_slice(&(*p as usize as u64).to_ne_bytes()),
+                Arg::I(v) => b[..4].copy_from_slice(&v.to_ne_bytes()),
+                Arg::L(v) => b.copy_from_slice(&v.to_ne_bytes()),
+                Arg::U(v) => b.copy_from_slice(&v.to_ne_bytes()),
+                Arg::F(v) => b[..4].copy_from_slice(&v.to_ne_bytes()),
+            }
+            b
+        })
+        .collect();
+    let mut ptrs: Vec<*mut c_void> = store.iter_mut().map(|b| b.as_mut_ptr().cast()).collect();
+    let cname = CString::new(name).expect("name");
+    // The emulation runs one launch at a time (blocks share static `__shared__` storage).
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    // SAFETY: every pointer argument points into a live Vec of the size the kernel
+    // indexes for these launch dimensions (set up by each test), and scalars are passed
+    // in 8-byte slots read as the kernel's parameter types.
+    let rc = unsafe {
+        (e.launch)(
+            cname.as_ptr(),
+            grid.0,
+            grid.1,
+            1,
+            block,
+            1,
+            1,
+            shared,
+            ptrs.as_mut_ptr(),
+        )
+    };
+    assert_eq!(rc, 0, "no kernel named {name}");
+}
+
+fn available() -> bool {
+    emu().is_some()
+}
+
+fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+fn to_bf16(v: &[f32]) -> Vec<bf16> {
+    v.iter().map(|x| bf16::from_f32(*x)).collect()
+}
+
+fn rounded(v: &[f32]) -> Vec<f32> {
+    v.iter().map(|x| bf16::from_f32(*x).to_f32()).collect()
+}
+
+fn assert_close(got: &[f32], want: &[f32], tol: f32, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    let scale = want.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+    for (i, (a, b)) in got.iter().zip(want).enumerate() {
+        assert!(
+            (a - b).abs() <= tol * scale,
+            "{what}: element {i}: {a} vs {b} (scale {scale})"
+        );
+    }
+}
+
+#[test]
+fn conversions_and_elementwise_kernels_match_the_cpu() {
+    if !available() {
+        return;
+    }
+    let n = 1000;
+    let x = rand_vec(n, 1);
+    let y = rand_vec(n, 2);
+    // f32 → bf16 rounds to nearest even, as `half` does.
+    let mut b = vec![bf16::ZERO; n];
+    launch(
+        "f32_to_bf16",
+        (4, 1),
+        256,
+        0,
+        &[p(&x), pm(&mut b), Arg::L(n as i64)],
+    );
+    assert_eq!(b, to_bf16(&x));
+    let mut back = vec![0f32; n];
+    launch(
+        "bf16_to_f32",
+        (4, 1),
+        256,
+        0,
+        &[p(&b), pm(&mut back), Arg::L(n as i64)],
+    );
+    assert_eq!(back, rounded(&x));
+    // x += s·y
+    let mut z = x.clone();
+    launch(
+        "axpy",
+        (4, 1),
+        256,
+        0,
+        &[pm(&mut z), p(&y), Arg::L(n as i64), Arg::F(0.5)],
+    );
+    let cpu = Cpu::default();
+    let mut want = x.clone();
+    cpu.add_scaled(&mut want, &y, 0.5);
+    assert_close(&z, &want, 1e-6, "axpy");
+    // silu(g)·u
+    let mut s = vec![0f32; n];
+    launch(
+        "silu_mul",
+        (4, 1),
+        256,
+        0,
+        &[p(&x), p(&y), pm(&mut s), Arg::L(n as i64)],
+    );
+    assert_close(&s, &cpu.silu_mul(&x, &y), 1e-5, "silu_mul");
+    // bias on every row
+    let bias = rand_vec(40, 3);
+    let mut xb = x.clone();
+    launch(
+        "add_bias",
+        (4, 1),
+        256,
+        0,
+        &[pm(&mut xb), p(&bias), Arg::L(n as i64), Arg::I(40)],
+    );
+    let mut want = x.clone();
+    cpu.add_bias(&mut want, &bias);
+    assert_close(&xb, &want, 1e-6, "add_bias");
+    // Uniform random weights stay in range and are centred.
+    let mut r = vec![bf16::ZERO; 4096];
+    launch(
+        "fill_uniform_bf16",
+        (16, 1),
+        256,
+        0,
+        &[pm(&mut r), Arg::L(4096), Arg::U(7), Arg::F(0.25)],
+    );
+    let f: Vec<f32> = r.iter().map(|v| v.to_f32()).collect();
+    assert!(f.iter().all(|v| v.abs() <= 0.2501));
+    let mean = f.iter().sum::<f32>() / f.len() as f32;
+    assert!(mean.abs() < 0.02, "mean {mean}");
+    assert!(f.iter().filter(|v| **v > 0.0).count() > 1800);
+}
+
+#[test]
+fn row_kernels_match_the_cpu() {
+    if !available() {
+        return;
+    }
+    let cpu = Cpu::default();
+    let (rows, d) = (5, 96);
+    let x = rand_vec(rows * d, 4);
+    let w = rand_vec(d, 5);
+    let mut y = vec![0f32; rows * d];
+    launch(
+        "rms_norm",
+        (rows as u32, 1),
+        256,
+        0,
+        &[p(&x), p(&w), pm(&mut y), Arg::I(d as i32), Arg::F(1e-6)],
+    );
+    assert_close(&y, &cpu.rms_norm(&x, &w, 1e-6), 1e-5, "rms_norm");
+    // Gathers from an f32 and a bf16 table.
+    let table = rand_vec(10 * d, 6);
+    let ids = [3u32, 0, 9, 3];
+    let mut g = vec![0f32; ids.len() * d];
+    launch(
+        "gather_rows_f32",
+        (4, 1),
+        256,
+        0,
+        &[p(&table), p(&ids), pm(&mut g), Arg::I(d as i32)],
+    );
+    assert_eq!(g, cpu.gather_rows(&table, d, &ids));
+    let tb = to_bf16(&table);
+    launch(
+        "gather_rows_bf16",
+        (4, 1),
+        256,
+        0,
+        &[p(&tb), p(&ids), pm(&mut g), Arg::I(d as i32)],
+    );
+    assert_eq!(g, cpu.gather_rows(&rounded(&table), d, &ids));
+    // Column slices and concatenations.
+    let mut sl = vec![0f32; rows * 30];
+    launch(
+        "copy_cols",
+        (1, 1),
+        256,
+        0,
+        &[
+            p(&x),
+            Arg::I(d as i32),
+            Arg::I(10),
+            pm(&mut sl),
+            Arg::I(30),
+            Arg::I(0),
+            Arg::I(30),
+            Arg::L(rows as i64),
+        ],
+    );
+    assert_eq!(sl, cpu.slice_cols(&x, d, 10, 30));
+    // Scatter-add of expert rows.
+    let src = rand_vec(3 * d, 7);
+    let to = [4u32, 1, 2];
+    let ws = [0.5f32, -1.0, 2.0];
+    let mut dst = x.clone();
+    launch(
+        "add_rows_scaled",
+        (3, 1),
+        256,
+        0,
+        &[pm(&mut dst), Arg::I(d as i32), p(&src), p(&to), p(&ws)],
+    );
+    let mut want = x.clone();
+    cpu.add_rows_scaled(&mut want, d, &src, &[4, 1, 2], &ws);
+    assert_close(&dst, &want, 1e-6, "add_rows_scaled");
+    // MLA's expansion of per-head keys and values.
+    let (t, h, nope, dv, rope) = (3, 4, 8, 6, 4);
+    let kv = rand_vec(t * h * (nope + dv), 8);
+    let pe = rand_vec(t * rope, 9);
+    let mut k = vec![0f32; t * h * (nope + rope)];
+    let mut v = vec![0f32; t * h * dv];
+    launch(
+        "mla_expand",
+        ((t * h) as u32, 1),
+        128,
+        0,
+        &[
+            p(&kv),
+            p(&pe),
+            pm(&mut k),
+            pm(&mut v),
+            Arg::I(h as i32),
+            Arg::I(nope as i32),
+            Arg::I(dv as i32),
+            Arg::I(rope as i32),
+        ],
+    );
+    let (wk, wv) = cpu.mla_expand(&kv, &pe, t, h, nope, dv, rope);
+    assert_eq!((k, v), (wk, wv));
+    // Greedy picks, the lowest index on ties.
+    let mut logits = rand_vec(3 * 1000, 10);
+    logits[1000 + 17] = 5.0;
+    logits[1000 + 900] = 5.0;
+    let mut picks = vec![0u32; 3];
+    launch(
+        "argmax_rows",
+        (3, 1),
+        256,
+        0,
+        &[p(&logits), Arg::I(1000), pm(&mut picks)],
+    );
+    assert_eq!(picks, cpu.argmax_rows(&logits, 1000));
+    assert_eq!(picks[1], 17);
+}
+
+#[test]
+fn rope_matches_the_cpu_in_both_layouts() {
+    if !available() {
+        return;
+    }
+    let cpu = Cpu::default();
+    let (rows, heads, hd) = (3, 2, 24);
+    let positions = [0usize, 5, 11];
+    let pos: Vec<u32> = positions.iter().map(|p| *p as u32).collect();
+    for (layout, offset, rot) in [
+        (RopeLayout::Halves, 0, 24),
+        (RopeLayout::Interleaved, 8, 16),
+    ] {
+        let half = rot / 2;
+        let cos = rand_vec(16 * half, 11);
+        let sin = rand_vec(16 * half, 12);
+        let x = rand_vec(rows * heads * hd, 13);
+        let mut got = x.clone();
+        let threads = (half.div_ceil(32) * 32).min(256) as u32;
+        launch(
+            "rope",
+            ((rows * heads) as u32, 1),
+            threads,
+            0,
+            &[
+                pm(&mut got),
+                p(&pos),
+                p(&cos),
+                p(&sin),
+                Arg::I(heads as i32),
+                Arg::I(hd as i32),
+                Arg::I(offset as i32),
+                Arg::I(rot as i32),
+                Arg::I(i32::from(layout == RopeLayout::Interleaved)),
+            ],
+        );
+        let mut want = x.clone();
+        cpu.rope(
+            &mut want, heads, hd, offset, rot, &positions, &cos, &sin, layout,
+        );
+        assert_close(&got, &want, 1e-6, &format!("rope {layout:?}"));
+    }
+}
+
+/// A paged cache in host memory: `rows` of `cols` bf16 values in blocks of `br` rows,
+/// the blocks deliberately out of order.
+struct Paged {
+    blocks: Vec<Vec<bf16>>,
+    table: Vec<u64>,
+}
+
+fn paged(values: &[f32], cols: usize, br: usize) -> Paged {
+    let rows = values.len() / cols;
+    let n = rows.div_ceil(br);
+    let blocks: Vec<Vec<bf16>> = (0..n).map(|_| vec![bf16::ZERO; br * cols]).collect();
+    // Write through the kernel, at addresses taken from a table in reverse block order.
+    let order: Vec<usize> = (0..n).rev().collect();
+    let table: Vec<u64> = (0..n)
+        .map(|i| blocks[order[i]].as_ptr() as usize as u64)
+        .collect();
+    let addrs: Vec<u64> = (0..rows)
+        .map(|r| table[r / br] + ((r % br) * cols * 2) as u64)
+        .collect();
+    launch(
+        "paged_write",
+        (rows as u32, 1),
+        128,
+        0,
+        &[p(values), p(&addrs), Arg::I(cols as i32)],
+    );
+    Paged { blocks, table }
+}
+
+#[test]
+fn paged_cache_rows_round_trip() {
+    if !available() {
+        return;
+    }
+    let (rows, cols, br) = (11, 20, 4);
+    let v = rand_vec(rows * cols, 14);
+    let c = paged(&v, cols, br);
+    let mut back = vec![0f32; 7 * cols];
+    launch(
+        "paged_read",
+        (7, 1),
+        128,
+        0,
+        &[
+            p(&c.table),
+            Arg::I(br as i32),
+            Arg::I(cols as i32),
+            Arg::I(0),
+            pm(&mut back),
+        ],
+    );
+    assert_eq!(back, rounded(&v[..7 * cols]));
+    assert_eq!(c.blocks.len(), 3);
+}
+
+#[test]
+fn paged_attention_matches_the_cpu() {
+    if !available() {
+        return;
+    }
+    let cpu = Cpu::default();
+    // GQA (Qwen-like, dv 16), MLA's absorbed form (one key head, rope dims on the keys,
+    // values wider than a warp's 32 lanes), and a prefill of every position.
+    for (t, total, h, hk, dk, dv, br) in [
+        (3, 10, 4, 2, 16, 16, 4),
+        (2, 13, 4, 1, 40, 96, 16),
+        (9, 9, 2, 2, 8, 8, 4),
+    ] {
+        let q = rand_vec(t * h * dk, 15);
+        let k = rand_vec(total * hk * dk, 16);
+        let v = rand_vec(total * hk * dv, 17);
+        let kc = paged(&k, hk * dk, br);
+        let vc = paged(&v, hk * dv, br);
+        let scale = 1.0 / (dk as f32).sqrt();
+        let mut out = vec![0f32; t * h * dv];
+        let warps = 4;
+        launch(
+            "attention_paged",
+            ((t * h) as u32, 1),
+            warps * 32,
+            ((dk + 2 * warps as usize + warps as usize * dv) * 4) as u32,
+            &[
+                p(&q),
+                p(&kc.table),
+                p(&vc.table),
+                pm(&mut out),
+                Arg::I(t as i32),
+                Arg::I(total as i32),
+                Arg::I(h as i32),
+                Arg::I(hk as i32),
+                Arg::I(dk as i32),
+                Arg::I(dv as i32),
+                Arg::F(scale),
+                Arg::I(br as i32),
+            ],
+        );
+        let want = cpu.attention(&q, &rounded(&k), &rounded(&v), t, h, hk, dk, dv, scale);
+        assert_close(
+            &out,
+            &want,
+            1e-5,
+            &format!("attention t {t} T {total} h {h} hk {hk}"),
+        );
+    }
+}
+
+fn moe_cfg(method: TopkMethod, scoring: ScoringFunc, k: usize, norm: bool) -> MoeConfig {
+    MoeConfig {
+        n_routed_experts: 16,
+        n_shared_experts: 0,
+        num_experts_per_tok: k,
+        moe_intermediate_size: 12,
+        first_k_dense_replace: 0,
+        moe_layer_freq: 1,
+        topk_method: method,
+        scoring_func: scoring,
+        n_group: 4,
+        topk_group: 2,
+        norm_topk_prob: norm,
+        routed_scaling_factor: 2.5,
+    }
+}
+
+fn method_code(m: TopkMethod) -> i32 {
+    match m {
+        TopkMethod::Greedy => 0,
+        TopkMethod::GroupLimitedGreedy => 1,
+        TopkMethod::NoauxTc => 2,
+    }
+}
+
+#[test]
+fn moe_routing_matches_the_cpu_router() {
+    if !available() {
+        return;
+    }
+    let t = 7;
+    let n = 16;
+    for (i, moe) in [
+        moe_cfg(TopkMethod::Greedy, ScoringFunc::Softmax, 6, false),
+        moe_cfg(
+            TopkMethod::GroupLimitedGreedy,
+            ScoringFunc::Softmax,
+            3,
+            true,
+        ),
+        moe_cfg(TopkMethod::NoauxTc, ScoringFunc::Sigmoid, 4, true),
+        moe_cfg(TopkMethod::NoauxTc, ScoringFunc::Sigmoid, 1, true),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let k = moe.num_experts_per_tok;
+        let logits: Vec<f32> = rand_vec(t * n, 20 + i as u64)
+            .iter()
+            .map(|x| x * 4.0)
+            .collect();
+        let bias: Vec<f32> = rand_vec(n, 30).iter().map(|x| x * 0.3).collect();
+        let mut ids = vec![0i32; t * k];
+        let mut w = vec![0f32; t * k];
+        let uses_bias = moe.topk_method == TopkMethod::NoauxTc;
+        let bias_arg = if uses_bias { p(&bias) } else { Arg::U(0) };
+        launch(
+            "moe_route",
+            (1, 1),
+            64,
+            0,
+            &[
+                p(&logits),
+                bias_arg,
+                Arg::I(t as i32),
+                Arg::I(n as i32),
+                Arg::I(k as i32),
+                Arg::I(i32::from(moe.scoring_func == ScoringFunc::Sigmoid)),
+                Arg::I(method_code(moe.topk_method)),
+                Arg::I(moe.n_group as i32),
+                Arg::I(moe.topk_group as i32),
+                Arg::I(i32::from(moe.norm_topk_prob)),
+                Arg::F(moe.routed_scaling_factor as f32),
+                pm(&mut ids),
+                pm(&mut w),
+            ],
+        );
+        for tok in 0..t {
+            let want = route(
+                &logits[tok * n..(tok + 1) * n],
+                uses_bias.then_some(&bias[..]),
+                &moe,
+            );
+            for (j, (e, wt)) in want.iter().enumerate() {
+                assert_eq!(
+                    ids[tok * k + j] as usize,
+                    *e,
+                    "{:?} token {tok} choice {j}",
+                    moe.topk_method
+                );
+                assert!(
+                    (w[tok * k + j] - wt).abs() < 1e-5,
+                    "{:?} token {tok} weight {j}",
+                    moe.topk_method
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn moe_experts_on_the_device_match_a_host_computation() {
+    if !available() {
+        return;
+    }
+    let (t, n, k, hidden, inter) = (5, 16, 3, 64, 12);
+    let moe = moe_cfg(TopkMethod::Greedy, ScoringFunc::Softmax, k, true);
+    let x = rand_vec(t * hidden, 40);
+    let logits: Vec<f32> = rand_vec(t * n, 41).iter().map(|v| v * 3.0).collect();
+    // Experts' bf16 matrices and their address tables.
+    let mats: Vec<[Vec<bf16>; 3]> = (0..n)
+        .map(|e| {
+            [
+                to_bf16(&rand_vec(inter * hidden, 100 + e as u64)),
+                to_bf16(&rand_vec(inter * hidden, 200 + e as u64)),
+                to_bf16(&rand_vec(hidden * inter, 300 + e as u64)),
+            ]
+        })
+        .collect();
+    let table =
+        |j: usize| -> Vec<u64> { mats.iter().map(|m| m[j].as_ptr() as usize as u64).collect() };
+    let (tg, tu, td) = (table(0), table(1), table(2));
+    let pairs = t * k;
+    let (mut ids, mut w) = (vec![0i32; pairs], vec![0f32; pairs]);
+    launch(
+        "moe_route",
+        (1, 1),
+        64,
+        0,
+        &[
+            p(&logits),
+            Arg::U(0),
+            Arg::I(t as i32),
+            Arg::I(n as i32),
+            Arg::I(k as i32),
+            Arg::I(0),
+            Arg::I(0),
+            Arg::I(4),
+            Arg::I(2),
+            Arg::I(1),
+            Arg::F(moe.routed_scaling_factor as f32),
+            pm(&mut ids),
+            pm(&mut w),
+        ],
+    );
+    let (mut count, mut start) = (vec![0i32; n], vec![0i32; n]);
+    let (mut slot_tok, mut slot_w, mut slot_of) =
+        (vec![0i32; pairs], vec![0f32; pairs], vec![0i32; pairs]);
+    launch(
+        "moe_group",
+        (1, 1),
+        32,
+        0,
+        &[
+            p(&ids),
+            p(&w),
+            Arg::I(pairs as i32),
+            Arg::I(k as i32),
+            Arg::I(n as i32),
+            pm(&mut count),
+            pm(&mut start),
+            pm(&mut slot_tok),
+            pm(&mut slot_w),
+            pm(&mut slot_of),
+        ],
+    );
+    let warps = 8u32;
+    let mut h = vec![0f32; pairs * inter];
+    launch(
+        "moe_gate_up",
+        (n as u32, inter.div_ceil(warps as usize) as u32),
+        warps * 32,
+        0,
+        &[
+            p(&x),
+            p(&tg),
+            p(&tu),
+            p(&count),
+            p(&start),
+            p(&slot_tok),
+            Arg::I(hidden as i32),
+            Arg::I(inter as i32),
+            pm(&mut h),
+        ],
+    );
+    let mut y = vec![0f32; pairs * hidden];
+    launch(
+        "moe_down",
+        (n as u32, hidden.div_ceil(warps as usize) as u32),
+        warps * 32,
+        0,
+        &[
+            p(&h),
+            p(&td),
+            p(&count),
+            p(&start),
+            p(&slot_w),
+            Arg::I(hidden as i32),
+            Arg::I(inter as i32),
+            pm(&mut y),
+        ],
+    );
+    let mut out = vec![0f32; t * hidden];
+    launch(
+        "moe_combine",
+        (t as u32, 1),
+        256,
+        0,
+        &[
+            p(&y),
+            p(&slot_of),
+            Arg::I(k as i32),
+            Arg::I(hidden as i32),
+            pm(&mut out),
+        ],
+    );
+    // The host computation: route, then each chosen expert's SwiGLU, weighted.
+    let cpu = Cpu::default();
+    let f = |v: &Vec<bf16>| -> Vec<f32> { v.iter().map(|x| x.to_f32()).collect() };
+    let mut want = vec![0f32; t * hidden];
+    for tok in 0..t {
+        let xt = x[tok * hidden..(tok + 1) * hidden].to_vec();
+        for (e, wt) in route(&logits[tok * n..(tok + 1) * n], None, &moe) {
+            let g = cpu.linear(&xt, 1, &f(&mats[e][0]), inter, hidden);
+            let u = cpu.linear(&xt, 1, &f(&mats[e][1]), inter, hidden);
+            let d = cpu.linear(&cpu.silu_mul(&g, &u), 1, &f(&mats[e][2]), hidden, inter);
+            for (o, v) in want[tok * hidden..(tok + 1) * hidden].iter_mut().zip(d) {
+                *o += wt * v;
+            }
+        }
+    }
+    assert_close(&out, &want, 1e-4, "moe");
+    // Every pair landed in one slot, grouped by expert.
+    let mut seen = slot_of.clone();
+    seen.sort_unstable();
+    assert_eq!(seen, (0..pairs as i32).collect::<Vec<_>>());
+    assert_eq!(count.iter().sum::<i32>() as usize, pairs);
+}
+
+#[test]
+fn the_glue_reads_every_kernel_signature() {
+    let g = glue(KERNELS);
+    for name in [
+        "rms_norm",
+        "attention_paged",
+        "moe_route",
+        "moe_combine",
+        "argmax_rows",
+    ] {
+        assert!(
+            g.contains(&format!("\"{name}\"")),
+            "{name} missing from the glue"
+        );
+    }
+}
