@@ -1,353 +1,39 @@
 //! The CUDA backend against the CPU backend and the committed reference fixtures
-//! (`fixtures/parity/`, transformers f32). Runs where a GPU is present; elsewhere every
-//! test prints why it skipped (CI has no GPU: it compiles these and checks the kernels
-//! compile with NVRTC). Run on a GPU machine with `bash .ci/gpu`.
-//!
-//! The rule (bf16 weights and cache against f32 references): at every prefill position
-//! and decode step `max|Δlogit| / max|logit| ≤ 2e-2`, and the greedy token is the
-//! reference's wherever the reference's top-2 margin exceeds 0.05. Decode steps are fed
-//! the reference's tokens, so a near-tie elsewhere cannot derail later comparisons.
+//! (`fixtures/parity/`, transformers f32), on a real GPU. Where there is none every test
+//! prints why it skipped (CI has no GPU: it compiles these, runs the same suite on the
+//! emulated device in `cuda_on_cpu.rs`, and compiles the kernels with NVRTC). Run on a GPU
+//! machine with `bash .ci/gpu`.
 #![cfg(feature = "cuda")]
 
-use std::path::{Path, PathBuf};
+#[path = "cuda_suite/mod.rs"]
+mod suite;
 
-use cloud_core::engine::backend::cpu::Cpu;
-use cloud_core::engine::backend::cuda::{unavailable, Cuda, CudaOptions};
-use cloud_core::engine::backend::{Backend, DeviceError};
-use cloud_core::engine::model::{EngineError, Model};
-use serde_json::Value;
-
-const TOLERANCE: f64 = 2e-2;
-const MARGIN: f32 = 0.05;
-const ARCHS: &[&str] = &[
-    "llama",
-    "qwen2",
-    "deepseek_v2_lite",
-    "deepseek_v2_qlora",
-    "deepseek_v3",
-];
-
-/// The backend, or `None` with the reason printed. `CLOUD_CORE_REQUIRE_GPU=1` (set by
-/// `.ci/gpu`) makes a missing GPU a failure.
-fn gpu(opts: CudaOptions) -> Option<Cuda> {
-    if let Some(why) = unavailable() {
-        assert!(
-            std::env::var("CLOUD_CORE_REQUIRE_GPU").map_or(true, |v| v != "1"),
-            "CLOUD_CORE_REQUIRE_GPU=1 but {why}"
-        );
-        eprintln!("skipped: {why}");
-        return None;
-    }
-    Some(
-        Cuda::new(opts)
-            .unwrap_or_else(|e| panic!("a GPU is present but the backend does not start: {e}")),
-    )
-}
-
-/// `fixtures/parity/`, or `CLOUD_CORE_FIXTURES` (a test binary carried to another machine).
-fn fixtures() -> PathBuf {
-    match std::env::var_os("CLOUD_CORE_FIXTURES") {
-        Some(p) => PathBuf::from(p),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/parity"),
-    }
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .expect("ids")
-        .iter()
-        .map(|x| x.as_u64().expect("id") as u32)
-        .collect()
-}
-
-fn rows(v: &Value) -> Vec<Vec<f32>> {
-    v.as_array()
-        .expect("rows")
-        .iter()
-        .map(|r| {
-            r.as_array()
-                .expect("row")
-                .iter()
-                .map(|x| x.as_f64().expect("number") as f32)
-                .collect()
-        })
-        .collect()
-}
-
-fn rel_diff(got: &[f32], want: &[f32]) -> f64 {
-    assert_eq!(got.len(), want.len(), "vocabulary sizes differ");
-    let max_ref = want.iter().map(|x| x.abs() as f64).fold(0.0, f64::max);
-    let max_diff = got
-        .iter()
-        .zip(want)
-        .map(|(a, b)| (*a as f64 - *b as f64).abs())
-        .fold(0.0, f64::max);
-    max_diff / max_ref.max(1e-30)
-}
-
-fn argmax(v: &[f32]) -> u32 {
-    cloud_core::engine::sampler::argmax(v) as u32
-}
-
-/// The reference's top-2 margin.
-fn margin(v: &[f32]) -> f32 {
-    let mut s = v.to_vec();
-    s.sort_by(|a, b| b.total_cmp(a));
-    s[0] - s.get(1).copied().unwrap_or(f32::NEG_INFINITY)
-}
-
-fn check_token(arch: &str, what: &str, got: &[f32], want: &[f32]) {
-    if margin(want) > MARGIN {
-        assert_eq!(
-            argmax(got),
-            argmax(want),
-            "{arch}: {what}: greedy token differs"
-        );
-    }
-}
-
-struct Case {
-    name: String,
-    prompt: Vec<u32>,
-    greedy: Vec<u32>,
-    prefill: Vec<Vec<f32>>,
-    steps: Vec<Vec<f32>>,
-}
-
-fn cases(arch: &str) -> Vec<Case> {
-    let reference: Value = serde_json::from_str(
-        &std::fs::read_to_string(fixtures().join(arch).join("reference.json"))
-            .expect("reference.json"),
-    )
-    .expect("json");
-    reference["cases"]
-        .as_array()
-        .expect("cases")
-        .iter()
-        .map(|c| Case {
-            name: c["name"].as_str().unwrap_or("?").to_string(),
-            prompt: ids(&c["prompt_ids"]),
-            greedy: ids(&c["greedy_ids"]),
-            prefill: rows(&c["prefill_logits"]),
-            steps: rows(&c["step_logits"]),
-        })
-        .collect()
-}
-
-/// Every position's logits of a teacher-forced run: the prompt, then the reference's
-/// greedy tokens one at a time.
-fn run<B: Backend>(model: &Model<B>, case: &Case) -> (Vec<f32>, Vec<Vec<f32>>) {
-    let mut cache = model.new_cache();
-    let prefill = model.forward(&case.prompt, &mut cache).expect("prefill");
-    let vocab = model.config().vocab_size;
-    let mut steps = vec![prefill[(case.prompt.len() - 1) * vocab..].to_vec()];
-    for t in &case.greedy[..case.greedy.len().saturating_sub(1)] {
-        steps.push(model.forward(&[*t], &mut cache).expect("decode"));
-    }
-    (prefill, steps)
+/// A real GPU: nothing to prepare.
+fn prepare() -> bool {
+    true
 }
 
 #[test]
 fn cuda_logits_match_the_reference_and_the_cpu_backend() {
-    let Some(_) = gpu(CudaOptions::default()) else {
-        return;
-    };
-    for arch in ARCHS {
-        let dir = fixtures().join(arch);
-        let cpu = Model::load(&dir, Cpu::default()).expect("cpu model");
-        let mut cuda =
-            Model::load(&dir, gpu(CudaOptions::default()).expect("gpu")).expect("cuda model");
-        let modes: &[bool] = if cuda.config().mla.is_some() {
-            &[true, false]
-        } else {
-            &[true]
-        };
-        let vocab = cuda.config().vocab_size;
-        for &absorbed in modes {
-            cuda.set_mla_absorbed(absorbed);
-            let label = format!("{arch}{}", if absorbed { "" } else { " (expanded MLA)" });
-            let mut worst = 0f64;
-            for case in cases(arch) {
-                let (prefill, steps) = run(&cuda, &case);
-                let (cpu_prefill, cpu_steps) = run(&cpu, &case);
-                for (pos, want) in case.prefill.iter().enumerate() {
-                    let got = &prefill[pos * vocab..(pos + 1) * vocab];
-                    for (against, w) in [
-                        ("reference", want.as_slice()),
-                        ("CPU", &cpu_prefill[pos * vocab..(pos + 1) * vocab]),
-                    ] {
-                        let d = rel_diff(got, w);
-                        worst = worst.max(d);
-                        assert!(
-                            d <= TOLERANCE,
-                            "{label}/{}: prefill {pos} vs {against}: {d:e}",
-                            case.name
-                        );
-                    }
-                    check_token(&label, &format!("{} prefill {pos}", case.name), got, want);
-                }
-                for (step, want) in case.steps.iter().enumerate() {
-                    for (against, w) in [
-                        ("reference", want.as_slice()),
-                        ("CPU", cpu_steps[step].as_slice()),
-                    ] {
-                        let d = rel_diff(&steps[step], w);
-                        worst = worst.max(d);
-                        assert!(
-                            d <= TOLERANCE,
-                            "{label}/{}: step {step} vs {against}: {d:e}",
-                            case.name
-                        );
-                    }
-                    check_token(
-                        &label,
-                        &format!("{} step {step}", case.name),
-                        &steps[step],
-                        want,
-                    );
-                }
-            }
-            println!("{label}: CUDA parity holds; worst max|Δlogit|/max|logit| = {worst:.2e}");
-        }
-    }
+    suite::cuda_logits_match_the_reference_and_the_cpu_backend();
 }
 
 #[test]
-#[allow(clippy::needless_range_loop)] // `step` indexes every sequence's reference
 fn cuda_batched_decode_gives_the_tokens_of_one_at_a_time() {
-    let Some(be) = gpu(CudaOptions::default()) else {
-        return;
-    };
-    let mut be = Some(be);
-    for arch in ARCHS {
-        let be = be
-            .take()
-            .unwrap_or_else(|| gpu(CudaOptions::default()).expect("gpu"));
-        let model = Model::load(&fixtures().join(arch), be).expect("model");
-        let vocab = model.config().vocab_size;
-        let cases = cases(arch);
-        // One at a time.
-        let alone: Vec<Vec<Vec<f32>>> = cases.iter().map(|c| run(&model, c).1).collect();
-        // All together, prefill in one batch, then every step in one batch.
-        let mut caches: Vec<_> = cases.iter().map(|_| model.new_cache()).collect();
-        let mut inputs: Vec<Vec<u32>> = cases.iter().map(|c| c.prompt.clone()).collect();
-        let n = cases.iter().map(|c| c.greedy.len()).min().unwrap_or(0);
-        for step in 0..n {
-            let mut batch: Vec<(&[u32], &mut _)> = inputs
-                .iter()
-                .map(|v| v.as_slice())
-                .zip(caches.iter_mut())
-                .collect();
-            let out = model.forward_batch_last(&mut batch).expect("batch");
-            let greedy = model.forward_batch_greedy(&mut []).expect("empty batch");
-            assert!(greedy.is_empty());
-            for (s, logits) in out.iter().enumerate() {
-                let d = rel_diff(logits, &alone[s][step]);
-                assert!(
-                    d <= TOLERANCE,
-                    "{arch}: batched step {step}, sequence {s}: {d:e}"
-                );
-                check_token(
-                    arch,
-                    &format!("batched step {step}, sequence {s}"),
-                    logits,
-                    &cases[s].steps[step],
-                );
-                assert_eq!(logits.len(), vocab);
-            }
-            inputs = cases.iter().map(|c| vec![c.greedy[step]]).collect();
-        }
-        // Greedy on the device picks what the host would.
-        let mut caches: Vec<_> = cases.iter().map(|_| model.new_cache()).collect();
-        let mut batch: Vec<(&[u32], &mut _)> = cases
-            .iter()
-            .map(|c| c.prompt.as_slice())
-            .zip(caches.iter_mut())
-            .collect();
-        let tokens = model.forward_batch_greedy(&mut batch).expect("greedy");
-        for (s, t) in tokens.iter().enumerate() {
-            assert_eq!(
-                *t,
-                argmax(&alone[s][0]),
-                "{arch}: device argmax, sequence {s}"
-            );
-        }
-    }
+    suite::cuda_batched_decode_gives_the_tokens_of_one_at_a_time();
 }
 
 #[test]
 fn cuda_prefix_sharing_gives_the_logits_of_a_fresh_run() {
-    let Some(be) = gpu(CudaOptions {
-        block_rows: 4,
-        ..Default::default()
-    }) else {
-        return;
-    };
-    let model = Model::load(&fixtures().join("deepseek_v2_lite"), be).expect("model");
-    let case = &cases("deepseek_v2_lite")[0];
-    let (_, fresh) = run(&model, case);
-    let mut full = model.new_cache();
-    model.forward(&case.prompt, &mut full).expect("prompt");
-    // Prefixes ending inside a block (copy-on-write) and on a block boundary.
-    for keep in [case.prompt.len() - 1, 4.min(case.prompt.len() - 1)] {
-        let mut shared = model.cache_prefix(&full, keep);
-        let logits = model
-            .forward(&case.prompt[keep..], &mut shared)
-            .expect("rest of the prompt");
-        let vocab = model.config().vocab_size;
-        let last = &logits[logits.len() - vocab..];
-        let d = rel_diff(last, &fresh[0]);
-        assert!(d <= 1e-5, "prefix of {keep}: {d:e}");
-    }
-    // The source cache still decodes as before after its blocks were shared.
-    let l = model.forward(&[case.greedy[0]], &mut full).expect("decode");
-    assert!(rel_diff(&l, &fresh[1]) <= 1e-5);
+    suite::cuda_prefix_sharing_gives_the_logits_of_a_fresh_run();
 }
 
 #[test]
 fn cuda_a_step_that_does_not_fit_is_refused_and_changes_nothing() {
-    // A budget of a few blocks: one short prompt fits, a long one does not.
-    let Some(be) = gpu(CudaOptions {
-        kv_cache_bytes: Some(16 << 10),
-        block_rows: 4,
-        blocks_per_chunk: 1,
-        ..Default::default()
-    }) else {
-        return;
-    };
-    let model = Model::load(&fixtures().join("qwen2"), be).expect("model");
-    let mut small = model.new_cache();
-    model
-        .forward(&[1, 2, 3], &mut small)
-        .expect("a short prompt fits");
-    let long: Vec<u32> = (0..250).map(|i| i % 50 + 1).collect();
-    let mut big = model.new_cache();
-    match model.forward(&long, &mut big) {
-        Err(EngineError::Device(DeviceError::CacheFull(f))) => {
-            assert!(f.to_string().contains("KV cache is full"), "{f}");
-        }
-        other => panic!("expected a full cache, got {:?}", other.map(|l| l.len())),
-    }
-    assert_eq!(big.len(), 0, "the refused sequence kept nothing");
-    assert_eq!(small.len(), 3);
-    model
-        .forward(&[4], &mut small)
-        .expect("the device keeps serving after a refusal");
+    suite::cuda_a_step_that_does_not_fit_is_refused_and_changes_nothing();
 }
 
 #[test]
 fn cuda_out_of_memory_is_a_typed_error() {
-    let Some(be) = gpu(CudaOptions::default()) else {
-        return;
-    };
-    let (free, _) = be.memory().expect("memory");
-    let huge = free / 2 + (1 << 30);
-    let _ = be.random_weight(&[huge, 2], 0.1, 1);
-    match be.take_error() {
-        Some(DeviceError::OutOfMemory { bytes, .. }) => assert!(bytes >= huge * 4),
-        other => panic!("expected out of memory, got {other:?}"),
-    }
-    // The backend goes on working.
-    let x = be.upload(&[1.0, 2.0]);
-    assert_eq!(be.download(&x), vec![1.0, 2.0]);
+    suite::cuda_out_of_memory_is_a_typed_error();
 }

@@ -21,8 +21,9 @@ use cloud_core::engine::config::{MoeConfig, ScoringFunc, TopkMethod};
 use cloud_core::engine::model::route;
 use half::bf16;
 
-const KERNELS: &str = include_str!("../src/engine/backend/cuda_kernels.cu");
-const SHIM: &str = include_str!("emu/shim.h");
+#[path = "emu/mod.rs"]
+mod emu_build;
+use emu_build::{glue, KERNELS};
 
 type LaunchFn =
     unsafe extern "C" fn(*const c_char, u32, u32, u32, u32, u32, u32, u32, *mut *mut c_void) -> i32;
@@ -32,76 +33,10 @@ struct Emu {
     launch: LaunchFn,
 }
 
-/// The C++ glue: `emu_launch(name, grid, block, shared, args)` calls the named kernel with
-/// `args` read as its parameter types (as `cuLaunchKernel` reads them).
-fn glue(src: &str) -> String {
-    let mut out = String::from(
-        "extern \"C\" int emu_launch(const char* name, unsigned gx, unsigned gy, unsigned gz, \
-         unsigned bx, unsigned by, unsigned bz, unsigned shared, void** a) {\n  \
-         dim3 g{gx, gy, gz}, b{bx, by, bz};\n",
-    );
-    let marker = "extern \"C\" __global__ void ";
-    let mut rest = src;
-    while let Some(i) = rest.find(marker) {
-        rest = &rest[i + marker.len()..];
-        let open = rest.find('(').expect("(");
-        let name = rest[..open].trim();
-        let close = rest.find(')').expect(")");
-        let params: Vec<String> = rest[open + 1..close]
-            .split(',')
-            .enumerate()
-            .map(|(i, p)| {
-                let p = p.replace("__restrict__", " ");
-                let p = p.trim();
-                let cut = p
-                    .rfind(|c: char| !(c.is_alphanumeric() || c == '_'))
-                    .expect("a typed parameter");
-                let ty = p[..=cut].trim();
-                format!("*({ty}*)a[{i}]")
-            })
-            .collect();
-        out.push_str(&format!(
-            "  if (!std::strcmp(name, \"{name}\")) {{ emu_run(g, b, shared, [=] {{ {name}({}); }}); return 0; }}\n",
-            params.join(", ")
-        ));
-    }
-    out.push_str("  return 1;\n}\n");
-    out
-}
-
 fn emu() -> Option<&'static Emu> {
     static EMU: OnceLock<Result<Emu, String>> = OnceLock::new();
     let r = EMU.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("cloud-core-kernels-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-        let kernels = KERNELS.replace("#include <cuda_bf16.h>", "").replace(
-            "extern __shared__ float sm[];",
-            "float* sm = (float*)emu_dynamic_shared;",
-        );
-        let src = format!("{SHIM}\n{kernels}\n{}", glue(KERNELS));
-        let cpp = dir.join("kernels.cpp");
-        std::fs::write(&cpp, src).map_err(|e| e.to_string())?;
-        let lib = dir.join("libkernels.so");
-        let out = std::process::Command::new("g++")
-            .args([
-                "-std=c++20",
-                "-O1",
-                "-shared",
-                "-fPIC",
-                "-pthread",
-                "-w",
-                "-o",
-            ])
-            .arg(&lib)
-            .arg(&cpp)
-            .output()
-            .map_err(|e| format!("no g++ to build the kernels for the CPU: {e}"))?;
-        if !out.status.success() {
-            return Err(format!(
-                "g++ could not build the kernels: {}",
-                String::from_utf8_lossy(&out.stderr)
-            ));
-        }
+        let lib = emu_build::build(false)?.join("libkernels.so");
         // SAFETY: the library is the one just built, with no initialisers of its own
         // beyond the C++ runtime's; `emu_launch` has the signature of `LaunchFn`.
         unsafe {
@@ -114,15 +49,10 @@ fn emu() -> Option<&'static Emu> {
     });
     match r {
         Ok(e) => Some(e),
-        Err(why) if why.starts_with("no g++") => {
-            assert!(
-                std::env::var("CLOUD_CORE_REQUIRE_EMU").map_or(true, |v| v != "1"),
-                "CLOUD_CORE_REQUIRE_EMU=1 but {why}"
-            );
-            eprintln!("skipped: {why}");
+        Err(why) => {
+            emu_build::skip_or_fail(why);
             None
         }
-        Err(why) => panic!("{why}"),
     }
 }
 

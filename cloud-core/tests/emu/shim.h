@@ -1,29 +1,32 @@
 // Runs the backend's CUDA C kernels on the CPU, for tests on machines without a GPU:
-// every CUDA thread of a block is an OS thread (so __syncthreads and warp shuffles
-// behave as on the device), blocks run one after another (so `__shared__` can be static
-// storage), device pointers are host pointers. Only what the kernels use is provided.
+// every CUDA thread of a block is a fiber (a stack of its own) run by the
+// launching OS thread, switched at __syncthreads and warp shuffles, which block the fiber
+// until every live thread of its block (or warp) has arrived, as on the device; blocks
+// run one after another (so `__shared__` can be static storage); device pointers are host
+// pointers. A barrier that can never complete (a kernel bug) aborts with its name. Only
+// what the kernels use is provided.
 #pragma once
 #include <algorithm>
-#include <barrier>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <memory>
-#include <thread>
+#include <cstdio>
+#include <cstdlib>
+#include <ucontext.h>
 #include <vector>
 
 using std::max;
 using std::min;
 
 struct dim3 { unsigned x = 0, y = 0, z = 0; };
-thread_local dim3 threadIdx, blockIdx;
-static dim3 blockDim, gridDim;
+thread_local dim3 threadIdx, blockIdx, blockDim, gridDim;
 
 #define __global__
 #define __device__
 #define __forceinline__ inline
 #define __restrict__
-#define __shared__ static
+#define __shared__ static thread_local
 
 struct __nv_bfloat16 { uint16_t bits; };
 struct __nv_bfloat162 { __nv_bfloat16 x, y; };
@@ -47,61 +50,214 @@ inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; 
 inline float __expf(float x) { return std::exp(x); }
 inline float rsqrtf(float x) { return 1.f / std::sqrt(x); }
 
-// The block being run: its barrier, its warps' barriers and shuffle slots, and its
-// dynamic shared memory.
+// One barrier: how many live threads it waits for, how many have arrived.
+struct EmuBarrier {
+    unsigned expected = 0, arrived = 0;
+};
+
+// Switching between fibers. On x86-64, a switch of the callee-saved registers and the
+// stack pointer (no system call: glibc's swapcontext also saves the signal mask, which
+// costs a system call per switch); elsewhere, ucontext.
+#if defined(__x86_64__)
+struct EmuContext {
+    void* sp = nullptr;
+};
+extern "C" void emu_switch(void** save_sp, void* to_sp);
+asm(R"(
+    .text
+    .p2align 4
+    .type emu_switch,@function
+emu_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    subq $8, %rsp
+    stmxcsr (%rsp)
+    fnstcw 4(%rsp)
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    ldmxcsr (%rsp)
+    fldcw 4(%rsp)
+    addq $8, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size emu_switch,.-emu_switch
+    .p2align 4
+    .type emu_fiber_start,@function
+emu_fiber_start:
+    movq %r13, %rdi
+    callq *%r12
+    ud2
+    .size emu_fiber_start,.-emu_fiber_start
+)");
+extern "C" void emu_fiber_start();
+inline void emu_swap(EmuContext* from, EmuContext* to) { emu_switch(&from->sp, to->sp); }
+// A context that starts `fn(arg)` on `stack` (`fn` never returns: it switches away).
+inline void emu_make(EmuContext* c, char* stack, size_t size, void (*fn)(void*), void* arg) {
+    uintptr_t top = (uintptr_t(stack) + size - 128) & ~uintptr_t(15);
+    uint64_t* f = reinterpret_cast<uint64_t*>(top);
+    uint32_t csr[2] = {0x1f80u, 0x037fu};  // MXCSR, x87 control word: the defaults
+    std::memcpy(&f[0], csr, 8);
+    f[1] = 0;                          // r15
+    f[2] = 0;                          // r14
+    f[3] = uint64_t(arg);              // r13
+    f[4] = uint64_t(fn);               // r12
+    f[5] = 0;                          // rbx
+    f[6] = 0;                          // rbp
+    f[7] = uint64_t(&emu_fiber_start);  // return address
+    c->sp = f;
+}
+#else
+struct EmuContext {
+    ucontext_t uc;
+};
+inline void emu_swap(EmuContext* from, EmuContext* to) { swapcontext(&from->uc, &to->uc); }
+inline void emu_make(EmuContext* c, char* stack, size_t size, void (*fn)(void*), void* arg) {
+    getcontext(&c->uc);
+    c->uc.uc_stack.ss_sp = stack;
+    c->uc.uc_stack.ss_size = size;
+    c->uc.uc_link = nullptr;
+    uintptr_t a = uintptr_t(fn), b = uintptr_t(arg);
+    makecontext(&c->uc, (void (*)())+[](unsigned a0, unsigned a1, unsigned b0, unsigned b1) {
+        auto f = reinterpret_cast<void (*)(void*)>((uintptr_t(a1) << 32) | a0);
+        f(reinterpret_cast<void*>((uintptr_t(b1) << 32) | b0));
+    }, 4, unsigned(a), unsigned(a >> 32), unsigned(b), unsigned(b >> 32));
+}
+#endif
+
+struct EmuFiber {
+    EmuContext ctx;
+    dim3 idx;
+    EmuBarrier* waiting = nullptr;  // blocked here until released
+    bool done = false;
+};
+
+// The block being run: its fibers, its barrier and its warps' barriers, the warps'
+// shuffle slots, and its dynamic shared memory.
 struct Block {
-    std::unique_ptr<std::barrier<>> all;
-    std::vector<std::unique_ptr<std::barrier<>>> warps;
+    std::vector<EmuFiber> fibers;
+    EmuBarrier all;
+    std::vector<EmuBarrier> warps;
     std::vector<float> slots;
     std::vector<unsigned char> dynamic_shared;
+    unsigned current = 0;
+    EmuContext scheduler;
 };
-static Block* current_block = nullptr;
+thread_local Block* current_block = nullptr;
 
-inline void __syncthreads() { current_block->all->arrive_and_wait(); }
+// Stacks are kept for the thread's life and reused by every block.
+constexpr size_t EMU_STACK = 256 << 10;
+thread_local std::vector<std::unique_ptr<char[]>> emu_stacks;
 
 inline unsigned emu_thread_in_block() {
     return threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
 }
+
+// Releases every fiber waiting on `b` once all its live threads have arrived.
+inline void emu_release_if_complete(Block* blk, EmuBarrier* b) {
+    if (b->arrived < b->expected || b->arrived == 0) return;
+    for (auto& f : blk->fibers)
+        if (f.waiting == b) f.waiting = nullptr;
+    b->arrived = 0;
+}
+
+// Blocks the current fiber on `b` until every live thread of its scope has arrived.
+__attribute__((noinline)) inline void emu_wait(EmuBarrier* b) {
+    Block* blk = current_block;
+    EmuFiber& me = blk->fibers[blk->current];
+    b->arrived++;
+    me.waiting = b;
+    emu_release_if_complete(blk, b);
+    if (me.waiting) emu_swap(&me.ctx, &blk->scheduler);
+}
+
+inline void __syncthreads() { emu_wait(&current_block->all); }
 
 inline float __shfl_xor_sync(unsigned, float v, int mask) {
     unsigned t = emu_thread_in_block();
     unsigned w = t / 32, lane = t % 32;
     Block* b = current_block;
     b->slots[t] = v;
-    b->warps[w]->arrive_and_wait();
+    emu_wait(&b->warps[w]);
     float o = b->slots[w * 32 + (lane ^ unsigned(mask))];
-    b->warps[w]->arrive_and_wait();
+    emu_wait(&b->warps[w]);
     return o;
 }
 
 #define emu_dynamic_shared (current_block->dynamic_shared.data())
 
 template <typename F>
+struct EmuKernel {
+    static void entry(void* kernel) {
+        (*static_cast<F*>(kernel))();
+        Block* blk = current_block;
+        EmuFiber& me = blk->fibers[blk->current];
+        me.done = true;
+        // An exited thread no longer holds up its block's or its warp's barriers.
+        unsigned t = emu_thread_in_block();
+        blk->all.expected--;
+        blk->warps[t / 32].expected--;
+        emu_release_if_complete(blk, &blk->all);
+        emu_release_if_complete(blk, &blk->warps[t / 32]);
+        emu_swap(&me.ctx, &blk->scheduler);  // never resumed
+        std::abort();
+    }
+};
+
+template <typename F>
 void emu_run(dim3 grid, dim3 block, unsigned shared, F kernel) {
     gridDim = grid;
     blockDim = block;
     unsigned n = block.x * block.y * block.z;
+    while (emu_stacks.size() < n) emu_stacks.emplace_back(new char[EMU_STACK]);
     for (unsigned bz = 0; bz < grid.z; bz++)
         for (unsigned by = 0; by < grid.y; by++)
             for (unsigned bx = 0; bx < grid.x; bx++) {
                 Block b;
-                b.all = std::make_unique<std::barrier<>>(n);
-                for (unsigned w = 0; w < (n + 31) / 32; w++)
-                    b.warps.push_back(std::make_unique<std::barrier<>>(std::min(32u, n - w * 32)));
+                b.fibers.resize(n);
+                b.all.expected = n;
+                b.warps.resize((n + 31) / 32);
+                for (unsigned w = 0; w < b.warps.size(); w++) b.warps[w].expected = std::min(32u, n - w * 32);
                 b.slots.assign(n, 0.f);
                 b.dynamic_shared.assign(shared + 16, 0);
                 current_block = &b;
-                std::vector<std::thread> threads;
-                threads.reserve(n);
+                blockIdx = {bx, by, bz};
+                unsigned i = 0;
                 for (unsigned tz = 0; tz < block.z; tz++)
                     for (unsigned ty = 0; ty < block.y; ty++)
-                        for (unsigned tx = 0; tx < block.x; tx++)
-                            threads.emplace_back([=] {
-                                blockIdx = {bx, by, bz};
-                                threadIdx = {tx, ty, tz};
-                                kernel();
-                            });
-                for (auto& t : threads) t.join();
+                        for (unsigned tx = 0; tx < block.x; tx++, i++) {
+                            EmuFiber& f = b.fibers[i];
+                            f.idx = {tx, ty, tz};
+                            emu_make(&f.ctx, emu_stacks[i].get(), EMU_STACK, &EmuKernel<F>::entry,
+                                     &kernel);
+                        }
+                // Round robin over the runnable fibers until all are done.
+                for (;;) {
+                    bool all_done = true, ran = false;
+                    for (unsigned j = 0; j < n; j++) {
+                        EmuFiber& f = b.fibers[j];
+                        if (f.done) continue;
+                        all_done = false;
+                        if (f.waiting) continue;
+                        b.current = j;
+                        threadIdx = f.idx;
+                        emu_swap(&b.scheduler, &f.ctx);
+                        ran = true;
+                    }
+                    if (all_done) break;
+                    if (!ran) {
+                        std::fprintf(stderr, "emulated kernel deadlocked: a barrier is never reached by every thread\n");
+                        std::abort();
+                    }
+                }
                 current_block = nullptr;
             }
 }

@@ -1,0 +1,121 @@
+//! Builds the CUDA backend's kernels for the CPU (see `shim.h`), and optionally the
+//! emulated CUDA driver, cuBLAS and NVRTC around them (see `driver.cpp`), with the host's
+//! `g++`. Shared by the tests that need them.
+
+use std::path::PathBuf;
+
+/// The kernels' source, as the backend compiles it.
+pub const KERNELS: &str = include_str!("../../src/engine/backend/cuda_kernels.cu");
+const SHIM: &str = include_str!("shim.h");
+const DRIVER: &str = include_str!("driver.cpp");
+
+/// The C++ glue: `emu_launch(name, grid, block, shared, args)` calls the named kernel
+/// with `args` read as its parameter types (as `cuLaunchKernel` reads them), and
+/// `emu_has_kernel(name)`.
+pub fn glue(src: &str) -> String {
+    let mut launch = String::from(
+        "extern \"C\" int emu_launch(const char* name, unsigned gx, unsigned gy, unsigned gz, \
+         unsigned bx, unsigned by, unsigned bz, unsigned shared, void** a) {\n  \
+         dim3 g{gx, gy, gz}, b{bx, by, bz};\n",
+    );
+    let mut has = String::from("extern \"C\" int emu_has_kernel(const char* name) {\n");
+    let marker = "extern \"C\" __global__ void ";
+    let mut rest = src;
+    while let Some(i) = rest.find(marker) {
+        rest = &rest[i + marker.len()..];
+        let open = rest.find('(').expect("(");
+        let name = rest[..open].trim();
+        let close = rest.find(')').expect(")");
+        let params: Vec<String> = rest[open + 1..close]
+            .split(',')
+            .enumerate()
+            .map(|(i, p)| {
+                let p = p.replace("__restrict__", " ");
+                let p = p.trim();
+                let cut = p
+                    .rfind(|c: char| !(c.is_alphanumeric() || c == '_'))
+                    .expect("a typed parameter");
+                let ty = p[..=cut].trim();
+                format!("*({ty}*)a[{i}]")
+            })
+            .collect();
+        launch.push_str(&format!(
+            "  if (!std::strcmp(name, \"{name}\")) {{ emu_run(g, b, shared, [=] {{ {name}({}); }}); return 0; }}\n",
+            params.join(", ")
+        ));
+        has.push_str(&format!(
+            "  if (!std::strcmp(name, \"{name}\")) return 1;\n"
+        ));
+    }
+    launch.push_str("  return 1;\n}\n");
+    has.push_str("  return 0;\n}\n");
+    launch + &has
+}
+
+fn run(cmd: &mut std::process::Command) -> Result<(), String> {
+    let out = cmd
+        .output()
+        .map_err(|e| format!("no g++ to build the kernels for the CPU: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "g++ failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+/// Builds into a fresh directory: `libkernels.so` (kernels + `emu_launch`) and, with
+/// `driver`, `libcuda.so`, `libcublas.so` and `libnvrtc.so` (each the kernels plus the
+/// emulated libraries, named by their sonames so that loading them first makes them the
+/// ones cudarc finds).
+pub fn build(driver: bool) -> Result<PathBuf, String> {
+    let dir = std::env::temp_dir().join(format!(
+        "cloud-core-emu-{}-{}",
+        std::process::id(),
+        if driver { "driver" } else { "kernels" }
+    ));
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let kernels = KERNELS.replace("#include <cuda_bf16.h>", "").replace(
+        "extern __shared__ float sm[];",
+        "float* sm = (float*)emu_dynamic_shared;",
+    );
+    let mut src = format!("{SHIM}\n#include <cstdio>\n{kernels}\n{}", glue(KERNELS));
+    if driver {
+        src.push_str(DRIVER);
+    }
+    let cpp = dir.join("emu.cpp");
+    std::fs::write(&cpp, src).map_err(|e| e.to_string())?;
+    let obj = dir.join("emu.o");
+    run(std::process::Command::new("g++")
+        .args(["-std=c++20", "-O2", "-fPIC", "-pthread", "-w", "-c", "-o"])
+        .arg(&obj)
+        .arg(&cpp))?;
+    let names: &[&str] = if driver {
+        &["libcuda.so", "libcublas.so", "libnvrtc.so"]
+    } else {
+        &["libkernels.so"]
+    };
+    for name in names {
+        run(std::process::Command::new("g++")
+            .args(["-shared", "-pthread", &format!("-Wl,-soname,{name}"), "-o"])
+            .arg(dir.join(name))
+            .arg(&obj))?;
+    }
+    Ok(dir)
+}
+
+/// Whether a build error means the machine has no compiler (a skip) rather than a broken
+/// kernel (a failure); `CLOUD_CORE_REQUIRE_EMU=1` makes it a failure too.
+pub fn skip_or_fail(err: &str) {
+    if err.starts_with("no g++") {
+        assert!(
+            std::env::var("CLOUD_CORE_REQUIRE_EMU").map_or(true, |v| v != "1"),
+            "CLOUD_CORE_REQUIRE_EMU=1 but {err}"
+        );
+        eprintln!("skipped: {err}");
+    } else {
+        panic!("{err}");
+    }
+}
