@@ -1,7 +1,7 @@
 //! The CUDA backend's kernels (`src/engine/backend/cuda_kernels.cu`), run on the CPU and
 //! checked against the CPU backend: so the kernels' logic is tested on every machine,
 //! GPU or not. The kernel source is compiled by the host C++ compiler against
-//! `tests/emu/shim.h`, which runs every CUDA thread of a block as an OS thread (barriers
+//! `tests/emu/shim.h`, which runs every CUDA thread of a block as a fiber (barriers
 //! and warp shuffles behave as on the device) and every block in turn; device pointers
 //! are host pointers, so the paged cache's block tables hold host addresses. Each test
 //! launches a kernel with the grid and block shape the backend uses.
@@ -395,10 +395,15 @@ struct Paged {
 }
 
 fn paged(values: &[f32], cols: usize, br: usize) -> Paged {
+    paged_with_room(values, cols, br, 0)
+}
+
+/// A paged cache holding `values` (written through the kernel, at addresses taken from a
+/// table in reverse block order), with blocks for `room` more rows.
+fn paged_with_room(values: &[f32], cols: usize, br: usize, room: usize) -> Paged {
     let rows = values.len() / cols;
-    let n = rows.div_ceil(br);
+    let n = (rows + room).div_ceil(br).max(1);
     let blocks: Vec<Vec<bf16>> = (0..n).map(|_| vec![bf16::ZERO; br * cols]).collect();
-    // Write through the kernel, at addresses taken from a table in reverse block order.
     let order: Vec<usize> = (0..n).rev().collect();
     let table: Vec<u64> = (0..n)
         .map(|i| blocks[order[i]].as_ptr() as usize as u64)
@@ -406,13 +411,15 @@ fn paged(values: &[f32], cols: usize, br: usize) -> Paged {
     let addrs: Vec<u64> = (0..rows)
         .map(|r| table[r / br] + ((r % br) * cols * 2) as u64)
         .collect();
-    launch(
-        "paged_write",
-        (rows as u32, 1),
-        128,
-        0,
-        &[p(values), p(&addrs), Arg::I(cols as i32)],
-    );
+    if rows > 0 {
+        launch(
+            "paged_write",
+            (rows as u32, 1),
+            128,
+            0,
+            &[p(values), p(&addrs), Arg::I(cols as i32)],
+        );
+    }
     Paged { blocks, table }
 }
 
@@ -442,54 +449,161 @@ fn paged_cache_rows_round_trip() {
     assert_eq!(c.blocks.len(), 3);
 }
 
+/// One step of several sequences: each appends its new rows to its caches
+/// (`paged_append`) and attends over its whole cache (`attention_batch`), against the
+/// CPU's attention of each sequence alone.
 #[test]
-fn paged_attention_matches_the_cpu() {
+fn batched_paged_attention_matches_the_cpu_per_sequence() {
     if !available() {
         return;
     }
     let cpu = Cpu::default();
-    // GQA (Qwen-like, dv 16), MLA's absorbed form (one key head, rope dims on the keys,
-    // values wider than a warp's 32 lanes), and a prefill of every position.
-    for (t, total, h, hk, dk, dv, br) in [
-        (3, 10, 4, 2, 16, 16, 4),
-        (2, 13, 4, 1, 40, 96, 16),
-        (9, 9, 2, 2, 8, 8, 4),
-    ] {
-        let q = rand_vec(t * h * dk, 15);
-        let k = rand_vec(total * hk * dk, 16);
-        let v = rand_vec(total * hk * dv, 17);
-        let kc = paged(&k, hk * dk, br);
-        let vc = paged(&v, hk * dv, br);
+    // (h, hk, dk, dv, values in keys, block rows, [(cached rows, new rows)]): GQA
+    // (Qwen-like), MLA's absorbed form (one key head, values the keys' first columns,
+    // wider than a warp's 32 lanes), decode steps, a prefill, and an empty sequence.
+    let cases: &[(usize, usize, usize, usize, bool, usize, &[(usize, usize)])] = &[
+        (
+            4,
+            2,
+            16,
+            16,
+            false,
+            4,
+            &[(7, 1), (0, 5), (12, 1), (3, 0), (4, 3)],
+        ),
+        (4, 1, 40, 32, true, 16, &[(13, 2), (1, 1), (0, 9)]),
+        (2, 2, 8, 8, false, 4, &[(0, 9)]),
+    ];
+    for (ci, &(h, hk, dk, dv, vik, br, seqs)) in cases.iter().enumerate() {
+        let (kc, vc) = (hk * dk, hk * dv);
+        let n = seqs.len();
+        let t: usize = seqs.iter().map(|s| s.1).sum();
+        let seed = 100 * ci as u64;
+        let q = rand_vec(t * h * dk, seed + 1);
+        let k_new = rand_vec(t * kc, seed + 2);
+        let v_new: Vec<f32> = if vik {
+            // The values are the first dv columns of each key row.
+            k_new.chunks(dk).flat_map(|r| r[..dv].to_vec()).collect()
+        } else {
+            rand_vec(t * vc, seed + 3)
+        };
+        let mut kcs = Vec::new();
+        let mut vcs = Vec::new();
+        let mut k_old = Vec::new();
+        let mut v_old = Vec::new();
+        for (i, &(cached, new)) in seqs.iter().enumerate() {
+            let k = rand_vec(cached * kc, seed + 10 + i as u64);
+            let v: Vec<f32> = if vik {
+                k.chunks(dk).flat_map(|r| r[..dv].to_vec()).collect()
+            } else {
+                rand_vec(cached * vc, seed + 20 + i as u64)
+            };
+            kcs.push(paged_with_room(&k, kc, br, new));
+            vcs.push(paged_with_room(&v, vc, br, new));
+            k_old.push(k);
+            v_old.push(v);
+        }
+        let mut meta = vec![0u64; 4 * n + 1];
+        let mut row0 = 0;
+        for (i, &(cached, new)) in seqs.iter().enumerate() {
+            meta[i] = kcs[i].table.as_ptr() as u64;
+            meta[n + i] = if vik {
+                meta[i]
+            } else {
+                vcs[i].table.as_ptr() as u64
+            };
+            meta[2 * n + i] = cached as u64;
+            meta[3 * n + i] = row0 as u64;
+            row0 += new;
+        }
+        meta[4 * n] = t as u64;
+        let values = if vik { Arg::U(0) } else { p(&v_new) };
+        launch(
+            "paged_append",
+            (t as u32, 1),
+            128,
+            0,
+            &[
+                p(&k_new),
+                values,
+                p(&meta),
+                Arg::I(n as i32),
+                Arg::I(kc as i32),
+                Arg::I(vc as i32),
+                Arg::I(br as i32),
+            ],
+        );
         let scale = 1.0 / (dk as f32).sqrt();
         let mut out = vec![0f32; t * h * dv];
         let warps = 4;
+        let (vcols, vhead) = if vik { (kc, dk) } else { (vc, dv) };
         launch(
-            "attention_paged",
+            "attention_batch",
             ((t * h) as u32, 1),
             warps * 32,
             ((dk + 2 * warps as usize + warps as usize * dv) * 4) as u32,
             &[
                 p(&q),
-                p(&kc.table),
-                p(&vc.table),
+                p(&meta),
+                Arg::I(n as i32),
                 pm(&mut out),
-                Arg::I(t as i32),
-                Arg::I(total as i32),
                 Arg::I(h as i32),
                 Arg::I(hk as i32),
                 Arg::I(dk as i32),
                 Arg::I(dv as i32),
+                Arg::I(vcols as i32),
+                Arg::I(vhead as i32),
                 Arg::F(scale),
                 Arg::I(br as i32),
             ],
         );
-        let want = cpu.attention(&q, &rounded(&k), &rounded(&v), t, h, hk, dk, dv, scale);
-        assert_close(
-            &out,
-            &want,
-            1e-5,
-            &format!("attention t {t} T {total} h {h} hk {hk}"),
-        );
+        let mut at = 0;
+        for (i, &(cached, new)) in seqs.iter().enumerate() {
+            let total = cached + new;
+            let mut k = k_old[i].clone();
+            k.extend_from_slice(&k_new[at * kc..(at + new) * kc]);
+            let mut v = v_old[i].clone();
+            v.extend_from_slice(&v_new[at * vc..(at + new) * vc]);
+            // The appended rows are in the cache, as bf16.
+            let mut back = vec![0f32; total * kc];
+            if total > 0 {
+                launch(
+                    "paged_read",
+                    (total as u32, 1),
+                    128,
+                    0,
+                    &[
+                        p(&kcs[i].table),
+                        Arg::I(br as i32),
+                        Arg::I(kc as i32),
+                        Arg::I(0),
+                        pm(&mut back),
+                    ],
+                );
+            }
+            assert_eq!(back, rounded(&k), "case {ci}, sequence {i}: keys");
+            if new > 0 {
+                let qs = &q[at * h * dk..(at + new) * h * dk];
+                let want = cpu.attention(
+                    &qs.to_vec(),
+                    &rounded(&k),
+                    &rounded(&v),
+                    new,
+                    h,
+                    hk,
+                    dk,
+                    dv,
+                    scale,
+                );
+                assert_close(
+                    &out[at * h * dv..(at + new) * h * dv],
+                    &want,
+                    1e-5,
+                    &format!("case {ci}, sequence {i} ({cached} cached, {new} new)"),
+                );
+            }
+            at += new;
+        }
     }
 }
 
@@ -737,7 +851,7 @@ fn the_glue_reads_every_kernel_signature() {
     let g = glue(KERNELS);
     for name in [
         "rms_norm",
-        "attention_paged",
+        "attention_batch",
         "moe_route",
         "moe_combine",
         "argmax_rows",

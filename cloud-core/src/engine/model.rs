@@ -15,7 +15,7 @@
 
 use std::path::Path;
 
-use super::backend::{Backend, DeviceError, RopeLayout, Weight};
+use super::backend::{AttnShape, Backend, DeviceError, RopeLayout, Weight};
 use super::config::{Arch, ConfigError, ModelConfig, MoeConfig, ScoringFunc, TopkMethod};
 use super::rope;
 use super::weights::{Checkpoint, WeightsError};
@@ -635,7 +635,7 @@ impl<B: Backend> Model<B> {
         Ok(Outputs::Logits(rows))
     }
 
-    /// Per-sequence causal attention over the rows of all sequences.
+    /// Causal attention of every sequence over its own cache (appending the step's rows).
     #[allow(clippy::too_many_arguments)]
     fn attend(
         &self,
@@ -646,36 +646,24 @@ impl<B: Backend> Model<B> {
         li: usize,
         seqs: &mut [(&[u32], &mut Cache<B>)],
         (h, hk, dk, dv): (usize, usize, usize, usize),
+        values_in_keys: bool,
     ) -> B::Buf {
-        let be = &self.be;
-        let mut outs = Vec::with_capacity(lens.len());
-        let mut at = 0;
-        for (len, (_, cache)) in lens.iter().zip(seqs.iter_mut()) {
-            be.append_rows(
-                &mut cache.k[li],
-                &be.slice_rows(k, hk * dk, at, *len),
-                hk * dk,
-            );
-            be.append_rows(
-                &mut cache.v[li],
-                &be.slice_rows(v, hk * dv, at, *len),
-                hk * dv,
-            );
-            let qs = be.slice_rows(q, h * dk, at, *len);
-            outs.push(be.attention(
-                &qs,
-                &cache.k[li],
-                &cache.v[li],
-                *len,
-                h,
-                hk,
-                dk,
-                dv,
-                self.scale,
-            ));
-            at += len;
-        }
-        be.concat_rows(&outs)
+        let mut caches: Vec<(&mut B::Buf, &mut B::Buf)> = seqs
+            .iter_mut()
+            .map(|(_, c)| {
+                let Cache { k, v, .. } = &mut **c;
+                (&mut k[li], &mut v[li])
+            })
+            .collect();
+        let shape = AttnShape {
+            h,
+            hk,
+            dk,
+            dv,
+            scale: self.scale,
+            values_in_keys,
+        };
+        self.be.attend(q, k, v, lens, &mut caches, shape)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -725,7 +713,7 @@ impl<B: Backend> Model<B> {
                     &self.sin,
                     RopeLayout::Halves,
                 );
-                let out = self.attend(&qx, &kx, &vx, lens, li, seqs, (h, kvh, d, d));
+                let out = self.attend(&qx, &kx, &vx, lens, li, seqs, (h, kvh, d, d), false);
                 be.linear(&out, t, o, hd, h * d)
             }
             Attn::Mla {
@@ -798,13 +786,14 @@ impl<B: Backend> Model<B> {
                         li,
                         seqs,
                         (h, 1, lora + rope_d, lora),
+                        true,
                     );
                     let out = be.head_linear(&ctx, t, h, w_uv, dv, lora, true); // [t, h, dv]
                     be.linear(&out, t, o, hd, h * dv)
                 } else {
                     let kv = be.linear(&latent, t, kv_b, h * (nope + dv), lora);
                     let (kx, vx) = be.mla_expand(&kv, &k_pe, t, h, nope, dv, rope_d);
-                    let out = self.attend(&qx, &kx, &vx, lens, li, seqs, (h, h, qd, dv));
+                    let out = self.attend(&qx, &kx, &vx, lens, li, seqs, (h, h, qd, dv), false);
                     be.linear(&out, t, o, hd, h * dv)
                 }
             }

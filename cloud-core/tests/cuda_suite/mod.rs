@@ -286,7 +286,9 @@ pub fn cuda_prefix_sharing_gives_the_logits_of_a_fresh_run() {
     let (_, fresh) = run(&model, case);
     let mut full = model.new_cache();
     model.forward(&case.prompt, &mut full).expect("prompt");
-    // Prefixes ending inside a block (copy-on-write) and on a block boundary.
+    // Prefixes ending inside a block (copy-on-write) and on a block boundary, kept alive
+    // so that the source's own next append copies its shared last block too.
+    let mut kept = Vec::new();
     for keep in [case.prompt.len() - 1, 4.min(case.prompt.len() - 1)] {
         let mut shared = model.cache_prefix(&full, keep);
         let logits = model
@@ -296,10 +298,16 @@ pub fn cuda_prefix_sharing_gives_the_logits_of_a_fresh_run() {
         let last = &logits[logits.len() - vocab..];
         let d = rel_diff(last, &fresh[0]);
         assert!(d <= 1e-5, "prefix of {keep}: {d:e}");
+        kept.push(shared);
     }
-    // The source cache still decodes as before after its blocks were shared.
+    // The source cache still decodes as before after its blocks were shared, and so do
+    // the prefixes (each now holds its own copy of the block they shared).
     let l = model.forward(&[case.greedy[0]], &mut full).expect("decode");
     assert!(rel_diff(&l, &fresh[1]) <= 1e-5);
+    for shared in &mut kept {
+        let l = model.forward(&[case.greedy[0]], shared).expect("decode");
+        assert!(rel_diff(&l, &fresh[1]) <= 1e-5);
+    }
 }
 
 pub fn cuda_a_step_that_does_not_fit_is_refused_and_changes_nothing() {

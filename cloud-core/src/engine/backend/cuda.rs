@@ -37,7 +37,7 @@ use cudarc::driver::{
 };
 use half::bf16;
 
-use super::{Backend, DeviceError, RopeLayout, Weight};
+use super::{AttnShape, Backend, DeviceError, RopeLayout, Weight};
 use crate::engine::paged::{AllocError, BlockPool, Budget, ChunkSource, PagedRows};
 
 /// Launches kernel `$name` of `$self` with the arguments in order; a failure is recorded.
@@ -72,7 +72,8 @@ pub const KERNEL_NAMES: &[&str] = &[
     "rope",
     "paged_write",
     "paged_read",
-    "attention_paged",
+    "paged_append",
+    "attention_batch",
     "argmax_rows",
     "moe_route",
     "moe_group",
@@ -205,8 +206,41 @@ pub enum CudaBuf {
     F32(Arc<CudaSlice<f32>>),
     /// bf16 values (weight matrices).
     Bf16(Arc<CudaSlice<bf16>>),
-    /// KV cache rows of width `cols`, bf16, in blocks.
-    Paged(PagedRows<DeviceChunks>, usize),
+    /// KV cache rows, bf16, in blocks.
+    Paged(KvRows),
+}
+
+/// One sequence's cache of one layer: bf16 rows of width `cols` in blocks, and the block
+/// table mirrored in device memory for the kernels (brought up to date, only where it
+/// changed, before each use).
+#[derive(Clone)]
+pub struct KvRows {
+    rows: PagedRows<DeviceChunks>,
+    cols: usize,
+    table: DeviceTable,
+}
+
+/// The device copy of a block table (a clone starts without one: it may diverge).
+#[derive(Default)]
+struct DeviceTable {
+    buf: Option<CudaSlice<u64>>,
+    mirror: Vec<u64>,
+}
+
+impl Clone for DeviceTable {
+    fn clone(&self) -> Self {
+        DeviceTable::default()
+    }
+}
+
+impl KvRows {
+    fn new(rows: PagedRows<DeviceChunks>, cols: usize) -> CudaBuf {
+        CudaBuf::Paged(KvRows {
+            rows,
+            cols,
+            table: DeviceTable::default(),
+        })
+    }
 }
 
 struct Kernels {
@@ -642,6 +676,143 @@ impl Cuda {
         }
     }
 
+    /// Positions per KV block.
+    fn block_rows(&self) -> usize {
+        self.opts.block_rows.max(1)
+    }
+
+    /// Makes room for `n` more rows of width `cols` in `cache` (a cache is created on the
+    /// first rows), queues the copy-on-write copies, and returns the new rows' addresses.
+    fn grow_cache(&self, cache: &mut CudaBuf, cols: usize, n: usize) -> Option<Vec<u64>> {
+        if let CudaBuf::F32(s) = cache {
+            if !s.is_empty() {
+                self.record(failed("append_rows", "not a cache"));
+                return None;
+            }
+            let pool = self.pool(cols)?;
+            *cache = KvRows::new(PagedRows::new(pool), cols);
+        }
+        let CudaBuf::Paged(p) = cache else {
+            self.record(failed("append_rows", "not a cache"));
+            return None;
+        };
+        if p.cols != cols {
+            self.record(failed("append_rows", "row width changed"));
+            return None;
+        }
+        let (copies, addrs) = match p.rows.grow(n) {
+            Ok(x) => x,
+            Err(AllocError::Full(f)) => {
+                self.record(DeviceError::CacheFull(f));
+                return None;
+            }
+            Err(AllocError::Device { bytes, message }) => {
+                let free = self.memory().map(|m| m.0).unwrap_or(0);
+                self.record(DeviceError::OutOfMemory {
+                    what: format!("a KV cache chunk ({message})"),
+                    bytes,
+                    free,
+                });
+                return None;
+            }
+        };
+        let row_bytes = cols * 2;
+        for cp in copies {
+            // SAFETY: both addresses are blocks of this pool, each `block_rows` rows of
+            // `row_bytes` bytes, and `cp.rows` is at most `block_rows`.
+            let r = unsafe {
+                cudarc::driver::result::memcpy_dtod_async(
+                    cp.to,
+                    cp.from,
+                    cp.rows * row_bytes,
+                    self.stream.cu_stream(),
+                )
+            };
+            self.check("cache copy-on-write", r);
+        }
+        Some(addrs)
+    }
+
+    /// The device address of a cache's block table, uploading what changed since its last
+    /// use (new blocks, a block replaced by its private copy).
+    fn table_of(&self, cache: &mut CudaBuf) -> Option<u64> {
+        let CudaBuf::Paged(p) = cache else {
+            self.record(failed("attention", "not a cache"));
+            return None;
+        };
+        let host = p.rows.table();
+        let t = &mut p.table;
+        let same = t
+            .mirror
+            .iter()
+            .zip(&host)
+            .take_while(|(a, b)| a == b)
+            .count();
+        let fits = t.buf.as_ref().is_some_and(|b| b.len() >= host.len());
+        if !fits {
+            let cap = host.len().next_power_of_two().max(16);
+            t.buf = Some(self.scratch::<u64>(cap, "block table")?);
+            t.mirror.clear();
+        }
+        let buf = t.buf.as_mut()?;
+        let from = if fits { same } else { 0 };
+        if from < host.len() {
+            let mut dst = buf.slice_mut(from..host.len());
+            let r = self.stream.memcpy_htod(&host[from..], &mut dst);
+            self.check("block table", r);
+        }
+        t.mirror = host;
+        Some(buf.device_ptr(&self.stream).0)
+    }
+
+    /// Launches `attention_batch` over the rows described by `meta` (see the kernel).
+    #[allow(clippy::too_many_arguments)]
+    fn attention_launch(
+        &self,
+        q: &CudaSlice<f32>,
+        meta: &CudaSlice<u64>,
+        n: usize,
+        t: usize,
+        out: &mut CudaSlice<f32>,
+        s: AttnShape,
+        vcols: usize,
+        vhead: usize,
+    ) {
+        const WARPS: usize = 4;
+        let cfg = LaunchConfig {
+            grid_dim: ((t * s.h) as u32, 1, 1),
+            block_dim: ((WARPS * 32) as u32, 1, 1),
+            shared_mem_bytes: ((s.dk + 2 * WARPS + WARPS * s.dv) * 4) as u32,
+        };
+        let (ni, hh, hki, dki, dvi, vci, vhi, br) = (
+            n as i32,
+            s.h as i32,
+            s.hk as i32,
+            s.dk as i32,
+            s.dv as i32,
+            vcols as i32,
+            vhead as i32,
+            self.block_rows() as i32,
+        );
+        launch!(
+            self,
+            "attention_batch",
+            cfg,
+            q,
+            meta,
+            &ni,
+            out,
+            &hh,
+            &hki,
+            &dki,
+            &dvi,
+            &vci,
+            &vhi,
+            &s.scale,
+            &br
+        );
+    }
+
     /// A paged cache's rows as f32, `[rows, cols]`.
     fn read_paged(&self, p: &PagedRows<DeviceChunks>, cols: usize) -> Option<CudaSlice<f32>> {
         let rows = p.rows();
@@ -718,7 +889,7 @@ impl Backend for Cuda {
                 .stream
                 .clone_dtoh(s.as_ref())
                 .map(|v| v.into_iter().map(bf16::to_f32).collect()),
-            CudaBuf::Paged(p, cols) => match self.read_paged(p, *cols) {
+            CudaBuf::Paged(p) => match self.read_paged(&p.rows, p.cols) {
                 Some(s) => self.stream.clone_dtoh(&s),
                 None => return Vec::new(),
             },
@@ -736,7 +907,7 @@ impl Backend for Cuda {
         match b {
             CudaBuf::F32(s) => s.len(),
             CudaBuf::Bf16(s) => s.len(),
-            CudaBuf::Paged(p, cols) => p.rows() * cols,
+            CudaBuf::Paged(p) => p.rows.rows() * p.cols,
         }
     }
 
@@ -1387,12 +1558,12 @@ impl Backend for Cuda {
             return self.empty();
         }
         match x {
-            CudaBuf::Paged(p, c) => {
-                if from != 0 || count > p.rows() || *c != cols {
+            CudaBuf::Paged(p) => {
+                if from != 0 || count > p.rows.rows() || p.cols != cols {
                     self.record(failed("slice_rows", "a cache slice must be a prefix"));
                     return self.empty();
                 }
-                CudaBuf::Paged(p.prefix(count), *c)
+                KvRows::new(p.rows.prefix(count), cols)
             }
             CudaBuf::F32(s) => {
                 if (from + count) * cols > s.len() {
@@ -1501,45 +1672,9 @@ impl Backend for Cuda {
             return self.record(failed("append_rows", "rows are not whole"));
         }
         let n = src.len() / cols;
-        if let CudaBuf::F32(s) = cache {
-            if !s.is_empty() {
-                return self.record(failed("append_rows", "not a cache"));
-            }
-            let Some(pool) = self.pool(cols) else { return };
-            *cache = CudaBuf::Paged(PagedRows::new(pool), cols);
-        }
-        let CudaBuf::Paged(p, c) = cache else {
-            return self.record(failed("append_rows", "not a cache"));
+        let Some(addrs) = self.grow_cache(cache, cols, n) else {
+            return;
         };
-        if *c != cols {
-            return self.record(failed("append_rows", "row width changed"));
-        }
-        let (copies, addrs) = match p.grow(n) {
-            Ok(x) => x,
-            Err(AllocError::Full(f)) => return self.record(DeviceError::CacheFull(f)),
-            Err(AllocError::Device { bytes, message }) => {
-                let free = self.memory().map(|m| m.0).unwrap_or(0);
-                return self.record(DeviceError::OutOfMemory {
-                    what: format!("a KV cache chunk ({message})"),
-                    bytes,
-                    free,
-                });
-            }
-        };
-        let row_bytes = cols * 2;
-        for cp in copies {
-            // SAFETY: both addresses are blocks of this pool, each `block_rows` rows of
-            // `row_bytes` bytes, and `cp.rows` is at most `block_rows`.
-            let r = unsafe {
-                cudarc::driver::result::memcpy_dtod_async(
-                    cp.to,
-                    cp.from,
-                    cp.rows * row_bytes,
-                    self.stream.cu_stream(),
-                )
-            };
-            self.check("cache copy-on-write", r);
-        }
         if n == 0 {
             return;
         }
@@ -1608,6 +1743,124 @@ impl Backend for Cuda {
         );
     }
 
+    fn attend(
+        &self,
+        q: &CudaBuf,
+        k: &CudaBuf,
+        v: &CudaBuf,
+        lens: &[usize],
+        caches: &mut [(&mut CudaBuf, &mut CudaBuf)],
+        s: AttnShape,
+    ) -> CudaBuf {
+        if self.errored() {
+            return self.empty();
+        }
+        let (Some(qs), Some(ks), Some(vs)) = (
+            self.f32_of(q, "attention"),
+            self.f32_of(k, "attention"),
+            self.f32_of(v, "attention"),
+        ) else {
+            return self.empty();
+        };
+        let n = lens.len();
+        let t: usize = lens.iter().sum();
+        let (kc, vc) = (s.hk * s.dk, s.hk * s.dv);
+        if s.dv > MAX_DV
+            || s.hk == 0
+            || !s.h.is_multiple_of(s.hk)
+            || (s.values_in_keys && s.dv > s.dk)
+            || caches.len() != n
+            || qs.len() != t * s.h * s.dk
+            || ks.len() != t * kc
+            || vs.len() != t * vc
+        {
+            self.record(failed(
+                "attention",
+                format!(
+                    "shapes ({n} sequences, {t} rows, h {}, hk {}, dk {}, dv {} ≤ {MAX_DV})",
+                    s.h, s.hk, s.dk, s.dv
+                ),
+            ));
+            return self.empty();
+        }
+        // Room for the new rows (copy-on-write of shared blocks included), then each
+        // cache's device table.
+        let mut meta = vec![0u64; 4 * n + 1];
+        let mut row0 = 0;
+        for (i, ((kcache, vcache), len)) in caches.iter_mut().zip(lens).enumerate() {
+            let pos0 = cache_rows(kcache);
+            if self.grow_cache(kcache, kc, *len).is_none() {
+                return self.empty();
+            }
+            let Some(kt) = self.table_of(kcache) else {
+                return self.empty();
+            };
+            meta[i] = kt;
+            meta[n + i] = if s.values_in_keys {
+                kt
+            } else {
+                if cache_rows(vcache) != pos0 || self.grow_cache(vcache, vc, *len).is_none() {
+                    self.record(failed("attention", "key and value caches differ in length"));
+                    return self.empty();
+                }
+                let Some(vt) = self.table_of(vcache) else {
+                    return self.empty();
+                };
+                vt
+            };
+            meta[2 * n + i] = pos0 as u64;
+            meta[3 * n + i] = row0 as u64;
+            row0 += len;
+        }
+        meta[4 * n] = t as u64;
+        let Some(mut out) = self.alloc_f32(t * s.h * s.dv, "attention output") else {
+            return self.empty();
+        };
+        if t == 0 {
+            return CudaBuf::F32(Arc::new(out));
+        }
+        let Some(md) = self.htod(&meta, "attention metadata") else {
+            return self.empty();
+        };
+        let (ni, kci, br) = (n as i32, kc as i32, self.block_rows() as i32);
+        let (vcols, vhead) = if s.values_in_keys {
+            (kc, s.dk)
+        } else {
+            (vc, s.dv)
+        };
+        let vci = vc as i32;
+        if s.values_in_keys {
+            let null = 0u64;
+            launch!(
+                self,
+                "paged_append",
+                per_row(t, 128),
+                ks,
+                &null,
+                &md,
+                &ni,
+                &kci,
+                &vci,
+                &br
+            );
+        } else {
+            launch!(
+                self,
+                "paged_append",
+                per_row(t, 128),
+                ks,
+                vs,
+                &md,
+                &ni,
+                &kci,
+                &vci,
+                &br
+            );
+        }
+        self.attention_launch(qs, &md, n, t, &mut out, s, vcols, vhead);
+        CudaBuf::F32(Arc::new(out))
+    }
+
     fn attention(
         &self,
         q: &CudaBuf,
@@ -1626,17 +1879,17 @@ impl Backend for Cuda {
         let Some(qs) = self.f32_of(q, "attention") else {
             return self.empty();
         };
-        let (CudaBuf::Paged(kp, kc), CudaBuf::Paged(vp, vc)) = (k, v) else {
+        let (CudaBuf::Paged(kp), CudaBuf::Paged(vp)) = (k, v) else {
             self.record(failed("attention", "keys and values must be a cache"));
             return self.empty();
         };
-        let total = kp.rows();
+        let total = kp.rows.rows();
         if dv > MAX_DV
             || hk == 0
             || !h.is_multiple_of(hk)
-            || *kc != hk * dk
-            || *vc != hk * dv
-            || vp.rows() != total
+            || kp.cols != hk * dk
+            || vp.cols != hk * dv
+            || vp.rows.rows() != total
             || t > total
             || qs.len() != t * h * dk
         {
@@ -1653,44 +1906,35 @@ impl Backend for Cuda {
             return CudaBuf::F32(Arc::new(out));
         }
         let (Some(kt), Some(vt)) = (
-            self.htod(&kp.table(), "key table"),
-            self.htod(&vp.table(), "value table"),
+            self.htod(&kp.rows.table(), "key table"),
+            self.htod(&vp.rows.table(), "value table"),
         ) else {
             return self.empty();
         };
-        const WARPS: usize = 4;
-        let cfg = LaunchConfig {
-            grid_dim: ((t * h) as u32, 1, 1),
-            block_dim: ((WARPS * 32) as u32, 1, 1),
-            shared_mem_bytes: ((dk + 2 * WARPS + WARPS * dv) * 4) as u32,
+        let addr = |x: &CudaSlice<u64>| x.device_ptr(&self.stream).0;
+        let meta = [addr(&kt), addr(&vt), (total - t) as u64, 0, t as u64];
+        let Some(md) = self.htod(&meta, "attention metadata") else {
+            return self.empty();
         };
-        let (ti, tt, hh, hki, dki, dvi, br) = (
-            t as i32,
-            total as i32,
-            h as i32,
-            hk as i32,
-            dk as i32,
-            dv as i32,
-            kp.pool().block_rows() as i32,
-        );
-        launch!(
-            self,
-            "attention_paged",
-            cfg,
-            qs,
-            &kt,
-            &vt,
-            &mut out,
-            &ti,
-            &tt,
-            &hh,
-            &hki,
-            &dki,
-            &dvi,
-            &scale,
-            &br
-        );
+        let shape = AttnShape {
+            h,
+            hk,
+            dk,
+            dv,
+            scale,
+            values_in_keys: false,
+        };
+        // The tables are freed in stream order, after the kernel.
+        self.attention_launch(qs, &md, 1, t, &mut out, shape, hk * dv, dv);
         CudaBuf::F32(Arc::new(out))
+    }
+}
+
+/// Rows held by a cache buffer (an empty f32 buffer: a cache not written yet).
+fn cache_rows(b: &CudaBuf) -> usize {
+    match b {
+        CudaBuf::Paged(p) => p.rows.rows(),
+        _ => 0,
     }
 }
 

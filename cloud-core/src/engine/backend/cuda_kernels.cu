@@ -205,41 +205,86 @@ extern "C" __global__ void argmax_rows(const float* __restrict__ x, int cols, un
 #define ATT_WARPS 4
 #define MAX_DV 512
 
-// Causal attention over a paged cache, one block (ATT_WARPS warps) per (query row, head).
-// q[t, h, dk] (f32); keys [T, hk, dk] and values [T, hk, dv] (bf16) in blocks of
-// `block_rows` rows; query row r is position T - t + r and sees positions 0..=it. Each
-// warp keeps an online softmax over every ATT_WARPS-th position; the warps merge at the end.
-extern "C" __global__ void attention_paged(const float* __restrict__ q, const u64* __restrict__ ktab,
-                                           const u64* __restrict__ vtab, float* __restrict__ out,
-                                           int t, int T, int h, int hk, int dk, int dv, float scale,
-                                           int block_rows) {
+// ---- One step's attention over the paged caches of many sequences -------------------
+// The step's metadata, `n` sequences, 64-bit words (read from device memory, so a step
+// captured in a CUDA graph replays with new tables and lengths):
+//   [0, n)        each sequence's key block table (device address of its u64 entries)
+//   [n, 2n)       each sequence's value block table (the key table when values are read
+//                 from the key rows: absorbed MLA keeps no value cache)
+//   [2n, 3n)      each sequence's cache length before the step (its first new position)
+//   [3n, 4n + 1)  each sequence's first row among the step's rows (prefix sums; the last
+//                 entry is the number of rows)
+#define META_KTAB(m, n, s) ((const u64*)(m)[s])
+#define META_VTAB(m, n, s) ((const u64*)(m)[(n) + (s)])
+#define META_POS0(m, n, s) ((long)(m)[2 * (n) + (s)])
+#define META_ROW0(m, n, s) ((long)(m)[3 * (n) + (s)])
+
+// The sequence row `r` belongs to: the last s with row0[s] <= r.
+__device__ __forceinline__ int meta_seq_of_row(const u64* __restrict__ meta, int n, long r) {
+    int lo = 0, hi = n - 1;
+    while (lo < hi) {
+        int mid = (lo + hi + 1) / 2;
+        if (META_ROW0(meta, n, mid) <= r) lo = mid; else hi = mid - 1;
+    }
+    return lo;
+}
+
+// Appends the step's new rows to every sequence's caches, as bf16: key row r (kcols
+// wide) of `k`, and value row r (vcols wide) of `v` unless v is null. One block per row.
+extern "C" __global__ void paged_append(const float* __restrict__ k, const float* __restrict__ v,
+                                        const u64* __restrict__ meta, int n, int kcols, int vcols,
+                                        int block_rows) {
+    long r = blockIdx.x;
+    int s = meta_seq_of_row(meta, n, r);
+    long p = META_POS0(meta, n, s) + (r - META_ROW0(meta, n, s));
+    bf16* kd = (bf16*)META_KTAB(meta, n, s)[p / block_rows] + (p % block_rows) * (long)kcols;
+    for (int i = threadIdx.x; i < kcols; i += blockDim.x) kd[i] = __float2bfloat16(k[r * kcols + i]);
+    if (v) {
+        bf16* vd = (bf16*)META_VTAB(meta, n, s)[p / block_rows] + (p % block_rows) * (long)vcols;
+        for (int i = threadIdx.x; i < vcols; i += blockDim.x) vd[i] = __float2bfloat16(v[r * vcols + i]);
+    }
+}
+
+// Causal attention of every sequence's new rows over its cache, one block (ATT_WARPS
+// warps) per (row, head). q[rows, h, dk] (f32); key rows kcols = hk·dk wide, value rows
+// `vcols` wide with head j's values at column j·vhead (bf16, in blocks of `block_rows`
+// rows); row r of sequence s is position pos0 + (r - row0) and sees positions 0..=it.
+// Each warp keeps an online softmax over every ATT_WARPS-th position; the warps merge at
+// the end. Output [rows, h, dv] (f32).
+extern "C" __global__ void attention_batch(const float* __restrict__ q, const u64* __restrict__ meta,
+                                           int n, float* __restrict__ out, int h, int hk, int dk,
+                                           int dv, int vcols, int vhead, float scale, int block_rows) {
     extern __shared__ float sm[];
     float* qs = sm;                  // dk
     float* wm = qs + dk;             // ATT_WARPS
     float* ws = wm + ATT_WARPS;      // ATT_WARPS
     float* wacc = ws + ATT_WARPS;    // ATT_WARPS * dv
-    int row = blockIdx.x / h, head = blockIdx.x % h;
+    long row = blockIdx.x / h;
+    int head = blockIdx.x % h;
+    int s = meta_seq_of_row(meta, n, row);
+    const u64* ktab = META_KTAB(meta, n, s);
+    const u64* vtab = META_VTAB(meta, n, s);
+    long last = META_POS0(meta, n, s) + (row - META_ROW0(meta, n, s));
     int kvh = head / (h / hk);
-    int last = T - t + row;
-    const float* qr = q + ((long)row * h + head) * dk;
+    const float* qr = q + (row * h + head) * dk;
     for (int i = threadIdx.x; i < dk; i += blockDim.x) qs[i] = qr[i] * scale;
     __syncthreads();
     int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
-    float m = NEG_INF, s = 0.f;
+    float m = NEG_INF, sum = 0.f;
     float acc[MAX_DV / WARP];
 #pragma unroll
     for (int j = 0; j < MAX_DV / WARP; j++) acc[j] = 0.f;
-    long kcols = (long)hk * dk, vcols = (long)hk * dv;
-    for (int p = warp; p <= last; p += ATT_WARPS) {
-        const bf16* kr = (const bf16*)ktab[p / block_rows] + (long)(p % block_rows) * kcols + (long)kvh * dk;
+    long kcols = (long)hk * dk;
+    for (long p = warp; p <= last; p += ATT_WARPS) {
+        const bf16* kr = (const bf16*)ktab[p / block_rows] + (p % block_rows) * kcols + (long)kvh * dk;
         float dot = 0.f;
         for (int i = lane; i < dk; i += WARP) dot += qs[i] * __bfloat162float(kr[i]);
         dot = warp_sum(dot);
         float mn = fmaxf(m, dot);
         float c = __expf(m - mn);
         float e = __expf(dot - mn);
-        s = s * c + e;
-        const bf16* vr = (const bf16*)vtab[p / block_rows] + (long)(p % block_rows) * vcols + (long)kvh * dv;
+        sum = sum * c + e;
+        const bf16* vr = (const bf16*)vtab[p / block_rows] + (p % block_rows) * (long)vcols + (long)kvh * vhead;
 #pragma unroll
         for (int j = 0; j < MAX_DV / WARP; j++) {
             int i = lane + WARP * j;
@@ -249,7 +294,7 @@ extern "C" __global__ void attention_paged(const float* __restrict__ q, const u6
     }
     if (lane == 0) {
         wm[warp] = m;
-        ws[warp] = s;
+        ws[warp] = sum;
     }
 #pragma unroll
     for (int j = 0; j < MAX_DV / WARP; j++) {
@@ -261,7 +306,7 @@ extern "C" __global__ void attention_paged(const float* __restrict__ q, const u6
     for (int w = 0; w < ATT_WARPS; w++) M = fmaxf(M, wm[w]);
     float S = 0.f;
     for (int w = 0; w < ATT_WARPS; w++) S += ws[w] * __expf(wm[w] - M);
-    float* o = out + ((long)row * h + head) * dv;
+    float* o = out + (row * h + head) * dv;
     for (int i = threadIdx.x; i < dv; i += blockDim.x) {
         float a = 0.f;
         for (int w = 0; w < ATT_WARPS; w++) a += wacc[w * dv + i] * __expf(wm[w] - M);

@@ -54,6 +54,25 @@ pub enum RopeLayout {
     Interleaved,
 }
 
+/// The shape of one attention call.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AttnShape {
+    /// Query heads.
+    pub h: usize,
+    /// Key/value heads (query head `i` reads key head `i / (h / hk)`).
+    pub hk: usize,
+    /// Key (and query) width per head.
+    pub dk: usize,
+    /// Value width per head.
+    pub dv: usize,
+    /// Softmax scale.
+    pub scale: f32,
+    /// Each head's values are the first `dv` columns of its key (absorbed MLA: the
+    /// latent, followed by the rope key). A backend may then keep no value cache and read
+    /// the values from the key rows.
+    pub values_in_keys: bool,
+}
+
 /// Backend operations.
 pub trait Backend {
     /// An f32 buffer on the backend.
@@ -204,6 +223,34 @@ pub trait Backend {
         sin: &Self::Buf,
         layout: RopeLayout,
     );
+    /// One step's attention for every sequence in it. Rows of `q[·, h, dk]`,
+    /// `k[·, hk, dk]` and `v[·, hk, dv]` belong to the sequences in order, `lens[s]` rows
+    /// to sequence `s`: each sequence's new key and value rows are appended to its caches
+    /// (`caches[s]`: keys, values), then its queries attend causally over its whole cache.
+    /// Returns `[Σ lens, h, dv]`. The default appends and attends sequence by sequence; a
+    /// device backend does every sequence in one launch. With
+    /// [`AttnShape::values_in_keys`] a backend may leave the value caches empty.
+    fn attend(
+        &self,
+        q: &Self::Buf,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        lens: &[usize],
+        caches: &mut [(&mut Self::Buf, &mut Self::Buf)],
+        s: AttnShape,
+    ) -> Self::Buf {
+        let (kc, vc) = (s.hk * s.dk, s.hk * s.dv);
+        let mut outs = Vec::with_capacity(lens.len());
+        let mut at = 0;
+        for (len, (kcache, vcache)) in lens.iter().zip(caches.iter_mut()) {
+            self.append_rows(kcache, &self.slice_rows(k, kc, at, *len), kc);
+            self.append_rows(vcache, &self.slice_rows(v, vc, at, *len), vc);
+            let qs = self.slice_rows(q, s.h * s.dk, at, *len);
+            outs.push(self.attention(&qs, kcache, vcache, *len, s.h, s.hk, s.dk, s.dv, s.scale));
+            at += len;
+        }
+        self.concat_rows(&outs)
+    }
     /// Causal attention for one sequence: `q[t, h, dk]` against `k[T, hk, dk]`,
     /// `v[T, hk, dv]` (grouped: query head `i` reads key head `i / (h / hk)`), where the
     /// `t` queries are the last `t` of `T` positions. Returns `[t, h, dv]`.
