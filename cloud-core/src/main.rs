@@ -161,6 +161,10 @@ enum Cmd {
         /// Batch sizes to measure, comma-separated.
         #[arg(long, default_value = "1,4")]
         batches: String,
+        /// CUDA: launch every decode step's kernels one by one instead of capturing the
+        /// step into a CUDA graph and replaying it (to measure what the graphs save).
+        #[arg(long)]
+        no_graphs: bool,
     },
 }
 
@@ -293,7 +297,9 @@ fn bench(
     checkpoint: Option<&std::path::Path>,
     device: Device,
     opts: &BenchOptions,
+    graphs: bool,
 ) -> Result<(), String> {
+    let _ = graphs;
     match device {
         Device::Cpu => {
             let model = bench_model(shape_name, checkpoint, Cpu::default())?;
@@ -303,7 +309,11 @@ fn bench(
         #[cfg(feature = "cuda")]
         Device::Cuda => {
             use cloud_core::engine::backend::cuda::{Cuda, CudaOptions};
-            let be = Cuda::new(CudaOptions::default()).map_err(|e| e.to_string())?;
+            let be = Cuda::new(CudaOptions {
+                graphs,
+                ..CudaOptions::default()
+            })
+            .map_err(|e| e.to_string())?;
             let bw = be.copy_bandwidth(1 << 30).map_err(|e| e.to_string())?;
             let (free, total) = be.memory().map_err(|e| e.to_string())?;
             println!(
@@ -313,7 +323,17 @@ fn bench(
                 free as f64 / (1u64 << 30) as f64
             );
             let model = bench_model(shape_name, checkpoint, be)?;
-            bench_report(&model, opts, bw, "bf16")
+            bench_report(&model, opts, bw, "bf16")?;
+            let g = model.backend().graph_stats();
+            println!(
+                "decode steps: {} captured into CUDA graphs, {} replayed, {} eager (first of their size, prefills, graphs {}), {} captures given up",
+                g.captured,
+                g.replayed,
+                g.eager,
+                if graphs { "on" } else { "off" },
+                g.abandoned
+            );
+            Ok(())
         }
         #[cfg(not(feature = "cuda"))]
         Device::Cuda => {
@@ -654,6 +674,7 @@ fn main() -> ExitCode {
             prompt,
             steps,
             batches,
+            no_graphs,
         } => {
             let run = || -> Result<(), String> {
                 let batches = batches
@@ -671,7 +692,7 @@ fn main() -> ExitCode {
                     steps,
                     batches,
                 };
-                bench(&shape, model.as_deref(), engine, &opts)?;
+                bench(&shape, model.as_deref(), engine, &opts, !no_graphs)?;
                 match &model {
                     Some(dir) if verdicts > 0 => bench_verdicts(dir, verdicts),
                     _ => Ok(()),

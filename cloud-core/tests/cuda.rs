@@ -37,3 +37,8 @@ fn cuda_a_step_that_does_not_fit_is_refused_and_changes_nothing() {
 fn cuda_out_of_memory_is_a_typed_error() {
     suite::cuda_out_of_memory_is_a_typed_error();
 }
+
+#[test]
+fn cuda_graphs_replay_decode_steps_as_they_run_eagerly() {
+    suite::cuda_graphs_replay_decode_steps_as_they_run_eagerly();
+}

@@ -63,3 +63,42 @@ fn cuda_a_step_that_does_not_fit_is_refused_and_changes_nothing() {
 fn cuda_out_of_memory_is_a_typed_error() {
     suite::cuda_out_of_memory_is_a_typed_error();
 }
+
+#[test]
+fn cuda_graphs_replay_decode_steps_as_they_run_eagerly() {
+    suite::cuda_graphs_replay_decode_steps_as_they_run_eagerly();
+}
+
+/// `cloud-core bench --engine cuda` end to end on the emulated device (the libraries
+/// found on `LD_LIBRARY_PATH`, as on a GPU machine): random weights made on the device,
+/// the copy bandwidth timed with events, prefill and decode at two batch sizes, decode
+/// steps replayed from CUDA graphs.
+#[test]
+fn the_cuda_benchmark_runs_on_the_emulated_device() {
+    let dir = match emu::build(true) {
+        Ok(d) => d,
+        Err(e) => return emu::skip_or_fail(&e),
+    };
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cloud-core"))
+        .args(["bench", "--engine", "cuda", "--shape", "tiny"])
+        .args(["--prompt", "8", "--steps", "5", "--batches", "1,3"])
+        .env("LD_LIBRARY_PATH", &dir)
+        .output()
+        .expect("cloud-core runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("CUDA device emulated on the CPU"), "{text}");
+    for batch in ["| 1 |", "| 3 |"] {
+        assert!(text.contains(batch), "no row for batch {batch}: {text}");
+    }
+    // Per batch size: the prefill and the first decode step run eagerly, the second is
+    // captured, the other three replayed.
+    assert!(
+        text.contains("2 captured into CUDA graphs, 6 replayed"),
+        "{text}"
+    );
+}

@@ -461,7 +461,17 @@ fn batched_paged_attention_matches_the_cpu_per_sequence() {
     // (h, hk, dk, dv, values in keys, block rows, [(cached rows, new rows)]): GQA
     // (Qwen-like), MLA's absorbed form (one key head, values the keys' first columns,
     // wider than a warp's 32 lanes), decode steps, a prefill, and an empty sequence.
-    let cases: &[(usize, usize, usize, usize, bool, usize, &[(usize, usize)])] = &[
+    /// (h, hk, dk, dv, values in keys, block rows, [(cached rows, new rows)])
+    type Case = (
+        usize,
+        usize,
+        usize,
+        usize,
+        bool,
+        usize,
+        &'static [(usize, usize)],
+    );
+    let cases: &[Case] = &[
         (
             4,
             2,

@@ -402,6 +402,11 @@ impl<B: Backend> Model<B> {
         self.mla_absorbed = absorbed;
     }
 
+    /// The backend the model runs on.
+    pub fn backend(&self) -> &B {
+        &self.be
+    }
+
     /// The configuration.
     pub fn config(&self) -> &ModelConfig {
         &self.cfg
@@ -458,13 +463,18 @@ impl<B: Backend> Model<B> {
     /// After a device error: every cache back to the positions it had before the step,
     /// and the error.
     fn roll_back(&self, seqs: &mut [(&[u32], &mut Cache<B>)], err: DeviceError) -> EngineError {
+        self.restore(seqs);
+        // The cuts themselves may have failed on a broken device: report the first error.
+        let _ = self.be.take_error();
+        EngineError::Device(err)
+    }
+
+    /// Every cache back to the positions it had before the step.
+    fn restore(&self, seqs: &mut [(&[u32], &mut Cache<B>)]) {
         for (_, cache) in seqs.iter_mut() {
             let len = cache.len;
             **cache = self.cut(cache, len);
         }
-        // The cuts themselves may have failed on a broken device: report the first error.
-        let _ = self.be.take_error();
-        EngineError::Device(err)
     }
 
     fn mlp(&self, m: &Mlp<B>, x: &B::Buf, t: usize) -> B::Buf {
@@ -549,8 +559,6 @@ impl<B: Backend> Model<B> {
             }
         }
         let be = &self.be;
-        let hd = self.cfg.hidden_size;
-        let eps = self.cfg.rms_norm_eps as f32;
         let lens: Vec<usize> = seqs.iter().map(|(ids, _)| ids.len()).collect();
         let total: usize = lens.iter().sum();
         if total == 0 {
@@ -559,6 +567,57 @@ impl<B: Backend> Model<B> {
                 _ => Outputs::Logits(vec![Vec::new(); seqs.len()]),
             });
         }
+        // A backend may give up a step it was replaying or capturing into a graph: the
+        // caches are put back and the step runs again, eagerly.
+        let mut graphs = true;
+        let (logits, tokens) = loop {
+            be.begin_step(&lens, out as u8, graphs);
+            let r = self.step(seqs, &lens, out);
+            let err = be.take_error();
+            if be.end_step() {
+                if let Some(err) = err {
+                    return Err(self.roll_back(seqs, err));
+                }
+                break r;
+            }
+            self.restore(seqs);
+            graphs = false;
+        };
+        let vocab = self.cfg.vocab_size;
+        for (ids, cache) in seqs.iter_mut() {
+            cache.len += ids.len();
+        }
+        match out {
+            Out::Greedy => return Ok(Outputs::Tokens(tokens)),
+            Out::Last => {
+                return Ok(Outputs::Logits(
+                    logits.chunks(vocab).map(<[f32]>::to_vec).collect(),
+                ))
+            }
+            Out::All => {}
+        }
+        let mut rows = Vec::with_capacity(seqs.len());
+        let mut at = 0;
+        for len in lens {
+            rows.push(logits[at * vocab..(at + len) * vocab].to_vec());
+            at += len;
+        }
+        Ok(Outputs::Logits(rows))
+    }
+
+    /// One pass of the layers over the step's rows: the logits asked for (all rows, or
+    /// each sequence's last) or the greedy tokens. Device errors are left with the backend.
+    fn step(
+        &self,
+        seqs: &mut [(&[u32], &mut Cache<B>)],
+        lens: &[usize],
+        out: Out,
+    ) -> (Vec<f32>, Vec<u32>) {
+        let be = &self.be;
+        let hd = self.cfg.hidden_size;
+        let eps = self.cfg.rms_norm_eps as f32;
+        let last_only = out != Out::All;
+        let total: usize = lens.iter().sum();
         let ids: Vec<u32> = seqs
             .iter()
             .flat_map(|(ids, _)| ids.iter().copied())
@@ -570,7 +629,7 @@ impl<B: Backend> Model<B> {
         let mut x = be.gather_rows(&self.embed, hd, &ids);
         for (li, layer) in self.layers.iter().enumerate() {
             let xn = be.rms_norm(&x, &layer.in_norm, eps);
-            let attn = self.attention(&layer.attn, &xn, total, &positions, &lens, li, seqs);
+            let attn = self.attention(&layer.attn, &xn, total, &positions, lens, li, seqs);
             be.add(&mut x, &attn);
             let xn = be.rms_norm(&x, &layer.post_norm, eps);
             let y = match &layer.ffn {
@@ -596,7 +655,7 @@ impl<B: Backend> Model<B> {
         let logits = if last_only {
             let mut last = Vec::with_capacity(lens.len());
             let mut end = 0;
-            for len in &lens {
+            for len in lens {
                 end += len;
                 last.push((end - 1) as u32);
             }
@@ -607,32 +666,10 @@ impl<B: Backend> Model<B> {
             let xn = be.rms_norm(&x, &self.norm, eps);
             be.linear(&xn, total, &self.lm_head, vocab, hd)
         };
-        let (logits, tokens) = match out {
+        match out {
             Out::Greedy => (Vec::new(), be.argmax_rows(&logits, vocab)),
             _ => (be.download(&logits), Vec::new()),
-        };
-        if let Some(err) = be.take_error() {
-            return Err(self.roll_back(seqs, err));
         }
-        for (ids, cache) in seqs.iter_mut() {
-            cache.len += ids.len();
-        }
-        match out {
-            Out::Greedy => return Ok(Outputs::Tokens(tokens)),
-            Out::Last => {
-                return Ok(Outputs::Logits(
-                    logits.chunks(vocab).map(<[f32]>::to_vec).collect(),
-                ))
-            }
-            Out::All => {}
-        }
-        let mut rows = Vec::with_capacity(seqs.len());
-        let mut at = 0;
-        for len in lens {
-            rows.push(logits[at * vocab..(at + len) * vocab].to_vec());
-            at += len;
-        }
-        Ok(Outputs::Logits(rows))
     }
 
     /// Causal attention of every sequence over its own cache (appending the step's rows).

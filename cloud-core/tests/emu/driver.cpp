@@ -1,15 +1,21 @@
 // The parts of the CUDA driver, cuBLAS and NVRTC that the CUDA backend (through cudarc)
 // calls, on the CPU: "device" memory is host memory (with a configurable capacity, so
-// out-of-memory is reachable), every operation is synchronous, kernels are the emulated
-// ones (`emu_launch`), GEMMs follow cuBLAS's column-major definition. Built into three
-// libraries named libcuda.so, libcublas.so and libnvrtc.so for tests of the backend on
-// machines without a GPU.
+// out-of-memory is reachable), kernels are the emulated ones (`emu_bind`), GEMMs follow
+// cuBLAS's column-major definition. Work is done when it is issued, except on a stream
+// being captured: there kernels, GEMMs, device copies and memsets are recorded (their
+// arguments read at capture, as CUDA does) into a graph that `cuGraphLaunch` replays.
+// What CUDA refuses during a capture (host copies, allocations, synchronisation) is
+// refused here too and invalidates the capture, so the backend's graphs are checked on
+// machines without a GPU. Built into three libraries named libcuda.so, libcublas.so and
+// libnvrtc.so for tests of the backend.
 #include <cstdlib>
+#include <functional>
 #include <map>
 #include <mutex>
 #include <string>
+#include <vector>
 
-extern "C" int emu_launch(const char*, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned,
+extern "C" void* emu_bind(const char*, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned,
                           unsigned, void**);
 extern "C" int emu_has_kernel(const char*);
 
@@ -22,8 +28,57 @@ size_t capacity() {
     return c ? std::strtoull(c, nullptr, 10) : (size_t(4) << 30);
 }
 thread_local void* current_ctx = nullptr;
-int ctx_token, stream_token, module_token, pool_token, event_token, blas_token, prog_token;
+int ctx_token, module_token, pool_token, prog_token;
 const char* PTX = "// emulated: the kernels run on the CPU\n";
+
+enum : int {
+    OK = 0,
+    INVALID_VALUE = 1,
+    OUT_OF_MEMORY = 2,
+    NOT_FOUND = 500,
+    LAUNCH_FAILED = 719,
+    CAPTURE_UNSUPPORTED = 900,
+    CAPTURE_INVALIDATED = 901,
+};
+
+using Op = std::function<void()>;
+
+struct Stream {
+    bool capturing = false;
+    bool invalidated = false;
+    std::vector<Op> ops;
+};
+Stream default_stream;
+// Streams capturing on this thread (thread-local capture mode: this thread's unsafe
+// calls are refused while any of its streams captures).
+thread_local int capturing_here = 0;
+
+Stream* S(void* s) { return s ? (Stream*)s : &default_stream; }
+
+// Runs `op` now, or records it when `s` is being captured.
+int issue(void* s, Op op) {
+    Stream* st = S(s);
+    if (st->capturing) {
+        st->ops.push_back(std::move(op));
+        return OK;
+    }
+    op();
+    return OK;
+}
+
+// A call CUDA refuses while this thread captures: invalidates every capture.
+bool refuse_in_capture(void* s = nullptr) {
+    Stream* st = s ? S(s) : nullptr;
+    if ((st && st->capturing) || capturing_here > 0) {
+        if (st) st->invalidated = true;
+        return true;
+    }
+    return false;
+}
+
+struct Graph {
+    std::vector<Op> ops;
+};
 }  // namespace
 
 extern "C" {
@@ -46,23 +101,24 @@ CUresult cuDeviceGetName(char* name, int len, int) {
 CUresult cuDeviceTotalMem_v2(size_t* b, int) { *b = capacity(); return 0; }
 CUresult cuCtxGetCurrent(void** c) { *c = current_ctx; return 0; }
 CUresult cuCtxSetCurrent(void* c) { current_ctx = c; return 0; }
-CUresult cuCtxSynchronize() { return 0; }
-CUresult cuStreamCreate(void** s, unsigned) { *s = &stream_token; return 0; }
-CUresult cuStreamCreateWithPriority(void** s, unsigned, int) { *s = &stream_token; return 0; }
-CUresult cuStreamDestroy_v2(void*) { return 0; }
-CUresult cuStreamSynchronize(void*) { return 0; }
-CUresult cuStreamQuery(void*) { return 0; }
+CUresult cuCtxSynchronize() { return refuse_in_capture() ? CAPTURE_UNSUPPORTED : OK; }
+CUresult cuStreamCreate(void** s, unsigned) { *s = new Stream; return 0; }
+CUresult cuStreamCreateWithPriority(void** s, unsigned, int) { *s = new Stream; return 0; }
+CUresult cuStreamDestroy_v2(void* s) { if (s) delete (Stream*)s; return 0; }
+CUresult cuStreamSynchronize(void* s) { return refuse_in_capture(s) ? CAPTURE_UNSUPPORTED : OK; }
+CUresult cuStreamQuery(void* s) { return refuse_in_capture(s) ? CAPTURE_UNSUPPORTED : OK; }
 CUresult cuStreamWaitEvent(void*, void*, unsigned) { return 0; }
 CUresult cuEventCreate(void** e, unsigned) { *e = new int(0); return 0; }
 CUresult cuEventRecord(void*, void*) { return 0; }
-CUresult cuEventSynchronize(void*) { return 0; }
+CUresult cuEventSynchronize(void*) { return refuse_in_capture() ? CAPTURE_UNSUPPORTED : OK; }
 CUresult cuEventQuery(void*) { return 0; }
 CUresult cuEventElapsedTime(float* ms, void*, void*) { *ms = 1.0f; return 0; }
+CUresult cuEventElapsedTime_v2(float* ms, void*, void*) { *ms = 1.0f; return 0; }
 CUresult cuEventDestroy_v2(void* e) { delete (int*)e; return 0; }
 CUresult cuModuleLoadData(void** m, const void*) { *m = &module_token; return 0; }
 CUresult cuModuleUnload(void*) { return 0; }
 CUresult cuModuleGetFunction(void** f, void*, const char* name) {
-    if (!emu_has_kernel(name)) return 500;
+    if (!emu_has_kernel(name)) return NOT_FOUND;
     *f = strdup(name);
     return 0;
 }
@@ -71,58 +127,154 @@ CUresult cuFuncSetAttribute(void*, int, int) { return 0; }
 CUresult cuDeviceGetDefaultMemPool(void** p, int) { *p = &pool_token; return 0; }
 CUresult cuMemPoolSetAttribute(void*, int, void*) { return 0; }
 
-CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t bytes) {
+static CUresult alloc(CUdeviceptr* p, size_t bytes) {
     std::lock_guard<std::mutex> g(mem_lock);
-    if (used + bytes > capacity()) return 2;  // CUDA_ERROR_OUT_OF_MEMORY
+    if (used + bytes > capacity()) return OUT_OF_MEMORY;
     void* m = std::aligned_alloc(256, ((bytes + 255) / 256) * 256 + 256);
-    if (!m) return 2;
+    if (!m) return OUT_OF_MEMORY;
     *p = (CUdeviceptr)m;
     live[*p] = bytes;
     used += bytes;
     return 0;
 }
-CUresult cuMemAllocAsync(CUdeviceptr* p, size_t bytes, void*) { return cuMemAlloc_v2(p, bytes); }
-CUresult cuMemFree_v2(CUdeviceptr p) {
+static CUresult release(CUdeviceptr p) {
     std::lock_guard<std::mutex> g(mem_lock);
     auto it = live.find(p);
-    if (it == live.end()) return 1;
+    if (it == live.end()) return INVALID_VALUE;
     used -= it->second;
     live.erase(it);
     std::free((void*)p);
     return 0;
 }
-CUresult cuMemFreeAsync(CUdeviceptr p, void*) { return cuMemFree_v2(p); }
+// Allocations and frees are refused during a capture: the backend's graphed steps take
+// their memory from an arena allocated beforehand.
+CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t bytes) {
+    return refuse_in_capture() ? CAPTURE_UNSUPPORTED : alloc(p, bytes);
+}
+CUresult cuMemAllocAsync(CUdeviceptr* p, size_t bytes, void* s) {
+    return refuse_in_capture(s) ? CAPTURE_UNSUPPORTED : alloc(p, bytes);
+}
+CUresult cuMemFree_v2(CUdeviceptr p) { return refuse_in_capture() ? CAPTURE_UNSUPPORTED : release(p); }
+CUresult cuMemFreeAsync(CUdeviceptr p, void* s) {
+    return refuse_in_capture(s) ? CAPTURE_UNSUPPORTED : release(p);
+}
 CUresult cuMemGetInfo_v2(size_t* free_b, size_t* total) {
     std::lock_guard<std::mutex> g(mem_lock);
     *total = capacity();
     *free_b = capacity() > used ? capacity() - used : 0;
     return 0;
 }
-CUresult cuMemsetD8Async(CUdeviceptr d, unsigned char v, size_t n, void*) { std::memset((void*)d, v, n); return 0; }
-CUresult cuMemsetD8_v2(CUdeviceptr d, unsigned char v, size_t n) { std::memset((void*)d, v, n); return 0; }
-CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr d, const void* s, size_t n, void*) { std::memcpy((void*)d, s, n); return 0; }
-CUresult cuMemcpyHtoD_v2(CUdeviceptr d, const void* s, size_t n) { std::memcpy((void*)d, s, n); return 0; }
-CUresult cuMemcpyDtoHAsync_v2(void* d, CUdeviceptr s, size_t n, void*) { std::memcpy(d, (const void*)s, n); return 0; }
-CUresult cuMemcpyDtoH_v2(void* d, CUdeviceptr s, size_t n) { std::memcpy(d, (const void*)s, n); return 0; }
-CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr d, CUdeviceptr s, size_t n, void*) { std::memmove((void*)d, (const void*)s, n); return 0; }
-CUresult cuMemcpyDtoD_v2(CUdeviceptr d, CUdeviceptr s, size_t n) { std::memmove((void*)d, (const void*)s, n); return 0; }
-CUresult cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
-                        unsigned bz, unsigned shared, void*, void** params, void**) {
-    return emu_launch((const char*)f, gx, gy, gz, bx, by, bz, shared, params) == 0 ? 0 : 400;
+CUresult cuMemsetD8Async(CUdeviceptr d, unsigned char v, size_t n, void* s) {
+    return issue(s, [=] { std::memset((void*)d, v, n); });
 }
+CUresult cuMemsetD8_v2(CUdeviceptr d, unsigned char v, size_t n) {
+    if (refuse_in_capture()) return CAPTURE_UNSUPPORTED;
+    std::memset((void*)d, v, n);
+    return 0;
+}
+// Copies from or to host memory are refused during a capture (CUDA refuses pageable
+// ones; the backend stages host data and uploads it before launching the graph).
+CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr d, const void* src, size_t n, void* s) {
+    if (refuse_in_capture(s)) return CAPTURE_UNSUPPORTED;
+    std::memcpy((void*)d, src, n);
+    return 0;
+}
+CUresult cuMemcpyHtoD_v2(CUdeviceptr d, const void* src, size_t n) {
+    if (refuse_in_capture()) return CAPTURE_UNSUPPORTED;
+    std::memcpy((void*)d, src, n);
+    return 0;
+}
+CUresult cuMemcpyDtoHAsync_v2(void* d, CUdeviceptr src, size_t n, void* s) {
+    if (refuse_in_capture(s)) return CAPTURE_UNSUPPORTED;
+    std::memcpy(d, (const void*)src, n);
+    return 0;
+}
+CUresult cuMemcpyDtoH_v2(void* d, CUdeviceptr src, size_t n) {
+    if (refuse_in_capture()) return CAPTURE_UNSUPPORTED;
+    std::memcpy(d, (const void*)src, n);
+    return 0;
+}
+CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr d, CUdeviceptr src, size_t n, void* s) {
+    return issue(s, [=] { std::memmove((void*)d, (const void*)src, n); });
+}
+CUresult cuMemcpyDtoD_v2(CUdeviceptr d, CUdeviceptr src, size_t n) {
+    if (refuse_in_capture()) return CAPTURE_UNSUPPORTED;
+    std::memmove((void*)d, (const void*)src, n);
+    return 0;
+}
+CUresult cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
+                        unsigned bz, unsigned shared, void* s, void** params, void**) {
+    auto* k = (std::function<void()>*)emu_bind((const char*)f, gx, gy, gz, bx, by, bz, shared, params);
+    if (!k) return LAUNCH_FAILED;
+    Op op = std::move(*k);
+    delete k;
+    return issue(s, std::move(op));
+}
+
+// Graphs.
+CUresult cuStreamBeginCapture_v2(void* s, int) {
+    Stream* st = S(s);
+    if (st->capturing) return CAPTURE_UNSUPPORTED;
+    st->capturing = true;
+    st->invalidated = false;
+    st->ops.clear();
+    capturing_here++;
+    return 0;
+}
+CUresult cuStreamEndCapture(void* s, void** graph) {
+    Stream* st = S(s);
+    if (!st->capturing) return INVALID_VALUE;
+    st->capturing = false;
+    capturing_here--;
+    *graph = nullptr;
+    if (st->invalidated) {
+        st->ops.clear();
+        return CAPTURE_INVALIDATED;
+    }
+    *graph = new Graph{std::move(st->ops)};
+    st->ops.clear();
+    return 0;
+}
+CUresult cuStreamIsCapturing(void* s, int* status) {
+    Stream* st = S(s);
+    *status = st->capturing ? (st->invalidated ? 2 : 1) : 0;
+    return 0;
+}
+CUresult cuGraphInstantiateWithFlags(void** exec, void* graph, unsigned long long) {
+    *exec = new Graph(*(Graph*)graph);
+    return 0;
+}
+CUresult cuGraphLaunch(void* exec, void* s) {
+    if (S(s)->capturing) return CAPTURE_UNSUPPORTED;
+    for (auto& op : ((Graph*)exec)->ops) op();
+    return 0;
+}
+CUresult cuGraphUpload(void*, void*) { return 0; }
+CUresult cuGraphExecDestroy(void* exec) { delete (Graph*)exec; return 0; }
+CUresult cuGraphDestroy(void* graph) { delete (Graph*)graph; return 0; }
+
 CUresult cuGetErrorString(CUresult e, const char** s) {
-    *s = e == 2 ? "out of memory" : "emulated CUDA error";
+    *s = e == OUT_OF_MEMORY          ? "out of memory"
+         : e == CAPTURE_UNSUPPORTED  ? "operation not permitted when stream is capturing"
+         : e == CAPTURE_INVALIDATED  ? "operation failed due to a previous error during capture"
+                                     : "emulated CUDA error";
     return 0;
 }
 CUresult cuGetErrorName(CUresult e, const char** s) {
-    *s = e == 2 ? "CUDA_ERROR_OUT_OF_MEMORY" : "CUDA_ERROR_EMULATED";
+    *s = e == OUT_OF_MEMORY          ? "CUDA_ERROR_OUT_OF_MEMORY"
+         : e == CAPTURE_UNSUPPORTED  ? "CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED"
+         : e == CAPTURE_INVALIDATED  ? "CUDA_ERROR_STREAM_CAPTURE_INVALIDATED"
+                                     : "CUDA_ERROR_EMULATED";
     return 0;
 }
 
-// cuBLAS
-int cublasCreate_v2(void** h) { *h = &blas_token; return 0; }
-int cublasDestroy_v2(void*) { return 0; }
-int cublasSetStream_v2(void*, void*) { return 0; }
+// cuBLAS: a handle remembers its stream; GEMMs on a stream being captured are recorded.
+struct Blas {
+    void* stream = nullptr;
+};
+int cublasCreate_v2(void** h) { *h = new Blas; return 0; }
+int cublasDestroy_v2(void* h) { delete (Blas*)h; return 0; }
+int cublasSetStream_v2(void* h, void* s) { ((Blas*)h)->stream = s; return 0; }
 int cublasSetWorkspace_v2(void*, void*, size_t) { return 0; }
 int cublasSetMathMode(void*, int) { return 0; }
 int cublasSetPointerMode_v2(void*, int) { return 0; }
@@ -152,26 +304,29 @@ static void gemm(int ta, int tb, int m, int n, int k, float alpha, const void* a
         }
 }
 
-int cublasGemmEx(void*, int ta, int tb, int m, int n, int k, const void* alpha, const void* a, int at,
+int cublasGemmEx(void* h, int ta, int tb, int m, int n, int k, const void* alpha, const void* a, int at,
                  int lda, const void* b, int bt, int ldb, const void* beta, void* c, int ct, int ldc,
                  int, int) {
-    gemm(ta, tb, m, n, k, *(const float*)alpha, a, at, lda, b, bt, ldb, *(const float*)beta, c, ct, ldc);
-    return 0;
+    float al = *(const float*)alpha, be = *(const float*)beta;
+    return issue(((Blas*)h)->stream,
+                 [=] { gemm(ta, tb, m, n, k, al, a, at, lda, b, bt, ldb, be, c, ct, ldc); });
 }
 
-int cublasSgemmStridedBatched(void*, int ta, int tb, int m, int n, int k, const float* alpha,
+int cublasSgemmStridedBatched(void* h, int ta, int tb, int m, int n, int k, const float* alpha,
                               const float* a, int lda, long long sa, const float* b, int ldb,
                               long long sb, const float* beta, float* c, int ldc, long long sc,
                               int batch) {
-    for (int i = 0; i < batch; i++)
-        gemm(ta, tb, m, n, k, *alpha, a + i * sa, 0, lda, b + i * sb, 0, ldb, *beta, c + i * sc, 0, ldc);
-    return 0;
+    float al = *alpha, be = *beta;
+    return issue(((Blas*)h)->stream, [=] {
+        for (int i = 0; i < batch; i++)
+            gemm(ta, tb, m, n, k, al, a + i * sa, 0, lda, b + i * sb, 0, ldb, be, c + i * sc, 0, ldc);
+    });
 }
 
 int cublasSgemm_v2(void* h, int ta, int tb, int m, int n, int k, const float* alpha, const float* a,
                    int lda, const float* b, int ldb, const float* beta, float* c, int ldc) {
-    gemm(ta, tb, m, n, k, *alpha, a, 0, lda, b, 0, ldb, *beta, c, 0, ldc);
-    return 0;
+    float al = *alpha, be = *beta;
+    return issue(((Blas*)h)->stream, [=] { gemm(ta, tb, m, n, k, al, a, 0, lda, b, 0, ldb, be, c, 0, ldc); });
 }
 
 // NVRTC: the source is not compiled (the kernels are already built for the CPU).

@@ -9,12 +9,14 @@ pub const KERNELS: &str = include_str!("../../src/engine/backend/cuda_kernels.cu
 const SHIM: &str = include_str!("shim.h");
 const DRIVER: &str = include_str!("driver.cpp");
 
-/// The C++ glue: `emu_launch(name, grid, block, shared, args)` calls the named kernel
-/// with `args` read as its parameter types (as `cuLaunchKernel` reads them), and
-/// `emu_has_kernel(name)`.
+/// The C++ glue: `emu_bind(name, grid, block, shared, args)` returns the named kernel's
+/// launch as a `std::function` with `args` read as its parameter types now (as
+/// `cuLaunchKernel` reads them when it is called, also while a stream is captured),
+/// `emu_launch` binds and runs at once, and `emu_has_kernel(name)` says whether it exists.
 pub fn glue(src: &str) -> String {
-    let mut launch = String::from(
-        "extern \"C\" int emu_launch(const char* name, unsigned gx, unsigned gy, unsigned gz, \
+    let mut bind = String::from(
+        "#include <functional>\n\
+         extern \"C\" void* emu_bind(const char* name, unsigned gx, unsigned gy, unsigned gz, \
          unsigned bx, unsigned by, unsigned bz, unsigned shared, void** a) {\n  \
          dim3 g{gx, gy, gz}, b{bx, by, bz};\n",
     );
@@ -26,7 +28,7 @@ pub fn glue(src: &str) -> String {
         let open = rest.find('(').expect("(");
         let name = rest[..open].trim();
         let close = rest.find(')').expect(")");
-        let params: Vec<String> = rest[open + 1..close]
+        let params: Vec<(String, String)> = rest[open + 1..close]
             .split(',')
             .enumerate()
             .map(|(i, p)| {
@@ -36,20 +38,27 @@ pub fn glue(src: &str) -> String {
                     .rfind(|c: char| !(c.is_alphanumeric() || c == '_'))
                     .expect("a typed parameter");
                 let ty = p[..=cut].trim();
-                format!("*({ty}*)a[{i}]")
+                (format!("{ty} p{i} = *({ty}*)a[{i}];"), format!("p{i}"))
             })
             .collect();
-        launch.push_str(&format!(
-            "  if (!std::strcmp(name, \"{name}\")) {{ emu_run(g, b, shared, [=] {{ {name}({}); }}); return 0; }}\n",
-            params.join(", ")
+        let reads: Vec<&str> = params.iter().map(|p| p.0.as_str()).collect();
+        let names: Vec<&str> = params.iter().map(|p| p.1.as_str()).collect();
+        bind.push_str(&format!(
+            "  if (!std::strcmp(name, \"{name}\")) {{ {} return new std::function<void()>([=] {{ emu_run(g, b, shared, [=] {{ {name}({}); }}); }}); }}\n",
+            reads.join(" "),
+            names.join(", ")
         ));
         has.push_str(&format!(
             "  if (!std::strcmp(name, \"{name}\")) return 1;\n"
         ));
     }
-    launch.push_str("  return 1;\n}\n");
+    bind.push_str("  return nullptr;\n}\n");
     has.push_str("  return 0;\n}\n");
-    launch + &has
+    let launch = "extern \"C\" int emu_launch(const char* name, unsigned gx, unsigned gy, unsigned gz, \
+                  unsigned bx, unsigned by, unsigned bz, unsigned shared, void** a) {\n  \
+                  auto* f = (std::function<void()>*)emu_bind(name, gx, gy, gz, bx, by, bz, shared, a);\n  \
+                  if (!f) return 1;\n  (*f)();\n  delete f;\n  return 0;\n}\n";
+    bind + &has + launch
 }
 
 fn run(cmd: &mut std::process::Command) -> Result<(), String> {

@@ -137,6 +137,20 @@ pub trait Backend {
         let _ = (x, t, logits, bias, experts, hidden, inter, moe);
         None
     }
+    /// A forward pass begins: `lens[s]` new rows of sequence `s`, outputs of kind `out`
+    /// (the model's code for all logits, last logits or greedy tokens). A device backend
+    /// may capture the step into a graph and replay it for later steps of the same shape;
+    /// `graphs` is false when the model runs a step again after [`Backend::end_step`]
+    /// refused its results.
+    fn begin_step(&self, lens: &[usize], out: u8, graphs: bool) {
+        let _ = (lens, out, graphs);
+    }
+    /// The forward pass is over. `false`: the backend discarded the step's results (its
+    /// capture or replay was given up); the model restores the caches and runs the step
+    /// again with `graphs` off.
+    fn end_step(&self) -> bool {
+        true
+    }
     /// The first device error since the last call, if any. Operations after an error
     /// do nothing and return empty buffers: callers check this after a forward pass and
     /// discard its results.

@@ -15,45 +15,49 @@
 //!   of block addresses, prefixes share blocks by reference, attention reads the blocks
 //!   through the table. A step that does not fit is refused with
 //!   [`DeviceError::CacheFull`] and leaves every cache as it was.
+//! - A step's attention is one launch for all its sequences (each reading its own cache
+//!   through its block table, kept in device memory); MoE routing, the experts and greedy
+//!   picks run on the device.
+//! - Decode steps are captured into CUDA graphs and replayed ([`step`]).
 //! - Errors are sticky per step: the first one is kept, later operations do nothing, and
 //!   the model's forward pass returns it ([`Backend::take_error`]).
-//!
-//! What this backend does not do yet: CUDA graphs for the decode step, MoE routing on the
-//! device (the gate's logits come back to the host), fused attention/output kernels and
-//! sampling on the device. See README, Status.
 
 // The backend drives the GPU through cudarc's FFI-level calls (kernel launches, cuBLAS
 // with mixed types, raw block addresses of the paged cache). Every `unsafe` block states
 // the sizes it relies on.
 #![allow(unsafe_code)]
 
+pub mod step;
+
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use cudarc::cublas::{self, CudaBlas};
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, LaunchConfig,
-    PushKernelArg,
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr,
+    LaunchConfig,
 };
 use half::bf16;
+
+pub use step::GraphStats;
+use step::{Captured, Dev, KArg, Mode, Pre, Region, Sig, Steps};
 
 use super::{AttnShape, Backend, DeviceError, RopeLayout, Weight};
 use crate::engine::paged::{AllocError, BlockPool, Budget, ChunkSource, PagedRows};
 
-/// Launches kernel `$name` of `$self` with the arguments in order; a failure is recorded.
+/// Launches kernel `$name` of `$self` with the arguments in order (buffers by device
+/// address, scalars of the kernel's parameter types); a failure is recorded. Each caller
+/// passes buffers of the sizes its kernel indexes, checked just before.
 macro_rules! launch {
     ($self:expr, $name:literal, $cfg:expr, $($arg:expr),* $(,)?) => {{
-        let mut b = $self.stream.launch_builder($self.f($name));
-        $( b.arg($arg); )*
-        // SAFETY: each caller passes buffers of the sizes its kernel indexes (checked
-        // against the element counts just before) and scalars of the kernel's types.
-        let r = unsafe { b.launch($cfg) };
-        $self.check($name, r.map(|_| ()));
+        let mut words = [$( KArg::word(&$arg) ),*];
+        $self.launch_words($name, $cfg, &mut words);
     }};
 }
 
 /// The kernels' CUDA C source.
-pub const KERNELS: &str = include_str!("cuda_kernels.cu");
+pub const KERNELS: &str = include_str!("../cuda_kernels.cu");
 
 /// Every kernel in [`KERNELS`].
 pub const KERNEL_NAMES: &[&str] = &[
@@ -162,6 +166,8 @@ pub struct CudaOptions {
     pub block_rows: usize,
     /// Blocks per device allocation of a pool.
     pub blocks_per_chunk: usize,
+    /// Capture decode steps into CUDA graphs and replay them ([`step`]).
+    pub graphs: bool,
 }
 
 impl Default for CudaOptions {
@@ -172,6 +178,7 @@ impl Default for CudaOptions {
             reserve: 2 << 30,
             block_rows: 16,
             blocks_per_chunk: 256,
+            graphs: true,
         }
     }
 }
@@ -179,12 +186,20 @@ impl Default for CudaOptions {
 /// Device memory for KV pools (chunks of the paged cache).
 pub struct DeviceChunks {
     stream: Arc<CudaStream>,
+    /// Set while a step is captured: a chunk allocated then would belong to the graph.
+    capturing: Arc<AtomicBool>,
 }
+
+/// Why a KV chunk was not allocated while a step was being captured.
+const REFUSED_IN_CAPTURE: &str = "not while a step is captured";
 
 impl ChunkSource for DeviceChunks {
     type Chunk = CudaSlice<u8>;
 
     fn alloc(&self, bytes: usize) -> Result<(CudaSlice<u8>, u64), String> {
+        if self.capturing.load(Ordering::Relaxed) {
+            return Err(REFUSED_IN_CAPTURE.into());
+        }
         let chunk = self
             .stream
             .alloc_zeros::<u8>(bytes)
@@ -203,9 +218,9 @@ type Pool = BlockPool<DeviceChunks>;
 #[derive(Clone)]
 pub enum CudaBuf {
     /// f32 values (activations, norms, biases).
-    F32(Arc<CudaSlice<f32>>),
+    F32(Arc<Dev<f32>>),
     /// bf16 values (weight matrices).
-    Bf16(Arc<CudaSlice<bf16>>),
+    Bf16(Arc<Dev<bf16>>),
     /// KV cache rows, bf16, in blocks.
     Paged(KvRows),
 }
@@ -234,7 +249,7 @@ impl Clone for DeviceTable {
 }
 
 impl KvRows {
-    fn new(rows: PagedRows<DeviceChunks>, cols: usize) -> CudaBuf {
+    fn buf(rows: PagedRows<DeviceChunks>, cols: usize) -> CudaBuf {
         CudaBuf::Paged(KvRows {
             rows,
             cols,
@@ -253,6 +268,8 @@ pub struct Cuda {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     blas: CudaBlas,
+    /// cuBLAS's workspace, set explicitly so that a captured GEMM never allocates.
+    _workspace: CudaSlice<u8>,
     kernels: Kernels,
     opts: CudaOptions,
     name: String,
@@ -261,8 +278,22 @@ pub struct Cuda {
     pools: Mutex<HashMap<usize, Arc<Pool>>>,
     /// Per MoE layer (keyed by its first expert's gate matrix address): the device tables
     /// of every expert's gate, up and down matrix addresses.
-    expert_tables: Mutex<HashMap<u64, Arc<[CudaSlice<u64>; 3]>>>,
+    expert_tables: Mutex<HashMap<u64, Arc<[Dev<u64>; 3]>>>,
+    /// Graph capture and replay of decode steps, and the step arena.
+    steps: Mutex<Steps>,
+    /// The step's capture or replay was given up: operations do nothing until it ends.
+    halted: AtomicBool,
+    capturing: Arc<AtomicBool>,
 }
+
+/// The most sequences a captured step holds.
+const MAX_GRAPH_BATCH: usize = 512;
+/// Initial sizes of the step arena and of the staging area (doubled when a step needs
+/// more).
+const ARENA_BYTES: usize = 64 << 20;
+const STAGED_BYTES: usize = 1 << 20;
+/// cuBLAS's workspace (what cuBLAS recommends for Hopper).
+const BLAS_WORKSPACE: usize = 32 << 20;
 
 fn failed(op: &str, e: impl std::fmt::Display) -> DeviceError {
     DeviceError::Failed {
@@ -297,6 +328,10 @@ impl Cuda {
             return Err(failed("start", why));
         }
         let ctx = CudaContext::new(opts.device).map_err(|e| failed("context", e))?;
+        // Everything runs on one stream: no cross-stream events to record per use (they
+        // would cost driver calls per argument and cannot be captured).
+        // SAFETY: no slice exists yet, and every operation is ordered on `stream`.
+        unsafe { ctx.disable_event_tracking() };
         let (major, minor) = ctx
             .compute_capability()
             .map_err(|e| failed("compute capability", e))?;
@@ -319,10 +354,27 @@ impl Cuda {
             );
         }
         let blas = CudaBlas::new(stream.clone()).map_err(|e| failed("cuBLAS", e))?;
+        let workspace = stream
+            .alloc_zeros::<u8>(BLAS_WORKSPACE)
+            .map_err(|e| failed("cuBLAS workspace", e))?;
+        {
+            let (wp, _s) = workspace.device_ptr(&stream);
+            // SAFETY: the workspace lives as long as the handle (dropped after it).
+            unsafe {
+                cublas::sys::cublasSetWorkspace_v2(
+                    *blas.handle(),
+                    wp as *mut std::ffi::c_void,
+                    BLAS_WORKSPACE,
+                )
+            }
+            .result()
+            .map_err(|e| failed("cuBLAS workspace", e))?;
+        }
         Ok(Cuda {
             ctx,
             stream,
             blas,
+            _workspace: workspace,
             kernels: Kernels { _module: module, f },
             opts,
             name,
@@ -330,6 +382,9 @@ impl Cuda {
             budget: Mutex::new(None),
             pools: Mutex::new(HashMap::new()),
             expert_tables: Mutex::new(HashMap::new()),
+            steps: Mutex::new(Steps::default()),
+            halted: AtomicBool::new(false),
+            capturing: Arc::new(AtomicBool::new(false)),
         })
     }
 
@@ -399,7 +454,7 @@ impl Cuda {
     }
 
     fn errored(&self) -> bool {
-        lock(&self.error).is_some()
+        self.halted.load(Ordering::Relaxed) || lock(&self.error).is_some()
     }
 
     fn record(&self, e: DeviceError) {
@@ -410,33 +465,79 @@ impl Cuda {
         }
     }
 
+    fn steps(&self) -> std::sync::MutexGuard<'_, Steps> {
+        lock(&self.steps)
+    }
+
+    /// Gives up the step's capture or replay: operations do nothing until the step ends,
+    /// and the model runs it again eagerly.
+    fn abandon(&self, why: &str) {
+        self.steps().abandon(why);
+        self.halted.store(true, Ordering::Relaxed);
+    }
+
+    /// How the step's operations run now.
+    fn mode(&self) -> Mode {
+        self.steps().mode
+    }
+
     fn empty(&self) -> CudaBuf {
-        match self.stream.null::<f32>() {
-            Ok(s) => CudaBuf::F32(Arc::new(s)),
-            Err(e) => {
-                self.record(failed("empty buffer", e));
-                // A null slice cannot fail twice in a way that matters: report and retry.
-                CudaBuf::F32(Arc::new(self.stream.null::<f32>().unwrap_or_else(|_| {
-                    unreachable!("cuMemAlloc of zero bytes failed twice")
-                })))
-            }
+        match self.tmp::<f32>(0, "empty buffer") {
+            Some(d) => CudaBuf::F32(Arc::new(d)),
+            None => CudaBuf::F32(Arc::new(Dev::owned(
+                // A null slice of an owned kind cannot fail in a way that matters.
+                self.stream
+                    .null::<f32>()
+                    .unwrap_or_else(|_| unreachable!("cuMemAlloc of zero bytes failed")),
+            ))),
         }
     }
 
-    fn alloc_f32(&self, n: usize, what: &str) -> Option<CudaSlice<f32>> {
-        if n == 0 {
-            return self.stream.null::<f32>().ok();
+    /// Memory for `n` elements that the step's kernels fill before reading: a view of
+    /// the arena in a graphed step, else from the stream's pool. `None`: the error (or
+    /// the abandoned capture) is recorded.
+    fn tmp<T: DeviceRepr>(&self, n: usize, what: &str) -> Option<Dev<T>> {
+        let bytes = n * std::mem::size_of::<T>();
+        {
+            let mut st = self.steps();
+            if st.graphed() {
+                let got = st.arena.as_mut().and_then(|a| a.take(bytes));
+                return match got {
+                    Some(ptr) => {
+                        st.sig.add(&[ptr, bytes as u64]);
+                        // SAFETY: the arena outlives the step, and nothing else is handed
+                        // these bytes during it.
+                        Some(unsafe { Dev::view(&self.stream, ptr, n) })
+                    }
+                    None => {
+                        let size = st.arena.as_ref().map_or(ARENA_BYTES, |a| a.size);
+                        st.want_arena = st.want_arena.max(size * 2);
+                        drop(st);
+                        self.abandon("the step arena is full");
+                        None
+                    }
+                };
+            }
         }
-        // SAFETY: every caller writes all `n` elements before reading them.
-        match unsafe { self.stream.alloc::<f32>(n) } {
-            Ok(s) => Some(s),
+        if n == 0 {
+            return match self.stream.null::<T>() {
+                Ok(s) => Some(Dev::owned(s)),
+                Err(e) => {
+                    self.record(failed(what, e));
+                    None
+                }
+            };
+        }
+        // SAFETY: every caller's kernels write what they later read.
+        match unsafe { self.stream.alloc::<T>(n) } {
+            Ok(s) => Some(Dev::owned(s)),
             Err(e) => {
                 let free = self.memory().map(|m| m.0).unwrap_or(0);
                 self.record(
                     if e.0 == cudarc::driver::sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
                         DeviceError::OutOfMemory {
                             what: what.to_string(),
-                            bytes: n * 4,
+                            bytes,
                             free,
                         }
                     } else {
@@ -448,17 +549,182 @@ impl Cuda {
         }
     }
 
-    fn htod<T: cudarc::driver::DeviceRepr>(&self, data: &[T], what: &str) -> Option<CudaSlice<T>> {
+    /// A step's host data on the device (ids, positions, metadata): staged and uploaded
+    /// with the rest of the step's in a graphed step, else copied now.
+    fn meta<T: DeviceRepr>(&self, data: &[T], what: &str) -> Option<Dev<T>> {
+        let bytes = std::mem::size_of_val(data);
+        {
+            let mut st = self.steps();
+            if st.graphed() {
+                let got = st.staged.as_mut().and_then(|r| {
+                    let ptr = r.take(bytes)?;
+                    Some((ptr, (ptr - r.base) as usize))
+                });
+                return match got {
+                    Some((ptr, at)) => {
+                        if st.staging.len() < at + bytes {
+                            st.staging.resize(at + bytes, 0);
+                        }
+                        // SAFETY: `data` is `bytes` bytes of plain values.
+                        let raw = unsafe {
+                            std::slice::from_raw_parts(data.as_ptr().cast::<u8>(), bytes)
+                        };
+                        st.staging[at..at + bytes].copy_from_slice(raw);
+                        st.sig.add(&[ptr, bytes as u64]);
+                        // SAFETY: the staging region outlives the step and is written only
+                        // by the upload before the graph runs.
+                        Some(unsafe { Dev::view(&self.stream, ptr, data.len()) })
+                    }
+                    None => {
+                        let size = st.staged.as_ref().map_or(STAGED_BYTES, |r| r.size);
+                        st.want_staged = st.want_staged.max(size * 2);
+                        drop(st);
+                        self.abandon("the step's staging area is full");
+                        None
+                    }
+                };
+            }
+        }
+        self.htod(data, what)
+    }
+
+    /// Host data copied to memory of its own now (weights, expert tables: kept past the
+    /// step). Not while a step is captured: the capture is given up.
+    fn htod<T: DeviceRepr>(&self, data: &[T], what: &str) -> Option<Dev<T>> {
+        if self.mode() == Mode::Capture {
+            self.abandon(&format!("{what} uploaded during a capture"));
+            return None;
+        }
         if data.is_empty() {
-            return self.stream.null::<T>().ok();
+            return self.stream.null::<T>().ok().map(Dev::owned);
         }
         match self.stream.clone_htod(data) {
-            Ok(s) => Some(s),
+            Ok(s) => Some(Dev::owned(s)),
             Err(e) => {
                 self.record(failed(what, e));
                 None
             }
         }
+    }
+
+    /// `x` as a buffer this step may write: itself when no one else holds it, else a copy.
+    fn own<'a>(&self, x: &'a mut Arc<Dev<f32>>) -> Option<&'a mut Dev<f32>> {
+        if Arc::get_mut(x).is_none() {
+            let copy = self.tmp::<f32>(x.len(), "copy before writing")?;
+            self.dtod(copy.ptr(), x.ptr(), x.len() * 4);
+            *x = Arc::new(copy);
+        }
+        Arc::get_mut(x)
+    }
+
+    /// A device-to-device copy in the step (captured into its graph; skipped when the step
+    /// is replayed).
+    fn dtod(&self, dst: u64, src: u64, bytes: usize) {
+        if bytes == 0 || !self.note("memcpy", &[dst, src, bytes as u64]) {
+            return;
+        }
+        // SAFETY: the callers' buffers hold `bytes` at both addresses.
+        let r = unsafe {
+            cudarc::driver::result::memcpy_dtod_async(dst, src, bytes, self.stream.cu_stream())
+        };
+        self.check("device copy", r);
+    }
+
+    /// Work that must precede the step's kernels but not be part of its graph: queued
+    /// while capturing, done now otherwise (a replayed step launches its graph last).
+    fn before_step(&self, pre: Pre) {
+        if self.mode() == Mode::Capture {
+            self.steps().pre.push(pre);
+            return;
+        }
+        self.run_pre(pre);
+    }
+
+    fn run_pre(&self, pre: Pre) {
+        let r = match &pre {
+            // SAFETY: the destinations are device tables and blocks sized for the copies
+            // (see `table_of` and `grow_cache`); pageable host data is staged by the
+            // driver before the call returns.
+            Pre::Htod { dst, data } => unsafe {
+                cudarc::driver::result::memcpy_htod_async(*dst, data, self.stream.cu_stream())
+            },
+            Pre::Dtod { dst, src, bytes } => unsafe {
+                cudarc::driver::result::memcpy_dtod_async(
+                    *dst,
+                    *src,
+                    *bytes,
+                    self.stream.cu_stream(),
+                )
+            },
+        };
+        self.check("cache tables", r);
+    }
+
+    /// Notes an operation in the step's fingerprint; `false` when it must not be issued
+    /// (the step is being replayed).
+    fn note(&self, what: &str, words: &[u64]) -> bool {
+        let mut st = self.steps();
+        match st.mode {
+            Mode::Eager => true,
+            Mode::Flushed => {
+                st.after_flush = true;
+                true
+            }
+            Mode::Capture | Mode::Replay => {
+                st.sig.add_str(what);
+                st.sig.add(words);
+                st.mode == Mode::Capture
+            }
+        }
+    }
+
+    /// Launches a kernel with its arguments as words (see [`KArg`]).
+    fn launch_words(&self, name: &'static str, cfg: LaunchConfig, words: &mut [u64]) {
+        let (g, b) = (cfg.grid_dim, cfg.block_dim);
+        let shape = [
+            u64::from(g.0),
+            u64::from(g.1),
+            u64::from(g.2),
+            u64::from(b.0),
+            u64::from(b.1),
+            u64::from(b.2),
+            u64::from(cfg.shared_mem_bytes),
+        ];
+        {
+            let mut st = self.steps();
+            match st.mode {
+                Mode::Eager => {}
+                Mode::Flushed => st.after_flush = true,
+                Mode::Capture | Mode::Replay => {
+                    st.sig.add_str(name);
+                    st.sig.add(&shape);
+                    st.sig.add(words);
+                    if st.mode == Mode::Replay {
+                        return;
+                    }
+                }
+            }
+        }
+        let mut params: Vec<*mut std::ffi::c_void> = words
+            .iter_mut()
+            .map(|w| (w as *mut u64).cast::<std::ffi::c_void>())
+            .collect();
+        if let Err(e) = self.ctx.bind_to_thread() {
+            return self.record(failed("context", e));
+        }
+        // SAFETY: the kernel's parameters are the words in order (device addresses and
+        // scalars of the parameter types, little-endian), sized by each caller.
+        let r = unsafe {
+            cudarc::driver::result::launch_kernel(
+                self.f(name).cu_function(),
+                cfg.grid_dim,
+                cfg.block_dim,
+                cfg.shared_mem_bytes,
+                self.stream.cu_stream(),
+                &mut params,
+            )
+        };
+        self.check(name, r);
     }
 
     fn f(&self, name: &str) -> &CudaFunction {
@@ -472,7 +738,7 @@ impl Cuda {
     }
 
     /// The f32 slice of a buffer (recording an error for any other kind).
-    fn f32_of<'a>(&self, b: &'a CudaBuf, op: &str) -> Option<&'a CudaSlice<f32>> {
+    fn f32_of<'a>(&self, b: &'a CudaBuf, op: &str) -> Option<&'a Dev<f32>> {
         match b {
             CudaBuf::F32(s) => Some(s),
             _ => {
@@ -509,6 +775,7 @@ impl Cuda {
                     BlockPool::new(
                         DeviceChunks {
                             stream: self.stream.clone(),
+                            capturing: self.capturing.clone(),
                         },
                         budget,
                         self.opts.block_rows,
@@ -524,26 +791,21 @@ impl Cuda {
     /// product accumulates in f32 and is written as f32.
     fn gemm_bf16(
         &self,
-        x: &CudaSlice<f32>,
+        x: &Dev<f32>,
         m: usize,
-        w: &CudaSlice<bf16>,
+        w: &Dev<bf16>,
         n: usize,
         k: usize,
-    ) -> Option<CudaSlice<f32>> {
-        let xb = {
-            // SAFETY: the conversion kernel writes all m·k elements.
-            let mut xb = match unsafe { self.stream.alloc::<bf16>(m * k) } {
-                Ok(s) => s,
-                Err(e) => {
-                    self.record(failed("linear input", e));
-                    return None;
-                }
-            };
-            let total = (m * k) as i64;
-            launch!(self, "f32_to_bf16", grid(m * k), x, &mut xb, &total);
-            xb
-        };
-        let mut y = self.alloc_f32(m * n, "linear output")?;
+    ) -> Option<Dev<f32>> {
+        let mut xb = self.tmp::<bf16>(m * k, "linear input")?;
+        let total = (m * k) as i64;
+        launch!(self, "f32_to_bf16", grid(m * k), x, &mut xb, &total);
+        let y = self.tmp::<f32>(m * n, "linear output")?;
+        let (wp, xp, yp) = (w.ptr(), xb.ptr(), y.ptr());
+        let dims = [n as u64, m as u64, k as u64];
+        if !self.note("gemm_bf16", &[wp, xp, yp, dims[0], dims[1], dims[2]]) {
+            return Some(y);
+        }
         let (alpha, beta) = (1.0f32, 0.0f32);
         // cuBLAS calls do not make the context current themselves (the engine runs on
         // another thread than the one that created the backend).
@@ -551,39 +813,34 @@ impl Cuda {
             self.record(failed("context", e));
             return None;
         }
-        {
-            let (wp, _a) = w.device_ptr(&self.stream);
-            let (xp, _b) = xb.device_ptr(&self.stream);
-            let (yp, _c) = cudarc::driver::DevicePtrMut::device_ptr_mut(&mut y, &self.stream);
-            // Column-major view: yᵀ[n, m] = (w as k×n)ᵀ · (x as k×m).
-            // SAFETY: w holds n·k, xb m·k and y m·n elements (checked by the caller).
-            let r = unsafe {
-                cublas::result::gemm_ex(
-                    *self.blas.handle(),
-                    cublas::sys::cublasOperation_t::CUBLAS_OP_T,
-                    cublas::sys::cublasOperation_t::CUBLAS_OP_N,
-                    n as i32,
-                    m as i32,
-                    k as i32,
-                    (&alpha) as *const f32 as *const _,
-                    wp as *const _,
-                    cublas::sys::cudaDataType_t::CUDA_R_16BF,
-                    k as i32,
-                    xp as *const _,
-                    cublas::sys::cudaDataType_t::CUDA_R_16BF,
-                    k as i32,
-                    (&beta) as *const f32 as *const _,
-                    yp as *mut _,
-                    cublas::sys::cudaDataType_t::CUDA_R_32F,
-                    n as i32,
-                    cublas::sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                    cublas::sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-                )
-            };
-            if let Err(e) = r {
-                self.record(failed("cuBLAS bf16 GEMM", e));
-                return None;
-            }
+        // Column-major view: yᵀ[n, m] = (w as k×n)ᵀ · (x as k×m).
+        // SAFETY: w holds n·k, xb m·k and y m·n elements (checked by the caller).
+        let r = unsafe {
+            cublas::result::gemm_ex(
+                *self.blas.handle(),
+                cublas::sys::cublasOperation_t::CUBLAS_OP_T,
+                cublas::sys::cublasOperation_t::CUBLAS_OP_N,
+                n as i32,
+                m as i32,
+                k as i32,
+                (&alpha) as *const f32 as *const _,
+                wp as *const _,
+                cublas::sys::cudaDataType_t::CUDA_R_16BF,
+                k as i32,
+                xp as *const _,
+                cublas::sys::cudaDataType_t::CUDA_R_16BF,
+                k as i32,
+                (&beta) as *const f32 as *const _,
+                yp as *mut _,
+                cublas::sys::cudaDataType_t::CUDA_R_32F,
+                n as i32,
+                cublas::sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                cublas::sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        };
+        if let Err(e) = r {
+            self.record(failed("cuBLAS bf16 GEMM", e));
+            return None;
         }
         Some(y)
     }
@@ -594,48 +851,75 @@ impl Cuda {
         &self,
         transa: bool,
         (m, n, k): (usize, usize, usize),
-        a: &CudaSlice<f32>,
+        a: &Dev<f32>,
         (lda, stride_a): (usize, usize),
-        b: &CudaSlice<f32>,
+        b: &Dev<f32>,
         (ldb, stride_b): (usize, usize),
-        c: &mut CudaSlice<f32>,
+        c: &mut Dev<f32>,
         (ldc, stride_c): (usize, usize),
         batch: usize,
     ) {
-        use cudarc::cublas::{Gemm, GemmConfig, StridedBatchedConfig};
-        let cfg = StridedBatchedConfig {
-            gemm: GemmConfig {
-                transa: if transa {
-                    cublas::sys::cublasOperation_t::CUBLAS_OP_T
-                } else {
-                    cublas::sys::cublasOperation_t::CUBLAS_OP_N
-                },
-                transb: cublas::sys::cublasOperation_t::CUBLAS_OP_N,
-                m: m as i32,
-                n: n as i32,
-                k: k as i32,
-                alpha: 1.0f32,
-                lda: lda as i32,
-                ldb: ldb as i32,
-                beta: 0.0f32,
-                ldc: ldc as i32,
-            },
-            batch_size: batch as i32,
-            stride_a: stride_a as i64,
-            stride_b: stride_b as i64,
-            stride_c: stride_c as i64,
-        };
+        let (ap, bp, cp) = (a.ptr(), b.ptr(), c.ptr());
+        let words = [
+            ap,
+            bp,
+            cp,
+            u64::from(transa),
+            m as u64,
+            n as u64,
+            k as u64,
+            lda as u64,
+            stride_a as u64,
+            ldb as u64,
+            stride_b as u64,
+            ldc as u64,
+            stride_c as u64,
+            batch as u64,
+        ];
+        if !self.note("sgemm_batched", &words) {
+            return;
+        }
         if let Err(e) = self.ctx.bind_to_thread() {
             return self.record(failed("context", e));
         }
+        let op = |t: bool| {
+            if t {
+                cublas::sys::cublasOperation_t::CUBLAS_OP_T
+            } else {
+                cublas::sys::cublasOperation_t::CUBLAS_OP_N
+            }
+        };
+        let (alpha, beta) = (1.0f32, 0.0f32);
         // SAFETY: the caller sized a, b and c for these strides and leading dimensions.
-        if let Err(e) = unsafe { self.blas.gemm_strided_batched(cfg, a, b, c) } {
+        let r = unsafe {
+            cublas::result::sgemm_strided_batched(
+                *self.blas.handle(),
+                op(transa),
+                op(false),
+                m as i32,
+                n as i32,
+                k as i32,
+                &alpha,
+                ap as *const f32,
+                lda as i32,
+                stride_a as i64,
+                bp as *const f32,
+                ldb as i32,
+                stride_b as i64,
+                &beta,
+                cp as *mut f32,
+                ldc as i32,
+                stride_c as i64,
+                batch as i32,
+            )
+        };
+        if let Err(e) = r {
             self.record(failed("cuBLAS f32 GEMM", e));
         }
     }
 
     /// The address tables of a layer's experts (`None` unless every matrix is bf16).
-    fn expert_tables(&self, experts: &[[&CudaBuf; 3]]) -> Option<Arc<[CudaSlice<u64>; 3]>> {
+    fn expert_tables(&self, experts: &[[&CudaBuf; 3]]) -> Option<Arc<[Dev<u64>; 3]>> {
         let addr = |b: &CudaBuf| match b {
             CudaBuf::Bf16(s) => Some(s.device_ptr(&self.stream).0),
             _ => None,
@@ -659,9 +943,14 @@ impl Cuda {
         Some(tables)
     }
 
-    /// Uninitialised device memory the kernels fill, or the error recorded.
-    fn scratch<T: cudarc::driver::DeviceRepr>(&self, n: usize, what: &str) -> Option<CudaSlice<T>> {
-        // SAFETY: every caller's kernels write what they later read.
+    /// Device memory of its own, kept past the step (block tables). Not while a step is
+    /// captured: the capture is given up.
+    fn alloc_owned<T: DeviceRepr>(&self, n: usize, what: &str) -> Option<CudaSlice<T>> {
+        if self.mode() == Mode::Capture {
+            self.abandon(&format!("{what} allocated during a capture"));
+            return None;
+        }
+        // SAFETY: every caller writes what it later reads.
         match unsafe { self.stream.alloc::<T>(n.max(1)) } {
             Ok(s) => Some(s),
             Err(e) => {
@@ -674,6 +963,153 @@ impl Cuda {
                 None
             }
         }
+    }
+
+    /// How steps ran so far: captured, replayed, eager, abandoned.
+    pub fn graph_stats(&self) -> GraphStats {
+        self.steps().stats
+    }
+
+    /// Makes the arena and the staging area at least as large as the last step wanted
+    /// (a new one invalidates every graph, which point into the old) and empties them.
+    fn regions(&self, st: &mut Steps) -> Result<(), DeviceError> {
+        let make = |want: usize, have: Option<&Region>, base: usize| {
+            let size = want.max(have.map_or(base, |r| r.size)).max(base);
+            (have.is_none_or(|r| r.size < size)).then_some(size)
+        };
+        let new_arena = make(st.want_arena, st.arena.as_ref(), ARENA_BYTES);
+        let new_staged = make(st.want_staged, st.staged.as_ref(), STAGED_BYTES);
+        if new_arena.is_some() || new_staged.is_some() {
+            st.graphs.clear();
+        }
+        let alloc = |size: usize| -> Result<Region, DeviceError> {
+            // SAFETY: the step's kernels write arena memory before reading it; the
+            // staging region is written by the upload before the graph runs.
+            let mem =
+                unsafe { self.stream.alloc::<u8>(size) }.map_err(|e| DeviceError::OutOfMemory {
+                    what: format!("the CUDA graph arena ({e})"),
+                    bytes: size,
+                    free: self.memory().map(|m| m.0).unwrap_or(0),
+                })?;
+            let base = mem.device_ptr(&self.stream).0;
+            Ok(Region {
+                mem,
+                base,
+                size,
+                used: 0,
+            })
+        };
+        if let Some(size) = new_arena {
+            st.arena = None;
+            st.arena = Some(alloc(size)?);
+        }
+        if let Some(size) = new_staged {
+            st.staged = None;
+            st.staged = Some(alloc(size)?);
+        }
+        for r in [st.arena.as_mut(), st.staged.as_mut()]
+            .into_iter()
+            .flatten()
+        {
+            r.used = 0;
+        }
+        Ok(())
+    }
+
+    /// Ends a graphed step's recording and launches its graph, after the work that must
+    /// precede it and the upload of the staged metadata. `false`: the step has no results
+    /// (an error, or its capture or replay was given up). Eager steps: `true`.
+    fn flush(&self) -> bool {
+        let mut st = self.steps();
+        let mode = st.mode;
+        if !matches!(mode, Mode::Capture | Mode::Replay) {
+            return true;
+        }
+        st.mode = Mode::Flushed;
+        let Some(key) = st.key else {
+            return false;
+        };
+        let mut graph = None;
+        if mode == Mode::Capture {
+            self.capturing.store(false, Ordering::Relaxed);
+            let ended = self
+                .stream
+                .end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0));
+            if self.halted.load(Ordering::Relaxed) {
+                return false;
+            }
+            let err = lock(&self.error).clone();
+            match (ended, err) {
+                (Ok(Some(g)), None) => graph = Some(g),
+                (_, Some(DeviceError::CacheFull(_))) => return false,
+                (ended, err) => {
+                    // The capture itself may be what failed: no graphs for this shape,
+                    // and the step runs again eagerly (where a real error shows again).
+                    let why = match (ended, err) {
+                        (_, Some(e)) => e.to_string(),
+                        (Err(e), None) => e.to_string(),
+                        (Ok(_), None) => "the capture recorded nothing".into(),
+                    };
+                    tracing::warn!("CUDA graphs off for {} sequences: {why}", key.0);
+                    lock(&self.error).take();
+                    st.never.insert(key);
+                    st.abandon(why);
+                    self.halted.store(true, Ordering::Relaxed);
+                    return false;
+                }
+            }
+        } else if self.halted.load(Ordering::Relaxed) || lock(&self.error).is_some() {
+            return false;
+        }
+        for pre in std::mem::take(&mut st.pre) {
+            self.run_pre(pre);
+        }
+        let used = st.staged.as_ref().map_or(0, |r| r.used);
+        if used > 0 {
+            let base = st.staged.as_ref().map_or(0, |r| r.base);
+            // SAFETY: the staging region holds `used` bytes; the host bytes are pageable
+            // and copied by the driver before the call returns.
+            let r = unsafe {
+                cudarc::driver::result::memcpy_htod_async(
+                    base,
+                    &st.staging[..used],
+                    self.stream.cu_stream(),
+                )
+            };
+            self.check("graph metadata", r);
+        }
+        let launched = match graph {
+            Some(g) => {
+                let r = g.launch();
+                let sig = st.sig;
+                st.graphs.insert(key, Captured { graph: g, sig });
+                st.stats.captured += 1;
+                r
+            }
+            None => {
+                let sig = st.sig;
+                let r = st
+                    .graphs
+                    .get(&key)
+                    .filter(|c| c.sig == sig)
+                    .map(|c| c.graph.launch());
+                match r {
+                    Some(r) => {
+                        st.stats.replayed += 1;
+                        r
+                    }
+                    _ => {
+                        st.graphs.remove(&key);
+                        st.abandon("the step differs from its capture");
+                        self.halted.store(true, Ordering::Relaxed);
+                        return false;
+                    }
+                }
+            }
+        };
+        drop(st);
+        self.check("graph launch", launched);
+        !self.errored()
     }
 
     /// Positions per KV block.
@@ -690,7 +1126,7 @@ impl Cuda {
                 return None;
             }
             let pool = self.pool(cols)?;
-            *cache = KvRows::new(PagedRows::new(pool), cols);
+            *cache = KvRows::buf(PagedRows::new(pool), cols);
         }
         let CudaBuf::Paged(p) = cache else {
             self.record(failed("append_rows", "not a cache"));
@@ -704,6 +1140,10 @@ impl Cuda {
             Ok(x) => x,
             Err(AllocError::Full(f)) => {
                 self.record(DeviceError::CacheFull(f));
+                return None;
+            }
+            Err(AllocError::Device { message, .. }) if message == REFUSED_IN_CAPTURE => {
+                self.abandon("a new KV cache chunk is wanted during the capture");
                 return None;
             }
             Err(AllocError::Device { bytes, message }) => {
@@ -751,18 +1191,21 @@ impl Cuda {
         let fits = t.buf.as_ref().is_some_and(|b| b.len() >= host.len());
         if !fits {
             let cap = host.len().next_power_of_two().max(16);
-            t.buf = Some(self.scratch::<u64>(cap, "block table")?);
+            t.buf = Some(self.alloc_owned::<u64>(cap, "block table")?);
             t.mirror.clear();
         }
         let buf = t.buf.as_mut()?;
         let from = if fits { same } else { 0 };
+        let base = buf.device_ptr(&self.stream).0;
         if from < host.len() {
-            let mut dst = buf.slice_mut(from..host.len());
-            let r = self.stream.memcpy_htod(&host[from..], &mut dst);
-            self.check("block table", r);
+            let data: Vec<u8> = host[from..].iter().flat_map(|a| a.to_le_bytes()).collect();
+            self.before_step(Pre::Htod {
+                dst: base + 8 * from as u64,
+                data,
+            });
         }
         t.mirror = host;
-        Some(buf.device_ptr(&self.stream).0)
+        Some(base)
     }
 
     /// Launches `attention_batch` over the rows described by `meta` (see the kernel).
@@ -814,13 +1257,13 @@ impl Cuda {
     }
 
     /// A paged cache's rows as f32, `[rows, cols]`.
-    fn read_paged(&self, p: &PagedRows<DeviceChunks>, cols: usize) -> Option<CudaSlice<f32>> {
+    fn read_paged(&self, p: &PagedRows<DeviceChunks>, cols: usize) -> Option<Dev<f32>> {
         let rows = p.rows();
-        let mut out = self.alloc_f32(rows * cols, "cache read")?;
+        let mut out = self.tmp::<f32>(rows * cols, "cache read")?;
         if rows == 0 {
             return Some(out);
         }
-        let table = self.htod(&p.table(), "block table")?;
+        let table = self.meta(&p.table(), "block table")?;
         let (br, c, from) = (p.pool().block_rows() as i32, cols as i32, 0i32);
         launch!(
             self,
@@ -873,7 +1316,7 @@ impl Backend for Cuda {
         if self.errored() {
             return self.empty();
         }
-        match self.htod(data, "upload") {
+        match self.meta(data, "upload") {
             Some(s) => CudaBuf::F32(Arc::new(s)),
             None => self.empty(),
         }
@@ -883,14 +1326,17 @@ impl Backend for Cuda {
         if self.errored() {
             return Vec::new();
         }
+        if !self.flush() {
+            return Vec::new();
+        }
         let r = match b {
-            CudaBuf::F32(s) => self.stream.clone_dtoh(s.as_ref()),
+            CudaBuf::F32(s) => self.stream.clone_dtoh::<f32, CudaSlice<f32>>(s),
             CudaBuf::Bf16(s) => self
                 .stream
-                .clone_dtoh(s.as_ref())
+                .clone_dtoh::<bf16, CudaSlice<bf16>>(s)
                 .map(|v| v.into_iter().map(bf16::to_f32).collect()),
             CudaBuf::Paged(p) => match self.read_paged(&p.rows, p.cols) {
-                Some(s) => self.stream.clone_dtoh(&s),
+                Some(s) => self.stream.clone_dtoh::<f32, CudaSlice<f32>>(&s),
                 None => return Vec::new(),
             },
         };
@@ -967,7 +1413,7 @@ impl Backend for Cuda {
             &seed,
             &amp
         );
-        Some(CudaBuf::Bf16(Arc::new(y)))
+        Some(CudaBuf::Bf16(Arc::new(Dev::owned(y))))
     }
 
     fn argmax_rows(&self, x: &CudaBuf, cols: usize) -> Vec<u32> {
@@ -985,17 +1431,15 @@ impl Backend for Cuda {
         if rows == 0 {
             return Vec::new();
         }
-        // SAFETY: the kernel writes one index per row.
-        let mut out = match unsafe { self.stream.alloc::<u32>(rows) } {
-            Ok(o) => o,
-            Err(e) => {
-                self.record(failed("argmax_rows", e));
-                return Vec::new();
-            }
+        let Some(mut out) = self.tmp::<u32>(rows, "argmax_rows") else {
+            return Vec::new();
         };
         let c = cols as i32;
         launch!(self, "argmax_rows", per_row(rows, 256), xs, &c, &mut out);
-        match self.stream.clone_dtoh(&out) {
+        if !self.flush() {
+            return Vec::new();
+        }
+        match self.stream.clone_dtoh::<u32, CudaSlice<u32>>(&out) {
             Ok(v) => v,
             Err(e) => {
                 self.record(failed("argmax_rows", e));
@@ -1042,7 +1486,7 @@ impl Backend for Cuda {
             self.record(failed("moe", "shapes"));
             return Some(self.empty());
         }
-        let Some(mut out) = self.alloc_f32(t * hidden, "moe output") else {
+        let Some(mut out) = self.tmp::<f32>(t * hidden, "moe output") else {
             return Some(self.empty());
         };
         if t == 0 {
@@ -1060,15 +1504,15 @@ impl Backend for Cuda {
             Some(mut h),
             Some(mut y),
         ) = (
-            self.scratch::<i32>(pairs, "moe routes"),
-            self.scratch::<f32>(pairs, "moe weights"),
-            self.scratch::<i32>(n, "moe counts"),
-            self.scratch::<i32>(n, "moe starts"),
-            self.scratch::<i32>(pairs, "moe slots"),
-            self.scratch::<f32>(pairs, "moe slots"),
-            self.scratch::<i32>(pairs, "moe slots"),
-            self.scratch::<f32>(pairs * inter, "moe intermediate"),
-            self.scratch::<f32>(pairs * hidden, "moe expert outputs"),
+            self.tmp::<i32>(pairs, "moe routes"),
+            self.tmp::<f32>(pairs, "moe weights"),
+            self.tmp::<i32>(n, "moe counts"),
+            self.tmp::<i32>(n, "moe starts"),
+            self.tmp::<i32>(pairs, "moe slots"),
+            self.tmp::<f32>(pairs, "moe slots"),
+            self.tmp::<i32>(pairs, "moe slots"),
+            self.tmp::<f32>(pairs * inter, "moe intermediate"),
+            self.tmp::<f32>(pairs * hidden, "moe expert outputs"),
         )
         else {
             return Some(self.empty());
@@ -1198,7 +1642,85 @@ impl Backend for Cuda {
     }
 
     fn take_error(&self) -> Option<DeviceError> {
+        self.flush();
         lock(&self.error).take()
+    }
+
+    fn begin_step(&self, lens: &[usize], out: u8, graphs: bool) {
+        let mut st = self.steps();
+        st.mode = Mode::Eager;
+        st.key = None;
+        st.sig = Sig::default();
+        st.pre.clear();
+        st.abandoned = None;
+        st.after_flush = false;
+        self.halted.store(false, Ordering::Relaxed);
+        let key = (lens.len(), out);
+        let decode =
+            !lens.is_empty() && lens.len() <= MAX_GRAPH_BATCH && lens.iter().all(|&l| l == 1);
+        if !(self.opts.graphs && graphs && decode) || st.never.contains(&key) || self.errored() {
+            st.stats.eager += 1;
+            return;
+        }
+        // The first step of a shape runs eagerly: it creates what later steps reuse (KV
+        // pools and chunks, expert tables, cuBLAS's state).
+        if st.seen.insert(key) {
+            st.stats.eager += 1;
+            return;
+        }
+        if let Err(e) = self.regions(&mut st) {
+            tracing::warn!("CUDA graphs off for {} sequences: {e}", key.0);
+            st.never.insert(key);
+            st.stats.eager += 1;
+            return;
+        }
+        st.key = Some(key);
+        if st.graphs.contains_key(&key) {
+            st.mode = Mode::Replay;
+            return;
+        }
+        use cudarc::driver::sys::CUstreamCaptureMode;
+        // Thread-local mode: a call of this thread that cannot be captured (a synchronous
+        // copy, an allocation) fails instead of being silently left out.
+        match self
+            .stream
+            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+        {
+            Ok(()) => {
+                st.mode = Mode::Capture;
+                self.capturing.store(true, Ordering::Relaxed);
+            }
+            Err(e) => {
+                tracing::warn!("CUDA graphs off for {} sequences: capture: {e}", key.0);
+                st.never.insert(key);
+                st.key = None;
+                st.stats.eager += 1;
+            }
+        }
+    }
+
+    fn end_step(&self) -> bool {
+        self.flush();
+        let mut st = self.steps();
+        let mut ok = st.abandoned.is_none();
+        if st.after_flush {
+            // The step read results back in its middle (and went on): no graph for it.
+            if let Some(k) = st.key {
+                st.graphs.remove(&k);
+                st.never.insert(k);
+                ok = false;
+            }
+        }
+        if !ok {
+            st.stats.abandoned += 1;
+        }
+        st.mode = Mode::Eager;
+        st.key = None;
+        st.pre.clear();
+        st.abandoned = None;
+        st.after_flush = false;
+        self.halted.store(false, Ordering::Relaxed);
+        ok
     }
 
     fn linear(&self, x: &CudaBuf, m: usize, w: &CudaBuf, n: usize, k: usize) -> CudaBuf {
@@ -1225,7 +1747,7 @@ impl Backend for Cuda {
         let y = match w {
             CudaBuf::Bf16(ws) => self.gemm_bf16(xs, m, ws, n, k),
             CudaBuf::F32(ws) => {
-                let mut y = match self.alloc_f32(m * n, "linear output") {
+                let mut y = match self.tmp::<f32>(m * n, "linear output") {
                     Some(y) => y,
                     None => return self.empty(),
                 };
@@ -1251,7 +1773,9 @@ impl Backend for Cuda {
         if n == 0 || xs.len() % n != 0 {
             return self.record(failed("add_bias", "bias length does not divide the rows"));
         }
-        let xs = Arc::make_mut(xs);
+        let Some(xs) = self.own(xs) else {
+            return;
+        };
         let (len, total, n) = (xs.len(), xs.len() as i64, n as i32);
         launch!(self, "add_bias", grid(len), xs, bs.as_ref(), &total, &n);
     }
@@ -1270,7 +1794,9 @@ impl Backend for Cuda {
         if xs.len() != ys.len() {
             return self.record(failed("add", "lengths differ"));
         }
-        let xs = Arc::make_mut(xs);
+        let Some(xs) = self.own(xs) else {
+            return;
+        };
         let (len, n) = (xs.len(), xs.len() as i64);
         launch!(self, "axpy", grid(len), xs, ys.as_ref(), &n, &s);
     }
@@ -1288,7 +1814,7 @@ impl Backend for Cuda {
             self.record(failed("rms_norm", "weight length does not divide the rows"));
             return self.empty();
         }
-        let Some(mut y) = self.alloc_f32(xs.len(), "rms_norm") else {
+        let Some(mut y) = self.tmp::<f32>(xs.len(), "rms_norm") else {
             return self.empty();
         };
         let rows = xs.len() / d;
@@ -1320,7 +1846,7 @@ impl Backend for Cuda {
             self.record(failed("silu_mul", "lengths differ"));
             return self.empty();
         }
-        let Some(mut y) = self.alloc_f32(g.len(), "silu_mul") else {
+        let Some(mut y) = self.tmp::<f32>(g.len(), "silu_mul") else {
             return self.empty();
         };
         let n = g.len() as i64;
@@ -1347,13 +1873,13 @@ impl Backend for Cuda {
             self.record(failed("gather_rows", format!("row {bad} of {rows}")));
             return self.empty();
         }
-        let Some(mut y) = self.alloc_f32(ids.len() * d, "gather_rows") else {
+        let Some(mut y) = self.tmp::<f32>(ids.len() * d, "gather_rows") else {
             return self.empty();
         };
         if ids.is_empty() {
             return CudaBuf::F32(Arc::new(y));
         }
-        let Some(idx) = self.htod(ids, "row ids") else {
+        let Some(idx) = self.meta(ids, "row ids") else {
             return self.empty();
         };
         let di = d as i32;
@@ -1396,7 +1922,7 @@ impl Backend for Cuda {
             return self.empty();
         }
         let rows = xs.len() / cols;
-        let Some(mut y) = self.alloc_f32(rows * width, "slice_cols") else {
+        let Some(mut y) = self.tmp::<f32>(rows * width, "slice_cols") else {
             return self.empty();
         };
         if rows * width > 0 {
@@ -1440,7 +1966,7 @@ impl Backend for Cuda {
             return self.empty();
         }
         let rows = a.len() / ca;
-        let Some(mut y) = self.alloc_f32(rows * (ca + cb), "concat_cols") else {
+        let Some(mut y) = self.tmp::<f32>(rows * (ca + cb), "concat_cols") else {
             return self.empty();
         };
         if rows > 0 {
@@ -1488,10 +2014,12 @@ impl Backend for Cuda {
             return self.record(failed("add_rows_scaled", "rows out of range"));
         }
         let ids: Vec<u32> = rows.iter().map(|r| *r as u32).collect();
-        let (Some(idx), Some(w)) = (self.htod(&ids, "rows"), self.htod(weights, "weights")) else {
+        let (Some(idx), Some(w)) = (self.meta(&ids, "rows"), self.meta(weights, "weights")) else {
             return;
         };
-        let ds = Arc::make_mut(ds);
+        let Some(ds) = self.own(ds) else {
+            return;
+        };
         let di = d as i32;
         launch!(
             self,
@@ -1529,8 +2057,8 @@ impl Backend for Cuda {
             return (self.empty(), self.empty());
         }
         let (Some(mut k), Some(mut v)) = (
-            self.alloc_f32(t * h * (nope + rope), "mla keys"),
-            self.alloc_f32(t * h * dv, "mla values"),
+            self.tmp::<f32>(t * h * (nope + rope), "mla keys"),
+            self.tmp::<f32>(t * h * dv, "mla values"),
         ) else {
             return (self.empty(), self.empty());
         };
@@ -1563,21 +2091,21 @@ impl Backend for Cuda {
                     self.record(failed("slice_rows", "a cache slice must be a prefix"));
                     return self.empty();
                 }
-                KvRows::new(p.rows.prefix(count), cols)
+                KvRows::buf(p.rows.prefix(count), cols)
             }
             CudaBuf::F32(s) => {
                 if (from + count) * cols > s.len() {
                     self.record(failed("slice_rows", "rows out of range"));
                     return self.empty();
                 }
-                let Some(mut y) = self.alloc_f32(count * cols, "slice_rows") else {
+                let Some(y) = self.tmp::<f32>(count * cols, "slice_rows") else {
                     return self.empty();
                 };
-                if count * cols > 0 {
-                    let view = s.slice(from * cols..(from + count) * cols);
-                    let r = self.stream.memcpy_dtod(&view, &mut y);
-                    self.check("slice_rows", r);
-                }
+                self.dtod(
+                    y.ptr(),
+                    s.ptr() + (from * cols * 4) as u64,
+                    count * cols * 4,
+                );
                 CudaBuf::F32(Arc::new(y))
             }
             CudaBuf::Bf16(_) => {
@@ -1595,7 +2123,7 @@ impl Backend for Cuda {
             return parts[0].clone();
         }
         let total: usize = parts.iter().map(|p| self.len(p)).sum();
-        let Some(mut y) = self.alloc_f32(total, "concat_rows") else {
+        let Some(y) = self.tmp::<f32>(total, "concat_rows") else {
             return self.empty();
         };
         let mut at = 0;
@@ -1603,11 +2131,7 @@ impl Backend for Cuda {
             let Some(s) = self.f32_of(p, "concat_rows") else {
                 return self.empty();
             };
-            if !s.is_empty() {
-                let mut dst = y.slice_mut(at..at + s.len());
-                let r = self.stream.memcpy_dtod(s, &mut dst);
-                self.check("concat_rows", r);
-            }
+            self.dtod(y.ptr() + (at * 4) as u64, s.ptr(), s.len() * 4);
             at += s.len();
         }
         CudaBuf::F32(Arc::new(y))
@@ -1639,7 +2163,7 @@ impl Backend for Cuda {
             self.record(failed("head_linear", "shapes"));
             return self.empty();
         }
-        let Some(mut y) = self.alloc_f32(t * h * out, "head_linear") else {
+        let Some(mut y) = self.tmp::<f32>(t * h * out, "head_linear") else {
             return self.empty();
         };
         if t == 0 {
@@ -1678,7 +2202,7 @@ impl Backend for Cuda {
         if n == 0 {
             return;
         }
-        let Some(dst) = self.htod(&addrs, "row addresses") else {
+        let Some(dst) = self.meta(&addrs, "row addresses") else {
             return;
         };
         let ci = cols as i32;
@@ -1715,10 +2239,12 @@ impl Backend for Cuda {
             return;
         }
         let pos: Vec<u32> = positions.iter().map(|p| *p as u32).collect();
-        let Some(pos) = self.htod(&pos, "positions") else {
+        let Some(pos) = self.meta(&pos, "positions") else {
             return;
         };
-        let xs = Arc::make_mut(xs);
+        let Some(xs) = self.own(xs) else {
+            return;
+        };
         let (hh, hd, off, rot, il) = (
             heads as i32,
             head_dim as i32,
@@ -1813,13 +2339,13 @@ impl Backend for Cuda {
             row0 += len;
         }
         meta[4 * n] = t as u64;
-        let Some(mut out) = self.alloc_f32(t * s.h * s.dv, "attention output") else {
+        let Some(mut out) = self.tmp::<f32>(t * s.h * s.dv, "attention output") else {
             return self.empty();
         };
         if t == 0 {
             return CudaBuf::F32(Arc::new(out));
         }
-        let Some(md) = self.htod(&meta, "attention metadata") else {
+        let Some(md) = self.meta(&meta, "attention metadata") else {
             return self.empty();
         };
         let (ni, kci, br) = (n as i32, kc as i32, self.block_rows() as i32);
@@ -1899,21 +2425,21 @@ impl Backend for Cuda {
             ));
             return self.empty();
         }
-        let Some(mut out) = self.alloc_f32(t * h * dv, "attention output") else {
+        let Some(mut out) = self.tmp::<f32>(t * h * dv, "attention output") else {
             return self.empty();
         };
         if t == 0 {
             return CudaBuf::F32(Arc::new(out));
         }
         let (Some(kt), Some(vt)) = (
-            self.htod(&kp.rows.table(), "key table"),
-            self.htod(&vp.rows.table(), "value table"),
+            self.meta(&kp.rows.table(), "key table"),
+            self.meta(&vp.rows.table(), "value table"),
         ) else {
             return self.empty();
         };
         let addr = |x: &CudaSlice<u64>| x.device_ptr(&self.stream).0;
         let meta = [addr(&kt), addr(&vt), (total - t) as u64, 0, t as u64];
-        let Some(md) = self.htod(&meta, "attention metadata") else {
+        let Some(md) = self.meta(&meta, "attention metadata") else {
             return self.empty();
         };
         let shape = AttnShape {

@@ -1,0 +1,296 @@
+//! Decode steps as CUDA graphs, and the memory every step's operations draw on.
+//!
+//! A decode step (every sequence of the batch one new token) is a few hundred kernel
+//! launches and GEMMs whose shapes depend only on the number of sequences. Launched one by
+//! one they cost more host time than the GPU needs to run them at small batches, so the
+//! backend captures the step of each batch size into a CUDA graph the second time it
+//! sees that size (the first run is eager, and creates what the step needs once: KV
+//! pools, expert tables, cuBLAS's state), and replays the graph from then on:
+//!
+//! - Every buffer of a graphed step is a view of one **arena**, bump-allocated from its
+//!   start in the order the operations ask, so a step of the same size has the same
+//!   addresses every time ([`Dev`]).
+//! - What changes from step to step — token ids, positions, the attention metadata (block
+//!   tables, cache lengths) — is never a kernel parameter: operations write it into a
+//!   host **staging** area mirrored by a device region, uploaded by one copy just before
+//!   the graph runs. Kernels read it from there.
+//! - Work the graph must not hold — updates of the caches' device block tables,
+//!   copy-on-write copies of shared KV blocks — runs before the graph is launched
+//!   (queued while capturing, at once while replaying, when nothing has been launched
+//!   yet). Anything that would allocate device memory during a capture (a new KV chunk, a
+//!   bigger block table) abandons the capture: the step is run again eagerly.
+//! - A replayed step runs the same host code with every launch skipped and hashes what it
+//!   would have launched (kernels, grids, arguments, GEMM shapes and addresses). When the
+//!   hash differs from the capture's, the graph is not launched, the step's results are
+//!   discarded and the step is run again eagerly: a graph never runs work it was not
+//!   captured from.
+
+use std::collections::{HashMap, HashSet};
+use std::mem::ManuallyDrop;
+use std::ops::{Deref, DerefMut};
+use std::sync::Arc;
+
+use cudarc::driver::{CudaGraph, CudaSlice, CudaStream, DevicePtr};
+
+/// Alignment of arena and staging allocations (cuBLAS wants 16 bytes, 256 is what
+/// `cudaMalloc` gives).
+pub const ALIGN: usize = 256;
+
+/// Device memory of a buffer: owned (freed in stream order on drop) or a view of the
+/// step arena (nothing to free: the arena is reused by the next step).
+pub struct Dev<T> {
+    slice: ManuallyDrop<CudaSlice<T>>,
+    view: bool,
+}
+
+impl<T> Dev<T> {
+    /// Owned memory.
+    pub fn owned(slice: CudaSlice<T>) -> Dev<T> {
+        Dev {
+            slice: ManuallyDrop::new(slice),
+            view: false,
+        }
+    }
+
+    /// A view of `len` elements at `ptr`, which must stay allocated while it is used.
+    ///
+    /// # Safety
+    /// `ptr` holds `len` elements of `T` for as long as the view is used.
+    pub unsafe fn view(stream: &Arc<CudaStream>, ptr: u64, len: usize) -> Dev<T> {
+        Dev {
+            // SAFETY: the caller vouches for the memory; the view never frees it.
+            slice: ManuallyDrop::new(unsafe { stream.upgrade_device_ptr::<T>(ptr, len) }),
+            view: true,
+        }
+    }
+
+    /// The device address.
+    pub fn ptr(&self) -> u64 {
+        self.slice.device_ptr(self.slice.stream()).0
+    }
+}
+
+impl<T> Deref for Dev<T> {
+    type Target = CudaSlice<T>;
+    fn deref(&self) -> &CudaSlice<T> {
+        &self.slice
+    }
+}
+
+impl<T> DerefMut for Dev<T> {
+    fn deref_mut(&mut self) -> &mut CudaSlice<T> {
+        &mut self.slice
+    }
+}
+
+impl<T> Drop for Dev<T> {
+    fn drop(&mut self) {
+        // SAFETY: the slice is taken or dropped exactly once, here.
+        let slice = unsafe { ManuallyDrop::take(&mut self.slice) };
+        if self.view {
+            slice.leak();
+        } else {
+            drop(slice);
+        }
+    }
+}
+
+/// A kernel argument as the kernel reads it: a device address or a scalar, in one 64-bit
+/// word (a 4-byte parameter is read from the word's low half).
+pub trait KArg {
+    /// The word.
+    fn word(&self) -> u64;
+}
+
+impl KArg for i32 {
+    fn word(&self) -> u64 {
+        u64::from(*self as u32)
+    }
+}
+impl KArg for u32 {
+    fn word(&self) -> u64 {
+        u64::from(*self)
+    }
+}
+impl KArg for i64 {
+    fn word(&self) -> u64 {
+        *self as u64
+    }
+}
+impl KArg for u64 {
+    fn word(&self) -> u64 {
+        *self
+    }
+}
+impl KArg for f32 {
+    fn word(&self) -> u64 {
+        u64::from(self.to_bits())
+    }
+}
+impl<T> KArg for CudaSlice<T> {
+    fn word(&self) -> u64 {
+        self.device_ptr(self.stream()).0
+    }
+}
+impl<T> KArg for Dev<T> {
+    fn word(&self) -> u64 {
+        self.ptr()
+    }
+}
+impl<T: KArg + ?Sized> KArg for &T {
+    fn word(&self) -> u64 {
+        (**self).word()
+    }
+}
+impl<T: KArg + ?Sized> KArg for &mut T {
+    fn word(&self) -> u64 {
+        (**self).word()
+    }
+}
+
+/// FNV-1a over 64-bit words: the fingerprint of a step's work.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Sig(u64);
+
+impl Default for Sig {
+    fn default() -> Self {
+        Sig(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Sig {
+    /// Adds words.
+    pub fn add(&mut self, words: &[u64]) {
+        for w in words {
+            for b in w.to_le_bytes() {
+                self.0 ^= u64::from(b);
+                self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
+            }
+        }
+    }
+
+    /// Adds a name.
+    pub fn add_str(&mut self, s: &str) {
+        for b in s.bytes() {
+            self.0 ^= u64::from(b);
+            self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+}
+
+/// What a step is, for its graph: how many sequences (each one new row) and which
+/// outputs it produces.
+pub type StepKey = (usize, u8);
+
+/// How the operations of the step in progress run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Mode {
+    /// Launched one by one, with memory from the stream's pool.
+    #[default]
+    Eager,
+    /// Recorded into a graph (nothing runs until the graph is launched).
+    Capture,
+    /// Launched by replaying a graph: the operations only check they are the captured
+    /// ones and stage their metadata.
+    Replay,
+    /// The graph was launched and the step's results are being read back.
+    Flushed,
+}
+
+/// Work to do before the graph runs.
+pub enum Pre {
+    /// Host bytes to a device address.
+    Htod { dst: u64, data: Vec<u8> },
+    /// A device-to-device copy.
+    Dtod { dst: u64, src: u64, bytes: usize },
+}
+
+/// A captured step.
+pub struct Captured {
+    pub graph: CudaGraph,
+    pub sig: Sig,
+}
+
+// SAFETY: a graph may be used from any thread as long as no two use it at once; every
+// use is under the backend's `Steps` lock.
+unsafe impl Send for Captured {}
+
+/// Counts of how steps ran (benchmarks and tests read them).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GraphStats {
+    /// Steps captured into a graph.
+    pub captured: u64,
+    /// Steps run by replaying a graph.
+    pub replayed: u64,
+    /// Steps run eagerly.
+    pub eager: u64,
+    /// Captures or replays given up (the step then ran eagerly): a shape change, a
+    /// device allocation a capture cannot hold, a full arena.
+    pub abandoned: u64,
+}
+
+/// One bump region of device memory, views handed out from its start every step.
+pub struct Region {
+    pub mem: CudaSlice<u8>,
+    pub base: u64,
+    pub size: usize,
+    pub used: usize,
+}
+
+impl Region {
+    /// The next `bytes` (aligned), or `None` when the region is spent.
+    pub fn take(&mut self, bytes: usize) -> Option<u64> {
+        let at = self.used.next_multiple_of(ALIGN);
+        let end = at.checked_add(bytes.max(1))?;
+        if end > self.size {
+            return None;
+        }
+        self.used = end;
+        Some(self.base + at as u64)
+    }
+}
+
+/// The graph machinery's state.
+#[derive(Default)]
+pub struct Steps {
+    pub mode: Mode,
+    pub key: Option<StepKey>,
+    /// Graphs by step shape; `never`: shapes that cannot be captured.
+    pub graphs: HashMap<StepKey, Captured>,
+    pub seen: HashSet<StepKey>,
+    pub never: HashSet<StepKey>,
+    /// Activations of graphed steps.
+    pub arena: Option<Region>,
+    /// The device side of the staging area, and its host side.
+    pub staged: Option<Region>,
+    pub staging: Vec<u8>,
+    /// Sizes to allocate at the next step (after a region ran out).
+    pub want_arena: usize,
+    pub want_staged: usize,
+    /// The fingerprint of the step so far.
+    pub sig: Sig,
+    /// Work queued for before the graph (while capturing).
+    pub pre: Vec<Pre>,
+    /// Why the step's capture or replay was given up.
+    pub abandoned: Option<String>,
+    /// Operations issued after the graph was launched (the step read results back in
+    /// its middle: not a step a graph can hold).
+    pub after_flush: bool,
+    pub stats: GraphStats,
+}
+
+impl Steps {
+    /// Whether operations take their memory from the arena and stage their metadata.
+    pub fn graphed(&self) -> bool {
+        matches!(self.mode, Mode::Capture | Mode::Replay)
+    }
+
+    /// Gives up the step's capture or replay (the step will be run again eagerly).
+    pub fn abandon(&mut self, why: impl Into<String>) {
+        if self.abandoned.is_none() {
+            let why = why.into();
+            tracing::debug!("CUDA graph of step {:?} abandoned: {why}", self.key);
+            self.abandoned = Some(why);
+        }
+    }
+}
