@@ -872,3 +872,61 @@ fn the_glue_reads_every_kernel_signature() {
         );
     }
 }
+
+/// Decode projections: `gemv_bf16` against the CPU's product of the same bf16 weights,
+/// for one to eight rows, with a bias, and added into a residual.
+#[test]
+fn gemv_matches_the_cpu_with_bias_and_residual() {
+    if !available() {
+        return;
+    }
+    let cpu = Cpu::default();
+    let (n, k) = (37, 48);
+    let w = rounded(&rand_vec(n * k, 30));
+    let wb = to_bf16(&w);
+    let bias = rand_vec(n, 31);
+    for m in [1, 3, 8] {
+        let x = rand_vec(m * k, 32 + m as u64);
+        let want = cpu.linear(&x, m, &w, n, k);
+        let warps = n.div_ceil(8) as u32;
+        let run = |bias: Option<&[f32]>, start: &[f32], acc: bool| {
+            let mut y = start.to_vec();
+            launch(
+                "gemv_bf16",
+                (warps, 1),
+                256,
+                0,
+                &[
+                    p(&x),
+                    p(&wb),
+                    bias.map_or(Arg::U(0), p),
+                    pm(&mut y),
+                    Arg::I(m as i32),
+                    Arg::I(n as i32),
+                    Arg::I(k as i32),
+                    Arg::I(i32::from(acc)),
+                ],
+            );
+            y
+        };
+        let zero = vec![0f32; m * n];
+        assert_close(
+            &run(None, &zero, false),
+            &want,
+            1e-5,
+            &format!("gemv m {m}"),
+        );
+        let mut with_bias = want.clone();
+        cpu.add_bias(&mut with_bias, &bias);
+        assert_close(
+            &run(Some(&bias), &zero, false),
+            &with_bias,
+            1e-5,
+            "gemv + bias",
+        );
+        let res = rand_vec(m * n, 33);
+        let mut summed = res.clone();
+        cpu.add(&mut summed, &want);
+        assert_close(&run(None, &res, true), &summed, 1e-5, "residual + gemv");
+    }
+}

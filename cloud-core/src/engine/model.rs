@@ -477,6 +477,15 @@ impl<B: Backend> Model<B> {
         }
     }
 
+    /// `acc += mlp(x)`.
+    fn mlp_into(&self, m: &Mlp<B>, x: &B::Buf, t: usize, acc: &mut B::Buf) {
+        let hd = self.cfg.hidden_size;
+        let g = self.be.linear(x, t, &m.gate, m.inter, hd);
+        let u = self.be.linear(x, t, &m.up, m.inter, hd);
+        self.be
+            .linear_acc(acc, &self.be.silu_mul(&g, &u), t, &m.down, hd, m.inter);
+    }
+
     fn mlp(&self, m: &Mlp<B>, x: &B::Buf, t: usize) -> B::Buf {
         let hd = self.cfg.hidden_size;
         let g = self.be.linear(x, t, &m.gate, m.inter, hd);
@@ -629,27 +638,28 @@ impl<B: Backend> Model<B> {
         let mut x = be.gather_rows(&self.embed, hd, &ids);
         for (li, layer) in self.layers.iter().enumerate() {
             let xn = be.rms_norm(&x, &layer.in_norm, eps);
-            let attn = self.attention(&layer.attn, &xn, total, &positions, lens, li, seqs);
-            be.add(&mut x, &attn);
+            self.attention(&layer.attn, &xn, total, &positions, lens, li, seqs, &mut x);
             let xn = be.rms_norm(&x, &layer.post_norm, eps);
-            let y = match &layer.ffn {
-                Ffn::Dense(m) => self.mlp(m, &xn, total),
+            match &layer.ffn {
+                Ffn::Dense(m) => self.mlp_into(m, &xn, total, &mut x),
                 Ffn::Moe {
                     gate,
                     bias,
                     bias_buf,
                     experts,
                     shared,
-                } => self.moe(
-                    gate,
-                    (bias.as_deref(), bias_buf.as_ref()),
-                    experts,
-                    shared.as_ref(),
-                    &xn,
-                    total,
-                ),
-            };
-            be.add(&mut x, &y);
+                } => {
+                    let y = self.moe(
+                        gate,
+                        (bias.as_deref(), bias_buf.as_ref()),
+                        experts,
+                        shared.as_ref(),
+                        &xn,
+                        total,
+                    );
+                    be.add(&mut x, &y);
+                }
+            }
         }
         let vocab = self.cfg.vocab_size;
         let logits = if last_only {
@@ -703,6 +713,7 @@ impl<B: Backend> Model<B> {
         self.be.attend(q, k, v, lens, &mut caches, shape)
     }
 
+    /// The attention block of layer `li`, its output projection added to `res`.
     #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
@@ -713,21 +724,21 @@ impl<B: Backend> Model<B> {
         lens: &[usize],
         li: usize,
         seqs: &mut [(&[u32], &mut Cache<B>)],
-    ) -> B::Buf {
+        res: &mut B::Buf,
+    ) {
         let be = &self.be;
         let hd = self.cfg.hidden_size;
         let h = self.cfg.num_attention_heads;
         match attn {
             Attn::Gqa { q, k, v, o, bias } => {
                 let (kvh, d) = (self.cfg.num_key_value_heads, self.cfg.head_dim);
-                let mut qx = be.linear(x, t, q, h * d, hd);
-                let mut kx = be.linear(x, t, k, kvh * d, hd);
-                let mut vx = be.linear(x, t, v, kvh * d, hd);
-                if let Some((qb, kb, vb)) = bias {
-                    be.add_bias(&mut qx, qb);
-                    be.add_bias(&mut kx, kb);
-                    be.add_bias(&mut vx, vb);
-                }
+                let (qb, kb, vb) = match bias {
+                    Some((qb, kb, vb)) => (Some(qb), Some(kb), Some(vb)),
+                    None => (None, None, None),
+                };
+                let mut qx = be.linear_bias(x, t, q, qb, h * d, hd);
+                let mut kx = be.linear_bias(x, t, k, kb, kvh * d, hd);
+                let vx = be.linear_bias(x, t, v, vb, kvh * d, hd);
                 be.rope(
                     &mut qx,
                     h,
@@ -751,7 +762,7 @@ impl<B: Backend> Model<B> {
                     RopeLayout::Halves,
                 );
                 let out = self.attend(&qx, &kx, &vx, lens, li, seqs, (h, kvh, d, d), false);
-                be.linear(&out, t, o, hd, h * d)
+                be.linear_acc(res, &out, t, o, hd, h * d);
             }
             Attn::Mla {
                 q_a,
@@ -826,12 +837,12 @@ impl<B: Backend> Model<B> {
                         true,
                     );
                     let out = be.head_linear(&ctx, t, h, w_uv, dv, lora, true); // [t, h, dv]
-                    be.linear(&out, t, o, hd, h * dv)
+                    be.linear_acc(res, &out, t, o, hd, h * dv);
                 } else {
                     let kv = be.linear(&latent, t, kv_b, h * (nope + dv), lora);
                     let (kx, vx) = be.mla_expand(&kv, &k_pe, t, h, nope, dv, rope_d);
                     let out = self.attend(&qx, &kx, &vx, lens, li, seqs, (h, h, qd, dv), false);
-                    be.linear(&out, t, o, hd, h * dv)
+                    be.linear_acc(res, &out, t, o, hd, h * dv);
                 }
             }
         }

@@ -31,6 +31,8 @@ thread_local dim3 threadIdx, blockIdx, blockDim, gridDim;
 struct __nv_bfloat16 { uint16_t bits; };
 struct __nv_bfloat162 { __nv_bfloat16 x, y; };
 struct float2 { float x, y; };
+struct float4 { float x, y, z, w; };
+struct uint4 { unsigned x, y, z, w; };
 
 inline float __bfloat162float(__nv_bfloat16 b) {
     uint32_t u = uint32_t(b.bits) << 16;

@@ -160,6 +160,35 @@ pub trait Backend {
 
     /// `y[m, n] = x[m, k] · wᵀ` for a weight `w[n, k]`.
     fn linear(&self, x: &Self::Buf, m: usize, w: &Self::Buf, n: usize, k: usize) -> Self::Buf;
+    /// `y[m, n] = x[m, k] · wᵀ + bias` (a bias of `n` values, or none).
+    fn linear_bias(
+        &self,
+        x: &Self::Buf,
+        m: usize,
+        w: &Self::Buf,
+        bias: Option<&Self::Buf>,
+        n: usize,
+        k: usize,
+    ) -> Self::Buf {
+        let mut y = self.linear(x, m, w, n, k);
+        if let Some(b) = bias {
+            self.add_bias(&mut y, b);
+        }
+        y
+    }
+    /// `acc[m, n] += x[m, k] · wᵀ`: a projection added into the residual stream.
+    fn linear_acc(
+        &self,
+        acc: &mut Self::Buf,
+        x: &Self::Buf,
+        m: usize,
+        w: &Self::Buf,
+        n: usize,
+        k: usize,
+    ) {
+        let y = self.linear(x, m, w, n, k);
+        self.add(acc, &y);
+    }
     /// Adds `bias[n]` to every row of `x[m, n]`.
     fn add_bias(&self, x: &mut Self::Buf, bias: &Self::Buf);
     /// `x += y`.

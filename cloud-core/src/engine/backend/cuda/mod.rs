@@ -79,6 +79,7 @@ pub const KERNEL_NAMES: &[&str] = &[
     "paged_append",
     "attention_batch",
     "argmax_rows",
+    "gemv_bf16",
     "moe_route",
     "moe_group",
     "moe_gate_up",
@@ -286,6 +287,8 @@ pub struct Cuda {
     capturing: Arc<AtomicBool>,
 }
 
+/// The most rows `gemv_bf16` takes (more go through cuBLAS).
+const GEMV_ROWS: usize = 8;
 /// The most sequences a captured step holds.
 const MAX_GRAPH_BATCH: usize = 512;
 /// Initial sizes of the step arena and of the staging area (doubled when a step needs
@@ -787,8 +790,10 @@ impl Cuda {
         )
     }
 
-    /// `y[m, n] = x[m, k] · wᵀ` with `w` bf16 `[n, k]`: `x` is rounded to bf16, the
-    /// product accumulates in f32 and is written as f32.
+    /// `y[m, n] = x[m, k] · wᵀ (+ y)` with `w` bf16 `[n, k]` on cuBLAS: `x` is rounded
+    /// to bf16, the product accumulates in f32 and is written (`beta` 0) or added (`beta`
+    /// 1) as f32 to `y`.
+    #[allow(clippy::too_many_arguments)]
     fn gemm_bf16(
         &self,
         x: &Dev<f32>,
@@ -796,17 +801,26 @@ impl Cuda {
         w: &Dev<bf16>,
         n: usize,
         k: usize,
-    ) -> Option<Dev<f32>> {
+        y: &Dev<f32>,
+        beta: f32,
+    ) -> Option<()> {
         let mut xb = self.tmp::<bf16>(m * k, "linear input")?;
         let total = (m * k) as i64;
         launch!(self, "f32_to_bf16", grid(m * k), x, &mut xb, &total);
-        let y = self.tmp::<f32>(m * n, "linear output")?;
         let (wp, xp, yp) = (w.ptr(), xb.ptr(), y.ptr());
-        let dims = [n as u64, m as u64, k as u64];
-        if !self.note("gemm_bf16", &[wp, xp, yp, dims[0], dims[1], dims[2]]) {
-            return Some(y);
+        let words = [
+            wp,
+            xp,
+            yp,
+            n as u64,
+            m as u64,
+            k as u64,
+            u64::from(beta.to_bits()),
+        ];
+        if !self.note("gemm_bf16", &words) {
+            return Some(());
         }
-        let (alpha, beta) = (1.0f32, 0.0f32);
+        let alpha = 1.0f32;
         // cuBLAS calls do not make the context current themselves (the engine runs on
         // another thread than the one that created the backend).
         if let Err(e) = self.ctx.bind_to_thread() {
@@ -842,7 +856,138 @@ impl Cuda {
             self.record(failed("cuBLAS bf16 GEMM", e));
             return None;
         }
-        Some(y)
+        Some(())
+    }
+
+    /// `x[m, k] · wᵀ` for a weight `w[n, k]`, plus `bias[n]` if given: into a new buffer,
+    /// or added to `acc[m, n]`. A few rows (decode) with a bf16 weight go through
+    /// `gemv_bf16` (the weight read once, bias or residual added in the same pass); more
+    /// rows through cuBLAS.
+    #[allow(clippy::too_many_arguments)]
+    fn project(
+        &self,
+        x: &CudaBuf,
+        m: usize,
+        w: &CudaBuf,
+        n: usize,
+        k: usize,
+        bias: Option<&CudaBuf>,
+        acc: Option<&mut CudaBuf>,
+    ) -> CudaBuf {
+        if self.errored() {
+            return self.empty();
+        }
+        let Some(xs) = self.f32_of(x, "linear") else {
+            return self.empty();
+        };
+        if xs.len() != m * k || self.len(w) != n * k {
+            self.record(failed(
+                "linear",
+                format!(
+                    "shapes: x has {} elements for [{m}, {k}], w {} for [{n}, {k}]",
+                    xs.len(),
+                    self.len(w)
+                ),
+            ));
+            return self.empty();
+        }
+        let bias = match bias {
+            None => None,
+            Some(CudaBuf::F32(b)) if b.len() == n => Some(b.as_ref()),
+            Some(_) => {
+                self.record(failed("linear", format!("the bias is not {n} values")));
+                return self.empty();
+            }
+        };
+        let acc = match acc {
+            None => None,
+            Some(CudaBuf::F32(a)) if a.len() == m * n => match self.own(a) {
+                Some(a) => Some(a),
+                None => return self.empty(),
+            },
+            Some(_) => {
+                self.record(failed("linear", format!("the sum is not [{m}, {n}]")));
+                return self.empty();
+            }
+        };
+        if m == 0 || n == 0 {
+            return self.empty();
+        }
+        let mut fresh = None;
+        if acc.is_none() {
+            fresh = self.tmp::<f32>(m * n, "linear output");
+            if fresh.is_none() {
+                return self.empty();
+            }
+        }
+        let accumulate = acc.is_some();
+        let y: &mut Dev<f32> = match (acc, fresh.as_mut()) {
+            (Some(a), _) => a,
+            (None, Some(f)) => f,
+            (None, None) => return self.empty(),
+        };
+        match w {
+            CudaBuf::Bf16(ws) if m <= GEMV_ROWS && k.is_multiple_of(8) && xs.ptr() % 16 == 0 => {
+                let (mi, ni, ki, ai) = (m as i32, n as i32, k as i32, i32::from(accumulate));
+                let bp = bias.map_or(0, |b| b.ptr());
+                let cfg = LaunchConfig {
+                    grid_dim: (n.div_ceil(8) as u32, 1, 1),
+                    block_dim: (256, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                launch!(
+                    self,
+                    "gemv_bf16",
+                    cfg,
+                    xs,
+                    ws.as_ref(),
+                    &bp,
+                    &mut *y,
+                    &mi,
+                    &ni,
+                    &ki,
+                    &ai
+                );
+            }
+            CudaBuf::Bf16(ws) => {
+                let beta = if accumulate { 1.0 } else { 0.0 };
+                if self.gemm_bf16(xs, m, ws, n, k, y, beta).is_none() {
+                    return self.empty();
+                }
+                if let Some(b) = bias {
+                    self.bias_rows(y, b);
+                }
+            }
+            CudaBuf::F32(ws) => {
+                let Some(mut p) = self.tmp::<f32>(m * n, "linear output") else {
+                    return self.empty();
+                };
+                self.sgemm_batched(true, (n, m, k), ws, (k, 0), xs, (k, 0), &mut p, (n, 0), 1);
+                if let Some(b) = bias {
+                    self.bias_rows(&mut p, b);
+                }
+                if accumulate {
+                    let (len, one) = ((m * n) as i64, 1.0f32);
+                    launch!(self, "axpy", grid(m * n), &mut *y, &p, &len, &one);
+                } else {
+                    *y = p;
+                }
+            }
+            CudaBuf::Paged(..) => {
+                self.record(failed("linear", "a cache is not a weight"));
+                return self.empty();
+            }
+        }
+        match fresh {
+            Some(f) => CudaBuf::F32(Arc::new(f)),
+            None => self.empty(),
+        }
+    }
+
+    /// Adds `bias[n]` to every row of `x[·, n]`.
+    fn bias_rows(&self, x: &mut Dev<f32>, bias: &Dev<f32>) {
+        let (len, total, n) = (x.len(), x.len() as i64, bias.len() as i32);
+        launch!(self, "add_bias", grid(len), &mut *x, bias, &total, &n);
     }
 
     /// f32 GEMM, strided over `batch` (per-head products), in cuBLAS's column-major terms.
@@ -1724,42 +1869,31 @@ impl Backend for Cuda {
     }
 
     fn linear(&self, x: &CudaBuf, m: usize, w: &CudaBuf, n: usize, k: usize) -> CudaBuf {
-        if self.errored() {
-            return self.empty();
-        }
-        let Some(xs) = self.f32_of(x, "linear") else {
-            return self.empty();
-        };
-        if xs.len() != m * k || self.len(w) != n * k {
-            self.record(failed(
-                "linear",
-                format!(
-                    "shapes: x has {} elements for [{m}, {k}], w {} for [{n}, {k}]",
-                    xs.len(),
-                    self.len(w)
-                ),
-            ));
-            return self.empty();
-        }
-        if m == 0 || n == 0 {
-            return self.empty();
-        }
-        let y = match w {
-            CudaBuf::Bf16(ws) => self.gemm_bf16(xs, m, ws, n, k),
-            CudaBuf::F32(ws) => {
-                let mut y = match self.tmp::<f32>(m * n, "linear output") {
-                    Some(y) => y,
-                    None => return self.empty(),
-                };
-                self.sgemm_batched(true, (n, m, k), ws, (k, 0), xs, (k, 0), &mut y, (n, 0), 1);
-                Some(y)
-            }
-            CudaBuf::Paged(..) => {
-                self.record(failed("linear", "a cache is not a weight"));
-                None
-            }
-        };
-        y.map_or_else(|| self.empty(), |y| CudaBuf::F32(Arc::new(y)))
+        self.project(x, m, w, n, k, None, None)
+    }
+
+    fn linear_bias(
+        &self,
+        x: &CudaBuf,
+        m: usize,
+        w: &CudaBuf,
+        bias: Option<&CudaBuf>,
+        n: usize,
+        k: usize,
+    ) -> CudaBuf {
+        self.project(x, m, w, n, k, bias, None)
+    }
+
+    fn linear_acc(
+        &self,
+        acc: &mut CudaBuf,
+        x: &CudaBuf,
+        m: usize,
+        w: &CudaBuf,
+        n: usize,
+        k: usize,
+    ) {
+        self.project(x, m, w, n, k, None, Some(acc));
     }
 
     fn add_bias(&self, x: &mut CudaBuf, bias: &CudaBuf) {
