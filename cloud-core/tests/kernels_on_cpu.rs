@@ -930,3 +930,88 @@ fn gemv_matches_the_cpu_with_bias_and_residual() {
         assert_close(&run(None, &res, true), &summed, 1e-5, "residual + gemv");
     }
 }
+
+/// `gemv3_bf16` (three projections of the same rows in one launch, one without a bias)
+/// and `gemv_swiglu` (gate and up projections with SiLU·mul) against the CPU.
+#[test]
+fn fused_projections_match_the_cpu() {
+    if !available() {
+        return;
+    }
+    let cpu = Cpu::default();
+    let k = 40;
+    let ns = [24usize, 8, 13];
+    let ws: Vec<Vec<f32>> = ns
+        .iter()
+        .enumerate()
+        .map(|(i, n)| rounded(&rand_vec(n * k, 40 + i as u64)))
+        .collect();
+    let wbs: Vec<Vec<bf16>> = ws.iter().map(|w| to_bf16(w)).collect();
+    let biases: Vec<Vec<f32>> = ns
+        .iter()
+        .enumerate()
+        .map(|(i, n)| rand_vec(*n, 50 + i as u64))
+        .collect();
+    for m in [1, 5, 8] {
+        let x = rand_vec(m * k, 60 + m as u64);
+        let mut ys: Vec<Vec<f32>> = ns.iter().map(|n| vec![0f32; m * n]).collect();
+        let total: usize = ns.iter().sum();
+        let (y0, rest) = ys.split_at_mut(1);
+        let (y1, y2) = rest.split_at_mut(1);
+        launch(
+            "gemv3_bf16",
+            (total.div_ceil(8) as u32, 1),
+            256,
+            0,
+            &[
+                p(&x),
+                p(&wbs[0]),
+                p(&wbs[1]),
+                p(&wbs[2]),
+                p(&biases[0]),
+                Arg::U(0),
+                p(&biases[2]),
+                pm(&mut y0[0]),
+                pm(&mut y1[0]),
+                pm(&mut y2[0]),
+                Arg::I(ns[0] as i32),
+                Arg::I(ns[1] as i32),
+                Arg::I(ns[2] as i32),
+                Arg::I(m as i32),
+                Arg::I(k as i32),
+            ],
+        );
+        for i in 0..3 {
+            let mut want = cpu.linear(&x, m, &ws[i], ns[i], k);
+            if i != 1 {
+                cpu.add_bias(&mut want, &biases[i]);
+            }
+            assert_close(&ys[i], &want, 1e-5, &format!("gemv3 part {i}, m {m}"));
+        }
+        let n = ns[0];
+        let mut y = vec![0f32; m * n];
+        launch(
+            "gemv_swiglu",
+            (n.div_ceil(8) as u32, 1),
+            256,
+            0,
+            &[
+                p(&x),
+                p(&wbs[0]),
+                p(&to_bf16(
+                    &ws[0][..n * k].iter().rev().copied().collect::<Vec<_>>(),
+                )),
+                pm(&mut y),
+                Arg::I(m as i32),
+                Arg::I(n as i32),
+                Arg::I(k as i32),
+            ],
+        );
+        let up: Vec<f32> = ws[0][..n * k].iter().rev().copied().collect();
+        let want = cpu.silu_mul(
+            &cpu.linear(&x, m, &ws[0], n, k),
+            &cpu.linear(&x, m, &up, n, k),
+        );
+        assert_close(&y, &want, 1e-5, &format!("gemv_swiglu m {m}"));
+    }
+}

@@ -480,18 +480,14 @@ impl<B: Backend> Model<B> {
     /// `acc += mlp(x)`.
     fn mlp_into(&self, m: &Mlp<B>, x: &B::Buf, t: usize, acc: &mut B::Buf) {
         let hd = self.cfg.hidden_size;
-        let g = self.be.linear(x, t, &m.gate, m.inter, hd);
-        let u = self.be.linear(x, t, &m.up, m.inter, hd);
-        self.be
-            .linear_acc(acc, &self.be.silu_mul(&g, &u), t, &m.down, hd, m.inter);
+        let h = self.be.gate_up(x, t, &m.gate, &m.up, m.inter, hd);
+        self.be.linear_acc(acc, &h, t, &m.down, hd, m.inter);
     }
 
     fn mlp(&self, m: &Mlp<B>, x: &B::Buf, t: usize) -> B::Buf {
         let hd = self.cfg.hidden_size;
-        let g = self.be.linear(x, t, &m.gate, m.inter, hd);
-        let u = self.be.linear(x, t, &m.up, m.inter, hd);
-        self.be
-            .linear(&self.be.silu_mul(&g, &u), t, &m.down, hd, m.inter)
+        let h = self.be.gate_up(x, t, &m.gate, &m.up, m.inter, hd);
+        self.be.linear(&h, t, &m.down, hd, m.inter)
     }
 
     /// Runs `ids` (the next positions of the sequence in `cache`) and returns the logits of
@@ -736,9 +732,18 @@ impl<B: Backend> Model<B> {
                     Some((qb, kb, vb)) => (Some(qb), Some(kb), Some(vb)),
                     None => (None, None, None),
                 };
-                let mut qx = be.linear_bias(x, t, q, qb, h * d, hd);
-                let mut kx = be.linear_bias(x, t, k, kb, kvh * d, hd);
-                let vx = be.linear_bias(x, t, v, vb, kvh * d, hd);
+                let mut qkv = be
+                    .linear_parts(
+                        x,
+                        t,
+                        hd,
+                        &[(q, qb, h * d), (k, kb, kvh * d), (v, vb, kvh * d)],
+                    )
+                    .into_iter();
+                let (Some(mut qx), Some(mut kx), Some(vx)) = (qkv.next(), qkv.next(), qkv.next())
+                else {
+                    unreachable!("three projections asked for")
+                };
                 be.rope(
                     &mut qx,
                     h,
@@ -786,12 +791,29 @@ impl<B: Backend> Model<B> {
                 let qd = nope + rope_d;
                 // DeepSeek's q_a/kv_a norms are built with the default eps, not rms_norm_eps.
                 let eps = LORA_NORM_EPS;
-                let mut qx = match (q_a, m.q_lora_rank) {
-                    (Some((qa, qa_norm)), Some(r)) => {
-                        let c = be.rms_norm(&be.linear(x, t, qa, r, hd), qa_norm, eps);
+                // The queries' first projection and the latent's, in one pass over x.
+                let low_rank = match (q_a, m.q_lora_rank) {
+                    (Some((qa, qa_norm)), Some(r)) => Some((qa, qa_norm, r)),
+                    _ => None,
+                };
+                let (first, first_n) = low_rank.map_or((q, h * qd), |(qa, _, r)| (qa, r));
+                let mut parts = be
+                    .linear_parts(
+                        x,
+                        t,
+                        hd,
+                        &[(first, None, first_n), (kv_a, None, lora + rope_d)],
+                    )
+                    .into_iter();
+                let (Some(first), Some(kva)) = (parts.next(), parts.next()) else {
+                    unreachable!("two projections asked for")
+                };
+                let mut qx = match low_rank {
+                    Some((_, qa_norm, r)) => {
+                        let c = be.rms_norm(&first, qa_norm, eps);
                         be.linear(&c, t, q, h * qd, r)
                     }
-                    _ => be.linear(x, t, q, h * qd, hd),
+                    None => first,
                 };
                 be.rope(
                     &mut qx,
@@ -804,7 +826,6 @@ impl<B: Backend> Model<B> {
                     &self.sin,
                     RopeLayout::Interleaved,
                 );
-                let kva = be.linear(x, t, kv_a, lora + rope_d, hd);
                 let latent =
                     be.rms_norm(&be.slice_cols(&kva, lora + rope_d, 0, lora), kv_a_norm, eps);
                 let mut k_pe = be.slice_cols(&kva, lora + rope_d, lora, rope_d);

@@ -103,6 +103,84 @@ extern "C" __global__ void gemv_bf16(const float* __restrict__ x, const bf16* __
     }
 }
 
+// 8 bf16 weights (16 bytes) dotted with 8 f32 values of a row.
+__device__ __forceinline__ float dot8(uint4 p, const float* __restrict__ x) {
+    const __nv_bfloat162* h = (const __nv_bfloat162*)&p;
+    float2 w0 = __bfloat1622float2(h[0]), w1 = __bfloat1622float2(h[1]);
+    float2 w2 = __bfloat1622float2(h[2]), w3 = __bfloat1622float2(h[3]);
+    float4 a = ((const float4*)x)[0], b = ((const float4*)x)[1];
+    return w0.x * a.x + w0.y * a.y + w1.x * a.z + w1.y * a.w
+         + w2.x * b.x + w2.y * b.y + w3.x * b.z + w3.y * b.w;
+}
+
+// Up to three projections of the same rows in one launch (a layer's q, k and v; MLA's
+// query and latent): outputs o < n0 are x·w0ᵀ (+ b0) into y0, the next n1 x·w1ᵀ into y1,
+// the next n2 into y2. Same scheme as gemv_bf16.
+extern "C" __global__ void gemv3_bf16(const float* __restrict__ x, const bf16* __restrict__ w0,
+                                      const bf16* __restrict__ w1, const bf16* __restrict__ w2,
+                                      const float* __restrict__ b0, const float* __restrict__ b1,
+                                      const float* __restrict__ b2, float* __restrict__ y0,
+                                      float* __restrict__ y1, float* __restrict__ y2, int n0, int n1,
+                                      int n2, int m, int k) {
+    int o = (blockIdx.x * blockDim.x + threadIdx.x) / WARP;
+    int lane = threadIdx.x % WARP;
+    const bf16* w; const float* b; float* y; int n;
+    if (o < n0) { w = w0; b = b0; y = y0; n = n0; }
+    else if (o < n0 + n1) { o -= n0; w = w1; b = b1; y = y1; n = n1; }
+    else if (o < n0 + n1 + n2) { o -= n0 + n1; w = w2; b = b2; y = y2; n = n2; }
+    else return;
+    const uint4* wr = (const uint4*)(w + (long)o * k);
+    float acc[GEMV_ROWS];
+#pragma unroll
+    for (int r = 0; r < GEMV_ROWS; r++) acc[r] = 0.f;
+    for (int i = lane; i < k / 8; i += WARP) {
+        uint4 p = wr[i];
+#pragma unroll
+        for (int r = 0; r < GEMV_ROWS; r++)
+            if (r < m) acc[r] += dot8(p, x + (long)r * k + 8 * i);
+    }
+#pragma unroll
+    for (int r = 0; r < GEMV_ROWS; r++) {
+        if (r < m) {
+            float v = warp_sum(acc[r]);
+            if (lane == 0) y[(long)r * n + o] = b ? v + b[o] : v;
+        }
+    }
+}
+
+// The first half of a SwiGLU MLP for a few rows: y[r, o] = silu(x·gate[o]) · (x·up[o]),
+// both weight rows read once by one warp.
+extern "C" __global__ void gemv_swiglu(const float* __restrict__ x, const bf16* __restrict__ wg,
+                                       const bf16* __restrict__ wu, float* __restrict__ y, int m,
+                                       int n, int k) {
+    int o = (blockIdx.x * blockDim.x + threadIdx.x) / WARP;
+    int lane = threadIdx.x % WARP;
+    if (o >= n) return;
+    const uint4* g = (const uint4*)(wg + (long)o * k);
+    const uint4* u = (const uint4*)(wu + (long)o * k);
+    float ag[GEMV_ROWS], au[GEMV_ROWS];
+#pragma unroll
+    for (int r = 0; r < GEMV_ROWS; r++) ag[r] = au[r] = 0.f;
+    for (int i = lane; i < k / 8; i += WARP) {
+        uint4 pg = g[i], pu = u[i];
+#pragma unroll
+        for (int r = 0; r < GEMV_ROWS; r++) {
+            if (r < m) {
+                const float* xr = x + (long)r * k + 8 * i;
+                ag[r] += dot8(pg, xr);
+                au[r] += dot8(pu, xr);
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < GEMV_ROWS; r++) {
+        if (r < m) {
+            float a = warp_sum(ag[r]), v = warp_sum(au[r]);
+            if (lane == 0) y[(long)r * n + o] = a / (1.f + __expf(-a)) * v;
+        }
+    }
+}
+
 // x += s * y
 extern "C" __global__ void axpy(float* __restrict__ x, const float* __restrict__ y, long n, float s) {
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)

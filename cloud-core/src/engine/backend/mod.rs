@@ -73,6 +73,9 @@ pub struct AttnShape {
     pub values_in_keys: bool,
 }
 
+/// One projection of [`Backend::linear_parts`]: a weight `[n, k]`, its bias, `n`.
+pub type Projection<'a, B> = (&'a B, Option<&'a B>, usize);
+
 /// Backend operations.
 pub trait Backend {
     /// An f32 buffer on the backend.
@@ -175,6 +178,35 @@ pub trait Backend {
             self.add_bias(&mut y, b);
         }
         y
+    }
+    /// Several projections of the same rows `x[m, k]`: for each part `(w[n, k], bias,
+    /// n)`, `x · wᵀ + bias` (a layer's queries, keys and values). A device backend makes
+    /// them in one pass over `x`.
+    fn linear_parts(
+        &self,
+        x: &Self::Buf,
+        m: usize,
+        k: usize,
+        parts: &[Projection<'_, Self::Buf>],
+    ) -> Vec<Self::Buf> {
+        parts
+            .iter()
+            .map(|(w, b, n)| self.linear_bias(x, m, w, *b, *n, k))
+            .collect()
+    }
+    /// `silu(x · gateᵀ) · (x · upᵀ)`, `[m, n]`: a SwiGLU MLP before its down projection.
+    fn gate_up(
+        &self,
+        x: &Self::Buf,
+        m: usize,
+        gate: &Self::Buf,
+        up: &Self::Buf,
+        n: usize,
+        k: usize,
+    ) -> Self::Buf {
+        let g = self.linear(x, m, gate, n, k);
+        let u = self.linear(x, m, up, n, k);
+        self.silu_mul(&g, &u)
     }
     /// `acc[m, n] += x[m, k] · wᵀ`: a projection added into the residual stream.
     fn linear_acc(

@@ -43,7 +43,7 @@ use half::bf16;
 pub use step::GraphStats;
 use step::{Captured, Dev, KArg, Mode, Pre, Region, Sig, Steps};
 
-use super::{AttnShape, Backend, DeviceError, RopeLayout, Weight};
+use super::{AttnShape, Backend, DeviceError, Projection, RopeLayout, Weight};
 use crate::engine::paged::{AllocError, BlockPool, Budget, ChunkSource, PagedRows};
 
 /// Launches kernel `$name` of `$self` with the arguments in order (buffers by device
@@ -80,6 +80,8 @@ pub const KERNEL_NAMES: &[&str] = &[
     "attention_batch",
     "argmax_rows",
     "gemv_bf16",
+    "gemv3_bf16",
+    "gemv_swiglu",
     "moe_route",
     "moe_group",
     "moe_gate_up",
@@ -804,9 +806,30 @@ impl Cuda {
         y: &Dev<f32>,
         beta: f32,
     ) -> Option<()> {
-        let mut xb = self.tmp::<bf16>(m * k, "linear input")?;
-        let total = (m * k) as i64;
-        launch!(self, "f32_to_bf16", grid(m * k), x, &mut xb, &total);
+        let xb = self.to_bf16(x)?;
+        self.gemm_bf16_in(&xb, m, w, n, k, y, beta)
+    }
+
+    /// `x` rounded to bf16 (the input cuBLAS's bf16 GEMMs take).
+    fn to_bf16(&self, x: &Dev<f32>) -> Option<Dev<bf16>> {
+        let mut xb = self.tmp::<bf16>(x.len(), "linear input")?;
+        let total = x.len() as i64;
+        launch!(self, "f32_to_bf16", grid(x.len()), x, &mut xb, &total);
+        Some(xb)
+    }
+
+    /// [`Cuda::gemm_bf16`] from an input already in bf16.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_bf16_in(
+        &self,
+        xb: &Dev<bf16>,
+        m: usize,
+        w: &Dev<bf16>,
+        n: usize,
+        k: usize,
+        y: &Dev<f32>,
+        beta: f32,
+    ) -> Option<()> {
         let (wp, xp, yp) = (w.ptr(), xb.ptr(), y.ptr());
         let words = [
             wp,
@@ -1894,6 +1917,168 @@ impl Backend for Cuda {
         k: usize,
     ) {
         self.project(x, m, w, n, k, None, Some(acc));
+    }
+
+    fn linear_parts(
+        &self,
+        x: &CudaBuf,
+        m: usize,
+        k: usize,
+        parts: &[Projection<'_, CudaBuf>],
+    ) -> Vec<CudaBuf> {
+        let each = || {
+            parts
+                .iter()
+                .map(|(w, b, n)| self.project(x, m, w, *n, k, *b, None))
+                .collect()
+        };
+        if self.errored() || parts.is_empty() || parts.len() > 3 || m == 0 {
+            return each();
+        }
+        let Some(xs) = self.f32_of(x, "linear") else {
+            return each();
+        };
+        // Every part a bf16 [n, k] weight with a bias of n, or none.
+        let mut ws = Vec::with_capacity(3);
+        let mut bs = Vec::with_capacity(3);
+        for (w, b, n) in parts {
+            let CudaBuf::Bf16(w) = w else {
+                return each();
+            };
+            let b = match b {
+                None => None,
+                Some(CudaBuf::F32(b)) if b.len() == *n => Some(b.as_ref()),
+                Some(_) => return each(),
+            };
+            if w.len() != n * k || *n == 0 {
+                return each();
+            }
+            ws.push(w.as_ref());
+            bs.push(b);
+        }
+        if xs.len() != m * k {
+            return each();
+        }
+        if m > GEMV_ROWS || !k.is_multiple_of(8) || xs.ptr() % 16 != 0 {
+            // cuBLAS: x rounded to bf16 once for every part.
+            let Some(xb) = self.to_bf16(xs) else {
+                return each();
+            };
+            let mut outs = Vec::with_capacity(parts.len());
+            for ((w, b), (_, _, n)) in ws.iter().zip(&bs).zip(parts) {
+                let Some(mut y) = self.tmp::<f32>(m * n, "linear output") else {
+                    return each();
+                };
+                if self.gemm_bf16_in(&xb, m, w, *n, k, &y, 0.0).is_none() {
+                    return each();
+                }
+                if let Some(b) = b {
+                    self.bias_rows(&mut y, b);
+                }
+                outs.push(CudaBuf::F32(Arc::new(y)));
+            }
+            return outs;
+        }
+        let mut ys = Vec::with_capacity(3);
+        for (_, _, n) in parts {
+            match self.tmp::<f32>(m * n, "linear output") {
+                Some(y) => ys.push(y),
+                None => return each(),
+            }
+        }
+        let ptr = |i: usize| ws.get(i).map_or(0, |w| w.ptr());
+        let bias = |i: usize| bs.get(i).copied().flatten().map_or(0, |b| b.ptr());
+        let out = |i: usize| ys.get(i).map_or(0, |y| y.ptr());
+        let n = |i: usize| parts.get(i).map_or(0, |p| p.2 as i32);
+        let total = parts.iter().map(|p| p.2).sum::<usize>();
+        let cfg = LaunchConfig {
+            grid_dim: (total.div_ceil(8) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (mi, ki) = (m as i32, k as i32);
+        launch!(
+            self,
+            "gemv3_bf16",
+            cfg,
+            xs,
+            &ptr(0),
+            &ptr(1),
+            &ptr(2),
+            &bias(0),
+            &bias(1),
+            &bias(2),
+            &out(0),
+            &out(1),
+            &out(2),
+            &n(0),
+            &n(1),
+            &n(2),
+            &mi,
+            &ki
+        );
+        ys.into_iter().map(|y| CudaBuf::F32(Arc::new(y))).collect()
+    }
+
+    fn gate_up(
+        &self,
+        x: &CudaBuf,
+        m: usize,
+        gate: &CudaBuf,
+        up: &CudaBuf,
+        n: usize,
+        k: usize,
+    ) -> CudaBuf {
+        let separate =
+            || self.silu_mul(&self.linear(x, m, gate, n, k), &self.linear(x, m, up, n, k));
+        if self.errored() {
+            return self.empty();
+        }
+        let (CudaBuf::F32(xs), CudaBuf::Bf16(g), CudaBuf::Bf16(u)) = (x, gate, up) else {
+            return separate();
+        };
+        if xs.len() != m * k || g.len() != n * k || u.len() != n * k || m == 0 || n == 0 {
+            return separate();
+        }
+        if m > GEMV_ROWS || !k.is_multiple_of(8) || xs.ptr() % 16 != 0 {
+            // cuBLAS: x rounded to bf16 once for both.
+            let Some(xb) = self.to_bf16(xs) else {
+                return self.empty();
+            };
+            let (Some(gy), Some(uy)) =
+                (self.tmp::<f32>(m * n, "gate"), self.tmp::<f32>(m * n, "up"))
+            else {
+                return self.empty();
+            };
+            if self.gemm_bf16_in(&xb, m, g, n, k, &gy, 0.0).is_none()
+                || self.gemm_bf16_in(&xb, m, u, n, k, &uy, 0.0).is_none()
+            {
+                return self.empty();
+            }
+            return self.silu_mul(&CudaBuf::F32(Arc::new(gy)), &CudaBuf::F32(Arc::new(uy)));
+        }
+        let Some(mut y) = self.tmp::<f32>(m * n, "gate_up") else {
+            return self.empty();
+        };
+        let (mi, ni, ki) = (m as i32, n as i32, k as i32);
+        let cfg = LaunchConfig {
+            grid_dim: (n.div_ceil(8) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        launch!(
+            self,
+            "gemv_swiglu",
+            cfg,
+            xs.as_ref(),
+            g.as_ref(),
+            u.as_ref(),
+            &mut y,
+            &mi,
+            &ni,
+            &ki
+        );
+        CudaBuf::F32(Arc::new(y))
     }
 
     fn add_bias(&self, x: &mut CudaBuf, bias: &CudaBuf) {
