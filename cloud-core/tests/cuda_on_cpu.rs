@@ -102,3 +102,59 @@ fn the_cuda_benchmark_runs_on_the_emulated_device() {
         "{text}"
     );
 }
+
+/// The serving path on the emulated device: the engine thread, the continuous-batching
+/// scheduler (prefill and decode steps of several requests together, graphed decode
+/// steps) and schema-constrained verdicts from the embedded demo model, against the same
+/// verdicts from the CPU engine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verdicts_from_the_cuda_engine_match_the_cpu_engine() {
+    use cloud_core::engine::scheduler::SchedulerConfig;
+    use cloud_core::engine::service::{Device, Engine};
+    use cloud_core::verdict::VerdictService;
+    if !prepare() {
+        return;
+    }
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("demo-model");
+    let mut sim = shared::sim::Simulator::new(shared::sim::SimConfig {
+        machines: 4,
+        seed: 77,
+        fault_share: 0.6,
+        ..Default::default()
+    });
+    let mut windows: Vec<Vec<serde_json::Value>> = vec![Vec::new(); 4];
+    for _ in 0..shared::schema::WINDOW_LEN {
+        for (i, r) in sim.tick().into_iter().enumerate() {
+            windows[i].push(r.to_record().to_json());
+        }
+    }
+    let cases: Vec<shared::case::HardCase> = windows
+        .into_iter()
+        .map(|records| {
+            let v = serde_json::json!({"records": records, "probs": {"normal": 0.5, "overheating": 0.5}});
+            shared::case::HardCase::from_json(&v).expect("case")
+        })
+        .collect();
+    let judge_all = |device: Device| {
+        let dir = dir.clone();
+        let cases = cases.clone();
+        async move {
+            let engine =
+                Engine::load(&dir, "demo", SchedulerConfig::default(), device).expect("engine");
+            let service = VerdictService::new(engine).expect("verdicts");
+            // All at once: the scheduler batches them.
+            let judged =
+                futures_util::future::join_all(cases.iter().map(|c| service.judge(c))).await;
+            judged
+                .into_iter()
+                .map(|j| j.expect("a verdict").verdict)
+                .collect::<Vec<_>>()
+        }
+    };
+    let cpu = judge_all(Device::Cpu).await;
+    let cuda = judge_all(Device::Cuda).await;
+    for (i, (c, g)) in cpu.iter().zip(&cuda).enumerate() {
+        assert_eq!(c.class, g.class, "case {i}: CPU {c:?}, CUDA {g:?}");
+        assert!((0.0..=1.0).contains(&g.confidence), "case {i}: {g:?}");
+    }
+}

@@ -86,10 +86,25 @@ pub fn build(driver: bool) -> Result<PathBuf, String> {
         if driver { "driver" } else { "kernels" }
     ));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-    let kernels = KERNELS.replace("#include <cuda_bf16.h>", "").replace(
-        "extern __shared__ float sm[];",
-        "float* sm = (float*)emu_dynamic_shared;",
-    );
+    // The kernels' warp reduction runs as one exchange instead of five shuffles (see
+    // `emu_warp_sum` in shim.h: the same additions in the same order).
+    let warp_sum = "__device__ __forceinline__ float warp_sum(float v) {";
+    if !KERNELS.contains(warp_sum) {
+        return Err(format!("the kernels no longer define `{warp_sum}`"));
+    }
+    let kernels = KERNELS
+        .replace("#include <cuda_bf16.h>", "")
+        .replace(
+            "extern __shared__ float sm[];",
+            "float* sm = (float*)emu_dynamic_shared;",
+        )
+        .replace(
+            warp_sum,
+            &format!(
+                "{warp_sum} return emu_warp_sum(v); }}\n\
+                 __device__ __forceinline__ float warp_sum_on_the_device(float v) {{"
+            ),
+        );
     let mut src = format!("{SHIM}\n#include <cstdio>\n{kernels}\n{}", glue(KERNELS));
     if driver {
         src.push_str(DRIVER);

@@ -54,7 +54,8 @@ inline float rsqrtf(float x) { return 1.f / std::sqrt(x); }
 
 // One barrier: how many live threads it waits for, how many have arrived.
 struct EmuBarrier {
-    unsigned expected = 0, arrived = 0;
+    unsigned expected = 0;
+    std::vector<unsigned> waiters;  // fibers blocked here, in arrival order
 };
 
 // Switching between fibers. On x86-64, a switch of the callee-saved registers and the
@@ -138,17 +139,20 @@ inline void emu_make(EmuContext* c, char* stack, size_t size, void (*fn)(void*),
 struct EmuFiber {
     EmuContext ctx;
     dim3 idx;
-    EmuBarrier* waiting = nullptr;  // blocked here until released
     bool done = false;
 };
 
-// The block being run: its fibers, its barrier and its warps' barriers, the warps'
-// shuffle slots, and its dynamic shared memory.
+// The block being run: its fibers, the queue of those ready to run, its barrier and its
+// warps' barriers, the warps' shuffle slots, and its dynamic shared memory.
 struct Block {
     std::vector<EmuFiber> fibers;
+    std::vector<unsigned> ready;
+    size_t next = 0;
     EmuBarrier all;
     std::vector<EmuBarrier> warps;
     std::vector<float> slots;
+    std::vector<float> sums;                // per warp: the reduction being read
+    std::vector<unsigned char> summed;      // per warp: whether it was computed
     std::vector<unsigned char> dynamic_shared;
     unsigned current = 0;
     EmuContext scheduler;
@@ -163,22 +167,23 @@ inline unsigned emu_thread_in_block() {
     return threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
 }
 
-// Releases every fiber waiting on `b` once all its live threads have arrived.
-inline void emu_release_if_complete(Block* blk, EmuBarrier* b) {
-    if (b->arrived < b->expected || b->arrived == 0) return;
-    for (auto& f : blk->fibers)
-        if (f.waiting == b) f.waiting = nullptr;
-    b->arrived = 0;
+// Once every live thread of `b`'s scope has arrived, its waiters (but `except`) are ready
+// again; returns whether it completed.
+inline bool emu_release_if_complete(Block* blk, EmuBarrier* b, unsigned except) {
+    if (b->waiters.empty() || b->waiters.size() < b->expected) return false;
+    for (unsigned f : b->waiters)
+        if (f != except) blk->ready.push_back(f);
+    b->waiters.clear();
+    return true;
 }
 
 // Blocks the current fiber on `b` until every live thread of its scope has arrived.
 __attribute__((noinline)) inline void emu_wait(EmuBarrier* b) {
     Block* blk = current_block;
-    EmuFiber& me = blk->fibers[blk->current];
-    b->arrived++;
-    me.waiting = b;
-    emu_release_if_complete(blk, b);
-    if (me.waiting) emu_swap(&me.ctx, &blk->scheduler);
+    unsigned me = blk->current;
+    b->waiters.push_back(me);
+    if (emu_release_if_complete(blk, b, me)) return;  // the last to arrive goes on
+    emu_swap(&blk->fibers[me].ctx, &blk->scheduler);
 }
 
 inline void __syncthreads() { emu_wait(&current_block->all); }
@@ -194,6 +199,32 @@ inline float __shfl_xor_sync(unsigned, float v, int mask) {
     return o;
 }
 
+// The kernels' `warp_sum` (an xor butterfly of five shuffles), in one exchange: every
+// lane posts its value, and the first lane to go on computes the butterfly over the
+// warp's 32 values in the device's order of additions (every lane's result is the same,
+// bit for bit, on the device too).
+inline float emu_warp_sum(float v) {
+    unsigned t = emu_thread_in_block();
+    unsigned w = t / 32;
+    Block* b = current_block;
+    b->slots[t] = v;
+    emu_wait(&b->warps[w]);
+    if (!b->summed[w]) {
+        float x[32], y[32];
+        for (unsigned i = 0; i < 32; i++) x[i] = w * 32 + i < b->slots.size() ? b->slots[w * 32 + i] : 0.f;
+        for (unsigned o = 16; o > 0; o >>= 1) {
+            for (unsigned i = 0; i < 32; i++) y[i] = x[i] + x[i ^ o];
+            std::memcpy(x, y, sizeof x);
+        }
+        b->sums[w] = x[0];
+        b->summed[w] = 1;
+    }
+    float r = b->sums[w];
+    emu_wait(&b->warps[w]);
+    b->summed[w] = 0;
+    return r;
+}
+
 #define emu_dynamic_shared (current_block->dynamic_shared.data())
 
 template <typename F>
@@ -201,15 +232,15 @@ struct EmuKernel {
     static void entry(void* kernel) {
         (*static_cast<F*>(kernel))();
         Block* blk = current_block;
-        EmuFiber& me = blk->fibers[blk->current];
-        me.done = true;
+        unsigned me = blk->current;
+        blk->fibers[me].done = true;
         // An exited thread no longer holds up its block's or its warp's barriers.
         unsigned t = emu_thread_in_block();
         blk->all.expected--;
         blk->warps[t / 32].expected--;
-        emu_release_if_complete(blk, &blk->all);
-        emu_release_if_complete(blk, &blk->warps[t / 32]);
-        emu_swap(&me.ctx, &blk->scheduler);  // never resumed
+        emu_release_if_complete(blk, &blk->all, me);
+        emu_release_if_complete(blk, &blk->warps[t / 32], me);
+        emu_swap(&blk->fibers[me].ctx, &blk->scheduler);  // never resumed
         std::abort();
     }
 };
@@ -220,17 +251,25 @@ void emu_run(dim3 grid, dim3 block, unsigned shared, F kernel) {
     blockDim = block;
     unsigned n = block.x * block.y * block.z;
     while (emu_stacks.size() < n) emu_stacks.emplace_back(new char[EMU_STACK]);
+    Block b;
+    b.fibers.resize(n);
+    b.warps.resize((n + 31) / 32);
+    b.slots.assign(n, 0.f);
+    b.sums.assign(b.warps.size(), 0.f);
+    b.summed.assign(b.warps.size(), 0);
+    current_block = &b;
     for (unsigned bz = 0; bz < grid.z; bz++)
         for (unsigned by = 0; by < grid.y; by++)
             for (unsigned bx = 0; bx < grid.x; bx++) {
-                Block b;
-                b.fibers.resize(n);
                 b.all.expected = n;
-                b.warps.resize((n + 31) / 32);
-                for (unsigned w = 0; w < b.warps.size(); w++) b.warps[w].expected = std::min(32u, n - w * 32);
-                b.slots.assign(n, 0.f);
+                b.all.waiters.clear();
+                for (unsigned w = 0; w < b.warps.size(); w++) {
+                    b.warps[w].expected = std::min(32u, n - w * 32);
+                    b.warps[w].waiters.clear();
+                }
                 b.dynamic_shared.assign(shared + 16, 0);
-                current_block = &b;
+                b.ready.clear();
+                b.next = 0;
                 blockIdx = {bx, by, bz};
                 unsigned i = 0;
                 for (unsigned tz = 0; tz < block.z; tz++)
@@ -238,28 +277,27 @@ void emu_run(dim3 grid, dim3 block, unsigned shared, F kernel) {
                         for (unsigned tx = 0; tx < block.x; tx++, i++) {
                             EmuFiber& f = b.fibers[i];
                             f.idx = {tx, ty, tz};
+                            f.done = false;
                             emu_make(&f.ctx, emu_stacks[i].get(), EMU_STACK, &EmuKernel<F>::entry,
                                      &kernel);
+                            b.ready.push_back(i);
                         }
-                // Round robin over the runnable fibers until all are done.
-                for (;;) {
-                    bool all_done = true, ran = false;
-                    for (unsigned j = 0; j < n; j++) {
-                        EmuFiber& f = b.fibers[j];
-                        if (f.done) continue;
-                        all_done = false;
-                        if (f.waiting) continue;
-                        b.current = j;
-                        threadIdx = f.idx;
-                        emu_swap(&b.scheduler, &f.ctx);
-                        ran = true;
+                // Run the ready fibers in turn until none is left.
+                while (b.next < b.ready.size()) {
+                    unsigned j = b.ready[b.next++];
+                    b.current = j;
+                    threadIdx = b.fibers[j].idx;
+                    emu_swap(&b.scheduler, &b.fibers[j].ctx);
+                    if (b.next > 4096 && b.next * 2 > b.ready.size()) {
+                        b.ready.erase(b.ready.begin(), b.ready.begin() + b.next);
+                        b.next = 0;
                     }
-                    if (all_done) break;
-                    if (!ran) {
+                }
+                for (auto& f : b.fibers)
+                    if (!f.done) {
                         std::fprintf(stderr, "emulated kernel deadlocked: a barrier is never reached by every thread\n");
                         std::abort();
                     }
-                }
-                current_block = nullptr;
             }
+    current_block = nullptr;
 }
