@@ -545,7 +545,7 @@ fn batched_paged_attention_matches_the_cpu_per_sequence() {
         );
         let scale = 1.0 / (dk as f32).sqrt();
         let mut out = vec![0f32; t * h * dv];
-        let warps = 4;
+        let warps = cloud_core::engine::backend::cuda::ATT_WARPS as u32;
         let (vcols, vhead) = if vik { (kc, dk) } else { (vc, dv) };
         launch(
             "attention_batch",

@@ -75,6 +75,7 @@ extern "C" __global__ void gemv_bf16(const float* __restrict__ x, const bf16* __
 #pragma unroll
     for (int r = 0; r < GEMV_ROWS; r++) acc[r] = 0.f;
     int chunks = k / 8;
+#pragma unroll 4
     for (int i = lane; i < chunks; i += WARP) {
         uint4 p = wr[i];
         const __nv_bfloat162* h = (const __nv_bfloat162*)&p;
@@ -133,6 +134,7 @@ extern "C" __global__ void gemv3_bf16(const float* __restrict__ x, const bf16* _
     float acc[GEMV_ROWS];
 #pragma unroll
     for (int r = 0; r < GEMV_ROWS; r++) acc[r] = 0.f;
+#pragma unroll 4
     for (int i = lane; i < k / 8; i += WARP) {
         uint4 p = wr[i];
 #pragma unroll
@@ -161,6 +163,7 @@ extern "C" __global__ void gemv_swiglu(const float* __restrict__ x, const bf16* 
     float ag[GEMV_ROWS], au[GEMV_ROWS];
 #pragma unroll
     for (int r = 0; r < GEMV_ROWS; r++) ag[r] = au[r] = 0.f;
+#pragma unroll 4
     for (int i = lane; i < k / 8; i += WARP) {
         uint4 pg = g[i], pu = u[i];
 #pragma unroll
@@ -327,7 +330,7 @@ extern "C" __global__ void argmax_rows(const float* __restrict__ x, int cols, un
     if (threadIdx.x == 0) out[blockIdx.x] = bi[0] == 0x7fffffff ? 0 : (unsigned)bi[0];
 }
 
-#define ATT_WARPS 4
+#define ATT_WARPS 8
 #define MAX_DV 512
 
 // ---- One step's attention over the paged caches of many sequences -------------------

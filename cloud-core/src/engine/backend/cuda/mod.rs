@@ -289,8 +289,10 @@ pub struct Cuda {
     capturing: Arc<AtomicBool>,
 }
 
-/// The most rows `gemv_bf16` takes (more go through cuBLAS).
-const GEMV_ROWS: usize = 8;
+/// The most rows `gemv_bf16` takes (more go through cuBLAS): `GEMV_ROWS` of the kernels.
+pub const GEMV_ROWS: usize = 8;
+/// Warps per (row, head) block of `attention_batch`: `ATT_WARPS` of the kernels.
+pub const ATT_WARPS: usize = 8;
 /// The most sequences a captured step holds.
 const MAX_GRAPH_BATCH: usize = 512;
 /// Initial sizes of the step arena and of the staging area (doubled when a step needs
@@ -1389,7 +1391,7 @@ impl Cuda {
         vcols: usize,
         vhead: usize,
     ) {
-        const WARPS: usize = 4;
+        const WARPS: usize = ATT_WARPS;
         let cfg = LaunchConfig {
             grid_dim: ((t * s.h) as u32, 1, 1),
             block_dim: ((WARPS * 32) as u32, 1, 1),
@@ -2817,6 +2819,20 @@ mod tests {
                     "{arch}: kernel {k} missing from the PTX"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn launch_shapes_agree_with_the_kernels() {
+        for (name, value) in [
+            ("GEMV_ROWS", GEMV_ROWS),
+            ("ATT_WARPS", ATT_WARPS),
+            ("MAX_DV", MAX_DV),
+        ] {
+            assert!(
+                KERNELS.contains(&format!("#define {name} {value}\n")),
+                "{name} is not {value} in the kernels"
+            );
         }
     }
 
