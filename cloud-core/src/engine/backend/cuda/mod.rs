@@ -171,6 +171,9 @@ pub struct CudaOptions {
     pub blocks_per_chunk: usize,
     /// Capture decode steps into CUDA graphs and replay them ([`step`]).
     pub graphs: bool,
+    /// Initial bytes of the graphed steps' arena and of their staging area (each doubles,
+    /// dropping the graphs made so far, when a step needs more).
+    pub graph_memory: (usize, usize),
 }
 
 impl Default for CudaOptions {
@@ -182,6 +185,7 @@ impl Default for CudaOptions {
             block_rows: 16,
             blocks_per_chunk: 256,
             graphs: true,
+            graph_memory: (64 << 20, 1 << 20),
         }
     }
 }
@@ -295,10 +299,6 @@ pub const GEMV_ROWS: usize = 8;
 pub const ATT_WARPS: usize = 8;
 /// The most sequences a captured step holds.
 const MAX_GRAPH_BATCH: usize = 512;
-/// Initial sizes of the step arena and of the staging area (doubled when a step needs
-/// more).
-const ARENA_BYTES: usize = 64 << 20;
-const STAGED_BYTES: usize = 1 << 20;
 /// cuBLAS's workspace (what cuBLAS recommends for Hopper).
 const BLAS_WORKSPACE: usize = 32 << 20;
 
@@ -488,16 +488,11 @@ impl Cuda {
         self.steps().mode
     }
 
+    /// A buffer of no elements: what operations return after an error (and callers
+    /// discard). It holds no memory, so making it never fails.
     fn empty(&self) -> CudaBuf {
-        match self.tmp::<f32>(0, "empty buffer") {
-            Some(d) => CudaBuf::F32(Arc::new(d)),
-            None => CudaBuf::F32(Arc::new(Dev::owned(
-                // A null slice of an owned kind cannot fail in a way that matters.
-                self.stream
-                    .null::<f32>()
-                    .unwrap_or_else(|_| unreachable!("cuMemAlloc of zero bytes failed")),
-            ))),
-        }
+        // SAFETY: a view of zero elements is never read or written.
+        CudaBuf::F32(Arc::new(unsafe { Dev::view(&self.stream, 0, 0) }))
     }
 
     /// Memory for `n` elements that the step's kernels fill before reading: a view of
@@ -517,7 +512,10 @@ impl Cuda {
                         Some(unsafe { Dev::view(&self.stream, ptr, n) })
                     }
                     None => {
-                        let size = st.arena.as_ref().map_or(ARENA_BYTES, |a| a.size);
+                        let size = st
+                            .arena
+                            .as_ref()
+                            .map_or(self.opts.graph_memory.0, |a| a.size);
                         st.want_arena = st.want_arena.max(size * 2);
                         drop(st);
                         self.abandon("the step arena is full");
@@ -583,7 +581,10 @@ impl Cuda {
                         Some(unsafe { Dev::view(&self.stream, ptr, data.len()) })
                     }
                     None => {
-                        let size = st.staged.as_ref().map_or(STAGED_BYTES, |r| r.size);
+                        let size = st
+                            .staged
+                            .as_ref()
+                            .map_or(self.opts.graph_memory.1, |r| r.size);
                         st.want_staged = st.want_staged.max(size * 2);
                         drop(st);
                         self.abandon("the step's staging area is full");
@@ -1147,8 +1148,9 @@ impl Cuda {
             let size = want.max(have.map_or(base, |r| r.size)).max(base);
             (have.is_none_or(|r| r.size < size)).then_some(size)
         };
-        let new_arena = make(st.want_arena, st.arena.as_ref(), ARENA_BYTES);
-        let new_staged = make(st.want_staged, st.staged.as_ref(), STAGED_BYTES);
+        let (arena, staged) = self.opts.graph_memory;
+        let new_arena = make(st.want_arena, st.arena.as_ref(), arena.max(step::ALIGN));
+        let new_staged = make(st.want_staged, st.staged.as_ref(), staged.max(step::ALIGN));
         if new_arena.is_some() || new_staged.is_some() {
             st.graphs.clear();
         }
