@@ -7,9 +7,10 @@
 //!   device's architecture, with the CUDA headers found through `CUDA_INCLUDE`, then
 //!   `$CUDA_HOME/include`, then `/usr/local/cuda/include`.
 //! - Weight matrices live in device memory as bf16 (from a bf16 checkpoint: the stored
-//!   values, copied from the memory map); projections are cuBLAS bf16 GEMMs with f32
-//!   accumulation and f32 outputs. Activations are f32. Norms, biases and the MLA
-//!   per-head blocks stay f32.
+//!   values, copied from the memory map). Activations are f32. Norms, biases and the MLA
+//!   per-head blocks stay f32. Projections of up to [`GEMV_ROWS`] rows (decode) read each
+//!   weight once in our GEMV kernels (bias, residual, several projections of one input
+//!   or SwiGLU fused in); more rows are cuBLAS bf16 GEMMs with f32 accumulation.
 //! - The KV cache is paged ([`crate::engine::paged`]): bf16 rows in fixed-size blocks
 //!   drawn from pools sharing one byte budget; a sequence's cache of a layer is a table
 //!   of block addresses, prefixes share blocks by reference, attention reads the blocks
