@@ -116,6 +116,16 @@ fn launch(name: &str, grid: (u32, u32), block: u32, shared: u32, args: &[Arg]) {
     assert_eq!(rc, 0, "no kernel named {name}");
 }
 
+/// A `#define NAME value` of the kernels (a launch shape they are written for).
+fn kernel_define(name: &str) -> usize {
+    let key = format!("#define {name} ");
+    KERNELS
+        .lines()
+        .find_map(|l| l.strip_prefix(&key))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("the kernels define no {name}"))
+}
+
 fn available() -> bool {
     emu().is_some()
 }
@@ -545,7 +555,7 @@ fn batched_paged_attention_matches_the_cpu_per_sequence() {
         );
         let scale = 1.0 / (dk as f32).sqrt();
         let mut out = vec![0f32; t * h * dv];
-        let warps = cloud_core::engine::backend::cuda::ATT_WARPS as u32;
+        let warps = kernel_define("ATT_WARPS") as u32;
         let (vcols, vhead) = if vik { (kc, dk) } else { (vc, dv) };
         launch(
             "attention_batch",

@@ -6,54 +6,19 @@
 //! continuation with the KV cache, one token per step. Each step must satisfy
 //! `max|Δlogit| / max|logit| ≤ 1e-4`, and the greedy tokens must be identical.
 
-use std::path::{Path, PathBuf};
+#[path = "common/reference.rs"]
+mod reference;
 
 use cloud_core::engine::backend::cpu::Cpu;
 use cloud_core::engine::config::ModelConfig;
 use cloud_core::engine::model::Model;
+use reference::{argmax, cases, fixtures, rel_diff, rows};
 use serde_json::Value;
 
 const TOLERANCE: f64 = 1e-4;
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/parity")
-}
-
-fn rows(v: &Value) -> Vec<Vec<f32>> {
-    v.as_array()
-        .expect("rows")
-        .iter()
-        .map(|r| {
-            r.as_array()
-                .expect("row")
-                .iter()
-                .map(|x| x.as_f64().expect("number") as f32)
-                .collect()
-        })
-        .collect()
-}
-
-fn rel_diff(got: &[f32], want: &[f32]) -> f64 {
-    assert_eq!(got.len(), want.len(), "vocabulary sizes differ");
-    let max_ref = want.iter().map(|x| x.abs() as f64).fold(0.0, f64::max);
-    let max_diff = got
-        .iter()
-        .zip(want)
-        .map(|(a, b)| (*a as f64 - *b as f64).abs())
-        .fold(0.0, f64::max);
-    max_diff / max_ref.max(1e-30)
-}
-
-fn argmax(v: &[f32]) -> u32 {
-    cloud_core::engine::sampler::argmax(v) as u32
-}
-
 fn check(arch: &str) {
     let dir = fixtures().join(arch);
-    let reference: Value = serde_json::from_str(
-        &std::fs::read_to_string(dir.join("reference.json")).expect("reference.json"),
-    )
-    .expect("json");
     // Both spellings of the config mean the same model.
     let saved = ModelConfig::from_file(&dir.join("config.json")).expect("config.json");
     let published_path = dir.join("config.published-style.json");
@@ -69,6 +34,7 @@ fn check(arch: &str) {
     } else {
         &[true]
     };
+    let arch_name = arch.to_string();
     for &absorbed in modes {
         model.set_mla_absorbed(absorbed);
         let arch = format!(
@@ -82,24 +48,11 @@ fn check(arch: &str) {
             }
         );
         let mut worst = 0f64;
-        for case in reference["cases"].as_array().expect("cases") {
-            let name = case["name"].as_str().unwrap_or("?");
-            let prompt: Vec<u32> = case["prompt_ids"]
-                .as_array()
-                .expect("ids")
-                .iter()
-                .map(|x| x.as_u64().expect("id") as u32)
-                .collect();
-            let want_greedy: Vec<u32> = case["greedy_ids"]
-                .as_array()
-                .expect("ids")
-                .iter()
-                .map(|x| x.as_u64().expect("id") as u32)
-                .collect();
-            let prefill = rows(&case["prefill_logits"]);
-            let steps = rows(&case["step_logits"]);
+        for case in cases(&arch_name) {
+            let (name, prompt, want_greedy) = (&case.name, &case.prompt, &case.greedy);
+            let (prefill, steps) = (&case.prefill, &case.steps);
             let mut cache = model.new_cache();
-            let logits = model.forward(&prompt, &mut cache).expect("prefill");
+            let logits = model.forward(prompt, &mut cache).expect("prefill");
             for (pos, want) in prefill.iter().enumerate() {
                 let d = rel_diff(&logits[pos * vocab..(pos + 1) * vocab], want);
                 worst = worst.max(d);
@@ -124,7 +77,7 @@ fn check(arch: &str) {
                 );
                 greedy.push(argmax(&last));
             }
-            assert_eq!(greedy, want_greedy, "{arch}/{name}: greedy tokens differ");
+            assert_eq!(&greedy, want_greedy, "{arch}/{name}: greedy tokens differ");
         }
         println!(
             "{arch}: parity with transformers holds; worst max|Δlogit|/max|logit| = {worst:.2e}"

@@ -7,13 +7,14 @@
 //! reference's wherever the reference's top-2 margin exceeds 0.05. Decode steps are fed
 //! the reference's tokens, so a near-tie elsewhere cannot derail later comparisons.
 
-use std::path::{Path, PathBuf};
+#[path = "../common/reference.rs"]
+mod reference;
 
 use cloud_core::engine::backend::cpu::Cpu;
 use cloud_core::engine::backend::cuda::{unavailable, Cuda, CudaOptions};
 use cloud_core::engine::backend::{Backend, DeviceError};
 use cloud_core::engine::model::{Cache, EngineError, Model};
-use serde_json::Value;
+use reference::{argmax, cases, fixtures, rel_diff, Case};
 
 const TOLERANCE: f64 = 2e-2;
 const MARGIN: f32 = 0.05;
@@ -45,51 +46,6 @@ fn gpu(opts: CudaOptions) -> Option<Cuda> {
     )
 }
 
-/// `fixtures/parity/`, or `CLOUD_CORE_FIXTURES` (a test binary carried to another machine).
-fn fixtures() -> PathBuf {
-    match std::env::var_os("CLOUD_CORE_FIXTURES") {
-        Some(p) => PathBuf::from(p),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/parity"),
-    }
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .expect("ids")
-        .iter()
-        .map(|x| x.as_u64().expect("id") as u32)
-        .collect()
-}
-
-fn rows(v: &Value) -> Vec<Vec<f32>> {
-    v.as_array()
-        .expect("rows")
-        .iter()
-        .map(|r| {
-            r.as_array()
-                .expect("row")
-                .iter()
-                .map(|x| x.as_f64().expect("number") as f32)
-                .collect()
-        })
-        .collect()
-}
-
-fn rel_diff(got: &[f32], want: &[f32]) -> f64 {
-    assert_eq!(got.len(), want.len(), "vocabulary sizes differ");
-    let max_ref = want.iter().map(|x| x.abs() as f64).fold(0.0, f64::max);
-    let max_diff = got
-        .iter()
-        .zip(want)
-        .map(|(a, b)| (*a as f64 - *b as f64).abs())
-        .fold(0.0, f64::max);
-    max_diff / max_ref.max(1e-30)
-}
-
-fn argmax(v: &[f32]) -> u32 {
-    cloud_core::engine::sampler::argmax(v) as u32
-}
-
 /// The reference's top-2 margin.
 fn margin(v: &[f32]) -> f32 {
     let mut s = v.to_vec();
@@ -105,34 +61,6 @@ fn check_token(arch: &str, what: &str, got: &[f32], want: &[f32]) {
             "{arch}: {what}: greedy token differs"
         );
     }
-}
-
-struct Case {
-    name: String,
-    prompt: Vec<u32>,
-    greedy: Vec<u32>,
-    prefill: Vec<Vec<f32>>,
-    steps: Vec<Vec<f32>>,
-}
-
-fn cases(arch: &str) -> Vec<Case> {
-    let reference: Value = serde_json::from_str(
-        &std::fs::read_to_string(fixtures().join(arch).join("reference.json"))
-            .expect("reference.json"),
-    )
-    .expect("json");
-    reference["cases"]
-        .as_array()
-        .expect("cases")
-        .iter()
-        .map(|c| Case {
-            name: c["name"].as_str().unwrap_or("?").to_string(),
-            prompt: ids(&c["prompt_ids"]),
-            greedy: ids(&c["greedy_ids"]),
-            prefill: rows(&c["prefill_logits"]),
-            steps: rows(&c["step_logits"]),
-        })
-        .collect()
 }
 
 /// Every position's logits of a teacher-forced run: the prompt, then the reference's
