@@ -909,10 +909,18 @@ fn gemv_matches_the_cpu_with_bias_and_residual() {
                 &[
                     p(&x),
                     p(&wb),
+                    Arg::U(0),
+                    Arg::U(0),
                     bias.map_or(Arg::U(0), p),
+                    Arg::U(0),
+                    Arg::U(0),
                     pm(&mut y),
-                    Arg::I(m as i32),
+                    Arg::U(0),
+                    Arg::U(0),
                     Arg::I(n as i32),
+                    Arg::I(0),
+                    Arg::I(0),
+                    Arg::I(m as i32),
                     Arg::I(k as i32),
                     Arg::I(i32::from(acc)),
                 ],
@@ -941,7 +949,7 @@ fn gemv_matches_the_cpu_with_bias_and_residual() {
     }
 }
 
-/// `gemv3_bf16` (three projections of the same rows in one launch, one without a bias)
+/// `gemv_bf16` with three projections of the same rows in one launch (one without a bias)
 /// and `gemv_swiglu` (gate and up projections with SiLU·mul) against the CPU.
 #[test]
 fn fused_projections_match_the_cpu() {
@@ -969,7 +977,7 @@ fn fused_projections_match_the_cpu() {
         let (y0, rest) = ys.split_at_mut(1);
         let (y1, y2) = rest.split_at_mut(1);
         launch(
-            "gemv3_bf16",
+            "gemv_bf16",
             (total.div_ceil(8) as u32, 1),
             256,
             0,
@@ -989,6 +997,7 @@ fn fused_projections_match_the_cpu() {
                 Arg::I(ns[2] as i32),
                 Arg::I(m as i32),
                 Arg::I(k as i32),
+                Arg::I(0),
             ],
         );
         for i in 0..3 {
@@ -996,7 +1005,7 @@ fn fused_projections_match_the_cpu() {
             if i != 1 {
                 cpu.add_bias(&mut want, &biases[i]);
             }
-            assert_close(&ys[i], &want, 1e-5, &format!("gemv3 part {i}, m {m}"));
+            assert_close(&ys[i], &want, 1e-5, &format!("gemv part {i} of 3, m {m}"));
         }
         let n = ns[0];
         let mut y = vec![0f32; m * n];

@@ -283,7 +283,12 @@ impl<S: ChunkSource> PagedRows<S> {
 
     /// The block addresses, in order (the table a kernel reads).
     pub fn table(&self) -> Vec<u64> {
-        self.blocks.iter().map(|b| b.addr).collect()
+        self.block_addrs().collect()
+    }
+
+    /// The block addresses, in order, without collecting them.
+    pub fn block_addrs(&self) -> impl ExactSizeIterator<Item = u64> + '_ {
+        self.blocks.iter().map(|b| b.addr)
     }
 
     /// The first `keep` rows, sharing this cache's blocks.

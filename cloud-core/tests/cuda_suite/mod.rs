@@ -1,6 +1,6 @@
-//! The CUDA backend's tests, shared by `tests/cuda.rs` (a real GPU) and
-//! `tests/cuda_on_cpu.rs` (the CUDA libraries emulated on the CPU): the test crate's
-//! `prepare()` says whether to run.
+//! The CUDA backend's tests, run by `tests/cuda.rs` (a real GPU) and
+//! `tests/cuda_on_cpu.rs` (the CUDA libraries emulated on the CPU), which include this
+//! module: the including crate's `prepare()` says whether to run.
 //!
 //! The rule (bf16 weights and cache against f32 references): at every prefill position
 //! and decode step `max|Δlogit| / max|logit| ≤ 2e-2`, and the greedy token is the
@@ -76,7 +76,8 @@ fn run<B: Backend>(model: &Model<B>, case: &Case) -> (Vec<f32>, Vec<Vec<f32>>) {
     (prefill, steps)
 }
 
-pub fn cuda_logits_match_the_reference_and_the_cpu_backend() {
+#[test]
+fn cuda_logits_match_the_reference_and_the_cpu_backend() {
     let Some(_) = gpu(CudaOptions::default()) else {
         return;
     };
@@ -140,8 +141,9 @@ pub fn cuda_logits_match_the_reference_and_the_cpu_backend() {
     }
 }
 
+#[test]
 #[allow(clippy::needless_range_loop)] // `step` indexes every sequence's reference
-pub fn cuda_batched_decode_gives_the_tokens_of_one_at_a_time() {
+fn cuda_batched_decode_gives_the_tokens_of_one_at_a_time() {
     let Some(be) = gpu(CudaOptions::default()) else {
         return;
     };
@@ -202,7 +204,8 @@ pub fn cuda_batched_decode_gives_the_tokens_of_one_at_a_time() {
     }
 }
 
-pub fn cuda_prefix_sharing_gives_the_logits_of_a_fresh_run() {
+#[test]
+fn cuda_prefix_sharing_gives_the_logits_of_a_fresh_run() {
     let Some(be) = gpu(CudaOptions {
         block_rows: 4,
         ..Default::default()
@@ -238,7 +241,8 @@ pub fn cuda_prefix_sharing_gives_the_logits_of_a_fresh_run() {
     }
 }
 
-pub fn cuda_a_step_that_does_not_fit_is_refused_and_changes_nothing() {
+#[test]
+fn cuda_a_step_that_does_not_fit_is_refused_and_changes_nothing() {
     // A budget of a few blocks: one short prompt fits, a long one does not.
     let Some(be) = gpu(CudaOptions {
         kv_cache_bytes: Some(16 << 10),
@@ -268,7 +272,8 @@ pub fn cuda_a_step_that_does_not_fit_is_refused_and_changes_nothing() {
         .expect("the device keeps serving after a refusal");
 }
 
-pub fn cuda_out_of_memory_is_a_typed_error() {
+#[test]
+fn cuda_out_of_memory_is_a_typed_error() {
     let Some(be) = gpu(CudaOptions::default()) else {
         return;
     };
@@ -289,7 +294,8 @@ pub fn cuda_out_of_memory_is_a_typed_error() {
 /// while capturing (one block per chunk: those captures are given up and run eagerly),
 /// an arena and a staging area too small at first (given up, doubled, captured again),
 /// and a batch that shrinks (a second graph).
-pub fn cuda_graphs_replay_decode_steps_as_they_run_eagerly() {
+#[test]
+fn cuda_graphs_replay_decode_steps_as_they_run_eagerly() {
     let opts = |graphs: bool| CudaOptions {
         block_rows: 4,
         blocks_per_chunk: 1,

@@ -57,52 +57,11 @@ extern "C" __global__ void fill_uniform_bf16(bf16* __restrict__ y, long n, u64 s
 }
 
 // ---- Projections of a few rows (decode) -----------------------------------------------
-// y[r, o] = (accumulate ? y[r, o] : 0) + (bias ? bias[o] : 0) + x[r, :] · w[o, :] for the
-// m ≤ GEMV_ROWS rows of x (f32 [m, k]) and a bf16 weight w [n, k], k a multiple of 8:
-// one warp per output o reads its weight row once, 16 bytes per lane per load, for every
-// row of x at once. A decode step's projections are bound by reading the weights: this
-// reads them once, straight from the f32 activations (no bf16 copy of x), and adds the
-// bias or the residual in the same pass.
+// A decode step's projections are bound by reading the weights: these kernels read each
+// bf16 weight row once, with one warp per output and 16 bytes per lane per load, for every
+// one of the m ≤ GEMV_ROWS rows of x (f32 [m, k], k a multiple of 8) at once, straight
+// from the f32 activations (no bf16 copy of x).
 #define GEMV_ROWS 8
-extern "C" __global__ void gemv_bf16(const float* __restrict__ x, const bf16* __restrict__ w,
-                                     const float* __restrict__ bias, float* __restrict__ y, int m,
-                                     int n, int k, int accumulate) {
-    int o = (blockIdx.x * blockDim.x + threadIdx.x) / WARP;
-    int lane = threadIdx.x % WARP;
-    if (o >= n) return;
-    const uint4* wr = (const uint4*)(w + (long)o * k);
-    float acc[GEMV_ROWS];
-#pragma unroll
-    for (int r = 0; r < GEMV_ROWS; r++) acc[r] = 0.f;
-    int chunks = k / 8;
-#pragma unroll 4
-    for (int i = lane; i < chunks; i += WARP) {
-        uint4 p = wr[i];
-        const __nv_bfloat162* h = (const __nv_bfloat162*)&p;
-        float2 w0 = __bfloat1622float2(h[0]), w1 = __bfloat1622float2(h[1]);
-        float2 w2 = __bfloat1622float2(h[2]), w3 = __bfloat1622float2(h[3]);
-#pragma unroll
-        for (int r = 0; r < GEMV_ROWS; r++) {
-            if (r < m) {
-                const float4* xr = (const float4*)(x + (long)r * k) + 2 * i;
-                float4 a = xr[0], b = xr[1];
-                acc[r] += w0.x * a.x + w0.y * a.y + w1.x * a.z + w1.y * a.w
-                        + w2.x * b.x + w2.y * b.y + w3.x * b.z + w3.y * b.w;
-            }
-        }
-    }
-#pragma unroll
-    for (int r = 0; r < GEMV_ROWS; r++) {
-        if (r < m) {
-            float v = warp_sum(acc[r]);
-            if (lane == 0) {
-                long at = (long)r * n + o;
-                if (bias) v += bias[o];
-                y[at] = accumulate ? y[at] + v : v;
-            }
-        }
-    }
-}
 
 // 8 bf16 weights (16 bytes) dotted with 8 f32 values of a row.
 __device__ __forceinline__ float dot8(uint4 p, const float* __restrict__ x) {
@@ -114,15 +73,16 @@ __device__ __forceinline__ float dot8(uint4 p, const float* __restrict__ x) {
          + w2.x * b.x + w2.y * b.y + w3.x * b.z + w3.y * b.w;
 }
 
-// Up to three projections of the same rows in one launch (a layer's q, k and v; MLA's
-// query and latent): outputs o < n0 are x·w0ᵀ (+ b0) into y0, the next n1 x·w1ᵀ into y1,
-// the next n2 into y2. Same scheme as gemv_bf16.
-extern "C" __global__ void gemv3_bf16(const float* __restrict__ x, const bf16* __restrict__ w0,
-                                      const bf16* __restrict__ w1, const bf16* __restrict__ w2,
-                                      const float* __restrict__ b0, const float* __restrict__ b1,
-                                      const float* __restrict__ b2, float* __restrict__ y0,
-                                      float* __restrict__ y1, float* __restrict__ y2, int n0, int n1,
-                                      int n2, int m, int k) {
+// Up to three projections of the same rows in one launch (one projection; a layer's q, k
+// and v; MLA's query and latent): outputs o < n0 are x·w0ᵀ (+ b0) into y0, the next n1
+// x·w1ᵀ (+ b1) into y1, the next n2 into y2; a null bias adds nothing. With `accumulate`
+// the results are added to what the outputs hold (a residual connection).
+extern "C" __global__ void gemv_bf16(const float* __restrict__ x, const bf16* __restrict__ w0,
+                                     const bf16* __restrict__ w1, const bf16* __restrict__ w2,
+                                     const float* __restrict__ b0, const float* __restrict__ b1,
+                                     const float* __restrict__ b2, float* __restrict__ y0,
+                                     float* __restrict__ y1, float* __restrict__ y2, int n0, int n1,
+                                     int n2, int m, int k, int accumulate) {
     int o = (blockIdx.x * blockDim.x + threadIdx.x) / WARP;
     int lane = threadIdx.x % WARP;
     const bf16* w; const float* b; float* y; int n;
@@ -145,7 +105,11 @@ extern "C" __global__ void gemv3_bf16(const float* __restrict__ x, const bf16* _
     for (int r = 0; r < GEMV_ROWS; r++) {
         if (r < m) {
             float v = warp_sum(acc[r]);
-            if (lane == 0) y[(long)r * n + o] = b ? v + b[o] : v;
+            if (lane == 0) {
+                long at = (long)r * n + o;
+                if (b) v += b[o];
+                y[at] = accumulate ? y[at] + v : v;
+            }
         }
     }
 }

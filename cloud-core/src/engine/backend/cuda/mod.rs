@@ -81,7 +81,6 @@ pub const KERNEL_NAMES: &[&str] = &[
     "attention_batch",
     "argmax_rows",
     "gemv_bf16",
-    "gemv3_bf16",
     "gemv_swiglu",
     "moe_route",
     "moe_group",
@@ -329,6 +328,12 @@ fn per_row(rows: usize, threads: u32) -> LaunchConfig {
     }
 }
 
+/// Whether rows `x[m, k]` go through the GEMV kernels: at most [`GEMV_ROWS`] of them, `k`
+/// a multiple of 8 and `x` 16-byte aligned (their 16-byte loads).
+fn gemv_fits(x: &Dev<f32>, m: usize, k: usize) -> bool {
+    m <= GEMV_ROWS && k.is_multiple_of(8) && x.ptr().is_multiple_of(16)
+}
+
 impl Cuda {
     /// Starts the backend on a device: context, stream, cuBLAS, kernels.
     pub fn new(opts: CudaOptions) -> Result<Cuda, DeviceError> {
@@ -526,13 +531,8 @@ impl Cuda {
             }
         }
         if n == 0 {
-            return match self.stream.null::<T>() {
-                Ok(s) => Some(Dev::owned(s)),
-                Err(e) => {
-                    self.record(failed(what, e));
-                    None
-                }
-            };
+            // SAFETY: a view of zero elements is never read or written.
+            return Some(unsafe { Dev::view(&self.stream, 0, 0) });
         }
         // SAFETY: every caller's kernels write what they later read.
         match unsafe { self.stream.alloc::<T>(n) } {
@@ -605,7 +605,8 @@ impl Cuda {
             return None;
         }
         if data.is_empty() {
-            return self.stream.null::<T>().ok().map(Dev::owned);
+            // SAFETY: a view of zero elements is never read or written.
+            return Some(unsafe { Dev::view(&self.stream, 0, 0) });
         }
         match self.stream.clone_htod(data) {
             Ok(s) => Some(Dev::owned(s)),
@@ -629,7 +630,7 @@ impl Cuda {
     /// A device-to-device copy in the step (captured into its graph; skipped when the step
     /// is replayed).
     fn dtod(&self, dst: u64, src: u64, bytes: usize) {
-        if bytes == 0 || !self.note("memcpy", &[dst, src, bytes as u64]) {
+        if bytes == 0 || !self.note("memcpy", &[&[dst, src, bytes as u64]]) {
             return;
         }
         // SAFETY: the callers' buffers hold `bytes` at both addresses.
@@ -669,9 +670,9 @@ impl Cuda {
         self.check("cache tables", r);
     }
 
-    /// Notes an operation in the step's fingerprint; `false` when it must not be issued
-    /// (the step is being replayed).
-    fn note(&self, what: &str, words: &[u64]) -> bool {
+    /// Notes an operation (its name and words) in the step's fingerprint; `false` when
+    /// it must not be issued (the step is being replayed).
+    fn note(&self, what: &str, words: &[&[u64]]) -> bool {
         let mut st = self.steps();
         match st.mode {
             Mode::Eager => true,
@@ -681,7 +682,9 @@ impl Cuda {
             }
             Mode::Capture | Mode::Replay => {
                 st.sig.add_str(what);
-                st.sig.add(words);
+                for w in words {
+                    st.sig.add(w);
+                }
                 st.mode == Mode::Capture
             }
         }
@@ -699,20 +702,8 @@ impl Cuda {
             u64::from(b.2),
             u64::from(cfg.shared_mem_bytes),
         ];
-        {
-            let mut st = self.steps();
-            match st.mode {
-                Mode::Eager => {}
-                Mode::Flushed => st.after_flush = true,
-                Mode::Capture | Mode::Replay => {
-                    st.sig.add_str(name);
-                    st.sig.add(&shape);
-                    st.sig.add(words);
-                    if st.mode == Mode::Replay {
-                        return;
-                    }
-                }
-            }
+        if !self.note(name, &[&shape, words]) {
+            return;
         }
         let mut params: Vec<*mut std::ffi::c_void> = words
             .iter_mut()
@@ -844,7 +835,7 @@ impl Cuda {
             k as u64,
             u64::from(beta.to_bits()),
         ];
-        if !self.note("gemm_bf16", &words) {
+        if !self.note("gemm_bf16", &[&words]) {
             return Some(());
         }
         let alpha = 1.0f32;
@@ -954,27 +945,9 @@ impl Cuda {
             (None, None) => return self.empty(),
         };
         match w {
-            CudaBuf::Bf16(ws) if m <= GEMV_ROWS && k.is_multiple_of(8) && xs.ptr() % 16 == 0 => {
-                let (mi, ni, ki, ai) = (m as i32, n as i32, k as i32, i32::from(accumulate));
-                let bp = bias.map_or(0, |b| b.ptr());
-                let cfg = LaunchConfig {
-                    grid_dim: (n.div_ceil(8) as u32, 1, 1),
-                    block_dim: (256, 1, 1),
-                    shared_mem_bytes: 0,
-                };
-                launch!(
-                    self,
-                    "gemv_bf16",
-                    cfg,
-                    xs,
-                    ws.as_ref(),
-                    &bp,
-                    &mut *y,
-                    &mi,
-                    &ni,
-                    &ki,
-                    &ai
-                );
+            CudaBuf::Bf16(ws) if gemv_fits(xs, m, k) => {
+                let part = (ws.ptr(), bias.map_or(0, |b| b.ptr()), y.ptr(), n);
+                self.gemv(xs, m, k, &[part], accumulate);
             }
             CudaBuf::Bf16(ws) => {
                 let beta = if accumulate { 1.0 } else { 0.0 };
@@ -986,18 +959,10 @@ impl Cuda {
                 }
             }
             CudaBuf::F32(ws) => {
-                let Some(mut p) = self.tmp::<f32>(m * n, "linear output") else {
-                    return self.empty();
-                };
-                self.sgemm_batched(true, (n, m, k), ws, (k, 0), xs, (k, 0), &mut p, (n, 0), 1);
+                let beta = if accumulate { 1.0 } else { 0.0 };
+                self.sgemm_batched(true, (n, m, k), ws, (k, 0), xs, (k, 0), y, (n, 0), 1, beta);
                 if let Some(b) = bias {
-                    self.bias_rows(&mut p, b);
-                }
-                if accumulate {
-                    let (len, one) = ((m * n) as i64, 1.0f32);
-                    launch!(self, "axpy", grid(m * n), &mut *y, &p, &len, &one);
-                } else {
-                    *y = p;
+                    self.bias_rows(y, b);
                 }
             }
             CudaBuf::Paged(..) => {
@@ -1011,13 +976,56 @@ impl Cuda {
         }
     }
 
+    /// `gemv_bf16` over up to three projections `(weight, bias or 0, output, n)` of the
+    /// rows `x[m, k]` (see [`gemv_fits`]), added to the outputs with `accumulate`.
+    fn gemv(
+        &self,
+        x: &Dev<f32>,
+        m: usize,
+        k: usize,
+        parts: &[(u64, u64, u64, usize)],
+        accumulate: bool,
+    ) {
+        let part = |i: usize| parts.get(i).copied().unwrap_or((0, 0, 0, 0));
+        let [(w0, b0, y0, n0), (w1, b1, y1, n1), (w2, b2, y2, n2)] = [part(0), part(1), part(2)];
+        let cfg = LaunchConfig {
+            grid_dim: ((n0 + n1 + n2).div_ceil(8) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (n0, n1, n2) = (n0 as i32, n1 as i32, n2 as i32);
+        let (mi, ki, ai) = (m as i32, k as i32, i32::from(accumulate));
+        launch!(
+            self,
+            "gemv_bf16",
+            cfg,
+            x,
+            &w0,
+            &w1,
+            &w2,
+            &b0,
+            &b1,
+            &b2,
+            &y0,
+            &y1,
+            &y2,
+            &n0,
+            &n1,
+            &n2,
+            &mi,
+            &ki,
+            &ai
+        );
+    }
+
     /// Adds `bias[n]` to every row of `x[·, n]`.
     fn bias_rows(&self, x: &mut Dev<f32>, bias: &Dev<f32>) {
         let (len, total, n) = (x.len(), x.len() as i64, bias.len() as i32);
         launch!(self, "add_bias", grid(len), &mut *x, bias, &total, &n);
     }
 
-    /// f32 GEMM, strided over `batch` (per-head products), in cuBLAS's column-major terms.
+    /// f32 GEMM, strided over `batch` (per-head products), in cuBLAS's column-major terms:
+    /// `c = a·b` (`beta` 0) or `c += a·b` (`beta` 1).
     #[allow(clippy::too_many_arguments)]
     fn sgemm_batched(
         &self,
@@ -1030,6 +1038,7 @@ impl Cuda {
         c: &mut Dev<f32>,
         (ldc, stride_c): (usize, usize),
         batch: usize,
+        beta: f32,
     ) {
         let (ap, bp, cp) = (a.ptr(), b.ptr(), c.ptr());
         let words = [
@@ -1047,8 +1056,9 @@ impl Cuda {
             ldc as u64,
             stride_c as u64,
             batch as u64,
+            u64::from(beta.to_bits()),
         ];
-        if !self.note("sgemm_batched", &words) {
+        if !self.note("sgemm_batched", &[&words]) {
             return;
         }
         if let Err(e) = self.ctx.bind_to_thread() {
@@ -1061,7 +1071,7 @@ impl Cuda {
                 cublas::sys::cublasOperation_t::CUBLAS_OP_N
             }
         };
-        let (alpha, beta) = (1.0f32, 0.0f32);
+        let alpha = 1.0f32;
         // SAFETY: the caller sized a, b and c for these strides and leading dimensions.
         let r = unsafe {
             cublas::result::sgemm_strided_batched(
@@ -1353,31 +1363,36 @@ impl Cuda {
             self.record(failed("attention", "not a cache"));
             return None;
         };
-        let host = p.rows.table();
         let t = &mut p.table;
-        let same = t
-            .mirror
-            .iter()
-            .zip(&host)
-            .take_while(|(a, b)| a == b)
-            .count();
-        let fits = t.buf.as_ref().is_some_and(|b| b.len() >= host.len());
-        if !fits {
-            let cap = host.len().next_power_of_two().max(16);
+        let len = p.rows.block_addrs().len();
+        let fits = t.buf.as_ref().is_some_and(|b| b.len() >= len);
+        // Most steps change nothing (a block holds 16 positions): compare in place.
+        let same = if fits {
+            t.mirror
+                .iter()
+                .zip(p.rows.block_addrs())
+                .take_while(|(a, b)| **a == *b)
+                .count()
+        } else {
+            let cap = len.next_power_of_two().max(16);
             t.buf = Some(self.alloc_owned::<u64>(cap, "block table")?);
-            t.mirror.clear();
+            0
+        };
+        let base = t.buf.as_ref()?.device_ptr(&self.stream).0;
+        if same < len || t.mirror.len() != len {
+            t.mirror.truncate(same);
+            t.mirror.extend(p.rows.block_addrs().skip(same));
+            if same < len {
+                let data: Vec<u8> = t.mirror[same..]
+                    .iter()
+                    .flat_map(|a| a.to_le_bytes())
+                    .collect();
+                self.before_step(Pre::Htod {
+                    dst: base + 8 * same as u64,
+                    data,
+                });
+            }
         }
-        let buf = t.buf.as_mut()?;
-        let from = if fits { same } else { 0 };
-        let base = buf.device_ptr(&self.stream).0;
-        if from < host.len() {
-            let data: Vec<u8> = host[from..].iter().flat_map(|a| a.to_le_bytes()).collect();
-            self.before_step(Pre::Htod {
-                dst: base + 8 * from as u64,
-                data,
-            });
-        }
-        t.mirror = host;
         Some(base)
     }
 
@@ -1964,7 +1979,7 @@ impl Backend for Cuda {
         if xs.len() != m * k {
             return each();
         }
-        if m > GEMV_ROWS || !k.is_multiple_of(8) || xs.ptr() % 16 != 0 {
+        if !gemv_fits(xs, m, k) {
             // cuBLAS: x rounded to bf16 once for every part.
             let Some(xb) = self.to_bf16(xs) else {
                 return each();
@@ -1991,37 +2006,14 @@ impl Backend for Cuda {
                 None => return each(),
             }
         }
-        let ptr = |i: usize| ws.get(i).map_or(0, |w| w.ptr());
-        let bias = |i: usize| bs.get(i).copied().flatten().map_or(0, |b| b.ptr());
-        let out = |i: usize| ys.get(i).map_or(0, |y| y.ptr());
-        let n = |i: usize| parts.get(i).map_or(0, |p| p.2 as i32);
-        let total = parts.iter().map(|p| p.2).sum::<usize>();
-        let cfg = LaunchConfig {
-            grid_dim: (total.div_ceil(8) as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let (mi, ki) = (m as i32, k as i32);
-        launch!(
-            self,
-            "gemv3_bf16",
-            cfg,
-            xs,
-            &ptr(0),
-            &ptr(1),
-            &ptr(2),
-            &bias(0),
-            &bias(1),
-            &bias(2),
-            &out(0),
-            &out(1),
-            &out(2),
-            &n(0),
-            &n(1),
-            &n(2),
-            &mi,
-            &ki
-        );
+        let gemv_parts: Vec<(u64, u64, u64, usize)> = ws
+            .iter()
+            .zip(&bs)
+            .zip(&ys)
+            .zip(parts)
+            .map(|(((w, b), y), p)| (w.ptr(), b.map_or(0, |b| b.ptr()), y.ptr(), p.2))
+            .collect();
+        self.gemv(xs, m, k, &gemv_parts, false);
         ys.into_iter().map(|y| CudaBuf::F32(Arc::new(y))).collect()
     }
 
@@ -2045,7 +2037,7 @@ impl Backend for Cuda {
         if xs.len() != m * k || g.len() != n * k || u.len() != n * k || m == 0 || n == 0 {
             return separate();
         }
-        if m > GEMV_ROWS || !k.is_multiple_of(8) || xs.ptr() % 16 != 0 {
+        if !gemv_fits(xs, m, k) {
             // cuBLAS: x rounded to bf16 once for both.
             let Some(xb) = self.to_bf16(xs) else {
                 return self.empty();
@@ -2505,6 +2497,7 @@ impl Backend for Cuda {
             &mut y,
             (h * out, out),
             h,
+            0.0,
         );
         CudaBuf::F32(Arc::new(y))
     }
