@@ -460,8 +460,9 @@ fn paged_cache_rows_round_trip() {
 }
 
 /// One step of several sequences: each appends its new rows to its caches
-/// (`paged_append`) and attends over its whole cache (`attention_batch`), against the
-/// CPU's attention of each sequence alone.
+/// (`paged_append`) and attends over its whole cache (`attention_batch`, in one range of
+/// positions per row or split and merged by `attention_merge`), against the CPU's
+/// attention of each sequence alone.
 #[test]
 fn batched_paged_attention_matches_the_cpu_per_sequence() {
     if !available() {
@@ -554,29 +555,64 @@ fn batched_paged_attention_matches_the_cpu_per_sequence() {
             ],
         );
         let scale = 1.0 / (dk as f32).sqrt();
-        let mut out = vec![0f32; t * h * dv];
         let warps = kernel_define("ATT_WARPS") as u32;
         let (vcols, vhead) = if vik { (kc, dk) } else { (vc, dv) };
-        launch(
-            "attention_batch",
-            ((t * h) as u32, 1),
-            warps * 32,
-            ((dk + 2 * warps as usize + warps as usize * dv) * 4) as u32,
-            &[
-                p(&q),
-                p(&meta),
-                Arg::I(n as i32),
-                pm(&mut out),
-                Arg::I(h as i32),
-                Arg::I(hk as i32),
-                Arg::I(dk as i32),
-                Arg::I(dv as i32),
-                Arg::I(vcols as i32),
-                Arg::I(vhead as i32),
-                Arg::F(scale),
-                Arg::I(br as i32),
-            ],
-        );
+        // Each row's positions in one range, or split in 3 or 5 (more than some rows
+        // have positions: empty ranges) and merged.
+        let attend = |splits: u32| {
+            let mut out = vec![0f32; t * h * dv];
+            let mut part = vec![0f32; t * h * splits as usize * (dv + 2)];
+            let part_arg = if splits == 1 {
+                Arg::U(0)
+            } else {
+                pm(&mut part)
+            };
+            launch(
+                "attention_batch",
+                ((t * h) as u32, splits),
+                warps * 32,
+                ((dk + 2 * warps as usize + warps as usize * dv) * 4) as u32,
+                &[
+                    p(&q),
+                    p(&meta),
+                    Arg::I(n as i32),
+                    pm(&mut out),
+                    part_arg,
+                    Arg::I(h as i32),
+                    Arg::I(hk as i32),
+                    Arg::I(dk as i32),
+                    Arg::I(dv as i32),
+                    Arg::I(vcols as i32),
+                    Arg::I(vhead as i32),
+                    Arg::F(scale),
+                    Arg::I(br as i32),
+                ],
+            );
+            if splits > 1 {
+                launch(
+                    "attention_merge",
+                    ((t * h) as u32, 1),
+                    128,
+                    0,
+                    &[
+                        p(&part),
+                        Arg::I(splits as i32),
+                        Arg::I(dv as i32),
+                        pm(&mut out),
+                    ],
+                );
+            }
+            out
+        };
+        let out = attend(1);
+        for splits in [3, 5] {
+            assert_close(
+                &attend(splits),
+                &out,
+                1e-5,
+                &format!("case {ci}: {splits} splits against one"),
+            );
+        }
         let mut at = 0;
         for (i, &(cached, new)) in seqs.iter().enumerate() {
             let total = cached + new;
@@ -732,7 +768,9 @@ fn moe_experts_on_the_device_match_a_host_computation() {
     if !available() {
         return;
     }
-    let (t, n, k, hidden, inter) = (5, 16, 3, 64, 12);
+    // 40 tokens: 120 pairs among 16 experts, so that some expert has more slots than
+    // the kernels take at once (MOE_CHUNK).
+    let (t, n, k, hidden, inter) = (40, 16, 3, 64, 24);
     let moe = moe_cfg(TopkMethod::Greedy, ScoringFunc::Softmax, k, true);
     let x = rand_vec(t * hidden, 40);
     let logits: Vec<f32> = rand_vec(t * n, 41).iter().map(|v| v * 3.0).collect();
@@ -778,7 +816,7 @@ fn moe_experts_on_the_device_match_a_host_computation() {
     launch(
         "moe_group",
         (1, 1),
-        32,
+        kernel_define("MOE_MAX_EXPERTS") as u32,
         0,
         &[
             p(&ids),
@@ -823,7 +861,6 @@ fn moe_experts_on_the_device_match_a_host_computation() {
             p(&td),
             p(&count),
             p(&start),
-            p(&slot_w),
             Arg::I(hidden as i32),
             Arg::I(inter as i32),
             pm(&mut y),
@@ -838,6 +875,7 @@ fn moe_experts_on_the_device_match_a_host_computation() {
         &[
             p(&y),
             p(&slot_of),
+            p(&slot_w),
             Arg::I(k as i32),
             Arg::I(hidden as i32),
             pm(&mut out),
@@ -864,6 +902,30 @@ fn moe_experts_on_the_device_match_a_host_computation() {
     seen.sort_unstable();
     assert_eq!(seen, (0..pairs as i32).collect::<Vec<_>>());
     assert_eq!(count.iter().sum::<i32>() as usize, pairs);
+    let mut at = 0;
+    for e in 0..n {
+        assert_eq!(start[e], at, "expert {e}: start");
+        at += count[e];
+    }
+    for pair in 0..pairs {
+        let (e, s) = (ids[pair] as usize, slot_of[pair]);
+        assert!(
+            (start[e]..start[e] + count[e]).contains(&s),
+            "pair {pair} (expert {e}) in slot {s}"
+        );
+        assert_eq!(
+            slot_tok[s as usize] as usize,
+            pair / k,
+            "pair {pair}: token"
+        );
+        assert_eq!(slot_w[s as usize], w[pair], "pair {pair}: weight");
+    }
+    assert!(
+        count
+            .iter()
+            .any(|&c| c as usize > kernel_define("MOE_CHUNK")),
+        "no expert has more slots than one pass takes: {count:?}"
+    );
 }
 
 #[test]

@@ -356,3 +356,105 @@ fn cuda_graphs_replay_decode_steps_as_they_run_eagerly() {
         println!("{arch}: graphed decode matches eager; {st:?}");
     }
 }
+
+/// Pseudo-random values in [-1, 1), rounded to bf16 (what the device stores).
+fn bf16_values(n: usize, seed: u64) -> Vec<half::bf16> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            half::bf16::from_f32(((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0)
+        })
+        .collect()
+}
+
+/// The routed experts of a prompt's rows (gathered by expert, one cuBLAS GEMM per expert
+/// and projection) and of a decode step's (the expert kernels) against the host's routing
+/// and SwiGLU of the same weights.
+#[test]
+fn cuda_prompt_and_decode_experts_match_the_host() {
+    use cloud_core::engine::backend::Weight;
+    use cloud_core::engine::config::{MoeConfig, ScoringFunc, TopkMethod};
+    use cloud_core::engine::model::route;
+    let Some(gpu) = gpu(CudaOptions::default()) else {
+        return;
+    };
+    let (t, n, hidden, inter) = (24, 8, 64, 32);
+    let moe = MoeConfig {
+        n_routed_experts: n,
+        n_shared_experts: 0,
+        num_experts_per_tok: 3,
+        moe_intermediate_size: inter,
+        first_k_dense_replace: 0,
+        moe_layer_freq: 1,
+        topk_method: TopkMethod::NoauxTc,
+        scoring_func: ScoringFunc::Sigmoid,
+        n_group: 2,
+        topk_group: 1,
+        norm_topk_prob: true,
+        routed_scaling_factor: 2.5,
+    };
+    let f32s = |v: &[half::bf16]| -> Vec<f32> { v.iter().map(|x| x.to_f32()).collect() };
+    let mats: Vec<[Vec<half::bf16>; 3]> = (0..n as u64)
+        .map(|e| {
+            [
+                bf16_values(inter * hidden, 10 + e),
+                bf16_values(inter * hidden, 20 + e),
+                bf16_values(hidden * inter, 30 + e),
+            ]
+        })
+        .collect();
+    let bufs: Vec<[_; 3]> = mats
+        .iter()
+        .map(|m| {
+            [
+                gpu.upload_weight(Weight::Bf16(&m[0]), &[inter, hidden]),
+                gpu.upload_weight(Weight::Bf16(&m[1]), &[inter, hidden]),
+                gpu.upload_weight(Weight::Bf16(&m[2]), &[hidden, inter]),
+            ]
+        })
+        .collect();
+    let experts: Vec<[&_; 3]> = bufs.iter().map(|b| [&b[0], &b[1], &b[2]]).collect();
+    let x = f32s(&bf16_values(t * hidden, 1));
+    let logits: Vec<f32> = f32s(&bf16_values(t * n, 2))
+        .iter()
+        .map(|v| 3.0 * v)
+        .collect();
+    let bias: Vec<f32> = f32s(&bf16_values(n, 3)).iter().map(|v| 0.1 * v).collect();
+    let cpu = Cpu::default();
+    let mut want = vec![0f32; t * hidden];
+    for tok in 0..t {
+        let xt = &x[tok * hidden..(tok + 1) * hidden];
+        for (e, w) in route(&logits[tok * n..(tok + 1) * n], Some(bias.as_slice()), &moe) {
+            let g = cpu.linear(&xt.to_vec(), 1, &f32s(&mats[e][0]), inter, hidden);
+            let u = cpu.linear(&xt.to_vec(), 1, &f32s(&mats[e][1]), inter, hidden);
+            let d = cpu.linear(&cpu.silu_mul(&g, &u), 1, &f32s(&mats[e][2]), hidden, inter);
+            for (o, v) in want[tok * hidden..(tok + 1) * hidden].iter_mut().zip(d) {
+                *o += w * v;
+            }
+        }
+    }
+    let (xb, lb, bb) = (gpu.upload(&x), gpu.upload(&logits), gpu.upload(&bias));
+    let mut got = Vec::new();
+    for (what, lens) in [("prompt", vec![t]), ("decode step", vec![1; t])] {
+        gpu.begin_step(&lens, 0, false);
+        let out = gpu
+            .moe_routed(&xb, t, &lb, Some(&bb), &experts, hidden, inter, &moe)
+            .expect("routed on the device");
+        let out = gpu.download(&out);
+        assert!(gpu.end_step(), "{what}: step discarded");
+        assert!(gpu.take_error().is_none(), "{what}: device error");
+        let d = rel_diff(&out, &want);
+        assert!(d <= TOLERANCE, "{what}: experts vs the host: {d:e}");
+        println!("{what}: experts vs the host {d:e}");
+        got.push(out);
+    }
+    // The prompt's GEMMs take their inputs rounded to bf16, the decode kernels f32: equal
+    // results would mean the prompt did not go through the GEMMs.
+    assert_ne!(
+        got[0], got[1],
+        "the prompt's experts ran the decode kernels"
+    );
+}

@@ -91,7 +91,10 @@ CUresult cuDeviceGetCount(int* n) { *n = 1; return 0; }
 CUresult cuDevicePrimaryCtxRetain(void** ctx, int) { *ctx = &ctx_token; return 0; }
 CUresult cuDevicePrimaryCtxRelease_v2(int) { return 0; }
 CUresult cuDeviceGetAttribute(int* v, int attr, int) {
-    *v = attr == 75 ? 9 : attr == 76 ? 0 : attr == 115 ? 1 : 0;
+    // 16: multiprocessors (few: enough that a decode step of the test models splits its
+    // attention, as the step of a real model does on a real GPU); 75, 76: compute
+    // capability 9.0; 115: memory pools.
+    *v = attr == 16 ? 16 : attr == 75 ? 9 : attr == 76 ? 0 : attr == 115 ? 1 : 0;
     return 0;
 }
 CUresult cuDeviceGetName(char* name, int len, int) {

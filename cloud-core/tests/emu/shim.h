@@ -32,6 +32,7 @@ struct __nv_bfloat16 { uint16_t bits; };
 struct __nv_bfloat162 { __nv_bfloat16 x, y; };
 struct float2 { float x, y; };
 struct float4 { float x, y, z, w; };
+struct uint2 { unsigned x, y; };
 struct uint4 { unsigned x, y, z, w; };
 
 inline float __bfloat162float(__nv_bfloat16 b) {
@@ -187,6 +188,13 @@ __attribute__((noinline)) inline void emu_wait(EmuBarrier* b) {
 }
 
 inline void __syncthreads() { emu_wait(&current_block->all); }
+
+// A block's fibers run one at a time and switch only at barriers: a plain update is atomic.
+inline int atomicAdd(int* a, int v) {
+    int old = *a;
+    *a = old + v;
+    return old;
+}
 
 inline float __shfl_xor_sync(unsigned, float v, int mask) {
     unsigned t = emu_thread_in_block();

@@ -337,15 +337,31 @@ extern "C" __global__ void paged_append(const float* __restrict__ k, const float
     }
 }
 
-// Causal attention of every sequence's new rows over its cache, one block (ATT_WARPS
-// warps) per (row, head). q[rows, h, dk] (f32); key rows kcols = hk·dk wide, value rows
-// `vcols` wide with head j's values at column j·vhead (bf16, in blocks of `block_rows`
-// rows); row r of sequence s is position pos0 + (r - row0) and sees positions 0..=it.
-// Each warp keeps an online softmax over every ATT_WARPS-th position; the warps merge at
-// the end. Output [rows, h, dv] (f32).
+// 4 bf16 (8 bytes) dotted with 4 f32.
+__device__ __forceinline__ float dot4(uint2 p, float4 x) {
+    const __nv_bfloat162* h = (const __nv_bfloat162*)&p;
+    float2 a = __bfloat1622float2(h[0]), b = __bfloat1622float2(h[1]);
+    return a.x * x.x + a.y * x.y + b.x * x.z + b.y * x.w;
+}
+
+// Causal attention of every sequence's new rows over its cache. q[rows, h, dk] (f32); key
+// rows kcols = hk·dk wide, value rows `vcols` wide with head j's values at column j·vhead
+// (bf16, in blocks of `block_rows` rows; dk, dv, vhead and vcols multiples of 4); row r
+// of sequence s is position pos0 + (r - row0) and sees positions 0..=it. Output
+// [rows, h, dv] (f32).
+//
+// One block (ATT_WARPS warps) per (row, head) and split: the grid's y dimension splits
+// each row's positions into gridDim.y contiguous ranges (flash decoding: a decode step
+// of a few sequences has too few (row, head) pairs to fill the GPU, and a block alone
+// would walk the whole cache one position per warp at a time). Each warp keeps an online
+// softmax over every ATT_WARPS-th position of its block's range; the warps merge at the
+// end. With one split the block writes the output; with more, it writes its running
+// maximum, sum and unnormalised output, dv + 2 floats, to part[(row·h + head)·splits +
+// split] for attention_merge.
 extern "C" __global__ void attention_batch(const float* __restrict__ q, const u64* __restrict__ meta,
-                                           int n, float* __restrict__ out, int h, int hk, int dk,
-                                           int dv, int vcols, int vhead, float scale, int block_rows) {
+                                           int n, float* __restrict__ out, float* __restrict__ part,
+                                           int h, int hk, int dk, int dv, int vcols, int vhead,
+                                           float scale, int block_rows) {
     extern __shared__ float sm[];
     float* qs = sm;                  // dk
     float* wm = qs + dk;             // ATT_WARPS
@@ -356,21 +372,26 @@ extern "C" __global__ void attention_batch(const float* __restrict__ q, const u6
     int s = meta_seq_of_row(meta, n, row);
     const u64* ktab = META_KTAB(meta, n, s);
     const u64* vtab = META_VTAB(meta, n, s);
-    long last = META_POS0(meta, n, s) + (row - META_ROW0(meta, n, s));
+    long len = META_POS0(meta, n, s) + (row - META_ROW0(meta, n, s)) + 1;
+    long chunk = (len + gridDim.y - 1) / gridDim.y;
+    long from = blockIdx.y * chunk, to = min(len, from + chunk);
     int kvh = head / (h / hk);
     const float* qr = q + (row * h + head) * dk;
     for (int i = threadIdx.x; i < dk; i += blockDim.x) qs[i] = qr[i] * scale;
     __syncthreads();
     int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
     float m = NEG_INF, sum = 0.f;
+    // Lane l holds value columns 4l..4l+3 of every 4·WARP: acc[4j + c] is column
+    // 4·WARP·j + 4l + c.
     float acc[MAX_DV / WARP];
 #pragma unroll
     for (int j = 0; j < MAX_DV / WARP; j++) acc[j] = 0.f;
     long kcols = (long)hk * dk;
-    for (long p = warp; p <= last; p += ATT_WARPS) {
+    for (long p = from + warp; p < to; p += ATT_WARPS) {
         const bf16* kr = (const bf16*)ktab[p / block_rows] + (p % block_rows) * kcols + (long)kvh * dk;
         float dot = 0.f;
-        for (int i = lane; i < dk; i += WARP) dot += qs[i] * __bfloat162float(kr[i]);
+        for (int i = 4 * lane; i < dk; i += 4 * WARP)
+            dot += dot4(*(const uint2*)(kr + i), *(const float4*)(qs + i));
         dot = warp_sum(dot);
         float mn = fmaxf(m, dot);
         float c = __expf(m - mn);
@@ -378,9 +399,17 @@ extern "C" __global__ void attention_batch(const float* __restrict__ q, const u6
         sum = sum * c + e;
         const bf16* vr = (const bf16*)vtab[p / block_rows] + (p % block_rows) * (long)vcols + (long)kvh * vhead;
 #pragma unroll
-        for (int j = 0; j < MAX_DV / WARP; j++) {
-            int i = lane + WARP * j;
-            if (i < dv) acc[j] = acc[j] * c + e * __bfloat162float(vr[i]);
+        for (int j = 0; j < MAX_DV / (4 * WARP); j++) {
+            int i = 4 * WARP * j + 4 * lane;
+            if (i < dv) {
+                uint2 pv = *(const uint2*)(vr + i);
+                const __nv_bfloat162* hv = (const __nv_bfloat162*)&pv;
+                float2 a = __bfloat1622float2(hv[0]), b = __bfloat1622float2(hv[1]);
+                acc[4 * j] = acc[4 * j] * c + e * a.x;
+                acc[4 * j + 1] = acc[4 * j + 1] * c + e * a.y;
+                acc[4 * j + 2] = acc[4 * j + 2] * c + e * b.x;
+                acc[4 * j + 3] = acc[4 * j + 3] * c + e * b.y;
+            }
         }
         m = mn;
     }
@@ -389,19 +418,60 @@ extern "C" __global__ void attention_batch(const float* __restrict__ q, const u6
         ws[warp] = sum;
     }
 #pragma unroll
-    for (int j = 0; j < MAX_DV / WARP; j++) {
-        int i = lane + WARP * j;
-        if (i < dv) wacc[warp * dv + i] = acc[j];
+    for (int j = 0; j < MAX_DV / (4 * WARP); j++) {
+        int i = 4 * WARP * j + 4 * lane;
+        if (i < dv)
+            for (int c = 0; c < 4; c++) wacc[warp * dv + i + c] = acc[4 * j + c];
     }
     __syncthreads();
+    // A warp (or a whole split) with no positions has m = -inf and weighs nothing.
     float M = NEG_INF;
     for (int w = 0; w < ATT_WARPS; w++) M = fmaxf(M, wm[w]);
+    float f[ATT_WARPS];
     float S = 0.f;
-    for (int w = 0; w < ATT_WARPS; w++) S += ws[w] * __expf(wm[w] - M);
-    float* o = out + (row * h + head) * dv;
+    for (int w = 0; w < ATT_WARPS; w++) {
+        f[w] = wm[w] == NEG_INF ? 0.f : __expf(wm[w] - M);
+        S += ws[w] * f[w];
+    }
+    if (gridDim.y == 1) {
+        float* o = out + (row * h + head) * dv;
+        for (int i = threadIdx.x; i < dv; i += blockDim.x) {
+            float a = 0.f;
+            for (int w = 0; w < ATT_WARPS; w++) a += wacc[w * dv + i] * f[w];
+            o[i] = a / S;
+        }
+    } else {
+        float* o = part + ((long)blockIdx.x * gridDim.y + blockIdx.y) * (dv + 2);
+        if (threadIdx.x == 0) {
+            o[0] = M;
+            o[1] = S;
+        }
+        for (int i = threadIdx.x; i < dv; i += blockDim.x) {
+            float a = 0.f;
+            for (int w = 0; w < ATT_WARPS; w++) a += wacc[w * dv + i] * f[w];
+            o[2 + i] = a;
+        }
+    }
+}
+
+// Merges attention_batch's `splits` partial results of each (row, head): one block each.
+extern "C" __global__ void attention_merge(const float* __restrict__ part, int splits, int dv,
+                                           float* __restrict__ out) {
+    const float* pr = part + (long)blockIdx.x * splits * (dv + 2);
+    float M = NEG_INF;
+    for (int s = 0; s < splits; s++) M = fmaxf(M, pr[s * (dv + 2)]);
+    float S = 0.f;
+    for (int s = 0; s < splits; s++) {
+        float m = pr[s * (dv + 2)];
+        if (m != NEG_INF) S += pr[s * (dv + 2) + 1] * __expf(m - M);
+    }
+    float* o = out + (long)blockIdx.x * dv;
     for (int i = threadIdx.x; i < dv; i += blockDim.x) {
         float a = 0.f;
-        for (int w = 0; w < ATT_WARPS; w++) a += wacc[w * dv + i] * __expf(wm[w] - M);
+        for (int s = 0; s < splits; s++) {
+            float m = pr[s * (dv + 2)];
+            if (m != NEG_INF) a += pr[s * (dv + 2) + 2 + i] * __expf(m - M);
+        }
         o[i] = a / S;
     }
 }
@@ -480,21 +550,41 @@ extern "C" __global__ void moe_route(const float* __restrict__ logits, const flo
     }
 }
 
-// Groups the t·k (token, expert) pairs by expert (one thread; t·k is small in decode):
-// count[e], start[e], and per sorted slot its token and weight; slot_of[pair] the slot of
-// pair `tok * k + i`.
+// Groups the t·k (token, expert) pairs by expert, in one block of MOE_MAX_EXPERTS
+// threads: count[e], start[e], and per slot (sorted by expert; within an expert in no
+// set order, which no result depends on: every slot is computed on its own) its token
+// and weight; slot_of[pair] the slot of pair `tok * k + i`.
 extern "C" __global__ void moe_group(const int* __restrict__ ids, const float* __restrict__ weights,
                                      int pairs, int k, int n, int* __restrict__ count,
                                      int* __restrict__ start, int* __restrict__ slot_tok,
                                      float* __restrict__ slot_w, int* __restrict__ slot_of) {
-    if (blockIdx.x != 0 || threadIdx.x != 0) return;
-    for (int e = 0; e < n; e++) count[e] = 0;
-    for (int p = 0; p < pairs; p++) count[ids[p]]++;
-    int at = 0;
-    for (int e = 0; e < n; e++) { start[e] = at; at += count[e]; count[e] = 0; }
-    for (int p = 0; p < pairs; p++) {
-        int e = ids[p];
-        int s = start[e] + count[e]++;
+    __shared__ int fill[MOE_MAX_EXPERTS];
+    __shared__ int at[MOE_MAX_EXPERTS];
+    int e = threadIdx.x;
+    fill[e] = 0;
+    __syncthreads();
+    for (int p = threadIdx.x; p < pairs; p += blockDim.x) atomicAdd(&fill[ids[p]], 1);
+    __syncthreads();
+    // Inclusive prefix sums of the counts (Hillis–Steele), then exclusive ones.
+    int c = e < n ? fill[e] : 0;
+    at[e] = c;
+    __syncthreads();
+    for (int o = 1; o < MOE_MAX_EXPERTS; o <<= 1) {
+        int add = e >= o ? at[e - o] : 0;
+        __syncthreads();
+        at[e] += add;
+        __syncthreads();
+    }
+    at[e] -= c;
+    fill[e] = 0;
+    if (e < n) {
+        count[e] = c;
+        start[e] = at[e];
+    }
+    __syncthreads();
+    for (int p = threadIdx.x; p < pairs; p += blockDim.x) {
+        int x = ids[p];
+        int s = at[x] + atomicAdd(&fill[x], 1);
         slot_tok[s] = p / k;
         slot_w[s] = weights[p];
         slot_of[p] = s;
@@ -503,26 +593,25 @@ extern "C" __global__ void moe_group(const int* __restrict__ ids, const float* _
 
 #define MOE_CHUNK 8
 
-// Dot products of one bf16 weight row with up to MOE_CHUNK f32 rows, by one warp.
+// Dot products of one bf16 weight row with up to MOE_CHUNK f32 rows, by one warp, 16
+// bytes of weights per lane per load (len a multiple of 8, rows 16-byte aligned).
 __device__ __forceinline__ void warp_dots(const bf16* __restrict__ w, const float* const* xs, int nx,
                                           int len, float* out) {
     int lane = threadIdx.x % WARP;
     float acc[MOE_CHUNK];
 #pragma unroll
     for (int j = 0; j < MOE_CHUNK; j++) acc[j] = 0.f;
-    const __nv_bfloat162* w2 = (const __nv_bfloat162*)w;
-    for (int i = lane; i < len / 2; i += WARP) {
-        float2 wf = __bfloat1622float2(w2[i]);
+    const uint4* w8 = (const uint4*)w;
+#pragma unroll 2
+    for (int i = lane; i < len / 8; i += WARP) {
+        uint4 p = w8[i];
 #pragma unroll
-        for (int j = 0; j < MOE_CHUNK; j++) {
-            if (j < nx) {
-                float2 xv = ((const float2*)xs[j])[i];
-                acc[j] += wf.x * xv.x + wf.y * xv.y;
-            }
-        }
+        for (int j = 0; j < MOE_CHUNK; j++)
+            if (j < nx) acc[j] += dot8(p, xs[j] + 8 * i);
     }
+    // nx is the same in every lane: the warp takes the same branches.
 #pragma unroll
-    for (int j = 0; j < MOE_CHUNK; j++) out[j] = warp_sum(acc[j]);
+    for (int j = 0; j < MOE_CHUNK; j++) out[j] = j < nx ? warp_sum(acc[j]) : 0.f;
 }
 
 // h[slot, r] = silu(gate_e[r] · x_tok) · (up_e[r] · x_tok) for every slot of expert e;
@@ -558,11 +647,10 @@ extern "C" __global__ void moe_gate_up(const float* __restrict__ x, const u64* _
     }
 }
 
-// y[slot, r] = weight_slot · (down_e[r] · h[slot]); grid (n experts, ceil(hidden / warps)).
+// y[slot, r] = down_e[r] · h[slot]; grid (n experts, ceil(hidden / warps)).
 extern "C" __global__ void moe_down(const float* __restrict__ h, const u64* __restrict__ down_w,
                                     const int* __restrict__ count, const int* __restrict__ start,
-                                    const float* __restrict__ slot_w, int hidden, int inter,
-                                    float* __restrict__ y) {
+                                    int hidden, int inter, float* __restrict__ y) {
     int e = blockIdx.x;
     int n_e = count[e];
     if (n_e == 0) return;
@@ -579,17 +667,22 @@ extern "C" __global__ void moe_down(const float* __restrict__ h, const u64* __re
         float v[MOE_CHUNK];
         warp_dots(d, hs, nx, inter, v);
         if (threadIdx.x % WARP == 0)
-            for (int j = 0; j < nx; j++) y[(long)(s0 + c + j) * hidden + r] = slot_w[s0 + c + j] * v[j];
+            for (int j = 0; j < nx; j++) y[(long)(s0 + c + j) * hidden + r] = v[j];
     }
 }
 
-// out[tok, :] = Σ_i y[slot_of[tok·k + i], :], one block per token.
+// out[tok, :] = Σ_i w_s · y[s, :] over the token's slots s = slot_of[tok·k + i], one block
+// per token.
 extern "C" __global__ void moe_combine(const float* __restrict__ y, const int* __restrict__ slot_of,
-                                       int k, int hidden, float* __restrict__ out) {
+                                       const float* __restrict__ slot_w, int k, int hidden,
+                                       float* __restrict__ out) {
     int tok = blockIdx.x;
     for (int c = threadIdx.x; c < hidden; c += blockDim.x) {
         float a = 0.f;
-        for (int i = 0; i < k; i++) a += y[(long)slot_of[tok * k + i] * hidden + c];
+        for (int i = 0; i < k; i++) {
+            int s = slot_of[tok * k + i];
+            a += slot_w[s] * y[(long)s * hidden + c];
+        }
         out[(long)tok * hidden + c] = a;
     }
 }

@@ -17,8 +17,10 @@
 //!   through the table. A step that does not fit is refused with
 //!   [`DeviceError::CacheFull`] and leaves every cache as it was.
 //! - A step's attention is one launch for all its sequences (each reading its own cache
-//!   through its block table, kept in device memory); MoE routing, the experts and greedy
-//!   picks run on the device.
+//!   through its block table, kept in device memory), with each row's positions split
+//!   across blocks and merged when the step has few rows. MoE routing, the experts and
+//!   greedy picks run on the device; a prompt's experts are cuBLAS GEMMs over the rows
+//!   routed to each.
 //! - Decode steps are captured into CUDA graphs and replayed ([`step`]).
 //! - Errors are sticky per step: the first one is kept, later operations do nothing, and
 //!   the model's forward pass returns it ([`Backend::take_error`]).
@@ -79,6 +81,7 @@ pub const KERNEL_NAMES: &[&str] = &[
     "paged_read",
     "paged_append",
     "attention_batch",
+    "attention_merge",
     "argmax_rows",
     "gemv_bf16",
     "gemv_swiglu",
@@ -280,6 +283,8 @@ pub struct Cuda {
     kernels: Kernels,
     opts: CudaOptions,
     name: String,
+    /// The device's multiprocessors (what a launch must fill).
+    sms: usize,
     error: Mutex<Option<DeviceError>>,
     budget: Mutex<Option<Arc<Budget>>>,
     pools: Mutex<HashMap<usize, Arc<Pool>>>,
@@ -297,6 +302,10 @@ pub struct Cuda {
 pub const GEMV_ROWS: usize = 8;
 /// Warps per (row, head) block of `attention_batch`: `ATT_WARPS` of the kernels.
 pub const ATT_WARPS: usize = 8;
+/// The most experts the MoE kernels route among: `MOE_MAX_EXPERTS` of the kernels.
+pub const MOE_MAX_EXPERTS: usize = 512;
+/// The most ranges `attention_batch` splits a row's positions into.
+const ATT_MAX_SPLITS: usize = 32;
 /// The most sequences a captured step holds.
 const MAX_GRAPH_BATCH: usize = 512;
 /// cuBLAS's workspace (what cuBLAS recommends for Hopper).
@@ -349,6 +358,12 @@ impl Cuda {
             .compute_capability()
             .map_err(|e| failed("compute capability", e))?;
         let name = ctx.name().unwrap_or_else(|_| "CUDA device".into());
+        let sms = ctx
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            )
+            .map_err(|e| failed("multiprocessor count", e))?
+            .max(1) as usize;
         // A stream of our own: the legacy default stream synchronises with everything and
         // cannot be captured into a CUDA graph.
         let stream = ctx.new_stream().map_err(|e| failed("stream", e))?;
@@ -391,6 +406,7 @@ impl Cuda {
             kernels: Kernels { _module: module, f },
             opts,
             name,
+            sms,
             error: Mutex::new(None),
             budget: Mutex::new(None),
             pools: Mutex::new(HashMap::new()),
@@ -825,7 +841,22 @@ impl Cuda {
         y: &Dev<f32>,
         beta: f32,
     ) -> Option<()> {
-        let (wp, xp, yp) = (w.ptr(), xb.ptr(), y.ptr());
+        self.gemm_raw(w.ptr(), xb.ptr(), y.ptr(), m, n, k, beta)
+    }
+
+    /// [`Cuda::gemm_bf16_in`] on device addresses: `w` holds `n·k` bf16, `xp` `m·k` bf16
+    /// and `yp` `m·n` f32 (the callers' buffers, or rows of them).
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_raw(
+        &self,
+        wp: u64,
+        xp: u64,
+        yp: u64,
+        m: usize,
+        n: usize,
+        k: usize,
+        beta: f32,
+    ) -> Option<()> {
         let words = [
             wp,
             xp,
@@ -846,7 +877,7 @@ impl Cuda {
             return None;
         }
         // Column-major view: yᵀ[n, m] = (w as k×n)ᵀ · (x as k×m).
-        // SAFETY: w holds n·k, xb m·k and y m·n elements (checked by the caller).
+        // SAFETY: w holds n·k, x m·k and y m·n elements (checked by the caller).
         let r = unsafe {
             cublas::result::gemm_ex(
                 *self.blas.handle(),
@@ -1125,6 +1156,97 @@ impl Cuda {
         Some(tables)
     }
 
+    /// The routed experts' SwiGLU MLPs for a prompt's tokens on cuBLAS: the rows of every
+    /// slot's token gathered in slot order (grouped by expert) and rounded to bf16, then
+    /// for each expert with rows one GEMM each for its gate, up and down projections.
+    /// `y[slot]`: the expert's output for the slot's token, unweighted. Reads the
+    /// experts' row counts back, which a prompt's step (never captured) may.
+    fn experts_by_gemm(
+        &self,
+        x: &Dev<f32>,
+        experts: &[[&CudaBuf; 3]],
+        count: &Dev<i32>,
+        slot_tok: &Dev<i32>,
+        (pairs, hidden, inter): (usize, usize, usize),
+        y: &mut Dev<f32>,
+    ) -> Option<()> {
+        let mut mats = Vec::with_capacity(experts.len());
+        for e in experts {
+            let [CudaBuf::Bf16(g), CudaBuf::Bf16(u), CudaBuf::Bf16(d)] = *e else {
+                self.record(failed("moe", "expert weights are not bf16"));
+                return None;
+            };
+            mats.push([g.ptr(), u.ptr(), d.ptr()]);
+        }
+        let counts = match self.stream.clone_dtoh::<i32, CudaSlice<i32>>(count) {
+            Ok(v) => v,
+            Err(e) => {
+                self.record(failed("moe counts", e));
+                return None;
+            }
+        };
+        if counts.iter().any(|&c| c < 0)
+            || counts.iter().map(|&c| c as usize).sum::<usize>() != pairs
+        {
+            self.record(failed(
+                "moe",
+                format!("expert counts {counts:?} for {pairs} slots"),
+            ));
+            return None;
+        }
+        let mut rows = self.tmp::<f32>(pairs * hidden, "moe rows")?;
+        let hi = hidden as i32;
+        launch!(
+            self,
+            "gather_rows_f32",
+            per_row(pairs, 256),
+            x,
+            slot_tok,
+            &mut rows,
+            &hi
+        );
+        let xb = self.to_bf16(&rows)?;
+        let gate = self.tmp::<f32>(pairs * inter, "moe gate")?;
+        let up = self.tmp::<f32>(pairs * inter, "moe up")?;
+        // Bytes per bf16 and per f32 element.
+        let (bf, f) = (2u64, 4u64);
+        let runs = || {
+            counts
+                .iter()
+                .enumerate()
+                .filter(|c| *c.1 > 0)
+                .scan(0usize, |at, (e, &c)| {
+                    let from = *at as u64;
+                    *at += c as usize;
+                    Some((e, from, c as usize))
+                })
+        };
+        for (e, from, c) in runs() {
+            let xr = xb.ptr() + from * hidden as u64 * bf;
+            let at = from * inter as u64 * f;
+            self.gemm_raw(mats[e][0], xr, gate.ptr() + at, c, inter, hidden, 0.0)?;
+            self.gemm_raw(mats[e][1], xr, up.ptr() + at, c, inter, hidden, 0.0)?;
+        }
+        let mut act = self.tmp::<f32>(pairs * inter, "moe intermediate")?;
+        let total = (pairs * inter) as i64;
+        launch!(
+            self,
+            "silu_mul",
+            grid(pairs * inter),
+            &gate,
+            &up,
+            &mut act,
+            &total
+        );
+        let hb = self.to_bf16(&act)?;
+        for (e, from, c) in runs() {
+            let hr = hb.ptr() + from * inter as u64 * bf;
+            let yr = y.ptr() + from * hidden as u64 * f;
+            self.gemm_raw(mats[e][2], hr, yr, c, hidden, inter, 0.0)?;
+        }
+        Some(())
+    }
+
     /// Device memory of its own, kept past the step (block tables). Not while a step is
     /// captured: the capture is given up.
     fn alloc_owned<T: DeviceRepr>(&self, n: usize, what: &str) -> Option<CudaSlice<T>> {
@@ -1396,7 +1518,11 @@ impl Cuda {
         Some(base)
     }
 
-    /// Launches `attention_batch` over the rows described by `meta` (see the kernel).
+    /// Launches `attention_batch` over the rows described by `meta` (see the kernel),
+    /// with each row's positions split across enough blocks to give every
+    /// multiprocessor two when the step has few (row, head) pairs, and the splits merged.
+    /// The split depends on the step's shape alone (not on the cache lengths, which the
+    /// kernel reads from `meta`), so a captured step replays with longer caches.
     #[allow(clippy::too_many_arguments)]
     fn attention_launch(
         &self,
@@ -1410,8 +1536,10 @@ impl Cuda {
         vhead: usize,
     ) {
         const WARPS: usize = ATT_WARPS;
+        let pairs = t * s.h;
+        let splits = (2 * self.sms).div_ceil(pairs).clamp(1, ATT_MAX_SPLITS);
         let cfg = LaunchConfig {
-            grid_dim: ((t * s.h) as u32, 1, 1),
+            grid_dim: (pairs as u32, splits as u32, 1),
             block_dim: ((WARPS * 32) as u32, 1, 1),
             shared_mem_bytes: ((s.dk + 2 * WARPS + WARPS * s.dv) * 4) as u32,
         };
@@ -1425,6 +1553,32 @@ impl Cuda {
             vhead as i32,
             self.block_rows() as i32,
         );
+        if splits == 1 {
+            let null = 0u64;
+            launch!(
+                self,
+                "attention_batch",
+                cfg,
+                q,
+                meta,
+                &ni,
+                out,
+                &null,
+                &hh,
+                &hki,
+                &dki,
+                &dvi,
+                &vci,
+                &vhi,
+                &s.scale,
+                &br
+            );
+            return;
+        }
+        let Some(mut part) = self.tmp::<f32>(pairs * splits * (s.dv + 2), "attention splits")
+        else {
+            return;
+        };
         launch!(
             self,
             "attention_batch",
@@ -1433,6 +1587,7 @@ impl Cuda {
             meta,
             &ni,
             out,
+            &mut part,
             &hh,
             &hki,
             &dki,
@@ -1441,6 +1596,16 @@ impl Cuda {
             &vhi,
             &s.scale,
             &br
+        );
+        let si = splits as i32;
+        launch!(
+            self,
+            "attention_merge",
+            per_row(pairs, 128),
+            &part,
+            &si,
+            &dvi,
+            out
         );
     }
 
@@ -1653,13 +1818,13 @@ impl Backend for Cuda {
         let groups = moe.n_group.max(1);
         // What the kernels handle; anything else goes the host's way.
         if n == 0
-            || n > 512
+            || n > MOE_MAX_EXPERTS
             || groups > 64
             || !n.is_multiple_of(groups)
             || k == 0
             || k > n
-            || !hidden.is_multiple_of(2)
-            || !inter.is_multiple_of(2)
+            || !hidden.is_multiple_of(8)
+            || !inter.is_multiple_of(8)
         {
             return None;
         }
@@ -1689,7 +1854,6 @@ impl Backend for Cuda {
             Some(mut slot_tok),
             Some(mut slot_w),
             Some(mut slot_of),
-            Some(mut h),
             Some(mut y),
         ) = (
             self.tmp::<i32>(pairs, "moe routes"),
@@ -1699,7 +1863,6 @@ impl Backend for Cuda {
             self.tmp::<i32>(pairs, "moe slots"),
             self.tmp::<f32>(pairs, "moe slots"),
             self.tmp::<i32>(pairs, "moe slots"),
-            self.tmp::<f32>(pairs * inter, "moe intermediate"),
             self.tmp::<f32>(pairs * hidden, "moe expert outputs"),
         )
         else {
@@ -1770,7 +1933,7 @@ impl Backend for Cuda {
         launch!(
             self,
             "moe_group",
-            per_row(1, 32),
+            per_row(1, MOE_MAX_EXPERTS as u32),
             &ids,
             &w,
             &pi,
@@ -1782,46 +1945,65 @@ impl Backend for Cuda {
             &mut slot_w,
             &mut slot_of
         );
-        const WARPS: usize = 8;
-        let by_expert = |rows: usize| LaunchConfig {
-            grid_dim: (n as u32, rows.div_ceil(WARPS) as u32, 1),
-            block_dim: ((WARPS * 32) as u32, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let (hi, ii) = (hidden as i32, inter as i32);
-        launch!(
-            self,
-            "moe_gate_up",
-            by_expert(inter),
-            xs,
-            &tables[0],
-            &tables[1],
-            &count,
-            &start,
-            &slot_tok,
-            &hi,
-            &ii,
-            &mut h
-        );
-        launch!(
-            self,
-            "moe_down",
-            by_expert(hidden),
-            &h,
-            &tables[2],
-            &count,
-            &start,
-            &slot_w,
-            &hi,
-            &ii,
-            &mut y
-        );
+        // A prompt's tokens (enough rows per expert for tensor cores): one cuBLAS GEMM per
+        // expert and projection. A decode step (captured into graphs, and its eager run
+        // computed as its replays are): the expert kernels, which read each weight row
+        // once for all of an expert's rows.
+        let grouped = pairs >= 2 * n && self.mode() == Mode::Eager && !self.steps().decode;
+        if grouped {
+            let shape = (pairs, hidden, inter);
+            if self
+                .experts_by_gemm(xs, experts, &count, &slot_tok, shape, &mut y)
+                .is_none()
+            {
+                return Some(self.empty());
+            }
+        } else {
+            let Some(mut h) = self.tmp::<f32>(pairs * inter, "moe intermediate") else {
+                return Some(self.empty());
+            };
+            const WARPS: usize = 8;
+            let by_expert = |rows: usize| LaunchConfig {
+                grid_dim: (n as u32, rows.div_ceil(WARPS) as u32, 1),
+                block_dim: ((WARPS * 32) as u32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let (hi, ii) = (hidden as i32, inter as i32);
+            launch!(
+                self,
+                "moe_gate_up",
+                by_expert(inter),
+                xs,
+                &tables[0],
+                &tables[1],
+                &count,
+                &start,
+                &slot_tok,
+                &hi,
+                &ii,
+                &mut h
+            );
+            launch!(
+                self,
+                "moe_down",
+                by_expert(hidden),
+                &h,
+                &tables[2],
+                &count,
+                &start,
+                &hi,
+                &ii,
+                &mut y
+            );
+        }
+        let hi = hidden as i32;
         launch!(
             self,
             "moe_combine",
             per_row(t, 256),
             &y,
             &slot_of,
+            &slot_w,
             &ki,
             &hi,
             &mut out
@@ -1844,8 +2026,8 @@ impl Backend for Cuda {
         st.after_flush = false;
         self.halted.store(false, Ordering::Relaxed);
         let key = (lens.len(), out);
-        let decode =
-            !lens.is_empty() && lens.len() <= MAX_GRAPH_BATCH && lens.iter().all(|&l| l == 1);
+        st.decode = !lens.is_empty() && lens.iter().all(|&l| l == 1);
+        let decode = st.decode && lens.len() <= MAX_GRAPH_BATCH;
         if !(self.opts.graphs && graphs && decode) || st.never.contains(&key) || self.errored() {
             st.stats.eager += 1;
             return;
@@ -2609,6 +2791,8 @@ impl Backend for Cuda {
         let t: usize = lens.iter().sum();
         let (kc, vc) = (s.hk * s.dk, s.hk * s.dv);
         if s.dv > MAX_DV
+            || !s.dk.is_multiple_of(4)
+            || !s.dv.is_multiple_of(4)
             || s.hk == 0
             || !s.h.is_multiple_of(s.hk)
             || (s.values_in_keys && s.dv > s.dk)
@@ -2620,7 +2804,8 @@ impl Backend for Cuda {
             self.record(failed(
                 "attention",
                 format!(
-                    "shapes ({n} sequences, {t} rows, h {}, hk {}, dk {}, dv {} ≤ {MAX_DV})",
+                    "shapes ({n} sequences, {t} rows, h {}, hk {}, dk {}, dv {} ≤ {MAX_DV}; \
+                     dk and dv multiples of 4)",
                     s.h, s.hk, s.dk, s.dv
                 ),
             ));
@@ -2728,6 +2913,8 @@ impl Backend for Cuda {
         };
         let total = kp.rows.rows();
         if dv > MAX_DV
+            || !dk.is_multiple_of(4)
+            || !dv.is_multiple_of(4)
             || hk == 0
             || !h.is_multiple_of(hk)
             || kp.cols != hk * dk
@@ -2738,7 +2925,10 @@ impl Backend for Cuda {
         {
             self.record(failed(
                 "attention",
-                format!("shapes (t {t}, T {total}, h {h}, hk {hk}, dk {dk}, dv {dv} ≤ {MAX_DV})"),
+                format!(
+                    "shapes (t {t}, T {total}, h {h}, hk {hk}, dk {dk}, dv {dv} ≤ {MAX_DV}; \
+                     dk and dv multiples of 4)"
+                ),
             ));
             return self.empty();
         }
@@ -2824,6 +3014,7 @@ mod tests {
             ("GEMV_ROWS", GEMV_ROWS),
             ("ATT_WARPS", ATT_WARPS),
             ("MAX_DV", MAX_DV),
+            ("MOE_MAX_EXPERTS", MOE_MAX_EXPERTS),
         ] {
             assert!(
                 KERNELS.contains(&format!("#define {name} {value}\n")),

@@ -276,6 +276,8 @@ pub struct Steps {
     /// Operations issued after the graph was launched (the step read results back in
     /// its middle: not a step a graph can hold).
     pub after_flush: bool,
+    /// The step is a decode step (every sequence one new row), graphed or not.
+    pub decode: bool,
     pub stats: GraphStats,
 }
 
