@@ -156,3 +156,53 @@ fn a_bad_schema_is_a_clear_error() {
     // An EOS outside the vocabulary is refused when the grammars are built.
     assert!(Grammars::load(dir.path(), 100, 260).is_err());
 }
+
+/// A greedy verdict request is picked by the backend among the grammar's tokens (the
+/// mask goes to the logits, not the logits to the host); asking for alternatives sends
+/// the logits to the sampler instead. Both give the same verdict, token for token, with
+/// the same log-probabilities, batched with an unconstrained request or not.
+#[test]
+fn greedy_verdicts_picked_by_the_backend_are_the_samplers() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (model, grammars) = random_model(dir.path());
+    let verdict = |prompt: &[u32], top_logprobs: usize| Request {
+        prompt: prompt.to_vec(),
+        params: SamplingParams {
+            max_tokens: 800,
+            top_logprobs,
+            ..Default::default()
+        },
+        constraint: Some(grammars.json_schema(&schema()).expect("schema compiles")),
+    };
+    let free = || {
+        Request::new(
+            vec![5, 6, 7],
+            SamplingParams {
+                max_tokens: 12,
+                ..Default::default()
+            },
+        )
+    };
+    // The same batches both ways (a row's logits may depend on the batch's size).
+    let prompts: [&[u32]; 2] = [&[72, 105, 33], &[1, 2, 3, 4]];
+    let by_backend = generate(
+        &model,
+        vec![verdict(prompts[0], 0), verdict(prompts[1], 0), free()],
+    )
+    .expect("greedy");
+    let by_sampler = generate(
+        &model,
+        vec![verdict(prompts[0], 1), verdict(prompts[1], 1), free()],
+    )
+    .expect("sampled");
+    for (i, s) in by_sampler.iter().enumerate() {
+        let b = &by_backend[i];
+        assert_eq!(b.finish, s.finish, "request {i}");
+        assert!(!b.tokens.is_empty(), "request {i}");
+        assert_eq!(b.tokens, s.tokens, "request {i}: tokens");
+        for (j, (bs, ss)) in b.steps.iter().zip(&s.steps).enumerate() {
+            assert_eq!(bs.logprob, ss.logprob, "request {i}, step {j}");
+        }
+    }
+    assert_eq!(by_backend[2].tokens.len(), 12);
+}

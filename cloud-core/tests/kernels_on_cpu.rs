@@ -341,16 +341,50 @@ fn row_kernels_match_the_cpu() {
     let mut logits = rand_vec(3 * 1000, 10);
     logits[1000 + 17] = 5.0;
     logits[1000 + 900] = 5.0;
-    let mut picks = vec![0u32; 3];
-    launch(
-        "argmax_rows",
-        (3, 1),
-        256,
-        0,
-        &[p(&logits), Arg::I(1000), pm(&mut picks)],
-    );
-    assert_eq!(picks, cpu.argmax_rows(&logits, 1000));
-    assert_eq!(picks[1], 17);
+    // Row 0 allows every token, row 1 forbids its best (17) and allows only the odd
+    // ones, row 2 allows none (token 0).
+    let words = 1000usize.div_ceil(32);
+    let mut mask = vec![u32::MAX; 3 * words];
+    for w in &mut mask[words..2 * words] {
+        *w = 0xAAAA_AAAA;
+    }
+    mask[words] &= !(1 << 17);
+    for w in &mut mask[2 * words..] {
+        *w = 0;
+    }
+    for allowed in [None, Some(&mask)] {
+        let mut picks = vec![0u32; 3];
+        let mut logprobs = vec![0f32; 3];
+        let mask_arg = allowed.map_or(Arg::U(0), |m| p(m));
+        launch(
+            "argmax_rows",
+            (3, 1),
+            256,
+            0,
+            &[
+                p(&logits),
+                Arg::I(1000),
+                mask_arg,
+                pm(&mut picks),
+                pm(&mut logprobs),
+            ],
+        );
+        let want = cpu.argmax_rows(&logits, 1000, allowed.map(|m| m.as_slice()));
+        for (r, &(token, logprob)) in want.iter().enumerate() {
+            assert_eq!(picks[r], token, "row {r}, mask {}", allowed.is_some());
+            assert!(
+                (logprobs[r] - logprob).abs() <= 1e-5,
+                "row {r}: log-probability {} vs {logprob}",
+                logprobs[r]
+            );
+        }
+        if allowed.is_none() {
+            assert_eq!(picks[1], 17);
+        } else {
+            assert!(picks[1] % 2 == 1 && picks[1] != 17, "{picks:?}");
+            assert_eq!(picks[2], 0);
+        }
+    }
 }
 
 #[test]

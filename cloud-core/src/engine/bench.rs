@@ -189,7 +189,7 @@ pub fn run<B: Backend>(
             .collect();
         let mut caches: Vec<Cache<B>> = (0..b).map(|_| model.new_cache()).collect();
         let t = Instant::now();
-        let mut next = {
+        let next = {
             let mut batch: Vec<(&[u32], &mut Cache<B>)> = prompts
                 .iter()
                 .map(|p| p.as_slice())
@@ -199,6 +199,7 @@ pub fn run<B: Backend>(
                 .forward_batch_greedy(&mut batch)
                 .map_err(|e| format!("prefill, batch {b}: {e}"))?
         };
+        let mut next: Vec<u32> = next.iter().map(|s| s.token).collect();
         let prefill_s = t.elapsed().as_secs_f64();
         let t = Instant::now();
         for _ in 0..opts.steps {
@@ -208,9 +209,10 @@ pub fn run<B: Backend>(
                 .map(|v| &v[..])
                 .zip(caches.iter_mut())
                 .collect();
-            next = model
+            let picks = model
                 .forward_batch_greedy(&mut batch)
                 .map_err(|e| format!("decode, batch {b}: {e}"))?;
+            next = picks.iter().map(|s| s.token).collect();
         }
         let decode_s = t.elapsed().as_secs_f64().max(1e-9);
         let row = Row {

@@ -136,16 +136,31 @@ impl Constraint {
     /// Sets the logits of every token the grammar does not allow now to −∞. Once the
     /// grammar is complete only the end-of-sequence token remains.
     pub fn mask(&mut self, logits: &mut [f32]) -> Result<(), ConstraintError> {
-        let mask = self
-            .matcher
-            .compute_mask_or_eos()
-            .map_err(|e| ConstraintError::Internal(e.to_string()))?;
+        let mask = self.allowed_set()?;
         for (t, l) in logits.iter_mut().enumerate() {
             if !mask.is_allowed(t as u32) {
                 *l = f32::NEG_INFINITY;
             }
         }
         Ok(())
+    }
+
+    /// The tokens the grammar allows now, as bits: token `t` is bit `t % 32` of
+    /// `words[t / 32]` (tokens past the grammar's vocabulary are not allowed). What a
+    /// backend masks the logits with where they are.
+    pub fn allowed(&mut self, words: &mut [u32]) -> Result<(), ConstraintError> {
+        let mask = self.allowed_set()?;
+        let bits = mask.as_slice();
+        for (i, w) in words.iter_mut().enumerate() {
+            *w = bits.get(i).copied().unwrap_or(0);
+        }
+        Ok(())
+    }
+
+    fn allowed_set(&mut self) -> Result<toktrie::SimpleVob, ConstraintError> {
+        self.matcher
+            .compute_mask_or_eos()
+            .map_err(|e| ConstraintError::Internal(e.to_string()))
     }
 
     /// Advances the grammar by the sampled token. Returns true when the answer is

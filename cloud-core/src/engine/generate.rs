@@ -166,6 +166,15 @@ impl<B: Backend> Sequence<B> {
         &self.history
     }
 
+    /// Whether its next token is the greedy one of the model's own logits, among those
+    /// its grammar allows (no penalty, no alternatives to report): what the backend can
+    /// pick where the logits are, with its log-probability, so that they need not be
+    /// copied back.
+    fn picks_greedily(&self) -> bool {
+        let p = self.sampler.params();
+        (p.temperature == 0.0 || p.top_k == 1) && p.repetition_penalty == 1.0 && p.top_logprobs == 0
+    }
+
     /// Takes the logits of the last position, samples, and advances.
     fn accept(&mut self, logits: &[f32]) -> Result<Step, EngineError> {
         let s = match &mut self.constraint {
@@ -177,6 +186,11 @@ impl<B: Backend> Sequence<B> {
                 self.sampler.sample_from(logits, allowed, &self.history)
             }
         };
+        self.advance(s)
+    }
+
+    /// Takes the sampled token and advances.
+    fn advance(&mut self, s: Sampled) -> Result<Step, EngineError> {
         if let Some(c) = &mut self.constraint {
             if c.advance(s.token)
                 .map_err(|e| EngineError::Request(e.to_string()))?
@@ -200,7 +214,9 @@ impl<B: Backend> Sequence<B> {
 
 /// Runs one batched step over `seqs` (all unfinished) and samples a token for each.
 /// The outer error is the batch's (nothing advanced); an inner error is one sequence's
-/// (a grammar failure, say), which then counts as finished.
+/// (a grammar failure, say), which then counts as finished. When every sequence decodes
+/// greedily the backend picks the tokens where the logits are; otherwise the last
+/// logits come back and each sequence's sampler picks.
 pub fn step<B: Backend>(
     model: &Model<B>,
     seqs: &mut [&mut Sequence<B>],
@@ -213,6 +229,21 @@ pub fn step<B: Backend>(
             "a finished sequence was given to step".into(),
         ));
     }
+    // Every sequence greedy: the backend picks, among the tokens of each one's grammar
+    // (their masks made here; a grammar that fails to make one sends the step the
+    // host's way, where the error is that sequence's own). Otherwise the last logits
+    // come back to each sequence's sampler.
+    let mut greedy = seqs.iter().all(|s| s.picks_greedily());
+    let mut allowed = None;
+    if greedy && seqs.iter().any(|s| s.constraint.is_some()) {
+        let words = model.config().vocab_size.div_ceil(32);
+        let mut bits = vec![u32::MAX; seqs.len() * words];
+        greedy = seqs
+            .iter_mut()
+            .zip(bits.chunks_mut(words))
+            .all(|(s, w)| s.constraint.as_mut().is_none_or(|c| c.allowed(w).is_ok()));
+        allowed = Some(bits);
+    }
     let inputs: Vec<Vec<u32>> = seqs
         .iter_mut()
         .map(|s| std::mem::take(&mut s.next_input))
@@ -222,8 +253,19 @@ pub fn step<B: Backend>(
         .zip(seqs.iter_mut())
         .map(|(ids, s)| (ids.as_slice(), &mut s.cache))
         .collect();
-    let logits = match model.forward_batch_last(&mut batch) {
-        Ok(l) => l,
+    enum Outcome {
+        Picks(Vec<Sampled>),
+        Logits(Vec<Vec<f32>>),
+    }
+    let outcome = if greedy {
+        model
+            .forward_batch_greedy_allowed(&mut batch, allowed.as_deref())
+            .map(Outcome::Picks)
+    } else {
+        model.forward_batch_last(&mut batch).map(Outcome::Logits)
+    };
+    let outcome = match outcome {
+        Ok(o) => o,
         Err(e) => {
             for (s, ids) in seqs.iter_mut().zip(inputs) {
                 s.next_input = ids;
@@ -231,17 +273,30 @@ pub fn step<B: Backend>(
             return Err(e);
         }
     };
-    Ok(seqs
-        .iter_mut()
-        .zip(&logits)
-        .map(|(s, l)| {
-            let r = s.accept(l);
-            if r.is_err() {
-                s.finish = Some(Finish::Stop);
-            }
-            r
-        })
-        .collect())
+    let finish = |s: &mut Sequence<B>, r: Result<Step, EngineError>| {
+        if r.is_err() {
+            s.finish = Some(Finish::Stop);
+        }
+        r
+    };
+    Ok(match outcome {
+        Outcome::Picks(picks) => seqs
+            .iter_mut()
+            .zip(picks)
+            .map(|(s, p)| {
+                let r = s.advance(p);
+                finish(s, r)
+            })
+            .collect(),
+        Outcome::Logits(logits) => seqs
+            .iter_mut()
+            .zip(&logits)
+            .map(|(s, l)| {
+                let r = s.accept(l);
+                finish(s, r)
+            })
+            .collect(),
+    })
 }
 
 /// Generates for every request, batching all of them at every step.
@@ -288,4 +343,52 @@ pub fn generate<B: Backend>(
         }
     }
     Ok(outputs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::backend::cpu::Cpu;
+
+    fn request(prompt: &[u32], top_logprobs: usize) -> Request {
+        Request::new(
+            prompt.to_vec(),
+            SamplingParams {
+                max_tokens: 6,
+                top_logprobs,
+                ..SamplingParams::default()
+            },
+        )
+    }
+
+    /// Greedy requests are picked by the backend (`forward_batch_greedy`); asking for
+    /// alternatives sends the logits back to each sampler. Both give the same tokens and
+    /// log-probabilities, alone or mixed in one batch.
+    #[test]
+    fn greedy_picks_by_the_backend_are_the_samplers_picks() {
+        let cfg = crate::engine::bench::shape("tiny").expect("shape");
+        let model = Model::random(cfg, Cpu::default(), 5).expect("model");
+        let prompts: [&[u32]; 2] = [&[3, 1, 4, 1, 5], &[9, 2, 6]];
+        let by_backend =
+            generate(&model, prompts.iter().map(|p| request(p, 0)).collect()).expect("greedy");
+        let by_sampler =
+            generate(&model, prompts.iter().map(|p| request(p, 1)).collect()).expect("sampled");
+        let mixed =
+            generate(&model, vec![request(prompts[0], 0), request(prompts[1], 1)]).expect("mixed");
+        for (i, b) in by_backend.iter().enumerate() {
+            let s = &by_sampler[i];
+            assert_eq!(b.tokens.len(), 6, "request {i}");
+            assert_eq!(b.tokens, s.tokens, "request {i}: tokens");
+            assert_eq!(b.tokens, mixed[i].tokens, "request {i}: tokens when mixed");
+            for (j, (bs, ss)) in b.steps.iter().zip(&s.steps).enumerate() {
+                assert!(bs.top.is_empty());
+                assert_eq!(ss.top[0], (ss.token, ss.logprob), "request {i}, step {j}");
+                assert_eq!(
+                    bs.logprob, ss.logprob,
+                    "request {i}, step {j}: log-probability"
+                );
+                assert!(bs.logprob <= 0.0 && bs.logprob.is_finite());
+            }
+        }
+    }
 }

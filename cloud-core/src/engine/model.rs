@@ -18,6 +18,7 @@ use std::path::Path;
 use super::backend::{AttnShape, Backend, DeviceError, RopeLayout, Weight};
 use super::config::{Arch, ConfigError, ModelConfig, MoeConfig, ScoringFunc, TopkMethod};
 use super::rope;
+use super::sampler::Sampled;
 use super::weights::{Checkpoint, WeightsError};
 
 /// The eps of DeepSeek's `q_a_layernorm` and `kv_a_layernorm` (their reference code builds
@@ -109,18 +110,32 @@ pub struct Model<B: Backend> {
 
 /// What a forward pass returns.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Out {
+enum Out<'a> {
     /// Logits of every position.
     All,
     /// Logits of each sequence's last position.
     Last,
-    /// The greedy token after each sequence's last position.
-    Greedy,
+    /// The greedy token after each sequence's last position, with its log-probability;
+    /// the allowed tokens of each sequence as bits, if given (see
+    /// [`Backend::argmax_rows`]).
+    Greedy(Option<&'a [u32]>),
+}
+
+impl Out<'_> {
+    /// The kind of step, for a backend that keeps its work per kind (graphs).
+    fn code(self) -> u8 {
+        match self {
+            Out::All => 0,
+            Out::Last => 1,
+            Out::Greedy(None) => 2,
+            Out::Greedy(Some(_)) => 3,
+        }
+    }
 }
 
 enum Outputs {
     Logits(Vec<Vec<f32>>),
-    Tokens(Vec<u32>),
+    Tokens(Vec<Sampled>),
 }
 
 /// One sequence's key/value cache.
@@ -524,14 +539,36 @@ impl<B: Backend> Model<B> {
         }
     }
 
-    /// Like [`Model::forward_batch_last`], but returns each sequence's greedy next token,
-    /// chosen where the logits are (on the device for a GPU backend: only the token ids
-    /// come back).
+    /// Like [`Model::forward_batch_last`], but returns each sequence's greedy next token
+    /// and its log-probability, chosen where the logits are (on the device for a GPU
+    /// backend: only the token ids and log-probabilities come back).
     pub fn forward_batch_greedy(
         &self,
         seqs: &mut [(&[u32], &mut Cache<B>)],
-    ) -> Result<Vec<u32>, EngineError> {
-        match self.forward_rows(seqs, Out::Greedy)? {
+    ) -> Result<Vec<Sampled>, EngineError> {
+        self.forward_batch_greedy_allowed(seqs, None)
+    }
+
+    /// [`Model::forward_batch_greedy`] among the tokens each sequence allows: `allowed`
+    /// holds `vocab_size.div_ceil(32)` words of bits per sequence (token `t` is bit
+    /// `t % 32` of word `t / 32`), a grammar's mask; the log-probabilities stay the
+    /// model's own.
+    pub fn forward_batch_greedy_allowed(
+        &self,
+        seqs: &mut [(&[u32], &mut Cache<B>)],
+        allowed: Option<&[u32]>,
+    ) -> Result<Vec<Sampled>, EngineError> {
+        let words = self.cfg.vocab_size.div_ceil(32);
+        if let Some(a) = allowed {
+            if a.len() != seqs.len() * words {
+                return Err(EngineError::Request(format!(
+                    "a token mask of {} words for {} sequences of {words}",
+                    a.len(),
+                    seqs.len()
+                )));
+            }
+        }
+        match self.forward_rows(seqs, Out::Greedy(allowed))? {
             Outputs::Tokens(t) => Ok(t),
             Outputs::Logits(_) => unreachable!("asked for tokens"),
         }
@@ -540,7 +577,7 @@ impl<B: Backend> Model<B> {
     fn forward_rows(
         &self,
         seqs: &mut [(&[u32], &mut Cache<B>)],
-        out: Out,
+        out: Out<'_>,
     ) -> Result<Outputs, EngineError> {
         let last_only = out != Out::All;
         for (ids, cache) in seqs.iter() {
@@ -568,7 +605,7 @@ impl<B: Backend> Model<B> {
         let total: usize = lens.iter().sum();
         if total == 0 {
             return Ok(match out {
-                Out::Greedy => Outputs::Tokens(Vec::new()),
+                Out::Greedy(_) => Outputs::Tokens(Vec::new()),
                 _ => Outputs::Logits(vec![Vec::new(); seqs.len()]),
             });
         }
@@ -576,7 +613,7 @@ impl<B: Backend> Model<B> {
         // caches are put back and the step runs again, eagerly.
         let mut graphs = true;
         let (logits, tokens) = loop {
-            be.begin_step(&lens, out as u8, graphs);
+            be.begin_step(&lens, out.code(), graphs);
             let r = self.step(seqs, &lens, out);
             let err = be.take_error();
             if be.end_step() {
@@ -593,7 +630,7 @@ impl<B: Backend> Model<B> {
             cache.len += ids.len();
         }
         match out {
-            Out::Greedy => return Ok(Outputs::Tokens(tokens)),
+            Out::Greedy(_) => return Ok(Outputs::Tokens(tokens)),
             Out::Last => {
                 return Ok(Outputs::Logits(
                     logits.chunks(vocab).map(<[f32]>::to_vec).collect(),
@@ -616,8 +653,8 @@ impl<B: Backend> Model<B> {
         &self,
         seqs: &mut [(&[u32], &mut Cache<B>)],
         lens: &[usize],
-        out: Out,
-    ) -> (Vec<f32>, Vec<u32>) {
+        out: Out<'_>,
+    ) -> (Vec<f32>, Vec<Sampled>) {
         let be = &self.be;
         let hd = self.cfg.hidden_size;
         let eps = self.cfg.rms_norm_eps as f32;
@@ -673,7 +710,15 @@ impl<B: Backend> Model<B> {
             be.linear(&xn, total, &self.lm_head, vocab, hd)
         };
         match out {
-            Out::Greedy => (Vec::new(), be.argmax_rows(&logits, vocab)),
+            Out::Greedy(allowed) => {
+                let picks = be.argmax_rows(&logits, vocab, allowed).into_iter();
+                let picks = picks.map(|(token, logprob)| Sampled {
+                    token,
+                    logprob,
+                    top: Vec::new(),
+                });
+                (Vec::new(), picks.collect())
+            }
             _ => (be.download(&logits), Vec::new()),
         }
     }

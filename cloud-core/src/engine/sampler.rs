@@ -89,12 +89,22 @@ pub struct Sampler {
     rng: StdRng,
 }
 
-/// Log-softmax.
-pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
+/// `log Σ exp(logits)`, summed in f64 from the maximum.
+fn log_sum_exp(logits: &[f32]) -> f32 {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let sum: f64 = logits.iter().map(|l| ((l - max) as f64).exp()).sum();
-    let lse = max + sum.ln() as f32;
+    max + sum.ln() as f32
+}
+
+/// Log-softmax.
+pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
+    let lse = log_sum_exp(logits);
     logits.iter().map(|l| l - lse).collect()
+}
+
+/// The log-softmax of `logits` at `i` alone (what [`log_softmax`] gives there).
+pub fn log_softmax_at(logits: &[f32], i: usize) -> f32 {
+    logits[i] - log_sum_exp(logits)
 }
 
 /// Index of the largest value (the first one on ties): greedy decoding.

@@ -7,6 +7,8 @@
 //! reference's wherever the reference's top-2 margin exceeds 0.05. Decode steps are fed
 //! the reference's tokens, so a near-tie elsewhere cannot derail later comparisons.
 
+#[path = "../common/mod.rs"]
+mod common;
 #[path = "../common/reference.rs"]
 mod reference;
 
@@ -14,6 +16,7 @@ use cloud_core::engine::backend::cpu::Cpu;
 use cloud_core::engine::backend::cuda::{unavailable, Cuda, CudaOptions};
 use cloud_core::engine::backend::{Backend, DeviceError};
 use cloud_core::engine::model::{Cache, EngineError, Model};
+use cloud_core::engine::sampler::log_softmax;
 use reference::{argmax, cases, fixtures, rel_diff, Case};
 
 const TOLERANCE: f64 = 2e-2;
@@ -193,12 +196,21 @@ fn cuda_batched_decode_gives_the_tokens_of_one_at_a_time() {
             .map(|c| c.prompt.as_slice())
             .zip(caches.iter_mut())
             .collect();
-        let tokens = model.forward_batch_greedy(&mut batch).expect("greedy");
-        for (s, t) in tokens.iter().enumerate() {
+        let picks = model.forward_batch_greedy(&mut batch).expect("greedy");
+        for (s, pick) in picks.iter().enumerate() {
+            let want = &alone[s][0];
             assert_eq!(
-                *t,
-                argmax(&alone[s][0]),
+                pick.token,
+                argmax(want),
                 "{arch}: device argmax, sequence {s}"
+            );
+            // Within what batching may change the logits by (the rule above), twice.
+            let lp = log_softmax(want)[pick.token as usize];
+            let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+            assert!(
+                (pick.logprob - lp).abs() <= 2.0 * TOLERANCE as f32 * scale,
+                "{arch}: sequence {s}: log-probability {} vs {lp}",
+                pick.logprob
             );
         }
     }
@@ -457,4 +469,58 @@ fn cuda_prompt_and_decode_experts_match_the_host() {
         got[0], got[1],
         "the prompt's experts ran the decode kernels"
     );
+}
+
+/// Greedy verdicts: each step's token is picked on the device among those its grammar
+/// allows (the mask goes to the device, the logits stay there), and is the token the
+/// host's sampler picks from the logits; the log-probabilities agree.
+#[test]
+fn cuda_greedy_verdicts_picked_on_the_device_are_the_samplers() {
+    use cloud_core::engine::config::ModelConfig;
+    use cloud_core::engine::constrain::Grammars;
+    use cloud_core::engine::generate::{generate, Request};
+    use cloud_core::engine::sampler::SamplingParams;
+    let Some(gpu) = gpu(CudaOptions::default()) else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let eos = common::write_byte_level_tokenizer(dir.path());
+    let cfg = ModelConfig::from_json(
+        &common::random_v3_config().to_string(),
+        std::path::Path::new("config.json"),
+    )
+    .expect("config");
+    let grammars = Grammars::load(dir.path(), cfg.vocab_size, eos).expect("grammars");
+    let model = Model::random(cfg, gpu, 11).expect("model");
+    let verdict = |prompt: &[u32], top_logprobs: usize| Request {
+        prompt: prompt.to_vec(),
+        params: SamplingParams {
+            max_tokens: 40,
+            top_logprobs,
+            ..Default::default()
+        },
+        constraint: Some(
+            grammars
+                .json_schema(&cloud_core::verdict::schema())
+                .expect("schema compiles"),
+        ),
+    };
+    // The same batch both ways, so that the logits are the same.
+    let prompts: [&[u32]; 2] = [&[72, 105, 33], &[1, 2, 3, 4]];
+    let on_device = generate(&model, prompts.iter().map(|p| verdict(p, 0)).collect())
+        .expect("picked on the device");
+    let on_host = generate(&model, prompts.iter().map(|p| verdict(p, 1)).collect())
+        .expect("sampled on the host");
+    for (i, (d, h)) in on_device.iter().zip(&on_host).enumerate() {
+        assert!(!d.tokens.is_empty(), "request {i}");
+        assert_eq!(d.tokens, h.tokens, "request {i}: tokens");
+        for (j, (ds, hs)) in d.steps.iter().zip(&h.steps).enumerate() {
+            assert!(
+                (ds.logprob - hs.logprob).abs() <= 1e-4 * hs.logprob.abs().max(1.0),
+                "request {i}, step {j}: log-probability {} vs {}",
+                ds.logprob,
+                hs.logprob
+            );
+        }
+    }
 }

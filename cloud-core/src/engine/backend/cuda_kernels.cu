@@ -262,23 +262,41 @@ extern "C" __global__ void paged_read(const u64* __restrict__ table, int block_r
     for (int i = threadIdx.x; i < cols; i += blockDim.x) o[i] = __bfloat162float(s[i]);
 }
 
-// Index of the largest value of each row (ties: the lowest index), one block of 256
-// threads per row: greedy decoding without copying the logits back.
-extern "C" __global__ void argmax_rows(const float* __restrict__ x, int cols, unsigned* __restrict__ out) {
+// Index of the largest value of each row (ties: the lowest index) and its log-softmax,
+// one block of 256 threads per row: greedy decoding without copying the logits back.
+// With `allowed` (bits of ceil(cols / 32) words per row: value i is bit i % 32 of word
+// i / 32) the largest allowed value is picked (0 if none is), and its log-softmax is
+// still that over the whole row (a grammar's mask).
+extern "C" __global__ void argmax_rows(const float* __restrict__ x, int cols,
+                                       const unsigned* __restrict__ allowed,
+                                       unsigned* __restrict__ out, float* __restrict__ logprob) {
     __shared__ float bv[256];
     __shared__ int bi[256];
+    __shared__ float bs[256];
+    __shared__ float bm[256];
     const float* r = x + (long)blockIdx.x * cols;
-    float best = NEG_INF;
+    const unsigned* a = allowed ? allowed + (long)blockIdx.x * ((cols + 31) / 32) : 0;
+    // This thread's best allowed value and its index, and the running maximum of all its
+    // values with sum = Σ exp(v - m) (the log-sum-exp).
+    float best = NEG_INF, m = NEG_INF, sum = 0.f;
     int idx = 0x7fffffff;
     for (int i = threadIdx.x; i < cols; i += blockDim.x) {
         float v = r[i];
-        if (v > best) {
+        if (v > m) {
+            sum = sum * __expf(m - v) + 1.f;
+            m = v;
+        } else {
+            sum += __expf(v - m);
+        }
+        if (v > best && (!a || (a[i / 32] >> (i % 32)) & 1u)) {
             best = v;
             idx = i;
         }
     }
     bv[threadIdx.x] = best;
     bi[threadIdx.x] = idx;
+    bm[threadIdx.x] = m;
+    bs[threadIdx.x] = sum;
     __syncthreads();
     for (int s = blockDim.x / 2; s > 0; s >>= 1) {
         if (threadIdx.x < s) {
@@ -288,10 +306,20 @@ extern "C" __global__ void argmax_rows(const float* __restrict__ x, int cols, un
                 bv[threadIdx.x] = ov;
                 bi[threadIdx.x] = oi;
             }
+            float m0 = bm[threadIdx.x], m1 = bm[threadIdx.x + s];
+            float mm = fmaxf(m0, m1);
+            float s0 = m0 == NEG_INF ? 0.f : bs[threadIdx.x] * __expf(m0 - mm);
+            float s1 = m1 == NEG_INF ? 0.f : bs[threadIdx.x + s] * __expf(m1 - mm);
+            bm[threadIdx.x] = mm;
+            bs[threadIdx.x] = s0 + s1;
         }
         __syncthreads();
     }
-    if (threadIdx.x == 0) out[blockIdx.x] = bi[0] == 0x7fffffff ? 0 : (unsigned)bi[0];
+    if (threadIdx.x == 0) {
+        int pick = bi[0] == 0x7fffffff ? 0 : bi[0];
+        out[blockIdx.x] = (unsigned)pick;
+        logprob[blockIdx.x] = r[pick] - (bm[0] + logf(bs[0]));
+    }
 }
 
 #define ATT_WARPS 8

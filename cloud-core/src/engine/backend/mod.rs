@@ -109,15 +109,36 @@ pub trait Backend {
         let _ = (shape, amp, seed);
         None
     }
-    /// The index of the largest value of every row of `x[·, cols]` (greedy decoding:
-    /// a GPU backend picks on the device and copies back only the indices).
-    fn argmax_rows(&self, x: &Self::Buf, cols: usize) -> Vec<u32> {
+    /// The index of the largest value of every row of `x[·, cols]` (the first on ties)
+    /// and its log-softmax: greedy decoding, with the log-probability of the pick. With
+    /// `allowed` (`cols.div_ceil(32)` words per row; value `i` is bit `i % 32` of word
+    /// `i / 32`) the largest allowed value is picked (0 if none is), its log-softmax still
+    /// that over the whole row: a grammar's mask. A GPU backend picks on the device and
+    /// copies back only the picks.
+    fn argmax_rows(&self, x: &Self::Buf, cols: usize, allowed: Option<&[u32]>) -> Vec<(u32, f32)> {
+        use crate::engine::sampler::{argmax, log_softmax_at};
         let v = self.download(x);
         if cols == 0 {
             return Vec::new();
         }
+        let words = cols.div_ceil(32);
         v.chunks_exact(cols)
-            .map(|r| crate::engine::sampler::argmax(r) as u32)
+            .enumerate()
+            .map(|(r, row)| {
+                let i = match allowed.and_then(|a| a.get(r * words..(r + 1) * words)) {
+                    None => argmax(row),
+                    Some(a) => {
+                        let mut masked = row.to_vec();
+                        for (t, l) in masked.iter_mut().enumerate() {
+                            if (a[t / 32] >> (t % 32)) & 1 == 0 {
+                                *l = f32::NEG_INFINITY;
+                            }
+                        }
+                        argmax(&masked)
+                    }
+                };
+                (i as u32, log_softmax_at(row, i))
+            })
             .collect()
     }
     /// Routed experts of an MoE layer, on the device: routes every row of `x[t, hidden]`

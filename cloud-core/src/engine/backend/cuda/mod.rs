@@ -1769,7 +1769,7 @@ impl Backend for Cuda {
         Some(CudaBuf::Bf16(Arc::new(Dev::owned(y))))
     }
 
-    fn argmax_rows(&self, x: &CudaBuf, cols: usize) -> Vec<u32> {
+    fn argmax_rows(&self, x: &CudaBuf, cols: usize, allowed: Option<&[u32]>) -> Vec<(u32, f32)> {
         if self.errored() {
             return Vec::new();
         }
@@ -1784,16 +1784,45 @@ impl Backend for Cuda {
         if rows == 0 {
             return Vec::new();
         }
-        let Some(mut out) = self.tmp::<u32>(rows, "argmax_rows") else {
+        if allowed.is_some_and(|a| a.len() != rows * cols.div_ceil(32)) {
+            self.record(failed(
+                "argmax_rows",
+                "the mask is not a row of bits per row",
+            ));
+            return Vec::new();
+        }
+        let mask = match allowed {
+            Some(a) => match self.meta(a, "token mask") {
+                Some(m) => Some(m),
+                None => return Vec::new(),
+            },
+            None => None,
+        };
+        let mask_ptr = mask.as_ref().map_or(0, |m| m.ptr());
+        // Token ids and log-probabilities in one buffer, for one copy back.
+        let Some(mut out) = self.tmp::<u32>(2 * rows, "argmax_rows") else {
             return Vec::new();
         };
         let c = cols as i32;
-        launch!(self, "argmax_rows", per_row(rows, 256), xs, &c, &mut out);
+        // SAFETY: the second half of `out` holds `rows` 4-byte values.
+        let lp = unsafe { Dev::<f32>::view(&self.stream, out.ptr() + 4 * rows as u64, rows) };
+        launch!(
+            self,
+            "argmax_rows",
+            per_row(rows, 256),
+            xs,
+            &c,
+            &mask_ptr,
+            &mut out,
+            &lp
+        );
         if !self.flush() {
             return Vec::new();
         }
         match self.stream.clone_dtoh::<u32, CudaSlice<u32>>(&out) {
-            Ok(v) => v,
+            Ok(v) => (0..rows)
+                .map(|i| (v[i], f32::from_bits(v[rows + i])))
+                .collect(),
             Err(e) => {
                 self.record(failed("argmax_rows", e));
                 Vec::new()
