@@ -1130,3 +1130,121 @@ fn fused_projections_match_the_cpu() {
         assert_close(&y, &want, 1e-5, &format!("gemv_swiglu m {m}"));
     }
 }
+
+/// Sampling on the device: `sample_rows` picks what the host's `Pick::pick` picks from
+/// the same values and draws — greedy, temperatures, top-k, top-p, their combinations,
+/// ties, grammar masks, draws at both ends — with the log-softmax of the whole row.
+#[test]
+fn sampling_on_the_device_picks_what_the_host_picks() {
+    use cloud_core::engine::sampler::{argmax, log_softmax, Pick};
+    if !available() {
+        return;
+    }
+    let specs = [
+        (0.0, 0, 1.0),
+        (1.0, 0, 1.0),
+        (0.7, 0, 0.9),
+        (1.3, 40, 1.0),
+        (1.0, 5, 0.5),
+        (0.9, 1, 1.0),
+        (2.0, 0, 0.3),
+        (1.0, 1000, 0.95),
+    ];
+    for (cols, spread, seed) in [(300usize, 4.0f32, 1u64), (300, 30.0, 2), (5000, 8.0, 3)] {
+        let rows = if cols > 1000 { 4 } else { 24 };
+        let mut x: Vec<f32> = rand_vec(rows * cols, 60 + seed)
+            .iter()
+            .map(|v| v * spread)
+            .collect();
+        // Ties: row r's first values repeat its largest.
+        for r in 0..rows {
+            let row = &mut x[r * cols..(r + 1) * cols];
+            let top = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            row[3] = top;
+            row[cols - 2] = top;
+        }
+        let draws = rand_vec(rows, 70 + seed);
+        let picks: Vec<Pick> = (0..rows)
+            .map(|r| {
+                let (temperature, top_k, top_p) = specs[r % specs.len()];
+                let draw = match r % 11 {
+                    0 => 0.0,
+                    1 => 1.0 - 1e-12,
+                    _ => f64::from(draws[r].abs()).min(0.999),
+                };
+                Pick {
+                    temperature,
+                    top_k,
+                    top_p,
+                    draw,
+                }
+            })
+            .collect();
+        // Every third row allows only tokens whose index is not a multiple of 3.
+        let words = cols.div_ceil(32);
+        let mut mask = vec![u32::MAX; rows * words];
+        for r in (0..rows).step_by(3) {
+            for t in (0..cols).step_by(3) {
+                mask[r * words + t / 32] &= !(1 << (t % 32));
+            }
+        }
+        let mut off_argmax = 0;
+        for allowed in [None, Some(&mask)] {
+            let spec: Vec<u64> = picks
+                .iter()
+                .flat_map(|p| {
+                    [
+                        u64::from(p.temperature.to_bits()),
+                        p.top_k as u64,
+                        u64::from(p.top_p.to_bits()),
+                        p.draw.to_bits(),
+                    ]
+                })
+                .collect();
+            let mut out = vec![0u32; rows];
+            let mut lp = vec![0f32; rows];
+            let threads = (cols / 16).next_power_of_two().clamp(32, 1024) as u32;
+            launch(
+                "sample_rows",
+                (rows as u32, 1),
+                threads,
+                0,
+                &[
+                    p(&x),
+                    Arg::I(cols as i32),
+                    allowed.map_or(Arg::U(0), |m| p(m)),
+                    p(&spec),
+                    pm(&mut out),
+                    pm(&mut lp),
+                ],
+            );
+            for r in 0..rows {
+                let row = &x[r * cols..(r + 1) * cols];
+                let mut masked = row.to_vec();
+                if let Some(m) = allowed {
+                    for (t, v) in masked.iter_mut().enumerate() {
+                        if (m[r * words + t / 32] >> (t % 32)) & 1 == 0 {
+                            *v = f32::NEG_INFINITY;
+                        }
+                    }
+                }
+                let want = picks[r].pick(&masked);
+                off_argmax += usize::from(want != argmax(&masked));
+                let what = format!(
+                    "{cols} columns, row {r}, {:?}, mask {}",
+                    picks[r],
+                    allowed.is_some()
+                );
+                assert_eq!(out[r] as usize, want, "{what}");
+                let lw = log_softmax(row)[want];
+                assert!(
+                    (lp[r] - lw).abs() <= 1e-4,
+                    "{what}: log-probability {} vs {lw}",
+                    lp[r]
+                );
+            }
+        }
+        // The draws did choose: not every pick is the largest value.
+        assert!(off_argmax > 0, "{cols} columns: every pick was the argmax");
+    }
+}

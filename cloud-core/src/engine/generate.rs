@@ -10,7 +10,7 @@
 use super::backend::Backend;
 use super::constrain::Constraint;
 use super::model::{Cache, EngineError, Model};
-use super::sampler::{Sampled, Sampler, SamplingParams};
+use super::sampler::{Pick, Sampled, Sampler, SamplingParams};
 
 /// One generation request.
 pub struct Request {
@@ -166,15 +166,6 @@ impl<B: Backend> Sequence<B> {
         &self.history
     }
 
-    /// Whether its next token is the greedy one of the model's own logits, among those
-    /// its grammar allows (no penalty, no alternatives to report): what the backend can
-    /// pick where the logits are, with its log-probability, so that they need not be
-    /// copied back.
-    fn picks_greedily(&self) -> bool {
-        let p = self.sampler.params();
-        (p.temperature == 0.0 || p.top_k == 1) && p.repetition_penalty == 1.0 && p.top_logprobs == 0
-    }
-
     /// Takes the logits of the last position, samples, and advances.
     fn accept(&mut self, logits: &[f32]) -> Result<Step, EngineError> {
         let s = match &mut self.constraint {
@@ -214,9 +205,7 @@ impl<B: Backend> Sequence<B> {
 
 /// Runs one batched step over `seqs` (all unfinished) and samples a token for each.
 /// The outer error is the batch's (nothing advanced); an inner error is one sequence's
-/// (a grammar failure, say), which then counts as finished. When every sequence decodes
-/// greedily the backend picks the tokens where the logits are; otherwise the last
-/// logits come back and each sequence's sampler picks.
+/// (a grammar failure, say), which then counts as finished.
 pub fn step<B: Backend>(
     model: &Model<B>,
     seqs: &mut [&mut Sequence<B>],
@@ -229,21 +218,27 @@ pub fn step<B: Backend>(
             "a finished sequence was given to step".into(),
         ));
     }
-    // Every sequence greedy: the backend picks, among the tokens of each one's grammar
-    // (their masks made here; a grammar that fails to make one sends the step the
-    // host's way, where the error is that sequence's own). Otherwise the last logits
-    // come back to each sequence's sampler.
-    let mut greedy = seqs.iter().all(|s| s.picks_greedily());
+    // When every sequence's pick can be made where the logits are (no repetition
+    // penalty, no alternatives to report), the backend picks — greedy or sampled by each
+    // sampler's draw — among the tokens of each one's grammar (their masks made here; a
+    // grammar that fails to make one sends the step the host's way, where the error is
+    // that sequence's own). Otherwise the last logits come back to each sampler.
+    let mut on_backend = seqs.iter().all(|s| s.sampler.plannable());
     let mut allowed = None;
-    if greedy && seqs.iter().any(|s| s.constraint.is_some()) {
+    if on_backend && seqs.iter().any(|s| s.constraint.is_some()) {
         let words = model.config().vocab_size.div_ceil(32);
         let mut bits = vec![u32::MAX; seqs.len() * words];
-        greedy = seqs
+        on_backend = seqs
             .iter_mut()
             .zip(bits.chunks_mut(words))
             .all(|(s, w)| s.constraint.as_mut().is_none_or(|c| c.allowed(w).is_ok()));
         allowed = Some(bits);
     }
+    let picks: Vec<Pick> = if on_backend {
+        seqs.iter_mut().filter_map(|s| s.sampler.plan()).collect()
+    } else {
+        Vec::new()
+    };
     let inputs: Vec<Vec<u32>> = seqs
         .iter_mut()
         .map(|s| std::mem::take(&mut s.next_input))
@@ -257,9 +252,14 @@ pub fn step<B: Backend>(
         Picks(Vec<Sampled>),
         Logits(Vec<Vec<f32>>),
     }
-    let outcome = if greedy {
+    let outcome = if on_backend {
+        let sampled = picks.iter().any(|p| !p.greedy());
         model
-            .forward_batch_greedy_allowed(&mut batch, allowed.as_deref())
+            .forward_batch_pick(
+                &mut batch,
+                allowed.as_deref(),
+                sampled.then_some(picks.as_slice()),
+            )
             .map(Outcome::Picks)
     } else {
         model.forward_batch_last(&mut batch).map(Outcome::Logits)
@@ -269,6 +269,9 @@ pub fn step<B: Backend>(
         Err(e) => {
             for (s, ids) in seqs.iter_mut().zip(inputs) {
                 s.next_input = ids;
+                if on_backend {
+                    s.sampler.unplan();
+                }
             }
             return Err(e);
         }
@@ -350,10 +353,14 @@ mod tests {
     use super::*;
     use crate::engine::backend::cpu::Cpu;
 
-    fn request(prompt: &[u32], top_logprobs: usize) -> Request {
+    fn request(prompt: &[u32], temperature: f32, top_logprobs: usize) -> Request {
         Request::new(
             prompt.to_vec(),
             SamplingParams {
+                temperature,
+                top_k: 50,
+                top_p: 0.9,
+                seed: prompt.len() as u64,
                 max_tokens: 6,
                 top_logprobs,
                 ..SamplingParams::default()
@@ -361,34 +368,67 @@ mod tests {
         )
     }
 
-    /// Greedy requests are picked by the backend (`forward_batch_greedy`); asking for
-    /// alternatives sends the logits back to each sampler. Both give the same tokens and
-    /// log-probabilities, alone or mixed in one batch.
+    /// Greedy and sampled requests are picked by the backend (`forward_batch_pick`, the
+    /// samplers' draws made before the step); asking for alternatives sends the logits
+    /// back to each sampler. Both give the same tokens and log-probabilities, alone or
+    /// mixed in one batch.
     #[test]
-    fn greedy_picks_by_the_backend_are_the_samplers_picks() {
+    fn picks_by_the_backend_are_the_samplers_picks() {
         let cfg = crate::engine::bench::shape("tiny").expect("shape");
         let model = Model::random(cfg, Cpu::default(), 5).expect("model");
         let prompts: [&[u32]; 2] = [&[3, 1, 4, 1, 5], &[9, 2, 6]];
-        let by_backend =
-            generate(&model, prompts.iter().map(|p| request(p, 0)).collect()).expect("greedy");
-        let by_sampler =
-            generate(&model, prompts.iter().map(|p| request(p, 1)).collect()).expect("sampled");
-        let mixed =
-            generate(&model, vec![request(prompts[0], 0), request(prompts[1], 1)]).expect("mixed");
-        for (i, b) in by_backend.iter().enumerate() {
-            let s = &by_sampler[i];
-            assert_eq!(b.tokens.len(), 6, "request {i}");
-            assert_eq!(b.tokens, s.tokens, "request {i}: tokens");
-            assert_eq!(b.tokens, mixed[i].tokens, "request {i}: tokens when mixed");
-            for (j, (bs, ss)) in b.steps.iter().zip(&s.steps).enumerate() {
-                assert!(bs.top.is_empty());
-                assert_eq!(ss.top[0], (ss.token, ss.logprob), "request {i}, step {j}");
-                assert_eq!(
-                    bs.logprob, ss.logprob,
-                    "request {i}, step {j}: log-probability"
+        for temperature in [0.0, 1.0] {
+            let run = |top_logprobs: [usize; 2]| {
+                let reqs = prompts
+                    .iter()
+                    .zip(top_logprobs)
+                    .map(|(p, n)| request(p, temperature, n))
+                    .collect();
+                generate(&model, reqs).expect("generate")
+            };
+            let by_backend = run([0, 0]);
+            let by_sampler = run([1, 1]);
+            let mixed = run([0, 1]);
+            for (i, b) in by_backend.iter().enumerate() {
+                let s = &by_sampler[i];
+                let what = format!("temperature {temperature}, request {i}");
+                assert_eq!(b.tokens.len(), 6, "{what}");
+                assert_eq!(b.tokens, s.tokens, "{what}: tokens");
+                assert_eq!(b.tokens, mixed[i].tokens, "{what}: tokens when mixed");
+                for (j, (bs, ss)) in b.steps.iter().zip(&s.steps).enumerate() {
+                    assert!(bs.top.is_empty());
+                    assert_eq!(bs.logprob, ss.logprob, "{what}, step {j}: log-probability");
+                    assert!(bs.logprob <= 0.0 && bs.logprob.is_finite());
+                    if temperature == 0.0 {
+                        assert_eq!(ss.top[0], (ss.token, ss.logprob), "{what}, step {j}");
+                    }
+                }
+            }
+            if temperature > 0.0 {
+                // Sampled: not simply the greedy tokens.
+                let greedy = generate(&model, prompts.iter().map(|p| request(p, 0.0, 0)).collect())
+                    .expect("greedy");
+                assert_ne!(
+                    greedy.iter().map(|o| &o.tokens).collect::<Vec<_>>(),
+                    by_backend.iter().map(|o| &o.tokens).collect::<Vec<_>>()
                 );
-                assert!(bs.logprob <= 0.0 && bs.logprob.is_finite());
             }
         }
+    }
+
+    /// A step that fails puts the samplers' draws back: the retried step samples what it
+    /// would have.
+    #[test]
+    fn a_failed_step_puts_the_draws_back() {
+        let mut a = Sampler::new(SamplingParams {
+            temperature: 1.0,
+            seed: 7,
+            ..SamplingParams::default()
+        });
+        let first = a.plan().expect("plannable");
+        a.unplan();
+        assert_eq!(a.plan(), Some(first));
+        let second = a.plan().expect("plannable");
+        assert_ne!(first.draw, second.draw);
     }
 }

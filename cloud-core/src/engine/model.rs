@@ -18,7 +18,7 @@ use std::path::Path;
 use super::backend::{AttnShape, Backend, DeviceError, RopeLayout, Weight};
 use super::config::{Arch, ConfigError, ModelConfig, MoeConfig, ScoringFunc, TopkMethod};
 use super::rope;
-use super::sampler::Sampled;
+use super::sampler::{Pick, Sampled};
 use super::weights::{Checkpoint, WeightsError};
 
 /// The eps of DeepSeek's `q_a_layernorm` and `kv_a_layernorm` (their reference code builds
@@ -109,16 +109,16 @@ pub struct Model<B: Backend> {
 }
 
 /// What a forward pass returns.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, PartialEq)]
 enum Out<'a> {
     /// Logits of every position.
     All,
     /// Logits of each sequence's last position.
     Last,
-    /// The greedy token after each sequence's last position, with its log-probability;
-    /// the allowed tokens of each sequence as bits, if given (see
-    /// [`Backend::argmax_rows`]).
-    Greedy(Option<&'a [u32]>),
+    /// The token after each sequence's last position, with its log-probability: the
+    /// greedy one, or as each sequence's [`Pick`] says; among the allowed tokens of each
+    /// sequence (bits, see [`Backend::argmax_rows`]) if given.
+    Pick(Option<&'a [u32]>, Option<&'a [Pick]>),
 }
 
 impl Out<'_> {
@@ -127,8 +127,7 @@ impl Out<'_> {
         match self {
             Out::All => 0,
             Out::Last => 1,
-            Out::Greedy(None) => 2,
-            Out::Greedy(Some(_)) => 3,
+            Out::Pick(mask, picks) => 2 + u8::from(mask.is_some()) + 2 * u8::from(picks.is_some()),
         }
     }
 }
@@ -546,17 +545,19 @@ impl<B: Backend> Model<B> {
         &self,
         seqs: &mut [(&[u32], &mut Cache<B>)],
     ) -> Result<Vec<Sampled>, EngineError> {
-        self.forward_batch_greedy_allowed(seqs, None)
+        self.forward_batch_pick(seqs, None, None)
     }
 
-    /// [`Model::forward_batch_greedy`] among the tokens each sequence allows: `allowed`
-    /// holds `vocab_size.div_ceil(32)` words of bits per sequence (token `t` is bit
-    /// `t % 32` of word `t / 32`), a grammar's mask; the log-probabilities stay the
-    /// model's own.
-    pub fn forward_batch_greedy_allowed(
+    /// Like [`Model::forward_batch_greedy`], with each sequence's token picked as
+    /// `picks[s]` says (greedy, or sampled by its draw; `None`: all greedy) among the
+    /// tokens it allows: `allowed` holds `vocab_size.div_ceil(32)` words of bits per
+    /// sequence (token `t` is bit `t % 32` of word `t / 32`), a grammar's mask. The
+    /// log-probabilities stay the model's own.
+    pub fn forward_batch_pick(
         &self,
         seqs: &mut [(&[u32], &mut Cache<B>)],
         allowed: Option<&[u32]>,
+        picks: Option<&[Pick]>,
     ) -> Result<Vec<Sampled>, EngineError> {
         let words = self.cfg.vocab_size.div_ceil(32);
         if let Some(a) = allowed {
@@ -568,7 +569,14 @@ impl<B: Backend> Model<B> {
                 )));
             }
         }
-        match self.forward_rows(seqs, Out::Greedy(allowed))? {
+        if picks.is_some_and(|p| p.len() != seqs.len()) {
+            return Err(EngineError::Request(format!(
+                "{} picks for {} sequences",
+                picks.map_or(0, <[Pick]>::len),
+                seqs.len()
+            )));
+        }
+        match self.forward_rows(seqs, Out::Pick(allowed, picks))? {
             Outputs::Tokens(t) => Ok(t),
             Outputs::Logits(_) => unreachable!("asked for tokens"),
         }
@@ -605,7 +613,7 @@ impl<B: Backend> Model<B> {
         let total: usize = lens.iter().sum();
         if total == 0 {
             return Ok(match out {
-                Out::Greedy(_) => Outputs::Tokens(Vec::new()),
+                Out::Pick(..) => Outputs::Tokens(Vec::new()),
                 _ => Outputs::Logits(vec![Vec::new(); seqs.len()]),
             });
         }
@@ -630,7 +638,7 @@ impl<B: Backend> Model<B> {
             cache.len += ids.len();
         }
         match out {
-            Out::Greedy(_) => return Ok(Outputs::Tokens(tokens)),
+            Out::Pick(..) => return Ok(Outputs::Tokens(tokens)),
             Out::Last => {
                 return Ok(Outputs::Logits(
                     logits.chunks(vocab).map(<[f32]>::to_vec).collect(),
@@ -710,8 +718,14 @@ impl<B: Backend> Model<B> {
             be.linear(&xn, total, &self.lm_head, vocab, hd)
         };
         match out {
-            Out::Greedy(allowed) => {
-                let picks = be.argmax_rows(&logits, vocab, allowed).into_iter();
+            Out::Pick(allowed, picks) => {
+                let picks = match picks {
+                    Some(p) if p.iter().any(|p| !p.greedy()) => {
+                        be.pick_rows(&logits, vocab, allowed, p)
+                    }
+                    _ => be.argmax_rows(&logits, vocab, allowed),
+                };
+                let picks = picks.into_iter();
                 let picks = picks.map(|(token, logprob)| Sampled {
                     token,
                     logprob,

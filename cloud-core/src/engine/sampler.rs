@@ -87,6 +87,70 @@ pub struct Sampled {
 pub struct Sampler {
     params: SamplingParams,
     rng: StdRng,
+    /// The stream before the last [`Sampler::plan`].
+    planned_from: Option<StdRng>,
+}
+
+/// How one token is picked from a row of logits, once any penalty and grammar mask are
+/// applied: what a backend needs to pick it where the logits are.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Pick {
+    /// 0: greedy; otherwise the logits are divided by it.
+    pub temperature: f32,
+    /// Only the `top_k` largest (0: all).
+    pub top_k: usize,
+    /// Only the fewest, largest first, whose probabilities reach `top_p` (1: all).
+    pub top_p: f32,
+    /// The uniform draw in [0, 1) that chooses along the cumulative probabilities, in
+    /// order from the largest (unused when greedy).
+    pub draw: f64,
+}
+
+impl Pick {
+    /// The largest value is picked.
+    pub fn greedy(&self) -> bool {
+        self.temperature == 0.0 || self.top_k == 1
+    }
+
+    /// The index it picks from `x` (ties: the lower index first).
+    pub fn pick(&self, x: &[f32]) -> usize {
+        if self.greedy() {
+            return argmax(x);
+        }
+        let x: Vec<f32> = x.iter().map(|v| v / self.temperature).collect();
+        let mut order: Vec<usize> = (0..x.len()).collect();
+        order.sort_by(|a, b| x[*b].total_cmp(&x[*a]).then(a.cmp(b)));
+        if self.top_k > 0 {
+            order.truncate(self.top_k);
+        }
+        let max = x[order[0]];
+        let mut probs: Vec<f64> = order.iter().map(|&i| ((x[i] - max) as f64).exp()).collect();
+        let total: f64 = probs.iter().sum();
+        probs.iter_mut().for_each(|q| *q /= total);
+        if self.top_p < 1.0 {
+            let mut acc = 0.0;
+            let mut keep = probs.len();
+            for (i, q) in probs.iter().enumerate() {
+                acc += q;
+                if acc >= f64::from(self.top_p) {
+                    keep = i + 1;
+                    break;
+                }
+            }
+            probs.truncate(keep);
+            order.truncate(keep);
+            let total: f64 = probs.iter().sum();
+            probs.iter_mut().for_each(|q| *q /= total);
+        }
+        let mut acc = 0.0;
+        for (i, q) in order.iter().zip(&probs) {
+            acc += q;
+            if self.draw < acc {
+                return *i;
+            }
+        }
+        order[order.len() - 1]
+    }
 }
 
 /// `log Σ exp(logits)`, summed in f64 from the maximum.
@@ -122,7 +186,50 @@ impl Sampler {
     /// A sampler seeded by `params.seed`.
     pub fn new(params: SamplingParams) -> Sampler {
         let rng = StdRng::seed_from_u64(params.seed);
-        Sampler { params, rng }
+        Sampler {
+            params,
+            rng,
+            planned_from: None,
+        }
+    }
+
+    /// How the next token is to be picked, for a backend to pick it where the logits are
+    /// (drawing from the stream as [`Sampler::sample`] would); `None` when only the host
+    /// can (a repetition penalty, alternatives to report). [`Sampler::unplan`] puts the
+    /// draw back when the step is not taken.
+    pub fn plan(&mut self) -> Option<Pick> {
+        if !self.plannable() {
+            return None;
+        }
+        self.planned_from = Some(self.rng.clone());
+        Some(self.next_pick())
+    }
+
+    /// The next pick, its draw taken from the stream unless it is greedy.
+    fn next_pick(&mut self) -> Pick {
+        let p = &self.params;
+        let mut pick = Pick {
+            temperature: p.temperature,
+            top_k: p.top_k,
+            top_p: p.top_p,
+            draw: 0.0,
+        };
+        if !pick.greedy() {
+            pick.draw = self.rng.random();
+        }
+        pick
+    }
+
+    /// Whether [`Sampler::plan`] gives a pick.
+    pub fn plannable(&self) -> bool {
+        self.params.repetition_penalty == 1.0 && self.params.top_logprobs == 0
+    }
+
+    /// Undoes the last [`Sampler::plan`]'s draw.
+    pub fn unplan(&mut self) {
+        if let Some(rng) = self.planned_from.take() {
+            self.rng = rng;
+        }
     }
 
     /// The parameters.
@@ -159,53 +266,13 @@ impl Sampler {
                 }
             }
         }
-        let token = if p.temperature == 0.0 || p.top_k == 1 {
-            argmax(&x)
-        } else {
-            for v in x.iter_mut() {
-                *v /= p.temperature;
-            }
-            let mut order: Vec<usize> = (0..x.len()).collect();
-            order.sort_by(|a, b| x[*b].total_cmp(&x[*a]).then(a.cmp(b)));
-            if p.top_k > 0 {
-                order.truncate(p.top_k);
-            }
-            let max = x[order[0]];
-            let mut probs: Vec<f64> = order.iter().map(|&i| ((x[i] - max) as f64).exp()).collect();
-            let total: f64 = probs.iter().sum();
-            probs.iter_mut().for_each(|q| *q /= total);
-            if p.top_p < 1.0 {
-                let mut acc = 0.0;
-                let mut keep = probs.len();
-                for (i, q) in probs.iter().enumerate() {
-                    acc += q;
-                    if acc >= f64::from(p.top_p) {
-                        keep = i + 1;
-                        break;
-                    }
-                }
-                probs.truncate(keep);
-                order.truncate(keep);
-                let total: f64 = probs.iter().sum();
-                probs.iter_mut().for_each(|q| *q /= total);
-            }
-            let r: f64 = self.rng.random();
-            let mut acc = 0.0;
-            let mut pick = order[order.len() - 1];
-            for (i, q) in order.iter().zip(&probs) {
-                acc += q;
-                if r < acc {
-                    pick = *i;
-                    break;
-                }
-            }
-            pick
-        };
-        let top = if p.top_logprobs > 0 {
+        let token = self.next_pick().pick(&x);
+        let n_top = self.params.top_logprobs;
+        let top = if n_top > 0 {
             let mut idx: Vec<usize> = (0..lp.len()).collect();
             idx.sort_by(|a, b| lp[*b].total_cmp(&lp[*a]).then(a.cmp(b)));
             idx.into_iter()
-                .take(p.top_logprobs)
+                .take(n_top)
                 .map(|i| (i as u32, lp[i]))
                 .collect()
         } else {

@@ -471,11 +471,12 @@ fn cuda_prompt_and_decode_experts_match_the_host() {
     );
 }
 
-/// Greedy verdicts: each step's token is picked on the device among those its grammar
-/// allows (the mask goes to the device, the logits stay there), and is the token the
-/// host's sampler picks from the logits; the log-probabilities agree.
+/// Verdicts, greedy and sampled: each step's token is picked on the device among those
+/// its grammar allows (the mask and the sampler's draw go to the device, the logits stay
+/// there), and is the token the host's sampler picks from the logits with the same draw;
+/// the log-probabilities agree.
 #[test]
-fn cuda_greedy_verdicts_picked_on_the_device_are_the_samplers() {
+fn cuda_verdicts_picked_on_the_device_are_the_samplers() {
     use cloud_core::engine::config::ModelConfig;
     use cloud_core::engine::constrain::Grammars;
     use cloud_core::engine::generate::{generate, Request};
@@ -492,35 +493,41 @@ fn cuda_greedy_verdicts_picked_on_the_device_are_the_samplers() {
     .expect("config");
     let grammars = Grammars::load(dir.path(), cfg.vocab_size, eos).expect("grammars");
     let model = Model::random(cfg, gpu, 11).expect("model");
-    let verdict = |prompt: &[u32], top_logprobs: usize| Request {
-        prompt: prompt.to_vec(),
-        params: SamplingParams {
-            max_tokens: 40,
-            top_logprobs,
-            ..Default::default()
-        },
-        constraint: Some(
-            grammars
-                .json_schema(&cloud_core::verdict::schema())
-                .expect("schema compiles"),
-        ),
-    };
-    // The same batch both ways, so that the logits are the same.
-    let prompts: [&[u32]; 2] = [&[72, 105, 33], &[1, 2, 3, 4]];
-    let on_device = generate(&model, prompts.iter().map(|p| verdict(p, 0)).collect())
-        .expect("picked on the device");
-    let on_host = generate(&model, prompts.iter().map(|p| verdict(p, 1)).collect())
-        .expect("sampled on the host");
-    for (i, (d, h)) in on_device.iter().zip(&on_host).enumerate() {
-        assert!(!d.tokens.is_empty(), "request {i}");
-        assert_eq!(d.tokens, h.tokens, "request {i}: tokens");
-        for (j, (ds, hs)) in d.steps.iter().zip(&h.steps).enumerate() {
-            assert!(
-                (ds.logprob - hs.logprob).abs() <= 1e-4 * hs.logprob.abs().max(1.0),
-                "request {i}, step {j}: log-probability {} vs {}",
-                ds.logprob,
-                hs.logprob
-            );
+    for temperature in [0.0, 1.0] {
+        let verdict = |prompt: &[u32], top_logprobs: usize| Request {
+            prompt: prompt.to_vec(),
+            params: SamplingParams {
+                temperature,
+                top_p: 0.95,
+                seed: prompt.len() as u64,
+                max_tokens: 40,
+                top_logprobs,
+                ..Default::default()
+            },
+            constraint: Some(
+                grammars
+                    .json_schema(&cloud_core::verdict::schema())
+                    .expect("schema compiles"),
+            ),
+        };
+        // The same batch both ways, so that the logits are the same.
+        let prompts: [&[u32]; 2] = [&[72, 105, 33], &[1, 2, 3, 4]];
+        let on_device = generate(&model, prompts.iter().map(|p| verdict(p, 0)).collect())
+            .expect("picked on the device");
+        let on_host = generate(&model, prompts.iter().map(|p| verdict(p, 1)).collect())
+            .expect("sampled on the host");
+        for (i, (d, h)) in on_device.iter().zip(&on_host).enumerate() {
+            let what = format!("temperature {temperature}, request {i}");
+            assert!(!d.tokens.is_empty(), "{what}");
+            assert_eq!(d.tokens, h.tokens, "{what}: tokens");
+            for (j, (ds, hs)) in d.steps.iter().zip(&h.steps).enumerate() {
+                assert!(
+                    (ds.logprob - hs.logprob).abs() <= 1e-4 * hs.logprob.abs().max(1.0),
+                    "{what}, step {j}: log-probability {} vs {}",
+                    ds.logprob,
+                    hs.logprob
+                );
+            }
         }
     }
 }

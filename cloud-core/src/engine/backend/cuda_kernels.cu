@@ -322,6 +322,157 @@ extern "C" __global__ void argmax_rows(const float* __restrict__ x, int cols,
     }
 }
 
+// ---- Sampling on the device ------------------------------------------------------------
+// A row's values in the order the host's sampler sorts them (larger first, the lower index
+// first among equals) as distinct 64-bit keys: the value's order-preserving bits, then
+// the complement of the index.
+__device__ __forceinline__ u64 rank_key(float v, int i) {
+    unsigned b = __float_as_uint(v);
+    b = (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+    return ((u64)b << 32) | (u64)(0xffffffffu - (unsigned)i);
+}
+
+// Block reductions over shared scratch of blockDim.x entries (a power of two), in a fixed
+// order (the same result every run).
+__device__ double block_sum_f64(double v, double* sh) {
+    sh[threadIdx.x] = v;
+    __syncthreads();
+    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) sh[threadIdx.x] += sh[threadIdx.x + s];
+        __syncthreads();
+    }
+    double r = sh[0];
+    __syncthreads();
+    return r;
+}
+
+__device__ float block_max_f32(float v, float* sh) {
+    sh[threadIdx.x] = v;
+    __syncthreads();
+    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) sh[threadIdx.x] = fmaxf(sh[threadIdx.x], sh[threadIdx.x + s]);
+        __syncthreads();
+    }
+    float r = sh[0];
+    __syncthreads();
+    return r;
+}
+
+__device__ u64 block_max_u64(u64 v, u64* sh) {
+    sh[threadIdx.x] = v;
+    __syncthreads();
+    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s && sh[threadIdx.x + s] > sh[threadIdx.x]) sh[threadIdx.x] = sh[threadIdx.x + s];
+        __syncthreads();
+    }
+    u64 r = sh[0];
+    __syncthreads();
+    return r;
+}
+
+#define SAMPLE_MAX_THREADS 1024
+
+// The next token of each row, as the host's sampler picks it (`sampler::pick`), and its
+// log-softmax; one block per row, blockDim.x a power of two ≤ SAMPLE_MAX_THREADS.
+// spec: 4 words per row: temperature (f32 bits), top_k, top_p (f32 bits) and the row's
+// uniform draw in [0, 1) (f64 bits). Temperature 0 or top_k 1: the
+// largest value. Otherwise the values are divided by the temperature, cut to the top_k
+// largest (0: all), then to the fewest whose probabilities reach top_p, and the draw picks
+// along the cumulative probabilities in the sorted order. With `allowed` (bits of
+// ceil(cols / 32) words per row) tokens outside it weigh nothing; the log-softmax is
+// always over the whole raw row. Without sorting: each cut and the pick is the largest
+// key whose weight at or above it meets a target, found by bisection on the key.
+extern "C" __global__ void sample_rows(const float* __restrict__ x, int cols,
+                                       const unsigned* __restrict__ allowed,
+                                       const u64* __restrict__ spec, unsigned* __restrict__ out,
+                                       float* __restrict__ logprob) {
+    __shared__ double shd[SAMPLE_MAX_THREADS];
+    __shared__ u64 shk[SAMPLE_MAX_THREADS];
+    __shared__ float shf[SAMPLE_MAX_THREADS];
+    const float* r = x + (long)blockIdx.x * cols;
+    const unsigned* a = allowed ? allowed + (long)blockIdx.x * ((cols + 31) / 32) : 0;
+    const u64* sp = spec + 4 * (long)blockIdx.x;
+    float temp = __uint_as_float((unsigned)sp[0]);
+    long top_k = (long)sp[1];
+    float top_p = __uint_as_float((unsigned)sp[2]);
+    double draw = __longlong_as_double((long long)sp[3]);
+    bool greedy = temp == 0.f || top_k == 1;
+    // The scaled value of i (a disallowed token: -inf).
+#define SCALED(i) ((a && !((a[(i) / 32] >> ((i) % 32)) & 1u)) ? NEG_INF : (greedy ? r[i] : r[i] / temp))
+    // The raw row's log-sum-exp, and the largest scaled value's key.
+    float m = NEG_INF, sum = 0.f;
+    u64 best = 0;
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) {
+        float v = r[i];
+        if (v > m) {
+            sum = sum * __expf(m - v) + 1.f;
+            m = v;
+        } else {
+            sum += __expf(v - m);
+        }
+        u64 k = rank_key(SCALED(i), i);
+        if (k > best) best = k;
+    }
+    // Log-sum-exp: the maximum, then Σ exp(v - max) from each thread's partial sum.
+    float M = block_max_f32(m, shf);
+    double lse_sum = block_sum_f64(m == NEG_INF ? 0.0 : (double)(sum * __expf(m - M)), shd);
+    best = block_max_u64(best, shk);
+    int pick = (int)(0xffffffffu - (unsigned)(best & 0xffffffffu));
+    if (!greedy) {
+        float top = SCALED(pick);  // the largest scaled value
+        // Weight at or above key t: the count of such values (w = 0) or Σ exp(v - top).
+#define WEIGHT_FROM(t, count, res) do { \
+            double acc_ = 0.0; \
+            for (int i = threadIdx.x; i < cols; i += blockDim.x) { \
+                float v = SCALED(i); \
+                if (rank_key(v, i) >= (t)) acc_ += (count) ? 1.0 : exp((double)(v - top)); \
+            } \
+            res = block_sum_f64(acc_, shd); \
+        } while (0)
+        // The largest key whose weight at or above it is ≥ target (strict: > target),
+        // searched in [lo, best].
+#define LARGEST_KEY(lo, count, target, strict, res) do { \
+            u64 l_ = (lo), h_ = best; \
+            while (l_ < h_) { \
+                u64 mid_ = l_ + (h_ - l_) / 2 + 1; \
+                double w_; \
+                WEIGHT_FROM(mid_, count, w_); \
+                if ((strict) ? w_ > (target) : w_ >= (target)) l_ = mid_; else h_ = mid_ - 1; \
+            } \
+            res = l_; \
+        } while (0)
+        u64 floor_k = 0;
+        if (top_k > 0 && top_k < cols) LARGEST_KEY((u64)0, 1, (double)top_k, 0, floor_k);
+        double total;
+        WEIGHT_FROM(floor_k, 0, total);
+        u64 floor_p = floor_k;
+        if (top_p < 1.f) LARGEST_KEY(floor_k, 0, (double)top_p * total, 0, floor_p);
+        double kept;
+        WEIGHT_FROM(floor_p, 0, kept);
+        double target = draw * kept;
+        u64 chosen;
+        if (target < kept) {
+            LARGEST_KEY(floor_p, 0, target, 1, chosen);
+        } else {
+            // A draw past the last cumulative sum (rounding): the last kept value.
+            u64 lowest = ~0ull;
+            for (int i = threadIdx.x; i < cols; i += blockDim.x) {
+                u64 k = rank_key(SCALED(i), i);
+                if (k >= floor_p && k < lowest) lowest = k;
+            }
+            chosen = ~block_max_u64(~lowest, shk);
+        }
+        pick = (int)(0xffffffffu - (unsigned)(chosen & 0xffffffffu));
+#undef LARGEST_KEY
+#undef WEIGHT_FROM
+    }
+#undef SCALED
+    if (threadIdx.x == 0) {
+        out[blockIdx.x] = (unsigned)pick;
+        logprob[blockIdx.x] = r[pick] - (M + logf((float)lse_sum));
+    }
+}
+
 #define ATT_WARPS 8
 #define MAX_DV 512
 

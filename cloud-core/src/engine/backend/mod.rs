@@ -116,17 +116,37 @@ pub trait Backend {
     /// that over the whole row: a grammar's mask. A GPU backend picks on the device and
     /// copies back only the picks.
     fn argmax_rows(&self, x: &Self::Buf, cols: usize, allowed: Option<&[u32]>) -> Vec<(u32, f32)> {
-        use crate::engine::sampler::{argmax, log_softmax_at};
+        let greedy = crate::engine::sampler::Pick {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            draw: 0.0,
+        };
+        let rows = self.len(x).checked_div(cols).unwrap_or(0);
+        self.pick_rows(x, cols, allowed, &vec![greedy; rows])
+    }
+    /// [`Backend::argmax_rows`] with each row's token picked as `picks[row]` says
+    /// ([`crate::engine::sampler::Pick::pick`]: greedy, or sampled by its draw with a
+    /// temperature, top-k and top-p), among the tokens `allowed` gives.
+    fn pick_rows(
+        &self,
+        x: &Self::Buf,
+        cols: usize,
+        allowed: Option<&[u32]>,
+        picks: &[crate::engine::sampler::Pick],
+    ) -> Vec<(u32, f32)> {
+        use crate::engine::sampler::log_softmax_at;
         let v = self.download(x);
         if cols == 0 {
             return Vec::new();
         }
         let words = cols.div_ceil(32);
         v.chunks_exact(cols)
+            .zip(picks)
             .enumerate()
-            .map(|(r, row)| {
+            .map(|(r, (row, pick))| {
                 let i = match allowed.and_then(|a| a.get(r * words..(r + 1) * words)) {
-                    None => argmax(row),
+                    None => pick.pick(row),
                     Some(a) => {
                         let mut masked = row.to_vec();
                         for (t, l) in masked.iter_mut().enumerate() {
@@ -134,7 +154,7 @@ pub trait Backend {
                                 *l = f32::NEG_INFINITY;
                             }
                         }
-                        argmax(&masked)
+                        pick.pick(&masked)
                     }
                 };
                 (i as u32, log_softmax_at(row, i))

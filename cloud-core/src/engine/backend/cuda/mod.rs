@@ -48,6 +48,7 @@ use step::{Captured, Dev, KArg, Mode, Pre, Region, Sig, Steps};
 
 use super::{AttnShape, Backend, DeviceError, Projection, RopeLayout, Weight};
 use crate::engine::paged::{AllocError, BlockPool, Budget, ChunkSource, PagedRows};
+use crate::engine::sampler::Pick;
 
 /// Launches kernel `$name` of `$self` with the arguments in order (buffers by device
 /// address, scalars of the kernel's parameter types); a failure is recorded. Each caller
@@ -83,6 +84,7 @@ pub const KERNEL_NAMES: &[&str] = &[
     "attention_batch",
     "attention_merge",
     "argmax_rows",
+    "sample_rows",
     "gemv_bf16",
     "gemv_swiglu",
     "moe_route",
@@ -304,6 +306,8 @@ pub const GEMV_ROWS: usize = 8;
 pub const ATT_WARPS: usize = 8;
 /// The most experts the MoE kernels route among: `MOE_MAX_EXPERTS` of the kernels.
 pub const MOE_MAX_EXPERTS: usize = 512;
+/// The most threads of a `sample_rows` block: `SAMPLE_MAX_THREADS` of the kernels.
+pub const SAMPLE_MAX_THREADS: usize = 1024;
 /// The most ranges `attention_batch` splits a row's positions into.
 const ATT_MAX_SPLITS: usize = 32;
 /// The most sequences a captured step holds.
@@ -1247,6 +1251,115 @@ impl Cuda {
         Some(())
     }
 
+    /// Each row's pick and its log-softmax, on the device (see [`Backend::pick_rows`]):
+    /// `argmax_rows` when every row is greedy (`picks` `None`: all are), else
+    /// `sample_rows`. Only the picks are copied back.
+    fn picks(
+        &self,
+        x: &CudaBuf,
+        cols: usize,
+        allowed: Option<&[u32]>,
+        picks: Option<&[Pick]>,
+    ) -> Vec<(u32, f32)> {
+        if self.errored() {
+            return Vec::new();
+        }
+        let Some(xs) = self.f32_of(x, "argmax_rows") else {
+            return Vec::new();
+        };
+        if cols == 0 || xs.len() % cols != 0 {
+            self.record(failed("argmax_rows", "rows are not whole"));
+            return Vec::new();
+        }
+        let rows = xs.len() / cols;
+        if rows == 0 {
+            return Vec::new();
+        }
+        if allowed.is_some_and(|a| a.len() != rows * cols.div_ceil(32)) {
+            self.record(failed(
+                "argmax_rows",
+                "the mask is not a row of bits per row",
+            ));
+            return Vec::new();
+        }
+        let picks = picks.filter(|p| p.iter().any(|p| !p.greedy()));
+        if picks.is_some_and(|p| p.len() != rows) {
+            self.record(failed("pick_rows", "not one pick per row"));
+            return Vec::new();
+        }
+        let mask = match allowed {
+            Some(a) => match self.meta(a, "token mask") {
+                Some(m) => Some(m),
+                None => return Vec::new(),
+            },
+            None => None,
+        };
+        let mask_ptr = mask.as_ref().map_or(0, |m| m.ptr());
+        // Token ids and log-probabilities in one buffer, for one copy back.
+        let Some(mut out) = self.tmp::<u32>(2 * rows, "argmax_rows") else {
+            return Vec::new();
+        };
+        let c = cols as i32;
+        // SAFETY: the second half of `out` holds `rows` 4-byte values.
+        let lp = unsafe { Dev::<f32>::view(&self.stream, out.ptr() + 4 * rows as u64, rows) };
+        match picks {
+            None => launch!(
+                self,
+                "argmax_rows",
+                per_row(rows, 256),
+                xs,
+                &c,
+                &mask_ptr,
+                &mut out,
+                &lp
+            ),
+            Some(picks) => {
+                // Per row: temperature, top_k, top_p, draw (the kernel's layout).
+                let spec: Vec<u64> = picks
+                    .iter()
+                    .flat_map(|p| {
+                        [
+                            u64::from(p.temperature.to_bits()),
+                            p.top_k as u64,
+                            u64::from(p.top_p.to_bits()),
+                            p.draw.to_bits(),
+                        ]
+                    })
+                    .collect();
+                let Some(spec) = self.meta(&spec, "sampling parameters") else {
+                    return Vec::new();
+                };
+                // About 16 values per thread, up to the kernel's block.
+                let threads = (cols / 16)
+                    .next_power_of_two()
+                    .clamp(32, SAMPLE_MAX_THREADS);
+                launch!(
+                    self,
+                    "sample_rows",
+                    per_row(rows, threads as u32),
+                    xs,
+                    &c,
+                    &mask_ptr,
+                    &spec,
+                    &mut out,
+                    &lp
+                );
+            }
+        }
+        if !self.flush() {
+            return Vec::new();
+        }
+        match self.stream.clone_dtoh::<u32, CudaSlice<u32>>(&out) {
+            Ok(v) => (0..rows)
+                .map(|i| (v[i], f32::from_bits(v[rows + i])))
+                .collect(),
+            Err(e) => {
+                self.record(failed("argmax_rows", e));
+                Vec::new()
+            }
+        }
+    }
+
     /// Device memory of its own, kept past the step (block tables). Not while a step is
     /// captured: the capture is given up.
     fn alloc_owned<T: DeviceRepr>(&self, n: usize, what: &str) -> Option<CudaSlice<T>> {
@@ -1770,64 +1883,17 @@ impl Backend for Cuda {
     }
 
     fn argmax_rows(&self, x: &CudaBuf, cols: usize, allowed: Option<&[u32]>) -> Vec<(u32, f32)> {
-        if self.errored() {
-            return Vec::new();
-        }
-        let Some(xs) = self.f32_of(x, "argmax_rows") else {
-            return Vec::new();
-        };
-        if cols == 0 || xs.len() % cols != 0 {
-            self.record(failed("argmax_rows", "rows are not whole"));
-            return Vec::new();
-        }
-        let rows = xs.len() / cols;
-        if rows == 0 {
-            return Vec::new();
-        }
-        if allowed.is_some_and(|a| a.len() != rows * cols.div_ceil(32)) {
-            self.record(failed(
-                "argmax_rows",
-                "the mask is not a row of bits per row",
-            ));
-            return Vec::new();
-        }
-        let mask = match allowed {
-            Some(a) => match self.meta(a, "token mask") {
-                Some(m) => Some(m),
-                None => return Vec::new(),
-            },
-            None => None,
-        };
-        let mask_ptr = mask.as_ref().map_or(0, |m| m.ptr());
-        // Token ids and log-probabilities in one buffer, for one copy back.
-        let Some(mut out) = self.tmp::<u32>(2 * rows, "argmax_rows") else {
-            return Vec::new();
-        };
-        let c = cols as i32;
-        // SAFETY: the second half of `out` holds `rows` 4-byte values.
-        let lp = unsafe { Dev::<f32>::view(&self.stream, out.ptr() + 4 * rows as u64, rows) };
-        launch!(
-            self,
-            "argmax_rows",
-            per_row(rows, 256),
-            xs,
-            &c,
-            &mask_ptr,
-            &mut out,
-            &lp
-        );
-        if !self.flush() {
-            return Vec::new();
-        }
-        match self.stream.clone_dtoh::<u32, CudaSlice<u32>>(&out) {
-            Ok(v) => (0..rows)
-                .map(|i| (v[i], f32::from_bits(v[rows + i])))
-                .collect(),
-            Err(e) => {
-                self.record(failed("argmax_rows", e));
-                Vec::new()
-            }
-        }
+        self.picks(x, cols, allowed, None)
+    }
+
+    fn pick_rows(
+        &self,
+        x: &CudaBuf,
+        cols: usize,
+        allowed: Option<&[u32]>,
+        picks: &[Pick],
+    ) -> Vec<(u32, f32)> {
+        self.picks(x, cols, allowed, Some(picks))
     }
 
     fn moe_routed(
@@ -3044,6 +3110,7 @@ mod tests {
             ("ATT_WARPS", ATT_WARPS),
             ("MAX_DV", MAX_DV),
             ("MOE_MAX_EXPERTS", MOE_MAX_EXPERTS),
+            ("SAMPLE_MAX_THREADS", SAMPLE_MAX_THREADS),
         ] {
             assert!(
                 KERNELS.contains(&format!("#define {name} {value}\n")),
