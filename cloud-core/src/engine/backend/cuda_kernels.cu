@@ -372,16 +372,57 @@ __device__ u64 block_max_u64(u64 v, u64* sh) {
 
 #define SAMPLE_MAX_THREADS 1024
 
-// The next token of each row, as the host's sampler picks it (`sampler::pick`), and its
-// log-softmax; one block per row, blockDim.x a power of two ≤ SAMPLE_MAX_THREADS.
+// One row as the sampler sees it: its values divided by the temperature (unless greedy),
+// a disallowed token at -inf; keys and weights for the bisections.
+struct SampleRow {
+    const float* r;
+    const unsigned* allowed;
+    int cols;
+    bool greedy;
+    float temp;
+    float top;  // the largest scaled value
+    double* shd;
+
+    __device__ float scaled(int i) const {
+        if (allowed && !((allowed[i / 32] >> (i % 32)) & 1u)) return NEG_INF;
+        return greedy ? r[i] : r[i] / temp;
+    }
+
+    // The weight of the values whose key is at least t: their count, or Σ exp(v - top)
+    // in f64 (as the host computes the probabilities).
+    __device__ double weight_from(u64 t, bool count) const {
+        double acc = 0.0;
+        for (int i = threadIdx.x; i < cols; i += blockDim.x) {
+            float v = scaled(i);
+            if (rank_key(v, i) >= t) acc += count ? 1.0 : exp((double)(v - top));
+        }
+        return block_sum_f64(acc, shd);
+    }
+
+    // The largest key in [lo, hi] whose weight at or above it is ≥ target (strict: >);
+    // the weight at lo must meet it. Keys are distinct, so the answer is a value's key.
+    __device__ u64 largest_key(u64 lo, u64 hi, bool count, double target, bool strict) const {
+        while (lo < hi) {
+            u64 mid = lo + (hi - lo) / 2 + 1;
+            double w = weight_from(mid, count);
+            if (strict ? w > target : w >= target) lo = mid; else hi = mid - 1;
+        }
+        return lo;
+    }
+};
+
+__device__ __forceinline__ int key_index(u64 k) { return (int)(0xffffffffu - (unsigned)(k & 0xffffffffu)); }
+
+// The next token of each row, as the host's sampler picks it (`sampler::Pick::pick`), and
+// its log-softmax; one block per row, blockDim.x a power of two ≤ SAMPLE_MAX_THREADS.
 // spec: 4 words per row: temperature (f32 bits), top_k, top_p (f32 bits) and the row's
-// uniform draw in [0, 1) (f64 bits). Temperature 0 or top_k 1: the
-// largest value. Otherwise the values are divided by the temperature, cut to the top_k
-// largest (0: all), then to the fewest whose probabilities reach top_p, and the draw picks
-// along the cumulative probabilities in the sorted order. With `allowed` (bits of
-// ceil(cols / 32) words per row) tokens outside it weigh nothing; the log-softmax is
-// always over the whole raw row. Without sorting: each cut and the pick is the largest
-// key whose weight at or above it meets a target, found by bisection on the key.
+// uniform draw in [0, 1) (f64 bits). Temperature 0 or top_k 1: the largest value.
+// Otherwise the values are divided by the temperature, cut to the top_k largest (0: all),
+// then to the fewest whose probabilities reach top_p, and the draw picks along the
+// cumulative probabilities in the sorted order. With `allowed` (bits of ceil(cols / 32)
+// words per row) tokens outside it weigh nothing; the log-softmax is always over the
+// whole raw row. Without sorting: each cut and the pick is the largest key whose weight
+// at or above it meets a target, found by bisection on the key.
 extern "C" __global__ void sample_rows(const float* __restrict__ x, int cols,
                                        const unsigned* __restrict__ allowed,
                                        const u64* __restrict__ spec, unsigned* __restrict__ out,
@@ -389,87 +430,62 @@ extern "C" __global__ void sample_rows(const float* __restrict__ x, int cols,
     __shared__ double shd[SAMPLE_MAX_THREADS];
     __shared__ u64 shk[SAMPLE_MAX_THREADS];
     __shared__ float shf[SAMPLE_MAX_THREADS];
-    const float* r = x + (long)blockIdx.x * cols;
-    const unsigned* a = allowed ? allowed + (long)blockIdx.x * ((cols + 31) / 32) : 0;
     const u64* sp = spec + 4 * (long)blockIdx.x;
     float temp = __uint_as_float((unsigned)sp[0]);
     long top_k = (long)sp[1];
     float top_p = __uint_as_float((unsigned)sp[2]);
     double draw = __longlong_as_double((long long)sp[3]);
-    bool greedy = temp == 0.f || top_k == 1;
-    // The scaled value of i (a disallowed token: -inf).
-#define SCALED(i) ((a && !((a[(i) / 32] >> ((i) % 32)) & 1u)) ? NEG_INF : (greedy ? r[i] : r[i] / temp))
+    SampleRow row;
+    row.r = x + (long)blockIdx.x * cols;
+    row.allowed = allowed ? allowed + (long)blockIdx.x * ((cols + 31) / 32) : 0;
+    row.cols = cols;
+    row.greedy = temp == 0.f || top_k == 1;
+    row.temp = temp;
+    row.shd = shd;
     // The raw row's log-sum-exp, and the largest scaled value's key.
     float m = NEG_INF, sum = 0.f;
     u64 best = 0;
     for (int i = threadIdx.x; i < cols; i += blockDim.x) {
-        float v = r[i];
+        float v = row.r[i];
         if (v > m) {
             sum = sum * __expf(m - v) + 1.f;
             m = v;
         } else {
             sum += __expf(v - m);
         }
-        u64 k = rank_key(SCALED(i), i);
+        u64 k = rank_key(row.scaled(i), i);
         if (k > best) best = k;
     }
-    // Log-sum-exp: the maximum, then Σ exp(v - max) from each thread's partial sum.
     float M = block_max_f32(m, shf);
     double lse_sum = block_sum_f64(m == NEG_INF ? 0.0 : (double)(sum * __expf(m - M)), shd);
     best = block_max_u64(best, shk);
-    int pick = (int)(0xffffffffu - (unsigned)(best & 0xffffffffu));
-    if (!greedy) {
-        float top = SCALED(pick);  // the largest scaled value
-        // Weight at or above key t: the count of such values (w = 0) or Σ exp(v - top).
-#define WEIGHT_FROM(t, count, res) do { \
-            double acc_ = 0.0; \
-            for (int i = threadIdx.x; i < cols; i += blockDim.x) { \
-                float v = SCALED(i); \
-                if (rank_key(v, i) >= (t)) acc_ += (count) ? 1.0 : exp((double)(v - top)); \
-            } \
-            res = block_sum_f64(acc_, shd); \
-        } while (0)
-        // The largest key whose weight at or above it is ≥ target (strict: > target),
-        // searched in [lo, best].
-#define LARGEST_KEY(lo, count, target, strict, res) do { \
-            u64 l_ = (lo), h_ = best; \
-            while (l_ < h_) { \
-                u64 mid_ = l_ + (h_ - l_) / 2 + 1; \
-                double w_; \
-                WEIGHT_FROM(mid_, count, w_); \
-                if ((strict) ? w_ > (target) : w_ >= (target)) l_ = mid_; else h_ = mid_ - 1; \
-            } \
-            res = l_; \
-        } while (0)
+    int pick = key_index(best);
+    if (!row.greedy) {
+        row.top = row.scaled(pick);
         u64 floor_k = 0;
-        if (top_k > 0 && top_k < cols) LARGEST_KEY((u64)0, 1, (double)top_k, 0, floor_k);
-        double total;
-        WEIGHT_FROM(floor_k, 0, total);
+        if (top_k > 0 && top_k < cols) floor_k = row.largest_key(0, best, true, (double)top_k, false);
+        double total = row.weight_from(floor_k, false);
         u64 floor_p = floor_k;
-        if (top_p < 1.f) LARGEST_KEY(floor_k, 0, (double)top_p * total, 0, floor_p);
-        double kept;
-        WEIGHT_FROM(floor_p, 0, kept);
+        if (top_p < 1.f) floor_p = row.largest_key(floor_k, best, false, (double)top_p * total, false);
+        double kept = row.weight_from(floor_p, false);
         double target = draw * kept;
         u64 chosen;
         if (target < kept) {
-            LARGEST_KEY(floor_p, 0, target, 1, chosen);
+            chosen = row.largest_key(floor_p, best, false, target, true);
         } else {
             // A draw past the last cumulative sum (rounding): the last kept value.
             u64 lowest = ~0ull;
             for (int i = threadIdx.x; i < cols; i += blockDim.x) {
-                u64 k = rank_key(SCALED(i), i);
+                u64 k = rank_key(row.scaled(i), i);
                 if (k >= floor_p && k < lowest) lowest = k;
             }
             chosen = ~block_max_u64(~lowest, shk);
         }
-        pick = (int)(0xffffffffu - (unsigned)(chosen & 0xffffffffu));
-#undef LARGEST_KEY
-#undef WEIGHT_FROM
+        pick = key_index(chosen);
     }
-#undef SCALED
     if (threadIdx.x == 0) {
         out[blockIdx.x] = (unsigned)pick;
-        logprob[blockIdx.x] = r[pick] - (M + logf((float)lse_sum));
+        logprob[blockIdx.x] = row.r[pick] - (M + logf((float)lse_sum));
     }
 }
 
