@@ -165,6 +165,12 @@ enum Cmd {
         /// step into a CUDA graph and replaying it (to measure what the graphs save).
         #[arg(long)]
         no_graphs: bool,
+        /// Decode by sampling at this temperature (0: greedy) instead of greedily.
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f32,
+        /// With --temperature: keep the fewest tokens whose probabilities reach this.
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f32,
     },
 }
 
@@ -371,8 +377,12 @@ fn bench_report<B: Backend>(
         "copy bandwidth (read + written), measured now: {:.0} GB/s; weights held as {weights}",
         bandwidth / 1e9
     );
+    let how = match opts.sample {
+        None => "greedy".to_string(),
+        Some((t, p)) => format!("sampled (temperature {t}, top-p {p})"),
+    };
     println!(
-        "prefill: {} prompt tokens per sequence, all sequences in one pass; decode: {} greedy steps after it",
+        "prefill: {} prompt tokens per sequence, all sequences in one pass; decode: {} {how} steps after it",
         opts.prompt, opts.steps
     );
     println!("| batch | prefill tokens/s | decode tokens/s | ms per step | GB per step (bf16) | GB/s | roofline share |");
@@ -675,6 +685,8 @@ fn main() -> ExitCode {
             steps,
             batches,
             no_graphs,
+            temperature,
+            top_p,
         } => {
             let run = || -> Result<(), String> {
                 let batches = batches
@@ -687,10 +699,17 @@ fn main() -> ExitCode {
                             .ok_or_else(|| format!("--batches: {b:?} is not a positive number"))
                     })
                     .collect::<Result<Vec<_>, _>>()?;
+                if !(temperature.is_finite() && temperature >= 0.0) {
+                    return Err(format!("--temperature must be ≥ 0 (got {temperature})"));
+                }
+                if !(top_p > 0.0 && top_p <= 1.0) {
+                    return Err(format!("--top-p must be within (0, 1] (got {top_p})"));
+                }
                 let opts = BenchOptions {
                     prompt,
                     steps,
                     batches,
+                    sample: (temperature > 0.0).then_some((temperature, top_p)),
                 };
                 bench(&shape, model.as_deref(), engine, &opts, !no_graphs)?;
                 match &model {

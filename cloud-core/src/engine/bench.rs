@@ -9,9 +9,13 @@
 
 use std::time::Instant;
 
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
 use super::backend::Backend;
 use super::config::ModelConfig;
 use super::model::{Cache, Model};
+use super::sampler::Pick;
 
 /// Shapes the benchmark knows, for `--shape`.
 pub const SHAPES: &[&str] = &[
@@ -143,6 +147,9 @@ pub struct BenchOptions {
     pub steps: usize,
     /// Batch sizes.
     pub batches: Vec<usize>,
+    /// Decode by sampling with this temperature and top-p (each step's draws from a
+    /// fixed seed) instead of greedily: what picking a sampled token costs.
+    pub sample: Option<(f32, f32)>,
 }
 
 /// One batch size's figures.
@@ -166,8 +173,8 @@ fn prompt_ids(vocab: usize, n: usize, salt: u32) -> Vec<u32> {
         .collect()
 }
 
-/// Measures prefill and greedy decode at every batch size. `sync` waits for the device
-/// (the results already come back to the host, so it is for backends that queue work).
+/// Measures prefill and decode (greedy, or sampled as `opts.sample` says) at every batch
+/// size, the tokens picked where the logits are.
 pub fn run<B: Backend>(
     model: &Model<B>,
     opts: &BenchOptions,
@@ -201,6 +208,7 @@ pub fn run<B: Backend>(
         };
         let mut next: Vec<u32> = next.iter().map(|s| s.token).collect();
         let prefill_s = t.elapsed().as_secs_f64();
+        let mut rng = StdRng::seed_from_u64(b as u64);
         let t = Instant::now();
         for _ in 0..opts.steps {
             let inputs: Vec<[u32; 1]> = next.iter().map(|t| [*t]).collect();
@@ -209,8 +217,18 @@ pub fn run<B: Backend>(
                 .map(|v| &v[..])
                 .zip(caches.iter_mut())
                 .collect();
+            let sampled: Option<Vec<Pick>> = opts.sample.map(|(temperature, top_p)| {
+                (0..b)
+                    .map(|_| Pick {
+                        temperature,
+                        top_k: 0,
+                        top_p,
+                        draw: rng.random(),
+                    })
+                    .collect()
+            });
             let picks = model
-                .forward_batch_greedy(&mut batch)
+                .forward_batch_pick(&mut batch, None, sampled.as_deref())
                 .map_err(|e| format!("decode, batch {b}: {e}"))?;
             next = picks.iter().map(|s| s.token).collect();
         }
@@ -300,6 +318,7 @@ mod tests {
                 prompt: 8,
                 steps: 2,
                 batches: vec![1, 3],
+                sample: None,
             },
             |_| {},
         )
@@ -308,6 +327,18 @@ mod tests {
         assert!(rows
             .iter()
             .all(|r| r.decode_tps > 0.0 && r.prefill_tps > 0.0 && r.step_bytes > 0.0));
+        let sampled = run(
+            &model,
+            &BenchOptions {
+                prompt: 8,
+                steps: 2,
+                batches: vec![2],
+                sample: Some((1.0, 0.9)),
+            },
+            |_| {},
+        )
+        .expect("sampled run");
+        assert!(sampled[0].decode_tps > 0.0);
     }
 
     #[test]
