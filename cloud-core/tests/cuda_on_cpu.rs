@@ -49,28 +49,32 @@ fn the_cuda_benchmark_runs_on_the_emulated_device() {
         Ok(d) => d,
         Err(e) => return emu::skip_or_fail(&e),
     };
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cloud-core"))
-        .args(["bench", "--engine", "cuda", "--shape", "tiny"])
-        .args(["--prompt", "8", "--steps", "5", "--batches", "1,3"])
-        .env("LD_LIBRARY_PATH", &dir)
-        .output()
-        .expect("cloud-core runs");
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(text.contains("CUDA device emulated on the CPU"), "{text}");
-    for batch in ["| 1 |", "| 3 |"] {
-        assert!(text.contains(batch), "no row for batch {batch}: {text}");
+    // Greedy, then sampled on the device.
+    for extra in [&[][..], &["--temperature", "1", "--top-p", "0.9"]] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_cloud-core"))
+            .args(["bench", "--engine", "cuda", "--shape", "tiny"])
+            .args(["--prompt", "8", "--steps", "5", "--batches", "1,3"])
+            .args(extra)
+            .env("LD_LIBRARY_PATH", &dir)
+            .output()
+            .expect("cloud-core runs");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{extra:?}: {text}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(text.contains("CUDA device emulated on the CPU"), "{text}");
+        for batch in ["| 1 |", "| 3 |"] {
+            assert!(text.contains(batch), "no row for batch {batch}: {text}");
+        }
+        // Per batch size: the prefill and the first decode step run eagerly, the second
+        // is captured, the other three replayed.
+        assert!(
+            text.contains("2 captured into CUDA graphs, 6 replayed"),
+            "{extra:?}: {text}"
+        );
     }
-    // Per batch size: the prefill and the first decode step run eagerly, the second is
-    // captured, the other three replayed.
-    assert!(
-        text.contains("2 captured into CUDA graphs, 6 replayed"),
-        "{text}"
-    );
 }
 
 /// The serving path on the emulated device: the engine thread, the continuous-batching
