@@ -259,6 +259,8 @@ fn run<B: Backend>(
         min: cfg.min_prefix,
         clock: 0,
     };
+    // Counted before the request hears it ended, so that a status read after an answer
+    // includes it.
     let finish = |stats: &Stats, outcome: &str| {
         stats.completed.fetch_add(1, Ordering::Relaxed);
         metrics::counter!("engine_requests_total", "outcome" => outcome.to_string()).increment(1);
@@ -314,8 +316,8 @@ fn run<B: Backend>(
                     stats.prompt_tokens.fetch_add(len as u64, Ordering::Relaxed);
                     metrics::counter!("engine_prompt_tokens_total").increment(len as u64);
                     if seq.finished().is_some() {
-                        let _ = job.events.send(Event::Finished(Finish::Length));
                         finish(&stats, "length");
+                        let _ = job.events.send(Event::Finished(Finish::Length));
                     } else {
                         active.push(Active {
                             seq,
@@ -325,8 +327,8 @@ fn run<B: Backend>(
                     }
                 }
                 Err(e) => {
-                    let _ = job.events.send(Event::Failed(e.to_string()));
                     finish(&stats, "failed");
+                    let _ = job.events.send(Event::Failed(e.to_string()));
                 }
             }
         }
@@ -367,16 +369,16 @@ fn run<B: Backend>(
                         active.len()
                     );
                     tracing::warn!("{msg}");
-                    let _ = a.events.send(Event::Failed(msg));
                     finish(&stats, "refused");
+                    let _ = a.events.send(Event::Failed(msg));
                 }
             }
             Err(e) => {
                 let msg = format!("engine step failed: {e}");
                 tracing::error!("{msg}");
                 for a in active.drain(..) {
-                    let _ = a.events.send(Event::Failed(msg.clone()));
                     finish(&stats, "failed");
+                    let _ = a.events.send(Event::Failed(msg.clone()));
                 }
             }
             Ok(results) => {
@@ -398,19 +400,19 @@ fn run<B: Backend>(
                             metrics::counter!("engine_generated_tokens_total").increment(1);
                             let _ = events.send(Event::Token(s));
                             if let Some(f) = end {
-                                let _ = events.send(Event::Finished(f));
                                 finish(&stats, f.as_str());
+                                let _ = events.send(Event::Finished(f));
                                 done[i] = true;
                             }
                         }
                         Ok(Step::Done(f)) => {
-                            let _ = events.send(Event::Finished(f));
                             finish(&stats, f.as_str());
+                            let _ = events.send(Event::Finished(f));
                             done[i] = true;
                         }
                         Err(e) => {
-                            let _ = events.send(Event::Failed(e.to_string()));
                             finish(&stats, "failed");
+                            let _ = events.send(Event::Failed(e.to_string()));
                             done[i] = true;
                         }
                     }
