@@ -1132,23 +1132,26 @@ fn fused_projections_match_the_cpu() {
 }
 
 /// Sampling on the device: `sample_rows` picks what the host's `Pick::pick` picks from
-/// the same values and draws — greedy, temperatures, top-k, top-p, their combinations,
-/// ties, grammar masks, draws at both ends — with the log-softmax of the whole row.
+/// the same values and draws — greedy, temperatures, top-k, top-p, repetition penalties,
+/// their combinations, ties, grammar masks, draws at both ends — with the log-softmax of
+/// the whole row.
 #[test]
 fn sampling_on_the_device_picks_what_the_host_picks() {
-    use cloud_core::engine::sampler::{argmax, log_softmax, Pick};
+    use cloud_core::engine::sampler::{argmax, log_softmax, penalize, set_bits, Pick};
     if !available() {
         return;
     }
+    // (temperature, top_k, top_p, repetition penalty)
     let specs = [
-        (0.0, 0, 1.0),
-        (1.0, 0, 1.0),
-        (0.7, 0, 0.9),
-        (1.3, 40, 1.0),
-        (1.0, 5, 0.5),
-        (0.9, 1, 1.0),
-        (2.0, 0, 0.3),
-        (1.0, 1000, 0.95),
+        (0.0, 0, 1.0, 1.0),
+        (1.0, 0, 1.0, 1.0),
+        (0.7, 0, 0.9, 1.3),
+        (1.3, 40, 1.0, 1.0),
+        (1.0, 5, 0.5, 0.8),
+        (0.9, 1, 1.0, 1.0),
+        (2.0, 0, 0.3, 1.0),
+        (1.0, 1000, 0.95, 1.0),
+        (0.0, 0, 1.0, 2.0),
     ];
     for (cols, spread, seed) in [(300usize, 4.0f32, 1u64), (300, 30.0, 2), (5000, 8.0, 3)] {
         let rows = if cols > 1000 { 4 } else { 24 };
@@ -1166,7 +1169,7 @@ fn sampling_on_the_device_picks_what_the_host_picks() {
         let draws = rand_vec(rows, 70 + seed);
         let picks: Vec<Pick> = (0..rows)
             .map(|r| {
-                let (temperature, top_k, top_p) = specs[r % specs.len()];
+                let (temperature, top_k, top_p, repetition_penalty) = specs[r % specs.len()];
                 let draw = match r % 11 {
                     0 => 0.0,
                     1 => 1.0 - 1e-12,
@@ -1177,6 +1180,7 @@ fn sampling_on_the_device_picks_what_the_host_picks() {
                     top_k,
                     top_p,
                     draw,
+                    repetition_penalty,
                 }
             })
             .collect();
@@ -1189,7 +1193,19 @@ fn sampling_on_the_device_picks_what_the_host_picks() {
             }
         }
         let mut off_argmax = 0;
-        for allowed in [None, Some(&mask)] {
+        // Seen: every 7th token and each row's largest value (the penalty changes picks).
+        let mut seen = vec![0u32; rows * words];
+        for r in 0..rows {
+            let row = &x[r * cols..(r + 1) * cols];
+            let mut tokens: Vec<u32> = (0..cols as u32).step_by(7).collect();
+            tokens.push(argmax(row) as u32);
+            set_bits(&mut seen[r * words..(r + 1) * words], &tokens);
+        }
+        for (allowed, seen) in [
+            (None, None),
+            (Some(&mask), None),
+            (Some(&mask), Some(&seen)),
+        ] {
             let spec: Vec<u64> = picks
                 .iter()
                 .flat_map(|p| {
@@ -1198,6 +1214,7 @@ fn sampling_on_the_device_picks_what_the_host_picks() {
                         p.top_k as u64,
                         u64::from(p.top_p.to_bits()),
                         p.draw.to_bits(),
+                        u64::from(p.repetition_penalty.to_bits()),
                     ]
                 })
                 .collect();
@@ -1213,6 +1230,7 @@ fn sampling_on_the_device_picks_what_the_host_picks() {
                     p(&x),
                     Arg::I(cols as i32),
                     allowed.map_or(Arg::U(0), |m| p(m)),
+                    seen.map_or(Arg::U(0), |m| p(m)),
                     p(&spec),
                     pm(&mut out),
                     pm(&mut lp),
@@ -1228,12 +1246,20 @@ fn sampling_on_the_device_picks_what_the_host_picks() {
                         }
                     }
                 }
+                if let Some(sn) = seen {
+                    penalize(
+                        &mut masked,
+                        &sn[r * words..(r + 1) * words],
+                        picks[r].repetition_penalty,
+                    );
+                }
                 let want = picks[r].pick(&masked);
                 off_argmax += usize::from(want != argmax(&masked));
                 let what = format!(
-                    "{cols} columns, row {r}, {:?}, mask {}",
+                    "{cols} columns, row {r}, {:?}, mask {}, seen {}",
                     picks[r],
-                    allowed.is_some()
+                    allowed.is_some(),
+                    seen.is_some()
                 );
                 assert_eq!(out[r] as usize, want, "{what}");
                 let lw = log_softmax(row)[want];

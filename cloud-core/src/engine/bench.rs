@@ -14,7 +14,7 @@ use rand::{Rng, SeedableRng};
 
 use super::backend::Backend;
 use super::config::ModelConfig;
-use super::model::{Cache, Model};
+use super::model::{Cache, Model, PickRows};
 use super::sampler::Pick;
 
 /// Shapes the benchmark knows, for `--shape`.
@@ -224,11 +224,18 @@ pub fn run<B: Backend>(
                         top_k: 0,
                         top_p,
                         draw: rng.random(),
+                        repetition_penalty: 1.0,
                     })
                     .collect()
             });
             let picks = model
-                .forward_batch_pick(&mut batch, None, sampled.as_deref())
+                .forward_batch_pick(
+                    &mut batch,
+                    PickRows {
+                        picks: sampled.as_deref(),
+                        ..PickRows::default()
+                    },
+                )
                 .map_err(|e| format!("decode, batch {b}: {e}"))?;
             next = picks.iter().map(|s| s.token).collect();
         }

@@ -9,8 +9,8 @@
 
 use super::backend::Backend;
 use super::constrain::Constraint;
-use super::model::{Cache, EngineError, Model};
-use super::sampler::{Pick, Sampled, Sampler, SamplingParams};
+use super::model::{Cache, EngineError, Model, PickRows};
+use super::sampler::{set_bits, Pick, Sampled, Sampler, SamplingParams};
 
 /// One generation request.
 pub struct Request {
@@ -218,11 +218,11 @@ pub fn step<B: Backend>(
             "a finished sequence was given to step".into(),
         ));
     }
-    // When every sequence's pick can be made where the logits are (no repetition
-    // penalty, no alternatives to report), the backend picks — greedy or sampled by each
-    // sampler's draw — among the tokens of each one's grammar (their masks made here; a
-    // grammar that fails to make one sends the step the host's way, where the error is
-    // that sequence's own). Otherwise the last logits come back to each sampler.
+    // When every sequence's pick can be made where the logits are (no alternatives to
+    // report), the backend picks — greedy or sampled by each sampler's draw, after each
+    // one's repetition penalty — among the tokens of each one's grammar (their masks made
+    // here; a grammar that fails to make one sends the step the host's way, where the
+    // error is that sequence's own). Otherwise the last logits come back to each sampler.
     let mut on_backend = seqs.iter().all(|s| s.sampler.plannable());
     let mut allowed = None;
     if on_backend && seqs.iter().any(|s| s.constraint.is_some()) {
@@ -239,6 +239,17 @@ pub fn step<B: Backend>(
     } else {
         Vec::new()
     };
+    let penalised = picks.iter().any(|p| p.repetition_penalty != 1.0);
+    let seen = penalised.then(|| {
+        let words = model.config().vocab_size.div_ceil(32);
+        let mut bits = vec![0u32; seqs.len() * words];
+        for ((s, w), p) in seqs.iter().zip(bits.chunks_mut(words)).zip(&picks) {
+            if p.repetition_penalty != 1.0 {
+                set_bits(w, &s.history);
+            }
+        }
+        bits
+    });
     let inputs: Vec<Vec<u32>> = seqs
         .iter_mut()
         .map(|s| std::mem::take(&mut s.next_input))
@@ -253,13 +264,13 @@ pub fn step<B: Backend>(
         Logits(Vec<Vec<f32>>),
     }
     let outcome = if on_backend {
-        let sampled = picks.iter().any(|p| !p.greedy());
+        let how = PickRows {
+            allowed: allowed.as_deref(),
+            seen: seen.as_deref(),
+            picks: (penalised || picks.iter().any(|p| !p.greedy())).then_some(picks.as_slice()),
+        };
         model
-            .forward_batch_pick(
-                &mut batch,
-                allowed.as_deref(),
-                sampled.then_some(picks.as_slice()),
-            )
+            .forward_batch_pick(&mut batch, how)
             .map(Outcome::Picks)
     } else {
         model.forward_batch_last(&mut batch).map(Outcome::Logits)
@@ -353,11 +364,12 @@ mod tests {
     use super::*;
     use crate::engine::backend::cpu::Cpu;
 
-    fn request(prompt: &[u32], temperature: f32, top_logprobs: usize) -> Request {
+    fn request(prompt: &[u32], temperature: f32, penalty: f32, top_logprobs: usize) -> Request {
         Request::new(
             prompt.to_vec(),
             SamplingParams {
                 temperature,
+                repetition_penalty: penalty,
                 top_k: 50,
                 top_p: 0.9,
                 seed: prompt.len() as u64,
@@ -368,21 +380,21 @@ mod tests {
         )
     }
 
-    /// Greedy and sampled requests are picked by the backend (`forward_batch_pick`, the
-    /// samplers' draws made before the step); asking for alternatives sends the logits
-    /// back to each sampler. Both give the same tokens and log-probabilities, alone or
-    /// mixed in one batch.
+    /// Greedy and sampled requests, with and without a repetition penalty, are picked by
+    /// the backend (`forward_batch_pick`, the samplers' draws made before the step);
+    /// asking for alternatives sends the logits back to each sampler. Both give the same
+    /// tokens and log-probabilities, alone or mixed in one batch.
     #[test]
     fn picks_by_the_backend_are_the_samplers_picks() {
         let cfg = crate::engine::bench::shape("tiny").expect("shape");
         let model = Model::random(cfg, Cpu::default(), 5).expect("model");
         let prompts: [&[u32]; 2] = [&[3, 1, 4, 1, 5], &[9, 2, 6]];
-        for temperature in [0.0, 1.0] {
+        for (temperature, penalty) in [(0.0, 1.0), (1.0, 1.0), (0.0, 1.5), (1.0, 1.5)] {
             let run = |top_logprobs: [usize; 2]| {
                 let reqs = prompts
                     .iter()
                     .zip(top_logprobs)
-                    .map(|(p, n)| request(p, temperature, n))
+                    .map(|(p, n)| request(p, temperature, penalty, n))
                     .collect();
                 generate(&model, reqs).expect("generate")
             };
@@ -391,7 +403,7 @@ mod tests {
             let mixed = run([0, 1]);
             for (i, b) in by_backend.iter().enumerate() {
                 let s = &by_sampler[i];
-                let what = format!("temperature {temperature}, request {i}");
+                let what = format!("temperature {temperature}, penalty {penalty}, request {i}");
                 assert_eq!(b.tokens.len(), 6, "{what}");
                 assert_eq!(b.tokens, s.tokens, "{what}: tokens");
                 assert_eq!(b.tokens, mixed[i].tokens, "{what}: tokens when mixed");
@@ -399,15 +411,18 @@ mod tests {
                     assert!(bs.top.is_empty());
                     assert_eq!(bs.logprob, ss.logprob, "{what}, step {j}: log-probability");
                     assert!(bs.logprob <= 0.0 && bs.logprob.is_finite());
-                    if temperature == 0.0 {
+                    if temperature == 0.0 && penalty == 1.0 {
                         assert_eq!(ss.top[0], (ss.token, ss.logprob), "{what}, step {j}");
                     }
                 }
             }
             if temperature > 0.0 {
                 // Sampled: not simply the greedy tokens.
-                let greedy = generate(&model, prompts.iter().map(|p| request(p, 0.0, 0)).collect())
-                    .expect("greedy");
+                let greedy = generate(
+                    &model,
+                    prompts.iter().map(|p| request(p, 0.0, 1.0, 0)).collect(),
+                )
+                .expect("greedy");
                 assert_ne!(
                     greedy.iter().map(|o| &o.tokens).collect::<Vec<_>>(),
                     by_backend.iter().map(|o| &o.tokens).collect::<Vec<_>>()

@@ -115,10 +115,21 @@ enum Out<'a> {
     All,
     /// Logits of each sequence's last position.
     Last,
-    /// The token after each sequence's last position, with its log-probability: the
-    /// greedy one, or as each sequence's [`Pick`] says; among the allowed tokens of each
-    /// sequence (bits, see [`Backend::argmax_rows`]) if given.
-    Pick(Option<&'a [u32]>, Option<&'a [Pick]>),
+    /// The token after each sequence's last position, with its log-probability.
+    Pick(PickRows<'a>),
+}
+
+/// How [`Model::forward_batch_pick`] picks each sequence's next token.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct PickRows<'a> {
+    /// Each sequence's allowed tokens, `vocab_size.div_ceil(32)` words of bits per
+    /// sequence (token `t` is bit `t % 32` of word `t / 32`): a grammar's mask. `None`:
+    /// every token.
+    pub allowed: Option<&'a [u32]>,
+    /// Each sequence's tokens so far, bits as `allowed`'s, for its repetition penalty.
+    pub seen: Option<&'a [u32]>,
+    /// Each sequence's [`Pick`]. `None`: greedy, no penalty.
+    pub picks: Option<&'a [Pick]>,
 }
 
 impl Out<'_> {
@@ -127,7 +138,11 @@ impl Out<'_> {
         match self {
             Out::All => 0,
             Out::Last => 1,
-            Out::Pick(mask, picks) => 2 + u8::from(mask.is_some()) + 2 * u8::from(picks.is_some()),
+            Out::Pick(p) => {
+                2 + u8::from(p.allowed.is_some())
+                    + 2 * u8::from(p.picks.is_some())
+                    + 4 * u8::from(p.seen.is_some())
+            }
         }
     }
 }
@@ -545,38 +560,38 @@ impl<B: Backend> Model<B> {
         &self,
         seqs: &mut [(&[u32], &mut Cache<B>)],
     ) -> Result<Vec<Sampled>, EngineError> {
-        self.forward_batch_pick(seqs, None, None)
+        self.forward_batch_pick(seqs, PickRows::default())
     }
 
     /// Like [`Model::forward_batch_greedy`], with each sequence's token picked as
-    /// `picks[s]` says (greedy, or sampled by its draw; `None`: all greedy) among the
-    /// tokens it allows: `allowed` holds `vocab_size.div_ceil(32)` words of bits per
-    /// sequence (token `t` is bit `t % 32` of word `t / 32`), a grammar's mask. The
-    /// log-probabilities stay the model's own.
+    /// `how` says (greedy or sampled by its draw, after its repetition penalty, among the
+    /// tokens its grammar allows) where the logits are. The log-probabilities stay the
+    /// model's own.
     pub fn forward_batch_pick(
         &self,
         seqs: &mut [(&[u32], &mut Cache<B>)],
-        allowed: Option<&[u32]>,
-        picks: Option<&[Pick]>,
+        how: PickRows<'_>,
     ) -> Result<Vec<Sampled>, EngineError> {
         let words = self.cfg.vocab_size.div_ceil(32);
-        if let Some(a) = allowed {
-            if a.len() != seqs.len() * words {
-                return Err(EngineError::Request(format!(
-                    "a token mask of {} words for {} sequences of {words}",
-                    a.len(),
-                    seqs.len()
-                )));
+        for (what, bits) in [("token mask", how.allowed), ("seen tokens", how.seen)] {
+            if let Some(b) = bits {
+                if b.len() != seqs.len() * words {
+                    return Err(EngineError::Request(format!(
+                        "{what}: {} words for {} sequences of {words}",
+                        b.len(),
+                        seqs.len()
+                    )));
+                }
             }
         }
-        if picks.is_some_and(|p| p.len() != seqs.len()) {
+        if how.picks.is_some_and(|p| p.len() != seqs.len()) {
             return Err(EngineError::Request(format!(
                 "{} picks for {} sequences",
-                picks.map_or(0, <[Pick]>::len),
+                how.picks.map_or(0, <[Pick]>::len),
                 seqs.len()
             )));
         }
-        match self.forward_rows(seqs, Out::Pick(allowed, picks))? {
+        match self.forward_rows(seqs, Out::Pick(how))? {
             Outputs::Tokens(t) => Ok(t),
             Outputs::Logits(_) => unreachable!("asked for tokens"),
         }
@@ -718,12 +733,10 @@ impl<B: Backend> Model<B> {
             be.linear(&xn, total, &self.lm_head, vocab, hd)
         };
         match out {
-            Out::Pick(allowed, picks) => {
-                let picks = match picks {
-                    Some(p) if p.iter().any(|p| !p.greedy()) => {
-                        be.pick_rows(&logits, vocab, allowed, p)
-                    }
-                    _ => be.argmax_rows(&logits, vocab, allowed),
+            Out::Pick(how) => {
+                let picks = match how.picks {
+                    Some(p) => be.pick_rows(&logits, vocab, how.allowed, how.seen, p),
+                    None => be.argmax_rows(&logits, vocab, how.allowed),
                 };
                 let picks = picks.into_iter();
                 let picks = picks.map(|(token, logprob)| Sampled {

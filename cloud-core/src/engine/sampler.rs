@@ -104,6 +104,37 @@ pub struct Pick {
     /// The uniform draw in [0, 1) that chooses along the cumulative probabilities, in
     /// order from the largest (unused when greedy).
     pub draw: f64,
+    /// HF-style repetition penalty of the tokens seen so far (1: none), applied by
+    /// [`penalize`] before the pick.
+    pub repetition_penalty: f32,
+}
+
+/// Token `t`'s bit in a row of bits (`t % 32` of word `t / 32`): grammar masks and the
+/// tokens a sequence has seen, as backends take them.
+pub fn bit(words: &[u32], t: usize) -> bool {
+    words.get(t / 32).is_some_and(|w| (w >> (t % 32)) & 1 == 1)
+}
+
+/// Sets the bits of `tokens` in a row of `words` (see [`bit`]).
+pub fn set_bits(words: &mut [u32], tokens: &[u32]) {
+    for &t in tokens {
+        if let Some(w) = words.get_mut(t as usize / 32) {
+            *w |= 1 << (t % 32);
+        }
+    }
+}
+
+/// The HF repetition penalty: every value of a token whose bit is set in `seen` is divided
+/// by `penalty` if positive, multiplied by it otherwise.
+pub fn penalize(x: &mut [f32], seen: &[u32], penalty: f32) {
+    if penalty == 1.0 {
+        return;
+    }
+    for (t, v) in x.iter_mut().enumerate() {
+        if bit(seen, t) {
+            *v = if *v > 0.0 { *v / penalty } else { *v * penalty };
+        }
+    }
 }
 
 impl Pick {
@@ -195,7 +226,7 @@ impl Sampler {
 
     /// How the next token is to be picked, for a backend to pick it where the logits are
     /// (drawing from the stream as [`Sampler::sample`] would); `None` when only the host
-    /// can (a repetition penalty, alternatives to report). [`Sampler::unplan`] puts the
+    /// can (alternatives to report). [`Sampler::unplan`] puts the
     /// draw back when the step is not taken.
     pub fn plan(&mut self) -> Option<Pick> {
         if !self.plannable() {
@@ -213,6 +244,7 @@ impl Sampler {
             top_k: p.top_k,
             top_p: p.top_p,
             draw: 0.0,
+            repetition_penalty: p.repetition_penalty,
         };
         if !pick.greedy() {
             pick.draw = self.rng.random();
@@ -222,7 +254,7 @@ impl Sampler {
 
     /// Whether [`Sampler::plan`] gives a pick.
     pub fn plannable(&self) -> bool {
-        self.params.repetition_penalty == 1.0 && self.params.top_logprobs == 0
+        self.params.top_logprobs == 0
     }
 
     /// Undoes the last [`Sampler::plan`]'s draw.
@@ -246,25 +278,13 @@ impl Sampler {
     /// (a grammar's mask) — while the reported log-probabilities stay those of the
     /// model's own `logits`.
     pub fn sample_from(&mut self, logits: &[f32], allowed: Vec<f32>, history: &[u32]) -> Sampled {
-        let p = &self.params;
         let lp = log_softmax(logits);
         let mut x = allowed;
-        if p.repetition_penalty != 1.0 {
-            let mut seen = vec![false; x.len()];
-            for &t in history {
-                if let Some(s) = seen.get_mut(t as usize) {
-                    *s = true;
-                }
-            }
-            for (v, s) in x.iter_mut().zip(&seen) {
-                if *s {
-                    *v = if *v > 0.0 {
-                        *v / p.repetition_penalty
-                    } else {
-                        *v * p.repetition_penalty
-                    };
-                }
-            }
+        let penalty = self.params.repetition_penalty;
+        if penalty != 1.0 {
+            let mut seen = vec![0u32; x.len().div_ceil(32)];
+            set_bits(&mut seen, history);
+            penalize(&mut x, &seen, penalty);
         }
         let token = self.next_pick().pick(&x);
         let n_top = self.params.top_logprobs;

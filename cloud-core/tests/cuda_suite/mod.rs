@@ -471,10 +471,10 @@ fn cuda_prompt_and_decode_experts_match_the_host() {
     );
 }
 
-/// Verdicts, greedy and sampled: each step's token is picked on the device among those
-/// its grammar allows (the mask and the sampler's draw go to the device, the logits stay
-/// there), and is the token the host's sampler picks from the logits with the same draw;
-/// the log-probabilities agree.
+/// Verdicts, greedy, sampled and with a repetition penalty: each step's token is picked
+/// on the device among those its grammar allows (the mask, the seen tokens and the
+/// sampler's draw go to the device, the logits stay there), and is the token the host's
+/// sampler picks from the logits with the same draw; the log-probabilities agree.
 #[test]
 fn cuda_verdicts_picked_on_the_device_are_the_samplers() {
     use cloud_core::engine::config::ModelConfig;
@@ -493,11 +493,12 @@ fn cuda_verdicts_picked_on_the_device_are_the_samplers() {
     .expect("config");
     let grammars = Grammars::load(dir.path(), cfg.vocab_size, eos).expect("grammars");
     let model = Model::random(cfg, gpu, 11).expect("model");
-    for temperature in [0.0, 1.0] {
+    for (temperature, penalty) in [(0.0, 1.0), (1.0, 1.0), (0.0, 1.3)] {
         let verdict = |prompt: &[u32], top_logprobs: usize| Request {
             prompt: prompt.to_vec(),
             params: SamplingParams {
                 temperature,
+                repetition_penalty: penalty,
                 top_p: 0.95,
                 seed: prompt.len() as u64,
                 max_tokens: 40,
@@ -517,7 +518,7 @@ fn cuda_verdicts_picked_on_the_device_are_the_samplers() {
         let on_host = generate(&model, prompts.iter().map(|p| verdict(p, 1)).collect())
             .expect("sampled on the host");
         for (i, (d, h)) in on_device.iter().zip(&on_host).enumerate() {
-            let what = format!("temperature {temperature}, request {i}");
+            let what = format!("temperature {temperature}, penalty {penalty}, request {i}");
             assert!(!d.tokens.is_empty(), "{what}");
             assert_eq!(d.tokens, h.tokens, "{what}: tokens");
             for (j, (ds, hs)) in d.steps.iter().zip(&h.steps).enumerate() {

@@ -372,11 +372,14 @@ __device__ u64 block_max_u64(u64 v, u64* sh) {
 
 #define SAMPLE_MAX_THREADS 1024
 
-// One row as the sampler sees it: its values divided by the temperature (unless greedy),
-// a disallowed token at -inf; keys and weights for the bisections.
+// One row as the sampler sees it: a disallowed token at -inf, a seen token's value
+// penalised (divided by the penalty if positive, else multiplied), then divided by the
+// temperature (unless greedy); keys and weights for the bisections.
 struct SampleRow {
     const float* r;
     const unsigned* allowed;
+    const unsigned* seen;
+    float penalty;
     int cols;
     bool greedy;
     float temp;
@@ -385,7 +388,9 @@ struct SampleRow {
 
     __device__ float scaled(int i) const {
         if (allowed && !((allowed[i / 32] >> (i % 32)) & 1u)) return NEG_INF;
-        return greedy ? r[i] : r[i] / temp;
+        float v = r[i];
+        if (seen && penalty != 1.f && ((seen[i / 32] >> (i % 32)) & 1u)) v = v > 0.f ? v / penalty : v * penalty;
+        return greedy ? v : v / temp;
     }
 
     // The weight of the values whose key is at least t: their count, or Σ exp(v - top)
@@ -415,8 +420,10 @@ __device__ __forceinline__ int key_index(u64 k) { return (int)(0xffffffffu - (un
 
 // The next token of each row, as the host's sampler picks it (`sampler::Pick::pick`), and
 // its log-softmax; one block per row, blockDim.x a power of two ≤ SAMPLE_MAX_THREADS.
-// spec: 4 words per row: temperature (f32 bits), top_k, top_p (f32 bits) and the row's
-// uniform draw in [0, 1) (f64 bits). Temperature 0 or top_k 1: the largest value.
+// spec: 5 words per row: temperature (f32 bits), top_k, top_p (f32 bits), the row's
+// uniform draw in [0, 1) (f64 bits) and the repetition penalty (f32 bits) of the tokens
+// set in `seen` (bits as `allowed`'s; null: none). Temperature 0 or top_k 1: the largest
+// (penalised) value.
 // Otherwise the values are divided by the temperature, cut to the top_k largest (0: all),
 // then to the fewest whose probabilities reach top_p, and the draw picks along the
 // cumulative probabilities in the sorted order. With `allowed` (bits of ceil(cols / 32)
@@ -425,19 +432,23 @@ __device__ __forceinline__ int key_index(u64 k) { return (int)(0xffffffffu - (un
 // at or above it meets a target, found by bisection on the key.
 extern "C" __global__ void sample_rows(const float* __restrict__ x, int cols,
                                        const unsigned* __restrict__ allowed,
+                                       const unsigned* __restrict__ seen,
                                        const u64* __restrict__ spec, unsigned* __restrict__ out,
                                        float* __restrict__ logprob) {
     __shared__ double shd[SAMPLE_MAX_THREADS];
     __shared__ u64 shk[SAMPLE_MAX_THREADS];
     __shared__ float shf[SAMPLE_MAX_THREADS];
-    const u64* sp = spec + 4 * (long)blockIdx.x;
+    const u64* sp = spec + 5 * (long)blockIdx.x;
     float temp = __uint_as_float((unsigned)sp[0]);
     long top_k = (long)sp[1];
     float top_p = __uint_as_float((unsigned)sp[2]);
     double draw = __longlong_as_double((long long)sp[3]);
     SampleRow row;
     row.r = x + (long)blockIdx.x * cols;
-    row.allowed = allowed ? allowed + (long)blockIdx.x * ((cols + 31) / 32) : 0;
+    long words = (cols + 31) / 32;
+    row.allowed = allowed ? allowed + blockIdx.x * words : 0;
+    row.seen = seen ? seen + blockIdx.x * words : 0;
+    row.penalty = __uint_as_float((unsigned)sp[4]);
     row.cols = cols;
     row.greedy = temp == 0.f || top_k == 1;
     row.temp = temp;

@@ -121,42 +121,48 @@ pub trait Backend {
             top_k: 0,
             top_p: 1.0,
             draw: 0.0,
+            repetition_penalty: 1.0,
         };
         let rows = self.len(x).checked_div(cols).unwrap_or(0);
-        self.pick_rows(x, cols, allowed, &vec![greedy; rows])
+        self.pick_rows(x, cols, allowed, None, &vec![greedy; rows])
     }
     /// [`Backend::argmax_rows`] with each row's token picked as `picks[row]` says
     /// ([`crate::engine::sampler::Pick::pick`]: greedy, or sampled by its draw with a
-    /// temperature, top-k and top-p), among the tokens `allowed` gives.
+    /// temperature, top-k and top-p), among the tokens `allowed` gives, after the
+    /// repetition penalty of the tokens `seen` gives (bits laid out as `allowed`'s).
     fn pick_rows(
         &self,
         x: &Self::Buf,
         cols: usize,
         allowed: Option<&[u32]>,
+        seen: Option<&[u32]>,
         picks: &[crate::engine::sampler::Pick],
     ) -> Vec<(u32, f32)> {
-        use crate::engine::sampler::log_softmax_at;
+        use crate::engine::sampler::{bit, log_softmax_at, penalize};
         let v = self.download(x);
         if cols == 0 {
             return Vec::new();
         }
         let words = cols.div_ceil(32);
+        fn row_bits(b: Option<&[u32]>, words: usize, r: usize) -> Option<&[u32]> {
+            b.and_then(|b| b.get(r * words..(r + 1) * words))
+        }
         v.chunks_exact(cols)
             .zip(picks)
             .enumerate()
             .map(|(r, (row, pick))| {
-                let i = match allowed.and_then(|a| a.get(r * words..(r + 1) * words)) {
-                    None => pick.pick(row),
-                    Some(a) => {
-                        let mut masked = row.to_vec();
-                        for (t, l) in masked.iter_mut().enumerate() {
-                            if (a[t / 32] >> (t % 32)) & 1 == 0 {
-                                *l = f32::NEG_INFINITY;
-                            }
+                let mut x = row.to_vec();
+                if let Some(a) = row_bits(allowed, words, r) {
+                    for (t, l) in x.iter_mut().enumerate() {
+                        if !bit(a, t) {
+                            *l = f32::NEG_INFINITY;
                         }
-                        pick.pick(&masked)
                     }
-                };
+                }
+                if let Some(s) = row_bits(seen, words, r) {
+                    penalize(&mut x, s, pick.repetition_penalty);
+                }
+                let i = pick.pick(&x);
                 (i as u32, log_softmax_at(row, i))
             })
             .collect()

@@ -1252,13 +1252,14 @@ impl Cuda {
     }
 
     /// Each row's pick and its log-softmax, on the device (see [`Backend::pick_rows`]):
-    /// `argmax_rows` when every row is greedy (`picks` `None`: all are), else
-    /// `sample_rows`. Only the picks are copied back.
+    /// `argmax_rows` when every row is greedy without a penalty (`picks` `None`: all
+    /// are), else `sample_rows`. Only the picks are copied back.
     fn picks(
         &self,
         x: &CudaBuf,
         cols: usize,
         allowed: Option<&[u32]>,
+        seen: Option<&[u32]>,
         picks: Option<&[Pick]>,
     ) -> Vec<(u32, f32)> {
         if self.errored() {
@@ -1275,14 +1276,16 @@ impl Cuda {
         if rows == 0 {
             return Vec::new();
         }
-        if allowed.is_some_and(|a| a.len() != rows * cols.div_ceil(32)) {
-            self.record(failed(
-                "argmax_rows",
-                "the mask is not a row of bits per row",
-            ));
+        let bits_fit = |b: Option<&[u32]>| b.is_none_or(|b| b.len() == rows * cols.div_ceil(32));
+        if !bits_fit(allowed) || !bits_fit(seen) {
+            self.record(failed("argmax_rows", "a mask is not a row of bits per row"));
             return Vec::new();
         }
-        let picks = picks.filter(|p| p.iter().any(|p| !p.greedy()));
+        let penalised = seen.is_some();
+        let picks = picks.filter(|p| {
+            p.iter()
+                .any(|p| !p.greedy() || (penalised && p.repetition_penalty != 1.0))
+        });
         if picks.is_some_and(|p| p.len() != rows) {
             self.record(failed("pick_rows", "not one pick per row"));
             return Vec::new();
@@ -1314,7 +1317,7 @@ impl Cuda {
                 &lp
             ),
             Some(picks) => {
-                // Per row: temperature, top_k, top_p, draw (the kernel's layout).
+                // Per row: temperature, top_k, top_p, draw, penalty (the kernel's layout).
                 let spec: Vec<u64> = picks
                     .iter()
                     .flat_map(|p| {
@@ -1323,12 +1326,21 @@ impl Cuda {
                             p.top_k as u64,
                             u64::from(p.top_p.to_bits()),
                             p.draw.to_bits(),
+                            u64::from(p.repetition_penalty.to_bits()),
                         ]
                     })
                     .collect();
                 let Some(spec) = self.meta(&spec, "sampling parameters") else {
                     return Vec::new();
                 };
+                let seen = match seen {
+                    Some(s) => match self.meta(s, "seen tokens") {
+                        Some(m) => Some(m),
+                        None => return Vec::new(),
+                    },
+                    None => None,
+                };
+                let seen_ptr = seen.as_ref().map_or(0, |m| m.ptr());
                 // About 16 values per thread, up to the kernel's block.
                 let threads = (cols / 16)
                     .next_power_of_two()
@@ -1340,6 +1352,7 @@ impl Cuda {
                     xs,
                     &c,
                     &mask_ptr,
+                    &seen_ptr,
                     &spec,
                     &mut out,
                     &lp
@@ -1883,7 +1896,7 @@ impl Backend for Cuda {
     }
 
     fn argmax_rows(&self, x: &CudaBuf, cols: usize, allowed: Option<&[u32]>) -> Vec<(u32, f32)> {
-        self.picks(x, cols, allowed, None)
+        self.picks(x, cols, allowed, None, None)
     }
 
     fn pick_rows(
@@ -1891,9 +1904,10 @@ impl Backend for Cuda {
         x: &CudaBuf,
         cols: usize,
         allowed: Option<&[u32]>,
+        seen: Option<&[u32]>,
         picks: &[Pick],
     ) -> Vec<(u32, f32)> {
-        self.picks(x, cols, allowed, Some(picks))
+        self.picks(x, cols, allowed, seen, Some(picks))
     }
 
     fn moe_routed(
