@@ -21,8 +21,11 @@ use cloud_core::engine::config::{MoeConfig, ScoringFunc, TopkMethod};
 use cloud_core::engine::model::route;
 use half::bf16;
 
+mod common;
 #[path = "emu/mod.rs"]
 mod emu_build;
+use cloud_core::engine::sampler::Pick;
+use common::rand_vec;
 use emu_build::{glue, KERNELS};
 
 type LaunchFn =
@@ -128,18 +131,6 @@ fn kernel_define(name: &str) -> usize {
 
 fn available() -> bool {
     emu().is_some()
-}
-
-fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
 }
 
 fn to_bf16(v: &[f32]) -> Vec<bf16> {
@@ -337,7 +328,7 @@ fn row_kernels_match_the_cpu() {
     );
     let (wk, wv) = cpu.mla_expand(&kv, &pe, t, h, nope, dv, rope);
     assert_eq!((k, v), (wk, wv));
-    // Greedy picks, the lowest index on ties.
+    // Greedy picks (sample_rows with greedy picks), the lowest index on ties.
     let mut logits = rand_vec(3 * 1000, 10);
     logits[1000 + 17] = 5.0;
     logits[1000 + 900] = 5.0;
@@ -356,8 +347,9 @@ fn row_kernels_match_the_cpu() {
         let mut picks = vec![0u32; 3];
         let mut logprobs = vec![0f32; 3];
         let mask_arg = allowed.map_or(Arg::U(0), |m| p(m));
+        let spec: Vec<u64> = [Pick::GREEDY; 3].iter().flat_map(Pick::words).collect();
         launch(
-            "argmax_rows",
+            "sample_rows",
             (3, 1),
             256,
             0,
@@ -365,6 +357,8 @@ fn row_kernels_match_the_cpu() {
                 p(&logits),
                 Arg::I(1000),
                 mask_arg,
+                Arg::U(0),
+                p(&spec),
                 pm(&mut picks),
                 pm(&mut logprobs),
             ],
@@ -970,7 +964,7 @@ fn the_glue_reads_every_kernel_signature() {
         "attention_batch",
         "moe_route",
         "moe_combine",
-        "argmax_rows",
+        "sample_rows",
     ] {
         assert!(
             g.contains(&format!("\"{name}\"")),
@@ -1137,7 +1131,7 @@ fn fused_projections_match_the_cpu() {
 /// the whole row.
 #[test]
 fn sampling_on_the_device_picks_what_the_host_picks() {
-    use cloud_core::engine::sampler::{argmax, log_softmax, penalize, set_bits, Pick};
+    use cloud_core::engine::sampler::{argmax, log_softmax, penalize, set_bits};
     if !available() {
         return;
     }
@@ -1206,18 +1200,7 @@ fn sampling_on_the_device_picks_what_the_host_picks() {
             (Some(&mask), None),
             (Some(&mask), Some(&seen)),
         ] {
-            let spec: Vec<u64> = picks
-                .iter()
-                .flat_map(|p| {
-                    [
-                        u64::from(p.temperature.to_bits()),
-                        p.top_k as u64,
-                        u64::from(p.top_p.to_bits()),
-                        p.draw.to_bits(),
-                        u64::from(p.repetition_penalty.to_bits()),
-                    ]
-                })
-                .collect();
+            let spec: Vec<u64> = picks.iter().flat_map(Pick::words).collect();
             let mut out = vec![0u32; rows];
             let mut lp = vec![0f32; rows];
             let threads = (cols / 16).next_power_of_two().clamp(32, 1024) as u32;

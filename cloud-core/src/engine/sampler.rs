@@ -138,6 +138,27 @@ pub fn penalize(x: &mut [f32], seen: &[u32], penalty: f32) {
 }
 
 impl Pick {
+    /// A greedy pick without a penalty.
+    pub const GREEDY: Pick = Pick {
+        temperature: 0.0,
+        top_k: 0,
+        top_p: 1.0,
+        draw: 0.0,
+        repetition_penalty: 1.0,
+    };
+
+    /// The pick as the CUDA backend's `sample_rows` kernel reads it: temperature, top_k,
+    /// top_p, draw and penalty, one 64-bit word each (floats by their bits).
+    pub fn words(&self) -> [u64; 5] {
+        [
+            u64::from(self.temperature.to_bits()),
+            self.top_k as u64,
+            u64::from(self.top_p.to_bits()),
+            self.draw.to_bits(),
+            u64::from(self.repetition_penalty.to_bits()),
+        ]
+    }
+
     /// The largest value is picked.
     pub fn greedy(&self) -> bool {
         self.temperature == 0.0 || self.top_k == 1
@@ -395,5 +416,21 @@ mod tests {
         }
         .validate()
         .is_err());
+    }
+
+    /// `unplan` puts a planned draw back (what `generate::step` does when the step fails),
+    /// so the retried step draws what it would have.
+    #[test]
+    fn unplan_puts_the_draw_back() {
+        let mut a = Sampler::new(SamplingParams {
+            temperature: 1.0,
+            seed: 7,
+            ..SamplingParams::default()
+        });
+        let first = a.plan().expect("plannable");
+        a.unplan();
+        assert_eq!(a.plan(), Some(first));
+        let second = a.plan().expect("plannable");
+        assert_ne!(first.draw, second.draw);
     }
 }

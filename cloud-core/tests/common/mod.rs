@@ -5,6 +5,20 @@ use std::path::Path;
 
 use serde_json::{json, Value};
 
+/// Pseudo-random values in [-1, 1) from a seed (xorshift): test data, the same on every
+/// run.
+pub fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
 /// GPT-2's byte → printable character map (what byte-level BPE vocabularies spell).
 fn byte_char(b: u8) -> char {
     let printable = matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF);

@@ -371,14 +371,9 @@ fn cuda_graphs_replay_decode_steps_as_they_run_eagerly() {
 
 /// Pseudo-random values in [-1, 1), rounded to bf16 (what the device stores).
 fn bf16_values(n: usize, seed: u64) -> Vec<half::bf16> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            half::bf16::from_f32(((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0)
-        })
+    common::rand_vec(n, seed)
+        .into_iter()
+        .map(half::bf16::from_f32)
         .collect()
 }
 

@@ -262,66 +262,6 @@ extern "C" __global__ void paged_read(const u64* __restrict__ table, int block_r
     for (int i = threadIdx.x; i < cols; i += blockDim.x) o[i] = __bfloat162float(s[i]);
 }
 
-// Index of the largest value of each row (ties: the lowest index) and its log-softmax,
-// one block of 256 threads per row: greedy decoding without copying the logits back.
-// With `allowed` (bits of ceil(cols / 32) words per row: value i is bit i % 32 of word
-// i / 32) the largest allowed value is picked (0 if none is), and its log-softmax is
-// still that over the whole row (a grammar's mask).
-extern "C" __global__ void argmax_rows(const float* __restrict__ x, int cols,
-                                       const unsigned* __restrict__ allowed,
-                                       unsigned* __restrict__ out, float* __restrict__ logprob) {
-    __shared__ float bv[256];
-    __shared__ int bi[256];
-    __shared__ float bs[256];
-    __shared__ float bm[256];
-    const float* r = x + (long)blockIdx.x * cols;
-    const unsigned* a = allowed ? allowed + (long)blockIdx.x * ((cols + 31) / 32) : 0;
-    // This thread's best allowed value and its index, and the running maximum of all its
-    // values with sum = Σ exp(v - m) (the log-sum-exp).
-    float best = NEG_INF, m = NEG_INF, sum = 0.f;
-    int idx = 0x7fffffff;
-    for (int i = threadIdx.x; i < cols; i += blockDim.x) {
-        float v = r[i];
-        if (v > m) {
-            sum = sum * __expf(m - v) + 1.f;
-            m = v;
-        } else {
-            sum += __expf(v - m);
-        }
-        if (v > best && (!a || (a[i / 32] >> (i % 32)) & 1u)) {
-            best = v;
-            idx = i;
-        }
-    }
-    bv[threadIdx.x] = best;
-    bi[threadIdx.x] = idx;
-    bm[threadIdx.x] = m;
-    bs[threadIdx.x] = sum;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) {
-            float ov = bv[threadIdx.x + s];
-            int oi = bi[threadIdx.x + s];
-            if (ov > bv[threadIdx.x] || (ov == bv[threadIdx.x] && oi < bi[threadIdx.x])) {
-                bv[threadIdx.x] = ov;
-                bi[threadIdx.x] = oi;
-            }
-            float m0 = bm[threadIdx.x], m1 = bm[threadIdx.x + s];
-            float mm = fmaxf(m0, m1);
-            float s0 = m0 == NEG_INF ? 0.f : bs[threadIdx.x] * __expf(m0 - mm);
-            float s1 = m1 == NEG_INF ? 0.f : bs[threadIdx.x + s] * __expf(m1 - mm);
-            bm[threadIdx.x] = mm;
-            bs[threadIdx.x] = s0 + s1;
-        }
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) {
-        int pick = bi[0] == 0x7fffffff ? 0 : bi[0];
-        out[blockIdx.x] = (unsigned)pick;
-        logprob[blockIdx.x] = r[pick] - (bm[0] + logf(bs[0]));
-    }
-}
-
 // ---- Sampling on the device ------------------------------------------------------------
 // A row's values in the order the host's sampler sorts them (larger first, the lower index
 // first among equals) as distinct 64-bit keys: the value's order-preserving bits, then
@@ -332,43 +272,27 @@ __device__ __forceinline__ u64 rank_key(float v, int i) {
     return ((u64)b << 32) | (u64)(0xffffffffu - (unsigned)i);
 }
 
-// Block reductions over shared scratch of blockDim.x entries (a power of two), in a fixed
-// order (the same result every run).
-__device__ double block_sum_f64(double v, double* sh) {
+// A block reduction with `op` over shared scratch of blockDim.x entries (a power of two),
+// in a fixed order (the same result every run).
+template <typename T, typename Op>
+__device__ T block_reduce(T v, T* sh, Op op) {
     sh[threadIdx.x] = v;
     __syncthreads();
     for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) sh[threadIdx.x] += sh[threadIdx.x + s];
+        if (threadIdx.x < s) sh[threadIdx.x] = op(sh[threadIdx.x], sh[threadIdx.x + s]);
         __syncthreads();
     }
-    double r = sh[0];
+    T r = sh[0];
     __syncthreads();
     return r;
 }
 
-__device__ float block_max_f32(float v, float* sh) {
-    sh[threadIdx.x] = v;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) sh[threadIdx.x] = fmaxf(sh[threadIdx.x], sh[threadIdx.x + s]);
-        __syncthreads();
-    }
-    float r = sh[0];
-    __syncthreads();
-    return r;
-}
-
-__device__ u64 block_max_u64(u64 v, u64* sh) {
-    sh[threadIdx.x] = v;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s && sh[threadIdx.x + s] > sh[threadIdx.x]) sh[threadIdx.x] = sh[threadIdx.x + s];
-        __syncthreads();
-    }
-    u64 r = sh[0];
-    __syncthreads();
-    return r;
-}
+struct Sum {
+    template <typename T> __device__ T operator()(T a, T b) const { return a + b; }
+};
+struct Max {
+    template <typename T> __device__ T operator()(T a, T b) const { return a > b ? a : b; }
+};
 
 #define SAMPLE_MAX_THREADS 1024
 
@@ -401,7 +325,7 @@ struct SampleRow {
             float v = scaled(i);
             if (rank_key(v, i) >= t) acc += count ? 1.0 : exp((double)(v - top));
         }
-        return block_sum_f64(acc, shd);
+        return block_reduce(acc, shd, Sum());
     }
 
     // The largest key in [lo, hi] whose weight at or above it is ≥ target (strict: >);
@@ -419,7 +343,9 @@ struct SampleRow {
 __device__ __forceinline__ int key_index(u64 k) { return (int)(0xffffffffu - (unsigned)(k & 0xffffffffu)); }
 
 // The next token of each row, as the host's sampler picks it (`sampler::Pick::pick`), and
-// its log-softmax; one block per row, blockDim.x a power of two ≤ SAMPLE_MAX_THREADS.
+// its log-softmax; one block per row, blockDim.x a power of two ≤ SAMPLE_MAX_THREADS:
+// greedy decoding (the largest value, the lowest index on ties: one pass over the row)
+// and sampling, without copying the logits back.
 // spec: 5 words per row: temperature (f32 bits), top_k, top_p (f32 bits), the row's
 // uniform draw in [0, 1) (f64 bits) and the repetition penalty (f32 bits) of the tokens
 // set in `seen` (bits as `allowed`'s; null: none). Temperature 0 or top_k 1: the largest
@@ -467,9 +393,9 @@ extern "C" __global__ void sample_rows(const float* __restrict__ x, int cols,
         u64 k = rank_key(row.scaled(i), i);
         if (k > best) best = k;
     }
-    float M = block_max_f32(m, shf);
-    double lse_sum = block_sum_f64(m == NEG_INF ? 0.0 : (double)(sum * __expf(m - M)), shd);
-    best = block_max_u64(best, shk);
+    float M = block_reduce(m, shf, Max());
+    double lse_sum = block_reduce(m == NEG_INF ? 0.0 : (double)(sum * __expf(m - M)), shd, Sum());
+    best = block_reduce(best, shk, Max());
     int pick = key_index(best);
     if (!row.greedy) {
         row.top = row.scaled(pick);
@@ -490,7 +416,7 @@ extern "C" __global__ void sample_rows(const float* __restrict__ x, int cols,
                 u64 k = rank_key(row.scaled(i), i);
                 if (k >= floor_p && k < lowest) lowest = k;
             }
-            chosen = ~block_max_u64(~lowest, shk);
+            chosen = ~block_reduce(~lowest, shk, Max());
         }
         pick = key_index(chosen);
     }
@@ -639,24 +565,22 @@ extern "C" __global__ void attention_batch(const float* __restrict__ q, const u6
         f[w] = wm[w] == NEG_INF ? 0.f : __expf(wm[w] - M);
         S += ws[w] * f[w];
     }
-    if (gridDim.y == 1) {
-        float* o = out + (row * h + head) * dv;
-        for (int i = threadIdx.x; i < dv; i += blockDim.x) {
-            float a = 0.f;
-            for (int w = 0; w < ATT_WARPS; w++) a += wacc[w * dv + i] * f[w];
-            o[i] = a / S;
-        }
-    } else {
-        float* o = part + ((long)blockIdx.x * gridDim.y + blockIdx.y) * (dv + 2);
+    // One split: the normalised output. More: maximum, sum, then the unnormalised output.
+    float* o = out + (row * h + head) * dv;
+    float div = S;
+    if (gridDim.y > 1) {
+        o = part + ((long)blockIdx.x * gridDim.y + blockIdx.y) * (dv + 2);
         if (threadIdx.x == 0) {
             o[0] = M;
             o[1] = S;
         }
-        for (int i = threadIdx.x; i < dv; i += blockDim.x) {
-            float a = 0.f;
-            for (int w = 0; w < ATT_WARPS; w++) a += wacc[w * dv + i] * f[w];
-            o[2 + i] = a;
-        }
+        o += 2;
+        div = 1.f;
+    }
+    for (int i = threadIdx.x; i < dv; i += blockDim.x) {
+        float a = 0.f;
+        for (int w = 0; w < ATT_WARPS; w++) a += wacc[w * dv + i] * f[w];
+        o[i] = a / div;
     }
 }
 

@@ -116,15 +116,9 @@ pub trait Backend {
     /// that over the whole row: a grammar's mask. A GPU backend picks on the device and
     /// copies back only the picks.
     fn argmax_rows(&self, x: &Self::Buf, cols: usize, allowed: Option<&[u32]>) -> Vec<(u32, f32)> {
-        let greedy = crate::engine::sampler::Pick {
-            temperature: 0.0,
-            top_k: 0,
-            top_p: 1.0,
-            draw: 0.0,
-            repetition_penalty: 1.0,
-        };
         let rows = self.len(x).checked_div(cols).unwrap_or(0);
-        self.pick_rows(x, cols, allowed, None, &vec![greedy; rows])
+        let greedy = vec![crate::engine::sampler::Pick::GREEDY; rows];
+        self.pick_rows(x, cols, allowed, None, &greedy)
     }
     /// [`Backend::argmax_rows`] with each row's token picked as `picks[row]` says
     /// ([`crate::engine::sampler::Pick::pick`]: greedy, or sampled by its draw with a

@@ -83,7 +83,6 @@ pub const KERNEL_NAMES: &[&str] = &[
     "paged_append",
     "attention_batch",
     "attention_merge",
-    "argmax_rows",
     "sample_rows",
     "gemv_bf16",
     "gemv_swiglu",
@@ -617,6 +616,19 @@ impl Cuda {
         self.htod(data, what)
     }
 
+    /// [`Cuda::meta`] of optional data: `Some(None)` for none (a null pointer to the
+    /// kernel), `None` when the upload failed (recorded).
+    fn meta_or_null<T: DeviceRepr>(
+        &self,
+        data: Option<&[T]>,
+        what: &str,
+    ) -> Option<Option<Dev<T>>> {
+        match data {
+            Some(d) => self.meta(d, what).map(Some),
+            None => Some(None),
+        }
+    }
+
     /// Host data copied to memory of its own now (weights, expert tables: kept past the
     /// step). Not while a step is captured: the capture is given up.
     fn htod<T: DeviceRepr>(&self, data: &[T], what: &str) -> Option<Dev<T>> {
@@ -1137,20 +1149,11 @@ impl Cuda {
 
     /// The address tables of a layer's experts (`None` unless every matrix is bf16).
     fn expert_tables(&self, experts: &[[&CudaBuf; 3]]) -> Option<Arc<[Dev<u64>; 3]>> {
-        let addr = |b: &CudaBuf| match b {
-            CudaBuf::Bf16(s) => Some(s.device_ptr(&self.stream).0),
-            _ => None,
-        };
-        let key = addr(experts.first()?[0])?;
+        let key = bf16_addr(experts.first()?[0])?;
         if let Some(t) = lock(&self.expert_tables).get(&key) {
             return Some(t.clone());
         }
-        let mut cols: [Vec<u64>; 3] = Default::default();
-        for e in experts {
-            for (j, m) in e.iter().enumerate() {
-                cols[j].push(addr(m)?);
-            }
-        }
+        let cols = expert_addrs(experts)?;
         let tables = Arc::new([
             self.htod(&cols[0], "expert table")?,
             self.htod(&cols[1], "expert table")?,
@@ -1174,14 +1177,10 @@ impl Cuda {
         (pairs, hidden, inter): (usize, usize, usize),
         y: &mut Dev<f32>,
     ) -> Option<()> {
-        let mut mats = Vec::with_capacity(experts.len());
-        for e in experts {
-            let [CudaBuf::Bf16(g), CudaBuf::Bf16(u), CudaBuf::Bf16(d)] = *e else {
-                self.record(failed("moe", "expert weights are not bf16"));
-                return None;
-            };
-            mats.push([g.ptr(), u.ptr(), d.ptr()]);
-        }
+        let Some(mats) = expert_addrs(experts) else {
+            self.record(failed("moe", "expert weights are not bf16"));
+            return None;
+        };
         let counts = match self.stream.clone_dtoh::<i32, CudaSlice<i32>>(count) {
             Ok(v) => v,
             Err(e) => {
@@ -1228,8 +1227,8 @@ impl Cuda {
         for (e, from, c) in runs() {
             let xr = xb.ptr() + from * hidden as u64 * bf;
             let at = from * inter as u64 * f;
-            self.gemm_raw(mats[e][0], xr, gate.ptr() + at, c, inter, hidden, 0.0)?;
-            self.gemm_raw(mats[e][1], xr, up.ptr() + at, c, inter, hidden, 0.0)?;
+            self.gemm_raw(mats[0][e], xr, gate.ptr() + at, c, inter, hidden, 0.0)?;
+            self.gemm_raw(mats[1][e], xr, up.ptr() + at, c, inter, hidden, 0.0)?;
         }
         let mut act = self.tmp::<f32>(pairs * inter, "moe intermediate")?;
         let total = (pairs * inter) as i64;
@@ -1246,30 +1245,29 @@ impl Cuda {
         for (e, from, c) in runs() {
             let hr = hb.ptr() + from * inter as u64 * bf;
             let yr = y.ptr() + from * hidden as u64 * f;
-            self.gemm_raw(mats[e][2], hr, yr, c, hidden, inter, 0.0)?;
+            self.gemm_raw(mats[2][e], hr, yr, c, hidden, inter, 0.0)?;
         }
         Some(())
     }
 
-    /// Each row's pick and its log-softmax, on the device (see [`Backend::pick_rows`]):
-    /// `argmax_rows` when every row is greedy without a penalty (`picks` `None`: all
-    /// are), else `sample_rows`. Only the picks are copied back.
+    /// Each row's pick and its log-softmax, on the device, by `sample_rows` (see
+    /// [`Backend::pick_rows`]). Only the picks are copied back.
     fn picks(
         &self,
         x: &CudaBuf,
         cols: usize,
         allowed: Option<&[u32]>,
         seen: Option<&[u32]>,
-        picks: Option<&[Pick]>,
+        picks: &[Pick],
     ) -> Vec<(u32, f32)> {
         if self.errored() {
             return Vec::new();
         }
-        let Some(xs) = self.f32_of(x, "argmax_rows") else {
+        let Some(xs) = self.f32_of(x, "pick_rows") else {
             return Vec::new();
         };
         if cols == 0 || xs.len() % cols != 0 {
-            self.record(failed("argmax_rows", "rows are not whole"));
+            self.record(failed("pick_rows", "rows are not whole"));
             return Vec::new();
         }
         let rows = xs.len() / cols;
@@ -1277,88 +1275,48 @@ impl Cuda {
             return Vec::new();
         }
         let bits_fit = |b: Option<&[u32]>| b.is_none_or(|b| b.len() == rows * cols.div_ceil(32));
-        if !bits_fit(allowed) || !bits_fit(seen) {
-            self.record(failed("argmax_rows", "a mask is not a row of bits per row"));
+        if !bits_fit(allowed) || !bits_fit(seen) || picks.len() != rows {
+            self.record(failed(
+                "pick_rows",
+                "not one pick and one row of mask bits per row",
+            ));
             return Vec::new();
         }
-        let penalised = seen.is_some();
-        let picks = picks.filter(|p| {
-            p.iter()
-                .any(|p| !p.greedy() || (penalised && p.repetition_penalty != 1.0))
-        });
-        if picks.is_some_and(|p| p.len() != rows) {
-            self.record(failed("pick_rows", "not one pick per row"));
+        let spec: Vec<u64> = picks.iter().flat_map(Pick::words).collect();
+        let (Some(mask), Some(seen), Some(spec)) = (
+            self.meta_or_null(allowed, "token mask"),
+            self.meta_or_null(seen, "seen tokens"),
+            self.meta(&spec, "sampling parameters"),
+        ) else {
             return Vec::new();
-        }
-        let mask = match allowed {
-            Some(a) => match self.meta(a, "token mask") {
-                Some(m) => Some(m),
-                None => return Vec::new(),
-            },
-            None => None,
         };
-        let mask_ptr = mask.as_ref().map_or(0, |m| m.ptr());
         // Token ids and log-probabilities in one buffer, for one copy back.
-        let Some(mut out) = self.tmp::<u32>(2 * rows, "argmax_rows") else {
+        let Some(mut out) = self.tmp::<u32>(2 * rows, "pick_rows") else {
             return Vec::new();
         };
         let c = cols as i32;
         // SAFETY: the second half of `out` holds `rows` 4-byte values.
         let lp = unsafe { Dev::<f32>::view(&self.stream, out.ptr() + 4 * rows as u64, rows) };
-        match picks {
-            None => launch!(
-                self,
-                "argmax_rows",
-                per_row(rows, 256),
-                xs,
-                &c,
-                &mask_ptr,
-                &mut out,
-                &lp
-            ),
-            Some(picks) => {
-                // Per row: temperature, top_k, top_p, draw, penalty (the kernel's layout).
-                let spec: Vec<u64> = picks
-                    .iter()
-                    .flat_map(|p| {
-                        [
-                            u64::from(p.temperature.to_bits()),
-                            p.top_k as u64,
-                            u64::from(p.top_p.to_bits()),
-                            p.draw.to_bits(),
-                            u64::from(p.repetition_penalty.to_bits()),
-                        ]
-                    })
-                    .collect();
-                let Some(spec) = self.meta(&spec, "sampling parameters") else {
-                    return Vec::new();
-                };
-                let seen = match seen {
-                    Some(s) => match self.meta(s, "seen tokens") {
-                        Some(m) => Some(m),
-                        None => return Vec::new(),
-                    },
-                    None => None,
-                };
-                let seen_ptr = seen.as_ref().map_or(0, |m| m.ptr());
-                // About 16 values per thread, up to the kernel's block.
-                let threads = (cols / 16)
-                    .next_power_of_two()
-                    .clamp(32, SAMPLE_MAX_THREADS);
-                launch!(
-                    self,
-                    "sample_rows",
-                    per_row(rows, threads as u32),
-                    xs,
-                    &c,
-                    &mask_ptr,
-                    &seen_ptr,
-                    &spec,
-                    &mut out,
-                    &lp
-                );
-            }
-        }
+        // About 16 values per thread, up to the kernel's block.
+        let threads = (cols / 16)
+            .next_power_of_two()
+            .clamp(32, SAMPLE_MAX_THREADS);
+        let (mask_ptr, seen_ptr) = (
+            mask.as_ref().map_or(0, Dev::ptr),
+            seen.as_ref().map_or(0, Dev::ptr),
+        );
+        launch!(
+            self,
+            "sample_rows",
+            per_row(rows, threads as u32),
+            xs,
+            &c,
+            &mask_ptr,
+            &seen_ptr,
+            &spec,
+            &mut out,
+            &lp
+        );
         if !self.flush() {
             return Vec::new();
         }
@@ -1367,7 +1325,7 @@ impl Cuda {
                 .map(|i| (v[i], f32::from_bits(v[rows + i])))
                 .collect(),
             Err(e) => {
-                self.record(failed("argmax_rows", e));
+                self.record(failed("pick_rows", e));
                 Vec::new()
             }
         }
@@ -1679,32 +1637,16 @@ impl Cuda {
             vhead as i32,
             self.block_rows() as i32,
         );
-        if splits == 1 {
-            let null = 0u64;
-            launch!(
-                self,
-                "attention_batch",
-                cfg,
-                q,
-                meta,
-                &ni,
-                out,
-                &null,
-                &hh,
-                &hki,
-                &dki,
-                &dvi,
-                &vci,
-                &vhi,
-                &s.scale,
-                &br
-            );
-            return;
-        }
-        let Some(mut part) = self.tmp::<f32>(pairs * splits * (s.dv + 2), "attention splits")
-        else {
-            return;
+        // The splits' partial results, when there is more than one.
+        let part = if splits > 1 {
+            match self.tmp::<f32>(pairs * splits * (s.dv + 2), "attention splits") {
+                Some(p) => Some(p),
+                None => return,
+            }
+        } else {
+            None
         };
+        let part_ptr = part.as_ref().map_or(0, Dev::ptr);
         launch!(
             self,
             "attention_batch",
@@ -1713,7 +1655,7 @@ impl Cuda {
             meta,
             &ni,
             out,
-            &mut part,
+            &part_ptr,
             &hh,
             &hki,
             &dki,
@@ -1723,6 +1665,9 @@ impl Cuda {
             &s.scale,
             &br
         );
+        let Some(part) = part else {
+            return;
+        };
         let si = splits as i32;
         launch!(
             self,
@@ -1895,10 +1840,6 @@ impl Backend for Cuda {
         Some(CudaBuf::Bf16(Arc::new(Dev::owned(y))))
     }
 
-    fn argmax_rows(&self, x: &CudaBuf, cols: usize, allowed: Option<&[u32]>) -> Vec<(u32, f32)> {
-        self.picks(x, cols, allowed, None, None)
-    }
-
     fn pick_rows(
         &self,
         x: &CudaBuf,
@@ -1907,7 +1848,7 @@ impl Backend for Cuda {
         seen: Option<&[u32]>,
         picks: &[Pick],
     ) -> Vec<(u32, f32)> {
-        self.picks(x, cols, allowed, seen, Some(picks))
+        self.picks(x, cols, allowed, seen, picks)
     }
 
     fn moe_routed(
@@ -3070,6 +3011,26 @@ impl Backend for Cuda {
         self.attention_launch(qs, &md, 1, t, &mut out, shape, hk * dv, dv);
         CudaBuf::F32(Arc::new(out))
     }
+}
+
+/// A bf16 matrix's device address (`None`: not bf16).
+fn bf16_addr(b: &CudaBuf) -> Option<u64> {
+    match b {
+        CudaBuf::Bf16(s) => Some(s.ptr()),
+        _ => None,
+    }
+}
+
+/// The experts' gate, up and down matrix addresses, one list per projection (`None`:
+/// one is not bf16).
+fn expert_addrs(experts: &[[&CudaBuf; 3]]) -> Option<[Vec<u64>; 3]> {
+    let mut cols: [Vec<u64>; 3] = Default::default();
+    for e in experts {
+        for (j, m) in e.iter().enumerate() {
+            cols[j].push(bf16_addr(m)?);
+        }
+    }
+    Some(cols)
 }
 
 /// Rows held by a cache buffer (an empty f32 buffer: a cache not written yet).
