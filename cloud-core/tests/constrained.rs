@@ -7,7 +7,7 @@ use std::path::Path;
 use cloud_core::engine::backend::cpu::Cpu;
 use cloud_core::engine::config::ModelConfig;
 use cloud_core::engine::constrain::Grammars;
-use cloud_core::engine::generate::{generate, Finish, Request};
+use cloud_core::engine::generate::{generate, generate_picking, Finish, Picking, Request};
 use cloud_core::engine::model::Model;
 use cloud_core::engine::sampler::SamplingParams;
 use cloud_core::verdict::{schema, Verdict, TEXT_MAX_LEN};
@@ -158,9 +158,9 @@ fn a_bad_schema_is_a_clear_error() {
 }
 
 /// A greedy verdict request is picked by the backend among the grammar's tokens (the
-/// mask goes to the logits, not the logits to the host); asking for alternatives sends
-/// the logits to the sampler instead. Both give the same verdict, token for token, with
-/// the same log-probabilities, batched with an unconstrained request or not.
+/// mask goes to the logits, not the logits to the host), alternatives and all, as the
+/// sampler picks it from the logits: the same verdict, token for token, with the same
+/// log-probabilities and alternatives, batched with an unconstrained request.
 #[test]
 fn greedy_verdicts_picked_by_the_backend_are_the_samplers() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -185,23 +185,17 @@ fn greedy_verdicts_picked_by_the_backend_are_the_samplers() {
     };
     // The same batches both ways (a row's logits may depend on the batch's size).
     let prompts: [&[u32]; 2] = [&[72, 105, 33], &[1, 2, 3, 4]];
-    let by_backend = generate(
-        &model,
-        vec![verdict(prompts[0], 0), verdict(prompts[1], 0), free()],
-    )
-    .expect("greedy");
-    let by_sampler = generate(
-        &model,
-        vec![verdict(prompts[0], 1), verdict(prompts[1], 1), free()],
-    )
-    .expect("sampled");
+    let batch = || vec![verdict(prompts[0], 0), verdict(prompts[1], 2), free()];
+    let by_backend = generate_picking(&model, batch(), Picking::Backend).expect("backend");
+    let by_sampler = generate_picking(&model, batch(), Picking::Host).expect("sampler");
     for (i, s) in by_sampler.iter().enumerate() {
         let b = &by_backend[i];
         assert_eq!(b.finish, s.finish, "request {i}");
         assert!(!b.tokens.is_empty(), "request {i}");
         assert_eq!(b.tokens, s.tokens, "request {i}: tokens");
         for (j, (bs, ss)) in b.steps.iter().zip(&s.steps).enumerate() {
-            assert_eq!(bs.logprob, ss.logprob, "request {i}, step {j}");
+            assert_eq!(bs, ss, "request {i}, step {j}");
+            assert_eq!(bs.top.len(), [0, 2, 0][i], "request {i}, step {j}");
         }
     }
     assert_eq!(by_backend[2].tokens.len(), 12);

@@ -361,6 +361,8 @@ fn row_kernels_match_the_cpu() {
                 p(&spec),
                 pm(&mut picks),
                 pm(&mut logprobs),
+                Arg::I(0),
+                Arg::U(0),
             ],
         );
         let want = cpu.argmax_rows(&logits, 1000, allowed.map(|m| m.as_slice()));
@@ -1131,7 +1133,9 @@ fn fused_projections_match_the_cpu() {
 /// the whole row.
 #[test]
 fn sampling_on_the_device_picks_what_the_host_picks() {
-    use cloud_core::engine::sampler::{argmax, log_softmax, penalize, set_bits};
+    use cloud_core::engine::sampler::{
+        alternatives, argmax, log_softmax, penalize, set_bits, MAX_ALTERNATIVES,
+    };
     if !available() {
         return;
     }
@@ -1147,7 +1151,12 @@ fn sampling_on_the_device_picks_what_the_host_picks() {
         (1.0, 1000, 0.95, 1.0),
         (0.0, 0, 1.0, 2.0),
     ];
-    for (cols, spread, seed) in [(300usize, 4.0f32, 1u64), (300, 30.0, 2), (5000, 8.0, 3)] {
+    for (cols, spread, seed) in [
+        (300usize, 4.0f32, 1u64),
+        (300, 30.0, 2),
+        (5000, 8.0, 3),
+        (12, 4.0, 4),
+    ] {
         let rows = if cols > 1000 { 4 } else { 24 };
         let mut x: Vec<f32> = rand_vec(rows * cols, 60 + seed)
             .iter()
@@ -1175,6 +1184,8 @@ fn sampling_on_the_device_picks_what_the_host_picks() {
                     top_p,
                     draw,
                     repetition_penalty,
+                    // Up to 7 alternatives; row 1's the most (more than a row of 12 holds).
+                    alternatives: if r == 1 { MAX_ALTERNATIVES } else { r % 8 },
                 }
             })
             .collect();
@@ -1203,6 +1214,7 @@ fn sampling_on_the_device_picks_what_the_host_picks() {
             let spec: Vec<u64> = picks.iter().flat_map(Pick::words).collect();
             let mut out = vec![0u32; rows];
             let mut lp = vec![0f32; rows];
+            let mut top = vec![u32::MAX; rows * 2 * MAX_ALTERNATIVES];
             let threads = (cols / 16).next_power_of_two().clamp(32, 1024) as u32;
             launch(
                 "sample_rows",
@@ -1217,6 +1229,8 @@ fn sampling_on_the_device_picks_what_the_host_picks() {
                     p(&spec),
                     pm(&mut out),
                     pm(&mut lp),
+                    Arg::I(MAX_ALTERNATIVES as i32),
+                    pm(&mut top),
                 ],
             );
             for r in 0..rows {
@@ -1250,6 +1264,23 @@ fn sampling_on_the_device_picks_what_the_host_picks() {
                     (lp[r] - lw).abs() <= 1e-4,
                     "{what}: log-probability {} vs {lw}",
                     lp[r]
+                );
+                // The alternatives: the raw row's largest, whatever the mask and penalty.
+                let lse = row[0] - log_softmax(row)[0];
+                let want = alternatives(row, lse, picks[r].alternatives);
+                let got = &top[r * 2 * MAX_ALTERNATIVES..(r + 1) * 2 * MAX_ALTERNATIVES];
+                for (j, &(t, l)) in want.iter().enumerate() {
+                    assert_eq!(got[2 * j], t, "{what}: alternative {j}");
+                    let gl = f32::from_bits(got[2 * j + 1]);
+                    assert!(
+                        (gl - l).abs() <= 1e-4,
+                        "{what}: alternative {j}: {gl} vs {l}"
+                    );
+                }
+                assert!(
+                    got[2 * want.len()..].iter().all(|w| *w == u32::MAX),
+                    "{what}: more than {} alternatives written",
+                    want.len()
                 );
             }
         }

@@ -225,6 +225,7 @@ pub fn run<B: Backend>(
                         top_p,
                         draw: rng.random(),
                         repetition_penalty: 1.0,
+                        alternatives: 0,
                     })
                     .collect()
             });

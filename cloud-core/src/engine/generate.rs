@@ -203,12 +203,30 @@ impl<B: Backend> Sequence<B> {
     }
 }
 
+/// Where a step's tokens are picked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Picking {
+    /// Where the logits are (on the device for a GPU backend): only the picks come back.
+    Backend,
+    /// By each sequence's sampler, from the logits copied back: the reference.
+    Host,
+}
+
 /// Runs one batched step over `seqs` (all unfinished) and samples a token for each.
 /// The outer error is the batch's (nothing advanced); an inner error is one sequence's
 /// (a grammar failure, say), which then counts as finished.
 pub fn step<B: Backend>(
     model: &Model<B>,
     seqs: &mut [&mut Sequence<B>],
+) -> Result<Vec<Result<Step, EngineError>>, EngineError> {
+    step_picking(model, seqs, Picking::Backend)
+}
+
+/// [`step`] with the tokens picked where `picking` says (the same tokens either way).
+pub fn step_picking<B: Backend>(
+    model: &Model<B>,
+    seqs: &mut [&mut Sequence<B>],
+    picking: Picking,
 ) -> Result<Vec<Result<Step, EngineError>>, EngineError> {
     if seqs
         .iter()
@@ -218,13 +236,13 @@ pub fn step<B: Backend>(
             "a finished sequence was given to step".into(),
         ));
     }
-    // When every sequence's pick can be made where the logits are (no alternatives to
-    // report), the backend picks — greedy or sampled by each sampler's draw, after each
-    // one's repetition penalty — among the tokens of each one's grammar (their masks made
-    // here; a grammar that fails to make one sends the step the host's way, where the
-    // error is that sequence's own). Otherwise the last logits come back to each sampler.
+    // The backend picks — greedy or sampled by each sampler's draw, after each one's
+    // repetition penalty, among the tokens of each one's grammar (the masks made here),
+    // with the alternatives each one reports — where the logits are. When a grammar fails
+    // to make its mask (or the caller asks for it), the last logits come back to each
+    // sampler instead, where such an error is that sequence's own.
     let words = model.config().vocab_size.div_ceil(32);
-    let mut on_backend = seqs.iter().all(|s| s.sampler.plannable());
+    let mut on_backend = picking == Picking::Backend;
     let mut allowed = None;
     if on_backend && seqs.iter().any(|s| s.constraint.is_some()) {
         let mut bits = vec![u32::MAX; seqs.len() * words];
@@ -235,7 +253,7 @@ pub fn step<B: Backend>(
         allowed = Some(bits);
     }
     let picks: Vec<Pick> = if on_backend {
-        seqs.iter_mut().filter_map(|s| s.sampler.plan()).collect()
+        seqs.iter_mut().map(|s| s.sampler.plan()).collect()
     } else {
         Vec::new()
     };
@@ -266,7 +284,8 @@ pub fn step<B: Backend>(
         let how = PickRows {
             allowed: allowed.as_deref(),
             seen: seen.as_deref(),
-            picks: (penalised || picks.iter().any(|p| !p.greedy())).then_some(picks.as_slice()),
+            picks: (penalised || picks.iter().any(|p| !p.greedy() || p.alternatives > 0))
+                .then_some(picks.as_slice()),
         };
         model
             .forward_batch_pick(&mut batch, how)
@@ -317,6 +336,15 @@ pub fn generate<B: Backend>(
     model: &Model<B>,
     requests: Vec<Request>,
 ) -> Result<Vec<Output>, EngineError> {
+    generate_picking(model, requests, Picking::Backend)
+}
+
+/// [`generate`] with every step's tokens picked where `picking` says.
+pub fn generate_picking<B: Backend>(
+    model: &Model<B>,
+    requests: Vec<Request>,
+    picking: Picking,
+) -> Result<Vec<Output>, EngineError> {
     let mut seqs = Vec::with_capacity(requests.len());
     for (i, r) in requests.into_iter().enumerate() {
         seqs.push(
@@ -341,7 +369,7 @@ pub fn generate<B: Backend>(
         if active.is_empty() {
             break;
         }
-        let results = step(model, &mut active)?;
+        let results = step_picking(model, &mut active, picking)?;
         for (i, r) in idx.into_iter().zip(results) {
             match r.map_err(|e| EngineError::Request(format!("request {i}: {e}")))? {
                 Step::Token(s, finish) => {
@@ -379,39 +407,44 @@ mod tests {
         )
     }
 
-    /// Greedy and sampled requests, with and without a repetition penalty, are picked by
-    /// the backend (`forward_batch_pick`, the samplers' draws made before the step);
-    /// asking for alternatives sends the logits back to each sampler. Both give the same
-    /// tokens and log-probabilities, alone or mixed in one batch.
+    /// Greedy and sampled requests, with and without a repetition penalty and
+    /// alternatives, are picked by the backend (`forward_batch_pick`, the samplers' draws
+    /// made before the step) as each sampler picks them from the logits: the same tokens,
+    /// log-probabilities and alternatives, alone or mixed in one batch.
     #[test]
     fn picks_by_the_backend_are_the_samplers_picks() {
         let cfg = crate::engine::bench::shape("tiny").expect("shape");
         let model = Model::random(cfg, Cpu::default(), 5).expect("model");
         let prompts: [&[u32]; 2] = [&[3, 1, 4, 1, 5], &[9, 2, 6]];
         for (temperature, penalty) in [(0.0, 1.0), (1.0, 1.0), (0.0, 1.5), (1.0, 1.5)] {
-            let run = |top_logprobs: [usize; 2]| {
+            let run = |top_logprobs: [usize; 2], picking| {
                 let reqs = prompts
                     .iter()
                     .zip(top_logprobs)
                     .map(|(p, n)| request(p, temperature, penalty, n))
                     .collect();
-                generate(&model, reqs).expect("generate")
+                generate_picking(&model, reqs, picking).expect("generate")
             };
-            let by_backend = run([0, 0]);
-            let by_sampler = run([1, 1]);
-            let mixed = run([0, 1]);
-            for (i, b) in by_backend.iter().enumerate() {
-                let s = &by_sampler[i];
-                let what = format!("temperature {temperature}, penalty {penalty}, request {i}");
-                assert_eq!(b.tokens.len(), 6, "{what}");
-                assert_eq!(b.tokens, s.tokens, "{what}: tokens");
-                assert_eq!(b.tokens, mixed[i].tokens, "{what}: tokens when mixed");
-                for (j, (bs, ss)) in b.steps.iter().zip(&s.steps).enumerate() {
-                    assert!(bs.top.is_empty());
-                    assert_eq!(bs.logprob, ss.logprob, "{what}, step {j}: log-probability");
-                    assert!(bs.logprob <= 0.0 && bs.logprob.is_finite());
-                    if temperature == 0.0 && penalty == 1.0 {
-                        assert_eq!(ss.top[0], (ss.token, ss.logprob), "{what}, step {j}");
+            let by_backend = run([0, 0], Picking::Backend);
+            for alternatives in [[0, 0], [3, 3], [0, 5]] {
+                let on_backend = run(alternatives, Picking::Backend);
+                let on_host = run(alternatives, Picking::Host);
+                for (i, (b, h)) in on_backend.iter().zip(&on_host).enumerate() {
+                    let what = format!(
+                        "temperature {temperature}, penalty {penalty}, {alternatives:?}, \
+                         request {i}"
+                    );
+                    assert_eq!(b.tokens.len(), 6, "{what}");
+                    assert_eq!(b.tokens, h.tokens, "{what}: tokens");
+                    assert_eq!(b.tokens, by_backend[i].tokens, "{what}: tokens when mixed");
+                    assert_eq!(b.steps, h.steps, "{what}: log-probabilities, alternatives");
+                    for s in &b.steps {
+                        assert_eq!(s.top.len(), alternatives[i], "{what}");
+                        assert!(s.logprob <= 0.0 && s.logprob.is_finite());
+                        assert!(s.top.windows(2).all(|w| w[0].1 >= w[1].1), "{what}");
+                        if temperature == 0.0 && penalty == 1.0 && !s.top.is_empty() {
+                            assert_eq!(s.top[0], (s.token, s.logprob), "{what}");
+                        }
                     }
                 }
             }

@@ -18,7 +18,7 @@ use std::path::Path;
 use super::backend::{AttnShape, Backend, DeviceError, RopeLayout, Weight};
 use super::config::{Arch, ConfigError, ModelConfig, MoeConfig, ScoringFunc, TopkMethod};
 use super::rope;
-use super::sampler::{Pick, Sampled};
+use super::sampler::{Pick, Sampled, MAX_ALTERNATIVES};
 use super::weights::{Checkpoint, WeightsError};
 
 /// The eps of DeepSeek's `q_a_layernorm` and `kv_a_layernorm` (their reference code builds
@@ -142,6 +142,10 @@ impl Out<'_> {
                 2 + u8::from(p.allowed.is_some())
                     + 2 * u8::from(p.picks.is_some())
                     + 4 * u8::from(p.seen.is_some())
+                    + 8 * u8::from(
+                        p.picks
+                            .is_some_and(|p| p.iter().any(|p| p.alternatives > 0)),
+                    )
             }
         }
     }
@@ -584,6 +588,17 @@ impl<B: Backend> Model<B> {
                 }
             }
         }
+        let too_many = how
+            .picks
+            .into_iter()
+            .flatten()
+            .map(|p| p.alternatives)
+            .max();
+        if let Some(n) = too_many.filter(|n| *n > MAX_ALTERNATIVES) {
+            return Err(EngineError::Request(format!(
+                "{n} alternatives asked for, at most {MAX_ALTERNATIVES} are reported"
+            )));
+        }
         if how.picks.is_some_and(|p| p.len() != seqs.len()) {
             return Err(EngineError::Request(format!(
                 "{} picks for {} sequences",
@@ -736,15 +751,17 @@ impl<B: Backend> Model<B> {
             Out::Pick(how) => {
                 let picks = match how.picks {
                     Some(p) => be.pick_rows(&logits, vocab, how.allowed, how.seen, p),
-                    None => be.argmax_rows(&logits, vocab, how.allowed),
+                    None => be
+                        .argmax_rows(&logits, vocab, how.allowed)
+                        .into_iter()
+                        .map(|(token, logprob)| Sampled {
+                            token,
+                            logprob,
+                            top: Vec::new(),
+                        })
+                        .collect(),
                 };
-                let picks = picks.into_iter();
-                let picks = picks.map(|(token, logprob)| Sampled {
-                    token,
-                    logprob,
-                    top: Vec::new(),
-                });
-                (Vec::new(), picks.collect())
+                (Vec::new(), picks)
             }
             _ => (be.download(&logits), Vec::new()),
         }

@@ -8,6 +8,9 @@
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+/// The most alternatives a step reports (`top_logprobs`, as the OpenAI API allows).
+pub const MAX_ALTERNATIVES: usize = 20;
+
 /// How to sample. The defaults are greedy decoding.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SamplingParams {
@@ -62,9 +65,9 @@ impl SamplingParams {
                 self.repetition_penalty
             ));
         }
-        if self.top_logprobs > 20 {
+        if self.top_logprobs > MAX_ALTERNATIVES {
             return Err(format!(
-                "top_logprobs must be at most 20 (got {})",
+                "top_logprobs must be at most {MAX_ALTERNATIVES} (got {})",
                 self.top_logprobs
             ));
         }
@@ -107,6 +110,9 @@ pub struct Pick {
     /// HF-style repetition penalty of the tokens seen so far (1: none), applied by
     /// [`penalize`] before the pick.
     pub repetition_penalty: f32,
+    /// How many of the most likely tokens of the model's own distribution to report
+    /// with their log-probabilities ([`alternatives`]; at most [`MAX_ALTERNATIVES`]).
+    pub alternatives: usize,
 }
 
 /// Token `t`'s bit in a row of bits (`t % 32` of word `t / 32`): grammar masks and the
@@ -145,18 +151,48 @@ impl Pick {
         top_p: 1.0,
         draw: 0.0,
         repetition_penalty: 1.0,
+        alternatives: 0,
     };
 
+    /// Words per pick of [`Pick::words`].
+    pub const WORDS: usize = 6;
+
     /// The pick as the CUDA backend's `sample_rows` kernel reads it: temperature, top_k,
-    /// top_p, draw and penalty, one 64-bit word each (floats by their bits).
-    pub fn words(&self) -> [u64; 5] {
+    /// top_p, draw, penalty and alternatives, one 64-bit word each (floats by their bits).
+    pub fn words(&self) -> [u64; Pick::WORDS] {
         [
             u64::from(self.temperature.to_bits()),
             self.top_k as u64,
             u64::from(self.top_p.to_bits()),
             self.draw.to_bits(),
             u64::from(self.repetition_penalty.to_bits()),
+            self.alternatives as u64,
         ]
+    }
+
+    /// Picks from the row of raw `logits` as [`Pick::pick`] does after `allowed` (a
+    /// grammar's mask: forbidden tokens weigh nothing) and the penalty of the tokens in
+    /// `seen` (bits as [`bit`] reads them), with the pick's log-probability and the
+    /// alternatives under the model's own distribution.
+    pub fn sample(&self, logits: &[f32], allowed: Option<&[u32]>, seen: Option<&[u32]>) -> Sampled {
+        let mut x = logits.to_vec();
+        if let Some(a) = allowed {
+            for (t, l) in x.iter_mut().enumerate() {
+                if !bit(a, t) {
+                    *l = f32::NEG_INFINITY;
+                }
+            }
+        }
+        if let Some(s) = seen {
+            penalize(&mut x, s, self.repetition_penalty);
+        }
+        let token = self.pick(&x);
+        let lse = log_sum_exp(logits);
+        Sampled {
+            token: token as u32,
+            logprob: logits[token] - lse,
+            top: alternatives(logits, lse, self.alternatives),
+        }
     }
 
     /// The largest value is picked.
@@ -212,6 +248,26 @@ fn log_sum_exp(logits: &[f32]) -> f32 {
     max + sum.ln() as f32
 }
 
+/// The `n` largest of the raw `logits` (the lower index first among equals: the order of
+/// the probabilities), each with its log-probability `logit - lse`, `lse` being the
+/// row's log-sum-exp.
+pub fn alternatives(logits: &[f32], lse: f32, n: usize) -> Vec<(u32, f32)> {
+    if n == 0 {
+        return Vec::new();
+    }
+    let mut idx: Vec<usize> = (0..logits.len()).collect();
+    let n = n.min(idx.len());
+    let by_rank = |a: &usize, b: &usize| logits[*b].total_cmp(&logits[*a]).then(a.cmp(b));
+    if n < idx.len() {
+        idx.select_nth_unstable_by(n - 1, by_rank);
+        idx.truncate(n);
+    }
+    idx.sort_by(by_rank);
+    idx.into_iter()
+        .map(|i| (i as u32, logits[i] - lse))
+        .collect()
+}
+
 /// Log-softmax.
 pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
     let lse = log_sum_exp(logits);
@@ -246,15 +302,11 @@ impl Sampler {
     }
 
     /// How the next token is to be picked, for a backend to pick it where the logits are
-    /// (drawing from the stream as [`Sampler::sample`] would); `None` when only the host
-    /// can (alternatives to report). [`Sampler::unplan`] puts the
-    /// draw back when the step is not taken.
-    pub fn plan(&mut self) -> Option<Pick> {
-        if !self.plannable() {
-            return None;
-        }
+    /// (drawing from the stream as [`Sampler::sample`] would). [`Sampler::unplan`] puts
+    /// the draw back when the step is not taken.
+    pub fn plan(&mut self) -> Pick {
         self.planned_from = Some(self.rng.clone());
-        Some(self.next_pick())
+        self.next_pick()
     }
 
     /// The next pick, its draw taken from the stream unless it is greedy.
@@ -266,16 +318,12 @@ impl Sampler {
             top_p: p.top_p,
             draw: 0.0,
             repetition_penalty: p.repetition_penalty,
+            alternatives: p.top_logprobs,
         };
         if !pick.greedy() {
             pick.draw = self.rng.random();
         }
         pick
-    }
-
-    /// Whether [`Sampler::plan`] gives a pick.
-    pub fn plannable(&self) -> bool {
-        self.params.top_logprobs == 0
     }
 
     /// Undoes the last [`Sampler::plan`]'s draw.
@@ -299,30 +347,19 @@ impl Sampler {
     /// (a grammar's mask) — while the reported log-probabilities stay those of the
     /// model's own `logits`.
     pub fn sample_from(&mut self, logits: &[f32], allowed: Vec<f32>, history: &[u32]) -> Sampled {
-        let lp = log_softmax(logits);
+        let pick = self.next_pick();
         let mut x = allowed;
-        let penalty = self.params.repetition_penalty;
-        if penalty != 1.0 {
+        if pick.repetition_penalty != 1.0 {
             let mut seen = vec![0u32; x.len().div_ceil(32)];
             set_bits(&mut seen, history);
-            penalize(&mut x, &seen, penalty);
+            penalize(&mut x, &seen, pick.repetition_penalty);
         }
-        let token = self.next_pick().pick(&x);
-        let n_top = self.params.top_logprobs;
-        let top = if n_top > 0 {
-            let mut idx: Vec<usize> = (0..lp.len()).collect();
-            idx.sort_by(|a, b| lp[*b].total_cmp(&lp[*a]).then(a.cmp(b)));
-            idx.into_iter()
-                .take(n_top)
-                .map(|i| (i as u32, lp[i]))
-                .collect()
-        } else {
-            Vec::new()
-        };
+        let token = pick.pick(&x);
+        let lse = log_sum_exp(logits);
         Sampled {
             token: token as u32,
-            logprob: lp[token],
-            top,
+            logprob: logits[token] - lse,
+            top: alternatives(logits, lse, pick.alternatives),
         }
     }
 }
@@ -427,10 +464,10 @@ mod tests {
             seed: 7,
             ..SamplingParams::default()
         });
-        let first = a.plan().expect("plannable");
+        let first = a.plan();
         a.unplan();
-        assert_eq!(a.plan(), Some(first));
-        let second = a.plan().expect("plannable");
+        assert_eq!(a.plan(), first);
+        let second = a.plan();
         assert_ne!(first.draw, second.draw);
     }
 }

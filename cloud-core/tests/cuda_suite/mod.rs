@@ -469,12 +469,13 @@ fn cuda_prompt_and_decode_experts_match_the_host() {
 /// Verdicts, greedy, sampled and with a repetition penalty: each step's token is picked
 /// on the device among those its grammar allows (the mask, the seen tokens and the
 /// sampler's draw go to the device, the logits stay there), and is the token the host's
-/// sampler picks from the logits with the same draw; the log-probabilities agree.
+/// sampler picks from the logits with the same draw; the log-probabilities and the
+/// alternatives (found on the device too) agree.
 #[test]
 fn cuda_verdicts_picked_on_the_device_are_the_samplers() {
     use cloud_core::engine::config::ModelConfig;
     use cloud_core::engine::constrain::Grammars;
-    use cloud_core::engine::generate::{generate, Request};
+    use cloud_core::engine::generate::{generate_picking, Picking, Request};
     use cloud_core::engine::sampler::SamplingParams;
     let Some(gpu) = gpu(CudaOptions::default()) else {
         return;
@@ -489,7 +490,7 @@ fn cuda_verdicts_picked_on_the_device_are_the_samplers() {
     let grammars = Grammars::load(dir.path(), cfg.vocab_size, eos).expect("grammars");
     let model = Model::random(cfg, gpu, 11).expect("model");
     for (temperature, penalty) in [(0.0, 1.0), (1.0, 1.0), (0.0, 1.3)] {
-        let verdict = |prompt: &[u32], top_logprobs: usize| Request {
+        let verdict = |prompt: &[u32]| Request {
             prompt: prompt.to_vec(),
             params: SamplingParams {
                 temperature,
@@ -497,7 +498,7 @@ fn cuda_verdicts_picked_on_the_device_are_the_samplers() {
                 top_p: 0.95,
                 seed: prompt.len() as u64,
                 max_tokens: 40,
-                top_logprobs,
+                top_logprobs: prompt.len() - 1,
                 ..Default::default()
             },
             constraint: Some(
@@ -508,10 +509,12 @@ fn cuda_verdicts_picked_on_the_device_are_the_samplers() {
         };
         // The same batch both ways, so that the logits are the same.
         let prompts: [&[u32]; 2] = [&[72, 105, 33], &[1, 2, 3, 4]];
-        let on_device = generate(&model, prompts.iter().map(|p| verdict(p, 0)).collect())
-            .expect("picked on the device");
-        let on_host = generate(&model, prompts.iter().map(|p| verdict(p, 1)).collect())
-            .expect("sampled on the host");
+        let run = |picking| {
+            let requests = prompts.iter().map(|p| verdict(p)).collect();
+            generate_picking(&model, requests, picking).expect("generate")
+        };
+        let on_device = run(Picking::Backend);
+        let on_host = run(Picking::Host);
         for (i, (d, h)) in on_device.iter().zip(&on_host).enumerate() {
             let what = format!("temperature {temperature}, penalty {penalty}, request {i}");
             assert!(!d.tokens.is_empty(), "{what}");
@@ -523,6 +526,14 @@ fn cuda_verdicts_picked_on_the_device_are_the_samplers() {
                     ds.logprob,
                     hs.logprob
                 );
+                assert_eq!(ds.top.len(), prompts[i].len() - 1, "{what}, step {j}");
+                for ((dt, dl), (ht, hl)) in ds.top.iter().zip(&hs.top) {
+                    assert_eq!(dt, ht, "{what}, step {j}: alternatives");
+                    assert!(
+                        (dl - hl).abs() <= 1e-4 * hl.abs().max(1.0),
+                        "{what}, step {j}"
+                    );
+                }
             }
         }
     }

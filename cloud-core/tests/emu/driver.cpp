@@ -125,7 +125,9 @@ CUresult cuModuleGetFunction(void** f, void*, const char* name) {
     *f = strdup(name);
     return 0;
 }
-CUresult cuFuncGetAttribute(int* v, int, void*) { *v = 0; return 0; }
+// Attribute 0 is the most threads per block: CUDA's 1024 (fibers have no register file to
+// run out of); the others are 0.
+CUresult cuFuncGetAttribute(int* v, int attr, void*) { *v = attr == 0 ? 1024 : 0; return 0; }
 CUresult cuFuncSetAttribute(void*, int, int) { return 0; }
 CUresult cuDeviceGetDefaultMemPool(void** p, int) { *p = &pool_token; return 0; }
 CUresult cuMemPoolSetAttribute(void*, int, void*) { return 0; }

@@ -25,6 +25,10 @@ pub fn glue(src: &str) -> String {
     let mut rest = src;
     while let Some(i) = rest.find(marker) {
         rest = &rest[i + marker.len()..];
+        // Past the kernel's `MAX_THREADS(n)`.
+        if let Some(after) = rest.strip_prefix("MAX_THREADS(") {
+            rest = &after[after.find(')').expect(")") + 1..];
+        }
         let open = rest.find('(').expect("(");
         let name = rest[..open].trim();
         let close = rest.find(')').expect(")");

@@ -1,6 +1,12 @@
 // The CUDA backend's kernels, compiled at run time by NVRTC (no nvcc at build time).
 // Activations are f32 row-major matrices; weight matrices are bf16; the paged KV cache
 // is bf16, addressed through tables of block addresses.
+// Every kernel declares MAX_THREADS(n) (a number or a `#define`d one): the most threads a
+// block of it is launched with. The backend refuses a launch beyond it and checks at
+// start-up that the device runs blocks that size; CI checks with ptxas that the kernel's
+// registers allow them, without spills. It expands to nothing: `__launch_bounds__`
+// changes ptxas's register allocation (under it gemv_bf16 spills on sm_90, moe_gate_up
+// on sm_80).
 
 #include <cuda_bf16.h>
 
@@ -8,6 +14,7 @@ typedef unsigned long long u64;
 typedef __nv_bfloat16 bf16;
 
 #define WARP 32
+#define MAX_THREADS(n)
 #define NEG_INF (-__int_as_float(0x7f800000))
 
 __device__ __forceinline__ float warp_sum(float v) {
@@ -33,19 +40,19 @@ __device__ float block_sum(float v) {
     return part[0];
 }
 
-extern "C" __global__ void f32_to_bf16(const float* __restrict__ x, bf16* __restrict__ y, long n) {
+extern "C" __global__ void MAX_THREADS(256) f32_to_bf16(const float* __restrict__ x, bf16* __restrict__ y, long n) {
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
         y[i] = __float2bfloat16(x[i]);
 }
 
-extern "C" __global__ void bf16_to_f32(const bf16* __restrict__ x, float* __restrict__ y, long n) {
+extern "C" __global__ void MAX_THREADS(256) bf16_to_f32(const bf16* __restrict__ x, float* __restrict__ y, long n) {
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
         y[i] = __bfloat162float(x[i]);
 }
 
 // Uniform in [-amp, amp] from a counter-based hash (splitmix64): random weights made in
 // device memory, for benchmarks of shapes whose checkpoints are not at hand.
-extern "C" __global__ void fill_uniform_bf16(bf16* __restrict__ y, long n, u64 seed, float amp) {
+extern "C" __global__ void MAX_THREADS(256) fill_uniform_bf16(bf16* __restrict__ y, long n, u64 seed, float amp) {
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
         u64 z = seed + (u64)i * 0x9E3779B97F4A7C15ull;
         z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
@@ -77,7 +84,7 @@ __device__ __forceinline__ float dot8(uint4 p, const float* __restrict__ x) {
 // and v; MLA's query and latent): outputs o < n0 are x·w0ᵀ (+ b0) into y0, the next n1
 // x·w1ᵀ (+ b1) into y1, the next n2 into y2; a null bias adds nothing. With `accumulate`
 // the results are added to what the outputs hold (a residual connection).
-extern "C" __global__ void gemv_bf16(const float* __restrict__ x, const bf16* __restrict__ w0,
+extern "C" __global__ void MAX_THREADS(256) gemv_bf16(const float* __restrict__ x, const bf16* __restrict__ w0,
                                      const bf16* __restrict__ w1, const bf16* __restrict__ w2,
                                      const float* __restrict__ b0, const float* __restrict__ b1,
                                      const float* __restrict__ b2, float* __restrict__ y0,
@@ -116,7 +123,7 @@ extern "C" __global__ void gemv_bf16(const float* __restrict__ x, const bf16* __
 
 // The first half of a SwiGLU MLP for a few rows: y[r, o] = silu(x·gate[o]) · (x·up[o]),
 // both weight rows read once by one warp.
-extern "C" __global__ void gemv_swiglu(const float* __restrict__ x, const bf16* __restrict__ wg,
+extern "C" __global__ void MAX_THREADS(256) gemv_swiglu(const float* __restrict__ x, const bf16* __restrict__ wg,
                                        const bf16* __restrict__ wu, float* __restrict__ y, int m,
                                        int n, int k) {
     int o = (blockIdx.x * blockDim.x + threadIdx.x) / WARP;
@@ -149,19 +156,19 @@ extern "C" __global__ void gemv_swiglu(const float* __restrict__ x, const bf16* 
 }
 
 // x += s * y
-extern "C" __global__ void axpy(float* __restrict__ x, const float* __restrict__ y, long n, float s) {
+extern "C" __global__ void MAX_THREADS(256) axpy(float* __restrict__ x, const float* __restrict__ y, long n, float s) {
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
         x[i] += s * y[i];
 }
 
 // x[r, :] += b
-extern "C" __global__ void add_bias(float* __restrict__ x, const float* __restrict__ b, long total, int n) {
+extern "C" __global__ void MAX_THREADS(256) add_bias(float* __restrict__ x, const float* __restrict__ b, long total, int n) {
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < total; i += (long)gridDim.x * blockDim.x)
         x[i] += b[i % n];
 }
 
 // One block per row.
-extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __restrict__ w,
+extern "C" __global__ void MAX_THREADS(256) rms_norm(const float* __restrict__ x, const float* __restrict__ w,
                                     float* __restrict__ y, int d, float eps) {
     const float* xr = x + (long)blockIdx.x * d;
     float* yr = y + (long)blockIdx.x * d;
@@ -172,7 +179,7 @@ extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __
     for (int i = threadIdx.x; i < d; i += blockDim.x) yr[i] = xr[i] * inv * w[i];
 }
 
-extern "C" __global__ void silu_mul(const float* __restrict__ g, const float* __restrict__ u,
+extern "C" __global__ void MAX_THREADS(256) silu_mul(const float* __restrict__ g, const float* __restrict__ u,
                                     float* __restrict__ y, long n) {
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
         float a = g[i];
@@ -181,14 +188,14 @@ extern "C" __global__ void silu_mul(const float* __restrict__ g, const float* __
 }
 
 // One block per output row.
-extern "C" __global__ void gather_rows_f32(const float* __restrict__ t, const unsigned* __restrict__ ids,
+extern "C" __global__ void MAX_THREADS(256) gather_rows_f32(const float* __restrict__ t, const unsigned* __restrict__ ids,
                                            float* __restrict__ y, int d) {
     const float* src = t + (long)ids[blockIdx.x] * d;
     float* dst = y + (long)blockIdx.x * d;
     for (int i = threadIdx.x; i < d; i += blockDim.x) dst[i] = src[i];
 }
 
-extern "C" __global__ void gather_rows_bf16(const bf16* __restrict__ t, const unsigned* __restrict__ ids,
+extern "C" __global__ void MAX_THREADS(256) gather_rows_bf16(const bf16* __restrict__ t, const unsigned* __restrict__ ids,
                                             float* __restrict__ y, int d) {
     const bf16* src = t + (long)ids[blockIdx.x] * d;
     float* dst = y + (long)blockIdx.x * d;
@@ -196,7 +203,7 @@ extern "C" __global__ void gather_rows_bf16(const bf16* __restrict__ t, const un
 }
 
 // y[r, yfrom + j] = x[r, xfrom + j] for j < width (slices and concatenations of columns).
-extern "C" __global__ void copy_cols(const float* __restrict__ x, int xcols, int xfrom,
+extern "C" __global__ void MAX_THREADS(256) copy_cols(const float* __restrict__ x, int xcols, int xfrom,
                                      float* __restrict__ y, int ycols, int yfrom, int width, long rows) {
     long n = rows * width;
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
@@ -207,7 +214,7 @@ extern "C" __global__ void copy_cols(const float* __restrict__ x, int xcols, int
 }
 
 // dst[rows[i], :] += w[i] * src[i, :], one block per source row (rows are distinct).
-extern "C" __global__ void add_rows_scaled(float* __restrict__ dst, int d, const float* __restrict__ src,
+extern "C" __global__ void MAX_THREADS(256) add_rows_scaled(float* __restrict__ dst, int d, const float* __restrict__ src,
                                            const unsigned* __restrict__ rows, const float* __restrict__ w) {
     float* o = dst + (long)rows[blockIdx.x] * d;
     const float* s = src + (long)blockIdx.x * d;
@@ -216,7 +223,7 @@ extern "C" __global__ void add_rows_scaled(float* __restrict__ dst, int d, const
 }
 
 // MLA, expanded: k[t, h, nope + rope] and v[t, h, dv] from kv[t, h, nope + dv] and k_pe[t, rope].
-extern "C" __global__ void mla_expand(const float* __restrict__ kv, const float* __restrict__ kpe,
+extern "C" __global__ void MAX_THREADS(128) mla_expand(const float* __restrict__ kv, const float* __restrict__ kpe,
                                       float* __restrict__ k, float* __restrict__ v,
                                       int h, int nope, int dv, int rope) {
     int i = blockIdx.x / h, head = blockIdx.x % h;
@@ -229,7 +236,7 @@ extern "C" __global__ void mla_expand(const float* __restrict__ kv, const float*
 }
 
 // Rotary embedding in place; one block per (row, head), one thread per rotated pair.
-extern "C" __global__ void rope(float* __restrict__ x, const unsigned* __restrict__ pos,
+extern "C" __global__ void MAX_THREADS(256) rope(float* __restrict__ x, const unsigned* __restrict__ pos,
                                 const float* __restrict__ cos_t, const float* __restrict__ sin_t,
                                 int heads, int head_dim, int offset, int rot, int interleaved) {
     int row = blockIdx.x / heads, head = blockIdx.x % heads;
@@ -247,14 +254,14 @@ extern "C" __global__ void rope(float* __restrict__ x, const unsigned* __restric
 }
 
 // Writes rows[n, cols] (f32) as bf16 to the cache rows at the given addresses.
-extern "C" __global__ void paged_write(const float* __restrict__ rows, const u64* __restrict__ dst, int cols) {
+extern "C" __global__ void MAX_THREADS(128) paged_write(const float* __restrict__ rows, const u64* __restrict__ dst, int cols) {
     bf16* d = (bf16*)dst[blockIdx.x];
     const float* s = rows + (long)blockIdx.x * cols;
     for (int i = threadIdx.x; i < cols; i += blockDim.x) d[i] = __float2bfloat16(s[i]);
 }
 
 // Reads `count` cache rows starting at `from` back as f32 (downloads, tests).
-extern "C" __global__ void paged_read(const u64* __restrict__ table, int block_rows, int cols, int from,
+extern "C" __global__ void MAX_THREADS(128) paged_read(const u64* __restrict__ table, int block_rows, int cols, int from,
                                       float* __restrict__ out) {
     int p = from + blockIdx.x;
     const bf16* s = (const bf16*)table[p / block_rows] + (long)(p % block_rows) * cols;
@@ -346,25 +353,28 @@ __device__ __forceinline__ int key_index(u64 k) { return (int)(0xffffffffu - (un
 // its log-softmax; one block per row, blockDim.x a power of two ≤ SAMPLE_MAX_THREADS:
 // greedy decoding (the largest value, the lowest index on ties: one pass over the row)
 // and sampling, without copying the logits back.
-// spec: 5 words per row: temperature (f32 bits), top_k, top_p (f32 bits), the row's
-// uniform draw in [0, 1) (f64 bits) and the repetition penalty (f32 bits) of the tokens
-// set in `seen` (bits as `allowed`'s; null: none). Temperature 0 or top_k 1: the largest
-// (penalised) value.
+// spec: 6 words per row: temperature (f32 bits), top_k, top_p (f32 bits), the row's
+// uniform draw in [0, 1) (f64 bits), the repetition penalty (f32 bits) of the tokens
+// set in `seen` (bits as `allowed`'s; null: none) and how many alternatives to report
+// (at most top_stride). Temperature 0 or top_k 1: the largest (penalised) value.
 // Otherwise the values are divided by the temperature, cut to the top_k largest (0: all),
 // then to the fewest whose probabilities reach top_p, and the draw picks along the
 // cumulative probabilities in the sorted order. With `allowed` (bits of ceil(cols / 32)
 // words per row) tokens outside it weigh nothing; the log-softmax is always over the
 // whole raw row. Without sorting: each cut and the pick is the largest key whose weight
 // at or above it meets a target, found by bisection on the key.
-extern "C" __global__ void sample_rows(const float* __restrict__ x, int cols,
+// Alternatives: the row's n largest raw values (the lower index first among equals), one
+// pass each, as (token, log-softmax bits) pairs at top[row * 2 * top_stride].
+extern "C" __global__ void MAX_THREADS(SAMPLE_MAX_THREADS) sample_rows(const float* __restrict__ x, int cols,
                                        const unsigned* __restrict__ allowed,
                                        const unsigned* __restrict__ seen,
                                        const u64* __restrict__ spec, unsigned* __restrict__ out,
-                                       float* __restrict__ logprob) {
+                                       float* __restrict__ logprob, int top_stride,
+                                       unsigned* __restrict__ top) {
     __shared__ double shd[SAMPLE_MAX_THREADS];
     __shared__ u64 shk[SAMPLE_MAX_THREADS];
     __shared__ float shf[SAMPLE_MAX_THREADS];
-    const u64* sp = spec + 5 * (long)blockIdx.x;
+    const u64* sp = spec + 6 * (long)blockIdx.x;
     float temp = __uint_as_float((unsigned)sp[0]);
     long top_k = (long)sp[1];
     float top_p = __uint_as_float((unsigned)sp[2]);
@@ -420,13 +430,31 @@ extern "C" __global__ void sample_rows(const float* __restrict__ x, int cols,
         }
         pick = key_index(chosen);
     }
+    float lse = M + logf((float)lse_sum);
     if (threadIdx.x == 0) {
         out[blockIdx.x] = (unsigned)pick;
-        logprob[blockIdx.x] = row.r[pick] - (M + logf((float)lse_sum));
+        logprob[blockIdx.x] = row.r[pick] - lse;
+    }
+    int n_top = (int)min((long)sp[5], (long)min(top_stride, cols));
+    unsigned* alt = top + 2 * (long)blockIdx.x * top_stride;
+    u64 below = ~0ull;
+    for (int j = 0; j < n_top; j++) {
+        u64 k_best = 0;
+        for (int i = threadIdx.x; i < cols; i += blockDim.x) {
+            u64 k = rank_key(row.r[i], i);
+            if (k < below && k > k_best) k_best = k;
+        }
+        below = block_reduce(k_best, shk, Max());
+        if (threadIdx.x == 0) {
+            int i = key_index(below);
+            alt[2 * j] = (unsigned)i;
+            alt[2 * j + 1] = __float_as_uint(row.r[i] - lse);
+        }
     }
 }
 
 #define ATT_WARPS 8
+static_assert(ATT_WARPS * WARP == 256, "attention_batch is compiled for blocks of 256 threads");
 #define MAX_DV 512
 
 // ---- One step's attention over the paged caches of many sequences -------------------
@@ -455,7 +483,7 @@ __device__ __forceinline__ int meta_seq_of_row(const u64* __restrict__ meta, int
 
 // Appends the step's new rows to every sequence's caches, as bf16: key row r (kcols
 // wide) of `k`, and value row r (vcols wide) of `v` unless v is null. One block per row.
-extern "C" __global__ void paged_append(const float* __restrict__ k, const float* __restrict__ v,
+extern "C" __global__ void MAX_THREADS(128) paged_append(const float* __restrict__ k, const float* __restrict__ v,
                                         const u64* __restrict__ meta, int n, int kcols, int vcols,
                                         int block_rows) {
     long r = blockIdx.x;
@@ -490,7 +518,7 @@ __device__ __forceinline__ float dot4(uint2 p, float4 x) {
 // end. With one split the block writes the output; with more, it writes its running
 // maximum, sum and unnormalised output, dv + 2 floats, to part[(row·h + head)·splits +
 // split] for attention_merge.
-extern "C" __global__ void attention_batch(const float* __restrict__ q, const u64* __restrict__ meta,
+extern "C" __global__ void MAX_THREADS(256) attention_batch(const float* __restrict__ q, const u64* __restrict__ meta,
                                            int n, float* __restrict__ out, float* __restrict__ part,
                                            int h, int hk, int dk, int dv, int vcols, int vhead,
                                            float scale, int block_rows) {
@@ -585,7 +613,7 @@ extern "C" __global__ void attention_batch(const float* __restrict__ q, const u6
 }
 
 // Merges attention_batch's `splits` partial results of each (row, head): one block each.
-extern "C" __global__ void attention_merge(const float* __restrict__ part, int splits, int dv,
+extern "C" __global__ void MAX_THREADS(128) attention_merge(const float* __restrict__ part, int splits, int dv,
                                            float* __restrict__ out) {
     const float* pr = part + (long)blockIdx.x * splits * (dv + 2);
     float M = NEG_INF;
@@ -612,7 +640,7 @@ extern "C" __global__ void attention_merge(const float* __restrict__ part, int s
 // scores corrected by `bias`, groups scored by their top two). Mirrors the CPU `route`.
 #define MOE_MAX_EXPERTS 512
 #define MOE_MAX_GROUPS 64
-extern "C" __global__ void moe_route(const float* __restrict__ logits, const float* __restrict__ bias,
+extern "C" __global__ void MAX_THREADS(64) moe_route(const float* __restrict__ logits, const float* __restrict__ bias,
                                      int t, int n, int k, int scoring, int method, int n_group,
                                      int topk_group, int norm_topk, float scaling,
                                      int* __restrict__ ids, float* __restrict__ weights) {
@@ -684,7 +712,7 @@ extern "C" __global__ void moe_route(const float* __restrict__ logits, const flo
 // threads: count[e], start[e], and per slot (sorted by expert; within an expert in no
 // set order, which no result depends on: every slot is computed on its own) its token
 // and weight; slot_of[pair] the slot of pair `tok * k + i`.
-extern "C" __global__ void moe_group(const int* __restrict__ ids, const float* __restrict__ weights,
+extern "C" __global__ void MAX_THREADS(MOE_MAX_EXPERTS) moe_group(const int* __restrict__ ids, const float* __restrict__ weights,
                                      int pairs, int k, int n, int* __restrict__ count,
                                      int* __restrict__ start, int* __restrict__ slot_tok,
                                      float* __restrict__ slot_w, int* __restrict__ slot_of) {
@@ -747,7 +775,7 @@ __device__ __forceinline__ void warp_dots(const bf16* __restrict__ w, const floa
 // h[slot, r] = silu(gate_e[r] · x_tok) · (up_e[r] · x_tok) for every slot of expert e;
 // grid (n experts, ceil(inter / warps)), one warp per row r. Weight tables hold each
 // expert's bf16 matrix address ([inter, hidden]).
-extern "C" __global__ void moe_gate_up(const float* __restrict__ x, const u64* __restrict__ gate_w,
+extern "C" __global__ void MAX_THREADS(256) moe_gate_up(const float* __restrict__ x, const u64* __restrict__ gate_w,
                                        const u64* __restrict__ up_w, const int* __restrict__ count,
                                        const int* __restrict__ start, const int* __restrict__ slot_tok,
                                        int hidden, int inter, float* __restrict__ h) {
@@ -778,7 +806,7 @@ extern "C" __global__ void moe_gate_up(const float* __restrict__ x, const u64* _
 }
 
 // y[slot, r] = down_e[r] · h[slot]; grid (n experts, ceil(hidden / warps)).
-extern "C" __global__ void moe_down(const float* __restrict__ h, const u64* __restrict__ down_w,
+extern "C" __global__ void MAX_THREADS(256) moe_down(const float* __restrict__ h, const u64* __restrict__ down_w,
                                     const int* __restrict__ count, const int* __restrict__ start,
                                     int hidden, int inter, float* __restrict__ y) {
     int e = blockIdx.x;
@@ -803,7 +831,7 @@ extern "C" __global__ void moe_down(const float* __restrict__ h, const u64* __re
 
 // out[tok, :] = Σ_i w_s · y[s, :] over the token's slots s = slot_of[tok·k + i], one block
 // per token.
-extern "C" __global__ void moe_combine(const float* __restrict__ y, const int* __restrict__ slot_of,
+extern "C" __global__ void MAX_THREADS(256) moe_combine(const float* __restrict__ y, const int* __restrict__ slot_of,
                                        const float* __restrict__ slot_w, int k, int hidden,
                                        float* __restrict__ out) {
     int tok = blockIdx.x;

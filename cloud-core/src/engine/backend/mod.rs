@@ -118,12 +118,14 @@ pub trait Backend {
     fn argmax_rows(&self, x: &Self::Buf, cols: usize, allowed: Option<&[u32]>) -> Vec<(u32, f32)> {
         let rows = self.len(x).checked_div(cols).unwrap_or(0);
         let greedy = vec![crate::engine::sampler::Pick::GREEDY; rows];
-        self.pick_rows(x, cols, allowed, None, &greedy)
+        let picks = self.pick_rows(x, cols, allowed, None, &greedy);
+        picks.into_iter().map(|s| (s.token, s.logprob)).collect()
     }
     /// [`Backend::argmax_rows`] with each row's token picked as `picks[row]` says
-    /// ([`crate::engine::sampler::Pick::pick`]: greedy, or sampled by its draw with a
+    /// ([`crate::engine::sampler::Pick::sample`]: greedy, or sampled by its draw with a
     /// temperature, top-k and top-p), among the tokens `allowed` gives, after the
-    /// repetition penalty of the tokens `seen` gives (bits laid out as `allowed`'s).
+    /// repetition penalty of the tokens `seen` gives (bits laid out as `allowed`'s), with
+    /// the alternatives each pick asks for.
     fn pick_rows(
         &self,
         x: &Self::Buf,
@@ -131,8 +133,7 @@ pub trait Backend {
         allowed: Option<&[u32]>,
         seen: Option<&[u32]>,
         picks: &[crate::engine::sampler::Pick],
-    ) -> Vec<(u32, f32)> {
-        use crate::engine::sampler::{bit, log_softmax_at, penalize};
+    ) -> Vec<crate::engine::sampler::Sampled> {
         let v = self.download(x);
         if cols == 0 {
             return Vec::new();
@@ -145,19 +146,7 @@ pub trait Backend {
             .zip(picks)
             .enumerate()
             .map(|(r, (row, pick))| {
-                let mut x = row.to_vec();
-                if let Some(a) = row_bits(allowed, words, r) {
-                    for (t, l) in x.iter_mut().enumerate() {
-                        if !bit(a, t) {
-                            *l = f32::NEG_INFINITY;
-                        }
-                    }
-                }
-                if let Some(s) = row_bits(seen, words, r) {
-                    penalize(&mut x, s, pick.repetition_penalty);
-                }
-                let i = pick.pick(&x);
-                (i as u32, log_softmax_at(row, i))
+                pick.sample(row, row_bits(allowed, words, r), row_bits(seen, words, r))
             })
             .collect()
     }

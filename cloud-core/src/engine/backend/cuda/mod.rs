@@ -48,7 +48,7 @@ use step::{Captured, Dev, KArg, Mode, Pre, Region, Sig, Steps};
 
 use super::{AttnShape, Backend, DeviceError, Projection, RopeLayout, Weight};
 use crate::engine::paged::{AllocError, BlockPool, Budget, ChunkSource, PagedRows};
-use crate::engine::sampler::Pick;
+use crate::engine::sampler::{Pick, Sampled, MAX_ALTERNATIVES};
 
 /// Launches kernel `$name` of `$self` with the arguments in order (buffers by device
 /// address, scalars of the kernel's parameter types); a failure is recorded. Each caller
@@ -92,6 +92,37 @@ pub const KERNEL_NAMES: &[&str] = &[
     "moe_down",
     "moe_combine",
 ];
+
+/// Each kernel's `MAX_THREADS(n)` in [`KERNELS`] (a number, or a name `#define`d as
+/// one): the most threads a block of it is launched with. Every kernel of
+/// [`KERNEL_NAMES`] declares one.
+pub fn max_threads() -> Result<HashMap<&'static str, u32>, String> {
+    const MARK: &str = "__global__ void MAX_THREADS(";
+    let value = |arg: &str| -> Option<u32> {
+        arg.parse().ok().or_else(|| {
+            let def = format!("#define {arg} ");
+            let at = KERNELS.find(&def)? + def.len();
+            KERNELS[at..].lines().next()?.trim().parse().ok()
+        })
+    };
+    let mut bounds = HashMap::new();
+    for (at, _) in KERNELS.match_indices(MARK) {
+        let rest = &KERNELS[at + MARK.len()..];
+        let (arg, rest) = rest.split_once(')').ok_or("an unclosed MAX_THREADS(")?;
+        let name = rest.trim_start().split('(').next().unwrap_or("").trim();
+        let Some(k) = KERNEL_NAMES.iter().find(|k| **k == name) else {
+            return Err(format!("MAX_THREADS of an unknown kernel {name:?}"));
+        };
+        let n = value(arg.trim())
+            .filter(|n| (1..=1024).contains(n))
+            .ok_or_else(|| format!("{k}: MAX_THREADS({arg}) is not a block size"))?;
+        bounds.insert(*k, n);
+    }
+    match KERNEL_NAMES.iter().find(|k| !bounds.contains_key(*k)) {
+        Some(k) => Err(format!("kernel {k} declares no MAX_THREADS")),
+        None => Ok(bounds),
+    }
+}
 
 /// The most value dimensions the attention kernel handles per head (MLA's latent: 512).
 pub const MAX_DV: usize = 512;
@@ -271,7 +302,8 @@ impl KvRows {
 
 struct Kernels {
     _module: Arc<CudaModule>,
-    f: HashMap<&'static str, CudaFunction>,
+    /// Each kernel, and the most threads a block of it is launched with.
+    f: HashMap<&'static str, (CudaFunction, u32)>,
 }
 
 /// The CUDA backend.
@@ -375,14 +407,27 @@ impl Cuda {
         let module = ctx
             .load_module(ptx)
             .map_err(|e| failed("loading kernels", e))?;
+        let bounds = max_threads().map_err(|e| failed("kernels", e))?;
         let mut f = HashMap::new();
         for k in KERNEL_NAMES {
-            f.insert(
-                *k,
-                module
-                    .load_function(k)
-                    .map_err(|e| failed(&format!("kernel {k}"), e))?,
-            );
+            let func = module
+                .load_function(k)
+                .map_err(|e| failed(&format!("kernel {k}"), e))?;
+            // What the device runs a block of it with (its registers per thread decide).
+            let most = func
+                .max_threads_per_block()
+                .map_err(|e| failed(&format!("kernel {k}"), e))?;
+            let bound = bounds[k];
+            if u32::try_from(most).unwrap_or(0) < bound {
+                return Err(failed(
+                    &format!("kernel {k}"),
+                    format!(
+                        "the device runs blocks of at most {most} threads of it, and it is \
+                         launched with up to {bound}"
+                    ),
+                ));
+            }
+            f.insert(*k, (func, bound));
         }
         let blas = CudaBlas::new(stream.clone()).map_err(|e| failed("cuBLAS", e))?;
         let workspace = stream
@@ -734,6 +779,16 @@ impl Cuda {
             u64::from(b.2),
             u64::from(cfg.shared_mem_bytes),
         ];
+        let threads = b.0 * b.1 * b.2;
+        let bound = self.kernels.f[name].1;
+        if threads > bound {
+            return self.record(failed(
+                name,
+                format!(
+                    "a block of {threads} threads; the kernel is launched with at most {bound}"
+                ),
+            ));
+        }
         if !self.note(name, &[&shape, words]) {
             return;
         }
@@ -760,7 +815,7 @@ impl Cuda {
     }
 
     fn f(&self, name: &str) -> &CudaFunction {
-        &self.kernels.f[name]
+        &self.kernels.f[name].0
     }
 
     fn check(&self, op: &str, r: Result<(), cudarc::driver::DriverError>) {
@@ -1250,8 +1305,8 @@ impl Cuda {
         Some(())
     }
 
-    /// Each row's pick and its log-softmax, on the device, by `sample_rows` (see
-    /// [`Backend::pick_rows`]). Only the picks are copied back.
+    /// Each row's pick, its log-softmax and its alternatives, on the device, by
+    /// `sample_rows` (see [`Backend::pick_rows`]). Only the picks are copied back.
     fn picks(
         &self,
         x: &CudaBuf,
@@ -1259,7 +1314,7 @@ impl Cuda {
         allowed: Option<&[u32]>,
         seen: Option<&[u32]>,
         picks: &[Pick],
-    ) -> Vec<(u32, f32)> {
+    ) -> Vec<Sampled> {
         if self.errored() {
             return Vec::new();
         }
@@ -1290,13 +1345,27 @@ impl Cuda {
         ) else {
             return Vec::new();
         };
-        // Token ids and log-probabilities in one buffer, for one copy back.
-        let Some(mut out) = self.tmp::<u32>(2 * rows, "pick_rows") else {
+        // Token ids, log-probabilities and alternatives in one buffer, for one copy back;
+        // room for the most alternatives whenever any are asked for, so that the step's
+        // shape does not depend on how many.
+        let stride = if picks.iter().any(|p| p.alternatives > 0) {
+            MAX_ALTERNATIVES
+        } else {
+            0
+        };
+        let Some(mut out) = self.tmp::<u32>(2 * rows * (1 + stride), "pick_rows") else {
             return Vec::new();
         };
         let c = cols as i32;
-        // SAFETY: the second half of `out` holds `rows` 4-byte values.
-        let lp = unsafe { Dev::<f32>::view(&self.stream, out.ptr() + 4 * rows as u64, rows) };
+        // SAFETY: `out` holds `rows` 4-byte values after the first `rows`, then
+        // `2 * rows * stride`.
+        let (lp, top) = unsafe {
+            (
+                Dev::<f32>::view(&self.stream, out.ptr() + 4 * rows as u64, rows),
+                Dev::<u32>::view(&self.stream, out.ptr() + 8 * rows as u64, 2 * rows * stride),
+            )
+        };
+        let top_ptr = if stride > 0 { top.ptr() } else { 0 };
         // About 16 values per thread, up to the kernel's block.
         let threads = (cols / 16)
             .next_power_of_two()
@@ -1315,14 +1384,26 @@ impl Cuda {
             &seen_ptr,
             &spec,
             &mut out,
-            &lp
+            &lp,
+            &(stride as i32),
+            &top_ptr
         );
         if !self.flush() {
             return Vec::new();
         }
         match self.stream.clone_dtoh::<u32, CudaSlice<u32>>(&out) {
             Ok(v) => (0..rows)
-                .map(|i| (v[i], f32::from_bits(v[rows + i])))
+                .map(|i| {
+                    let alt = &v[2 * rows + 2 * i * stride..];
+                    let n = picks[i].alternatives.min(cols).min(stride);
+                    Sampled {
+                        token: v[i],
+                        logprob: f32::from_bits(v[rows + i]),
+                        top: (0..n)
+                            .map(|j| (alt[2 * j], f32::from_bits(alt[2 * j + 1])))
+                            .collect(),
+                    }
+                })
                 .collect(),
             Err(e) => {
                 self.record(failed("pick_rows", e));
@@ -1847,7 +1928,7 @@ impl Backend for Cuda {
         allowed: Option<&[u32]>,
         seen: Option<&[u32]>,
         picks: &[Pick],
-    ) -> Vec<(u32, f32)> {
+    ) -> Vec<Sampled> {
         self.picks(x, cols, allowed, seen, picks)
     }
 
@@ -3076,6 +3157,135 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// What ptxas reports of one kernel: registers per thread, bytes of stack frame, of
+    /// spill stores and loads, and of static shared memory.
+    #[derive(Debug, Default)]
+    struct Resources {
+        regs: u32,
+        stack: u32,
+        spills: (u32, u32),
+        smem: u32,
+    }
+
+    /// Compiles the kernels to machine code for `arch` with ptxas's report of every
+    /// kernel's resources, and reads the report. `None`: no NVRTC or headers here.
+    fn resources(arch: &str) -> Option<HashMap<String, Resources>> {
+        use cudarc::nvrtc::result as nvrtc;
+        // SAFETY: only tries to open the library.
+        if !unsafe { cudarc::nvrtc::sys::is_culib_present() }
+            || !std::path::Path::new(&include_path())
+                .join("cuda_bf16.h")
+                .exists()
+        {
+            return None;
+        }
+        let src = std::ffi::CString::new(KERNELS).expect("no NUL in the kernels");
+        let prog = nvrtc::create_program(&src, Some(c"cloud_core_kernels.cu")).expect("program");
+        let opts = [
+            format!("--include-path={}", include_path()),
+            format!("--gpu-architecture={arch}"),
+            "--ptxas-options=--verbose".to_string(),
+        ];
+        // SAFETY: `prog` is a live program, destroyed once after its log is read.
+        let (compiled, log) = unsafe {
+            let r = nvrtc::compile_program(prog, &opts);
+            let log = nvrtc::get_program_log(prog).expect("log");
+            nvrtc::destroy_program(prog).expect("destroy");
+            (r, log)
+        };
+        let log: String = log
+            .iter()
+            .take_while(|c| **c != 0)
+            .map(|c| *c as u8 as char)
+            .collect();
+        assert!(compiled.is_ok(), "{arch}: {log}");
+        // "Function properties for K", then "N bytes stack frame, N bytes spill stores, N
+        // bytes spill loads", then "Used N registers, …, N bytes smem, …".
+        let number_before = |line: &str, what: &str| -> Option<u32> {
+            let at = line.find(what)?;
+            line[..at].split_whitespace().last()?.parse().ok()
+        };
+        let mut out: HashMap<String, Resources> = HashMap::new();
+        let mut current: Option<String> = None;
+        for line in log.lines() {
+            if let Some((_, k)) = line.split_once("Function properties for ") {
+                current = Some(k.trim().to_string());
+                out.entry(k.trim().to_string()).or_default();
+                continue;
+            }
+            let Some(r) = current.as_ref().and_then(|k| out.get_mut(k)) else {
+                continue;
+            };
+            if let Some(n) = number_before(line, " bytes stack frame") {
+                r.stack = n;
+                r.spills = (
+                    number_before(line, " bytes spill stores").expect("spill stores"),
+                    number_before(line, " bytes spill loads").expect("spill loads"),
+                );
+            }
+            if let Some(n) = number_before(line, " registers") {
+                r.regs = n;
+                r.smem = number_before(line, " bytes smem").unwrap_or(0);
+                current = None;
+            }
+        }
+        Some(out)
+    }
+
+    /// On the architectures we serve on, every kernel fits the largest block it is
+    /// launched with (`MAX_THREADS`: its registers, allocated 8 at a time, times that
+    /// within a multiprocessor's 64 Ki; static shared memory within 48 KiB) without
+    /// spilling registers to memory, as ptxas compiles it. A launch beyond what the
+    /// registers allow fails only on a real device, so this is checked where the kernels
+    /// are compiled.
+    #[test]
+    fn kernels_fit_their_blocks_without_spilling() {
+        let required = std::env::var("CLOUD_CORE_REQUIRE_NVRTC").is_ok_and(|v| v == "1");
+        let bounds = max_threads().expect("MAX_THREADS");
+        for arch in ["sm_80", "sm_90"] {
+            let Some(report) = resources(arch) else {
+                assert!(
+                    !required,
+                    "CLOUD_CORE_REQUIRE_NVRTC=1 but no NVRTC or headers"
+                );
+                eprintln!("skipped: no NVRTC library or CUDA headers here");
+                return;
+            };
+            for k in KERNEL_NAMES {
+                let r = report
+                    .get(*k)
+                    .unwrap_or_else(|| panic!("{arch}: ptxas reports nothing of {k}"));
+                let bound = bounds[k];
+                eprintln!(
+                    "{arch} {k:18} {:3} registers × {bound:4} threads, stack {:5} B, \
+                     shared {:5} B",
+                    r.regs, r.stack, r.smem
+                );
+                assert!(r.regs > 0, "{arch}: {k}: no register count read");
+                assert_eq!(r.spills, (0, 0), "{arch}: {k} spills registers");
+                assert!(
+                    r.regs.next_multiple_of(8) * bound <= 65_536,
+                    "{arch}: {k}: {} registers × {bound} threads exceed 64 Ki",
+                    r.regs
+                );
+                assert!(
+                    r.smem <= 48 << 10,
+                    "{arch}: {k}: {} bytes of shared memory",
+                    r.smem
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn every_kernel_declares_its_largest_block() {
+        let bounds = max_threads().unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(bounds.len(), KERNEL_NAMES.len());
+        assert_eq!(bounds["sample_rows"], SAMPLE_MAX_THREADS as u32);
+        assert_eq!(bounds["moe_group"], MOE_MAX_EXPERTS as u32);
+        assert_eq!(bounds["attention_batch"], (ATT_WARPS * 32) as u32);
     }
 
     #[test]
