@@ -101,6 +101,8 @@ pub struct Sequence<B: Backend> {
     cache: Cache<B>,
     sampler: Sampler,
     history: Vec<u32>,
+    /// The tokens of `history` as bits (see [`set_bits`]), kept for a repetition penalty.
+    seen: Option<Vec<u32>>,
     next_input: Vec<u32>,
     constraint: Option<Constraint>,
     produced: usize,
@@ -130,7 +132,13 @@ impl<B: Backend> Sequence<B> {
             ));
         }
         let finish = (request.params.max_tokens == 0).then_some(Finish::Length);
+        let seen = (request.params.repetition_penalty != 1.0).then(|| {
+            let mut bits = vec![0u32; cfg.vocab_size.div_ceil(32)];
+            set_bits(&mut bits, &request.prompt);
+            bits
+        });
         Ok(Sequence {
+            seen,
             next_input: request.prompt[prefix.len()..].to_vec(),
             cache: prefix,
             history: request.prompt,
@@ -194,6 +202,9 @@ impl<B: Backend> Sequence<B> {
             return Ok(Step::Done(Finish::Stop));
         }
         self.history.push(s.token);
+        if let Some(bits) = &mut self.seen {
+            set_bits(bits, &[s.token]);
+        }
         self.next_input = vec![s.token];
         self.produced += 1;
         if self.produced >= self.sampler.params().max_tokens {
@@ -260,9 +271,9 @@ pub fn step_picking<B: Backend>(
     let penalised = picks.iter().any(|p| p.repetition_penalty != 1.0);
     let seen = penalised.then(|| {
         let mut bits = vec![0u32; seqs.len() * words];
-        for ((s, w), p) in seqs.iter().zip(bits.chunks_mut(words)).zip(&picks) {
-            if p.repetition_penalty != 1.0 {
-                set_bits(w, &s.history);
+        for (s, w) in seqs.iter().zip(bits.chunks_mut(words)) {
+            if let Some(seen) = &s.seen {
+                w.copy_from_slice(seen);
             }
         }
         bits

@@ -302,9 +302,19 @@ impl KvRows {
 
 struct Kernels {
     _module: Arc<CudaModule>,
-    /// Each kernel, and the most threads a block of it is launched with.
-    f: HashMap<&'static str, (CudaFunction, u32)>,
+    f: HashMap<&'static str, Kernel>,
 }
+
+struct Kernel {
+    func: CudaFunction,
+    /// The most threads a block of it is launched with (`MAX_THREADS`).
+    max_threads: u32,
+    /// Its static shared memory per block.
+    shared: u32,
+}
+
+/// Shared memory a block may have without opting in per kernel (every architecture).
+const SHARED_PER_BLOCK: u32 = 48 << 10;
 
 /// The CUDA backend.
 pub struct Cuda {
@@ -417,6 +427,9 @@ impl Cuda {
             let most = func
                 .max_threads_per_block()
                 .map_err(|e| failed(&format!("kernel {k}"), e))?;
+            let shared = func
+                .shared_size_bytes()
+                .map_err(|e| failed(&format!("kernel {k}"), e))?;
             let bound = bounds[k];
             if u32::try_from(most).unwrap_or(0) < bound {
                 return Err(failed(
@@ -427,7 +440,14 @@ impl Cuda {
                     ),
                 ));
             }
-            f.insert(*k, (func, bound));
+            f.insert(
+                *k,
+                Kernel {
+                    func,
+                    max_threads: bound,
+                    shared: u32::try_from(shared).unwrap_or(0),
+                },
+            );
         }
         let blas = CudaBlas::new(stream.clone()).map_err(|e| failed("cuBLAS", e))?;
         let workspace = stream
@@ -780,12 +800,22 @@ impl Cuda {
             u64::from(cfg.shared_mem_bytes),
         ];
         let threads = b.0 * b.1 * b.2;
-        let bound = self.kernels.f[name].1;
-        if threads > bound {
+        let k = &self.kernels.f[name];
+        if threads > k.max_threads {
             return self.record(failed(
                 name,
                 format!(
-                    "a block of {threads} threads; the kernel is launched with at most {bound}"
+                    "a block of {threads} threads; the kernel is launched with at most {}",
+                    k.max_threads
+                ),
+            ));
+        }
+        if k.shared + cfg.shared_mem_bytes > SHARED_PER_BLOCK {
+            return self.record(failed(
+                name,
+                format!(
+                    "{} bytes of shared memory per block; at most {SHARED_PER_BLOCK}",
+                    k.shared + cfg.shared_mem_bytes
                 ),
             ));
         }
@@ -815,7 +845,7 @@ impl Cuda {
     }
 
     fn f(&self, name: &str) -> &CudaFunction {
-        &self.kernels.f[name].0
+        &self.kernels.f[name].func
     }
 
     fn check(&self, op: &str, r: Result<(), cudarc::driver::DriverError>) {
