@@ -4,7 +4,9 @@
 //! `tests/emu/shim.h`, which runs every CUDA thread of a block as a fiber (barriers
 //! and warp shuffles behave as on the device) and every block in turn; device pointers
 //! are host pointers, so the paged cache's block tables hold host addresses. Each test
-//! launches a kernel with the grid and block shape the backend uses.
+//! launches a kernel with the grid and block shape the backend uses. `EMU_ORDER`
+//! (`reverse`, or a seed for a shuffle) changes the order in which the threads of a block
+//! and the blocks of a grid run; CI runs these tests under more than one.
 //!
 //! Needs `g++` (C++20); without it the tests say so and skip, unless
 //! `CLOUD_CORE_REQUIRE_EMU=1` (CI sets it), which makes that a failure.

@@ -171,10 +171,48 @@ inline unsigned emu_thread_in_block() {
     return threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
 }
 
+// The order in which the threads that become ready together (at a block's start, at a
+// barrier) run, and the order of a grid's blocks: `EMU_ORDER` = `forward` (the default:
+// by index), `reverse`, or a number, the seed of a shuffle. The device promises no order,
+// so a kernel that reads what another thread writes without a barrier between them, or
+// that depends on the order of its blocks, gives different results under different
+// orders: the tests run under more than one.
+struct EmuOrder {
+    int kind = 0;  // 0 forward, 1 reverse, 2 shuffled
+    uint64_t state = 0;
+    EmuOrder() {
+        const char* o = std::getenv("EMU_ORDER");
+        if (!o || !*o || !std::strcmp(o, "forward")) return;
+        if (!std::strcmp(o, "reverse")) {
+            kind = 1;
+            return;
+        }
+        kind = 2;
+        state = std::strtoull(o, nullptr, 10) * 0x9e3779b97f4a7c15ull + 1;
+    }
+    uint64_t next() {  // xorshift64*
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        return state * 0x2545f4914f6cdd1dull;
+    }
+    template <typename T>
+    void apply(T* v, size_t n) {
+        if (kind == 1) std::reverse(v, v + n);
+        if (kind == 2)
+            for (size_t i = n; i > 1; i--) std::swap(v[i - 1], v[next() % i]);
+    }
+};
+inline EmuOrder& emu_order() {
+    thread_local EmuOrder order;
+    return order;
+}
+
 // Once every live thread of `b`'s scope has arrived, its waiters (but `except`) are ready
 // again; returns whether it completed.
 inline bool emu_release_if_complete(Block* blk, EmuBarrier* b, unsigned except) {
     if (b->waiters.empty() || b->waiters.size() < b->expected) return false;
+    emu_order().apply(b->waiters.data(), b->waiters.size());
     for (unsigned f : b->waiters)
         if (f != except) blk->ready.push_back(f);
     b->waiters.clear();
@@ -269,46 +307,50 @@ void emu_run(dim3 grid, dim3 block, unsigned shared, F kernel) {
     b.sums.assign(b.warps.size(), 0.f);
     b.summed.assign(b.warps.size(), 0);
     current_block = &b;
+    std::vector<dim3> blocks;
     for (unsigned bz = 0; bz < grid.z; bz++)
         for (unsigned by = 0; by < grid.y; by++)
-            for (unsigned bx = 0; bx < grid.x; bx++) {
-                b.all.expected = n;
-                b.all.waiters.clear();
-                for (unsigned w = 0; w < b.warps.size(); w++) {
-                    b.warps[w].expected = std::min(32u, n - w * 32);
-                    b.warps[w].waiters.clear();
+            for (unsigned bx = 0; bx < grid.x; bx++) blocks.push_back({bx, by, bz});
+    emu_order().apply(blocks.data(), blocks.size());
+    for (dim3 bi : blocks) {
+        b.all.expected = n;
+        b.all.waiters.clear();
+        for (unsigned w = 0; w < b.warps.size(); w++) {
+            b.warps[w].expected = std::min(32u, n - w * 32);
+            b.warps[w].waiters.clear();
+        }
+        b.dynamic_shared.assign(shared + 16, 0);
+        b.ready.clear();
+        b.next = 0;
+        blockIdx = bi;
+        unsigned i = 0;
+        for (unsigned tz = 0; tz < block.z; tz++)
+            for (unsigned ty = 0; ty < block.y; ty++)
+                for (unsigned tx = 0; tx < block.x; tx++, i++) {
+                    EmuFiber& f = b.fibers[i];
+                    f.idx = {tx, ty, tz};
+                    f.done = false;
+                    emu_make(&f.ctx, emu_stacks[i].get(), EMU_STACK, &EmuKernel<F>::entry,
+                             &kernel);
+                    b.ready.push_back(i);
                 }
-                b.dynamic_shared.assign(shared + 16, 0);
-                b.ready.clear();
+        emu_order().apply(b.ready.data(), b.ready.size());
+        // Run the ready fibers in turn until none is left.
+        while (b.next < b.ready.size()) {
+            unsigned j = b.ready[b.next++];
+            b.current = j;
+            threadIdx = b.fibers[j].idx;
+            emu_swap(&b.scheduler, &b.fibers[j].ctx);
+            if (b.next > 4096 && b.next * 2 > b.ready.size()) {
+                b.ready.erase(b.ready.begin(), b.ready.begin() + b.next);
                 b.next = 0;
-                blockIdx = {bx, by, bz};
-                unsigned i = 0;
-                for (unsigned tz = 0; tz < block.z; tz++)
-                    for (unsigned ty = 0; ty < block.y; ty++)
-                        for (unsigned tx = 0; tx < block.x; tx++, i++) {
-                            EmuFiber& f = b.fibers[i];
-                            f.idx = {tx, ty, tz};
-                            f.done = false;
-                            emu_make(&f.ctx, emu_stacks[i].get(), EMU_STACK, &EmuKernel<F>::entry,
-                                     &kernel);
-                            b.ready.push_back(i);
-                        }
-                // Run the ready fibers in turn until none is left.
-                while (b.next < b.ready.size()) {
-                    unsigned j = b.ready[b.next++];
-                    b.current = j;
-                    threadIdx = b.fibers[j].idx;
-                    emu_swap(&b.scheduler, &b.fibers[j].ctx);
-                    if (b.next > 4096 && b.next * 2 > b.ready.size()) {
-                        b.ready.erase(b.ready.begin(), b.ready.begin() + b.next);
-                        b.next = 0;
-                    }
-                }
-                for (auto& f : b.fibers)
-                    if (!f.done) {
-                        std::fprintf(stderr, "emulated kernel deadlocked: a barrier is never reached by every thread\n");
-                        std::abort();
-                    }
             }
+        }
+        for (auto& f : b.fibers)
+            if (!f.done) {
+                std::fprintf(stderr, "emulated kernel deadlocked: a barrier is never reached by every thread\n");
+                std::abort();
+            }
+    }
     current_block = nullptr;
 }
