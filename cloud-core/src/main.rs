@@ -171,6 +171,11 @@ enum Cmd {
         /// With --temperature: keep the fewest tokens whose probabilities reach this.
         #[arg(long, default_value_t = 1.0)]
         top_p: f32,
+        /// CUDA: after the measurements, run this many more decode steps of each batch
+        /// size eagerly with an event before every operation, and print the time per
+        /// operation (kernel, GEMM, copy).
+        #[arg(long, default_value_t = 0)]
+        profile: usize,
     },
 }
 
@@ -304,9 +309,11 @@ fn bench(
     device: Device,
     opts: &BenchOptions,
     graphs: bool,
+    profile: usize,
 ) -> Result<(), String> {
     let _ = graphs;
     match device {
+        Device::Cpu if profile > 0 => Err("--profile needs --engine cuda".into()),
         Device::Cpu => {
             let model = bench_model(shape_name, checkpoint, Cpu::default())?;
             println!("device: CPU, {} threads", rayon::current_num_threads());
@@ -339,6 +346,9 @@ fn bench(
                 if graphs { "on" } else { "off" },
                 g.abandoned
             );
+            if profile > 0 {
+                bench_profile(&model, opts, profile)?;
+            }
             Ok(())
         }
         #[cfg(not(feature = "cuda"))]
@@ -346,6 +356,46 @@ fn bench(
             Err("this cloud-core was built without the CUDA backend (cargo feature `cuda`)".into())
         }
     }
+}
+
+/// Each batch size's decode steps, `steps` of them eager with an event before every
+/// operation: the time per operation, per step.
+#[cfg(feature = "cuda")]
+fn bench_profile(
+    model: &Model<cloud_core::engine::backend::cuda::Cuda>,
+    opts: &BenchOptions,
+    steps: usize,
+) -> Result<(), String> {
+    let be = model.backend();
+    for &b in &opts.batches {
+        let each = BenchOptions {
+            steps,
+            ..opts.clone()
+        };
+        let run = bench::decode_after(model, &each, b, || be.set_profiling(true));
+        let p = be.take_profile();
+        run?;
+        let n = p.steps.max(1) as f64;
+        let total: f64 = p.ops.iter().map(|o| o.ms).sum();
+        println!(
+            "profile, batch {b}: {} eager decode steps, {:.3} ms per step between the first \
+             operation's event and the last's end (events add a little to each)",
+            p.steps,
+            total / n
+        );
+        println!("| operation | calls per step | µs per step | share |");
+        println!("| --- | ---: | ---: | ---: |");
+        for o in &p.ops {
+            println!(
+                "| {} | {:.1} | {:.1} | {:.1}% |",
+                o.op,
+                o.calls as f64 / n,
+                1e3 * o.ms / n,
+                100.0 * o.ms / total.max(1e-12)
+            );
+        }
+    }
+    Ok(())
 }
 
 fn bench_model<B: Backend>(
@@ -687,6 +737,7 @@ fn main() -> ExitCode {
             no_graphs,
             temperature,
             top_p,
+            profile,
         } => {
             let run = || -> Result<(), String> {
                 let batches = batches
@@ -711,7 +762,7 @@ fn main() -> ExitCode {
                     batches,
                     sample: (temperature > 0.0).then_some((temperature, top_p)),
                 };
-                bench(&shape, model.as_deref(), engine, &opts, !no_graphs)?;
+                bench(&shape, model.as_deref(), engine, &opts, !no_graphs, profile)?;
                 match &model {
                     Some(dir) if verdicts > 0 => bench_verdicts(dir, verdicts),
                     _ => Ok(()),

@@ -42,15 +42,16 @@ fn prepare() -> bool {
 /// `cloud-core bench --engine cuda` end to end on the emulated device (the libraries
 /// found on `LD_LIBRARY_PATH`, as on a GPU machine): random weights made on the device,
 /// the copy bandwidth timed with events, prefill and decode at two batch sizes, decode
-/// steps replayed from CUDA graphs.
+/// steps replayed from CUDA graphs, and the profile of eager decode steps per operation.
 #[test]
 fn the_cuda_benchmark_runs_on_the_emulated_device() {
     let dir = match emu::build(true) {
         Ok(d) => d,
         Err(e) => return emu::skip_or_fail(&e),
     };
-    // Greedy, then sampled on the device.
-    for extra in [&[][..], &["--temperature", "1", "--top-p", "0.9"]] {
+    // Greedy, then sampled on the device, then greedy with a profile.
+    let profiled = &["--profile", "2"][..];
+    for extra in [&[][..], &["--temperature", "1", "--top-p", "0.9"], profiled] {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_cloud-core"))
             .args(["bench", "--engine", "cuda", "--shape", "tiny"])
             .args(["--prompt", "8", "--steps", "5", "--batches", "1,3"])
@@ -74,6 +75,32 @@ fn the_cuda_benchmark_runs_on_the_emulated_device() {
             text.contains("2 captured into CUDA graphs, 6 replayed"),
             "{extra:?}: {text}"
         );
+        if extra == profiled {
+            // Per batch size, 2 steps: a row per operation with its calls per step (the
+            // tiny shape has 2 layers: 2 attention launches, 5 norms, 1 pick).
+            for batch in [1, 3] {
+                let head = format!("profile, batch {batch}: 2 eager decode steps");
+                let at = text
+                    .find(&head)
+                    .unwrap_or_else(|| panic!("no {head:?}: {text}"));
+                let table = &text[at..];
+                let table = &table[..table.find("\n\n").unwrap_or(table.len())];
+                for (op, calls) in [
+                    ("attention_batch", 2.0),
+                    ("rms_norm", 5.0),
+                    ("sample_rows", 1.0),
+                ] {
+                    let row = table
+                        .lines()
+                        .find(|l| l.starts_with(&format!("| {op} |")))
+                        .unwrap_or_else(|| panic!("batch {batch}: no {op} row: {table}"));
+                    let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+                    assert_eq!(cells[2].parse::<f64>().ok(), Some(calls), "{row}");
+                    let us: f64 = cells[3].parse().expect("µs per step");
+                    assert!(us > 0.0, "{row}");
+                }
+            }
+        }
     }
 }
 

@@ -191,55 +191,11 @@ pub fn run<B: Backend>(
             .map_err(|e| e.to_string())?;
     }
     for &b in &opts.batches {
-        let prompts: Vec<Vec<u32>> = (0..b)
-            .map(|i| prompt_ids(cfg.vocab_size, opts.prompt.max(1), i as u32))
-            .collect();
-        let mut caches: Vec<Cache<B>> = (0..b).map(|_| model.new_cache()).collect();
         let t = Instant::now();
-        let next = {
-            let mut batch: Vec<(&[u32], &mut Cache<B>)> = prompts
-                .iter()
-                .map(|p| p.as_slice())
-                .zip(caches.iter_mut())
-                .collect();
-            model
-                .forward_batch_greedy(&mut batch)
-                .map_err(|e| format!("prefill, batch {b}: {e}"))?
-        };
-        let mut next: Vec<u32> = next.iter().map(|s| s.token).collect();
+        let (mut caches, mut next) = prefill(model, b, opts.prompt)?;
         let prefill_s = t.elapsed().as_secs_f64();
-        let mut rng = StdRng::seed_from_u64(b as u64);
         let t = Instant::now();
-        for _ in 0..opts.steps {
-            let inputs: Vec<[u32; 1]> = next.iter().map(|t| [*t]).collect();
-            let mut batch: Vec<(&[u32], &mut Cache<B>)> = inputs
-                .iter()
-                .map(|v| &v[..])
-                .zip(caches.iter_mut())
-                .collect();
-            let sampled: Option<Vec<Pick>> = opts.sample.map(|(temperature, top_p)| {
-                (0..b)
-                    .map(|_| Pick {
-                        temperature,
-                        top_k: 0,
-                        top_p,
-                        draw: rng.random(),
-                        repetition_penalty: 1.0,
-                        alternatives: 0,
-                    })
-                    .collect()
-            });
-            let picks = model
-                .forward_batch_pick(
-                    &mut batch,
-                    PickRows {
-                        picks: sampled.as_deref(),
-                        ..PickRows::default()
-                    },
-                )
-                .map_err(|e| format!("decode, batch {b}: {e}"))?;
-            next = picks.iter().map(|s| s.token).collect();
-        }
+        decode(model, &mut caches, &mut next, opts)?;
         let decode_s = t.elapsed().as_secs_f64().max(1e-9);
         let row = Row {
             batch: b,
@@ -252,6 +208,84 @@ pub fn run<B: Backend>(
         rows.push(row);
     }
     Ok(rows)
+}
+
+/// Prefills `b` sequences as [`run`] does, then calls `start` and runs `opts.steps`
+/// decode steps: for a backend to observe decode steps alone (a profile).
+pub fn decode_after<B: Backend>(
+    model: &Model<B>,
+    opts: &BenchOptions,
+    b: usize,
+    start: impl FnOnce(),
+) -> Result<(), String> {
+    let (mut caches, mut next) = prefill(model, b, opts.prompt)?;
+    start();
+    decode(model, &mut caches, &mut next, opts)
+}
+
+/// `b` sequences of `prompt` tokens in one forward pass: their caches and next tokens.
+fn prefill<B: Backend>(
+    model: &Model<B>,
+    b: usize,
+    prompt: usize,
+) -> Result<(Vec<Cache<B>>, Vec<u32>), String> {
+    let vocab = model.config().vocab_size;
+    let prompts: Vec<Vec<u32>> = (0..b)
+        .map(|i| prompt_ids(vocab, prompt.max(1), i as u32))
+        .collect();
+    let mut caches: Vec<Cache<B>> = (0..b).map(|_| model.new_cache()).collect();
+    let mut batch: Vec<(&[u32], &mut Cache<B>)> = prompts
+        .iter()
+        .map(|p| p.as_slice())
+        .zip(caches.iter_mut())
+        .collect();
+    let next = model
+        .forward_batch_greedy(&mut batch)
+        .map_err(|e| format!("prefill, batch {b}: {e}"))?;
+    Ok((caches, next.iter().map(|s| s.token).collect()))
+}
+
+/// `opts.steps` decode steps of every sequence, each step's tokens picked as
+/// `opts.sample` says (the draws from a seed of the batch size).
+fn decode<B: Backend>(
+    model: &Model<B>,
+    caches: &mut [Cache<B>],
+    next: &mut Vec<u32>,
+    opts: &BenchOptions,
+) -> Result<(), String> {
+    let b = caches.len();
+    let mut rng = StdRng::seed_from_u64(b as u64);
+    for _ in 0..opts.steps {
+        let inputs: Vec<[u32; 1]> = next.iter().map(|t| [*t]).collect();
+        let mut batch: Vec<(&[u32], &mut Cache<B>)> = inputs
+            .iter()
+            .map(|v| &v[..])
+            .zip(caches.iter_mut())
+            .collect();
+        let sampled: Option<Vec<Pick>> = opts.sample.map(|(temperature, top_p)| {
+            (0..b)
+                .map(|_| Pick {
+                    temperature,
+                    top_k: 0,
+                    top_p,
+                    draw: rng.random(),
+                    repetition_penalty: 1.0,
+                    alternatives: 0,
+                })
+                .collect()
+        });
+        let picks = model
+            .forward_batch_pick(
+                &mut batch,
+                PickRows {
+                    picks: sampled.as_deref(),
+                    ..PickRows::default()
+                },
+            )
+            .map_err(|e| format!("decode, batch {b}: {e}"))?;
+        *next = picks.iter().map(|s| s.token).collect();
+    }
+    Ok(())
 }
 
 /// Host memory bandwidth of a plain copy (bytes read + written per second), the CPU

@@ -733,7 +733,8 @@ impl<B: Backend> Model<B> {
             }
         }
         let vocab = self.cfg.vocab_size;
-        let logits = if last_only {
+        // Every sequence one row (a decode step): the last rows are all the rows.
+        let logits = if last_only && lens.iter().any(|&l| l != 1) {
             let mut last = Vec::with_capacity(lens.len());
             let mut end = 0;
             for len in lens {

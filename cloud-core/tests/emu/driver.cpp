@@ -8,6 +8,7 @@
 // refused here too and invalidates the capture, so the backend's graphs are checked on
 // machines without a GPU. Built into three libraries named libcuda.so, libcublas.so and
 // libnvrtc.so for tests of the backend.
+#include <chrono>
 #include <cstdlib>
 #include <functional>
 #include <map>
@@ -111,13 +112,19 @@ CUresult cuStreamDestroy_v2(void* s) { if (s) delete (Stream*)s; return 0; }
 CUresult cuStreamSynchronize(void* s) { return refuse_in_capture(s) ? CAPTURE_UNSUPPORTED : OK; }
 CUresult cuStreamQuery(void* s) { return refuse_in_capture(s) ? CAPTURE_UNSUPPORTED : OK; }
 CUresult cuStreamWaitEvent(void*, void*, unsigned) { return 0; }
-CUresult cuEventCreate(void** e, unsigned) { *e = new int(0); return 0; }
-CUresult cuEventRecord(void*, void*) { return 0; }
+// An event holds the time it was recorded: work is done when it is issued, so that is
+// when the work before it ended.
+double emu_now_ms() {
+    using namespace std::chrono;
+    return duration<double, std::milli>(steady_clock::now().time_since_epoch()).count();
+}
+CUresult cuEventCreate(void** e, unsigned) { *e = new double(0); return 0; }
+CUresult cuEventRecord(void* e, void*) { *(double*)e = emu_now_ms(); return 0; }
 CUresult cuEventSynchronize(void*) { return refuse_in_capture() ? CAPTURE_UNSUPPORTED : OK; }
 CUresult cuEventQuery(void*) { return 0; }
-CUresult cuEventElapsedTime(float* ms, void*, void*) { *ms = 1.0f; return 0; }
-CUresult cuEventElapsedTime_v2(float* ms, void*, void*) { *ms = 1.0f; return 0; }
-CUresult cuEventDestroy_v2(void* e) { delete (int*)e; return 0; }
+CUresult cuEventElapsedTime(float* ms, void* a, void* b) { *ms = float(*(double*)b - *(double*)a); return 0; }
+CUresult cuEventElapsedTime_v2(float* ms, void* a, void* b) { return cuEventElapsedTime(ms, a, b); }
+CUresult cuEventDestroy_v2(void* e) { delete (double*)e; return 0; }
 CUresult cuModuleLoadData(void** m, const void*) { *m = &module_token; return 0; }
 CUresult cuModuleUnload(void*) { return 0; }
 CUresult cuModuleGetFunction(void** f, void*, const char* name) {

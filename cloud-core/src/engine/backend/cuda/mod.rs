@@ -38,7 +38,7 @@ use std::sync::{Arc, Mutex};
 
 use cudarc::cublas::{self, CudaBlas};
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr,
+    CudaContext, CudaEvent, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr,
     LaunchConfig,
 };
 use half::bf16;
@@ -339,6 +339,38 @@ pub struct Cuda {
     /// The step's capture or replay was given up: operations do nothing until it ends.
     halted: AtomicBool,
     capturing: Arc<AtomicBool>,
+    profiler: Mutex<Profiler>,
+}
+
+/// Events before each operation of the steps being profiled, and the totals so far.
+#[derive(Default)]
+struct Profiler {
+    on: bool,
+    marks: Vec<(String, CudaEvent)>,
+    /// Per operation: milliseconds and calls.
+    totals: HashMap<String, (f64, u64)>,
+    steps: u64,
+}
+
+/// What profiled steps spent per operation ([`Cuda::take_profile`]).
+#[derive(Clone, Debug, Default)]
+pub struct Profile {
+    /// Steps profiled.
+    pub steps: u64,
+    /// Per operation (a kernel's name, `gemm_bf16`, `sgemm_batched`, `memcpy`), the
+    /// longest first.
+    pub ops: Vec<ProfiledOp>,
+}
+
+/// One operation's share of a [`Profile`].
+#[derive(Clone, Debug)]
+pub struct ProfiledOp {
+    /// The operation.
+    pub op: String,
+    /// Calls over all the steps.
+    pub calls: u64,
+    /// Milliseconds over all the steps, from its event to the next operation's.
+    pub ms: f64,
 }
 
 /// The most rows `gemv_bf16` takes (more go through cuBLAS): `GEMV_ROWS` of the kernels.
@@ -482,6 +514,7 @@ impl Cuda {
             steps: Mutex::new(Steps::default()),
             halted: AtomicBool::new(false),
             capturing: Arc::new(AtomicBool::new(false)),
+            profiler: Mutex::new(Profiler::default()),
         })
     }
 
@@ -772,9 +805,12 @@ impl Cuda {
     fn note(&self, what: &str, words: &[&[u64]]) -> bool {
         let mut st = self.steps();
         match st.mode {
-            Mode::Eager => true,
-            Mode::Flushed => {
-                st.after_flush = true;
+            Mode::Eager | Mode::Flushed => {
+                if st.mode == Mode::Flushed {
+                    st.after_flush = true;
+                }
+                drop(st);
+                self.mark(what);
                 true
             }
             Mode::Capture | Mode::Replay => {
@@ -1467,6 +1503,89 @@ impl Cuda {
     /// How steps ran so far: captured, replayed, eager, abandoned.
     pub fn graph_stats(&self) -> GraphStats {
         self.steps().stats
+    }
+
+    /// Times every operation of the steps that follow, by events recorded on the stream
+    /// before each one (so each step runs eagerly, without graphs, and a little slower),
+    /// until [`Cuda::take_profile`].
+    pub fn set_profiling(&self, on: bool) {
+        let mut p = lock(&self.profiler);
+        p.on = on;
+        p.marks.clear();
+    }
+
+    /// What the profiled steps spent per operation since profiling began (the longest
+    /// first), and ends profiling.
+    pub fn take_profile(&self) -> Profile {
+        let mut p = lock(&self.profiler);
+        let mut ops: Vec<ProfiledOp> = p
+            .totals
+            .drain()
+            .map(|(op, (ms, calls))| ProfiledOp { op, calls, ms })
+            .collect();
+        ops.sort_by(|a, b| b.ms.total_cmp(&a.ms).then_with(|| a.op.cmp(&b.op)));
+        let steps = std::mem::take(&mut p.steps);
+        p.on = false;
+        p.marks.clear();
+        Profile { steps, ops }
+    }
+
+    /// Records an event before the operation `what`, when profiling.
+    fn mark(&self, what: &str) {
+        use cudarc::driver::sys::CUevent_flags;
+        let mut p = lock(&self.profiler);
+        if !p.on {
+            return;
+        }
+        match self
+            .stream
+            .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+        {
+            Ok(e) => p.marks.push((what.to_string(), e)),
+            Err(e) => {
+                p.on = false;
+                drop(p);
+                self.record(failed("profile event", e));
+            }
+        }
+    }
+
+    /// At the end of a profiled step: the time from each operation's event to the next
+    /// one's (the last one's to an event recorded now) is that operation's.
+    fn close_profile(&self) {
+        use cudarc::driver::sys::CUevent_flags;
+        let mut p = lock(&self.profiler);
+        if !p.on || p.marks.is_empty() {
+            return;
+        }
+        let end = match self
+            .stream
+            .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+        {
+            Ok(e) => e,
+            Err(e) => {
+                p.on = false;
+                drop(p);
+                return self.record(failed("profile event", e));
+            }
+        };
+        let marks = std::mem::take(&mut p.marks);
+        for (i, (op, start)) in marks.iter().enumerate() {
+            let next = marks.get(i + 1).map_or(&end, |m| &m.1);
+            match start.elapsed_ms(next) {
+                Ok(ms) => {
+                    let t = p.totals.entry(op.clone()).or_default();
+                    t.0 += f64::from(ms);
+                    t.1 += 1;
+                }
+                Err(e) => {
+                    p.on = false;
+                    drop(p);
+                    return self.record(failed("profile event", e));
+                }
+            }
+        }
+        p.steps += 1;
     }
 
     /// Makes the arena and the staging area at least as large as the last step wanted
@@ -2189,7 +2308,11 @@ impl Backend for Cuda {
         let key = (lens.len(), out);
         st.decode = !lens.is_empty() && lens.iter().all(|&l| l == 1);
         let decode = st.decode && lens.len() <= MAX_GRAPH_BATCH;
-        if !(self.opts.graphs && graphs && decode) || st.never.contains(&key) || self.errored() {
+        let profiling = lock(&self.profiler).on;
+        if !(self.opts.graphs && graphs && decode && !profiling)
+            || st.never.contains(&key)
+            || self.errored()
+        {
             st.stats.eager += 1;
             return;
         }
@@ -2232,6 +2355,7 @@ impl Backend for Cuda {
 
     fn end_step(&self) -> bool {
         self.flush();
+        self.close_profile();
         let mut st = self.steps();
         let mut ok = st.abandoned.is_none();
         if st.after_flush {
