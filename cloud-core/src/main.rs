@@ -379,7 +379,8 @@ fn bench_profile(
         let total: f64 = p.ops.iter().map(|o| o.ms).sum();
         println!(
             "profile, batch {b}: {} eager decode steps, {:.3} ms per step between the first \
-             operation's event and the last's end (events add a little to each)",
+             operation's event and the last's end (each operation's time runs to the next \
+             one's event: it includes the device waiting for the host's next launch)",
             p.steps,
             total / n
         );

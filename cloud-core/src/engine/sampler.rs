@@ -183,10 +183,16 @@ impl Pick {
                 }
             }
         }
+        self.sample_masked(logits, x, seen)
+    }
+
+    /// [`Pick::sample`] with the mask already applied: `masked` is `logits` with every
+    /// forbidden token at −∞.
+    fn sample_masked(&self, logits: &[f32], mut masked: Vec<f32>, seen: Option<&[u32]>) -> Sampled {
         if let Some(s) = seen {
-            penalize(&mut x, s, self.repetition_penalty);
+            penalize(&mut masked, s, self.repetition_penalty);
         }
-        let token = self.pick(&x);
+        let token = self.pick(&masked);
         let lse = log_sum_exp(logits);
         Sampled {
             token: token as u32,
@@ -348,19 +354,12 @@ impl Sampler {
     /// model's own `logits`.
     pub fn sample_from(&mut self, logits: &[f32], allowed: Vec<f32>, history: &[u32]) -> Sampled {
         let pick = self.next_pick();
-        let mut x = allowed;
-        if pick.repetition_penalty != 1.0 {
-            let mut seen = vec![0u32; x.len().div_ceil(32)];
+        let seen = (pick.repetition_penalty != 1.0).then(|| {
+            let mut seen = vec![0u32; logits.len().div_ceil(32)];
             set_bits(&mut seen, history);
-            penalize(&mut x, &seen, pick.repetition_penalty);
-        }
-        let token = pick.pick(&x);
-        let lse = log_sum_exp(logits);
-        Sampled {
-            token: token as u32,
-            logprob: logits[token] - lse,
-            top: alternatives(logits, lse, pick.alternatives),
-        }
+            seen
+        });
+        pick.sample_masked(logits, allowed, seen.as_deref())
     }
 }
 

@@ -339,13 +339,14 @@ pub struct Cuda {
     /// The step's capture or replay was given up: operations do nothing until it ends.
     halted: AtomicBool,
     capturing: Arc<AtomicBool>,
+    /// Whether steps are profiled (read by every operation, without the profiler's lock).
+    profiling: AtomicBool,
     profiler: Mutex<Profiler>,
 }
 
 /// Events before each operation of the steps being profiled, and the totals so far.
 #[derive(Default)]
 struct Profiler {
-    on: bool,
     marks: Vec<(String, CudaEvent)>,
     /// Per operation: milliseconds and calls.
     totals: HashMap<String, (f64, u64)>,
@@ -514,6 +515,7 @@ impl Cuda {
             steps: Mutex::new(Steps::default()),
             halted: AtomicBool::new(false),
             capturing: Arc::new(AtomicBool::new(false)),
+            profiling: AtomicBool::new(false),
             profiler: Mutex::new(Profiler::default()),
         })
     }
@@ -869,7 +871,7 @@ impl Cuda {
         // scalars of the parameter types, little-endian), sized by each caller.
         let r = unsafe {
             cudarc::driver::result::launch_kernel(
-                self.f(name).cu_function(),
+                k.func.cu_function(),
                 cfg.grid_dim,
                 cfg.block_dim,
                 cfg.shared_mem_bytes,
@@ -878,10 +880,6 @@ impl Cuda {
             )
         };
         self.check(name, r);
-    }
-
-    fn f(&self, name: &str) -> &CudaFunction {
-        &self.kernels.f[name].func
     }
 
     fn check(&self, op: &str, r: Result<(), cudarc::driver::DriverError>) {
@@ -1507,11 +1505,11 @@ impl Cuda {
 
     /// Times every operation of the steps that follow, by events recorded on the stream
     /// before each one (so each step runs eagerly, without graphs, and a little slower),
-    /// until [`Cuda::take_profile`].
+    /// until [`Cuda::take_profile`]. An operation's time runs to the next one's event, so
+    /// it includes any wait of the device for the host's next launch.
     pub fn set_profiling(&self, on: bool) {
-        let mut p = lock(&self.profiler);
-        p.on = on;
-        p.marks.clear();
+        lock(&self.profiler).marks.clear();
+        self.profiling.store(on, Ordering::Relaxed);
     }
 
     /// What the profiled steps spent per operation since profiling began (the longest
@@ -1525,7 +1523,7 @@ impl Cuda {
             .collect();
         ops.sort_by(|a, b| b.ms.total_cmp(&a.ms).then_with(|| a.op.cmp(&b.op)));
         let steps = std::mem::take(&mut p.steps);
-        p.on = false;
+        self.profiling.store(false, Ordering::Relaxed);
         p.marks.clear();
         Profile { steps, ops }
     }
@@ -1533,17 +1531,17 @@ impl Cuda {
     /// Records an event before the operation `what`, when profiling.
     fn mark(&self, what: &str) {
         use cudarc::driver::sys::CUevent_flags;
-        let mut p = lock(&self.profiler);
-        if !p.on {
+        if !self.profiling.load(Ordering::Relaxed) {
             return;
         }
+        let mut p = lock(&self.profiler);
         match self
             .stream
             .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
         {
             Ok(e) => p.marks.push((what.to_string(), e)),
             Err(e) => {
-                p.on = false;
+                self.profiling.store(false, Ordering::Relaxed);
                 drop(p);
                 self.record(failed("profile event", e));
             }
@@ -1554,8 +1552,11 @@ impl Cuda {
     /// one's (the last one's to an event recorded now) is that operation's.
     fn close_profile(&self) {
         use cudarc::driver::sys::CUevent_flags;
+        if !self.profiling.load(Ordering::Relaxed) {
+            return;
+        }
         let mut p = lock(&self.profiler);
-        if !p.on || p.marks.is_empty() {
+        if p.marks.is_empty() {
             return;
         }
         let end = match self
@@ -1564,7 +1565,7 @@ impl Cuda {
         {
             Ok(e) => e,
             Err(e) => {
-                p.on = false;
+                self.profiling.store(false, Ordering::Relaxed);
                 drop(p);
                 return self.record(failed("profile event", e));
             }
@@ -1579,7 +1580,7 @@ impl Cuda {
                     t.1 += 1;
                 }
                 Err(e) => {
-                    p.on = false;
+                    self.profiling.store(false, Ordering::Relaxed);
                     drop(p);
                     return self.record(failed("profile event", e));
                 }
@@ -2308,7 +2309,7 @@ impl Backend for Cuda {
         let key = (lens.len(), out);
         st.decode = !lens.is_empty() && lens.iter().all(|&l| l == 1);
         let decode = st.decode && lens.len() <= MAX_GRAPH_BATCH;
-        let profiling = lock(&self.profiler).on;
+        let profiling = self.profiling.load(Ordering::Relaxed);
         if !(self.opts.graphs && graphs && decode && !profiling)
             || st.never.contains(&key)
             || self.errored()
@@ -3425,7 +3426,7 @@ mod tests {
                     r.regs
                 );
                 assert!(
-                    r.smem <= 48 << 10,
+                    r.smem <= SHARED_PER_BLOCK,
                     "{arch}: {k}: {} bytes of shared memory",
                     r.smem
                 );
