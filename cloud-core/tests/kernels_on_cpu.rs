@@ -7,6 +7,8 @@
 //! launches a kernel with the grid and block shape the backend uses. `EMU_ORDER`
 //! (`reverse`, or a seed for a shuffle) changes the order in which the threads of a block
 //! and the blocks of a grid run; CI runs these tests under more than one.
+//! `EMU_SANITIZE=address` builds the kernels with AddressSanitizer (the process started
+//! with its runtime preloaded), so an access past the end of a buffer stops the test.
 //!
 //! Needs `g++` (C++20); without it the tests say so and skip, unless
 //! `CLOUD_CORE_REQUIRE_EMU=1` (CI sets it), which makes that a failure.
@@ -36,12 +38,14 @@ type LaunchFn =
 struct Emu {
     _lib: libloading::Library,
     launch: LaunchFn,
+    dir: std::path::PathBuf,
 }
 
 fn emu() -> Option<&'static Emu> {
     static EMU: OnceLock<Result<Emu, String>> = OnceLock::new();
     let r = EMU.get_or_init(|| {
-        let lib = emu_build::build(false)?.join("libkernels.so");
+        let dir = emu_build::build(false)?;
+        let lib = dir.join("libkernels.so");
         // SAFETY: the library is the one just built, with no initialisers of its own
         // beyond the C++ runtime's; `emu_launch` has the signature of `LaunchFn`.
         unsafe {
@@ -49,7 +53,11 @@ fn emu() -> Option<&'static Emu> {
             let f: libloading::Symbol<'_, LaunchFn> =
                 l.get(b"emu_launch\0").map_err(|e| e.to_string())?;
             let launch = *f;
-            Ok(Emu { _lib: l, launch })
+            Ok(Emu {
+                _lib: l,
+                launch,
+                dir,
+            })
         }
     });
     match r {
@@ -1288,5 +1296,85 @@ fn sampling_on_the_device_picks_what_the_host_picks() {
         }
         // The draws did choose: not every pick is the largest value.
         assert!(off_argmax > 0, "{cols} columns: every pick was the argmax");
+    }
+}
+
+/// What a child process of the test below does: one fault the device would refuse, named
+/// by `EMU_FAULT`.
+fn fault_in_child(fault: &str) {
+    let (n, k) = (8, 16);
+    let wb = to_bf16(&rand_vec(n * k, 40));
+    let x = rand_vec(k + 4, 41);
+    let mut y = vec![0f32; n];
+    // `x` one float past its start: 4-byte aligned, not 16 (its loads are 16-byte ones).
+    let (xs, ws): (&[f32], &[bf16]) = match fault {
+        "misaligned" => (&x[1..], &wb),
+        // The weights one row short: the last warp reads past their end.
+        "out_of_bounds" => (&x, &wb[..(n - 1) * k]),
+        other => panic!("no fault {other}"),
+    };
+    let ws = ws.to_vec();
+    launch(
+        "gemv_bf16",
+        (1, 1),
+        256,
+        0,
+        &[
+            p(xs),
+            p(&ws),
+            Arg::U(0),
+            Arg::U(0),
+            Arg::U(0),
+            Arg::U(0),
+            Arg::U(0),
+            pm(&mut y),
+            Arg::U(0),
+            Arg::U(0),
+            Arg::I(n as i32),
+            Arg::I(0),
+            Arg::I(0),
+            Arg::I(1),
+            Arg::I(k as i32),
+            Arg::I(0),
+        ],
+    );
+    println!("no fault: {y:?}");
+}
+
+/// The emulation faults where the device would, instead of forgiving what x86-64 forgives:
+/// a 16-byte load from an address 16 does not divide (the device's "misaligned address")
+/// and, when built with AddressSanitizer (`EMU_SANITIZE=address`, as CI runs these tests
+/// once), a read past the end of an allocation. Each runs in a child process (a fault
+/// ends it).
+#[test]
+fn the_emulation_faults_where_the_device_would() {
+    if let Ok(fault) = std::env::var("EMU_FAULT") {
+        return fault_in_child(&fault);
+    }
+    let Some(emu) = emu() else { return };
+    let mut faults = vec![("misaligned", "misaligned address")];
+    if emu_build::address_sanitized() {
+        faults.push(("out_of_bounds", "heap-buffer-overflow"));
+    } else {
+        eprintln!("out-of-bounds reads not checked: EMU_SANITIZE=address is not set");
+    }
+    for (fault, says) in faults {
+        let out = std::process::Command::new(std::env::current_exe().expect("test binary"))
+            .args([
+                "--exact",
+                "the_emulation_faults_where_the_device_would",
+                "--nocapture",
+            ])
+            .env("EMU_FAULT", fault)
+            .env("EMU_BUILT", &emu.dir)
+            .output()
+            .expect("the test binary runs");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(says),
+            "{fault}: no fault reported ({}):\n{}\n{err}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout)
+        );
     }
 }

@@ -42,6 +42,10 @@ enum : int {
     CAPTURE_INVALIDATED = 901,
 };
 
+// Kernels' attribute 8: the most dynamic shared memory a launch may ask for (CUDA's 48 KiB
+// unless raised).
+std::map<std::string, int> max_dynamic_shared;
+
 using Op = std::function<void()>;
 
 struct Stream {
@@ -135,15 +139,22 @@ CUresult cuModuleGetFunction(void** f, void*, const char* name) {
 // Attribute 0 is the most threads per block: CUDA's 1024 (fibers have no register file to
 // run out of); the others are 0.
 CUresult cuFuncGetAttribute(int* v, int attr, void*) { *v = attr == 0 ? 1024 : 0; return 0; }
-CUresult cuFuncSetAttribute(void*, int, int) { return 0; }
+CUresult cuFuncSetAttribute(void* f, int attr, int v) {
+    if (attr == 8) max_dynamic_shared[(const char*)f] = v;
+    return 0;
+}
 CUresult cuDeviceGetDefaultMemPool(void** p, int) { *p = &pool_token; return 0; }
 CUresult cuMemPoolSetAttribute(void*, int, void*) { return 0; }
 
 static CUresult alloc(CUdeviceptr* p, size_t bytes) {
     std::lock_guard<std::mutex> g(mem_lock);
     if (used + bytes > capacity()) return OUT_OF_MEMORY;
-    void* m = std::aligned_alloc(256, ((bytes + 255) / 256) * 256 + 256);
-    if (!m) return OUT_OF_MEMORY;
+    // Exactly `bytes` (so that, built with AddressSanitizer, an access past the end is
+    // caught), 256-aligned as CUDA's, and not zeroed: every byte 0xff, a NaN as f32 and
+    // as bf16 and -1 as an integer, so a kernel that reads what nothing wrote shows it.
+    void* m = nullptr;
+    if (posix_memalign(&m, 256, bytes ? bytes : 1) != 0) return OUT_OF_MEMORY;
+    std::memset(m, 0xff, bytes);
     *p = (CUdeviceptr)m;
     live[*p] = bytes;
     used += bytes;
@@ -216,6 +227,14 @@ CUresult cuMemcpyDtoD_v2(CUdeviceptr d, CUdeviceptr src, size_t n) {
 }
 CUresult cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
                         unsigned bz, unsigned shared, void* s, void** params, void**) {
+    // What the device refuses: empty or oversized grids and blocks (1024 threads, z ≤ 64,
+    // grid y and z ≤ 65535), more dynamic shared memory than allowed.
+    auto limit = max_dynamic_shared.find((const char*)f);
+    unsigned most_shared = limit == max_dynamic_shared.end() ? 48u << 10 : unsigned(limit->second);
+    if (!gx || !gy || !gz || !bx || !by || !bz || gx > 0x7fffffffu || gy > 65535 || gz > 65535 ||
+        bx > 1024 || by > 1024 || bz > 64 || (unsigned long long)bx * by * bz > 1024 ||
+        shared > most_shared)
+        return INVALID_VALUE;
     auto* k = (std::function<void()>*)emu_bind((const char*)f, gx, gy, gz, bx, by, bz, shared, params);
     if (!k) return LAUNCH_FAILED;
     Op op = std::move(*k);

@@ -83,7 +83,11 @@ fn run(cmd: &mut std::process::Command) -> Result<(), String> {
 /// `driver`, `libcuda.so`, `libcublas.so` and `libnvrtc.so` (each the kernels plus the
 /// emulated libraries, named by their sonames so that loading them first makes them the
 /// ones cudarc finds).
+/// `EMU_BUILT=<dir>` reuses what another process built there (a test's child process).
 pub fn build(driver: bool) -> Result<PathBuf, String> {
+    if let Some(dir) = std::env::var_os("EMU_BUILT") {
+        return Ok(dir.into());
+    }
     let dir = std::env::temp_dir().join(format!(
         "cloud-core-emu-{}-{}",
         std::process::id(),
@@ -116,8 +120,18 @@ pub fn build(driver: bool) -> Result<PathBuf, String> {
     let cpp = dir.join("emu.cpp");
     std::fs::write(&cpp, src).map_err(|e| e.to_string())?;
     let obj = dir.join("emu.o");
+    let sanitize = sanitizers();
+    if address_sanitized() && !std::env::var("LD_PRELOAD").is_ok_and(|p| p.contains("libasan")) {
+        return Err(
+            "EMU_SANITIZE=address: the process must start with AddressSanitizer's runtime \
+             (LD_PRELOAD=$(g++ -print-file-name=libasan.so))"
+                .into(),
+        );
+    }
     run(std::process::Command::new("g++")
-        .args(["-std=c++20", "-O2", "-fPIC", "-pthread", "-w", "-c", "-o"])
+        .args(["-std=c++20", "-O2", "-fPIC", "-pthread", "-w"])
+        .args(&sanitize)
+        .args(["-c", "-o"])
         .arg(&obj)
         .arg(&cpp))?;
     let names: &[&str] = if driver {
@@ -127,11 +141,36 @@ pub fn build(driver: bool) -> Result<PathBuf, String> {
     };
     for name in names {
         run(std::process::Command::new("g++")
-            .args(["-shared", "-pthread", &format!("-Wl,-soname,{name}"), "-o"])
+            .args(["-shared", "-pthread", &format!("-Wl,-soname,{name}")])
+            .args(&sanitize)
+            .arg("-o")
             .arg(dir.join(name))
             .arg(&obj))?;
     }
     Ok(dir)
+}
+
+/// The checks compiled into the emulated kernels and libraries: always the alignment of
+/// every typed load and store (a vector load from an address its type's alignment does not
+/// divide faults on the device); with `EMU_SANITIZE=address`, also AddressSanitizer (every
+/// access inside some allocation: an emulated device allocation is a heap block of exactly
+/// its size), for a process started with its runtime preloaded.
+fn sanitizers() -> Vec<String> {
+    let mut on = vec!["alignment".to_string()];
+    if address_sanitized() {
+        on.push("address".into());
+    }
+    let on = on.join(",");
+    vec![
+        format!("-fsanitize={on}"),
+        format!("-fno-sanitize-recover={on}"),
+        "-fno-omit-frame-pointer".into(),
+    ]
+}
+
+/// Whether `EMU_SANITIZE=address` asks for AddressSanitizer.
+pub fn address_sanitized() -> bool {
+    std::env::var("EMU_SANITIZE").is_ok_and(|v| v == "address")
 }
 
 /// Whether a build error means the machine has no compiler (a skip) rather than a broken

@@ -28,12 +28,14 @@ thread_local dim3 threadIdx, blockIdx, blockDim, gridDim;
 #define __restrict__
 #define __shared__ static thread_local
 
-struct __nv_bfloat16 { uint16_t bits; };
-struct __nv_bfloat162 { __nv_bfloat16 x, y; };
-struct float2 { float x, y; };
-struct float4 { float x, y, z, w; };
-struct uint2 { unsigned x, y; };
-struct uint4 { unsigned x, y, z, w; };
+// With CUDA's alignments: on the device a load of a vector type from an address it does
+// not divide faults (misaligned address); the emulated kernels are compiled to check it.
+struct alignas(2) __nv_bfloat16 { uint16_t bits; };
+struct alignas(4) __nv_bfloat162 { __nv_bfloat16 x, y; };
+struct alignas(8) float2 { float x, y; };
+struct alignas(16) float4 { float x, y, z, w; };
+struct alignas(8) uint2 { unsigned x, y; };
+struct alignas(16) uint4 { unsigned x, y, z, w; };
 
 inline float __bfloat162float(__nv_bfloat16 b) {
     uint32_t u = uint32_t(b.bits) << 16;
@@ -157,7 +159,7 @@ struct Block {
     std::vector<float> slots;
     std::vector<float> sums;                // per warp: the reduction being read
     std::vector<unsigned char> summed;      // per warp: whether it was computed
-    std::vector<unsigned char> dynamic_shared;
+    std::unique_ptr<unsigned char[]> dynamic_shared;
     unsigned current = 0;
     EmuContext scheduler;
 };
@@ -274,7 +276,7 @@ inline float emu_warp_sum(float v) {
     return r;
 }
 
-#define emu_dynamic_shared (current_block->dynamic_shared.data())
+#define emu_dynamic_shared (current_block->dynamic_shared.get())
 
 template <typename F>
 struct EmuKernel {
@@ -319,7 +321,10 @@ void emu_run(dim3 grid, dim3 block, unsigned shared, F kernel) {
             b.warps[w].expected = std::min(32u, n - w * 32);
             b.warps[w].waiters.clear();
         }
-        b.dynamic_shared.assign(shared + 16, 0);
+        // Exactly the launch's bytes (an access past them is caught when built with
+        // AddressSanitizer), and, as on the device, not zeroed: 0xff bytes (NaN as f32).
+        b.dynamic_shared.reset(new unsigned char[shared ? shared : 1]);
+        std::memset(b.dynamic_shared.get(), 0xff, shared);
         b.ready.clear();
         b.next = 0;
         blockIdx = bi;
