@@ -197,10 +197,16 @@ pub struct Recovered {
     pub policy_state: Option<Vec<u8>>,
 }
 
-/// Opens (or creates) the store. `cache_bytes` bounds sled's page cache.
-pub fn open(dir: &Path, cache_bytes: u64) -> anyhow::Result<sled::Db> {
-    std::fs::create_dir_all(dir)
-        .with_context(|| format!("creating data directory {}", dir.display()))?;
+/// How long opening waits for the store's lock to be released.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+enum Opened {
+    /// Another handle (in this process or another) holds the store's lock.
+    Locked(String),
+    Failed(anyhow::Error),
+}
+
+fn open_once(dir: &Path, cache_bytes: u64) -> Result<sled::Db, Opened> {
     let config = sled::Config::new()
         .path(dir)
         .cache_capacity(cache_bytes)
@@ -219,25 +225,54 @@ pub fn open(dir: &Path, cache_bytes: u64) -> anyhow::Result<sled::Db> {
                 .cloned()
                 .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
                 .unwrap_or_else(|| "unknown failure".into());
-            anyhow::bail!(
+            return Err(Opened::Failed(anyhow::anyhow!(
                 "the store in {} is damaged (sled could not read it: {what}); no further changes were made. \
                  Move the directory aside to start with an empty store, and keep it for recovery",
                 dir.display()
-            );
+            )));
         }
     };
-    let db = opened
-        .map_err(|e| match e {
-            sled::Error::Corruption { .. } => anyhow::anyhow!(
-                "the store in {} is damaged ({e}); no further changes were made. Move the directory aside \
-                 to start with an empty store, and keep it for recovery",
-                dir.display()
-            ),
-            sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock || io.raw_os_error() == Some(11) => {
-                anyhow::anyhow!("the store in {} is in use by another process (is an agent running?)", dir.display())
+    opened.map_err(|e| match e {
+        sled::Error::Corruption { .. } => Opened::Failed(anyhow::anyhow!(
+            "the store in {} is damaged ({e}); no further changes were made. Move the directory aside \
+             to start with an empty store, and keep it for recovery",
+            dir.display()
+        )),
+        sled::Error::Io(io)
+            if io.kind() == std::io::ErrorKind::WouldBlock
+                || io.raw_os_error() == Some(11)
+                || io.to_string().contains("could not acquire lock") =>
+        {
+            Opened::Locked(io.to_string())
+        }
+        other => Opened::Failed(anyhow::anyhow!("opening the store in {}: {other}", dir.display())),
+    })
+}
+
+/// Opens (or creates) the store. `cache_bytes` bounds sled's page cache.
+pub fn open(dir: &Path, cache_bytes: u64) -> anyhow::Result<sled::Db> {
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("creating data directory {}", dir.display()))?;
+    // sled releases its file lock only when the last of its background threads lets go of
+    // the store, a moment after the previous handle is dropped: a restart within the same
+    // process (or a new agent right after the old one exited) waits for it, bounded.
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    let db = loop {
+        match open_once(dir, cache_bytes) {
+            Err(Opened::Locked(e)) if std::time::Instant::now() < deadline => {
+                tracing::debug!("store {} still locked ({e}); waiting", dir.display());
+                std::thread::sleep(std::time::Duration::from_millis(20));
             }
-            other => anyhow::anyhow!("opening the store in {}: {other}", dir.display()),
-        })?;
+            Err(Opened::Locked(_)) => anyhow::bail!(
+                "the store in {} is in use by another process (is an agent running?); \
+                 its lock was still held after {} s",
+                dir.display(),
+                LOCK_WAIT.as_secs()
+            ),
+            Err(Opened::Failed(e)) => return Err(e),
+            Ok(db) => break db,
+        }
+    };
     match db.get(keys::meta("format"))? {
         Some(v) => {
             let version: u32 =
@@ -484,5 +519,30 @@ pub mod watermark {
         let tmp = dir.join(format!("{FILE}.tmp"));
         std::fs::write(&tmp, serde_json::to_vec(w).unwrap_or_default())?;
         std::fs::rename(tmp, path(dir))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_held_store_is_refused_by_name_and_a_released_one_reopens() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let first = open(dir.path(), 1 << 20).expect("first open");
+        // Released a moment after the second open starts waiting: the wait covers it.
+        let releaser = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            drop(first);
+        });
+        let second = open(dir.path(), 1 << 20).expect("reopens once the first handle lets go");
+        releaser.join().expect("releaser");
+        // Held for good: refused, naming the store and the likely cause.
+        let err = open(dir.path(), 1 << 20)
+            .expect_err("the lock is held")
+            .to_string();
+        assert!(err.contains("in use by another process"), "{err}");
+        assert!(err.contains(&dir.path().display().to_string()), "{err}");
+        drop(second);
     }
 }
