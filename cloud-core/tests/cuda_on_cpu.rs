@@ -77,7 +77,9 @@ fn the_cuda_benchmark_runs_on_the_emulated_device() {
         );
         if extra == profiled {
             // Per batch size, 2 steps: a row per operation with its calls per step (the
-            // tiny shape has 2 layers: 2 attention launches, 5 norms, 1 pick).
+            // tiny shape has 2 dense layers: 2 attention launches, the norms folded into
+            // the q/k/v, gate/up and lm_head projections — no norm launch of its own —,
+            // the output and down projections, 1 pick).
             for batch in [1, 3] {
                 let head = format!("profile, batch {batch}: 2 eager decode steps");
                 let at = text
@@ -87,7 +89,9 @@ fn the_cuda_benchmark_runs_on_the_emulated_device() {
                 let table = &table[..table.find("\n\n").unwrap_or(table.len())];
                 for (op, calls) in [
                     ("attention_batch", 2.0),
-                    ("rms_norm", 5.0),
+                    ("gemv_bf16_norm", 3.0),
+                    ("gemv_swiglu_norm", 2.0),
+                    ("gemv_bf16", 4.0),
                     ("sample_rows", 1.0),
                 ] {
                     let row = table
@@ -99,6 +103,10 @@ fn the_cuda_benchmark_runs_on_the_emulated_device() {
                     let us: f64 = cells[3].parse().expect("µs per step");
                     assert!(us > 0.0, "{row}");
                 }
+                assert!(
+                    !table.lines().any(|l| l.starts_with("| rms_norm |")),
+                    "batch {batch}: a norm launched apart from its projection: {table}"
+                );
             }
         }
     }

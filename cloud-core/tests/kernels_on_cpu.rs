@@ -1137,6 +1137,107 @@ fn fused_projections_match_the_cpu() {
     }
 }
 
+/// `gemv_bf16_norm` and `gemv_swiglu_norm` (the RMSNorm folded into the projections'
+/// pass over the rows) against the CPU's `rms_norm` followed by the same projections, with
+/// rows of very different scales (the norm's per-row scale is what is folded in).
+#[test]
+fn norm_folded_projections_match_norm_then_projection() {
+    if !available() {
+        return;
+    }
+    let cpu = Cpu::default();
+    let (k, eps) = (64, 1e-6f32);
+    let ns = [16usize, 9, 30];
+    let ws: Vec<Vec<f32>> = ns
+        .iter()
+        .enumerate()
+        .map(|(i, n)| rounded(&rand_vec(n * k, 70 + i as u64)))
+        .collect();
+    let wbs: Vec<Vec<bf16>> = ws.iter().map(|w| to_bf16(w)).collect();
+    let bias = rand_vec(ns[2], 75);
+    let nw: Vec<f32> = rand_vec(k, 76).iter().map(|v| 1.0 + v).collect();
+    for m in [1, 4, 8] {
+        let mut x = rand_vec(m * k, 80 + m as u64);
+        for (r, row) in x.chunks_mut(k).enumerate() {
+            row.iter_mut()
+                .for_each(|v| *v *= 10f32.powi(r as i32 % 4 - 1));
+        }
+        let xn = cpu.rms_norm(&x, &nw, eps);
+        let mut ys: Vec<Vec<f32>> = ns.iter().map(|n| vec![0f32; m * n]).collect();
+        // The third part is added into a residual.
+        let res = rand_vec(m * ns[2], 85);
+        ys[2].copy_from_slice(&res);
+        let total: usize = ns.iter().sum();
+        let (y0, rest) = ys.split_at_mut(1);
+        let (y1, y2) = rest.split_at_mut(1);
+        launch(
+            "gemv_bf16_norm",
+            (total.div_ceil(8) as u32, 1),
+            256,
+            0,
+            &[
+                p(&x),
+                p(&wbs[0]),
+                p(&wbs[1]),
+                p(&wbs[2]),
+                Arg::U(0),
+                Arg::U(0),
+                p(&bias),
+                pm(&mut y0[0]),
+                pm(&mut y1[0]),
+                pm(&mut y2[0]),
+                Arg::I(ns[0] as i32),
+                Arg::I(ns[1] as i32),
+                Arg::I(ns[2] as i32),
+                Arg::I(m as i32),
+                Arg::I(k as i32),
+                Arg::I(1),
+                p(&nw),
+                Arg::F(eps),
+            ],
+        );
+        for i in 0..3 {
+            let mut want = cpu.linear(&xn, m, &ws[i], ns[i], k);
+            if i == 2 {
+                cpu.add_bias(&mut want, &bias);
+                // accumulate adds into what the first two parts held too (zeros).
+                cpu.add(&mut want, &res);
+            }
+            assert_close(
+                &ys[i],
+                &want,
+                1e-4,
+                &format!("gemv_bf16_norm part {i}, m {m}"),
+            );
+        }
+        let n = ns[2];
+        let up: Vec<f32> = ws[2].iter().rev().copied().collect();
+        let mut y = vec![0f32; m * n];
+        launch(
+            "gemv_swiglu_norm",
+            (n.div_ceil(8) as u32, 1),
+            256,
+            0,
+            &[
+                p(&x),
+                p(&wbs[2]),
+                p(&to_bf16(&up)),
+                pm(&mut y),
+                Arg::I(m as i32),
+                Arg::I(n as i32),
+                Arg::I(k as i32),
+                p(&nw),
+                Arg::F(eps),
+            ],
+        );
+        let want = cpu.silu_mul(
+            &cpu.linear(&xn, m, &ws[2], n, k),
+            &cpu.linear(&xn, m, &up, n, k),
+        );
+        assert_close(&y, &want, 1e-4, &format!("gemv_swiglu_norm m {m}"));
+    }
+}
+
 /// Sampling on the device: `sample_rows` picks what the host's `Pick::pick` picks from
 /// the same values and draws — greedy, temperatures, top-k, top-p, repetition penalties,
 /// their combinations, ties, grammar masks, draws at both ends — with the log-softmax of

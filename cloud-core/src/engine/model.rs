@@ -510,13 +510,6 @@ impl<B: Backend> Model<B> {
         }
     }
 
-    /// `acc += mlp(x)`.
-    fn mlp_into(&self, m: &Mlp<B>, x: &B::Buf, t: usize, acc: &mut B::Buf) {
-        let hd = self.cfg.hidden_size;
-        let h = self.be.gate_up(x, t, &m.gate, &m.up, m.inter, hd);
-        self.be.linear_acc(acc, &h, t, &m.down, hd, m.inter);
-    }
-
     fn mlp(&self, m: &Mlp<B>, x: &B::Buf, t: usize) -> B::Buf {
         let hd = self.cfg.hidden_size;
         let h = self.be.gate_up(x, t, &m.gate, &m.up, m.inter, hd);
@@ -708,11 +701,32 @@ impl<B: Backend> Model<B> {
             .collect();
         let mut x = be.gather_rows(&self.embed, hd, &ids);
         for (li, layer) in self.layers.iter().enumerate() {
-            let xn = be.rms_norm(&x, &layer.in_norm, eps);
-            self.attention(&layer.attn, &xn, total, &positions, lens, li, seqs, &mut x);
-            let xn = be.rms_norm(&x, &layer.post_norm, eps);
+            // The norms before the attention's and a dense MLP's first projections run
+            // inside those projections (one launch fewer each on a device).
+            let (out, o, width) = self.attention(
+                &layer.attn,
+                &x,
+                (&layer.in_norm, eps),
+                total,
+                &positions,
+                lens,
+                li,
+                seqs,
+            );
+            be.linear_acc(&mut x, &out, total, o, hd, width);
             match &layer.ffn {
-                Ffn::Dense(m) => self.mlp_into(m, &xn, total, &mut x),
+                Ffn::Dense(m) => {
+                    let h = be.norm_gate_up(
+                        &x,
+                        (&layer.post_norm, eps),
+                        total,
+                        &m.gate,
+                        &m.up,
+                        m.inter,
+                        hd,
+                    );
+                    be.linear_acc(&mut x, &h, total, &m.down, hd, m.inter);
+                }
                 Ffn::Moe {
                     gate,
                     bias,
@@ -720,6 +734,7 @@ impl<B: Backend> Model<B> {
                     experts,
                     shared,
                 } => {
+                    let xn = be.rms_norm(&x, &layer.post_norm, eps);
                     let y = self.moe(
                         gate,
                         (bias.as_deref(), bias_buf.as_ref()),
@@ -742,11 +757,9 @@ impl<B: Backend> Model<B> {
                 last.push((end - 1) as u32);
             }
             let x = be.gather_rows(&x, hd, &last);
-            let xn = be.rms_norm(&x, &self.norm, eps);
-            be.linear(&xn, last.len(), &self.lm_head, vocab, hd)
+            self.logits(&x, last.len())
         } else {
-            let xn = be.rms_norm(&x, &self.norm, eps);
-            be.linear(&xn, total, &self.lm_head, vocab, hd)
+            self.logits(&x, total)
         };
         match out {
             Out::Pick(how) => {
@@ -766,6 +779,18 @@ impl<B: Backend> Model<B> {
             }
             _ => (be.download(&logits), Vec::new()),
         }
+    }
+
+    /// The logits of `t` final hidden rows: the last norm (folded into the projection) and
+    /// the lm_head.
+    fn logits(&self, x: &B::Buf, t: usize) -> B::Buf {
+        let (hd, vocab) = (self.cfg.hidden_size, self.cfg.vocab_size);
+        let norm = (&self.norm, self.cfg.rms_norm_eps as f32);
+        let mut out = self
+            .be
+            .norm_linear_parts(x, norm, t, hd, &[(&self.lm_head, None, vocab)]);
+        out.pop()
+            .unwrap_or_else(|| unreachable!("one projection asked for"))
     }
 
     /// Causal attention of every sequence over its own cache (appending the step's rows).
@@ -799,19 +824,21 @@ impl<B: Backend> Model<B> {
         self.be.attend(q, k, v, lens, &mut caches, shape)
     }
 
-    /// The attention block of layer `li`, its output projection added to `res`.
+    /// The attention block of layer `li` over `rms_norm(x)` with `norm`: its output before
+    /// the output projection, that projection's weight and its input width (the caller adds
+    /// the projection into the residual stream).
     #[allow(clippy::too_many_arguments)]
-    fn attention(
+    fn attention<'a>(
         &self,
-        attn: &Attn<B>,
+        attn: &'a Attn<B>,
         x: &B::Buf,
+        norm: (&B::Buf, f32),
         t: usize,
         positions: &[usize],
         lens: &[usize],
         li: usize,
         seqs: &mut [(&[u32], &mut Cache<B>)],
-        res: &mut B::Buf,
-    ) {
+    ) -> (B::Buf, &'a B::Buf, usize) {
         let be = &self.be;
         let hd = self.cfg.hidden_size;
         let h = self.cfg.num_attention_heads;
@@ -823,8 +850,9 @@ impl<B: Backend> Model<B> {
                     None => (None, None, None),
                 };
                 let mut qkv = be
-                    .linear_parts(
+                    .norm_linear_parts(
                         x,
+                        norm,
                         t,
                         hd,
                         &[(q, qb, h * d), (k, kb, kvh * d), (v, vb, kvh * d)],
@@ -857,7 +885,7 @@ impl<B: Backend> Model<B> {
                     RopeLayout::Halves,
                 );
                 let out = self.attend(&qx, &kx, &vx, lens, li, seqs, (h, kvh, d, d), false);
-                be.linear_acc(res, &out, t, o, hd, h * d);
+                (out, o, h * d)
             }
             Attn::Mla {
                 q_a,
@@ -888,8 +916,9 @@ impl<B: Backend> Model<B> {
                 };
                 let (first, first_n) = low_rank.map_or((q, h * qd), |(qa, _, r)| (qa, r));
                 let mut parts = be
-                    .linear_parts(
+                    .norm_linear_parts(
                         x,
+                        norm,
                         t,
                         hd,
                         &[(first, None, first_n), (kv_a, None, lora + rope_d)],
@@ -899,10 +928,10 @@ impl<B: Backend> Model<B> {
                     unreachable!("two projections asked for")
                 };
                 let mut qx = match low_rank {
-                    Some((_, qa_norm, r)) => {
-                        let c = be.rms_norm(&first, qa_norm, eps);
-                        be.linear(&c, t, q, h * qd, r)
-                    }
+                    Some((_, qa_norm, r)) => be
+                        .norm_linear_parts(&first, (qa_norm, eps), t, r, &[(q, None, h * qd)])
+                        .pop()
+                        .unwrap_or_else(|| unreachable!("one projection asked for")),
                     None => first,
                 };
                 be.rope(
@@ -948,12 +977,12 @@ impl<B: Backend> Model<B> {
                         true,
                     );
                     let out = be.head_linear(&ctx, t, h, w_uv, dv, lora, true); // [t, h, dv]
-                    be.linear_acc(res, &out, t, o, hd, h * dv);
+                    (out, o, h * dv)
                 } else {
                     let kv = be.linear(&latent, t, kv_b, h * (nope + dv), lora);
                     let (kx, vx) = be.mla_expand(&kv, &k_pe, t, h, nope, dv, rope_d);
                     let out = self.attend(&qx, &kx, &vx, lens, li, seqs, (h, h, qd, dv), false);
-                    be.linear_acc(res, &out, t, o, hd, h * dv);
+                    (out, o, h * dv)
                 }
             }
         }

@@ -71,25 +71,64 @@ extern "C" __global__ void MAX_THREADS(256) fill_uniform_bf16(bf16* __restrict__
 #define GEMV_ROWS 8
 
 // 8 bf16 weights (16 bytes) dotted with 8 f32 values of a row.
-__device__ __forceinline__ float dot8(uint4 p, const float* __restrict__ x) {
+__device__ __forceinline__ float dot8v(uint4 p, float4 a, float4 b) {
     const __nv_bfloat162* h = (const __nv_bfloat162*)&p;
     float2 w0 = __bfloat1622float2(h[0]), w1 = __bfloat1622float2(h[1]);
     float2 w2 = __bfloat1622float2(h[2]), w3 = __bfloat1622float2(h[3]);
-    float4 a = ((const float4*)x)[0], b = ((const float4*)x)[1];
     return w0.x * a.x + w0.y * a.y + w1.x * a.z + w1.y * a.w
          + w2.x * b.x + w2.y * b.y + w3.x * b.z + w3.y * b.w;
+}
+
+// The same with the 8 values at x (16-byte aligned).
+__device__ __forceinline__ float dot8(uint4 p, const float* __restrict__ x) {
+    return dot8v(p, ((const float4*)x)[0], ((const float4*)x)[1]);
+}
+
+// The 8 values of a row at x as the projection reads them: as they are, or (NORM) times
+// the RMSNorm's weights g (its per-row scale is applied to the finished dot product), the
+// squares of the raw values added to ss.
+template <bool NORM>
+__device__ __forceinline__ void row8(const float* __restrict__ x, float4 g0, float4 g1, float4& a,
+                                     float4& b, float& ss) {
+    a = ((const float4*)x)[0];
+    b = ((const float4*)x)[1];
+    if (NORM) {
+        ss += a.x * a.x + a.y * a.y + a.z * a.z + a.w * a.w
+            + b.x * b.x + b.y * b.y + b.z * b.z + b.w * b.w;
+        a.x *= g0.x; a.y *= g0.y; a.z *= g0.z; a.w *= g0.w;
+        b.x *= g1.x; b.y *= g1.y; b.z *= g1.z; b.w *= g1.w;
+    }
+}
+
+// The norm's weights for the 8 columns from 8·i (nothing without NORM).
+template <bool NORM>
+__device__ __forceinline__ void norm8(const float* __restrict__ nw, int i, float4& g0, float4& g1) {
+    if (NORM) {
+        g0 = ((const float4*)nw)[2 * i];
+        g1 = ((const float4*)nw)[2 * i + 1];
+    }
+}
+
+// RMSNorm's scale of a row from its lane's sum of squares (1 without NORM).
+template <bool NORM>
+__device__ __forceinline__ float norm_scale(float ss, int k, float eps) {
+    return NORM ? rsqrtf(warp_sum(ss) / k + eps) : 1.f;
 }
 
 // Up to three projections of the same rows in one launch (one projection; a layer's q, k
 // and v; MLA's query and latent): outputs o < n0 are x·w0ᵀ (+ b0) into y0, the next n1
 // x·w1ᵀ (+ b1) into y1, the next n2 into y2; a null bias adds nothing. With `accumulate`
-// the results are added to what the outputs hold (a residual connection).
-extern "C" __global__ void MAX_THREADS(256) gemv_bf16(const float* __restrict__ x, const bf16* __restrict__ w0,
-                                     const bf16* __restrict__ w1, const bf16* __restrict__ w2,
-                                     const float* __restrict__ b0, const float* __restrict__ b1,
-                                     const float* __restrict__ b2, float* __restrict__ y0,
-                                     float* __restrict__ y1, float* __restrict__ y2, int n0, int n1,
-                                     int n2, int m, int k, int accumulate) {
+// the results are added to what the outputs hold (a residual connection). With NORM the
+// rows are first RMSNorm-ed with weights nw[k] and epsilon eps, in the same pass: the norm
+// a decode step would otherwise launch before its projections.
+template <bool NORM>
+__device__ __forceinline__ void gemv_parts(const float* __restrict__ x, const bf16* __restrict__ w0,
+                                           const bf16* __restrict__ w1, const bf16* __restrict__ w2,
+                                           const float* __restrict__ b0, const float* __restrict__ b1,
+                                           const float* __restrict__ b2, float* __restrict__ y0,
+                                           float* __restrict__ y1, float* __restrict__ y2, int n0,
+                                           int n1, int n2, int m, int k, int accumulate,
+                                           const float* __restrict__ nw, float eps) {
     int o = (blockIdx.x * blockDim.x + threadIdx.x) / WARP;
     int lane = threadIdx.x % WARP;
     const bf16* w; const float* b; float* y; int n;
@@ -98,20 +137,26 @@ extern "C" __global__ void MAX_THREADS(256) gemv_bf16(const float* __restrict__ 
     else if (o < n0 + n1 + n2) { o -= n0 + n1; w = w2; b = b2; y = y2; n = n2; }
     else return;
     const uint4* wr = (const uint4*)(w + (long)o * k);
-    float acc[GEMV_ROWS];
+    float acc[GEMV_ROWS], ss[GEMV_ROWS];
 #pragma unroll
-    for (int r = 0; r < GEMV_ROWS; r++) acc[r] = 0.f;
+    for (int r = 0; r < GEMV_ROWS; r++) acc[r] = ss[r] = 0.f;
 #pragma unroll 4
     for (int i = lane; i < k / 8; i += WARP) {
         uint4 p = wr[i];
+        float4 g0, g1, a, c;
+        norm8<NORM>(nw, i, g0, g1);
 #pragma unroll
-        for (int r = 0; r < GEMV_ROWS; r++)
-            if (r < m) acc[r] += dot8(p, x + (long)r * k + 8 * i);
+        for (int r = 0; r < GEMV_ROWS; r++) {
+            if (r < m) {
+                row8<NORM>(x + (long)r * k + 8 * i, g0, g1, a, c, ss[r]);
+                acc[r] += dot8v(p, a, c);
+            }
+        }
     }
 #pragma unroll
     for (int r = 0; r < GEMV_ROWS; r++) {
         if (r < m) {
-            float v = warp_sum(acc[r]);
+            float v = warp_sum(acc[r]) * norm_scale<NORM>(ss[r], k, eps);
             if (lane == 0) {
                 long at = (long)r * n + o;
                 if (b) v += b[o];
@@ -121,38 +166,74 @@ extern "C" __global__ void MAX_THREADS(256) gemv_bf16(const float* __restrict__ 
     }
 }
 
+extern "C" __global__ void MAX_THREADS(256) gemv_bf16(const float* __restrict__ x, const bf16* __restrict__ w0,
+                                     const bf16* __restrict__ w1, const bf16* __restrict__ w2,
+                                     const float* __restrict__ b0, const float* __restrict__ b1,
+                                     const float* __restrict__ b2, float* __restrict__ y0,
+                                     float* __restrict__ y1, float* __restrict__ y2, int n0, int n1,
+                                     int n2, int m, int k, int accumulate) {
+    gemv_parts<false>(x, w0, w1, w2, b0, b1, b2, y0, y1, y2, n0, n1, n2, m, k, accumulate, nullptr, 0.f);
+}
+
+// gemv_bf16 of RMSNorm(x) (weights nw[k], a multiple of 8 floats).
+extern "C" __global__ void MAX_THREADS(256) gemv_bf16_norm(const float* __restrict__ x, const bf16* __restrict__ w0,
+                                     const bf16* __restrict__ w1, const bf16* __restrict__ w2,
+                                     const float* __restrict__ b0, const float* __restrict__ b1,
+                                     const float* __restrict__ b2, float* __restrict__ y0,
+                                     float* __restrict__ y1, float* __restrict__ y2, int n0, int n1,
+                                     int n2, int m, int k, int accumulate,
+                                     const float* __restrict__ nw, float eps) {
+    gemv_parts<true>(x, w0, w1, w2, b0, b1, b2, y0, y1, y2, n0, n1, n2, m, k, accumulate, nw, eps);
+}
+
 // The first half of a SwiGLU MLP for a few rows: y[r, o] = silu(x·gate[o]) · (x·up[o]),
-// both weight rows read once by one warp.
-extern "C" __global__ void MAX_THREADS(256) gemv_swiglu(const float* __restrict__ x, const bf16* __restrict__ wg,
-                                       const bf16* __restrict__ wu, float* __restrict__ y, int m,
-                                       int n, int k) {
+// both weight rows read once by one warp; with NORM, of RMSNorm(x) as in gemv_parts.
+template <bool NORM>
+__device__ __forceinline__ void gemv_gate_up(const float* __restrict__ x, const bf16* __restrict__ wg,
+                                             const bf16* __restrict__ wu, float* __restrict__ y, int m,
+                                             int n, int k, const float* __restrict__ nw, float eps) {
     int o = (blockIdx.x * blockDim.x + threadIdx.x) / WARP;
     int lane = threadIdx.x % WARP;
     if (o >= n) return;
     const uint4* g = (const uint4*)(wg + (long)o * k);
     const uint4* u = (const uint4*)(wu + (long)o * k);
-    float ag[GEMV_ROWS], au[GEMV_ROWS];
+    float ag[GEMV_ROWS], au[GEMV_ROWS], ss[GEMV_ROWS];
 #pragma unroll
-    for (int r = 0; r < GEMV_ROWS; r++) ag[r] = au[r] = 0.f;
+    for (int r = 0; r < GEMV_ROWS; r++) ag[r] = au[r] = ss[r] = 0.f;
 #pragma unroll 4
     for (int i = lane; i < k / 8; i += WARP) {
         uint4 pg = g[i], pu = u[i];
+        float4 g0, g1, a, c;
+        norm8<NORM>(nw, i, g0, g1);
 #pragma unroll
         for (int r = 0; r < GEMV_ROWS; r++) {
             if (r < m) {
-                const float* xr = x + (long)r * k + 8 * i;
-                ag[r] += dot8(pg, xr);
-                au[r] += dot8(pu, xr);
+                row8<NORM>(x + (long)r * k + 8 * i, g0, g1, a, c, ss[r]);
+                ag[r] += dot8v(pg, a, c);
+                au[r] += dot8v(pu, a, c);
             }
         }
     }
 #pragma unroll
     for (int r = 0; r < GEMV_ROWS; r++) {
         if (r < m) {
-            float a = warp_sum(ag[r]), v = warp_sum(au[r]);
+            float scale = norm_scale<NORM>(ss[r], k, eps);
+            float a = warp_sum(ag[r]) * scale, v = warp_sum(au[r]) * scale;
             if (lane == 0) y[(long)r * n + o] = a / (1.f + __expf(-a)) * v;
         }
     }
+}
+
+extern "C" __global__ void MAX_THREADS(256) gemv_swiglu(const float* __restrict__ x, const bf16* __restrict__ wg,
+                                       const bf16* __restrict__ wu, float* __restrict__ y, int m,
+                                       int n, int k) {
+    gemv_gate_up<false>(x, wg, wu, y, m, n, k, nullptr, 0.f);
+}
+
+extern "C" __global__ void MAX_THREADS(256) gemv_swiglu_norm(const float* __restrict__ x, const bf16* __restrict__ wg,
+                                       const bf16* __restrict__ wu, float* __restrict__ y, int m,
+                                       int n, int k, const float* __restrict__ nw, float eps) {
+    gemv_gate_up<true>(x, wg, wu, y, m, n, k, nw, eps);
 }
 
 // x += s * y

@@ -238,6 +238,34 @@ pub trait Backend {
         let u = self.linear(x, m, up, n, k);
         self.silu_mul(&g, &u)
     }
+    /// [`Backend::linear_parts`] of `rms_norm(x, norm.0, norm.1)`: a device backend folds
+    /// the norm into the projections' pass over `x` (no launch of its own).
+    fn norm_linear_parts(
+        &self,
+        x: &Self::Buf,
+        norm: (&Self::Buf, f32),
+        m: usize,
+        k: usize,
+        parts: &[Projection<'_, Self::Buf>],
+    ) -> Vec<Self::Buf> {
+        let xn = self.rms_norm(x, norm.0, norm.1);
+        self.linear_parts(&xn, m, k, parts)
+    }
+    /// [`Backend::gate_up`] of `rms_norm(x, norm.0, norm.1)`, the norm folded in likewise.
+    #[allow(clippy::too_many_arguments)]
+    fn norm_gate_up(
+        &self,
+        x: &Self::Buf,
+        norm: (&Self::Buf, f32),
+        m: usize,
+        gate: &Self::Buf,
+        up: &Self::Buf,
+        n: usize,
+        k: usize,
+    ) -> Self::Buf {
+        let xn = self.rms_norm(x, norm.0, norm.1);
+        self.gate_up(&xn, m, gate, up, n, k)
+    }
     /// `acc[m, n] += x[m, k] · wᵀ`: a projection added into the residual stream.
     fn linear_acc(
         &self,

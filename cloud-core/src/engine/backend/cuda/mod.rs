@@ -58,6 +58,14 @@ macro_rules! launch {
         let mut words = [$( KArg::word(&$arg) ),*];
         $self.launch_words($name, $cfg, &mut words);
     }};
+    // A kernel, or with `Some((weights, eps))` its variant with an RMSNorm of the input
+    // folded in (the same parameters and those two).
+    ($self:expr, $name:literal or $normed:literal with $norm:expr, $cfg:expr, $($arg:expr),* $(,)?) => {{
+        match $norm {
+            None => launch!($self, $name, $cfg, $($arg),*),
+            Some((nw, eps)) => launch!($self, $normed, $cfg, $($arg),*, nw, eps),
+        }
+    }};
 }
 
 /// The kernels' CUDA C source.
@@ -86,6 +94,8 @@ pub const KERNEL_NAMES: &[&str] = &[
     "sample_rows",
     "gemv_bf16",
     "gemv_swiglu",
+    "gemv_bf16_norm",
+    "gemv_swiglu_norm",
     "moe_route",
     "moe_group",
     "moe_gate_up",
@@ -419,6 +429,26 @@ fn per_row(rows: usize, threads: u32) -> LaunchConfig {
 /// a multiple of 8 and `x` 16-byte aligned (their 16-byte loads).
 fn gemv_fits(x: &Dev<f32>, m: usize, k: usize) -> bool {
     m <= GEMV_ROWS && k.is_multiple_of(8) && x.ptr().is_multiple_of(16)
+}
+
+/// The RMSNorm a GEMV launch folds in for rows `x[m, k]`: `Some(None)` without one,
+/// `Some(Some(..))` for f32 weights of `k` (16-byte aligned, for vector loads) on rows
+/// the GEMV takes, `None` where it cannot be folded (the caller norms first).
+fn folded_norm<'a>(
+    norm: Option<(&'a CudaBuf, f32)>,
+    x: &Dev<f32>,
+    m: usize,
+    k: usize,
+) -> Option<Option<(&'a Dev<f32>, f32)>> {
+    match norm {
+        None => Some(None),
+        Some((CudaBuf::F32(w), eps))
+            if w.len() == k && w.ptr().is_multiple_of(16) && gemv_fits(x, m, k) =>
+        {
+            Some(Some((w.as_ref(), eps)))
+        }
+        Some(_) => None,
+    }
 }
 
 impl Cuda {
@@ -1043,6 +1073,162 @@ impl Cuda {
         Some(())
     }
 
+    /// Up to three projections of the same rows, of `rms_norm(x)` with `norm`: one
+    /// `gemv_bf16(_norm)` launch for a few rows, else cuBLAS per part (x rounded to bf16
+    /// once), else (any other layout) one projection at a time.
+    fn project_parts(
+        &self,
+        x: &CudaBuf,
+        norm: Option<(&CudaBuf, f32)>,
+        m: usize,
+        k: usize,
+        parts: &[Projection<'_, CudaBuf>],
+    ) -> Vec<CudaBuf> {
+        let each = || match norm {
+            Some((w, eps)) => self.project_parts(&self.rms_norm(x, w, eps), None, m, k, parts),
+            None => parts
+                .iter()
+                .map(|(w, b, n)| self.project(x, m, w, *n, k, *b, None))
+                .collect(),
+        };
+        if self.errored() || parts.is_empty() || parts.len() > 3 || m == 0 {
+            return each();
+        }
+        let Some(xs) = self.f32_of(x, "linear") else {
+            return each();
+        };
+        // Every part a bf16 [n, k] weight with a bias of n, or none.
+        let mut ws = Vec::with_capacity(3);
+        let mut bs = Vec::with_capacity(3);
+        for (w, b, n) in parts {
+            let CudaBuf::Bf16(w) = w else {
+                return each();
+            };
+            let b = match b {
+                None => None,
+                Some(CudaBuf::F32(b)) if b.len() == *n => Some(b.as_ref()),
+                Some(_) => return each(),
+            };
+            if w.len() != n * k || *n == 0 {
+                return each();
+            }
+            ws.push(w.as_ref());
+            bs.push(b);
+        }
+        if xs.len() != m * k {
+            return each();
+        }
+        let Some(norm) = folded_norm(norm, xs, m, k) else {
+            return each();
+        };
+        if !gemv_fits(xs, m, k) {
+            // cuBLAS: x rounded to bf16 once for every part.
+            let Some(xb) = self.to_bf16(xs) else {
+                return each();
+            };
+            let mut outs = Vec::with_capacity(parts.len());
+            for ((w, b), (_, _, n)) in ws.iter().zip(&bs).zip(parts) {
+                let Some(mut y) = self.tmp::<f32>(m * n, "linear output") else {
+                    return each();
+                };
+                if self.gemm_bf16_in(&xb, m, w, *n, k, &y, 0.0).is_none() {
+                    return each();
+                }
+                if let Some(b) = b {
+                    self.bias_rows(&mut y, b);
+                }
+                outs.push(CudaBuf::F32(Arc::new(y)));
+            }
+            return outs;
+        }
+        let mut ys = Vec::with_capacity(3);
+        for (_, _, n) in parts {
+            match self.tmp::<f32>(m * n, "linear output") {
+                Some(y) => ys.push(y),
+                None => return each(),
+            }
+        }
+        let gemv_parts: Vec<(u64, u64, u64, usize)> = ws
+            .iter()
+            .zip(&bs)
+            .zip(&ys)
+            .zip(parts)
+            .map(|(((w, b), y), p)| (w.ptr(), b.map_or(0, |b| b.ptr()), y.ptr(), p.2))
+            .collect();
+        self.gemv(xs, m, k, &gemv_parts, false, norm);
+        ys.into_iter().map(|y| CudaBuf::F32(Arc::new(y))).collect()
+    }
+
+    /// SwiGLU's `silu(x·gateᵀ) · (x·upᵀ)` of `rms_norm(x)` with `norm`: one
+    /// `gemv_swiglu(_norm)` launch for a few rows, else two cuBLAS GEMMs and `silu_mul`.
+    #[allow(clippy::too_many_arguments)]
+    fn gate_up_of(
+        &self,
+        x: &CudaBuf,
+        norm: Option<(&CudaBuf, f32)>,
+        m: usize,
+        gate: &CudaBuf,
+        up: &CudaBuf,
+        n: usize,
+        k: usize,
+    ) -> CudaBuf {
+        let separate = || match norm {
+            Some((w, eps)) => self.gate_up_of(&self.rms_norm(x, w, eps), None, m, gate, up, n, k),
+            None => self.silu_mul(&self.linear(x, m, gate, n, k), &self.linear(x, m, up, n, k)),
+        };
+        if self.errored() {
+            return self.empty();
+        }
+        let (CudaBuf::F32(xs), CudaBuf::Bf16(g), CudaBuf::Bf16(u)) = (x, gate, up) else {
+            return separate();
+        };
+        if xs.len() != m * k || g.len() != n * k || u.len() != n * k || m == 0 || n == 0 {
+            return separate();
+        }
+        let Some(norm) = folded_norm(norm, xs, m, k) else {
+            return separate();
+        };
+        if !gemv_fits(xs, m, k) {
+            // cuBLAS: x rounded to bf16 once for both.
+            let Some(xb) = self.to_bf16(xs) else {
+                return self.empty();
+            };
+            let (Some(gy), Some(uy)) =
+                (self.tmp::<f32>(m * n, "gate"), self.tmp::<f32>(m * n, "up"))
+            else {
+                return self.empty();
+            };
+            if self.gemm_bf16_in(&xb, m, g, n, k, &gy, 0.0).is_none()
+                || self.gemm_bf16_in(&xb, m, u, n, k, &uy, 0.0).is_none()
+            {
+                return self.empty();
+            }
+            return self.silu_mul(&CudaBuf::F32(Arc::new(gy)), &CudaBuf::F32(Arc::new(uy)));
+        }
+        let Some(mut y) = self.tmp::<f32>(m * n, "gate_up") else {
+            return self.empty();
+        };
+        let (mi, ni, ki) = (m as i32, n as i32, k as i32);
+        let cfg = LaunchConfig {
+            grid_dim: (n.div_ceil(8) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        launch!(
+            self,
+            "gemv_swiglu" or "gemv_swiglu_norm" with norm,
+            cfg,
+            xs.as_ref(),
+            g.as_ref(),
+            u.as_ref(),
+            &mut y,
+            &mi,
+            &ni,
+            &ki
+        );
+        CudaBuf::F32(Arc::new(y))
+    }
+
     /// `x[m, k] · wᵀ` for a weight `w[n, k]`, plus `bias[n]` if given: into a new buffer,
     /// or added to `acc[m, n]`. A few rows (decode) with a bf16 weight go through
     /// `gemv_bf16` (the weight read once, bias or residual added in the same pass); more
@@ -1113,7 +1299,7 @@ impl Cuda {
         match w {
             CudaBuf::Bf16(ws) if gemv_fits(xs, m, k) => {
                 let part = (ws.ptr(), bias.map_or(0, |b| b.ptr()), y.ptr(), n);
-                self.gemv(xs, m, k, &[part], accumulate);
+                self.gemv(xs, m, k, &[part], accumulate, None);
             }
             CudaBuf::Bf16(ws) => {
                 let beta = if accumulate { 1.0 } else { 0.0 };
@@ -1151,6 +1337,7 @@ impl Cuda {
         k: usize,
         parts: &[(u64, u64, u64, usize)],
         accumulate: bool,
+        norm: Option<(&Dev<f32>, f32)>,
     ) {
         let part = |i: usize| parts.get(i).copied().unwrap_or((0, 0, 0, 0));
         let [(w0, b0, y0, n0), (w1, b1, y1, n1), (w2, b2, y2, n2)] = [part(0), part(1), part(2)];
@@ -1163,7 +1350,7 @@ impl Cuda {
         let (mi, ki, ai) = (m as i32, k as i32, i32::from(accumulate));
         launch!(
             self,
-            "gemv_bf16",
+            "gemv_bf16" or "gemv_bf16_norm" with norm,
             cfg,
             x,
             &w0,
@@ -2414,75 +2601,18 @@ impl Backend for Cuda {
         k: usize,
         parts: &[Projection<'_, CudaBuf>],
     ) -> Vec<CudaBuf> {
-        let each = || {
-            parts
-                .iter()
-                .map(|(w, b, n)| self.project(x, m, w, *n, k, *b, None))
-                .collect()
-        };
-        if self.errored() || parts.is_empty() || parts.len() > 3 || m == 0 {
-            return each();
-        }
-        let Some(xs) = self.f32_of(x, "linear") else {
-            return each();
-        };
-        // Every part a bf16 [n, k] weight with a bias of n, or none.
-        let mut ws = Vec::with_capacity(3);
-        let mut bs = Vec::with_capacity(3);
-        for (w, b, n) in parts {
-            let CudaBuf::Bf16(w) = w else {
-                return each();
-            };
-            let b = match b {
-                None => None,
-                Some(CudaBuf::F32(b)) if b.len() == *n => Some(b.as_ref()),
-                Some(_) => return each(),
-            };
-            if w.len() != n * k || *n == 0 {
-                return each();
-            }
-            ws.push(w.as_ref());
-            bs.push(b);
-        }
-        if xs.len() != m * k {
-            return each();
-        }
-        if !gemv_fits(xs, m, k) {
-            // cuBLAS: x rounded to bf16 once for every part.
-            let Some(xb) = self.to_bf16(xs) else {
-                return each();
-            };
-            let mut outs = Vec::with_capacity(parts.len());
-            for ((w, b), (_, _, n)) in ws.iter().zip(&bs).zip(parts) {
-                let Some(mut y) = self.tmp::<f32>(m * n, "linear output") else {
-                    return each();
-                };
-                if self.gemm_bf16_in(&xb, m, w, *n, k, &y, 0.0).is_none() {
-                    return each();
-                }
-                if let Some(b) = b {
-                    self.bias_rows(&mut y, b);
-                }
-                outs.push(CudaBuf::F32(Arc::new(y)));
-            }
-            return outs;
-        }
-        let mut ys = Vec::with_capacity(3);
-        for (_, _, n) in parts {
-            match self.tmp::<f32>(m * n, "linear output") {
-                Some(y) => ys.push(y),
-                None => return each(),
-            }
-        }
-        let gemv_parts: Vec<(u64, u64, u64, usize)> = ws
-            .iter()
-            .zip(&bs)
-            .zip(&ys)
-            .zip(parts)
-            .map(|(((w, b), y), p)| (w.ptr(), b.map_or(0, |b| b.ptr()), y.ptr(), p.2))
-            .collect();
-        self.gemv(xs, m, k, &gemv_parts, false);
-        ys.into_iter().map(|y| CudaBuf::F32(Arc::new(y))).collect()
+        self.project_parts(x, None, m, k, parts)
+    }
+
+    fn norm_linear_parts(
+        &self,
+        x: &CudaBuf,
+        norm: (&CudaBuf, f32),
+        m: usize,
+        k: usize,
+        parts: &[Projection<'_, CudaBuf>],
+    ) -> Vec<CudaBuf> {
+        self.project_parts(x, Some(norm), m, k, parts)
     }
 
     fn gate_up(
@@ -2494,58 +2624,22 @@ impl Backend for Cuda {
         n: usize,
         k: usize,
     ) -> CudaBuf {
-        let separate =
-            || self.silu_mul(&self.linear(x, m, gate, n, k), &self.linear(x, m, up, n, k));
-        if self.errored() {
-            return self.empty();
-        }
-        let (CudaBuf::F32(xs), CudaBuf::Bf16(g), CudaBuf::Bf16(u)) = (x, gate, up) else {
-            return separate();
-        };
-        if xs.len() != m * k || g.len() != n * k || u.len() != n * k || m == 0 || n == 0 {
-            return separate();
-        }
-        if !gemv_fits(xs, m, k) {
-            // cuBLAS: x rounded to bf16 once for both.
-            let Some(xb) = self.to_bf16(xs) else {
-                return self.empty();
-            };
-            let (Some(gy), Some(uy)) =
-                (self.tmp::<f32>(m * n, "gate"), self.tmp::<f32>(m * n, "up"))
-            else {
-                return self.empty();
-            };
-            if self.gemm_bf16_in(&xb, m, g, n, k, &gy, 0.0).is_none()
-                || self.gemm_bf16_in(&xb, m, u, n, k, &uy, 0.0).is_none()
-            {
-                return self.empty();
-            }
-            return self.silu_mul(&CudaBuf::F32(Arc::new(gy)), &CudaBuf::F32(Arc::new(uy)));
-        }
-        let Some(mut y) = self.tmp::<f32>(m * n, "gate_up") else {
-            return self.empty();
-        };
-        let (mi, ni, ki) = (m as i32, n as i32, k as i32);
-        let cfg = LaunchConfig {
-            grid_dim: (n.div_ceil(8) as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        launch!(
-            self,
-            "gemv_swiglu",
-            cfg,
-            xs.as_ref(),
-            g.as_ref(),
-            u.as_ref(),
-            &mut y,
-            &mi,
-            &ni,
-            &ki
-        );
-        CudaBuf::F32(Arc::new(y))
+        self.gate_up_of(x, None, m, gate, up, n, k)
     }
 
+    #[allow(clippy::too_many_arguments)]
+    fn norm_gate_up(
+        &self,
+        x: &CudaBuf,
+        norm: (&CudaBuf, f32),
+        m: usize,
+        gate: &CudaBuf,
+        up: &CudaBuf,
+        n: usize,
+        k: usize,
+    ) -> CudaBuf {
+        self.gate_up_of(x, Some(norm), m, gate, up, n, k)
+    }
     fn add_bias(&self, x: &mut CudaBuf, bias: &CudaBuf) {
         if self.errored() {
             return;
