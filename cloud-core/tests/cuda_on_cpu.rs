@@ -77,7 +77,8 @@ fn the_cuda_benchmark_runs_on_the_emulated_device() {
         );
         if extra == profiled {
             // Per batch size, 2 steps: a row per operation with its calls per step (the
-            // tiny shape has 2 dense layers: 2 attention launches, the norms folded into
+            // tiny shape has 2 dense layers: 2 attention launches, 2 of RoPE (queries and
+            // keys together), the norms folded into
             // the q/k/v, gate/up and lm_head projections — no norm launch of its own —,
             // the output and down projections, 1 pick).
             for batch in [1, 3] {
@@ -89,6 +90,7 @@ fn the_cuda_benchmark_runs_on_the_emulated_device() {
                 let table = &table[..table.find("\n\n").unwrap_or(table.len())];
                 for (op, calls) in [
                     ("attention_batch", 2.0),
+                    ("rope", 2.0),
                     ("gemv_bf16_norm", 3.0),
                     ("gemv_swiglu_norm", 2.0),
                     ("gemv_bf16", 4.0),

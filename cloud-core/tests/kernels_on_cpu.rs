@@ -393,6 +393,8 @@ fn row_kernels_match_the_cpu() {
     }
 }
 
+/// `rope` over one tensor, and over two of the same rows in one launch (a layer's
+/// queries and keys, of other head counts, widths and offsets), against the CPU's.
 #[test]
 fn rope_matches_the_cpu_in_both_layouts() {
     if !available() {
@@ -400,40 +402,60 @@ fn rope_matches_the_cpu_in_both_layouts() {
     }
     let cpu = Cpu::default();
     let (rows, heads, hd) = (3, 2, 24);
+    let (heads2, hd2) = (3, 20);
     let positions = [0usize, 5, 11];
     let pos: Vec<u32> = positions.iter().map(|p| *p as u32).collect();
-    for (layout, offset, rot) in [
-        (RopeLayout::Halves, 0, 24),
-        (RopeLayout::Interleaved, 8, 16),
+    for (layout, offset, offset2, rot) in [
+        (RopeLayout::Halves, 0, 4, 16),
+        (RopeLayout::Interleaved, 8, 0, 16),
     ] {
         let half = rot / 2;
         let cos = rand_vec(16 * half, 11);
         let sin = rand_vec(16 * half, 12);
         let x = rand_vec(rows * heads * hd, 13);
-        let mut got = x.clone();
+        let x2 = rand_vec(rows * heads2 * hd2, 14);
         let threads = (half.div_ceil(32) * 32).min(256) as u32;
-        launch(
-            "rope",
-            ((rows * heads) as u32, 1),
-            threads,
-            0,
-            &[
-                pm(&mut got),
-                p(&pos),
-                p(&cos),
-                p(&sin),
-                Arg::I(heads as i32),
-                Arg::I(hd as i32),
-                Arg::I(offset as i32),
-                Arg::I(rot as i32),
-                Arg::I(i32::from(layout == RopeLayout::Interleaved)),
-            ],
-        );
-        let mut want = x.clone();
-        cpu.rope(
-            &mut want, heads, hd, offset, rot, &positions, &cos, &sin, layout,
-        );
-        assert_close(&got, &want, 1e-6, &format!("rope {layout:?}"));
+        for pair in [false, true] {
+            let (mut got, mut got2) = (x.clone(), x2.clone());
+            let blocks = rows * (heads + if pair { heads2 } else { 0 });
+            launch(
+                "rope",
+                (blocks as u32, 1),
+                threads,
+                0,
+                &[
+                    pm(&mut got),
+                    Arg::I(heads as i32),
+                    Arg::I(hd as i32),
+                    Arg::I(offset as i32),
+                    if pair { pm(&mut got2) } else { Arg::U(0) },
+                    Arg::I(if pair { heads2 as i32 } else { 0 }),
+                    Arg::I(hd2 as i32),
+                    Arg::I(offset2 as i32),
+                    p(&pos),
+                    p(&cos),
+                    p(&sin),
+                    Arg::I(rot as i32),
+                    Arg::I(i32::from(layout == RopeLayout::Interleaved)),
+                ],
+            );
+            let (mut want, mut want2) = (x.clone(), x2.clone());
+            cpu.rope(
+                &mut want, heads, hd, offset, rot, &positions, &cos, &sin, layout,
+            );
+            assert_close(&got, &want, 1e-6, &format!("rope {layout:?}, pair {pair}"));
+            if pair {
+                cpu.rope(
+                    &mut want2, heads2, hd2, offset2, rot, &positions, &cos, &sin, layout,
+                );
+            }
+            assert_close(
+                &got2,
+                &want2,
+                1e-6,
+                &format!("rope {layout:?} second, pair {pair}"),
+            );
+        }
     }
 }
 

@@ -862,22 +862,9 @@ impl<B: Backend> Model<B> {
                 else {
                     unreachable!("three projections asked for")
                 };
-                be.rope(
-                    &mut qx,
-                    h,
-                    d,
-                    0,
-                    d,
-                    positions,
-                    &self.cos,
-                    &self.sin,
-                    RopeLayout::Halves,
-                );
-                be.rope(
-                    &mut kx,
-                    kvh,
-                    d,
-                    0,
+                be.rope_pair(
+                    (&mut qx, h, d, 0),
+                    (&mut kx, kvh, d, 0),
                     d,
                     positions,
                     &self.cos,
@@ -934,25 +921,12 @@ impl<B: Backend> Model<B> {
                         .unwrap_or_else(|| unreachable!("one projection asked for")),
                     None => first,
                 };
-                be.rope(
-                    &mut qx,
-                    h,
-                    qd,
-                    nope,
-                    rope_d,
-                    positions,
-                    &self.cos,
-                    &self.sin,
-                    RopeLayout::Interleaved,
-                );
                 let latent =
                     be.rms_norm(&be.slice_cols(&kva, lora + rope_d, 0, lora), kv_a_norm, eps);
                 let mut k_pe = be.slice_cols(&kva, lora + rope_d, lora, rope_d);
-                be.rope(
-                    &mut k_pe,
-                    1,
-                    rope_d,
-                    0,
+                be.rope_pair(
+                    (&mut qx, h, qd, nope),
+                    (&mut k_pe, 1, rope_d, 0),
                     rope_d,
                     positions,
                     &self.cos,

@@ -316,21 +316,30 @@ extern "C" __global__ void MAX_THREADS(128) mla_expand(const float* __restrict__
     for (int j = threadIdx.x; j < dv; j += blockDim.x) vd[j] = src[nope + j];
 }
 
-// Rotary embedding in place; one block per (row, head), one thread per rotated pair.
-extern "C" __global__ void MAX_THREADS(256) rope(float* __restrict__ x, const unsigned* __restrict__ pos,
-                                const float* __restrict__ cos_t, const float* __restrict__ sin_t,
-                                int heads, int head_dim, int offset, int rot, int interleaved) {
-    int row = blockIdx.x / heads, head = blockIdx.x % heads;
+// Rotary embedding in place over the rows of one or two tensors of the same positions
+// (a layer's queries and keys, in one launch): x[rows, heads, head_dim] rotated over
+// `rot` dims from `offset` within each head, then x2[rows, heads2, head_dim2] from
+// offset2 (heads2 = 0: none). Block b < rows·heads is a (row, head) of x, the next
+// rows·heads2 of x2; row r at position pos[r], tables [max_pos, rot / 2].
+extern "C" __global__ void MAX_THREADS(256) rope(float* __restrict__ x, int heads, int head_dim, int offset,
+                                float* __restrict__ x2, int heads2, int head_dim2, int offset2,
+                                const unsigned* __restrict__ pos, const float* __restrict__ cos_t,
+                                const float* __restrict__ sin_t, int rot, int interleaved) {
+    int rows = gridDim.x / (heads + heads2);
+    int b = blockIdx.x;
+    float* t = x; int h = heads, d = head_dim, off = offset;
+    if (b >= rows * heads) { b -= rows * heads; t = x2; h = heads2; d = head_dim2; off = offset2; }
+    int row = b / h, head = b % h;
     int half = rot / 2;
-    float* v = x + ((long)row * heads + head) * head_dim + offset;
+    float* v = t + ((long)row * h + head) * d + off;
     const float* c = cos_t + (long)pos[row] * half;
     const float* s = sin_t + (long)pos[row] * half;
     for (int i = threadIdx.x; i < half; i += blockDim.x) {
         int a = interleaved ? 2 * i : i;
-        int b = interleaved ? 2 * i + 1 : i + half;
-        float x0 = v[a], x1 = v[b];
+        int e = interleaved ? 2 * i + 1 : i + half;
+        float x0 = v[a], x1 = v[e];
         v[a] = x0 * c[i] - x1 * s[i];
-        v[b] = x1 * c[i] + x0 * s[i];
+        v[e] = x1 * c[i] + x0 * s[i];
     }
 }
 

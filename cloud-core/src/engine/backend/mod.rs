@@ -76,6 +76,10 @@ pub struct AttnShape {
 /// One projection of [`Backend::linear_parts`]: a weight `[n, k]`, its bias, `n`.
 pub type Projection<'a, B> = (&'a B, Option<&'a B>, usize);
 
+/// One tensor of [`Backend::rope_pair`]: `x[rows, heads, head_dim]` rotated from `offset`
+/// within each head, as `(x, heads, head_dim, offset)`.
+pub type Rotated<'a, B> = (&'a mut B, usize, usize, usize);
+
 /// Backend operations.
 pub trait Backend {
     /// An f32 buffer on the backend.
@@ -356,6 +360,25 @@ pub trait Backend {
         sin: &Self::Buf,
         layout: RopeLayout,
     );
+    /// [`Backend::rope`] of two tensors of the same rows, positions and rotation (a
+    /// layer's queries and keys): one launch on a device.
+    #[allow(clippy::too_many_arguments)]
+    fn rope_pair(
+        &self,
+        a: Rotated<'_, Self::Buf>,
+        b: Rotated<'_, Self::Buf>,
+        rot_dim: usize,
+        positions: &[usize],
+        cos: &Self::Buf,
+        sin: &Self::Buf,
+        layout: RopeLayout,
+    ) {
+        for (x, heads, head_dim, offset) in [a, b] {
+            self.rope(
+                x, heads, head_dim, offset, rot_dim, positions, cos, sin, layout,
+            );
+        }
+    }
     /// One step's attention for every sequence in it. Rows of `q[·, h, dk]`,
     /// `k[·, hk, dk]` and `v[·, hk, dv]` belong to the sequences in order, `lens[s]` rows
     /// to sequence `s`: each sequence's new key and value rows are appended to its caches

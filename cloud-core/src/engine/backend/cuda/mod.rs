@@ -46,7 +46,7 @@ use half::bf16;
 pub use step::GraphStats;
 use step::{Captured, Dev, KArg, Mode, Pre, Region, Sig, Steps};
 
-use super::{AttnShape, Backend, DeviceError, Projection, RopeLayout, Weight};
+use super::{AttnShape, Backend, DeviceError, Projection, RopeLayout, Rotated, Weight};
 use crate::engine::paged::{AllocError, BlockPool, Budget, ChunkSource, PagedRows};
 use crate::engine::sampler::{Pick, Sampled, MAX_ALTERNATIVES};
 
@@ -1071,6 +1071,76 @@ impl Cuda {
             return None;
         }
         Some(())
+    }
+
+    /// `rope` of one tensor, or of two of the same rows in one launch.
+    #[allow(clippy::too_many_arguments)]
+    fn rope_of(
+        &self,
+        a: Rotated<'_, CudaBuf>,
+        b: Option<Rotated<'_, CudaBuf>>,
+        rot_dim: usize,
+        positions: &[usize],
+        cos: &CudaBuf,
+        sin: &CudaBuf,
+        layout: RopeLayout,
+    ) {
+        if self.errored() {
+            return;
+        }
+        let (CudaBuf::F32(c), CudaBuf::F32(s)) = (cos, sin) else {
+            return self.record(failed("rope", "expected f32 tables"));
+        };
+        let half = rot_dim / 2;
+        let max_pos = c.len().checked_div(half).unwrap_or(0);
+        if positions.iter().any(|p| *p >= max_pos) {
+            return self.record(failed("rope", "positions out of range"));
+        }
+        // Each tensor: its rows owned for writing, (pointer, heads, head_dim, offset).
+        let mut each = [(0u64, 0i32, 0i32, 0i32); 2];
+        for (slot, t) in each.iter_mut().zip([Some(a), b]) {
+            let Some((x, heads, head_dim, offset)) = t else {
+                continue;
+            };
+            let CudaBuf::F32(xs) = x else {
+                return self.record(failed("rope", "expected f32 buffers"));
+            };
+            if xs.len() != positions.len() * heads * head_dim || offset + rot_dim > head_dim {
+                return self.record(failed("rope", "shapes out of range"));
+            }
+            let Some(xs) = self.own(xs) else {
+                return;
+            };
+            *slot = (xs.ptr(), heads as i32, head_dim as i32, offset as i32);
+        }
+        let [(x0, h0, d0, o0), (x1, h1, d1, o1)] = each;
+        if positions.is_empty() || half == 0 || h0 + h1 == 0 {
+            return;
+        }
+        let pos: Vec<u32> = positions.iter().map(|p| *p as u32).collect();
+        let Some(pos) = self.meta(&pos, "positions") else {
+            return;
+        };
+        let (rot, il) = (rot_dim as i32, i32::from(layout == RopeLayout::Interleaved));
+        let threads = (half.div_ceil(32) * 32).min(256) as u32;
+        launch!(
+            self,
+            "rope",
+            per_row(positions.len() * (h0 + h1) as usize, threads),
+            &x0,
+            &h0,
+            &d0,
+            &o0,
+            &x1,
+            &h1,
+            &d1,
+            &o1,
+            &pos,
+            c.as_ref(),
+            s.as_ref(),
+            &rot,
+            &il
+        );
     }
 
     /// Up to three projections of the same rows, of `rms_norm(x)` with `norm`: one
@@ -3100,52 +3170,21 @@ impl Backend for Cuda {
         sin: &CudaBuf,
         layout: RopeLayout,
     ) {
-        if self.errored() {
-            return;
-        }
-        let (CudaBuf::F32(xs), CudaBuf::F32(c), CudaBuf::F32(s)) = (x, cos, sin) else {
-            return self.record(failed("rope", "expected f32 buffers"));
-        };
-        let half = rot_dim / 2;
-        let max_pos = c.len().checked_div(half).unwrap_or(0);
-        if xs.len() != positions.len() * heads * head_dim
-            || offset + rot_dim > head_dim
-            || positions.iter().any(|p| *p >= max_pos)
-        {
-            return self.record(failed("rope", "shapes or positions out of range"));
-        }
-        if positions.is_empty() || half == 0 {
-            return;
-        }
-        let pos: Vec<u32> = positions.iter().map(|p| *p as u32).collect();
-        let Some(pos) = self.meta(&pos, "positions") else {
-            return;
-        };
-        let Some(xs) = self.own(xs) else {
-            return;
-        };
-        let (hh, hd, off, rot, il) = (
-            heads as i32,
-            head_dim as i32,
-            offset as i32,
-            rot_dim as i32,
-            i32::from(layout == RopeLayout::Interleaved),
-        );
-        let threads = (half.div_ceil(32) * 32).min(256) as u32;
-        launch!(
-            self,
-            "rope",
-            per_row(positions.len() * heads, threads),
-            xs,
-            &pos,
-            c.as_ref(),
-            s.as_ref(),
-            &hh,
-            &hd,
-            &off,
-            &rot,
-            &il
-        );
+        let a = (x, heads, head_dim, offset);
+        self.rope_of(a, None, rot_dim, positions, cos, sin, layout);
+    }
+
+    fn rope_pair(
+        &self,
+        a: Rotated<'_, CudaBuf>,
+        b: Rotated<'_, CudaBuf>,
+        rot_dim: usize,
+        positions: &[usize],
+        cos: &CudaBuf,
+        sin: &CudaBuf,
+        layout: RopeLayout,
+    ) {
+        self.rope_of(a, Some(b), rot_dim, positions, cos, sin, layout);
     }
 
     fn attend(
