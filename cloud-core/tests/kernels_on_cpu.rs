@@ -402,11 +402,11 @@ fn rope_matches_the_cpu_in_both_layouts() {
     }
     let cpu = Cpu::default();
     let (rows, heads, hd) = (3, 2, 24);
-    let (heads2, hd2) = (3, 20);
+    let (heads2, hd2) = (3, 28);
     let positions = [0usize, 5, 11];
     let pos: Vec<u32> = positions.iter().map(|p| *p as u32).collect();
     for (layout, offset, offset2, rot) in [
-        (RopeLayout::Halves, 0, 4, 16),
+        (RopeLayout::Halves, 0, 4, 24),
         (RopeLayout::Interleaved, 8, 0, 16),
     ] {
         let half = rot / 2;

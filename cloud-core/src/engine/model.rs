@@ -781,14 +781,25 @@ impl<B: Backend> Model<B> {
         }
     }
 
-    /// The logits of `t` final hidden rows: the last norm (folded into the projection) and
-    /// the lm_head.
+    /// The logits of `t` final hidden rows: the last norm and the lm_head.
     fn logits(&self, x: &B::Buf, t: usize) -> B::Buf {
-        let (hd, vocab) = (self.cfg.hidden_size, self.cfg.vocab_size);
         let norm = (&self.norm, self.cfg.rms_norm_eps as f32);
-        let mut out = self
-            .be
-            .norm_linear_parts(x, norm, t, hd, &[(&self.lm_head, None, vocab)]);
+        let (hd, vocab) = (self.cfg.hidden_size, self.cfg.vocab_size);
+        self.norm_linear(x, norm, t, &self.lm_head, vocab, hd)
+    }
+
+    /// `rms_norm(x)` with `norm`, projected by `w[n, k]` (on a device, the norm runs
+    /// inside the projection).
+    fn norm_linear(
+        &self,
+        x: &B::Buf,
+        norm: (&B::Buf, f32),
+        t: usize,
+        w: &B::Buf,
+        n: usize,
+        k: usize,
+    ) -> B::Buf {
+        let mut out = self.be.norm_linear_parts(x, norm, t, k, &[(w, None, n)]);
         out.pop()
             .unwrap_or_else(|| unreachable!("one projection asked for"))
     }
@@ -915,10 +926,9 @@ impl<B: Backend> Model<B> {
                     unreachable!("two projections asked for")
                 };
                 let mut qx = match low_rank {
-                    Some((_, qa_norm, r)) => be
-                        .norm_linear_parts(&first, (qa_norm, eps), t, r, &[(q, None, h * qd)])
-                        .pop()
-                        .unwrap_or_else(|| unreachable!("one projection asked for")),
+                    Some((_, qa_norm, r)) => {
+                        self.norm_linear(&first, (qa_norm, eps), t, q, h * qd, r)
+                    }
                     None => first,
                 };
                 let latent =

@@ -1098,10 +1098,8 @@ impl Cuda {
         }
         // Each tensor: its rows owned for writing, (pointer, heads, head_dim, offset).
         let mut each = [(0u64, 0i32, 0i32, 0i32); 2];
-        for (slot, t) in each.iter_mut().zip([Some(a), b]) {
-            let Some((x, heads, head_dim, offset)) = t else {
-                continue;
-            };
+        for (slot, (x, heads, head_dim, offset)) in each.iter_mut().zip(std::iter::once(a).chain(b))
+        {
             let CudaBuf::F32(xs) = x else {
                 return self.record(failed("rope", "expected f32 buffers"));
             };
@@ -2710,6 +2708,7 @@ impl Backend for Cuda {
     ) -> CudaBuf {
         self.gate_up_of(x, Some(norm), m, gate, up, n, k)
     }
+
     fn add_bias(&self, x: &mut CudaBuf, bias: &CudaBuf) {
         if self.errored() {
             return;
