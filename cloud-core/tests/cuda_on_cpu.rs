@@ -77,10 +77,10 @@ fn the_cuda_benchmark_runs_on_the_emulated_device() {
         );
         if extra == profiled {
             // Per batch size, 2 steps: a row per operation with its calls per step (the
-            // tiny shape has 2 dense layers: 2 attention launches, 2 of RoPE (queries and
-            // keys together), the norms folded into
-            // the q/k/v, gate/up and lm_head projections — no norm launch of its own —,
-            // the output and down projections, 1 pick).
+            // tiny shape has 2 dense layers: 2 attention launches, which also append the
+            // step's keys and values to the caches, 2 of RoPE (queries and keys
+            // together), the norms folded into the q/k/v, gate/up and lm_head projections
+            // — no norm launch of its own —, the output and down projections, 1 pick).
             for batch in [1, 3] {
                 let head = format!("profile, batch {batch}: 2 eager decode steps");
                 let at = text
@@ -105,10 +105,18 @@ fn the_cuda_benchmark_runs_on_the_emulated_device() {
                     let us: f64 = cells[3].parse().expect("µs per step");
                     assert!(us > 0.0, "{row}");
                 }
-                assert!(
-                    !table.lines().any(|l| l.starts_with("| rms_norm |")),
-                    "batch {batch}: a norm launched apart from its projection: {table}"
-                );
+                for (op, why) in [
+                    ("rms_norm", "a norm launched apart from its projection"),
+                    (
+                        "paged_write",
+                        "a cache append launched apart from the attention",
+                    ),
+                ] {
+                    assert!(
+                        !table.lines().any(|l| l.starts_with(&format!("| {op} |"))),
+                        "batch {batch}: {why}: {table}"
+                    );
+                }
             }
         }
     }

@@ -521,10 +521,10 @@ fn paged_cache_rows_round_trip() {
     assert_eq!(c.blocks.len(), 3);
 }
 
-/// One step of several sequences: each appends its new rows to its caches
-/// (`paged_append`) and attends over its whole cache (`attention_batch`, in one range of
-/// positions per row or split and merged by `attention_merge`), against the CPU's
-/// attention of each sequence alone.
+/// One step of several sequences: each appends its new rows to its caches and attends
+/// over its whole cache in the same launch (`attention_batch`, in one range of positions
+/// per row or split and merged by `attention_merge`), against the CPU's attention of each
+/// sequence alone; then the same attention with every row read from the caches.
 #[test]
 fn batched_paged_attention_matches_the_cpu_per_sequence() {
     if !available() {
@@ -600,28 +600,13 @@ fn batched_paged_attention_matches_the_cpu_per_sequence() {
             row0 += new;
         }
         meta[4 * n] = t as u64;
-        let values = if vik { Arg::U(0) } else { p(&v_new) };
-        launch(
-            "paged_append",
-            (t as u32, 1),
-            128,
-            0,
-            &[
-                p(&k_new),
-                values,
-                p(&meta),
-                Arg::I(n as i32),
-                Arg::I(kc as i32),
-                Arg::I(vc as i32),
-                Arg::I(br as i32),
-            ],
-        );
         let scale = 1.0 / (dk as f32).sqrt();
         let warps = kernel_define("ATT_WARPS") as u32;
         let (vcols, vhead) = if vik { (kc, dk) } else { (vc, dv) };
         // Each row's positions in one range, or split in 3 or 5 (more than some rows
-        // have positions: empty ranges) and merged.
-        let attend = |splits: u32| {
+        // have positions: empty ranges) and merged. `fresh`: the new rows are given (and
+        // appended), else read from the caches.
+        let attend = |splits: u32, fresh: bool| {
             let mut out = vec![0f32; t * h * dv];
             let mut part = vec![0f32; t * h * splits as usize * (dv + 2)];
             let part_arg = if splits == 1 {
@@ -648,6 +633,12 @@ fn batched_paged_attention_matches_the_cpu_per_sequence() {
                     Arg::I(vhead as i32),
                     Arg::F(scale),
                     Arg::I(br as i32),
+                    if fresh { p(&k_new) } else { Arg::U(0) },
+                    match (fresh, vik) {
+                        (false, _) => Arg::U(0),
+                        (true, true) => p(&k_new),
+                        (true, false) => p(&v_new),
+                    },
                 ],
             );
             if splits > 1 {
@@ -666,15 +657,23 @@ fn batched_paged_attention_matches_the_cpu_per_sequence() {
             }
             out
         };
-        let out = attend(1);
+        let out = attend(1, true);
         for splits in [3, 5] {
             assert_close(
-                &attend(splits),
+                &attend(splits, true),
                 &out,
                 1e-5,
                 &format!("case {ci}: {splits} splits against one"),
             );
         }
+        // The appended rows, read back from the caches, are exactly the given ones.
+        assert_eq!(attend(1, false), out, "case {ci}: from the caches");
+        assert_close(
+            &attend(5, false),
+            &out,
+            1e-5,
+            &format!("case {ci}: from the caches, 5 splits"),
+        );
         let mut at = 0;
         for (i, &(cached, new)) in seqs.iter().enumerate() {
             let total = cached + new;

@@ -571,20 +571,16 @@ __device__ __forceinline__ int meta_seq_of_row(const u64* __restrict__ meta, int
     return lo;
 }
 
-// Appends the step's new rows to every sequence's caches, as bf16: key row r (kcols
-// wide) of `k`, and value row r (vcols wide) of `v` unless v is null. One block per row.
-extern "C" __global__ void MAX_THREADS(128) paged_append(const float* __restrict__ k, const float* __restrict__ v,
-                                        const u64* __restrict__ meta, int n, int kcols, int vcols,
-                                        int block_rows) {
-    long r = blockIdx.x;
-    int s = meta_seq_of_row(meta, n, r);
-    long p = META_POS0(meta, n, s) + (r - META_ROW0(meta, n, s));
-    bf16* kd = (bf16*)META_KTAB(meta, n, s)[p / block_rows] + (p % block_rows) * (long)kcols;
-    for (int i = threadIdx.x; i < kcols; i += blockDim.x) kd[i] = __float2bfloat16(k[r * kcols + i]);
-    if (v) {
-        bf16* vd = (bf16*)META_VTAB(meta, n, s)[p / block_rows] + (p % block_rows) * (long)vcols;
-        for (int i = threadIdx.x; i < vcols; i += blockDim.x) vd[i] = __float2bfloat16(v[r * vcols + i]);
-    }
+// 4 f32 (16-byte aligned) rounded to bf16, packed as the cache holds them.
+__device__ __forceinline__ uint2 bf16x4(const float* x) {
+    float4 f = *(const float4*)x;
+    uint2 p;
+    bf16* h = (bf16*)&p;
+    h[0] = __float2bfloat16(f.x);
+    h[1] = __float2bfloat16(f.y);
+    h[2] = __float2bfloat16(f.z);
+    h[3] = __float2bfloat16(f.w);
+    return p;
 }
 
 // 4 bf16 (8 bytes) dotted with 4 f32.
@@ -594,11 +590,59 @@ __device__ __forceinline__ float dot4(uint2 p, float4 x) {
     return a.x * x.x + a.y * x.y + b.x * x.z + b.y * x.w;
 }
 
+// A position's key or value row for attention_batch, 4 columns at a time as bf16: in the
+// cache, or one of the step's own f32 rows rounded as the cache will hold it.
+struct CacheRow {
+    const bf16* r;
+    __device__ __forceinline__ uint2 at(int i) const { return *(const uint2*)(r + i); }
+};
+struct OwnRow {
+    const float* r;
+    __device__ __forceinline__ uint2 at(int i) const { return bf16x4(r + i); }
+};
+
+// One position of a warp's online softmax: the key dotted with the query (qs, scaled),
+// then the running maximum m, sum and output acc (lane l holds value columns 4l..4l+3 of
+// every 4·WARP: acc[4j + c] is column 4·WARP·j + 4l + c) brought up to date.
+template <class Row>
+__device__ __forceinline__ void attend_position(Row k, Row v, const float* qs, int lane, int dk, int dv,
+                                                float& m, float& sum, float (&acc)[MAX_DV / WARP]) {
+    float dot = 0.f;
+    for (int i = 4 * lane; i < dk; i += 4 * WARP) dot += dot4(k.at(i), *(const float4*)(qs + i));
+    dot = warp_sum(dot);
+    float mn = fmaxf(m, dot);
+    float c = __expf(m - mn);
+    float e = __expf(dot - mn);
+    sum = sum * c + e;
+#pragma unroll
+    for (int j = 0; j < MAX_DV / (4 * WARP); j++) {
+        int i = 4 * WARP * j + 4 * lane;
+        if (i < dv) {
+            uint2 pv = v.at(i);
+            const __nv_bfloat162* hv = (const __nv_bfloat162*)&pv;
+            float2 a = __bfloat1622float2(hv[0]), b = __bfloat1622float2(hv[1]);
+            acc[4 * j] = acc[4 * j] * c + e * a.x;
+            acc[4 * j + 1] = acc[4 * j + 1] * c + e * a.y;
+            acc[4 * j + 2] = acc[4 * j + 2] * c + e * b.x;
+            acc[4 * j + 3] = acc[4 * j + 3] * c + e * b.y;
+        }
+    }
+    m = mn;
+}
+
 // Causal attention of every sequence's new rows over its cache. q[rows, h, dk] (f32); key
 // rows kcols = hk·dk wide, value rows `vcols` wide with head j's values at column j·vhead
 // (bf16, in blocks of `block_rows` rows; dk, dv, vhead and vcols multiples of 4); row r
 // of sequence s is position pos0 + (r - row0) and sees positions 0..=it. Output
 // [rows, h, dv] (f32).
+//
+// With `knew` (the step's key rows, f32, kcols wide) and `vnew` (its value rows, vcols
+// wide; `knew` itself when the values are read from the keys), the step's rows are not
+// in the caches yet: this launch appends them (the first split of the first query head
+// of each key head writes that head's columns, as bf16), and every block reads positions
+// pos0.. from knew and vnew instead, rounded to bf16 as the cache holds them, so no block
+// waits for another's write and the result is the same as after a separate append.
+// Without them (null), the caches already hold every position.
 //
 // One block (ATT_WARPS warps) per (row, head) and split: the grid's y dimension splits
 // each row's positions into gridDim.y contiguous ranges (flash decoding: a decode step
@@ -611,7 +655,8 @@ __device__ __forceinline__ float dot4(uint2 p, float4 x) {
 extern "C" __global__ void MAX_THREADS(256) attention_batch(const float* __restrict__ q, const u64* __restrict__ meta,
                                            int n, float* __restrict__ out, float* __restrict__ part,
                                            int h, int hk, int dk, int dv, int vcols, int vhead,
-                                           float scale, int block_rows) {
+                                           float scale, int block_rows, const float* __restrict__ knew,
+                                           const float* __restrict__ vnew) {
     extern __shared__ float sm[];
     float* qs = sm;                  // dk
     float* wm = qs + dk;             // ATT_WARPS
@@ -622,46 +667,44 @@ extern "C" __global__ void MAX_THREADS(256) attention_batch(const float* __restr
     int s = meta_seq_of_row(meta, n, row);
     const u64* ktab = META_KTAB(meta, n, s);
     const u64* vtab = META_VTAB(meta, n, s);
-    long len = META_POS0(meta, n, s) + (row - META_ROW0(meta, n, s)) + 1;
+    long pos0 = META_POS0(meta, n, s), row0 = META_ROW0(meta, n, s);
+    long len = pos0 + (row - row0) + 1;
     long chunk = (len + gridDim.y - 1) / gridDim.y;
     long from = blockIdx.y * chunk, to = min(len, from + chunk);
     int kvh = head / (h / hk);
+    long kcols = (long)hk * dk, koff = (long)kvh * dk, voff = (long)kvh * vhead;
+    // Positions from `fresh` on are the step's own rows, read from knew/vnew.
+    long fresh = knew ? pos0 : len;
+    if (knew && blockIdx.y == 0 && head % (h / hk) == 0) {
+        long p = len - 1;
+        bf16* kd = (bf16*)ktab[p / block_rows] + (p % block_rows) * kcols + koff;
+        const float* kf = knew + row * kcols + koff;
+        for (int i = threadIdx.x; i < dk; i += blockDim.x) kd[i] = __float2bfloat16(kf[i]);
+        if (vnew != knew) {
+            bf16* vd = (bf16*)vtab[p / block_rows] + (p % block_rows) * (long)vcols + voff;
+            const float* vf = vnew + row * (long)vcols + voff;
+            for (int i = threadIdx.x; i < dv; i += blockDim.x) vd[i] = __float2bfloat16(vf[i]);
+        }
+    }
     const float* qr = q + (row * h + head) * dk;
     for (int i = threadIdx.x; i < dk; i += blockDim.x) qs[i] = qr[i] * scale;
     __syncthreads();
     int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
     float m = NEG_INF, sum = 0.f;
-    // Lane l holds value columns 4l..4l+3 of every 4·WARP: acc[4j + c] is column
-    // 4·WARP·j + 4l + c.
-    float acc[MAX_DV / WARP];
+    float acc[MAX_DV / WARP];  // as attend_position keeps it
 #pragma unroll
     for (int j = 0; j < MAX_DV / WARP; j++) acc[j] = 0.f;
-    long kcols = (long)hk * dk;
-    for (long p = from + warp; p < to; p += ATT_WARPS) {
-        const bf16* kr = (const bf16*)ktab[p / block_rows] + (p % block_rows) * kcols + (long)kvh * dk;
-        float dot = 0.f;
-        for (int i = 4 * lane; i < dk; i += 4 * WARP)
-            dot += dot4(*(const uint2*)(kr + i), *(const float4*)(qs + i));
-        dot = warp_sum(dot);
-        float mn = fmaxf(m, dot);
-        float c = __expf(m - mn);
-        float e = __expf(dot - mn);
-        sum = sum * c + e;
-        const bf16* vr = (const bf16*)vtab[p / block_rows] + (p % block_rows) * (long)vcols + (long)kvh * vhead;
-#pragma unroll
-        for (int j = 0; j < MAX_DV / (4 * WARP); j++) {
-            int i = 4 * WARP * j + 4 * lane;
-            if (i < dv) {
-                uint2 pv = *(const uint2*)(vr + i);
-                const __nv_bfloat162* hv = (const __nv_bfloat162*)&pv;
-                float2 a = __bfloat1622float2(hv[0]), b = __bfloat1622float2(hv[1]);
-                acc[4 * j] = acc[4 * j] * c + e * a.x;
-                acc[4 * j + 1] = acc[4 * j + 1] * c + e * a.y;
-                acc[4 * j + 2] = acc[4 * j + 2] * c + e * b.x;
-                acc[4 * j + 3] = acc[4 * j + 3] * c + e * b.y;
-            }
-        }
-        m = mn;
+    // The warp's positions in the cache, then those of the step's own rows.
+    long p = from + warp;
+    for (; p < min(to, fresh); p += ATT_WARPS) {
+        long b = p / block_rows, o = p % block_rows;
+        attend_position(CacheRow{(const bf16*)ktab[b] + o * kcols + koff},
+                        CacheRow{(const bf16*)vtab[b] + o * vcols + voff}, qs, lane, dk, dv, m, sum, acc);
+    }
+    for (; p < to; p += ATT_WARPS) {
+        long r = row0 + p - pos0;
+        attend_position(OwnRow{knew + r * kcols + koff}, OwnRow{vnew + r * vcols + voff}, qs, lane, dk,
+                        dv, m, sum, acc);
     }
     if (lane == 0) {
         wm[warp] = m;

@@ -88,7 +88,6 @@ pub const KERNEL_NAMES: &[&str] = &[
     "rope",
     "paged_write",
     "paged_read",
-    "paged_append",
     "attention_batch",
     "attention_merge",
     "sample_rows",
@@ -198,6 +197,20 @@ pub fn compile(arch: &str) -> Result<cudarc::nvrtc::Ptx, String> {
         ),
         other => format!("NVRTC: {other:?}"),
     })
+}
+
+/// [`compile`]'s PTX for `arch`, compiled once per process: every backend a process
+/// starts (the tests start many, a server one per device) loads the same kernels, and
+/// NVRTC takes seconds over them. A failure is not kept: the next backend tries again.
+fn compiled(arch: &str) -> Result<cudarc::nvrtc::Ptx, String> {
+    static PTX: Mutex<Vec<(String, cudarc::nvrtc::Ptx)>> = Mutex::new(Vec::new());
+    let mut done = lock(&PTX);
+    if let Some((_, ptx)) = done.iter().find(|(a, _)| a == arch) {
+        return Ok(ptx.clone());
+    }
+    let ptx = compile(arch)?;
+    done.push((arch.to_string(), ptx.clone()));
+    Ok(ptx)
 }
 
 /// Options of the backend.
@@ -476,7 +489,7 @@ impl Cuda {
         // cannot be captured into a CUDA graph.
         let stream = ctx.new_stream().map_err(|e| failed("stream", e))?;
         keep_freed_memory(&ctx);
-        let ptx = compile(&format!("sm_{major}{minor}")).map_err(|e| failed("NVRTC", e))?;
+        let ptx = compiled(&format!("sm_{major}{minor}")).map_err(|e| failed("NVRTC", e))?;
         let module = ctx
             .load_module(ptx)
             .map_err(|e| failed("loading kernels", e))?;
@@ -2093,6 +2106,8 @@ impl Cuda {
     /// multiprocessor two when the step has few (row, head) pairs, and the splits merged.
     /// The split depends on the step's shape alone (not on the cache lengths, which the
     /// kernel reads from `meta`), so a captured step replays with longer caches.
+    /// `fresh`: the step's key and value rows, which the same launch appends to the
+    /// caches (`None`: the caches hold them already).
     #[allow(clippy::too_many_arguments)]
     fn attention_launch(
         &self,
@@ -2102,8 +2117,8 @@ impl Cuda {
         t: usize,
         out: &mut CudaSlice<f32>,
         s: AttnShape,
-        vcols: usize,
-        vhead: usize,
+        (vcols, vhead): (usize, usize),
+        fresh: Option<(&Dev<f32>, &Dev<f32>)>,
     ) {
         const WARPS: usize = ATT_WARPS;
         let pairs = t * s.h;
@@ -2133,6 +2148,7 @@ impl Cuda {
             None
         };
         let part_ptr = part.as_ref().map_or(0, Dev::ptr);
+        let (knew, vnew) = fresh.map_or((0, 0), |(k, v)| (k.ptr(), v.ptr()));
         launch!(
             self,
             "attention_batch",
@@ -2149,7 +2165,9 @@ impl Cuda {
             &vci,
             &vhi,
             &s.scale,
-            &br
+            &br,
+            &knew,
+            &vnew
         );
         let Some(part) = part else {
             return;
@@ -3268,42 +3286,23 @@ impl Backend for Cuda {
         let Some(md) = self.meta(&meta, "attention metadata") else {
             return self.empty();
         };
-        let (ni, kci, br) = (n as i32, kc as i32, self.block_rows() as i32);
-        let (vcols, vhead) = if s.values_in_keys {
-            (kc, s.dk)
+        // The new rows go into the caches in the attention launch itself, which reads
+        // them from `ks`/`vs` (values from the keys when they are the keys' columns).
+        let (values, vcols, vhead) = if s.values_in_keys {
+            (ks, kc, s.dk)
         } else {
-            (vc, s.dv)
+            (vs, vc, s.dv)
         };
-        let vci = vc as i32;
-        if s.values_in_keys {
-            let null = 0u64;
-            launch!(
-                self,
-                "paged_append",
-                per_row(t, 128),
-                ks,
-                &null,
-                &md,
-                &ni,
-                &kci,
-                &vci,
-                &br
-            );
-        } else {
-            launch!(
-                self,
-                "paged_append",
-                per_row(t, 128),
-                ks,
-                vs,
-                &md,
-                &ni,
-                &kci,
-                &vci,
-                &br
-            );
-        }
-        self.attention_launch(qs, &md, n, t, &mut out, s, vcols, vhead);
+        self.attention_launch(
+            qs,
+            &md,
+            n,
+            t,
+            &mut out,
+            s,
+            (vcols, vhead),
+            Some((ks, values)),
+        );
         CudaBuf::F32(Arc::new(out))
     }
 
@@ -3376,7 +3375,7 @@ impl Backend for Cuda {
             values_in_keys: false,
         };
         // The tables are freed in stream order, after the kernel.
-        self.attention_launch(qs, &md, 1, t, &mut out, shape, hk * dv, dv);
+        self.attention_launch(qs, &md, 1, t, &mut out, shape, (hk * dv, dv), None);
         CudaBuf::F32(Arc::new(out))
     }
 }
@@ -3435,7 +3434,7 @@ mod tests {
             return;
         }
         for arch in ["sm_80", "sm_90"] {
-            let ptx = compile(arch).unwrap_or_else(|e| panic!("{e}"));
+            let ptx = compiled(arch).unwrap_or_else(|e| panic!("{e}"));
             let src = ptx.to_src();
             for k in KERNEL_NAMES {
                 assert!(
@@ -3443,6 +3442,16 @@ mod tests {
                     "{arch}: kernel {k} missing from the PTX"
                 );
             }
+            // The second backend of the process reuses the first one's PTX, for its arch.
+            let again = compiled(arch).unwrap_or_else(|e| panic!("{e}")).to_src();
+            assert!(again == src, "{arch}: the kept PTX differs");
+        }
+        for arch in ["sm_80", "sm_90"] {
+            let src = compiled(arch).expect("kept").to_src();
+            assert!(
+                src.contains(&format!(".target {arch}")),
+                "{arch}: kept for another arch"
+            );
         }
     }
 
