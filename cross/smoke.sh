@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Smoke test of the aarch64 edge-agent under qemu-aarch64: start it, ingest a simulated
 # stream, let it infer, read its status, and compare its decisions with the x86-64 build's
-# on the same input. Needs both builds (cargo build --release; cross/build.sh).
+# on the same input. Needs both builds (cargo build --release; cross/build.sh, whose
+# CROSS_TARGET_DIR it takes too).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-ARM=target/aarch64-unknown-linux-gnu/release/edge-agent
+ARM=${CROSS_TARGET_DIR:-target}/aarch64-unknown-linux-gnu/release/edge-agent
 X86=target/release/edge-agent
 QEMU=(qemu-aarch64 -L /usr/aarch64-linux-gnu)
 for b in "$ARM" "$X86"; do [ -x "$b" ] || { echo "smoke: $b is missing" >&2; exit 1; }; done
