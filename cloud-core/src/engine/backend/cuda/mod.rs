@@ -209,9 +209,15 @@ fn compiled(arch: &str) -> Result<cudarc::nvrtc::Ptx, String> {
         return Ok(ptx.clone());
     }
     let ptx = compile(arch)?;
+    #[cfg(test)]
+    COMPILES.fetch_add(1, Ordering::Relaxed);
     done.push((arch.to_string(), ptx.clone()));
     Ok(ptx)
 }
+
+/// How many times [`compiled`] compiled (the tests check that it keeps what it compiled).
+#[cfg(test)]
+static COMPILES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 /// Options of the backend.
 #[derive(Clone, Debug)]
@@ -3443,7 +3449,13 @@ mod tests {
                 );
             }
             // The second backend of the process reuses the first one's PTX, for its arch.
+            let before = COMPILES.load(Ordering::Relaxed);
             let again = compiled(arch).unwrap_or_else(|e| panic!("{e}")).to_src();
+            assert_eq!(
+                COMPILES.load(Ordering::Relaxed),
+                before,
+                "{arch}: compiled again"
+            );
             assert!(again == src, "{arch}: the kept PTX differs");
         }
         for arch in ["sm_80", "sm_90"] {
