@@ -25,6 +25,7 @@ thread_local dim3 threadIdx, blockIdx, blockDim, gridDim;
 #define __global__
 #define __device__
 #define __forceinline__ inline
+#define __noinline__ __attribute__((noinline))
 #define __restrict__
 #define __shared__ static thread_local
 
@@ -238,6 +239,14 @@ inline int atomicAdd(int* a, int v) {
     *a = old + v;
     return old;
 }
+inline unsigned atomicAdd(unsigned* a, unsigned v) {
+    unsigned old = *a;
+    *a = old + v;
+    return old;
+}
+// Blocks run one after another: every write of the blocks before is already seen.
+inline void __threadfence() {}
+inline float __ldcg(const float* p) { return *p; }
 
 inline float __shfl_xor_sync(unsigned, float v, int mask) {
     unsigned t = emu_thread_in_block();

@@ -630,6 +630,48 @@ __device__ __forceinline__ void attend_position(Row k, Row v, const float* qs, i
     m = mn;
 }
 
+// The end of a split attention_batch block, its part written: it takes its (row, head)'s
+// ticket, and the block with the last merges the `gridDim.y` parts (the running maximum,
+// sum and unnormalised output of each, in split order) into out[blockIdx.x, dv] and
+// gives the ticket back. `flag` and `weights` are the block's shared memory (one value,
+// and gridDim.y ≤ ATT_WARPS·dv values; the caller no longer reads them). Not inlined:
+// inlined, attention_batch takes 82 registers on sm_80 (2 blocks per multiprocessor
+// instead of 3).
+__device__ __noinline__ void merge_splits(const float* __restrict__ part, unsigned* __restrict__ tickets,
+                                          int dv, float* flag, float* weights, float* __restrict__ out) {
+    int splits = gridDim.y;
+    // This block's part is written (every thread's writes seen device-wide) before its
+    // ticket is taken.
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0)
+        flag[0] = atomicAdd(&tickets[blockIdx.x], 1u) == (unsigned)splits - 1 ? 1.f : 0.f;
+    __syncthreads();
+    if (flag[0] == 0.f) return;
+    // The last: every other block's part is written. Read from L2 (this SM's L1 may not
+    // have seen the other multiprocessors' writes).
+    __threadfence();
+    const float* pr = part + (long)blockIdx.x * splits * (dv + 2);
+    float M = NEG_INF;
+    for (int s = 0; s < splits; s++) M = fmaxf(M, __ldcg(pr + s * (dv + 2)));
+    // A split with no positions (m = -inf) weighs nothing.
+    float S = 0.f;
+    for (int s = 0; s < splits; s++) {
+        float m = __ldcg(pr + s * (dv + 2));
+        float e = m == NEG_INF ? 0.f : __expf(m - M);
+        S += __ldcg(pr + s * (dv + 2) + 1) * e;
+        if (threadIdx.x == 0) weights[s] = e;
+    }
+    __syncthreads();
+    float* o = out + (long)blockIdx.x * dv;
+    for (int i = threadIdx.x; i < dv; i += blockDim.x) {
+        float a = 0.f;
+        for (int s = 0; s < splits; s++) a += __ldcg(pr + s * (dv + 2) + 2 + i) * weights[s];
+        o[i] = a / S;
+    }
+    if (threadIdx.x == 0) tickets[blockIdx.x] = 0;
+}
+
 // Causal attention of every sequence's new rows over its cache. q[rows, h, dk] (f32); key
 // rows kcols = hk·dk wide, value rows `vcols` wide with head j's values at column j·vhead
 // (bf16, in blocks of `block_rows` rows; dk, dv, vhead and vcols multiples of 4); row r
@@ -651,9 +693,13 @@ __device__ __forceinline__ void attend_position(Row k, Row v, const float* qs, i
 // softmax over every ATT_WARPS-th position of its block's range; the warps merge at the
 // end. With one split the block writes the output; with more, it writes its running
 // maximum, sum and unnormalised output, dv + 2 floats, to part[(row·h + head)·splits +
-// split] for attention_merge.
+// split], and takes a ticket of its (row, head) (tickets[blockIdx.x], zero before the
+// launch): the block that takes the last one merges every split's part into the output
+// and puts the ticket back to zero for the next launch. So a split step is one launch,
+// whatever order the blocks run in.
 extern "C" __global__ void MAX_THREADS(256) attention_batch(const float* __restrict__ q, const u64* __restrict__ meta,
                                            int n, float* __restrict__ out, float* __restrict__ part,
+                                           unsigned* __restrict__ tickets,
                                            int h, int hk, int dk, int dv, int vcols, int vhead,
                                            float scale, int block_rows, const float* __restrict__ knew,
                                            const float* __restrict__ vnew) {
@@ -743,28 +789,7 @@ extern "C" __global__ void MAX_THREADS(256) attention_batch(const float* __restr
         for (int w = 0; w < ATT_WARPS; w++) a += wacc[w * dv + i] * f[w];
         o[i] = a / div;
     }
-}
-
-// Merges attention_batch's `splits` partial results of each (row, head): one block each.
-extern "C" __global__ void MAX_THREADS(128) attention_merge(const float* __restrict__ part, int splits, int dv,
-                                           float* __restrict__ out) {
-    const float* pr = part + (long)blockIdx.x * splits * (dv + 2);
-    float M = NEG_INF;
-    for (int s = 0; s < splits; s++) M = fmaxf(M, pr[s * (dv + 2)]);
-    float S = 0.f;
-    for (int s = 0; s < splits; s++) {
-        float m = pr[s * (dv + 2)];
-        if (m != NEG_INF) S += pr[s * (dv + 2) + 1] * __expf(m - M);
-    }
-    float* o = out + (long)blockIdx.x * dv;
-    for (int i = threadIdx.x; i < dv; i += blockDim.x) {
-        float a = 0.f;
-        for (int s = 0; s < splits; s++) {
-            float m = pr[s * (dv + 2)];
-            if (m != NEG_INF) a += pr[s * (dv + 2) + 2 + i] * __expf(m - M);
-        }
-        o[i] = a / S;
-    }
+    if (gridDim.y > 1) merge_splits(part, tickets, dv, wm, wacc, out);
 }
 
 // ---- Mixture of experts on the device ----------------------------------------------

@@ -18,9 +18,9 @@
 //!   [`DeviceError::CacheFull`] and leaves every cache as it was.
 //! - A step's attention is one launch for all its sequences (each reading its own cache
 //!   through its block table, kept in device memory), with each row's positions split
-//!   across blocks and merged when the step has few rows. MoE routing, the experts and
-//!   greedy picks run on the device; a prompt's experts are cuBLAS GEMMs over the rows
-//!   routed to each.
+//!   across blocks and merged by the last of them when the step has few rows. MoE
+//!   routing, the experts and greedy picks run on the device; a prompt's experts are
+//!   cuBLAS GEMMs over the rows routed to each.
 //! - Decode steps are captured into CUDA graphs and replayed ([`step`]).
 //! - Errors are sticky per step: the first one is kept, later operations do nothing, and
 //!   the model's forward pass returns it ([`Backend::take_error`]).
@@ -89,7 +89,6 @@ pub const KERNEL_NAMES: &[&str] = &[
     "paged_write",
     "paged_read",
     "attention_batch",
-    "attention_merge",
     "sample_rows",
     "gemv_bf16",
     "gemv_swiglu",
@@ -357,6 +356,9 @@ pub struct Cuda {
     name: String,
     /// The device's multiprocessors (what a launch must fill).
     sms: usize,
+    /// `attention_batch`'s tickets, one per (row, head) of a split launch (fewer than
+    /// `2 · sms`: more pairs are not split), zero between launches.
+    tickets: CudaSlice<u32>,
     error: Mutex<Option<DeviceError>>,
     budget: Mutex<Option<Arc<Budget>>>,
     pools: Mutex<HashMap<usize, Arc<Pool>>>,
@@ -413,6 +415,9 @@ pub const MOE_MAX_EXPERTS: usize = 512;
 pub const SAMPLE_MAX_THREADS: usize = 1024;
 /// The most ranges `attention_batch` splits a row's positions into.
 const ATT_MAX_SPLITS: usize = 32;
+// The last block of a split (row, head) keeps a weight per split in its block's shared
+// output rows (ATT_WARPS · dv floats, dv ≥ 4).
+const _: () = assert!(ATT_MAX_SPLITS <= ATT_WARPS * 4);
 /// The most sequences a captured step holds.
 const MAX_GRAPH_BATCH: usize = 512;
 /// cuBLAS's workspace (what cuBLAS recommends for Hopper).
@@ -548,6 +553,9 @@ impl Cuda {
             .result()
             .map_err(|e| failed("cuBLAS workspace", e))?;
         }
+        let tickets = stream
+            .alloc_zeros::<u32>(2 * sms)
+            .map_err(|e| failed("attention tickets", e))?;
         Ok(Cuda {
             ctx,
             stream,
@@ -557,6 +565,7 @@ impl Cuda {
             opts,
             name,
             sms,
+            tickets,
             error: Mutex::new(None),
             budget: Mutex::new(None),
             pools: Mutex::new(HashMap::new()),
@@ -2109,7 +2118,8 @@ impl Cuda {
 
     /// Launches `attention_batch` over the rows described by `meta` (see the kernel),
     /// with each row's positions split across enough blocks to give every
-    /// multiprocessor two when the step has few (row, head) pairs, and the splits merged.
+    /// multiprocessor two when the step has few (row, head) pairs, and the splits merged
+    /// by the same launch.
     /// The split depends on the step's shape alone (not on the cache lengths, which the
     /// kernel reads from `meta`), so a captured step replays with longer caches.
     /// `fresh`: the step's key and value rows, which the same launch appends to the
@@ -2128,7 +2138,10 @@ impl Cuda {
     ) {
         const WARPS: usize = ATT_WARPS;
         let pairs = t * s.h;
+        // More than one split only for fewer than 2 · sms pairs: `tickets` has a slot
+        // for each.
         let splits = (2 * self.sms).div_ceil(pairs).clamp(1, ATT_MAX_SPLITS);
+        debug_assert!(splits == 1 || pairs < self.tickets.len());
         let cfg = LaunchConfig {
             grid_dim: (pairs as u32, splits as u32, 1),
             block_dim: ((WARPS * 32) as u32, 1, 1),
@@ -2144,7 +2157,8 @@ impl Cuda {
             vhead as i32,
             self.block_rows() as i32,
         );
-        // The splits' partial results, when there is more than one.
+        // The splits' partial results, when there is more than one (kept to the end of
+        // this function, past the launch, as the stream orders it).
         let part = if splits > 1 {
             match self.tmp::<f32>(pairs * splits * (s.dv + 2), "attention splits") {
                 Some(p) => Some(p),
@@ -2164,6 +2178,7 @@ impl Cuda {
             &ni,
             out,
             &part_ptr,
+            &self.tickets,
             &hh,
             &hki,
             &dki,
@@ -2174,19 +2189,6 @@ impl Cuda {
             &br,
             &knew,
             &vnew
-        );
-        let Some(part) = part else {
-            return;
-        };
-        let si = splits as i32;
-        launch!(
-            self,
-            "attention_merge",
-            per_row(pairs, 128),
-            &part,
-            &si,
-            &dvi,
-            out
         );
     }
 
@@ -3233,6 +3235,7 @@ impl Backend for Cuda {
         let t: usize = lens.iter().sum();
         let (kc, vc) = (s.hk * s.dk, s.hk * s.dv);
         if s.dv > MAX_DV
+            || s.dv == 0
             || !s.dk.is_multiple_of(4)
             || !s.dv.is_multiple_of(4)
             || s.hk == 0
@@ -3246,7 +3249,7 @@ impl Backend for Cuda {
             self.record(failed(
                 "attention",
                 format!(
-                    "shapes ({n} sequences, {t} rows, h {}, hk {}, dk {}, dv {} ≤ {MAX_DV}; \
+                    "shapes ({n} sequences, {t} rows, h {}, hk {}, dk {}, 0 < dv {} ≤ {MAX_DV}; \
                      dk and dv multiples of 4)",
                     s.h, s.hk, s.dk, s.dv
                 ),
@@ -3336,6 +3339,7 @@ impl Backend for Cuda {
         };
         let total = kp.rows.rows();
         if dv > MAX_DV
+            || dv == 0
             || !dk.is_multiple_of(4)
             || !dv.is_multiple_of(4)
             || hk == 0
@@ -3349,7 +3353,7 @@ impl Backend for Cuda {
             self.record(failed(
                 "attention",
                 format!(
-                    "shapes (t {t}, T {total}, h {h}, hk {hk}, dk {dk}, dv {dv} ≤ {MAX_DV}; \
+                    "shapes (t {t}, T {total}, h {h}, hk {hk}, dk {dk}, 0 < dv {dv} ≤ {MAX_DV}; \
                      dk and dv multiples of 4)"
                 ),
             ));
