@@ -78,9 +78,10 @@ fn the_cuda_benchmark_runs_on_the_emulated_device() {
         if extra == profiled {
             // Per batch size, 2 steps: a row per operation with its calls per step (the
             // tiny shape has 2 dense layers: 2 attention launches, which also append the
-            // step's keys and values to the caches, 2 of RoPE (queries and keys
-            // together), the norms folded into the q/k/v, gate/up and lm_head projections
-            // — no norm launch of its own —, the output and down projections, 1 pick).
+            // step's keys and values to the caches and merge split positions, 2 q/k/v
+            // projections with the norm and RoPE folded in, the norms folded into the
+            // gate/up and lm_head projections — no norm or RoPE launch of its own —, the
+            // output and down projections, 1 pick).
             for batch in [1, 3] {
                 let head = format!("profile, batch {batch}: 2 eager decode steps");
                 let at = text
@@ -90,8 +91,8 @@ fn the_cuda_benchmark_runs_on_the_emulated_device() {
                 let table = &table[..table.find("\n\n").unwrap_or(table.len())];
                 for (op, calls) in [
                     ("attention_batch", 2.0),
-                    ("rope", 2.0),
-                    ("gemv_bf16_norm", 3.0),
+                    ("gemv_bf16_norm_rope", 2.0),
+                    ("gemv_bf16_norm", 1.0),
                     ("gemv_swiglu_norm", 2.0),
                     ("gemv_bf16", 4.0),
                     ("sample_rows", 1.0),
@@ -105,12 +106,12 @@ fn the_cuda_benchmark_runs_on_the_emulated_device() {
                     let us: f64 = cells[3].parse().expect("µs per step");
                     assert!(us > 0.0, "{row}");
                 }
-                // Nothing else is launched: no norm apart from its projection, no cache
-                // append and no merge of split positions apart from the attention (the
-                // embedding gather aside).
+                // Nothing else is launched: no norm or RoPE apart from its projection, no
+                // cache append and no merge of split positions apart from the attention
+                // (the embedding gather aside).
                 let known = [
                     "attention_batch",
-                    "rope",
+                    "gemv_bf16_norm_rope",
                     "gemv_bf16_norm",
                     "gemv_swiglu_norm",
                     "gemv_bf16",
@@ -124,7 +125,7 @@ fn the_cuda_benchmark_runs_on_the_emulated_device() {
                     }
                     assert!(
                         known.contains(&op),
-                        "batch {batch}: {op} launched apart (a norm apart from its \
+                        "batch {batch}: {op} launched apart (a norm or RoPE apart from its \
                          projection, a cache append or a merge apart from the attention?): \
                          {table}"
                     );

@@ -1254,6 +1254,123 @@ fn norm_folded_projections_match_norm_then_projection() {
     }
 }
 
+/// RoPE folded into the projections (`gemv_bf16_rope`, `gemv_bf16_norm_rope`): the same
+/// outputs as the projection, its bias, then the `rope` the CPU backend applies, in both
+/// layouts, for rotated parts of many heads from offset 0 (Qwen2's queries and keys), of
+/// one head rotated after the rest of it (MLA's query heads, the latent's rope key), and
+/// a part left alone (values).
+#[test]
+fn rope_folded_projections_match_projection_then_rope() {
+    if !available() {
+        return;
+    }
+    let cpu = Cpu::default();
+    let (k, eps, max_pos) = (64, 1e-6f32, 20);
+    // (layout, rot, [(n, head_dim, offset)]: head_dim 0 = not rotated)
+    let cases = [
+        (
+            RopeLayout::Halves,
+            16,
+            [(48, 16, 0), (32, 16, 0), (32, 0, 0)],
+        ),
+        (
+            RopeLayout::Interleaved,
+            16,
+            [(48, 24, 8), (40, 40, 24), (20, 0, 0)],
+        ),
+    ];
+    for (ci, (layout, rot, parts)) in cases.into_iter().enumerate() {
+        let half = rot / 2;
+        let seed = 300 + 10 * ci as u64;
+        let cos = rand_vec(max_pos * half, seed);
+        let sin = rand_vec(max_pos * half, seed + 1);
+        let ws: Vec<Vec<f32>> = parts
+            .iter()
+            .enumerate()
+            .map(|(i, (n, _, _))| rounded(&rand_vec(n * k, seed + 2 + i as u64)))
+            .collect();
+        let wbs: Vec<Vec<bf16>> = ws.iter().map(|w| to_bf16(w)).collect();
+        let biases: Vec<Vec<f32>> = parts
+            .iter()
+            .enumerate()
+            .map(|(i, (n, _, _))| rand_vec(*n, seed + 5 + i as u64))
+            .collect();
+        let nw: Vec<f32> = rand_vec(k, seed + 8).iter().map(|v| 1.0 + v).collect();
+        let warps: usize = parts
+            .iter()
+            .map(|&(n, d, _)| n.checked_div(d).map_or(n, |heads| heads * (d - half)))
+            .sum();
+        for m in [1, 3, 8] {
+            let x = rand_vec(m * k, seed + 9 + m as u64);
+            let positions: Vec<usize> = (0..m).map(|r| (7 * r + 3 * ci) % max_pos).collect();
+            let pos: Vec<u32> = positions.iter().map(|p| *p as u32).collect();
+            for normed in [false, true] {
+                let mut ys: Vec<Vec<f32>> = parts
+                    .iter()
+                    .map(|(n, _, _)| vec![f32::NAN; m * n])
+                    .collect();
+                let (y0, rest) = ys.split_at_mut(1);
+                let (y1, y2) = rest.split_at_mut(1);
+                let mut args = vec![
+                    p(&x),
+                    p(&wbs[0]),
+                    p(&wbs[1]),
+                    p(&wbs[2]),
+                    p(&biases[0]),
+                    p(&biases[1]),
+                    p(&biases[2]),
+                    pm(&mut y0[0]),
+                    pm(&mut y1[0]),
+                    pm(&mut y2[0]),
+                    Arg::I(parts[0].0 as i32),
+                    Arg::I(parts[1].0 as i32),
+                    Arg::I(parts[2].0 as i32),
+                    Arg::I(m as i32),
+                    Arg::I(k as i32),
+                    Arg::I(0),
+                    p(&pos),
+                    p(&cos),
+                    p(&sin),
+                    Arg::I(rot as i32),
+                    Arg::I(i32::from(layout == RopeLayout::Interleaved)),
+                ];
+                for &(_, d, off) in &parts {
+                    args.push(Arg::I(d as i32));
+                    args.push(Arg::I(off as i32));
+                }
+                let name = if normed {
+                    args.push(p(&nw));
+                    args.push(Arg::F(eps));
+                    "gemv_bf16_norm_rope"
+                } else {
+                    "gemv_bf16_rope"
+                };
+                launch(name, (warps.div_ceil(8) as u32, 1), 256, 0, &args);
+                let xin = if normed {
+                    cpu.rms_norm(&x, &nw, eps)
+                } else {
+                    x.clone()
+                };
+                for (i, &(n, d, off)) in parts.iter().enumerate() {
+                    let mut want = cpu.linear(&xin, m, &ws[i], n, k);
+                    cpu.add_bias(&mut want, &biases[i]);
+                    if let Some(heads) = n.checked_div(d) {
+                        cpu.rope(
+                            &mut want, heads, d, off, rot, &positions, &cos, &sin, layout,
+                        );
+                    }
+                    assert_close(
+                        &ys[i],
+                        &want,
+                        1e-4,
+                        &format!("{name} {layout:?} part {i}, m {m}"),
+                    );
+                }
+            }
+        }
+    }
+}
+
 /// Sampling on the device: `sample_rows` picks what the host's `Pick::pick` picks from
 /// the same values and draws — greedy, temperatures, top-k, top-p, repetition penalties,
 /// their combinations, ties, grammar masks, draws at both ends — with the log-softmax of

@@ -15,7 +15,7 @@
 
 use std::path::Path;
 
-use super::backend::{AttnShape, Backend, DeviceError, RopeLayout, Weight};
+use super::backend::{AttnShape, Backend, DeviceError, RopeLayout, RopeOf, Weight};
 use super::config::{Arch, ConfigError, ModelConfig, MoeConfig, ScoringFunc, TopkMethod};
 use super::rope;
 use super::sampler::{Pick, Sampled, MAX_ALTERNATIVES};
@@ -788,6 +788,22 @@ impl<B: Backend> Model<B> {
         self.norm_linear(x, norm, t, &self.lm_head, vocab, hd)
     }
 
+    /// The model's RoPE of `rot_dim` dimensions for rows at `positions`.
+    fn rope_of<'a>(
+        &'a self,
+        rot_dim: usize,
+        positions: &'a [usize],
+        layout: RopeLayout,
+    ) -> RopeOf<'a, B::Buf> {
+        RopeOf {
+            rot_dim,
+            positions,
+            cos: &self.cos,
+            sin: &self.sin,
+            layout,
+        }
+    }
+
     /// `rms_norm(x)` with `norm`, projected by `w[n, k]` (on a device, the norm runs
     /// inside the projection).
     fn norm_linear(
@@ -860,28 +876,21 @@ impl<B: Backend> Model<B> {
                     Some((qb, kb, vb)) => (Some(qb), Some(kb), Some(vb)),
                     None => (None, None, None),
                 };
+                // Queries and keys rotated (in the projections' pass on a device).
                 let mut qkv = be
-                    .norm_linear_parts(
+                    .norm_linear_parts_rope(
                         x,
                         norm,
                         t,
                         hd,
                         &[(q, qb, h * d), (k, kb, kvh * d), (v, vb, kvh * d)],
+                        &[Some((d, 0)), Some((d, 0)), None],
+                        self.rope_of(d, positions, RopeLayout::Halves),
                     )
                     .into_iter();
-                let (Some(mut qx), Some(mut kx), Some(vx)) = (qkv.next(), qkv.next(), qkv.next())
-                else {
+                let (Some(qx), Some(kx), Some(vx)) = (qkv.next(), qkv.next(), qkv.next()) else {
                     unreachable!("three projections asked for")
                 };
-                be.rope_pair(
-                    (&mut qx, h, d, 0),
-                    (&mut kx, kvh, d, 0),
-                    d,
-                    positions,
-                    &self.cos,
-                    &self.sin,
-                    RopeLayout::Halves,
-                );
                 let out = self.attend(&qx, &kx, &vx, lens, li, seqs, (h, kvh, d, d), false);
                 (out, o, h * d)
             }
@@ -913,36 +922,46 @@ impl<B: Backend> Model<B> {
                     _ => None,
                 };
                 let (first, first_n) = low_rank.map_or((q, h * qd), |(qa, _, r)| (qa, r));
+                // Each head's query rope part, and the latent's rope key (after the
+                // latent itself), rotated (in the projections' pass on a device); with a
+                // low-rank query, its queries in the second projection.
+                let rope = self.rope_of(rope_d, positions, RopeLayout::Interleaved);
+                let q_rot = Some((qd, nope));
                 let mut parts = be
-                    .norm_linear_parts(
+                    .norm_linear_parts_rope(
                         x,
                         norm,
                         t,
                         hd,
                         &[(first, None, first_n), (kv_a, None, lora + rope_d)],
+                        &[
+                            q_rot.filter(|_| low_rank.is_none()),
+                            Some((lora + rope_d, lora)),
+                        ],
+                        rope,
                     )
                     .into_iter();
                 let (Some(first), Some(kva)) = (parts.next(), parts.next()) else {
                     unreachable!("two projections asked for")
                 };
-                let mut qx = match low_rank {
-                    Some((_, qa_norm, r)) => {
-                        self.norm_linear(&first, (qa_norm, eps), t, q, h * qd, r)
-                    }
+                let qx = match low_rank {
+                    Some((_, qa_norm, r)) => be
+                        .norm_linear_parts_rope(
+                            &first,
+                            (qa_norm, eps),
+                            t,
+                            r,
+                            &[(q, None, h * qd)],
+                            &[q_rot],
+                            rope,
+                        )
+                        .pop()
+                        .unwrap_or_else(|| unreachable!("one projection asked for")),
                     None => first,
                 };
                 let latent =
                     be.rms_norm(&be.slice_cols(&kva, lora + rope_d, 0, lora), kv_a_norm, eps);
-                let mut k_pe = be.slice_cols(&kva, lora + rope_d, lora, rope_d);
-                be.rope_pair(
-                    (&mut qx, h, qd, nope),
-                    (&mut k_pe, 1, rope_d, 0),
-                    rope_d,
-                    positions,
-                    &self.cos,
-                    &self.sin,
-                    RopeLayout::Interleaved,
-                );
+                let k_pe = be.slice_cols(&kva, lora + rope_d, lora, rope_d);
                 if self.mla_absorbed {
                     // score = (W_UKᵀ q_nope) · c + q_pe · k_pe, output = W_UV (Σ p c).
                     let q_nope = be.slice_cols(&qx, qd, 0, nope); // [t·h, nope]

@@ -115,27 +115,15 @@ __device__ __forceinline__ float norm_scale(float ss, int k, float eps) {
     return NORM ? rsqrtf(warp_sum(ss) / k + eps) : 1.f;
 }
 
-// Up to three projections of the same rows in one launch (one projection; a layer's q, k
-// and v; MLA's query and latent): outputs o < n0 are x·w0ᵀ (+ b0) into y0, the next n1
-// x·w1ᵀ (+ b1) into y1, the next n2 into y2; a null bias adds nothing. With `accumulate`
-// the results are added to what the outputs hold (a residual connection). With NORM the
-// rows are first RMSNorm-ed with weights nw[k] and epsilon eps, in the same pass: the norm
-// a decode step would otherwise launch before its projections.
+// One output o of a projection (weight rows w, k wide) for the m ≤ GEMV_ROWS rows of x, by
+// one warp: x·w[o]ᵀ (+ b[o]) into y[·, n] (added to what y holds with `accumulate`); with
+// NORM of RMSNorm(x) (weights nw[k], epsilon eps).
 template <bool NORM>
-__device__ __forceinline__ void gemv_parts(const float* __restrict__ x, const bf16* __restrict__ w0,
-                                           const bf16* __restrict__ w1, const bf16* __restrict__ w2,
-                                           const float* __restrict__ b0, const float* __restrict__ b1,
-                                           const float* __restrict__ b2, float* __restrict__ y0,
-                                           float* __restrict__ y1, float* __restrict__ y2, int n0,
-                                           int n1, int n2, int m, int k, int accumulate,
-                                           const float* __restrict__ nw, float eps) {
-    int o = (blockIdx.x * blockDim.x + threadIdx.x) / WARP;
+__device__ __forceinline__ void gemv_one(const float* __restrict__ x, const bf16* __restrict__ w,
+                                         const float* __restrict__ b, float* __restrict__ y, int o,
+                                         int n, int m, int k, int accumulate,
+                                         const float* __restrict__ nw, float eps) {
     int lane = threadIdx.x % WARP;
-    const bf16* w; const float* b; float* y; int n;
-    if (o < n0) { w = w0; b = b0; y = y0; n = n0; }
-    else if (o < n0 + n1) { o -= n0; w = w1; b = b1; y = y1; n = n1; }
-    else if (o < n0 + n1 + n2) { o -= n0 + n1; w = w2; b = b2; y = y2; n = n2; }
-    else return;
     const uint4* wr = (const uint4*)(w + (long)o * k);
     float acc[GEMV_ROWS], ss[GEMV_ROWS];
 #pragma unroll
@@ -166,13 +154,116 @@ __device__ __forceinline__ void gemv_parts(const float* __restrict__ x, const bf
     }
 }
 
+// RoPE folded into a projection (the `rope` kernel's rotation, applied to the finished
+// outputs): rows at positions pos[r], tables [max_pos, rot / 2], pairs (i, i + rot/2) of
+// each head's rotated dimensions, or (2i, 2i + 1) when `interleaved`.
+struct RopeArgs {
+    const unsigned* pos;
+    const float* cos_t;
+    const float* sin_t;
+    int rot, interleaved;
+};
+
+// A rotated pair of outputs (oa, ob) of a projection, the pair's index i among a head's
+// rot / 2, by one warp: both weight rows read in the same pass, then
+// y[r, oa] = va·cos − vb·sin and y[r, ob] = vb·cos + va·sin at row r's position, va and
+// vb the projections (with their biases) as gemv_one makes them.
+template <bool NORM>
+__device__ __forceinline__ void gemv_pair(const float* __restrict__ x, const bf16* __restrict__ w,
+                                          const float* __restrict__ b, float* __restrict__ y, int oa,
+                                          int ob, int i, int n, int m, int k,
+                                          const float* __restrict__ nw, float eps, RopeArgs rp) {
+    int lane = threadIdx.x % WARP;
+    const uint4* wa = (const uint4*)(w + (long)oa * k);
+    const uint4* wb = (const uint4*)(w + (long)ob * k);
+    float aa[GEMV_ROWS], ab[GEMV_ROWS], ss[GEMV_ROWS];
+#pragma unroll
+    for (int r = 0; r < GEMV_ROWS; r++) aa[r] = ab[r] = ss[r] = 0.f;
+#pragma unroll 4
+    for (int j = lane; j < k / 8; j += WARP) {
+        uint4 pa = wa[j], pb = wb[j];
+        float4 g0, g1, a, c;
+        norm8<NORM>(nw, j, g0, g1);
+#pragma unroll
+        for (int r = 0; r < GEMV_ROWS; r++) {
+            if (r < m) {
+                row8<NORM>(x + (long)r * k + 8 * j, g0, g1, a, c, ss[r]);
+                aa[r] += dot8v(pa, a, c);
+                ab[r] += dot8v(pb, a, c);
+            }
+        }
+    }
+    int half = rp.rot / 2;
+#pragma unroll
+    for (int r = 0; r < GEMV_ROWS; r++) {
+        if (r < m) {
+            float scale = norm_scale<NORM>(ss[r], k, eps);
+            float va = warp_sum(aa[r]) * scale, vb = warp_sum(ab[r]) * scale;
+            if (lane == 0) {
+                if (b) {
+                    va += b[oa];
+                    vb += b[ob];
+                }
+                long t = (long)rp.pos[r] * half + i;
+                float cs = rp.cos_t[t], sn = rp.sin_t[t];
+                y[(long)r * n + oa] = va * cs - vb * sn;
+                y[(long)r * n + ob] = vb * cs + va * sn;
+            }
+        }
+    }
+}
+
+// Up to three projections of the same rows in one launch (one projection; a layer's q, k
+// and v; MLA's query and latent): outputs o < n0 are x·w0ᵀ (+ b0) into y0, the next n1
+// x·w1ᵀ (+ b1) into y1, the next n2 into y2; a null bias adds nothing. With `accumulate`
+// the results are added to what the outputs hold (a residual connection). With NORM the
+// rows are first RMSNorm-ed with weights nw[k] and epsilon eps, in the same pass: the norm
+// a decode step would otherwise launch before its projections.
+//
+// With ROPE, part j with dj > 0 is rotated as the `rope` kernel rotates it (heads of dj
+// outputs, `rot` dimensions from offj in each): its warps are one per rotated pair
+// (gemv_pair) and one per other output, so the step launches no RoPE of its own.
+template <bool NORM, bool ROPE>
+__device__ __forceinline__ void gemv_parts(const float* __restrict__ x, const bf16* __restrict__ w0,
+                                           const bf16* __restrict__ w1, const bf16* __restrict__ w2,
+                                           const float* __restrict__ b0, const float* __restrict__ b1,
+                                           const float* __restrict__ b2, float* __restrict__ y0,
+                                           float* __restrict__ y1, float* __restrict__ y2, int n0,
+                                           int n1, int n2, int m, int k, int accumulate,
+                                           const float* __restrict__ nw, float eps, RopeArgs rp,
+                                           int d0, int off0, int d1, int off1, int d2, int off2) {
+    int u = (blockIdx.x * blockDim.x + threadIdx.x) / WARP;
+    int half = rp.rot / 2;
+    // Warps per part: one per output, or per head one per rotated pair and other output.
+    int u0 = ROPE && d0 > 0 ? n0 / d0 * (d0 - half) : n0;
+    int u1 = ROPE && d1 > 0 ? n1 / d1 * (d1 - half) : n1;
+    int u2 = ROPE && d2 > 0 ? n2 / d2 * (d2 - half) : n2;
+    const bf16* w; const float* b; float* y; int n, d, off;
+    if (u < u0) { w = w0; b = b0; y = y0; n = n0; d = d0; off = off0; }
+    else if (u < u0 + u1) { u -= u0; w = w1; b = b1; y = y1; n = n1; d = d1; off = off1; }
+    else if (u < u0 + u1 + u2) { u -= u0 + u1; w = w2; b = b2; y = y2; n = n2; d = d2; off = off2; }
+    else return;
+    if (ROPE && d > 0) {
+        int per = d - half, head = u / per, j = u % per;
+        if (j < half) {
+            int a = rp.interleaved ? 2 * j : j, e = rp.interleaved ? 2 * j + 1 : j + half;
+            gemv_pair<NORM>(x, w, b, y, head * d + off + a, head * d + off + e, j, n, m, k, nw, eps, rp);
+            return;
+        }
+        j -= half;
+        u = head * d + (j < off ? j : j + rp.rot);
+    }
+    gemv_one<NORM>(x, w, b, y, u, n, m, k, accumulate, nw, eps);
+}
+
 extern "C" __global__ void MAX_THREADS(256) gemv_bf16(const float* __restrict__ x, const bf16* __restrict__ w0,
                                      const bf16* __restrict__ w1, const bf16* __restrict__ w2,
                                      const float* __restrict__ b0, const float* __restrict__ b1,
                                      const float* __restrict__ b2, float* __restrict__ y0,
                                      float* __restrict__ y1, float* __restrict__ y2, int n0, int n1,
                                      int n2, int m, int k, int accumulate) {
-    gemv_parts<false>(x, w0, w1, w2, b0, b1, b2, y0, y1, y2, n0, n1, n2, m, k, accumulate, nullptr, 0.f);
+    gemv_parts<false, false>(x, w0, w1, w2, b0, b1, b2, y0, y1, y2, n0, n1, n2, m, k, accumulate, nullptr,
+                             0.f, RopeArgs{}, 0, 0, 0, 0, 0, 0);
 }
 
 // gemv_bf16 of RMSNorm(x) (weights nw[k], a multiple of 8 floats).
@@ -183,7 +274,39 @@ extern "C" __global__ void MAX_THREADS(256) gemv_bf16_norm(const float* __restri
                                      float* __restrict__ y1, float* __restrict__ y2, int n0, int n1,
                                      int n2, int m, int k, int accumulate,
                                      const float* __restrict__ nw, float eps) {
-    gemv_parts<true>(x, w0, w1, w2, b0, b1, b2, y0, y1, y2, n0, n1, n2, m, k, accumulate, nw, eps);
+    gemv_parts<true, false>(x, w0, w1, w2, b0, b1, b2, y0, y1, y2, n0, n1, n2, m, k, accumulate, nw, eps,
+                            RopeArgs{}, 0, 0, 0, 0, 0, 0);
+}
+
+// gemv_bf16 with RoPE folded in (see gemv_parts; `accumulate` is not used with it): the
+// rows at positions pos[m], tables cos_t/sin_t [max_pos, rot / 2], part j rotated in heads
+// of dj outputs from offj (dj = 0: not rotated).
+extern "C" __global__ void MAX_THREADS(256) gemv_bf16_rope(const float* __restrict__ x, const bf16* __restrict__ w0,
+                                     const bf16* __restrict__ w1, const bf16* __restrict__ w2,
+                                     const float* __restrict__ b0, const float* __restrict__ b1,
+                                     const float* __restrict__ b2, float* __restrict__ y0,
+                                     float* __restrict__ y1, float* __restrict__ y2, int n0, int n1,
+                                     int n2, int m, int k, int accumulate,
+                                     const unsigned* __restrict__ pos, const float* __restrict__ cos_t,
+                                     const float* __restrict__ sin_t, int rot, int interleaved,
+                                     int d0, int off0, int d1, int off1, int d2, int off2) {
+    gemv_parts<false, true>(x, w0, w1, w2, b0, b1, b2, y0, y1, y2, n0, n1, n2, m, k, 0, nullptr, 0.f,
+                            RopeArgs{pos, cos_t, sin_t, rot, interleaved}, d0, off0, d1, off1, d2, off2);
+}
+
+// gemv_bf16_rope of RMSNorm(x) (weights nw[k]).
+extern "C" __global__ void MAX_THREADS(256) gemv_bf16_norm_rope(const float* __restrict__ x, const bf16* __restrict__ w0,
+                                     const bf16* __restrict__ w1, const bf16* __restrict__ w2,
+                                     const float* __restrict__ b0, const float* __restrict__ b1,
+                                     const float* __restrict__ b2, float* __restrict__ y0,
+                                     float* __restrict__ y1, float* __restrict__ y2, int n0, int n1,
+                                     int n2, int m, int k, int accumulate,
+                                     const unsigned* __restrict__ pos, const float* __restrict__ cos_t,
+                                     const float* __restrict__ sin_t, int rot, int interleaved,
+                                     int d0, int off0, int d1, int off1, int d2, int off2,
+                                     const float* __restrict__ nw, float eps) {
+    gemv_parts<true, true>(x, w0, w1, w2, b0, b1, b2, y0, y1, y2, n0, n1, n2, m, k, 0, nw, eps,
+                           RopeArgs{pos, cos_t, sin_t, rot, interleaved}, d0, off0, d1, off1, d2, off2);
 }
 
 // The first half of a SwiGLU MLP for a few rows: y[r, o] = silu(x·gate[o]) · (x·up[o]),

@@ -76,6 +76,70 @@ pub struct AttnShape {
 /// One projection of [`Backend::linear_parts`]: a weight `[n, k]`, its bias, `n`.
 pub type Projection<'a, B> = (&'a B, Option<&'a B>, usize);
 
+/// The rotation of [`Backend::rope`] for [`Backend::norm_linear_parts_rope`]: `rot_dim`
+/// dimensions, rows at `positions`, tables `cos`/`sin` of `[max_pos, rot_dim / 2]`.
+pub struct RopeOf<'a, B> {
+    /// Dimensions rotated per head.
+    pub rot_dim: usize,
+    /// Each row's position.
+    pub positions: &'a [usize],
+    /// `cos` table.
+    pub cos: &'a B,
+    /// `sin` table.
+    pub sin: &'a B,
+    /// How the dimensions pair.
+    pub layout: RopeLayout,
+}
+
+impl<B> Clone for RopeOf<'_, B> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<B> Copy for RopeOf<'_, B> {}
+
+/// Rotates the outputs `outs[j]` of projections `parts[j]` (`n` outputs per row) that
+/// `rotate[j] = Some((head_dim, offset))` names, as [`Backend::rope`] rotates
+/// `x[rows, n / head_dim, head_dim]` from `offset`; two of them in one
+/// [`Backend::rope_pair`].
+pub fn rope_parts<B: Backend + ?Sized>(
+    be: &B,
+    outs: &mut [B::Buf],
+    parts: &[Projection<'_, B::Buf>],
+    rotate: &[Option<(usize, usize)>],
+    r: RopeOf<'_, B::Buf>,
+) {
+    let mut each: Vec<Rotated<'_, B::Buf>> = outs
+        .iter_mut()
+        .zip(parts)
+        .zip(rotate)
+        .filter_map(|((x, p), rot)| {
+            rot.filter(|(d, _)| *d > 0)
+                .map(|(d, off)| (x, p.2 / d, d, off))
+        })
+        .collect();
+    while !each.is_empty() {
+        let a = each.remove(0);
+        if each.is_empty() {
+            let (x, heads, d, off) = a;
+            be.rope(
+                x,
+                heads,
+                d,
+                off,
+                r.rot_dim,
+                r.positions,
+                r.cos,
+                r.sin,
+                r.layout,
+            );
+        } else {
+            let b = each.remove(0);
+            be.rope_pair(a, b, r.rot_dim, r.positions, r.cos, r.sin, r.layout);
+        }
+    }
+}
+
 /// One tensor of [`Backend::rope_pair`]: `x[rows, heads, head_dim]` rotated from `offset`
 /// within each head, as `(x, heads, head_dim, offset)`.
 pub type Rotated<'a, B> = (&'a mut B, usize, usize, usize);
@@ -254,6 +318,26 @@ pub trait Backend {
     ) -> Vec<Self::Buf> {
         let xn = self.rms_norm(x, norm.0, norm.1);
         self.linear_parts(&xn, m, k, parts)
+    }
+    /// [`Backend::norm_linear_parts`] with some outputs rotated (a layer's queries and
+    /// keys): `rotate[j]` is `Some((head_dim, offset))` for part `j` rotated as
+    /// [`Backend::rope`] rotates `x[m, n / head_dim, head_dim]` from `offset` (see
+    /// [`rope_parts`]), `None` for a part left as it is. A device backend folds the
+    /// rotation into the projections' pass (no launch of its own).
+    #[allow(clippy::too_many_arguments)]
+    fn norm_linear_parts_rope(
+        &self,
+        x: &Self::Buf,
+        norm: (&Self::Buf, f32),
+        m: usize,
+        k: usize,
+        parts: &[Projection<'_, Self::Buf>],
+        rotate: &[Option<(usize, usize)>],
+        rope: RopeOf<'_, Self::Buf>,
+    ) -> Vec<Self::Buf> {
+        let mut outs = self.norm_linear_parts(x, norm, m, k, parts);
+        rope_parts(self, &mut outs, parts, rotate, rope);
+        outs
     }
     /// [`Backend::gate_up`] of `rms_norm(x, norm.0, norm.1)`, the norm folded in likewise.
     #[allow(clippy::too_many_arguments)]

@@ -46,7 +46,9 @@ use half::bf16;
 pub use step::GraphStats;
 use step::{Captured, Dev, KArg, Mode, Pre, Region, Sig, Steps};
 
-use super::{AttnShape, Backend, DeviceError, Projection, RopeLayout, Rotated, Weight};
+use super::{
+    rope_parts, AttnShape, Backend, DeviceError, Projection, RopeLayout, RopeOf, Rotated, Weight,
+};
 use crate::engine::paged::{AllocError, BlockPool, Budget, ChunkSource, PagedRows};
 use crate::engine::sampler::{Pick, Sampled, MAX_ALTERNATIVES};
 
@@ -93,6 +95,8 @@ pub const KERNEL_NAMES: &[&str] = &[
     "gemv_bf16",
     "gemv_swiglu",
     "gemv_bf16_norm",
+    "gemv_bf16_rope",
+    "gemv_bf16_norm_rope",
     "gemv_swiglu_norm",
     "moe_route",
     "moe_group",
@@ -451,6 +455,21 @@ fn per_row(rows: usize, threads: u32) -> LaunchConfig {
 
 /// Whether rows `x[m, k]` go through the GEMV kernels: at most [`GEMV_ROWS`] of them, `k`
 /// a multiple of 8 and `x` 16-byte aligned (their 16-byte loads).
+/// Which projections' outputs to rotate, and how (see [`Backend::norm_linear_parts_rope`]).
+type PartsRope<'a> = (&'a [Option<(usize, usize)>], RopeOf<'a, CudaBuf>);
+
+/// RoPE folded into a `gemv_bf16_rope` launch: the rows' positions (device), the tables'
+/// addresses, the rotated dimensions, the layout, and per part (head_dim, offset), head_dim
+/// 0 for a part not rotated.
+struct FoldedRope {
+    pos: Dev<u32>,
+    cos: u64,
+    sin: u64,
+    rot: i32,
+    interleaved: i32,
+    parts: [(i32, i32); 3],
+}
+
 fn gemv_fits(x: &Dev<f32>, m: usize, k: usize) -> bool {
     m <= GEMV_ROWS && k.is_multiple_of(8) && x.ptr().is_multiple_of(16)
 }
@@ -1169,9 +1188,11 @@ impl Cuda {
         );
     }
 
-    /// Up to three projections of the same rows, of `rms_norm(x)` with `norm`: one
-    /// `gemv_bf16(_norm)` launch for a few rows, else cuBLAS per part (x rounded to bf16
-    /// once), else (any other layout) one projection at a time.
+    /// Up to three projections of the same rows, of `rms_norm(x)` with `norm`, and with
+    /// `rope` the parts it names rotated (see [`Backend::norm_linear_parts_rope`]): one
+    /// `gemv_bf16(_norm)(_rope)` launch for a few rows, else cuBLAS per part (x rounded
+    /// to bf16 once), else (any other layout) one projection at a time, then the `rope`
+    /// kernel.
     fn project_parts(
         &self,
         x: &CudaBuf,
@@ -1179,13 +1200,37 @@ impl Cuda {
         m: usize,
         k: usize,
         parts: &[Projection<'_, CudaBuf>],
+        rope: Option<PartsRope<'_>>,
     ) -> Vec<CudaBuf> {
+        let (mut outs, rotated) = self.project_parts_once(x, norm, m, k, parts, rope);
+        if let (false, Some((rotate, r))) = (rotated, rope) {
+            rope_parts(self, &mut outs, parts, rotate, r);
+        }
+        outs
+    }
+
+    /// [`Cuda::project_parts`] but for the `rope` kernel: the outputs, and whether they
+    /// are rotated already (in the GEMV's pass).
+    fn project_parts_once(
+        &self,
+        x: &CudaBuf,
+        norm: Option<(&CudaBuf, f32)>,
+        m: usize,
+        k: usize,
+        parts: &[Projection<'_, CudaBuf>],
+        rope: Option<PartsRope<'_>>,
+    ) -> (Vec<CudaBuf>, bool) {
         let each = || match norm {
-            Some((w, eps)) => self.project_parts(&self.rms_norm(x, w, eps), None, m, k, parts),
-            None => parts
-                .iter()
-                .map(|(w, b, n)| self.project(x, m, w, *n, k, *b, None))
-                .collect(),
+            Some((w, eps)) => {
+                self.project_parts_once(&self.rms_norm(x, w, eps), None, m, k, parts, rope)
+            }
+            None => (
+                parts
+                    .iter()
+                    .map(|(w, b, n)| self.project(x, m, w, *n, k, *b, None))
+                    .collect(),
+                false,
+            ),
         };
         if self.errored() || parts.is_empty() || parts.len() > 3 || m == 0 {
             return each();
@@ -1235,7 +1280,7 @@ impl Cuda {
                 }
                 outs.push(CudaBuf::F32(Arc::new(y)));
             }
-            return outs;
+            return (outs, false);
         }
         let mut ys = Vec::with_capacity(3);
         for (_, _, n) in parts {
@@ -1251,8 +1296,61 @@ impl Cuda {
             .zip(parts)
             .map(|(((w, b), y), p)| (w.ptr(), b.map_or(0, |b| b.ptr()), y.ptr(), p.2))
             .collect();
-        self.gemv(xs, m, k, &gemv_parts, false, norm);
-        ys.into_iter().map(|y| CudaBuf::F32(Arc::new(y))).collect()
+        let folded = rope.and_then(|(rotate, r)| self.folded_rope(rotate, r, parts, m));
+        let rotated = folded.is_some();
+        self.gemv(xs, m, k, &gemv_parts, false, norm, folded);
+        (
+            ys.into_iter().map(|y| CudaBuf::F32(Arc::new(y))).collect(),
+            rotated,
+        )
+    }
+
+    /// The RoPE a GEMV launch folds in for `parts` of rows at `r.positions` (see
+    /// `gemv_bf16_rope`): its kernel arguments, or `None` where it cannot be folded (the
+    /// `rope` kernel runs after).
+    fn folded_rope(
+        &self,
+        rotate: &[Option<(usize, usize)>],
+        r: RopeOf<'_, CudaBuf>,
+        parts: &[Projection<'_, CudaBuf>],
+        m: usize,
+    ) -> Option<FoldedRope> {
+        let (CudaBuf::F32(c), CudaBuf::F32(s)) = (r.cos, r.sin) else {
+            return None;
+        };
+        let half = r.rot_dim / 2;
+        let max_pos = c.len().checked_div(half)?;
+        if half == 0
+            || !r.rot_dim.is_multiple_of(2)
+            || s.len() != c.len()
+            || r.positions.len() != m
+            || r.positions.iter().any(|p| *p >= max_pos)
+            || rotate.len() > parts.len()
+        {
+            return None;
+        }
+        let mut each = [(0i32, 0i32); 3];
+        for ((slot, rot), (_, _, n)) in each.iter_mut().zip(rotate).zip(parts) {
+            if let Some((d, off)) = *rot {
+                if d == 0 || !n.is_multiple_of(d) || off + r.rot_dim > d {
+                    return None;
+                }
+                *slot = (d as i32, off as i32);
+            }
+        }
+        if each.iter().all(|(d, _)| *d == 0) {
+            return None;
+        }
+        let pos: Vec<u32> = r.positions.iter().map(|p| *p as u32).collect();
+        let pos = self.meta(&pos, "positions")?;
+        Some(FoldedRope {
+            pos,
+            cos: c.ptr(),
+            sin: s.ptr(),
+            rot: r.rot_dim as i32,
+            interleaved: i32::from(r.layout == RopeLayout::Interleaved),
+            parts: each,
+        })
     }
 
     /// SwiGLU's `silu(x·gateᵀ) · (x·upᵀ)` of `rms_norm(x)` with `norm`: one
@@ -1395,7 +1493,7 @@ impl Cuda {
         match w {
             CudaBuf::Bf16(ws) if gemv_fits(xs, m, k) => {
                 let part = (ws.ptr(), bias.map_or(0, |b| b.ptr()), y.ptr(), n);
-                self.gemv(xs, m, k, &[part], accumulate, None);
+                self.gemv(xs, m, k, &[part], accumulate, None, None);
             }
             CudaBuf::Bf16(ws) => {
                 let beta = if accumulate { 1.0 } else { 0.0 };
@@ -1426,6 +1524,7 @@ impl Cuda {
 
     /// `gemv_bf16` over up to three projections `(weight, bias or 0, output, n)` of the
     /// rows `x[m, k]` (see [`gemv_fits`]), added to the outputs with `accumulate`.
+    #[allow(clippy::too_many_arguments)]
     fn gemv(
         &self,
         x: &Dev<f32>,
@@ -1434,16 +1533,65 @@ impl Cuda {
         parts: &[(u64, u64, u64, usize)],
         accumulate: bool,
         norm: Option<(&Dev<f32>, f32)>,
+        rope: Option<FoldedRope>,
     ) {
         let part = |i: usize| parts.get(i).copied().unwrap_or((0, 0, 0, 0));
         let [(w0, b0, y0, n0), (w1, b1, y1, n1), (w2, b2, y2, n2)] = [part(0), part(1), part(2)];
+        // A warp per output, or per rotated pair of outputs.
+        let warps = |n: usize, i: usize| match &rope {
+            Some(r) if r.parts[i].0 > 0 => {
+                let d = r.parts[i].0 as usize;
+                n / d * (d - r.rot as usize / 2)
+            }
+            _ => n,
+        };
         let cfg = LaunchConfig {
-            grid_dim: ((n0 + n1 + n2).div_ceil(8) as u32, 1, 1),
+            grid_dim: (
+                (warps(n0, 0) + warps(n1, 1) + warps(n2, 2)).div_ceil(8) as u32,
+                1,
+                1,
+            ),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
         let (n0, n1, n2) = (n0 as i32, n1 as i32, n2 as i32);
         let (mi, ki, ai) = (m as i32, k as i32, i32::from(accumulate));
+        if let Some(r) = rope {
+            let [(d0, o0), (d1, o1), (d2, o2)] = r.parts;
+            launch!(
+                self,
+                "gemv_bf16_rope" or "gemv_bf16_norm_rope" with norm,
+                cfg,
+                x,
+                &w0,
+                &w1,
+                &w2,
+                &b0,
+                &b1,
+                &b2,
+                &y0,
+                &y1,
+                &y2,
+                &n0,
+                &n1,
+                &n2,
+                &mi,
+                &ki,
+                &ai,
+                &r.pos,
+                &r.cos,
+                &r.sin,
+                &r.rot,
+                &r.interleaved,
+                &d0,
+                &o0,
+                &d1,
+                &o1,
+                &d2,
+                &o2
+            );
+            return;
+        }
         launch!(
             self,
             "gemv_bf16" or "gemv_bf16_norm" with norm,
@@ -2695,7 +2843,7 @@ impl Backend for Cuda {
         k: usize,
         parts: &[Projection<'_, CudaBuf>],
     ) -> Vec<CudaBuf> {
-        self.project_parts(x, None, m, k, parts)
+        self.project_parts(x, None, m, k, parts, None)
     }
 
     fn norm_linear_parts(
@@ -2706,7 +2854,20 @@ impl Backend for Cuda {
         k: usize,
         parts: &[Projection<'_, CudaBuf>],
     ) -> Vec<CudaBuf> {
-        self.project_parts(x, Some(norm), m, k, parts)
+        self.project_parts(x, Some(norm), m, k, parts, None)
+    }
+
+    fn norm_linear_parts_rope(
+        &self,
+        x: &CudaBuf,
+        norm: (&CudaBuf, f32),
+        m: usize,
+        k: usize,
+        parts: &[Projection<'_, CudaBuf>],
+        rotate: &[Option<(usize, usize)>],
+        rope: RopeOf<'_, CudaBuf>,
+    ) -> Vec<CudaBuf> {
+        self.project_parts(x, Some(norm), m, k, parts, Some((rotate, rope)))
     }
 
     fn gate_up(
