@@ -154,6 +154,44 @@ __device__ __forceinline__ void gemv_one(const float* __restrict__ x, const bf16
     }
 }
 
+// Two weight rows wa, wb (k wide) dotted with each of the m ≤ GEMV_ROWS rows of x (with
+// NORM, of RMSNorm(x) as gemv_one takes it), by one warp in one pass over both rows:
+// va[r] and vb[r] finished, in every lane.
+template <bool NORM>
+__device__ __forceinline__ void dot_two(const float* __restrict__ x, const bf16* __restrict__ wa,
+                                        const bf16* __restrict__ wb, int m, int k,
+                                        const float* __restrict__ nw, float eps,
+                                        float (&va)[GEMV_ROWS], float (&vb)[GEMV_ROWS]) {
+    int lane = threadIdx.x % WARP;
+    const uint4* a4 = (const uint4*)wa;
+    const uint4* b4 = (const uint4*)wb;
+    float ss[GEMV_ROWS];
+#pragma unroll
+    for (int r = 0; r < GEMV_ROWS; r++) va[r] = vb[r] = ss[r] = 0.f;
+#pragma unroll 4
+    for (int i = lane; i < k / 8; i += WARP) {
+        uint4 pa = a4[i], pb = b4[i];
+        float4 g0, g1, a, c;
+        norm8<NORM>(nw, i, g0, g1);
+#pragma unroll
+        for (int r = 0; r < GEMV_ROWS; r++) {
+            if (r < m) {
+                row8<NORM>(x + (long)r * k + 8 * i, g0, g1, a, c, ss[r]);
+                va[r] += dot8v(pa, a, c);
+                vb[r] += dot8v(pb, a, c);
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < GEMV_ROWS; r++) {
+        if (r < m) {
+            float scale = norm_scale<NORM>(ss[r], k, eps);
+            va[r] = warp_sum(va[r]) * scale;
+            vb[r] = warp_sum(vb[r]) * scale;
+        }
+    }
+}
+
 // RoPE folded into a projection (the `rope` kernel's rotation, applied to the finished
 // outputs): rows at positions pos[r], tables [max_pos, rot / 2], pairs (i, i + rot/2) of
 // each head's rotated dimensions, or (2i, 2i + 1) when `interleaved`.
@@ -173,33 +211,14 @@ __device__ __forceinline__ void gemv_pair(const float* __restrict__ x, const bf1
                                           const float* __restrict__ b, float* __restrict__ y, int oa,
                                           int ob, int i, int n, int m, int k,
                                           const float* __restrict__ nw, float eps, RopeArgs rp) {
-    int lane = threadIdx.x % WARP;
-    const uint4* wa = (const uint4*)(w + (long)oa * k);
-    const uint4* wb = (const uint4*)(w + (long)ob * k);
-    float aa[GEMV_ROWS], ab[GEMV_ROWS], ss[GEMV_ROWS];
-#pragma unroll
-    for (int r = 0; r < GEMV_ROWS; r++) aa[r] = ab[r] = ss[r] = 0.f;
-#pragma unroll 4
-    for (int j = lane; j < k / 8; j += WARP) {
-        uint4 pa = wa[j], pb = wb[j];
-        float4 g0, g1, a, c;
-        norm8<NORM>(nw, j, g0, g1);
-#pragma unroll
-        for (int r = 0; r < GEMV_ROWS; r++) {
-            if (r < m) {
-                row8<NORM>(x + (long)r * k + 8 * j, g0, g1, a, c, ss[r]);
-                aa[r] += dot8v(pa, a, c);
-                ab[r] += dot8v(pb, a, c);
-            }
-        }
-    }
+    float aa[GEMV_ROWS], ab[GEMV_ROWS];
+    dot_two<NORM>(x, w + (long)oa * k, w + (long)ob * k, m, k, nw, eps, aa, ab);
     int half = rp.rot / 2;
 #pragma unroll
     for (int r = 0; r < GEMV_ROWS; r++) {
         if (r < m) {
-            float scale = norm_scale<NORM>(ss[r], k, eps);
-            float va = warp_sum(aa[r]) * scale, vb = warp_sum(ab[r]) * scale;
-            if (lane == 0) {
+            float va = aa[r], vb = ab[r];
+            if (threadIdx.x % WARP == 0) {
                 if (b) {
                     va += b[oa];
                     vb += b[ob];
@@ -316,33 +335,14 @@ __device__ __forceinline__ void gemv_gate_up(const float* __restrict__ x, const 
                                              const bf16* __restrict__ wu, float* __restrict__ y, int m,
                                              int n, int k, const float* __restrict__ nw, float eps) {
     int o = (blockIdx.x * blockDim.x + threadIdx.x) / WARP;
-    int lane = threadIdx.x % WARP;
     if (o >= n) return;
-    const uint4* g = (const uint4*)(wg + (long)o * k);
-    const uint4* u = (const uint4*)(wu + (long)o * k);
-    float ag[GEMV_ROWS], au[GEMV_ROWS], ss[GEMV_ROWS];
-#pragma unroll
-    for (int r = 0; r < GEMV_ROWS; r++) ag[r] = au[r] = ss[r] = 0.f;
-#pragma unroll 4
-    for (int i = lane; i < k / 8; i += WARP) {
-        uint4 pg = g[i], pu = u[i];
-        float4 g0, g1, a, c;
-        norm8<NORM>(nw, i, g0, g1);
-#pragma unroll
-        for (int r = 0; r < GEMV_ROWS; r++) {
-            if (r < m) {
-                row8<NORM>(x + (long)r * k + 8 * i, g0, g1, a, c, ss[r]);
-                ag[r] += dot8v(pg, a, c);
-                au[r] += dot8v(pu, a, c);
-            }
-        }
-    }
+    float ag[GEMV_ROWS], au[GEMV_ROWS];
+    dot_two<NORM>(x, wg + (long)o * k, wu + (long)o * k, m, k, nw, eps, ag, au);
 #pragma unroll
     for (int r = 0; r < GEMV_ROWS; r++) {
-        if (r < m) {
-            float scale = norm_scale<NORM>(ss[r], k, eps);
-            float a = warp_sum(ag[r]) * scale, v = warp_sum(au[r]) * scale;
-            if (lane == 0) y[(long)r * n + o] = a / (1.f + __expf(-a)) * v;
+        if (r < m && threadIdx.x % WARP == 0) {
+            float a = ag[r], v = au[r];
+            y[(long)r * n + o] = a / (1.f + __expf(-a)) * v;
         }
     }
 }

@@ -1554,65 +1554,32 @@ impl Cuda {
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        let (n0, n1, n2) = (n0 as i32, n1 as i32, n2 as i32);
-        let (mi, ki, ai) = (m as i32, k as i32, i32::from(accumulate));
-        if let Some(r) = rope {
-            let [(d0, o0), (d1, o1), (d2, o2)] = r.parts;
-            launch!(
-                self,
-                "gemv_bf16_rope" or "gemv_bf16_norm_rope" with norm,
-                cfg,
-                x,
-                &w0,
-                &w1,
-                &w2,
-                &b0,
-                &b1,
-                &b2,
-                &y0,
-                &y1,
-                &y2,
-                &n0,
-                &n1,
-                &n2,
-                &mi,
-                &ki,
-                &ai,
-                &r.pos,
-                &r.cos,
-                &r.sin,
-                &r.rot,
-                &r.interleaved,
-                &d0,
-                &o0,
-                &d1,
-                &o1,
-                &d2,
-                &o2
-            );
-            return;
+        // gemv_bf16's parameters, then the RoPE's (`_rope`), then the norm's (`_norm`).
+        let mut words: Vec<u64> = [x.ptr(), w0, w1, w2, b0, b1, b2, y0, y1, y2]
+            .into_iter()
+            .chain([n0, n1, n2, m, k].map(|v| (v as i32).word()))
+            .chain([i32::from(accumulate).word()])
+            .collect();
+        if let Some(r) = &rope {
+            words.extend([
+                r.pos.ptr(),
+                r.cos,
+                r.sin,
+                r.rot.word(),
+                r.interleaved.word(),
+            ]);
+            words.extend(r.parts.iter().flat_map(|(d, off)| [d.word(), off.word()]));
         }
-        launch!(
-            self,
-            "gemv_bf16" or "gemv_bf16_norm" with norm,
-            cfg,
-            x,
-            &w0,
-            &w1,
-            &w2,
-            &b0,
-            &b1,
-            &b2,
-            &y0,
-            &y1,
-            &y2,
-            &n0,
-            &n1,
-            &n2,
-            &mi,
-            &ki,
-            &ai
-        );
+        if let Some((nw, eps)) = norm {
+            words.extend([nw.ptr(), eps.word()]);
+        }
+        let name = match (rope.is_some(), norm.is_some()) {
+            (false, false) => "gemv_bf16",
+            (false, true) => "gemv_bf16_norm",
+            (true, false) => "gemv_bf16_rope",
+            (true, true) => "gemv_bf16_norm_rope",
+        };
+        self.launch_words(name, cfg, &mut words);
     }
 
     /// Adds `bias[n]` to every row of `x[·, n]`.
