@@ -825,7 +825,7 @@ fn moe_experts_on_the_device_match_a_host_computation() {
         return;
     }
     // 40 tokens: 120 pairs among 16 experts, so that some expert has more slots than
-    // the kernels take at once (MOE_CHUNK).
+    // the kernels take at once (GEMV_ROWS).
     let (t, n, k, hidden, inter) = (40, 16, 3, 64, 24);
     let moe = moe_cfg(TopkMethod::Greedy, ScoringFunc::Softmax, k, true);
     let x = rand_vec(t * hidden, 40);
@@ -979,7 +979,7 @@ fn moe_experts_on_the_device_match_a_host_computation() {
     assert!(
         count
             .iter()
-            .any(|&c| c as usize > kernel_define("MOE_CHUNK")),
+            .any(|&c| c as usize > kernel_define("GEMV_ROWS")),
         "no expert has more slots than one pass takes: {count:?}"
     );
 }

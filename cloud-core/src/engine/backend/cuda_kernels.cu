@@ -5,8 +5,7 @@
 // block of it is launched with. The backend refuses a launch beyond it and checks at
 // start-up that the device runs blocks that size; CI checks with ptxas that the kernel's
 // registers allow them, without spills. It expands to nothing: `__launch_bounds__`
-// changes ptxas's register allocation (under it gemv_bf16 spills on sm_90, moe_gate_up
-// on sm_80).
+// changes ptxas's register allocation (under it gemv_bf16 spills on sm_90).
 
 #include <cuda_bf16.h>
 
@@ -154,11 +153,25 @@ __device__ __forceinline__ void gemv_one(const float* __restrict__ x, const bf16
     }
 }
 
+// The rows of x a projection reads: m consecutive rows k wide, or rows picked by index
+// (the tokens routed to an expert).
+struct Dense {
+    const float* __restrict__ x;
+    int k;
+    __device__ __forceinline__ const float* row(int r) const { return x + (long)r * k; }
+};
+struct Picked {
+    const float* __restrict__ x;
+    const int* __restrict__ at;
+    int k;
+    __device__ __forceinline__ const float* row(int r) const { return x + (long)at[r] * k; }
+};
+
 // Two weight rows wa, wb (k wide) dotted with each of the m ≤ GEMV_ROWS rows of x (with
 // NORM, of RMSNorm(x) as gemv_one takes it), by one warp in one pass over both rows:
 // va[r] and vb[r] finished, in every lane.
-template <bool NORM>
-__device__ __forceinline__ void dot_two(const float* __restrict__ x, const bf16* __restrict__ wa,
+template <bool NORM, class Rows>
+__device__ __forceinline__ void dot_two(Rows x, const bf16* __restrict__ wa,
                                         const bf16* __restrict__ wb, int m, int k,
                                         const float* __restrict__ nw, float eps,
                                         float (&va)[GEMV_ROWS], float (&vb)[GEMV_ROWS]) {
@@ -176,7 +189,7 @@ __device__ __forceinline__ void dot_two(const float* __restrict__ x, const bf16*
 #pragma unroll
         for (int r = 0; r < GEMV_ROWS; r++) {
             if (r < m) {
-                row8<NORM>(x + (long)r * k + 8 * i, g0, g1, a, c, ss[r]);
+                row8<NORM>(x.row(r) + 8 * i, g0, g1, a, c, ss[r]);
                 va[r] += dot8v(pa, a, c);
                 vb[r] += dot8v(pb, a, c);
             }
@@ -212,7 +225,7 @@ __device__ __forceinline__ void gemv_pair(const float* __restrict__ x, const bf1
                                           int ob, int i, int n, int m, int k,
                                           const float* __restrict__ nw, float eps, RopeArgs rp) {
     float aa[GEMV_ROWS], ab[GEMV_ROWS];
-    dot_two<NORM>(x, w + (long)oa * k, w + (long)ob * k, m, k, nw, eps, aa, ab);
+    dot_two<NORM>(Dense{x, k}, w + (long)oa * k, w + (long)ob * k, m, k, nw, eps, aa, ab);
     int half = rp.rot / 2;
 #pragma unroll
     for (int r = 0; r < GEMV_ROWS; r++) {
@@ -337,7 +350,7 @@ __device__ __forceinline__ void gemv_gate_up(const float* __restrict__ x, const 
     int o = (blockIdx.x * blockDim.x + threadIdx.x) / WARP;
     if (o >= n) return;
     float ag[GEMV_ROWS], au[GEMV_ROWS];
-    dot_two<NORM>(x, wg + (long)o * k, wu + (long)o * k, m, k, nw, eps, ag, au);
+    dot_two<NORM>(Dense{x, k}, wg + (long)o * k, wu + (long)o * k, m, k, nw, eps, ag, au);
 #pragma unroll
     for (int r = 0; r < GEMV_ROWS; r++) {
         if (r < m && threadIdx.x % WARP == 0) {
@@ -1030,28 +1043,10 @@ extern "C" __global__ void MAX_THREADS(MOE_MAX_EXPERTS) moe_group(const int* __r
     }
 }
 
-#define MOE_CHUNK 8
-
-// Dot products of one bf16 weight row with up to MOE_CHUNK f32 rows, by one warp, 16
-// bytes of weights per lane per load (len a multiple of 8, rows 16-byte aligned).
-__device__ __forceinline__ void warp_dots(const bf16* __restrict__ w, const float* const* xs, int nx,
-                                          int len, float* out) {
-    int lane = threadIdx.x % WARP;
-    float acc[MOE_CHUNK];
-#pragma unroll
-    for (int j = 0; j < MOE_CHUNK; j++) acc[j] = 0.f;
-    const uint4* w8 = (const uint4*)w;
-#pragma unroll 2
-    for (int i = lane; i < len / 8; i += WARP) {
-        uint4 p = w8[i];
-#pragma unroll
-        for (int j = 0; j < MOE_CHUNK; j++)
-            if (j < nx) acc[j] += dot8(p, xs[j] + 8 * i);
-    }
-    // nx is the same in every lane: the warp takes the same branches.
-#pragma unroll
-    for (int j = 0; j < MOE_CHUNK; j++) out[j] = j < nx ? warp_sum(acc[j]) : 0.f;
-}
+// The experts' projections read each expert's weight rows once per GEMV_ROWS of the
+// tokens routed to it, with the decode projections' warp dot products: gate and up rows
+// in one pass (dot_two, the tokens' rows picked by slot), down rows with gemv_one (an
+// expert's slots are consecutive rows of h and y).
 
 // h[slot, r] = silu(gate_e[r] · x_tok) · (up_e[r] · x_tok) for every slot of expert e;
 // grid (n experts, ceil(inter / warps)), one warp per row r. Weight tables hold each
@@ -1069,20 +1064,17 @@ extern "C" __global__ void MAX_THREADS(256) moe_gate_up(const float* __restrict_
     const bf16* g = (const bf16*)gate_w[e] + (long)r * hidden;
     const bf16* u = (const bf16*)up_w[e] + (long)r * hidden;
     int s0 = start[e];
-    for (int c = 0; c < n_e; c += MOE_CHUNK) {
-        int nx = min(MOE_CHUNK, n_e - c);
-        const float* xs[MOE_CHUNK];
+    for (int c = 0; c < n_e; c += GEMV_ROWS) {
+        int nx = min(GEMV_ROWS, n_e - c);
+        float gv[GEMV_ROWS], uv[GEMV_ROWS];
+        dot_two<false>(Picked{x, slot_tok + s0 + c, hidden}, g, u, nx, hidden, nullptr, 0.f, gv, uv);
 #pragma unroll
-        for (int j = 0; j < MOE_CHUNK; j++)
-            xs[j] = x + (long)slot_tok[s0 + c + min(j, nx - 1)] * hidden;
-        float gv[MOE_CHUNK], uv[MOE_CHUNK];
-        warp_dots(g, xs, nx, hidden, gv);
-        warp_dots(u, xs, nx, hidden, uv);
-        if (threadIdx.x % WARP == 0)
-            for (int j = 0; j < nx; j++) {
+        for (int j = 0; j < GEMV_ROWS; j++) {
+            if (j < nx && threadIdx.x % WARP == 0) {
                 float a = gv[j];
                 h[(long)(s0 + c + j) * inter + r] = a / (1.f + __expf(-a)) * uv[j];
             }
+        }
     }
 }
 
@@ -1096,17 +1088,12 @@ extern "C" __global__ void MAX_THREADS(256) moe_down(const float* __restrict__ h
     int warps = blockDim.x / WARP;
     int r = blockIdx.y * warps + threadIdx.x / WARP;
     if (r >= hidden) return;
-    const bf16* d = (const bf16*)down_w[e] + (long)r * inter;
+    const bf16* d = (const bf16*)down_w[e];
     int s0 = start[e];
-    for (int c = 0; c < n_e; c += MOE_CHUNK) {
-        int nx = min(MOE_CHUNK, n_e - c);
-        const float* hs[MOE_CHUNK];
-#pragma unroll
-        for (int j = 0; j < MOE_CHUNK; j++) hs[j] = h + (long)(s0 + c + min(j, nx - 1)) * inter;
-        float v[MOE_CHUNK];
-        warp_dots(d, hs, nx, inter, v);
-        if (threadIdx.x % WARP == 0)
-            for (int j = 0; j < nx; j++) y[(long)(s0 + c + j) * hidden + r] = v[j];
+    for (int c = 0; c < n_e; c += GEMV_ROWS) {
+        long s = s0 + c;
+        gemv_one<false>(h + s * inter, d, nullptr, y + s * hidden, r, hidden,
+                        min(GEMV_ROWS, n_e - c), inter, 0, nullptr, 0.f);
     }
 }
 
