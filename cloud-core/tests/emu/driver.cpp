@@ -335,9 +335,27 @@ static void gemm(int ta, int tb, int m, int n, int k, float alpha, const void* a
         }
 }
 
+// cuBLAS's status codes, and the argument checks it documents for its GEMMs (a call that
+// breaks them is refused, not computed): sizes not negative, operations N (0) or T (1),
+// leading dimensions at least the rows of the matrix as stored.
+enum : int { BLAS_INVALID_VALUE = 7, BLAS_NOT_SUPPORTED = 15 };
+static int check_gemm(int ta, int tb, int m, int n, int k, int lda, int ldb, int ldc) {
+    auto op = [](int t) { return t == 0 || t == 1; };
+    auto at_least = [](int ld, int rows) { return ld >= (rows > 1 ? rows : 1); };
+    if (m < 0 || n < 0 || k < 0 || !op(ta) || !op(tb)) return BLAS_INVALID_VALUE;
+    if (!at_least(lda, ta ? k : m) || !at_least(ldb, tb ? n : k) || !at_least(ldc, m))
+        return BLAS_INVALID_VALUE;
+    return 0;
+}
+
 int cublasGemmEx(void* h, int ta, int tb, int m, int n, int k, const void* alpha, const void* a, int at,
                  int lda, const void* b, int bt, int ldb, const void* beta, void* c, int ct, int ldc,
-                 int, int) {
+                 int compute, int) {
+    if (int e = check_gemm(ta, tb, m, n, k, lda, ldb, ldc)) return e;
+    // The pairs the emulation computes, each one cuBLAS supports with CUBLAS_COMPUTE_32F
+    // (68): A and B both f32 (0) or both bf16 (14); C f32 or, for bf16 inputs, bf16.
+    if (compute != 68 || at != bt || (at != 0 && at != 14) || (ct != 0 && ct != at))
+        return BLAS_NOT_SUPPORTED;
     float al = *(const float*)alpha, be = *(const float*)beta;
     return issue(((Blas*)h)->stream,
                  [=] { gemm(ta, tb, m, n, k, al, a, at, lda, b, bt, ldb, be, c, ct, ldc); });
@@ -347,6 +365,8 @@ int cublasSgemmStridedBatched(void* h, int ta, int tb, int m, int n, int k, cons
                               const float* a, int lda, long long sa, const float* b, int ldb,
                               long long sb, const float* beta, float* c, int ldc, long long sc,
                               int batch) {
+    if (int e = check_gemm(ta, tb, m, n, k, lda, ldb, ldc)) return e;
+    if (batch < 0) return BLAS_INVALID_VALUE;
     float al = *alpha, be = *beta;
     return issue(((Blas*)h)->stream, [=] {
         for (int i = 0; i < batch; i++)
@@ -356,6 +376,7 @@ int cublasSgemmStridedBatched(void* h, int ta, int tb, int m, int n, int k, cons
 
 int cublasSgemm_v2(void* h, int ta, int tb, int m, int n, int k, const float* alpha, const float* a,
                    int lda, const float* b, int ldb, const float* beta, float* c, int ldc) {
+    if (int e = check_gemm(ta, tb, m, n, k, lda, ldb, ldc)) return e;
     float al = *alpha, be = *beta;
     return issue(((Blas*)h)->stream, [=] { gemm(ta, tb, m, n, k, al, a, 0, lda, b, 0, ldb, be, c, 0, ldc); });
 }
