@@ -12,8 +12,9 @@ use std::sync::OnceLock;
 
 #[path = "emu/mod.rs"]
 mod emu;
+// Named so that `cargo test -- --skip emulated_device` leaves out every test here.
 #[path = "cuda_suite/mod.rs"]
-mod suite;
+mod emulated_device;
 
 /// Builds the emulated libraries and loads them before cudarc looks for CUDA (it then
 /// finds them by their sonames); `false` (with the reason printed) without `g++`.
@@ -140,7 +141,7 @@ fn the_cuda_benchmark_runs_on_the_emulated_device() {
 /// steps) and schema-constrained verdicts from the embedded demo model, against the same
 /// verdicts from the CPU engine.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn verdicts_from_the_cuda_engine_match_the_cpu_engine() {
+async fn verdicts_on_the_emulated_device_match_the_cpu_engine() {
     use cloud_core::engine::scheduler::SchedulerConfig;
     use cloud_core::engine::service::{Device, Engine};
     use cloud_core::verdict::VerdictService;

@@ -79,21 +79,22 @@ fn run(cmd: &mut std::process::Command) -> Result<(), String> {
     }
 }
 
-/// Builds into a fresh directory: `libkernels.so` (kernels + `emu_launch`) and, with
-/// `driver`, `libcuda.so`, `libcublas.so` and `libnvrtc.so` (each the kernels plus the
-/// emulated libraries, named by their sonames so that loading them first makes them the
-/// ones cudarc finds).
+/// Builds `libkernels.so` (kernels + `emu_launch`) and, with `driver`, `libcuda.so`,
+/// `libcublas.so` and `libnvrtc.so` (each the kernels plus the emulated libraries, named
+/// by their sonames so that loading them first makes them the ones cudarc finds), and
+/// returns their directory.
+///
+/// The directory is named by a hash of everything that goes into the libraries (the
+/// source, the flags, the compiler's version) under the target directory's scratch space,
+/// so the test processes of one run (the kernel tests, the suite, the benchmark's child
+/// processes, the same tests in other orders) compile each variant once: g++ takes ~10 s
+/// over the kernels. A build goes to a directory of its own first and is renamed into
+/// place whole, so a process never loads another's half-written library.
 /// `EMU_BUILT=<dir>` reuses what another process built there (a test's child process).
 pub fn build(driver: bool) -> Result<PathBuf, String> {
     if let Some(dir) = std::env::var_os("EMU_BUILT") {
         return Ok(dir.into());
     }
-    let dir = std::env::temp_dir().join(format!(
-        "cloud-core-emu-{}-{}",
-        std::process::id(),
-        if driver { "driver" } else { "kernels" }
-    ));
-    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     // The kernels' warp reduction runs as one exchange instead of five shuffles (see
     // `emu_warp_sum` in shim.h: the same additions in the same order).
     let warp_sum = "__device__ __forceinline__ float warp_sum(float v) {";
@@ -117,10 +118,6 @@ pub fn build(driver: bool) -> Result<PathBuf, String> {
     if driver {
         src.push_str(DRIVER);
     }
-    let cpp = dir.join("emu.cpp");
-    std::fs::write(&cpp, src).map_err(|e| e.to_string())?;
-    let obj = dir.join("emu.o");
-    let sanitize = sanitizers();
     if address_sanitized() && !std::env::var("LD_PRELOAD").is_ok_and(|p| p.contains("libasan")) {
         return Err(
             "EMU_SANITIZE=address: the process must start with AddressSanitizer's runtime \
@@ -128,17 +125,58 @@ pub fn build(driver: bool) -> Result<PathBuf, String> {
                 .into(),
         );
     }
-    run(std::process::Command::new("g++")
-        .args(["-std=c++20", "-O2", "-fPIC", "-pthread", "-w"])
-        .args(&sanitize)
-        .args(["-c", "-o"])
-        .arg(&obj)
-        .arg(&cpp))?;
+    let compile: Vec<String> = ["-std=c++20", "-O2", "-fPIC", "-pthread", "-w"]
+        .into_iter()
+        .map(String::from)
+        .chain(sanitizers())
+        .collect();
     let names: &[&str] = if driver {
         &["libcuda.so", "libcublas.so", "libnvrtc.so"]
     } else {
         &["libkernels.so"]
     };
+    let version = std::process::Command::new("g++")
+        .arg("--version")
+        .output()
+        .map_err(|e| format!("no g++ to build the kernels for the CPU: {e}"))?
+        .stdout;
+    let key = {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (&src, &compile, names, &version).hash(&mut h);
+        h.finish()
+    };
+    let root = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    let dir = root.join(format!("cloud-core-emu-{key:016x}"));
+    if dir.is_dir() {
+        return Ok(dir);
+    }
+    let fresh = root.join(format!("cloud-core-emu-{key:016x}.{}", std::process::id()));
+    std::fs::create_dir_all(&fresh).map_err(|e| format!("{}: {e}", fresh.display()))?;
+    let built = compile_into(&fresh, &src, &compile, names);
+    if built.is_err() || std::fs::rename(&fresh, &dir).is_err() {
+        // Failed, or another process put its build there first (then use that one).
+        let _ = std::fs::remove_dir_all(&fresh);
+    }
+    built.map(|()| dir)
+}
+
+/// Compiles `src` once with `flags` and links it as each library of `names` in `dir`.
+fn compile_into(
+    dir: &std::path::Path,
+    src: &str,
+    flags: &[String],
+    names: &[&str],
+) -> Result<(), String> {
+    let cpp = dir.join("emu.cpp");
+    std::fs::write(&cpp, src).map_err(|e| e.to_string())?;
+    let obj = dir.join("emu.o");
+    run(std::process::Command::new("g++")
+        .args(flags)
+        .args(["-c", "-o"])
+        .arg(&obj)
+        .arg(&cpp))?;
+    let sanitize = sanitizers();
     for name in names {
         run(std::process::Command::new("g++")
             .args(["-shared", "-pthread", &format!("-Wl,-soname,{name}")])
@@ -147,7 +185,7 @@ pub fn build(driver: bool) -> Result<PathBuf, String> {
             .arg(dir.join(name))
             .arg(&obj))?;
     }
-    Ok(dir)
+    Ok(())
 }
 
 /// The checks compiled into the emulated kernels and libraries: always the alignment of
