@@ -30,7 +30,12 @@ use std::mem::ManuallyDrop;
 use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
 
+use std::sync::atomic::Ordering;
+
 use cudarc::driver::{CudaGraph, CudaSlice, CudaStream, DevicePtr};
+
+use super::{lock, Cuda};
+use crate::engine::backend::DeviceError;
 
 /// Alignment of arena and staging allocations (cuBLAS wants 16 bytes, 256 is what
 /// `cudaMalloc` gives).
@@ -294,5 +299,263 @@ impl Steps {
             tracing::debug!("CUDA graph of step {:?} abandoned: {why}", self.key);
             self.abandoned = Some(why);
         }
+    }
+}
+
+/// The most sequences a captured step holds.
+const MAX_GRAPH_BATCH: usize = 512;
+
+impl Cuda {
+    /// How steps ran so far: captured, replayed, eager, abandoned.
+    pub fn graph_stats(&self) -> GraphStats {
+        self.steps().stats
+    }
+
+    /// Notes an operation (its name and words) in the step's fingerprint; `false` when
+    /// it must not be issued (the step is being replayed).
+    pub(super) fn note(&self, what: &str, words: &[&[u64]]) -> bool {
+        let mut st = self.steps();
+        match st.mode {
+            Mode::Eager | Mode::Flushed => {
+                if st.mode == Mode::Flushed {
+                    st.after_flush = true;
+                }
+                drop(st);
+                self.mark(what);
+                true
+            }
+            Mode::Capture | Mode::Replay => {
+                st.sig.add_str(what);
+                for w in words {
+                    st.sig.add(w);
+                }
+                st.mode == Mode::Capture
+            }
+        }
+    }
+
+    /// Makes the arena and the staging area at least as large as the last step wanted
+    /// (a new one invalidates every graph, which point into the old) and empties them.
+    pub(super) fn regions(&self, st: &mut Steps) -> Result<(), DeviceError> {
+        let make = |want: usize, have: Option<&Region>, base: usize| {
+            let size = want.max(have.map_or(base, |r| r.size)).max(base);
+            (have.is_none_or(|r| r.size < size)).then_some(size)
+        };
+        let (arena, staged) = self.opts.graph_memory;
+        let new_arena = make(st.want_arena, st.arena.as_ref(), arena.max(ALIGN));
+        let new_staged = make(st.want_staged, st.staged.as_ref(), staged.max(ALIGN));
+        if new_arena.is_some() || new_staged.is_some() {
+            st.graphs.clear();
+        }
+        let alloc = |size: usize| -> Result<Region, DeviceError> {
+            // SAFETY: the step's kernels write arena memory before reading it; the
+            // staging region is written by the upload before the graph runs.
+            let mem =
+                unsafe { self.stream.alloc::<u8>(size) }.map_err(|e| DeviceError::OutOfMemory {
+                    what: format!("the CUDA graph arena ({e})"),
+                    bytes: size,
+                    free: self.memory().map(|m| m.0).unwrap_or(0),
+                })?;
+            let base = mem.device_ptr(&self.stream).0;
+            Ok(Region {
+                mem,
+                base,
+                size,
+                used: 0,
+            })
+        };
+        if let Some(size) = new_arena {
+            st.arena = None;
+            st.arena = Some(alloc(size)?);
+        }
+        if let Some(size) = new_staged {
+            st.staged = None;
+            st.staged = Some(alloc(size)?);
+        }
+        for r in [st.arena.as_mut(), st.staged.as_mut()]
+            .into_iter()
+            .flatten()
+        {
+            r.used = 0;
+        }
+        Ok(())
+    }
+
+    /// Ends a graphed step's recording and launches its graph, after the work that must
+    /// precede it and the upload of the staged metadata. `false`: the step has no results
+    /// (an error, or its capture or replay was given up). Eager steps: `true`.
+    pub(super) fn flush(&self) -> bool {
+        let mut st = self.steps();
+        let mode = st.mode;
+        if !matches!(mode, Mode::Capture | Mode::Replay) {
+            return true;
+        }
+        st.mode = Mode::Flushed;
+        let Some(key) = st.key else {
+            return false;
+        };
+        let mut graph = None;
+        if mode == Mode::Capture {
+            self.capturing.store(false, Ordering::Relaxed);
+            let ended = self
+                .stream
+                .end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0));
+            if self.halted.load(Ordering::Relaxed) {
+                return false;
+            }
+            let err = lock(&self.error).clone();
+            match (ended, err) {
+                (Ok(Some(g)), None) => graph = Some(g),
+                (_, Some(DeviceError::CacheFull(_))) => return false,
+                (ended, err) => {
+                    // The capture itself may be what failed: no graphs for this shape,
+                    // and the step runs again eagerly (where a real error shows again).
+                    let why = match (ended, err) {
+                        (_, Some(e)) => e.to_string(),
+                        (Err(e), None) => e.to_string(),
+                        (Ok(_), None) => "the capture recorded nothing".into(),
+                    };
+                    tracing::warn!("CUDA graphs off for {} sequences: {why}", key.0);
+                    lock(&self.error).take();
+                    st.never.insert(key);
+                    st.abandon(why);
+                    self.halted.store(true, Ordering::Relaxed);
+                    return false;
+                }
+            }
+        } else if self.halted.load(Ordering::Relaxed) || lock(&self.error).is_some() {
+            return false;
+        }
+        for pre in std::mem::take(&mut st.pre) {
+            self.run_pre(pre);
+        }
+        let used = st.staged.as_ref().map_or(0, |r| r.used);
+        if used > 0 {
+            let base = st.staged.as_ref().map_or(0, |r| r.base);
+            // SAFETY: the staging region holds `used` bytes; the host bytes are pageable
+            // and copied by the driver before the call returns.
+            let r = unsafe {
+                cudarc::driver::result::memcpy_htod_async(
+                    base,
+                    &st.staging[..used],
+                    self.stream.cu_stream(),
+                )
+            };
+            self.check("graph metadata", r);
+        }
+        let launched = match graph {
+            Some(g) => {
+                let r = g.launch();
+                let sig = st.sig;
+                st.graphs.insert(key, Captured { graph: g, sig });
+                st.stats.captured += 1;
+                r
+            }
+            None => {
+                let sig = st.sig;
+                let r = st
+                    .graphs
+                    .get(&key)
+                    .filter(|c| c.sig == sig)
+                    .map(|c| c.graph.launch());
+                match r {
+                    Some(r) => {
+                        st.stats.replayed += 1;
+                        r
+                    }
+                    _ => {
+                        st.graphs.remove(&key);
+                        st.abandon("the step differs from its capture");
+                        self.halted.store(true, Ordering::Relaxed);
+                        return false;
+                    }
+                }
+            }
+        };
+        drop(st);
+        self.check("graph launch", launched);
+        !self.errored()
+    }
+
+    pub(super) fn start_step(&self, lens: &[usize], out: u8, graphs: bool) {
+        let mut st = self.steps();
+        st.mode = Mode::Eager;
+        st.key = None;
+        st.sig = Sig::default();
+        st.pre.clear();
+        st.abandoned = None;
+        st.after_flush = false;
+        self.halted.store(false, Ordering::Relaxed);
+        let key = (lens.len(), out);
+        st.decode = !lens.is_empty() && lens.iter().all(|&l| l == 1);
+        let decode = st.decode && lens.len() <= MAX_GRAPH_BATCH;
+        let profiling = self.profiling.load(Ordering::Relaxed);
+        if !(self.opts.graphs && graphs && decode && !profiling)
+            || st.never.contains(&key)
+            || self.errored()
+        {
+            st.stats.eager += 1;
+            return;
+        }
+        // The first step of a shape runs eagerly: it creates what later steps reuse (KV
+        // pools and chunks, expert tables, cuBLAS's state).
+        if st.seen.insert(key) {
+            st.stats.eager += 1;
+            return;
+        }
+        if let Err(e) = self.regions(&mut st) {
+            tracing::warn!("CUDA graphs off for {} sequences: {e}", key.0);
+            st.never.insert(key);
+            st.stats.eager += 1;
+            return;
+        }
+        st.key = Some(key);
+        if st.graphs.contains_key(&key) {
+            st.mode = Mode::Replay;
+            return;
+        }
+        use cudarc::driver::sys::CUstreamCaptureMode;
+        // Thread-local mode: a call of this thread that cannot be captured (a synchronous
+        // copy, an allocation) fails instead of being silently left out.
+        match self
+            .stream
+            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+        {
+            Ok(()) => {
+                st.mode = Mode::Capture;
+                self.capturing.store(true, Ordering::Relaxed);
+            }
+            Err(e) => {
+                tracing::warn!("CUDA graphs off for {} sequences: capture: {e}", key.0);
+                st.never.insert(key);
+                st.key = None;
+                st.stats.eager += 1;
+            }
+        }
+    }
+
+    pub(super) fn finish_step(&self) -> bool {
+        self.flush();
+        self.close_profile();
+        let mut st = self.steps();
+        let mut ok = st.abandoned.is_none();
+        if st.after_flush {
+            // The step read results back in its middle (and went on): no graph for it.
+            if let Some(k) = st.key {
+                st.graphs.remove(&k);
+                st.never.insert(k);
+                ok = false;
+            }
+        }
+        if !ok {
+            st.stats.abandoned += 1;
+        }
+        st.mode = Mode::Eager;
+        st.key = None;
+        st.pre.clear();
+        st.abandoned = None;
+        st.after_flush = false;
+        self.halted.store(false, Ordering::Relaxed);
+        ok
     }
 }

@@ -1,0 +1,348 @@
+//! Mixture-of-experts layers on the device: routing (softmax/greedy or sigmoid/noaux_tc,
+//! with groups), grouping of the (token, expert) pairs by expert, the experts' SwiGLU
+//! MLPs (GEMV kernels for decode steps, cuBLAS GEMMs per expert for prompts) and the
+//! weighted combination.
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaSlice, LaunchConfig};
+
+use super::kernels::MOE_MAX_EXPERTS;
+use super::step::{Dev, Mode};
+use super::{failed, grid, lock, per_row, Cuda, CudaBuf};
+
+impl Cuda {
+    /// The address tables of a layer's experts (`None` unless every matrix is bf16).
+    pub(super) fn expert_tables(&self, experts: &[[&CudaBuf; 3]]) -> Option<Arc<[Dev<u64>; 3]>> {
+        let key = bf16_addr(experts.first()?[0])?;
+        if let Some(t) = lock(&self.expert_tables).get(&key) {
+            return Some(t.clone());
+        }
+        let cols = expert_addrs(experts)?;
+        let tables = Arc::new([
+            self.htod(&cols[0], "expert table")?,
+            self.htod(&cols[1], "expert table")?,
+            self.htod(&cols[2], "expert table")?,
+        ]);
+        lock(&self.expert_tables).insert(key, tables.clone());
+        Some(tables)
+    }
+
+    /// The routed experts' SwiGLU MLPs for a prompt's tokens on cuBLAS: the rows of every
+    /// slot's token gathered in slot order (grouped by expert) and rounded to bf16, then
+    /// for each expert with rows one GEMM each for its gate, up and down projections.
+    /// `y[slot]`: the expert's output for the slot's token, unweighted. Reads the
+    /// experts' row counts back, which a prompt's step (never captured) may.
+    pub(super) fn experts_by_gemm(
+        &self,
+        x: &Dev<f32>,
+        experts: &[[&CudaBuf; 3]],
+        count: &Dev<i32>,
+        slot_tok: &Dev<i32>,
+        (pairs, hidden, inter): (usize, usize, usize),
+        y: &mut Dev<f32>,
+    ) -> Option<()> {
+        let Some(mats) = expert_addrs(experts) else {
+            self.record(failed("moe", "expert weights are not bf16"));
+            return None;
+        };
+        let counts = match self.stream.clone_dtoh::<i32, CudaSlice<i32>>(count) {
+            Ok(v) => v,
+            Err(e) => {
+                self.record(failed("moe counts", e));
+                return None;
+            }
+        };
+        if counts.iter().any(|&c| c < 0)
+            || counts.iter().map(|&c| c as usize).sum::<usize>() != pairs
+        {
+            self.record(failed(
+                "moe",
+                format!("expert counts {counts:?} for {pairs} slots"),
+            ));
+            return None;
+        }
+        let mut rows = self.tmp::<f32>(pairs * hidden, "moe rows")?;
+        let hi = hidden as i32;
+        launch!(
+            self,
+            "gather_rows_f32",
+            per_row(pairs, 256),
+            x,
+            slot_tok,
+            &mut rows,
+            &hi
+        );
+        let xb = self.to_bf16(&rows)?;
+        let gate = self.tmp::<f32>(pairs * inter, "moe gate")?;
+        let up = self.tmp::<f32>(pairs * inter, "moe up")?;
+        // Bytes per bf16 and per f32 element.
+        let (bf, f) = (2u64, 4u64);
+        let runs = || {
+            counts
+                .iter()
+                .enumerate()
+                .filter(|c| *c.1 > 0)
+                .scan(0usize, |at, (e, &c)| {
+                    let from = *at as u64;
+                    *at += c as usize;
+                    Some((e, from, c as usize))
+                })
+        };
+        for (e, from, c) in runs() {
+            let xr = xb.ptr() + from * hidden as u64 * bf;
+            let at = from * inter as u64 * f;
+            self.gemm_raw(mats[0][e], xr, gate.ptr() + at, c, inter, hidden, 0.0)?;
+            self.gemm_raw(mats[1][e], xr, up.ptr() + at, c, inter, hidden, 0.0)?;
+        }
+        let mut act = self.tmp::<f32>(pairs * inter, "moe intermediate")?;
+        let total = (pairs * inter) as i64;
+        launch!(
+            self,
+            "silu_mul",
+            grid(pairs * inter),
+            &gate,
+            &up,
+            &mut act,
+            &total
+        );
+        let hb = self.to_bf16(&act)?;
+        for (e, from, c) in runs() {
+            let hr = hb.ptr() + from * inter as u64 * bf;
+            let yr = y.ptr() + from * hidden as u64 * f;
+            self.gemm_raw(mats[2][e], hr, yr, c, hidden, inter, 0.0)?;
+        }
+        Some(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn moe_on_device(
+        &self,
+        x: &CudaBuf,
+        t: usize,
+        logits: &CudaBuf,
+        bias: Option<&CudaBuf>,
+        experts: &[[&CudaBuf; 3]],
+        hidden: usize,
+        inter: usize,
+        moe: &crate::engine::config::MoeConfig,
+    ) -> Option<CudaBuf> {
+        use crate::engine::config::{ScoringFunc, TopkMethod};
+        let n = experts.len();
+        let k = moe.num_experts_per_tok;
+        let groups = moe.n_group.max(1);
+        // What the kernels handle; anything else goes the host's way.
+        if n == 0
+            || n > MOE_MAX_EXPERTS
+            || groups > 64
+            || !n.is_multiple_of(groups)
+            || k == 0
+            || k > n
+            || !hidden.is_multiple_of(8)
+            || !inter.is_multiple_of(8)
+        {
+            return None;
+        }
+        if self.errored() {
+            return Some(self.empty());
+        }
+        let tables = self.expert_tables(experts)?;
+        let (Some(xs), Some(ls)) = (self.f32_of(x, "moe"), self.f32_of(logits, "moe")) else {
+            return Some(self.empty());
+        };
+        if xs.len() != t * hidden || ls.len() != t * n {
+            self.record(failed("moe", "shapes"));
+            return Some(self.empty());
+        }
+        let Some(mut out) = self.tmp::<f32>(t * hidden, "moe output") else {
+            return Some(self.empty());
+        };
+        if t == 0 {
+            return Some(CudaBuf::F32(Arc::new(out)));
+        }
+        let pairs = t * k;
+        let (
+            Some(mut ids),
+            Some(mut w),
+            Some(mut count),
+            Some(mut start),
+            Some(mut slot_tok),
+            Some(mut slot_w),
+            Some(mut slot_of),
+            Some(mut y),
+        ) = (
+            self.tmp::<i32>(pairs, "moe routes"),
+            self.tmp::<f32>(pairs, "moe weights"),
+            self.tmp::<i32>(n, "moe counts"),
+            self.tmp::<i32>(n, "moe starts"),
+            self.tmp::<i32>(pairs, "moe slots"),
+            self.tmp::<f32>(pairs, "moe slots"),
+            self.tmp::<i32>(pairs, "moe slots"),
+            self.tmp::<f32>(pairs * hidden, "moe expert outputs"),
+        )
+        else {
+            return Some(self.empty());
+        };
+        let (ti, ni, ki) = (t as i32, n as i32, k as i32);
+        let scoring = i32::from(moe.scoring_func == ScoringFunc::Sigmoid);
+        let method = match moe.topk_method {
+            TopkMethod::Greedy => 0i32,
+            TopkMethod::GroupLimitedGreedy => 1,
+            TopkMethod::NoauxTc => 2,
+        };
+        let (gi, tg, norm, scale) = (
+            groups as i32,
+            moe.topk_group as i32,
+            i32::from(moe.norm_topk_prob),
+            moe.routed_scaling_factor as f32,
+        );
+        let route_cfg = LaunchConfig {
+            grid_dim: (t.div_ceil(64) as u32, 1, 1),
+            block_dim: (64, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        match bias {
+            Some(CudaBuf::F32(b)) if b.len() == n => {
+                launch!(
+                    self,
+                    "moe_route",
+                    route_cfg,
+                    ls,
+                    b.as_ref(),
+                    &ti,
+                    &ni,
+                    &ki,
+                    &scoring,
+                    &method,
+                    &gi,
+                    &tg,
+                    &norm,
+                    &scale,
+                    &mut ids,
+                    &mut w
+                )
+            }
+            _ => {
+                let null = 0u64;
+                launch!(
+                    self,
+                    "moe_route",
+                    route_cfg,
+                    ls,
+                    &null,
+                    &ti,
+                    &ni,
+                    &ki,
+                    &scoring,
+                    &method,
+                    &gi,
+                    &tg,
+                    &norm,
+                    &scale,
+                    &mut ids,
+                    &mut w
+                )
+            }
+        }
+        let pi = pairs as i32;
+        launch!(
+            self,
+            "moe_group",
+            per_row(1, MOE_MAX_EXPERTS as u32),
+            &ids,
+            &w,
+            &pi,
+            &ki,
+            &ni,
+            &mut count,
+            &mut start,
+            &mut slot_tok,
+            &mut slot_w,
+            &mut slot_of
+        );
+        // A prompt's tokens (enough rows per expert for tensor cores): one cuBLAS GEMM per
+        // expert and projection. A decode step (captured into graphs, and its eager run
+        // computed as its replays are): the expert kernels, which read each weight row
+        // once for all of an expert's rows.
+        let grouped = pairs >= 2 * n && self.mode() == Mode::Eager && !self.steps().decode;
+        if grouped {
+            let shape = (pairs, hidden, inter);
+            if self
+                .experts_by_gemm(xs, experts, &count, &slot_tok, shape, &mut y)
+                .is_none()
+            {
+                return Some(self.empty());
+            }
+        } else {
+            let Some(mut h) = self.tmp::<f32>(pairs * inter, "moe intermediate") else {
+                return Some(self.empty());
+            };
+            const WARPS: usize = 8;
+            let by_expert = |rows: usize| LaunchConfig {
+                grid_dim: (n as u32, rows.div_ceil(WARPS) as u32, 1),
+                block_dim: ((WARPS * 32) as u32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let (hi, ii) = (hidden as i32, inter as i32);
+            launch!(
+                self,
+                "moe_gate_up",
+                by_expert(inter),
+                xs,
+                &tables[0],
+                &tables[1],
+                &count,
+                &start,
+                &slot_tok,
+                &hi,
+                &ii,
+                &mut h
+            );
+            launch!(
+                self,
+                "moe_down",
+                by_expert(hidden),
+                &h,
+                &tables[2],
+                &count,
+                &start,
+                &hi,
+                &ii,
+                &mut y
+            );
+        }
+        let hi = hidden as i32;
+        launch!(
+            self,
+            "moe_combine",
+            per_row(t, 256),
+            &y,
+            &slot_of,
+            &slot_w,
+            &ki,
+            &hi,
+            &mut out
+        );
+        Some(CudaBuf::F32(Arc::new(out)))
+    }
+}
+
+/// A bf16 matrix's device address (`None`: not bf16).
+pub(super) fn bf16_addr(b: &CudaBuf) -> Option<u64> {
+    match b {
+        CudaBuf::Bf16(s) => Some(s.ptr()),
+        _ => None,
+    }
+}
+
+/// The experts' gate, up and down matrix addresses, one list per projection (`None`:
+/// one is not bf16).
+pub(super) fn expert_addrs(experts: &[[&CudaBuf; 3]]) -> Option<[Vec<u64>; 3]> {
+    let mut cols: [Vec<u64>; 3] = Default::default();
+    for e in experts {
+        for (j, m) in e.iter().enumerate() {
+            cols[j].push(bf16_addr(m)?);
+        }
+    }
+    Some(cols)
+}

@@ -1,0 +1,127 @@
+//! The per-operation profile of steps (`cloud-core bench`): an event before each
+//! operation, and the time to the next one's.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+
+use cudarc::driver::CudaEvent;
+
+use super::{failed, lock, Cuda};
+
+/// Events before each operation of the steps being profiled, and the totals so far.
+#[derive(Default)]
+pub(super) struct Profiler {
+    marks: Vec<(String, CudaEvent)>,
+    /// Per operation: milliseconds and calls.
+    totals: HashMap<String, (f64, u64)>,
+    steps: u64,
+}
+
+/// What profiled steps spent per operation ([`Cuda::take_profile`]).
+#[derive(Clone, Debug, Default)]
+pub struct Profile {
+    /// Steps profiled.
+    pub steps: u64,
+    /// Per operation (a kernel's name, `gemm_bf16`, `sgemm_batched`, `memcpy`), the
+    /// longest first.
+    pub ops: Vec<ProfiledOp>,
+}
+
+/// One operation's share of a [`Profile`].
+#[derive(Clone, Debug)]
+pub struct ProfiledOp {
+    /// The operation.
+    pub op: String,
+    /// Calls over all the steps.
+    pub calls: u64,
+    /// Milliseconds over all the steps, from its event to the next operation's.
+    pub ms: f64,
+}
+
+impl Cuda {
+    /// Times every operation of the steps that follow, by events recorded on the stream
+    /// before each one (so each step runs eagerly, without graphs, and a little slower),
+    /// until [`Cuda::take_profile`]. An operation's time runs to the next one's event, so
+    /// it includes any wait of the device for the host's next launch.
+    pub fn set_profiling(&self, on: bool) {
+        lock(&self.profiler).marks.clear();
+        self.profiling.store(on, Ordering::Relaxed);
+    }
+
+    /// What the profiled steps spent per operation since profiling began (the longest
+    /// first), and ends profiling.
+    pub fn take_profile(&self) -> Profile {
+        let mut p = lock(&self.profiler);
+        let mut ops: Vec<ProfiledOp> = p
+            .totals
+            .drain()
+            .map(|(op, (ms, calls))| ProfiledOp { op, calls, ms })
+            .collect();
+        ops.sort_by(|a, b| b.ms.total_cmp(&a.ms).then_with(|| a.op.cmp(&b.op)));
+        let steps = std::mem::take(&mut p.steps);
+        self.profiling.store(false, Ordering::Relaxed);
+        p.marks.clear();
+        Profile { steps, ops }
+    }
+
+    /// Records an event before the operation `what`, when profiling.
+    pub(super) fn mark(&self, what: &str) {
+        use cudarc::driver::sys::CUevent_flags;
+        if !self.profiling.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut p = lock(&self.profiler);
+        match self
+            .stream
+            .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+        {
+            Ok(e) => p.marks.push((what.to_string(), e)),
+            Err(e) => {
+                self.profiling.store(false, Ordering::Relaxed);
+                drop(p);
+                self.record(failed("profile event", e));
+            }
+        }
+    }
+
+    /// At the end of a profiled step: the time from each operation's event to the next
+    /// one's (the last one's to an event recorded now) is that operation's.
+    pub(super) fn close_profile(&self) {
+        use cudarc::driver::sys::CUevent_flags;
+        if !self.profiling.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut p = lock(&self.profiler);
+        if p.marks.is_empty() {
+            return;
+        }
+        let end = match self
+            .stream
+            .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+        {
+            Ok(e) => e,
+            Err(e) => {
+                self.profiling.store(false, Ordering::Relaxed);
+                drop(p);
+                return self.record(failed("profile event", e));
+            }
+        };
+        let marks = std::mem::take(&mut p.marks);
+        for (i, (op, start)) in marks.iter().enumerate() {
+            let next = marks.get(i + 1).map_or(&end, |m| &m.1);
+            match start.elapsed_ms(next) {
+                Ok(ms) => {
+                    let t = p.totals.entry(op.clone()).or_default();
+                    t.0 += f64::from(ms);
+                    t.1 += 1;
+                }
+                Err(e) => {
+                    self.profiling.store(false, Ordering::Relaxed);
+                    drop(p);
+                    return self.record(failed("profile event", e));
+                }
+            }
+        }
+        p.steps += 1;
+    }
+}
