@@ -29,7 +29,7 @@ impl Cuda {
     /// `fresh`: the step's key and value rows, which the same launch appends to the
     /// caches (`None`: the caches hold them already).
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn attention_launch(
+    fn attention_launch(
         &self,
         q: &CudaSlice<f32>,
         meta: &CudaSlice<u64>,
@@ -96,6 +96,7 @@ impl Cuda {
         );
     }
 
+    /// [`Backend::attend`](crate::engine::backend::Backend::attend) on the device.
     pub(super) fn attend_paged(
         &self,
         q: &CudaBuf,
@@ -199,6 +200,8 @@ impl Cuda {
         CudaBuf::F32(Arc::new(out))
     }
 
+    /// [`Backend::attention`](crate::engine::backend::Backend::attention) on the device:
+    /// rows attending to rows of the same call, no cache.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn attention_dense(
         &self,

@@ -157,7 +157,7 @@ pub(super) struct Kernel {
 }
 
 /// Shared memory a block may have without opting in per kernel (every architecture).
-pub(super) const SHARED_PER_BLOCK: u32 = 48 << 10;
+const SHARED_PER_BLOCK: u32 = 48 << 10;
 
 impl Cuda {
     /// Launches a kernel with its arguments as words (see [`KArg`](super::step::KArg)).

@@ -16,13 +16,13 @@ use crate::engine::paged::{AllocError, BlockPool, Budget, ChunkSource, PagedRows
 
 /// Device memory for KV pools (chunks of the paged cache).
 pub struct DeviceChunks {
-    pub(super) stream: Arc<CudaStream>,
+    stream: Arc<CudaStream>,
     /// Set while a step is captured: a chunk allocated then would belong to the graph.
-    pub(super) capturing: Arc<AtomicBool>,
+    capturing: Arc<AtomicBool>,
 }
 
 /// Why a KV chunk was not allocated while a step was being captured.
-pub(super) const REFUSED_IN_CAPTURE: &str = "not while a step is captured";
+const REFUSED_IN_CAPTURE: &str = "not while a step is captured";
 
 impl ChunkSource for DeviceChunks {
     type Chunk = CudaSlice<u8>;
@@ -52,14 +52,14 @@ pub(super) type Pool = BlockPool<DeviceChunks>;
 pub struct KvRows {
     pub(super) rows: PagedRows<DeviceChunks>,
     pub(super) cols: usize,
-    pub(super) table: DeviceTable,
+    table: DeviceTable,
 }
 
 /// The device copy of a block table (a clone starts without one: it may diverge).
 #[derive(Default)]
-pub(super) struct DeviceTable {
-    pub(super) buf: Option<CudaSlice<u64>>,
-    pub(super) mirror: Vec<u64>,
+struct DeviceTable {
+    buf: Option<CudaSlice<u64>>,
+    mirror: Vec<u64>,
 }
 
 impl Clone for DeviceTable {

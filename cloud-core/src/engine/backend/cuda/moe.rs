@@ -33,7 +33,7 @@ impl Cuda {
     /// for each expert with rows one GEMM each for its gate, up and down projections.
     /// `y[slot]`: the expert's output for the slot's token, unweighted. Reads the
     /// experts' row counts back, which a prompt's step (never captured) may.
-    pub(super) fn experts_by_gemm(
+    fn experts_by_gemm(
         &self,
         x: &Dev<f32>,
         experts: &[[&CudaBuf; 3]],
@@ -115,6 +115,8 @@ impl Cuda {
         Some(())
     }
 
+    /// [`Backend::moe_routed`](crate::engine::backend::Backend::moe_routed) on the device
+    /// (`None`: a layout the kernels do not take, for the host's way).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn moe_on_device(
         &self,
@@ -328,7 +330,7 @@ impl Cuda {
 }
 
 /// A bf16 matrix's device address (`None`: not bf16).
-pub(super) fn bf16_addr(b: &CudaBuf) -> Option<u64> {
+fn bf16_addr(b: &CudaBuf) -> Option<u64> {
     match b {
         CudaBuf::Bf16(s) => Some(s.ptr()),
         _ => None,
@@ -337,7 +339,7 @@ pub(super) fn bf16_addr(b: &CudaBuf) -> Option<u64> {
 
 /// The experts' gate, up and down matrix addresses, one list per projection (`None`:
 /// one is not bf16).
-pub(super) fn expert_addrs(experts: &[[&CudaBuf; 3]]) -> Option<[Vec<u64>; 3]> {
+fn expert_addrs(experts: &[[&CudaBuf; 3]]) -> Option<[Vec<u64>; 3]> {
     let mut cols: [Vec<u64>; 3] = Default::default();
     for e in experts {
         for (j, m) in e.iter().enumerate() {

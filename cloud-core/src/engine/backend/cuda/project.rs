@@ -15,12 +15,12 @@ use super::{failed, grid, per_row, Cuda, CudaBuf};
 use crate::engine::backend::{rope_parts, Backend, Projection, RopeLayout, RopeOf, Rotated};
 
 /// Which projections' outputs to rotate, and how (see [`Backend::norm_linear_parts_rope`]).
-pub(super) type PartsRope<'a> = (&'a [Option<(usize, usize)>], RopeOf<'a, CudaBuf>);
+type PartsRope<'a> = (&'a [Option<(usize, usize)>], RopeOf<'a, CudaBuf>);
 
 /// RoPE folded into a `gemv_bf16_rope` launch: the rows' positions (device), the tables'
 /// addresses, the rotated dimensions, the layout, and per part (head_dim, offset), head_dim
 /// 0 for a part not rotated.
-pub(super) struct FoldedRope {
+struct FoldedRope {
     pos: Dev<u32>,
     cos: u64,
     sin: u64,
@@ -31,14 +31,14 @@ pub(super) struct FoldedRope {
 
 /// Whether rows `x[m, k]` go through the GEMV kernels: at most [`GEMV_ROWS`] of them, `k`
 /// a multiple of 8 and `x` 16-byte aligned (their 16-byte loads).
-pub(super) fn gemv_fits(x: &Dev<f32>, m: usize, k: usize) -> bool {
+fn gemv_fits(x: &Dev<f32>, m: usize, k: usize) -> bool {
     m <= GEMV_ROWS && k.is_multiple_of(8) && x.ptr().is_multiple_of(16)
 }
 
 /// The RMSNorm a GEMV launch folds in for rows `x[m, k]`: `Some(None)` without one,
 /// `Some(Some(..))` for f32 weights of `k` (16-byte aligned, for vector loads) on rows
 /// the GEMV takes, `None` where it cannot be folded (the caller norms first).
-pub(super) fn folded_norm<'a>(
+fn folded_norm<'a>(
     norm: Option<(&'a CudaBuf, f32)>,
     x: &Dev<f32>,
     m: usize,
@@ -84,7 +84,7 @@ impl Cuda {
 
     /// [`Cuda::gemm_bf16`] from an input already in bf16.
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn gemm_bf16_in(
+    fn gemm_bf16_in(
         &self,
         xb: &Dev<bf16>,
         m: usize,
@@ -252,7 +252,7 @@ impl Cuda {
 
     /// [`Cuda::project_parts`] but for the `rope` kernel: the outputs, and whether they
     /// are rotated already (in the GEMV's pass).
-    pub(super) fn project_parts_once(
+    fn project_parts_once(
         &self,
         x: &CudaBuf,
         norm: Option<(&CudaBuf, f32)>,
@@ -349,7 +349,7 @@ impl Cuda {
     /// The RoPE a GEMV launch folds in for `parts` of rows at `r.positions` (see
     /// `gemv_bf16_rope`): its kernel arguments, or `None` where it cannot be folded (the
     /// `rope` kernel runs after).
-    pub(super) fn folded_rope(
+    fn folded_rope(
         &self,
         rotate: &[Option<(usize, usize)>],
         r: RopeOf<'_, CudaBuf>,
@@ -566,7 +566,7 @@ impl Cuda {
     /// `gemv_bf16` over up to three projections `(weight, bias or 0, output, n)` of the
     /// rows `x[m, k]` (see [`gemv_fits`]), added to the outputs with `accumulate`.
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn gemv(
+    fn gemv(
         &self,
         x: &Dev<f32>,
         m: usize,
@@ -624,7 +624,7 @@ impl Cuda {
     }
 
     /// Adds `bias[n]` to every row of `x[·, n]`.
-    pub(super) fn bias_rows(&self, x: &mut Dev<f32>, bias: &Dev<f32>) {
+    fn bias_rows(&self, x: &mut Dev<f32>, bias: &Dev<f32>) {
         let (len, total, n) = (x.len(), x.len() as i64, bias.len() as i32);
         launch!(self, "add_bias", grid(len), &mut *x, bias, &total, &n);
     }

@@ -336,7 +336,7 @@ impl Cuda {
 
     /// Makes the arena and the staging area at least as large as the last step wanted
     /// (a new one invalidates every graph, which point into the old) and empties them.
-    pub(super) fn regions(&self, st: &mut Steps) -> Result<(), DeviceError> {
+    fn regions(&self, st: &mut Steps) -> Result<(), DeviceError> {
         let make = |want: usize, have: Option<&Region>, base: usize| {
             let size = want.max(have.map_or(base, |r| r.size)).max(base);
             (have.is_none_or(|r| r.size < size)).then_some(size)
@@ -477,6 +477,8 @@ impl Cuda {
         !self.errored()
     }
 
+    /// Starts a step ([`Backend::begin_step`](crate::engine::backend::Backend::begin_step)):
+    /// eagerly, or captured into a graph, or replaying one.
     pub(super) fn start_step(&self, lens: &[usize], out: u8, graphs: bool) {
         let mut st = self.steps();
         st.mode = Mode::Eager;
@@ -534,6 +536,8 @@ impl Cuda {
         }
     }
 
+    /// Ends a step ([`Backend::end_step`](crate::engine::backend::Backend::end_step)); `false`:
+    /// its results are to be discarded.
     pub(super) fn finish_step(&self) -> bool {
         self.flush();
         self.close_profile();
