@@ -88,6 +88,11 @@ fn pm<T>(v: &mut [T]) -> Arg {
 }
 
 fn launch(name: &str, grid: (u32, u32), block: u32, shared: u32, args: &[Arg]) {
+    launch3(name, (grid.0, grid.1, 1), block, shared, args);
+}
+
+/// [`launch`] with a grid of three dimensions.
+fn launch3(name: &str, grid: (u32, u32, u32), block: u32, shared: u32, args: &[Arg]) {
     let Some(e) = emu() else { return };
     let mut store: Vec<[u8; 8]> = args
         .iter()
@@ -118,7 +123,7 @@ fn launch(name: &str, grid: (u32, u32), block: u32, shared: u32, args: &[Arg]) {
             cname.as_ptr(),
             grid.0,
             grid.1,
-            1,
+            grid.2,
             block,
             1,
             1,
@@ -982,6 +987,118 @@ fn moe_experts_on_the_device_match_a_host_computation() {
             .any(|&c| c as usize > kernel_define("GEMV_ROWS")),
         "no expert has more slots than one pass takes: {count:?}"
     );
+}
+
+/// The grouped expert GEMMs (tensor-core products, PTX's mma fragments emulated lane by
+/// lane) against a host computation with the same roundings: an expert with more rows
+/// than a tile (two row tiles, the second partial), one with none, one with a few;
+/// outputs and depths that end partway through a tile.
+#[test]
+fn grouped_expert_gemms_match_a_host_computation() {
+    if !available() {
+        return;
+    }
+    let (t, hidden, inter) = (80, 40, 72usize);
+    let (gm, gn, threads) = (
+        kernel_define("GG_M"),
+        kernel_define("GG_N"),
+        kernel_define("GG_THREADS") as u32,
+    );
+    // The slots of each expert: every token, none, every other one, three.
+    let tokens: Vec<Vec<usize>> = vec![
+        (0..t).collect(),
+        vec![],
+        (0..t).step_by(2).collect(),
+        vec![5, 17, 79],
+    ];
+    assert!(tokens[0].len() > gm && !tokens[0].len().is_multiple_of(gm));
+    assert!(!inter.is_multiple_of(gn) && hidden < gn);
+    let n = tokens.len();
+    let count: Vec<i32> = tokens.iter().map(|v| v.len() as i32).collect();
+    let start: Vec<i32> = count
+        .iter()
+        .scan(0, |at, c| {
+            let s = *at;
+            *at += c;
+            Some(s)
+        })
+        .collect();
+    let slot_tok: Vec<i32> = tokens.iter().flatten().map(|&v| v as i32).collect();
+    let pairs = slot_tok.len();
+    let x = rand_vec(t * hidden, 60);
+    let mats: Vec<[Vec<bf16>; 3]> = (0..n)
+        .map(|e| {
+            [
+                to_bf16(&rand_vec(inter * hidden, 400 + e as u64)),
+                to_bf16(&rand_vec(inter * hidden, 500 + e as u64)),
+                to_bf16(&rand_vec(hidden * inter, 600 + e as u64)),
+            ]
+        })
+        .collect();
+    let table =
+        |j: usize| -> Vec<u64> { mats.iter().map(|m| m[j].as_ptr() as usize as u64).collect() };
+    let (tg, tu, td) = (table(0), table(1), table(2));
+    let rows = t.div_ceil(gm) as u32;
+    let mut act = vec![bf16::NAN; pairs * inter];
+    launch3(
+        "moe_gemm_gate_up",
+        (inter.div_ceil(gn) as u32, rows, n as u32),
+        threads,
+        0,
+        &[
+            p(&x),
+            p(&slot_tok),
+            p(&tg),
+            p(&tu),
+            p(&count),
+            p(&start),
+            Arg::I(hidden as i32),
+            Arg::I(inter as i32),
+            pm(&mut act),
+        ],
+    );
+    let mut y = vec![f32::NAN; pairs * hidden];
+    launch3(
+        "moe_gemm_down",
+        (hidden.div_ceil(gn) as u32, rows, n as u32),
+        threads,
+        0,
+        &[
+            p(&act),
+            p(&td),
+            p(&count),
+            p(&start),
+            Arg::I(hidden as i32),
+            Arg::I(inter as i32),
+            pm(&mut y),
+        ],
+    );
+    let cpu = Cpu::default();
+    let f = |v: &[bf16]| -> Vec<f32> { v.iter().map(|x| x.to_f32()).collect() };
+    let act = f(&act);
+    let (mut want_act, mut want_y) = (vec![0f32; pairs * inter], vec![0f32; pairs * hidden]);
+    for (e, toks) in tokens.iter().enumerate() {
+        for (i, &tok) in toks.iter().enumerate() {
+            let s = start[e] as usize + i;
+            let xt = rounded(&x[tok * hidden..(tok + 1) * hidden]);
+            let g = cpu.linear(&xt, 1, &f(&mats[e][0]), inter, hidden);
+            let u = cpu.linear(&xt, 1, &f(&mats[e][1]), inter, hidden);
+            want_act[s * inter..(s + 1) * inter].copy_from_slice(&cpu.silu_mul(&g, &u));
+            // The down projection of the device's own intermediate values, so that a value
+            // rounded to the other neighbouring bf16 does not spread into the comparison.
+            let d = cpu.linear(
+                &act[s * inter..(s + 1) * inter].to_vec(),
+                1,
+                &f(&mats[e][2]),
+                hidden,
+                inter,
+            );
+            want_y[s * hidden..(s + 1) * hidden].copy_from_slice(&d);
+        }
+    }
+    // The intermediate values are bf16: within one rounding of the host's.
+    assert_close(&act, &want_act, 1.0 / 256.0, "gate and up");
+    assert_close(&y, &want_y, 1e-4, "down");
 }
 
 #[test]

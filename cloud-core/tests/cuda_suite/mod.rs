@@ -377,9 +377,9 @@ fn bf16_values(n: usize, seed: u64) -> Vec<half::bf16> {
         .collect()
 }
 
-/// The routed experts of a prompt's rows (gathered by expert, one cuBLAS GEMM per expert
-/// and projection) and of a decode step's (the expert kernels) against the host's routing
-/// and SwiGLU of the same weights.
+/// The routed experts of a prompt's rows (grouped GEMMs on the tensor cores, one launch
+/// per projection for every expert) and of a decode step's (the expert kernels) against
+/// the host's routing and SwiGLU of the same weights.
 #[test]
 fn cuda_prompt_and_decode_experts_match_the_host() {
     use cloud_core::engine::backend::Weight;

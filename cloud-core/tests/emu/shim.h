@@ -28,6 +28,7 @@ thread_local dim3 threadIdx, blockIdx, blockDim, gridDim;
 #define __noinline__ __attribute__((noinline))
 #define __restrict__
 #define __shared__ static thread_local
+#define __align__(n) __attribute__((aligned(n)))
 
 // With CUDA's alignments: on the device a load of a vector type from an address it does
 // not divide faults (misaligned address); the emulated kernels are compiled to check it.
@@ -160,6 +161,7 @@ struct Block {
     std::vector<float> slots;
     std::vector<float> sums;                // per warp: the reduction being read
     std::vector<unsigned char> summed;      // per warp: whether it was computed
+    std::vector<uint32_t> mma;              // per thread: its mma.sync operands
     std::unique_ptr<unsigned char[]> dynamic_shared;
     unsigned current = 0;
     EmuContext scheduler;
@@ -285,6 +287,47 @@ inline float emu_warp_sum(float v) {
     return r;
 }
 
+// A warp's tensor-core product (PTX mma.m16n8k16 with bf16 operands and f32
+// accumulators; see the kernels' `mma_16816` for its fragments): every lane posts its
+// operand registers, and once the warp has, each computes its four results from the
+// warp's. As on the device, every lane of the warp must take part: a warp with exited
+// lanes aborts.
+inline float emu_bf16_half(uint32_t reg, unsigned k) {
+    return __bfloat162float({uint16_t(k % 2 ? reg >> 16 : reg & 0xffffu)});
+}
+inline void emu_mma_16816(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2]) {
+    unsigned t = emu_thread_in_block();
+    unsigned w = t / 32, lane = t % 32;
+    Block* blk = current_block;
+    if (blk->warps[w].expected != 32) {
+        std::fprintf(stderr, "emulated mma.sync: warp %u has %u live lanes of 32\n", w,
+                     blk->warps[w].expected);
+        std::abort();
+    }
+    uint32_t* mine = &blk->mma[t * 6];
+    for (int i = 0; i < 4; i++) mine[i] = a[i];
+    mine[4] = b[0];
+    mine[5] = b[1];
+    emu_wait(&blk->warps[w]);
+    const uint32_t* warp = &blk->mma[w * 32 * 6];
+    // a[r][k]: lane (r % 8, k % 8 / 2), register r / 8 + 2 (k / 8); b[k][c]: lane (c, k % 8 /
+    // 2), register 4 + k / 8; the first of a register's two at even k.
+    auto av = [&](unsigned r, unsigned k) {
+        return emu_bf16_half(warp[((r % 8) * 4 + k % 8 / 2) * 6 + r / 8 + 2 * (k / 8)], k);
+    };
+    auto bv = [&](unsigned k, unsigned c) {
+        return emu_bf16_half(warp[(c * 4 + k % 8 / 2) * 6 + 4 + k / 8], k);
+    };
+    unsigned g = lane / 4, q = lane % 4;
+    for (unsigned i = 0; i < 4; i++) {
+        unsigned r = g + 8 * (i / 2), c = 2 * q + i % 2;
+        float s = d[i];
+        for (unsigned k = 0; k < 16; k++) s += av(r, k) * bv(k, c);
+        d[i] = s;
+    }
+    emu_wait(&blk->warps[w]);  // no lane posts again before every lane has read
+}
+
 #define emu_dynamic_shared (current_block->dynamic_shared.get())
 
 template <typename F>
@@ -317,6 +360,7 @@ void emu_run(dim3 grid, dim3 block, unsigned shared, F kernel) {
     b.slots.assign(n, 0.f);
     b.sums.assign(b.warps.size(), 0.f);
     b.summed.assign(b.warps.size(), 0);
+    b.mma.assign(n * 6, 0);
     current_block = &b;
     std::vector<dim3> blocks;
     for (unsigned bz = 0; bz < grid.z; bz++)

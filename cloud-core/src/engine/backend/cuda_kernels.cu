@@ -1097,6 +1097,219 @@ extern "C" __global__ void MAX_THREADS(256) moe_down(const float* __restrict__ h
     }
 }
 
+// ---- A prompt's experts: grouped GEMMs on tensor cores --------------------------------
+// A prompt routes enough tokens to each expert for matrix products. These kernels compute
+// every expert's rows in one launch per projection, on bf16 tensor cores (mma.sync,
+// sm_80 and later) with f32 accumulation: no launch per expert, and no read of the
+// experts' row counts by the host, so they need no synchronisation and can be captured.
+// A block computes a GG_M × GG_N tile of one expert's output: grid (outputs / GG_N, most
+// rows of an expert / GG_M, experts), and a block past its expert's rows returns at once.
+// Its GG_THREADS threads are four warps, each a 32 × 32 quarter of the tile as 2 × 4
+// products of 16 × 8. The operands pass through shared memory GG_K columns at a time
+// (rounded to bf16 on the way); the next columns' global loads are issued before the
+// current ones' products, so their latency hides behind the tensor cores.
+#define GG_M 64
+#define GG_N 64
+#define GG_K 32
+#define GG_THREADS 128
+// The row pitch of the operand tiles in shared memory, in bf16: 20 words, so the 8 rows
+// and 4 column pairs a warp reads at once fall in 32 different banks.
+#define GG_LD (GG_K + 8)
+// Each thread stages GG_CHUNKS chunks of 8 columns of each operand tile.
+#define GG_CHUNKS (GG_M * GG_K / 8 / GG_THREADS)
+
+// One tensor-core product of a warp, d += a · b: a a 16 × 16 bf16 tile (row-major), b a
+// 16 × 8 one (column-major), d 16 × 8 f32, in PTX's mma.m16n8k16 fragments: lane
+// (g = lane / 4, t = lane % 4) holds a[g][2t, 2t+1], a[g+8][2t, 2t+1], a[g][2t+8, 2t+9] and
+// a[g+8][2t+8, 2t+9] (two bf16 per register, the first in the low half), b[2t, 2t+1][g]
+// and b[2t+8, 2t+9][g], and d[g][2t, 2t+1], d[g+8][2t, 2t+1].
+__device__ __forceinline__ void mma_16816(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+                 "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#elif defined(__CUDA_ARCH__)
+    __trap();  // no bf16 tensor cores before sm_80: the backend does not launch these there
+#else
+    emu_mma_16816(d, a, b);  // the tests' CPU emulation of the kernels
+#endif
+}
+
+// 8 f32 values rounded to 8 bf16, packed as 16 bytes.
+__device__ __forceinline__ uint4 gg_bf16x8(float4 a, float4 b) {
+    uint4 r;
+    bf16* h = (bf16*)&r;
+    h[0] = __float2bfloat16(a.x); h[1] = __float2bfloat16(a.y);
+    h[2] = __float2bfloat16(a.z); h[3] = __float2bfloat16(a.w);
+    h[4] = __float2bfloat16(b.x); h[5] = __float2bfloat16(b.y);
+    h[6] = __float2bfloat16(b.z); h[7] = __float2bfloat16(b.w);
+    return r;
+}
+
+// The left operand of the gate and up projections: f32 rows of x picked by the slots'
+// tokens (`tok`: the tile's first slot's entry of slot_tok), rounded to bf16 as staged.
+struct GgPicked {
+    const float* __restrict__ x;
+    const int* __restrict__ tok;
+    int k;
+    struct Chunk { float4 a, b; };
+    __device__ __forceinline__ Chunk load(int r, int c) const {
+        const float4* p = (const float4*)(x + (long)tok[r] * k + c);
+        return {p[0], p[1]};
+    }
+    __device__ __forceinline__ static Chunk zero() { return {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}}; }
+    __device__ __forceinline__ static uint4 packed(Chunk c) { return gg_bf16x8(c.a, c.b); }
+};
+
+// The left operand of the down projection: consecutive bf16 rows (the tile's first at x).
+struct GgRows {
+    const bf16* __restrict__ x;
+    int k;
+    typedef uint4 Chunk;
+    __device__ __forceinline__ Chunk load(int r, int c) const { return *(const uint4*)(x + (long)r * k + c); }
+    __device__ __forceinline__ static Chunk zero() { return {0u, 0u, 0u, 0u}; }
+    __device__ __forceinline__ static uint4 packed(Chunk c) { return c; }
+};
+
+// Two bf16 of a tile in shared memory, as one fragment register.
+__device__ __forceinline__ unsigned gg_pair(const bf16* p) { return *(const unsigned*)p; }
+
+// The products of one tile: acc[j] = A · W_jᵀ over k columns for the tile's m ≤ GG_M rows
+// of A and its GG_N outputs from c0 (of n) of each of the NW weight matrices w[j] ([n, k]
+// bf16, k a multiple of 8): acc[j][i][l] is the warp's 16 × 8 product at rows
+// wm + 16i, outputs wn + 8l of its quarter (wm, wn). Rows past m and outputs past n are
+// computed from zeros.
+template <int NW, class A>
+__device__ __forceinline__ void gg_products(A a, int m, const bf16* const (&w)[NW], int n, int c0, int k,
+                                            float (&acc)[NW][2][4][4]) {
+    __shared__ __align__(16) bf16 sa[GG_M * GG_LD];
+    __shared__ __align__(16) bf16 sb[NW * GG_N * GG_LD];
+    int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
+    int g = lane / 4, t = lane % 4;
+    int wm = warp / 2 * 32, wn = warp % 2 * 32;
+#pragma unroll
+    for (int j = 0; j < NW; j++)
+#pragma unroll
+        for (int i = 0; i < 2; i++)
+#pragma unroll
+            for (int l = 0; l < 4; l++)
+#pragma unroll
+                for (int q = 0; q < 4; q++) acc[j][i][l][q] = 0.f;
+    typename A::Chunk pa[GG_CHUNKS];
+    uint4 pb[NW][GG_CHUNKS];
+    // Chunk h of this thread: row q / (GG_K / 8) of a tile, columns from 8 · (q % (GG_K / 8)).
+    auto fetch = [&](int k0) {
+#pragma unroll
+        for (int h = 0; h < GG_CHUNKS; h++) {
+            int q = threadIdx.x + h * GG_THREADS, r = q / (GG_K / 8), c = k0 + q % (GG_K / 8) * 8;
+            pa[h] = r < m && c < k ? a.load(r, c) : A::zero();
+#pragma unroll
+            for (int j = 0; j < NW; j++)
+                pb[j][h] = c0 + r < n && c < k ? *(const uint4*)(w[j] + (long)(c0 + r) * k + c)
+                                               : uint4{0u, 0u, 0u, 0u};
+        }
+    };
+    fetch(0);
+    for (int k0 = 0; k0 < k; k0 += GG_K) {
+        __syncthreads();  // every warp is done with the previous columns
+#pragma unroll
+        for (int h = 0; h < GG_CHUNKS; h++) {
+            int q = threadIdx.x + h * GG_THREADS, r = q / (GG_K / 8), c = q % (GG_K / 8) * 8;
+            *(uint4*)(sa + r * GG_LD + c) = A::packed(pa[h]);
+#pragma unroll
+            for (int j = 0; j < NW; j++) *(uint4*)(sb + (j * GG_N + r) * GG_LD + c) = pb[j][h];
+        }
+        __syncthreads();
+        if (k0 + GG_K < k) fetch(k0 + GG_K);
+#pragma unroll
+        for (int kk = 0; kk < GG_K; kk += 16) {
+            unsigned fa[2][4];
+#pragma unroll
+            for (int i = 0; i < 2; i++) {
+                const bf16* p = sa + (wm + 16 * i + g) * GG_LD + kk + 2 * t;
+                fa[i][0] = gg_pair(p);
+                fa[i][1] = gg_pair(p + 8 * GG_LD);
+                fa[i][2] = gg_pair(p + 8);
+                fa[i][3] = gg_pair(p + 8 * GG_LD + 8);
+            }
+#pragma unroll
+            for (int j = 0; j < NW; j++)
+#pragma unroll
+                for (int l = 0; l < 4; l++) {
+                    // W's rows are the product's columns: Wᵀ, read column-major.
+                    const bf16* p = sb + (j * GG_N + wn + 8 * l + g) * GG_LD + kk + 2 * t;
+                    unsigned fb[2] = {gg_pair(p), gg_pair(p + 8)};
+#pragma unroll
+                    for (int i = 0; i < 2; i++) mma_16816(acc[j][i][l], fa[i], fb);
+                }
+        }
+    }
+}
+
+// act[slot, r] = silu(gate_e[r] · x_tok) · (up_e[r] · x_tok), rounded to bf16, for every
+// slot of expert e, its token tok = slot_tok[slot] and r < inter (a multiple of 8).
+// Grid (ceil(inter / GG_N), ceil(most slots of an expert / GG_M), n experts); weight
+// tables as moe_gate_up's.
+extern "C" __global__ void MAX_THREADS(GG_THREADS) moe_gemm_gate_up(const float* __restrict__ x,
+                                                const int* __restrict__ slot_tok, const u64* __restrict__ gate_w,
+                                                const u64* __restrict__ up_w, const int* __restrict__ count,
+                                                const int* __restrict__ start, int hidden, int inter,
+                                                bf16* __restrict__ act) {
+    int e = blockIdx.z, r0 = blockIdx.y * GG_M;
+    int m = min(count[e] - r0, GG_M);
+    if (m <= 0) return;
+    int s0 = start[e] + r0, c0 = blockIdx.x * GG_N;
+    const bf16* const w[2] = {(const bf16*)gate_w[e], (const bf16*)up_w[e]};
+    float acc[2][2][4][4];
+    gg_products<2>(GgPicked{x, slot_tok + s0, hidden}, m, w, inter, c0, hidden, acc);
+    int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
+    int wm = warp / 2 * 32 + lane / 4, wn = c0 + warp % 2 * 32 + lane % 4 * 2;
+#pragma unroll
+    for (int i = 0; i < 2; i++)
+#pragma unroll
+        for (int l = 0; l < 4; l++)
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                int r = wm + 16 * i + 8 * h, c = wn + 8 * l;
+                if (r < m && c < inter) {
+                    float g0 = acc[0][i][l][2 * h], g1 = acc[0][i][l][2 * h + 1];
+                    __nv_bfloat162 v;
+                    v.x = __float2bfloat16(g0 / (1.f + __expf(-g0)) * acc[1][i][l][2 * h]);
+                    v.y = __float2bfloat16(g1 / (1.f + __expf(-g1)) * acc[1][i][l][2 * h + 1]);
+                    *(__nv_bfloat162*)(act + (long)(s0 + r) * inter + c) = v;
+                }
+            }
+}
+
+// y[slot, r] = down_e[r] · act[slot] for every slot of expert e and r < hidden (a
+// multiple of 8; act: bf16 rows as moe_gemm_gate_up writes them). Grid (ceil(hidden /
+// GG_N), then as moe_gemm_gate_up's).
+extern "C" __global__ void MAX_THREADS(GG_THREADS) moe_gemm_down(const bf16* __restrict__ act,
+                                             const u64* __restrict__ down_w, const int* __restrict__ count,
+                                             const int* __restrict__ start, int hidden, int inter,
+                                             float* __restrict__ y) {
+    int e = blockIdx.z, r0 = blockIdx.y * GG_M;
+    int m = min(count[e] - r0, GG_M);
+    if (m <= 0) return;
+    int s0 = start[e] + r0, c0 = blockIdx.x * GG_N;
+    const bf16* const w[1] = {(const bf16*)down_w[e]};
+    float acc[1][2][4][4];
+    gg_products<1>(GgRows{act + (long)s0 * inter, inter}, m, w, hidden, c0, inter, acc);
+    int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
+    int wm = warp / 2 * 32 + lane / 4, wn = c0 + warp % 2 * 32 + lane % 4 * 2;
+#pragma unroll
+    for (int i = 0; i < 2; i++)
+#pragma unroll
+        for (int l = 0; l < 4; l++)
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                int r = wm + 16 * i + 8 * h, c = wn + 8 * l;
+                if (r < m && c < hidden)
+                    *(float2*)(y + (long)(s0 + r) * hidden + c) = {acc[0][i][l][2 * h], acc[0][i][l][2 * h + 1]};
+            }
+}
+
 // out[tok, :] = Σ_i w_s · y[s, :] over the token's slots s = slot_of[tok·k + i], one block
 // per token.
 extern "C" __global__ void MAX_THREADS(256) moe_combine(const float* __restrict__ y, const int* __restrict__ slot_of,

@@ -40,6 +40,8 @@ pub const KERNEL_NAMES: &[&str] = &[
     "moe_group",
     "moe_gate_up",
     "moe_down",
+    "moe_gemm_gate_up",
+    "moe_gemm_down",
     "moe_combine",
 ];
 
@@ -85,6 +87,12 @@ pub const ATT_WARPS: usize = 8;
 pub const MOE_MAX_EXPERTS: usize = 512;
 /// The most threads of a `sample_rows` block: `SAMPLE_MAX_THREADS` of the kernels.
 pub const SAMPLE_MAX_THREADS: usize = 1024;
+/// Rows (slots) and outputs of a tile of the grouped expert GEMMs (`moe_gemm_gate_up`,
+/// `moe_gemm_down`): `GG_M` and `GG_N` of the kernels.
+pub const GG_M: usize = 64;
+pub const GG_N: usize = 64;
+/// Threads of a grouped expert GEMM block: `GG_THREADS` of the kernels.
+pub const GG_THREADS: usize = 128;
 
 /// Where NVRTC finds `cuda_bf16.h`: `CUDA_INCLUDE`, else `$CUDA_HOME/include`, else
 /// `/usr/local/cuda/include`.
@@ -406,6 +414,8 @@ mod tests {
         assert_eq!(bounds["sample_rows"], SAMPLE_MAX_THREADS as u32);
         assert_eq!(bounds["moe_group"], MOE_MAX_EXPERTS as u32);
         assert_eq!(bounds["attention_batch"], (ATT_WARPS * 32) as u32);
+        assert_eq!(bounds["moe_gemm_gate_up"], GG_THREADS as u32);
+        assert_eq!(bounds["moe_gemm_down"], GG_THREADS as u32);
     }
 
     #[test]
@@ -416,6 +426,9 @@ mod tests {
             ("MAX_DV", MAX_DV),
             ("MOE_MAX_EXPERTS", MOE_MAX_EXPERTS),
             ("SAMPLE_MAX_THREADS", SAMPLE_MAX_THREADS),
+            ("GG_M", GG_M),
+            ("GG_N", GG_N),
+            ("GG_THREADS", GG_THREADS),
         ] {
             assert!(
                 KERNELS.contains(&format!("#define {name} {value}\n")),

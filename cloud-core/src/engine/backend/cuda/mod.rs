@@ -20,7 +20,7 @@
 //!   through its block table, kept in device memory), with each row's positions split
 //!   across blocks and merged by the last of them when the step has few rows. MoE
 //!   routing, the experts and greedy picks run on the device; a prompt's experts are
-//!   cuBLAS GEMMs over the rows routed to each.
+//!   grouped GEMMs on the tensor cores, one launch per projection for every expert.
 //! - Decode steps are captured into CUDA graphs and replayed ([`step`]).
 //! - Errors are sticky per step: the first one is kept, later operations do nothing, and
 //!   the model's forward pass returns it ([`Backend::take_error`](super::Backend::take_error)).
@@ -87,8 +87,8 @@ mod sample;
 pub mod step;
 
 pub use kernels::{
-    compile, include_path, max_threads, ATT_WARPS, GEMV_ROWS, KERNELS, KERNEL_NAMES, MAX_DV,
-    MOE_MAX_EXPERTS, SAMPLE_MAX_THREADS,
+    compile, include_path, max_threads, ATT_WARPS, GEMV_ROWS, GG_M, GG_N, KERNELS, KERNEL_NAMES,
+    MAX_DV, MOE_MAX_EXPERTS, SAMPLE_MAX_THREADS,
 };
 use kernels::{compiled, Kernel, Kernels};
 use kv::Pool;
@@ -181,6 +181,8 @@ pub struct Cuda {
     name: String,
     /// The device's multiprocessors (what a launch must fill).
     sms: usize,
+    /// Whether it has bf16 tensor cores (sm_80 and later), which a prompt's experts use.
+    tensor_cores: bool,
     /// `attention_batch`'s tickets, one per (row, head) of a split launch (fewer than
     /// `2 · sms`: more pairs are not split), zero between launches.
     tickets: CudaSlice<u32>,
@@ -319,6 +321,7 @@ impl Cuda {
             opts,
             name,
             sms,
+            tensor_cores: major >= 8,
             tickets,
             error: Mutex::new(None),
             budget: Mutex::new(None),

@@ -1,15 +1,16 @@
 //! Mixture-of-experts layers on the device: routing (softmax/greedy or sigmoid/noaux_tc,
 //! with groups), grouping of the (token, expert) pairs by expert, the experts' SwiGLU
-//! MLPs (GEMV kernels for decode steps, cuBLAS GEMMs per expert for prompts) and the
-//! weighted combination.
+//! MLPs (GEMV kernels for decode steps, grouped GEMMs on the tensor cores for prompts)
+//! and the weighted combination.
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaSlice, LaunchConfig};
+use cudarc::driver::LaunchConfig;
+use half::bf16;
 
-use super::kernels::MOE_MAX_EXPERTS;
-use super::step::{Dev, Mode};
-use super::{failed, grid, lock, per_row, Cuda, CudaBuf};
+use super::kernels::{GG_M, GG_N, GG_THREADS, MOE_MAX_EXPERTS};
+use super::step::Dev;
+use super::{failed, lock, per_row, Cuda, CudaBuf};
 
 impl Cuda {
     /// The address tables of a layer's experts (`None` unless every matrix is bf16).
@@ -28,90 +29,62 @@ impl Cuda {
         Some(tables)
     }
 
-    /// The routed experts' SwiGLU MLPs for a prompt's tokens on cuBLAS: the rows of every
-    /// slot's token gathered in slot order (grouped by expert) and rounded to bf16, then
-    /// for each expert with rows one GEMM each for its gate, up and down projections.
-    /// `y[slot]`: the expert's output for the slot's token, unweighted. Reads the
-    /// experts' row counts back, which a prompt's step (never captured) may.
-    fn experts_by_gemm(
+    /// The routed experts' SwiGLU MLPs for a prompt's tokens, as grouped GEMMs on the
+    /// tensor cores: one launch for every expert's gate and up projections (the rows of
+    /// each slot's token read from `x` and rounded to bf16 as they are staged, SiLU·mul
+    /// applied to the products, the result kept as bf16), one for every expert's down
+    /// projection. Each launch covers the most rows an expert can have (`t`, a token
+    /// choosing an expert once); a block past its expert's count returns at once, so the
+    /// host never reads the counts. `y[slot]`: the expert's output for the slot's token,
+    /// unweighted.
+    #[allow(clippy::too_many_arguments)]
+    fn experts_by_grouped_gemm(
         &self,
         x: &Dev<f32>,
-        experts: &[[&CudaBuf; 3]],
+        tables: &[Dev<u64>; 3],
         count: &Dev<i32>,
+        start: &Dev<i32>,
         slot_tok: &Dev<i32>,
-        (pairs, hidden, inter): (usize, usize, usize),
+        (t, pairs, hidden, inter): (usize, usize, usize, usize),
         y: &mut Dev<f32>,
     ) -> Option<()> {
-        let Some(mats) = expert_addrs(experts) else {
-            self.record(failed("moe", "expert weights are not bf16"));
-            return None;
+        let mut act = self.tmp::<bf16>(pairs * inter, "moe intermediate")?;
+        let tiles = |outputs: usize| LaunchConfig {
+            grid_dim: (
+                outputs.div_ceil(GG_N) as u32,
+                t.div_ceil(GG_M) as u32,
+                tables[0].len() as u32,
+            ),
+            block_dim: (GG_THREADS as u32, 1, 1),
+            shared_mem_bytes: 0,
         };
-        let counts = match self.stream.clone_dtoh::<i32, CudaSlice<i32>>(count) {
-            Ok(v) => v,
-            Err(e) => {
-                self.record(failed("moe counts", e));
-                return None;
-            }
-        };
-        if counts.iter().any(|&c| c < 0)
-            || counts.iter().map(|&c| c as usize).sum::<usize>() != pairs
-        {
-            self.record(failed(
-                "moe",
-                format!("expert counts {counts:?} for {pairs} slots"),
-            ));
-            return None;
-        }
-        let mut rows = self.tmp::<f32>(pairs * hidden, "moe rows")?;
-        let hi = hidden as i32;
+        let (hi, ii) = (hidden as i32, inter as i32);
         launch!(
             self,
-            "gather_rows_f32",
-            per_row(pairs, 256),
+            "moe_gemm_gate_up",
+            tiles(inter),
             x,
             slot_tok,
-            &mut rows,
-            &hi
+            &tables[0],
+            &tables[1],
+            count,
+            start,
+            &hi,
+            &ii,
+            &mut act
         );
-        let xb = self.to_bf16(&rows)?;
-        let gate = self.tmp::<f32>(pairs * inter, "moe gate")?;
-        let up = self.tmp::<f32>(pairs * inter, "moe up")?;
-        // Bytes per bf16 and per f32 element.
-        let (bf, f) = (2u64, 4u64);
-        let runs = || {
-            counts
-                .iter()
-                .enumerate()
-                .filter(|c| *c.1 > 0)
-                .scan(0usize, |at, (e, &c)| {
-                    let from = *at as u64;
-                    *at += c as usize;
-                    Some((e, from, c as usize))
-                })
-        };
-        for (e, from, c) in runs() {
-            let xr = xb.ptr() + from * hidden as u64 * bf;
-            let at = from * inter as u64 * f;
-            self.gemm_raw(mats[0][e], xr, gate.ptr() + at, c, inter, hidden, 0.0)?;
-            self.gemm_raw(mats[1][e], xr, up.ptr() + at, c, inter, hidden, 0.0)?;
-        }
-        let mut act = self.tmp::<f32>(pairs * inter, "moe intermediate")?;
-        let total = (pairs * inter) as i64;
         launch!(
             self,
-            "silu_mul",
-            grid(pairs * inter),
-            &gate,
-            &up,
-            &mut act,
-            &total
+            "moe_gemm_down",
+            tiles(hidden),
+            &act,
+            &tables[2],
+            count,
+            start,
+            &hi,
+            &ii,
+            y
         );
-        let hb = self.to_bf16(&act)?;
-        for (e, from, c) in runs() {
-            let hr = hb.ptr() + from * inter as u64 * bf;
-            let yr = y.ptr() + from * hidden as u64 * f;
-            self.gemm_raw(mats[2][e], hr, yr, c, hidden, inter, 0.0)?;
-        }
         Some(())
     }
 
@@ -262,15 +235,14 @@ impl Cuda {
             &mut slot_w,
             &mut slot_of
         );
-        // A prompt's tokens (enough rows per expert for tensor cores): one cuBLAS GEMM per
-        // expert and projection. A decode step (captured into graphs, and its eager run
-        // computed as its replays are): the expert kernels, which read each weight row
-        // once for all of an expert's rows.
-        let grouped = pairs >= 2 * n && self.mode() == Mode::Eager && !self.steps().decode;
+        // A prompt's tokens (on average at least two rows per expert): grouped GEMMs on the
+        // tensor cores. A decode step (and a device without bf16 tensor cores): the expert
+        // kernels, which read each weight row once for all of an expert's rows.
+        let grouped = pairs >= 2 * n && self.tensor_cores && !self.steps().decode;
         if grouped {
-            let shape = (pairs, hidden, inter);
+            let shape = (t, pairs, hidden, inter);
             if self
-                .experts_by_gemm(xs, experts, &count, &slot_tok, shape, &mut y)
+                .experts_by_grouped_gemm(xs, &tables, &count, &start, &slot_tok, shape, &mut y)
                 .is_none()
             {
                 return Some(self.empty());

@@ -100,7 +100,7 @@ impl Cuda {
     /// [`Cuda::gemm_bf16_in`] on device addresses: `w` holds `n·k` bf16, `xp` `m·k` bf16
     /// and `yp` `m·n` f32 (the callers' buffers, or rows of them).
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn gemm_raw(
+    fn gemm_raw(
         &self,
         wp: u64,
         xp: u64,
