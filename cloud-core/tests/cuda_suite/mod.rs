@@ -369,6 +369,66 @@ fn cuda_graphs_replay_decode_steps_as_they_run_eagerly() {
     }
 }
 
+/// A decode batch large enough that the experts go through the grouped GEMMs (more rows
+/// per expert than the expert kernels take in one pass) is captured into a graph and
+/// replayed, with the logits of the same steps run eagerly.
+#[test]
+fn cuda_graphs_replay_large_moe_decode_batches() {
+    use cloud_core::engine::config::ModelConfig;
+    let opts = |graphs: bool| CudaOptions {
+        graphs,
+        ..Default::default()
+    };
+    if gpu(opts(false)).is_none() {
+        return;
+    }
+    let dir = fixtures().join("deepseek_v3");
+    let cfg = ModelConfig::from_file(&dir.join("config.json")).expect("config");
+    let moe = cfg.moe.as_ref().expect("an MoE fixture");
+    let seqs = 25;
+    assert!(
+        seqs * moe.num_experts_per_tok > 8 * moe.n_routed_experts,
+        "too few rows per expert for the grouped GEMMs"
+    );
+    let eager = Model::load(&dir, gpu(opts(false)).expect("gpu")).expect("model");
+    let graphed = Model::load(&dir, gpu(opts(true)).expect("gpu")).expect("model");
+    let vocab = cfg.vocab_size as u32;
+    let mut inputs: Vec<Vec<u32>> = (0..seqs as u32)
+        .map(|s| {
+            (0..3 + s % 4)
+                .map(|i| (7 * s + 3 * i + 1) % vocab)
+                .collect()
+        })
+        .collect();
+    let mut ce: Vec<_> = inputs.iter().map(|_| eager.new_cache()).collect();
+    let mut cg: Vec<_> = inputs.iter().map(|_| graphed.new_cache()).collect();
+    for step in 0..5 {
+        let run = |model: &Model<Cuda>, caches: &mut Vec<Cache<Cuda>>| {
+            let mut batch: Vec<(&[u32], &mut _)> = inputs
+                .iter()
+                .zip(caches.iter_mut())
+                .map(|(i, c)| (i.as_slice(), c))
+                .collect();
+            model.forward_batch_last(&mut batch).expect("step")
+        };
+        let want = run(&eager, &mut ce);
+        let got = run(&graphed, &mut cg);
+        for (i, (w, g)) in want.iter().zip(&got).enumerate() {
+            let d = rel_diff(g, w);
+            assert!(
+                d <= 1e-5,
+                "step {step}, sequence {i}: graphed vs eager {d:e}"
+            );
+        }
+        for (input, w) in inputs.iter_mut().zip(&want) {
+            *input = vec![argmax(w)];
+        }
+    }
+    let st = graphed.backend().graph_stats();
+    assert!(st.captured >= 1 && st.replayed >= 2, "{st:?}");
+    println!("{seqs} sequences: graphed decode matches eager; {st:?}");
+}
+
 /// Pseudo-random values in [-1, 1), rounded to bf16 (what the device stores).
 fn bf16_values(n: usize, seed: u64) -> Vec<half::bf16> {
     common::rand_vec(n, seed)
@@ -377,9 +437,10 @@ fn bf16_values(n: usize, seed: u64) -> Vec<half::bf16> {
         .collect()
 }
 
-/// The routed experts of a prompt's rows (grouped GEMMs on the tensor cores, one launch
-/// per projection for every expert) and of a decode step's (the expert kernels) against
-/// the host's routing and SwiGLU of the same weights.
+/// The routed experts of a prompt's rows and of a decode step of many sequences (grouped
+/// GEMMs on the tensor cores, one launch per projection for every expert), and of a
+/// decode step of a few (the expert kernels), against the host's routing and SwiGLU of
+/// the same weights.
 #[test]
 fn cuda_prompt_and_decode_experts_match_the_host() {
     use cloud_core::engine::backend::Weight;
@@ -443,26 +504,44 @@ fn cuda_prompt_and_decode_experts_match_the_host() {
             }
         }
     }
-    let (xb, lb, bb) = (gpu.upload(&x), gpu.upload(&logits), gpu.upload(&bias));
+    // A decode step of `few` sequences routes fewer rows to each expert than the expert
+    // kernels take in one pass; one of all `t`, more.
+    let few = 8;
+    assert!(few * moe.num_experts_per_tok <= 8 * n && t * moe.num_experts_per_tok > 8 * n);
+    let bb = gpu.upload(&bias);
     let mut got = Vec::new();
-    for (what, lens) in [("prompt", vec![t]), ("decode step", vec![1; t])] {
+    for (what, lens) in [
+        ("prompt", vec![t]),
+        ("decode step of many", vec![1; t]),
+        ("decode step of few", vec![1; few]),
+    ] {
+        let rows = lens.iter().sum::<usize>();
+        let (xb, lb) = (
+            gpu.upload(&x[..rows * hidden]),
+            gpu.upload(&logits[..rows * n]),
+        );
         gpu.begin_step(&lens, 0, false);
         let out = gpu
-            .moe_routed(&xb, t, &lb, Some(&bb), &experts, hidden, inter, &moe)
+            .moe_routed(&xb, rows, &lb, Some(&bb), &experts, hidden, inter, &moe)
             .expect("routed on the device");
         let out = gpu.download(&out);
         assert!(gpu.end_step(), "{what}: step discarded");
         assert!(gpu.take_error().is_none(), "{what}: device error");
-        let d = rel_diff(&out, &want);
+        let d = rel_diff(&out, &want[..rows * hidden]);
         assert!(d <= TOLERANCE, "{what}: experts vs the host: {d:e}");
         println!("{what}: experts vs the host {d:e}");
         got.push(out);
     }
-    // The prompt's GEMMs take their inputs rounded to bf16, the decode kernels f32: equal
-    // results would mean the prompt did not go through the GEMMs.
-    assert_ne!(
+    // The GEMMs take their inputs rounded to bf16, the expert kernels f32: the same results
+    // from both decode steps would mean they went the same way.
+    assert_eq!(
         got[0], got[1],
-        "the prompt's experts ran the decode kernels"
+        "the large decode step did not go through the GEMMs"
+    );
+    assert_ne!(
+        got[2][..],
+        got[0][..few * hidden],
+        "the small decode step did not go through the expert kernels"
     );
 }
 

@@ -1097,11 +1097,12 @@ extern "C" __global__ void MAX_THREADS(256) moe_down(const float* __restrict__ h
     }
 }
 
-// ---- A prompt's experts: grouped GEMMs on tensor cores --------------------------------
-// A prompt routes enough tokens to each expert for matrix products. These kernels compute
-// every expert's rows in one launch per projection, on bf16 tensor cores (mma.sync,
-// sm_80 and later) with f32 accumulation: no launch per expert, and no read of the
-// experts' row counts by the host, so they need no synchronisation and can be captured.
+// ---- Experts of many rows: grouped GEMMs on tensor cores ------------------------------
+// A prompt (or a large decode batch) routes enough tokens to each expert for matrix
+// products. These kernels compute every expert's rows in one launch per projection, on
+// bf16 tensor cores (mma.sync, sm_80 and later) with f32 accumulation: no launch per
+// expert, and no read of the experts' row counts by the host, so they need no
+// synchronisation and can be captured.
 // A block computes a GG_M × GG_N tile of one expert's output: grid (outputs / GG_N, most
 // rows of an expert / GG_M, experts), and a block past its expert's rows returns at once.
 // Its GG_THREADS threads are four warps, each a 32 × 32 quarter of the tile as 2 × 4

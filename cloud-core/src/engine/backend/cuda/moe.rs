@@ -1,14 +1,14 @@
 //! Mixture-of-experts layers on the device: routing (softmax/greedy or sigmoid/noaux_tc,
 //! with groups), grouping of the (token, expert) pairs by expert, the experts' SwiGLU
-//! MLPs (GEMV kernels for decode steps, grouped GEMMs on the tensor cores for prompts)
-//! and the weighted combination.
+//! MLPs (GEMV kernels for decode steps of a few rows per expert, grouped GEMMs on the
+//! tensor cores for prompts and large decode batches) and the weighted combination.
 
 use std::sync::Arc;
 
 use cudarc::driver::LaunchConfig;
 use half::bf16;
 
-use super::kernels::{GG_M, GG_N, GG_THREADS, MOE_MAX_EXPERTS};
+use super::kernels::{GEMV_ROWS, GG_M, GG_N, GG_THREADS, MOE_MAX_EXPERTS};
 use super::step::Dev;
 use super::{failed, lock, per_row, Cuda, CudaBuf};
 
@@ -235,10 +235,18 @@ impl Cuda {
             &mut slot_w,
             &mut slot_of
         );
-        // A prompt's tokens (on average at least two rows per expert): grouped GEMMs on the
-        // tensor cores. A decode step (and a device without bf16 tensor cores): the expert
-        // kernels, which read each weight row once for all of an expert's rows.
-        let grouped = pairs >= 2 * n && self.tensor_cores && !self.steps().decode;
+        // Grouped GEMMs on the tensor cores for a prompt's tokens (on average at least two
+        // rows per expert) and for a decode step of more rows per expert than the expert
+        // kernels take in one pass (a large batch); otherwise (and on a device without
+        // bf16 tensor cores) the expert kernels, which read each weight row once per
+        // GEMV_ROWS of an expert's rows with f32 inputs. The choice depends on the step's
+        // shape only, so a graphed step's eager run computes what its replays do.
+        let rows_per_expert = if self.steps().decode {
+            GEMV_ROWS + 1
+        } else {
+            2
+        };
+        let grouped = self.tensor_cores && pairs >= rows_per_expert * n;
         if grouped {
             let shape = (t, pairs, hidden, inter);
             if self
