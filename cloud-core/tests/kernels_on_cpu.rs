@@ -88,11 +88,6 @@ fn pm<T>(v: &mut [T]) -> Arg {
 }
 
 fn launch(name: &str, grid: (u32, u32), block: u32, shared: u32, args: &[Arg]) {
-    launch3(name, (grid.0, grid.1, 1), block, shared, args);
-}
-
-/// [`launch`] with a grid of three dimensions.
-fn launch3(name: &str, grid: (u32, u32, u32), block: u32, shared: u32, args: &[Arg]) {
     let Some(e) = emu() else { return };
     let mut store: Vec<[u8; 8]> = args
         .iter()
@@ -123,7 +118,7 @@ fn launch3(name: &str, grid: (u32, u32, u32), block: u32, shared: u32, args: &[A
             cname.as_ptr(),
             grid.0,
             grid.1,
-            grid.2,
+            1,
             block,
             1,
             1,
@@ -871,7 +866,7 @@ fn moe_experts_on_the_device_match_a_host_computation() {
             pm(&mut w),
         ],
     );
-    let (mut count, mut start) = (vec![0i32; n], vec![0i32; n]);
+    let (mut count, mut start, mut tiles) = (vec![0i32; n], vec![0i32; n], vec![-1i32; n + 1]);
     let (mut slot_tok, mut slot_w, mut slot_of) =
         (vec![0i32; pairs], vec![0f32; pairs], vec![0i32; pairs]);
     launch(
@@ -887,6 +882,7 @@ fn moe_experts_on_the_device_match_a_host_computation() {
             Arg::I(n as i32),
             pm(&mut count),
             pm(&mut start),
+            pm(&mut tiles),
             pm(&mut slot_tok),
             pm(&mut slot_w),
             pm(&mut slot_of),
@@ -963,11 +959,15 @@ fn moe_experts_on_the_device_match_a_host_computation() {
     seen.sort_unstable();
     assert_eq!(seen, (0..pairs as i32).collect::<Vec<_>>());
     assert_eq!(count.iter().sum::<i32>() as usize, pairs);
-    let mut at = 0;
+    let (mut at, mut tile) = (0, 0);
+    let gm = kernel_define("GG_M") as i32;
     for e in 0..n {
         assert_eq!(start[e], at, "expert {e}: start");
+        assert_eq!(tiles[e], tile, "expert {e}: first row tile");
         at += count[e];
+        tile += (count[e] + gm - 1) / gm;
     }
+    assert_eq!(tiles[n], tile, "row tiles");
     for pair in 0..pairs {
         let (e, s) = (ids[pair] as usize, slot_of[pair]);
         assert!(
@@ -1023,6 +1023,17 @@ fn grouped_expert_gemms_match_a_host_computation() {
             Some(s)
         })
         .collect();
+    // The row tiles as moe_group numbers them: each expert's in turn.
+    let row_tiles = |c: &i32| (*c as usize).div_ceil(gm) as i32;
+    let mut tiles: Vec<i32> = count
+        .iter()
+        .scan(0, |at, c| {
+            let s = *at;
+            *at += row_tiles(c);
+            Some(s)
+        })
+        .collect();
+    tiles.push(count.iter().map(row_tiles).sum());
     let slot_tok: Vec<i32> = tokens.iter().flatten().map(|&v| v as i32).collect();
     let pairs = slot_tok.len();
     let x = rand_vec(t * hidden, 60);
@@ -1038,11 +1049,13 @@ fn grouped_expert_gemms_match_a_host_computation() {
     let table =
         |j: usize| -> Vec<u64> { mats.iter().map(|m| m[j].as_ptr() as usize as u64).collect() };
     let (tg, tu, td) = (table(0), table(1), table(2));
-    let rows = t.div_ceil(gm) as u32;
+    // As many row tiles as the backend launches for these pairs: more than there are.
+    let rows = (slot_tok.len().div_ceil(gm) + n).min(t.div_ceil(gm) * n) as u32;
+    assert!(rows as i32 > tiles[n]);
     let mut act = vec![bf16::NAN; pairs * inter];
-    launch3(
+    launch(
         "moe_gemm_gate_up",
-        (inter.div_ceil(gn) as u32, rows, n as u32),
+        (inter.div_ceil(gn) as u32, rows),
         threads,
         0,
         &[
@@ -1052,15 +1065,17 @@ fn grouped_expert_gemms_match_a_host_computation() {
             p(&tu),
             p(&count),
             p(&start),
+            p(&tiles),
+            Arg::I(n as i32),
             Arg::I(hidden as i32),
             Arg::I(inter as i32),
             pm(&mut act),
         ],
     );
     let mut y = vec![f32::NAN; pairs * hidden];
-    launch3(
+    launch(
         "moe_gemm_down",
-        (hidden.div_ceil(gn) as u32, rows, n as u32),
+        (hidden.div_ceil(gn) as u32, rows),
         threads,
         0,
         &[
@@ -1068,6 +1083,8 @@ fn grouped_expert_gemms_match_a_host_computation() {
             p(&td),
             p(&count),
             p(&start),
+            p(&tiles),
+            Arg::I(n as i32),
             Arg::I(hidden as i32),
             Arg::I(inter as i32),
             pm(&mut y),

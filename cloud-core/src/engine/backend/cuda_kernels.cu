@@ -1002,29 +1002,43 @@ extern "C" __global__ void MAX_THREADS(64) moe_route(const float* __restrict__ l
     }
 }
 
+// The tiles of the grouped expert GEMMs (below): rows (slots) and outputs of a block's
+// tile, its depth per stage, its threads.
+#define GG_M 64
+#define GG_N 64
+#define GG_K 32
+#define GG_THREADS 128
+
 // Groups the t·k (token, expert) pairs by expert, in one block of MOE_MAX_EXPERTS
 // threads: count[e], start[e], and per slot (sorted by expert; within an expert in no
 // set order, which no result depends on: every slot is computed on its own) its token
-// and weight; slot_of[pair] the slot of pair `tok * k + i`.
+// and weight; slot_of[pair] the slot of pair `tok * k + i`. tiles[e]: the first of
+// expert e's row tiles of GG_M slots among every expert's, in expert order; tiles[n]:
+// how many there are (what the grouped GEMMs' blocks are numbered by).
 extern "C" __global__ void MAX_THREADS(MOE_MAX_EXPERTS) moe_group(const int* __restrict__ ids, const float* __restrict__ weights,
                                      int pairs, int k, int n, int* __restrict__ count,
-                                     int* __restrict__ start, int* __restrict__ slot_tok,
-                                     float* __restrict__ slot_w, int* __restrict__ slot_of) {
+                                     int* __restrict__ start, int* __restrict__ tiles,
+                                     int* __restrict__ slot_tok, float* __restrict__ slot_w,
+                                     int* __restrict__ slot_of) {
     __shared__ int fill[MOE_MAX_EXPERTS];
     __shared__ int at[MOE_MAX_EXPERTS];
+    __shared__ int tile_at[MOE_MAX_EXPERTS];
     int e = threadIdx.x;
     fill[e] = 0;
     __syncthreads();
     for (int p = threadIdx.x; p < pairs; p += blockDim.x) atomicAdd(&fill[ids[p]], 1);
     __syncthreads();
-    // Inclusive prefix sums of the counts (Hillis–Steele), then exclusive ones.
-    int c = e < n ? fill[e] : 0;
+    // Inclusive prefix sums of the counts and of the row tiles (Hillis–Steele), then
+    // exclusive ones.
+    int c = e < n ? fill[e] : 0, ct = (c + GG_M - 1) / GG_M;
     at[e] = c;
+    tile_at[e] = ct;
     __syncthreads();
     for (int o = 1; o < MOE_MAX_EXPERTS; o <<= 1) {
-        int add = e >= o ? at[e - o] : 0;
+        int add = e >= o ? at[e - o] : 0, add_t = e >= o ? tile_at[e - o] : 0;
         __syncthreads();
         at[e] += add;
+        tile_at[e] += add_t;
         __syncthreads();
     }
     at[e] -= c;
@@ -1032,6 +1046,8 @@ extern "C" __global__ void MAX_THREADS(MOE_MAX_EXPERTS) moe_group(const int* __r
     if (e < n) {
         count[e] = c;
         start[e] = at[e];
+        tiles[e] = tile_at[e] - ct;
+        if (e == n - 1) tiles[n] = tile_at[e];
     }
     __syncthreads();
     for (int p = threadIdx.x; p < pairs; p += blockDim.x) {
@@ -1103,16 +1119,14 @@ extern "C" __global__ void MAX_THREADS(256) moe_down(const float* __restrict__ h
 // bf16 tensor cores (mma.sync, sm_80 and later) with f32 accumulation: no launch per
 // expert, and no read of the experts' row counts by the host, so they need no
 // synchronisation and can be captured.
-// A block computes a GG_M × GG_N tile of one expert's output: grid (outputs / GG_N, most
-// rows of an expert / GG_M, experts), and a block past its expert's rows returns at once.
+// A block computes a GG_M × GG_N tile of one expert's output: grid (outputs / GG_N, row
+// tiles), the row tiles numbered across experts as moe_group's `tiles` says; the grid
+// has as many as the step can have (ceil(pairs / GG_M) + experts, or fewer), and the
+// blocks past the step's own return at once.
 // Its GG_THREADS threads are four warps, each a 32 × 32 quarter of the tile as 2 × 4
 // products of 16 × 8. The operands pass through shared memory GG_K columns at a time
 // (rounded to bf16 on the way); the next columns' global loads are issued before the
 // current ones' products, so their latency hides behind the tensor cores.
-#define GG_M 64
-#define GG_N 64
-#define GG_K 32
-#define GG_THREADS 128
 // The row pitch of the operand tiles in shared memory, in bf16: 20 words, so the 8 rows
 // and 4 column pairs a warp reads at once fall in 32 different banks.
 #define GG_LD (GG_K + 8)
@@ -1172,6 +1186,22 @@ struct GgRows {
     __device__ __forceinline__ static Chunk zero() { return {0u, 0u, 0u, 0u}; }
     __device__ __forceinline__ static uint4 packed(Chunk c) { return c; }
 };
+
+// The expert and the first slot (of its own) of row tile i; false: a tile past the last.
+__device__ __forceinline__ bool gg_tile(const int* __restrict__ tiles, int n, int i, int& e, int& r0) {
+    if (i >= tiles[n]) return false;
+    // tiles[lo] <= i < tiles[hi]; experts without slots have no tiles (tiles[e] ==
+    // tiles[e + 1]), so the last expert with tiles[e] <= i has tile i.
+    int lo = 0, hi = n;
+    while (hi - lo > 1) {
+        int mid = (lo + hi) / 2;
+        if (tiles[mid] <= i) lo = mid;
+        else hi = mid;
+    }
+    e = lo;
+    r0 = (i - tiles[lo]) * GG_M;
+    return true;
+}
 
 // Two bf16 of a tile in shared memory, as one fragment register.
 __device__ __forceinline__ unsigned gg_pair(const bf16* p) { return *(const unsigned*)p; }
@@ -1249,17 +1279,17 @@ __device__ __forceinline__ void gg_products(A a, int m, const bf16* const (&w)[N
 }
 
 // act[slot, r] = silu(gate_e[r] · x_tok) · (up_e[r] · x_tok), rounded to bf16, for every
-// slot of expert e, its token tok = slot_tok[slot] and r < inter (a multiple of 8).
-// Grid (ceil(inter / GG_N), ceil(most slots of an expert / GG_M), n experts); weight
-// tables as moe_gate_up's.
+// slot of every expert e, its token tok = slot_tok[slot] and r < inter (a multiple of
+// 8). Grid (ceil(inter / GG_N), row tiles); weight tables as moe_gate_up's; count,
+// start and tiles (of n experts) as moe_group makes them.
 extern "C" __global__ void MAX_THREADS(GG_THREADS) moe_gemm_gate_up(const float* __restrict__ x,
                                                 const int* __restrict__ slot_tok, const u64* __restrict__ gate_w,
                                                 const u64* __restrict__ up_w, const int* __restrict__ count,
-                                                const int* __restrict__ start, int hidden, int inter,
-                                                bf16* __restrict__ act) {
-    int e = blockIdx.z, r0 = blockIdx.y * GG_M;
+                                                const int* __restrict__ start, const int* __restrict__ tiles,
+                                                int n, int hidden, int inter, bf16* __restrict__ act) {
+    int e, r0;
+    if (!gg_tile(tiles, n, blockIdx.y, e, r0)) return;
     int m = min(count[e] - r0, GG_M);
-    if (m <= 0) return;
     int s0 = start[e] + r0, c0 = blockIdx.x * GG_N;
     const bf16* const w[2] = {(const bf16*)gate_w[e], (const bf16*)up_w[e]};
     float acc[2][2][4][4];
@@ -1283,16 +1313,16 @@ extern "C" __global__ void MAX_THREADS(GG_THREADS) moe_gemm_gate_up(const float*
             }
 }
 
-// y[slot, r] = down_e[r] · act[slot] for every slot of expert e and r < hidden (a
+// y[slot, r] = down_e[r] · act[slot] for every slot of every expert e and r < hidden (a
 // multiple of 8; act: bf16 rows as moe_gemm_gate_up writes them). Grid (ceil(hidden /
-// GG_N), then as moe_gemm_gate_up's).
+// GG_N), row tiles); the rest as moe_gemm_gate_up's.
 extern "C" __global__ void MAX_THREADS(GG_THREADS) moe_gemm_down(const bf16* __restrict__ act,
                                              const u64* __restrict__ down_w, const int* __restrict__ count,
-                                             const int* __restrict__ start, int hidden, int inter,
-                                             float* __restrict__ y) {
-    int e = blockIdx.z, r0 = blockIdx.y * GG_M;
+                                             const int* __restrict__ start, const int* __restrict__ tiles,
+                                             int n, int hidden, int inter, float* __restrict__ y) {
+    int e, r0;
+    if (!gg_tile(tiles, n, blockIdx.y, e, r0)) return;
     int m = min(count[e] - r0, GG_M);
-    if (m <= 0) return;
     int s0 = start[e] + r0, c0 = blockIdx.x * GG_N;
     const bf16* const w[1] = {(const bf16*)down_w[e]};
     float acc[1][2][4][4];

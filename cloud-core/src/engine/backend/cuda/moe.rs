@@ -29,46 +29,40 @@ impl Cuda {
         Some(tables)
     }
 
-    /// The routed experts' SwiGLU MLPs for a prompt's tokens, as grouped GEMMs on the
-    /// tensor cores: one launch for every expert's gate and up projections (the rows of
-    /// each slot's token read from `x` and rounded to bf16 as they are staged, SiLU·mul
-    /// applied to the products, the result kept as bf16), one for every expert's down
-    /// projection. Each launch covers the most rows an expert can have (`t`, a token
-    /// choosing an expert once); a block past its expert's count returns at once, so the
-    /// host never reads the counts. `y[slot]`: the expert's output for the slot's token,
-    /// unweighted.
-    #[allow(clippy::too_many_arguments)]
+    /// The routed experts' SwiGLU MLPs as grouped GEMMs on the tensor cores: one launch
+    /// for every expert's gate and up projections (the rows of each slot's token read
+    /// from `x` and rounded to bf16 as they are staged, SiLU·mul applied to the
+    /// products, the result kept as bf16), one for every expert's down projection. Each
+    /// launch has a block per output tile of every row tile the step can have; the blocks
+    /// past the step's own return at once, so the host never reads the counts. `y[slot]`:
+    /// the expert's output for the slot's token, unweighted.
     fn experts_by_grouped_gemm(
         &self,
         x: &Dev<f32>,
         tables: &[Dev<u64>; 3],
-        count: &Dev<i32>,
-        start: &Dev<i32>,
-        slot_tok: &Dev<i32>,
-        (t, pairs, hidden, inter): (usize, usize, usize, usize),
+        g: &ExpertGroups<'_>,
+        (pairs, hidden, inter): (usize, usize, usize),
         y: &mut Dev<f32>,
     ) -> Option<()> {
         let mut act = self.tmp::<bf16>(pairs * inter, "moe intermediate")?;
         let tiles = |outputs: usize| LaunchConfig {
-            grid_dim: (
-                outputs.div_ceil(GG_N) as u32,
-                t.div_ceil(GG_M) as u32,
-                tables[0].len() as u32,
-            ),
+            grid_dim: (outputs.div_ceil(GG_N) as u32, g.row_tiles as u32, 1),
             block_dim: (GG_THREADS as u32, 1, 1),
             shared_mem_bytes: 0,
         };
-        let (hi, ii) = (hidden as i32, inter as i32);
+        let (ni, hi, ii) = (tables[0].len() as i32, hidden as i32, inter as i32);
         launch!(
             self,
             "moe_gemm_gate_up",
             tiles(inter),
             x,
-            slot_tok,
+            g.slot_tok,
             &tables[0],
             &tables[1],
-            count,
-            start,
+            g.count,
+            g.start,
+            g.tiles,
+            &ni,
             &hi,
             &ii,
             &mut act
@@ -79,8 +73,10 @@ impl Cuda {
             tiles(hidden),
             &act,
             &tables[2],
-            count,
-            start,
+            g.count,
+            g.start,
+            g.tiles,
+            &ni,
             &hi,
             &ii,
             y
@@ -141,6 +137,7 @@ impl Cuda {
             Some(mut w),
             Some(mut count),
             Some(mut start),
+            Some(mut tiles),
             Some(mut slot_tok),
             Some(mut slot_w),
             Some(mut slot_of),
@@ -150,6 +147,7 @@ impl Cuda {
             self.tmp::<f32>(pairs, "moe weights"),
             self.tmp::<i32>(n, "moe counts"),
             self.tmp::<i32>(n, "moe starts"),
+            self.tmp::<i32>(n + 1, "moe tiles"),
             self.tmp::<i32>(pairs, "moe slots"),
             self.tmp::<f32>(pairs, "moe slots"),
             self.tmp::<i32>(pairs, "moe slots"),
@@ -231,6 +229,7 @@ impl Cuda {
             &ni,
             &mut count,
             &mut start,
+            &mut tiles,
             &mut slot_tok,
             &mut slot_w,
             &mut slot_of
@@ -246,11 +245,21 @@ impl Cuda {
         } else {
             2
         };
-        let grouped = self.tensor_cores && pairs >= rows_per_expert * n;
+        // The most row tiles the step's pairs can make (an expert's last tile may be
+        // partial; an expert's rows are at most t): a grid dimension of at most 65,535.
+        let row_tiles = (pairs.div_ceil(GG_M) + n).min(t.div_ceil(GG_M) * n);
+        let grouped =
+            self.tensor_cores && pairs >= rows_per_expert * n && row_tiles <= u16::MAX as usize;
         if grouped {
-            let shape = (t, pairs, hidden, inter);
+            let groups = ExpertGroups {
+                count: &count,
+                start: &start,
+                tiles: &tiles,
+                slot_tok: &slot_tok,
+                row_tiles,
+            };
             if self
-                .experts_by_grouped_gemm(xs, &tables, &count, &start, &slot_tok, shape, &mut y)
+                .experts_by_grouped_gemm(xs, &tables, &groups, (pairs, hidden, inter), &mut y)
                 .is_none()
             {
                 return Some(self.empty());
@@ -327,4 +336,14 @@ fn expert_addrs(experts: &[[&CudaBuf; 3]]) -> Option<[Vec<u64>; 3]> {
         }
     }
     Some(cols)
+}
+
+/// The (token, expert) pairs grouped by expert, as `moe_group` leaves them on the device,
+/// and the most row tiles of the grouped GEMMs they can make.
+struct ExpertGroups<'a> {
+    count: &'a Dev<i32>,
+    start: &'a Dev<i32>,
+    tiles: &'a Dev<i32>,
+    slot_tok: &'a Dev<i32>,
+    row_tiles: usize,
 }
