@@ -281,10 +281,14 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
         Cmd::Run(args) => {
             init_logging(&args.log);
             let cfg = load_config(&args)?;
+            // Before the agent says it is listening: a SIGHUP or SIGTERM sent as soon as
+            // it has must find the handlers in place (without them SIGHUP and SIGTERM
+            // end the process, or are lost where they are ignored).
+            let signals = StopSignals::register();
             let running = agent::start(cfg).await?;
             println!("edge-agent listening on http://{}", running.addr);
             let _ = std::io::stdout().flush();
-            wait_for_stop(&running, args.config.as_deref()).await;
+            wait_for_stop(&running, args.config.as_deref(), signals).await;
             tracing::info!("shutting down: finishing requests in flight and flushing");
             running.shutdown().await
         }
@@ -356,13 +360,30 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// The signals `run` answers, their handlers installed (`None`: installing failed).
+struct StopSignals(Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>);
+
+impl StopSignals {
+    /// Installs the handlers of SIGTERM and SIGHUP.
+    fn register() -> StopSignals {
+        use tokio::signal::unix::{signal, SignalKind};
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::hangup()),
+        ) {
+            (Ok(term), Ok(hup)) => StopSignals(Some((term, hup))),
+            _ => StopSignals(None),
+        }
+    }
+}
+
 /// Waits for Ctrl-C or SIGTERM; SIGHUP re-reads the policy from the config file.
-async fn wait_for_stop(running: &agent::RunningAgent, config: Option<&std::path::Path>) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut hup)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::hangup()),
-    ) else {
+async fn wait_for_stop(
+    running: &agent::RunningAgent,
+    config: Option<&std::path::Path>,
+    signals: StopSignals,
+) {
+    let Some((mut term, mut hup)) = signals.0 else {
         let _ = tokio::signal::ctrl_c().await;
         return;
     };
