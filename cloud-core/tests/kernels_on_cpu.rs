@@ -89,6 +89,21 @@ fn pm<T>(v: &mut [T]) -> Arg {
 
 fn launch(name: &str, grid: (u32, u32), block: u32, shared: u32, args: &[Arg]) {
     let Some(e) = emu() else { return };
+    // The device reads as many parameters as the kernel declares, whatever was passed: a
+    // launch with the wrong count is a test's mistake, named here rather than a crash.
+    static ARITY: OnceLock<std::collections::HashMap<String, usize>> = OnceLock::new();
+    let arity = ARITY.get_or_init(|| {
+        emu_build::kernels(KERNELS)
+            .into_iter()
+            .map(|(k, types)| (k, types.len()))
+            .collect()
+    });
+    assert_eq!(
+        arity.get(name),
+        Some(&args.len()),
+        "{name}: launched with {} arguments",
+        args.len()
+    );
     let mut store: Vec<[u8; 8]> = args
         .iter()
         .map(|a| {

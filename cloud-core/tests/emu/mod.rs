@@ -9,6 +9,37 @@ pub const KERNELS: &str = include_str!("../../src/engine/backend/cuda_kernels.cu
 const SHIM: &str = include_str!("shim.h");
 const DRIVER: &str = include_str!("driver.cpp");
 
+/// Every kernel of `src` (each `extern "C" __global__` function), in order: its name and
+/// its parameters' types.
+pub fn kernels(src: &str) -> Vec<(String, Vec<String>)> {
+    let marker = "extern \"C\" __global__ void ";
+    let mut out = Vec::new();
+    let mut rest = src;
+    while let Some(i) = rest.find(marker) {
+        rest = &rest[i + marker.len()..];
+        // Past the kernel's `MAX_THREADS(n)`.
+        if let Some(after) = rest.strip_prefix("MAX_THREADS(") {
+            rest = &after[after.find(')').expect(")") + 1..];
+        }
+        let open = rest.find('(').expect("(");
+        let name = rest[..open].trim().to_string();
+        let close = rest.find(')').expect(")");
+        let types = rest[open + 1..close]
+            .split(',')
+            .map(|p| {
+                let p = p.replace("__restrict__", " ");
+                let p = p.trim();
+                let cut = p
+                    .rfind(|c: char| !(c.is_alphanumeric() || c == '_'))
+                    .expect("a typed parameter");
+                p[..=cut].trim().to_string()
+            })
+            .collect();
+        out.push((name, types));
+    }
+    out
+}
+
 /// The C++ glue: `emu_bind(name, grid, block, shared, args)` returns the named kernel's
 /// launch as a `std::function` with `args` read as its parameter types now (as
 /// `cuLaunchKernel` reads them when it is called, also while a stream is captured),
@@ -21,32 +52,13 @@ pub fn glue(src: &str) -> String {
          dim3 g{gx, gy, gz}, b{bx, by, bz};\n",
     );
     let mut has = String::from("extern \"C\" int emu_has_kernel(const char* name) {\n");
-    let marker = "extern \"C\" __global__ void ";
-    let mut rest = src;
-    while let Some(i) = rest.find(marker) {
-        rest = &rest[i + marker.len()..];
-        // Past the kernel's `MAX_THREADS(n)`.
-        if let Some(after) = rest.strip_prefix("MAX_THREADS(") {
-            rest = &after[after.find(')').expect(")") + 1..];
-        }
-        let open = rest.find('(').expect("(");
-        let name = rest[..open].trim();
-        let close = rest.find(')').expect(")");
-        let params: Vec<(String, String)> = rest[open + 1..close]
-            .split(',')
+    for (name, types) in kernels(src) {
+        let reads: Vec<String> = types
+            .iter()
             .enumerate()
-            .map(|(i, p)| {
-                let p = p.replace("__restrict__", " ");
-                let p = p.trim();
-                let cut = p
-                    .rfind(|c: char| !(c.is_alphanumeric() || c == '_'))
-                    .expect("a typed parameter");
-                let ty = p[..=cut].trim();
-                (format!("{ty} p{i} = *({ty}*)a[{i}];"), format!("p{i}"))
-            })
+            .map(|(i, ty)| format!("{ty} p{i} = *({ty}*)a[{i}];"))
             .collect();
-        let reads: Vec<&str> = params.iter().map(|p| p.0.as_str()).collect();
-        let names: Vec<&str> = params.iter().map(|p| p.1.as_str()).collect();
+        let names: Vec<String> = (0..types.len()).map(|i| format!("p{i}")).collect();
         bind.push_str(&format!(
             "  if (!std::strcmp(name, \"{name}\")) {{ {} return new std::function<void()>([=] {{ emu_run(g, b, shared, [=] {{ {name}({}); }}); }}); }}\n",
             reads.join(" "),
