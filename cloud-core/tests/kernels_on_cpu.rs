@@ -834,6 +834,25 @@ fn moe_routing_matches_the_cpu_router() {
     }
 }
 
+/// `n` experts' bf16 gate, up ([inter, hidden]) and down ([hidden, inter]) matrices,
+/// pseudo-random from `seed`.
+fn expert_weights(n: usize, hidden: usize, inter: usize, seed: u64) -> Vec<[Vec<bf16>; 3]> {
+    (0..n as u64)
+        .map(|e| {
+            [
+                to_bf16(&rand_vec(inter * hidden, seed + e)),
+                to_bf16(&rand_vec(inter * hidden, seed + 100 + e)),
+                to_bf16(&rand_vec(hidden * inter, seed + 200 + e)),
+            ]
+        })
+        .collect()
+}
+
+/// The experts' gate, up and down address tables, as the backend keeps them.
+fn expert_tables(mats: &[[Vec<bf16>; 3]]) -> [Vec<u64>; 3] {
+    std::array::from_fn(|j| mats.iter().map(|m| m[j].as_ptr() as usize as u64).collect())
+}
+
 #[test]
 fn moe_experts_on_the_device_match_a_host_computation() {
     if !available() {
@@ -846,18 +865,8 @@ fn moe_experts_on_the_device_match_a_host_computation() {
     let x = rand_vec(t * hidden, 40);
     let logits: Vec<f32> = rand_vec(t * n, 41).iter().map(|v| v * 3.0).collect();
     // Experts' bf16 matrices and their address tables.
-    let mats: Vec<[Vec<bf16>; 3]> = (0..n)
-        .map(|e| {
-            [
-                to_bf16(&rand_vec(inter * hidden, 100 + e as u64)),
-                to_bf16(&rand_vec(inter * hidden, 200 + e as u64)),
-                to_bf16(&rand_vec(hidden * inter, 300 + e as u64)),
-            ]
-        })
-        .collect();
-    let table =
-        |j: usize| -> Vec<u64> { mats.iter().map(|m| m[j].as_ptr() as usize as u64).collect() };
-    let (tg, tu, td) = (table(0), table(1), table(2));
+    let mats = expert_weights(n, hidden, inter, 100);
+    let [tg, tu, td] = expert_tables(&mats);
     let pairs = t * k;
     let (mut ids, mut w) = (vec![0i32; pairs], vec![0f32; pairs]);
     launch(
@@ -1052,18 +1061,8 @@ fn grouped_expert_gemms_match_a_host_computation() {
     let slot_tok: Vec<i32> = tokens.iter().flatten().map(|&v| v as i32).collect();
     let pairs = slot_tok.len();
     let x = rand_vec(t * hidden, 60);
-    let mats: Vec<[Vec<bf16>; 3]> = (0..n)
-        .map(|e| {
-            [
-                to_bf16(&rand_vec(inter * hidden, 400 + e as u64)),
-                to_bf16(&rand_vec(inter * hidden, 500 + e as u64)),
-                to_bf16(&rand_vec(hidden * inter, 600 + e as u64)),
-            ]
-        })
-        .collect();
-    let table =
-        |j: usize| -> Vec<u64> { mats.iter().map(|m| m[j].as_ptr() as usize as u64).collect() };
-    let (tg, tu, td) = (table(0), table(1), table(2));
+    let mats = expert_weights(n, hidden, inter, 400);
+    let [tg, tu, td] = expert_tables(&mats);
     // As many row tiles as the backend launches for these pairs: more than there are.
     let rows = (slot_tok.len().div_ceil(gm) + n).min(t.div_ceil(gm) * n) as u32;
     assert!(rows as i32 > tiles[n]);

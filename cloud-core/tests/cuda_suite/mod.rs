@@ -301,6 +301,49 @@ fn cuda_out_of_memory_is_a_typed_error() {
     assert_eq!(be.download(&x), vec![1.0, 2.0]);
 }
 
+/// Greedy decoding of `prompts` for `steps` steps (the first a prefill) on two models of
+/// the same checkpoint, one running its steps eagerly and one with CUDA graphs: every
+/// step's logits agree. With `leave`, the second sequence leaves the batch at that step.
+fn graphed_against_eager(
+    eager: &Model<Cuda>,
+    graphed: &Model<Cuda>,
+    prompts: Vec<Vec<u32>>,
+    steps: usize,
+    leave: Option<usize>,
+    what: &str,
+) {
+    let mut ce: Vec<_> = prompts.iter().map(|_| eager.new_cache()).collect();
+    let mut cg: Vec<_> = prompts.iter().map(|_| graphed.new_cache()).collect();
+    let mut live: Vec<usize> = (0..prompts.len()).collect();
+    let mut inputs = prompts;
+    for step in 0..steps {
+        if leave == Some(step) {
+            live.remove(1);
+        }
+        let run = |model: &Model<Cuda>, caches: &mut Vec<Cache<Cuda>>| {
+            let mut seqs: Vec<(&[u32], &mut _)> = caches
+                .iter_mut()
+                .enumerate()
+                .filter(|(s, _)| live.contains(s))
+                .map(|(s, cache)| (inputs[s].as_slice(), cache))
+                .collect();
+            model.forward_batch_last(&mut seqs).expect("step")
+        };
+        let want = run(eager, &mut ce);
+        let got = run(graphed, &mut cg);
+        for (i, (w, g)) in want.iter().zip(&got).enumerate() {
+            let d = rel_diff(g, w);
+            assert!(
+                d <= 1e-5,
+                "{what}: step {step}, sequence {i}: graphed vs eager {d:e}"
+            );
+        }
+        for (i, &s) in live.iter().enumerate() {
+            inputs[s] = vec![argmax(&want[i])];
+        }
+    }
+}
+
 /// Decode steps captured into CUDA graphs and replayed give the logits of the same steps
 /// run eagerly, through block-table updates (4-position blocks), new KV chunks wanted
 /// while capturing (one block per chunk: those captures are given up and run eagerly),
@@ -325,42 +368,8 @@ fn cuda_graphs_replay_decode_steps_as_they_run_eagerly() {
         let cases = cases(arch);
         let mut prompts: Vec<Vec<u32>> = cases.iter().map(|c| c.prompt.clone()).collect();
         prompts.push(cases[0].prompt.iter().rev().copied().collect());
-        let mut ce: Vec<_> = prompts.iter().map(|_| eager.new_cache()).collect();
-        let mut cg: Vec<_> = prompts.iter().map(|_| graphed.new_cache()).collect();
-        let mut inputs = prompts.clone();
-        let mut live: Vec<usize> = (0..prompts.len()).collect();
-        for step in 0..22 {
-            if step == 12 {
-                // One sequence finishes: the batch shrinks.
-                live.remove(1);
-            }
-            let rows: Vec<(Vec<u32>, usize)> =
-                live.iter().map(|&s| (inputs[s].clone(), s)).collect();
-            let run = |model: &Model<Cuda>, caches: &mut Vec<Cache<Cuda>>| {
-                let mut seqs: Vec<(&[u32], &mut _)> = Vec::new();
-                for (s, cache) in caches.iter_mut().enumerate() {
-                    if live.contains(&s) {
-                        seqs.push((
-                            rows.iter().find(|r| r.1 == s).expect("row").0.as_slice(),
-                            cache,
-                        ));
-                    }
-                }
-                model.forward_batch_last(&mut seqs).expect("step")
-            };
-            let want = run(&eager, &mut ce);
-            let got = run(&graphed, &mut cg);
-            for (i, (w, g)) in want.iter().zip(&got).enumerate() {
-                let d = rel_diff(g, w);
-                assert!(
-                    d <= 1e-5,
-                    "{arch}: step {step}, sequence {i}: graphed vs eager {d:e}"
-                );
-            }
-            for (i, &s) in live.iter().enumerate() {
-                inputs[s] = vec![argmax(&want[i])];
-            }
-        }
+        // One sequence finishes at step 12: the batch shrinks.
+        graphed_against_eager(&eager, &graphed, prompts, 22, Some(12), arch);
         let st = graphed.backend().graph_stats();
         assert!(st.captured >= 2, "{arch}: {st:?}");
         assert!(st.replayed >= 8 && st.abandoned >= 2, "{arch}: {st:?}");
@@ -393,37 +402,14 @@ fn cuda_graphs_replay_large_moe_decode_batches() {
     let eager = Model::load(&dir, gpu(opts(false)).expect("gpu")).expect("model");
     let graphed = Model::load(&dir, gpu(opts(true)).expect("gpu")).expect("model");
     let vocab = cfg.vocab_size as u32;
-    let mut inputs: Vec<Vec<u32>> = (0..seqs as u32)
+    let prompts: Vec<Vec<u32>> = (0..seqs as u32)
         .map(|s| {
             (0..3 + s % 4)
                 .map(|i| (7 * s + 3 * i + 1) % vocab)
                 .collect()
         })
         .collect();
-    let mut ce: Vec<_> = inputs.iter().map(|_| eager.new_cache()).collect();
-    let mut cg: Vec<_> = inputs.iter().map(|_| graphed.new_cache()).collect();
-    for step in 0..5 {
-        let run = |model: &Model<Cuda>, caches: &mut Vec<Cache<Cuda>>| {
-            let mut batch: Vec<(&[u32], &mut _)> = inputs
-                .iter()
-                .zip(caches.iter_mut())
-                .map(|(i, c)| (i.as_slice(), c))
-                .collect();
-            model.forward_batch_last(&mut batch).expect("step")
-        };
-        let want = run(&eager, &mut ce);
-        let got = run(&graphed, &mut cg);
-        for (i, (w, g)) in want.iter().zip(&got).enumerate() {
-            let d = rel_diff(g, w);
-            assert!(
-                d <= 1e-5,
-                "step {step}, sequence {i}: graphed vs eager {d:e}"
-            );
-        }
-        for (input, w) in inputs.iter_mut().zip(&want) {
-            *input = vec![argmax(w)];
-        }
-    }
+    graphed_against_eager(&eager, &graphed, prompts, 5, None, "deepseek_v3");
     let st = graphed.backend().graph_stats();
     assert!(st.captured >= 1 && st.replayed >= 2, "{st:?}");
     println!("{seqs} sequences: graphed decode matches eager; {st:?}");

@@ -1130,8 +1130,10 @@ extern "C" __global__ void MAX_THREADS(256) moe_down(const float* __restrict__ h
 // The row pitch of the operand tiles in shared memory, in bf16: 20 words, so the 8 rows
 // and 4 column pairs a warp reads at once fall in 32 different banks.
 #define GG_LD (GG_K + 8)
-// Each thread stages GG_CHUNKS chunks of 8 columns of each operand tile.
+// Each thread stages GG_CHUNKS chunks of 8 columns of each operand tile (the left
+// operand's GG_M rows and each right operand's GG_N, the same chunks of both).
 #define GG_CHUNKS (GG_M * GG_K / 8 / GG_THREADS)
+static_assert(GG_M == GG_N && GG_CHUNKS * GG_THREADS * 8 == GG_M * GG_K, "the staging's chunks cover the tiles");
 
 // One tensor-core product of a warp, d += a · b: a a 16 × 16 bf16 tile (row-major), b a
 // 16 × 8 one (column-major), d 16 × 8 f32, in PTX's mma.m16n8k16 fragments: lane
@@ -1278,6 +1280,29 @@ __device__ __forceinline__ void gg_products(A a, int m, const bf16* const (&w)[N
     }
 }
 
+// The block's outputs as the products left them: out(r, c, v) for every pair of
+// adjacent outputs c, c + 1 (c even) of the tile's row r < m with c < n, v their two
+// values in each of the NW products.
+template <int NW, class Out>
+__device__ __forceinline__ void gg_outputs(const float (&acc)[NW][2][4][4], int m, int n, int c0, Out out) {
+    int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
+    int wm = warp / 2 * 32 + lane / 4, wn = c0 + warp % 2 * 32 + lane % 4 * 2;
+#pragma unroll
+    for (int i = 0; i < 2; i++)
+#pragma unroll
+        for (int l = 0; l < 4; l++)
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                int r = wm + 16 * i + 8 * h, c = wn + 8 * l;
+                if (r < m && c < n) {
+                    float2 v[NW];
+#pragma unroll
+                    for (int j = 0; j < NW; j++) v[j] = {acc[j][i][l][2 * h], acc[j][i][l][2 * h + 1]};
+                    out(r, c, v);
+                }
+            }
+}
+
 // act[slot, r] = silu(gate_e[r] · x_tok) · (up_e[r] · x_tok), rounded to bf16, for every
 // slot of every expert e, its token tok = slot_tok[slot] and r < inter (a multiple of
 // 8). Grid (ceil(inter / GG_N), row tiles); weight tables as moe_gate_up's; count,
@@ -1294,23 +1319,13 @@ extern "C" __global__ void MAX_THREADS(GG_THREADS) moe_gemm_gate_up(const float*
     const bf16* const w[2] = {(const bf16*)gate_w[e], (const bf16*)up_w[e]};
     float acc[2][2][4][4];
     gg_products<2>(GgPicked{x, slot_tok + s0, hidden}, m, w, inter, c0, hidden, acc);
-    int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
-    int wm = warp / 2 * 32 + lane / 4, wn = c0 + warp % 2 * 32 + lane % 4 * 2;
-#pragma unroll
-    for (int i = 0; i < 2; i++)
-#pragma unroll
-        for (int l = 0; l < 4; l++)
-#pragma unroll
-            for (int h = 0; h < 2; h++) {
-                int r = wm + 16 * i + 8 * h, c = wn + 8 * l;
-                if (r < m && c < inter) {
-                    float g0 = acc[0][i][l][2 * h], g1 = acc[0][i][l][2 * h + 1];
-                    __nv_bfloat162 v;
-                    v.x = __float2bfloat16(g0 / (1.f + __expf(-g0)) * acc[1][i][l][2 * h]);
-                    v.y = __float2bfloat16(g1 / (1.f + __expf(-g1)) * acc[1][i][l][2 * h + 1]);
-                    *(__nv_bfloat162*)(act + (long)(s0 + r) * inter + c) = v;
-                }
-            }
+    gg_outputs<2>(acc, m, inter, c0, [&](int r, int c, const float2 (&v)[2]) {
+        float2 g = v[0], u = v[1];
+        __nv_bfloat162 a;
+        a.x = __float2bfloat16(g.x / (1.f + __expf(-g.x)) * u.x);
+        a.y = __float2bfloat16(g.y / (1.f + __expf(-g.y)) * u.y);
+        *(__nv_bfloat162*)(act + (long)(s0 + r) * inter + c) = a;
+    });
 }
 
 // y[slot, r] = down_e[r] · act[slot] for every slot of every expert e and r < hidden (a
@@ -1327,18 +1342,9 @@ extern "C" __global__ void MAX_THREADS(GG_THREADS) moe_gemm_down(const bf16* __r
     const bf16* const w[1] = {(const bf16*)down_w[e]};
     float acc[1][2][4][4];
     gg_products<1>(GgRows{act + (long)s0 * inter, inter}, m, w, hidden, c0, inter, acc);
-    int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
-    int wm = warp / 2 * 32 + lane / 4, wn = c0 + warp % 2 * 32 + lane % 4 * 2;
-#pragma unroll
-    for (int i = 0; i < 2; i++)
-#pragma unroll
-        for (int l = 0; l < 4; l++)
-#pragma unroll
-            for (int h = 0; h < 2; h++) {
-                int r = wm + 16 * i + 8 * h, c = wn + 8 * l;
-                if (r < m && c < hidden)
-                    *(float2*)(y + (long)(s0 + r) * hidden + c) = {acc[0][i][l][2 * h], acc[0][i][l][2 * h + 1]};
-            }
+    gg_outputs<1>(acc, m, hidden, c0, [&](int r, int c, const float2 (&v)[1]) {
+        *(float2*)(y + (long)(s0 + r) * hidden + c) = v[0];
+    });
 }
 
 // out[tok, :] = Σ_i w_s · y[s, :] over the token's slots s = slot_of[tok·k + i], one block

@@ -87,8 +87,8 @@ mod sample;
 pub mod step;
 
 pub use kernels::{
-    compile, include_path, max_threads, ATT_WARPS, GEMV_ROWS, GG_M, GG_N, KERNELS, KERNEL_NAMES,
-    MAX_DV, MOE_MAX_EXPERTS, SAMPLE_MAX_THREADS,
+    compile, include_path, max_threads, ATT_WARPS, GEMV_ROWS, KERNELS, KERNEL_NAMES, MAX_DV,
+    MOE_MAX_EXPERTS, SAMPLE_MAX_THREADS,
 };
 use kernels::{compiled, Kernel, Kernels};
 use kv::Pool;
@@ -181,7 +181,8 @@ pub struct Cuda {
     name: String,
     /// The device's multiprocessors (what a launch must fill).
     sms: usize,
-    /// Whether it has bf16 tensor cores (sm_80 and later), which a prompt's experts use.
+    /// Whether it has bf16 tensor cores (sm_80 and later), which the grouped expert GEMMs
+    /// need.
     tensor_cores: bool,
     /// `attention_batch`'s tickets, one per (row, head) of a split launch (fewer than
     /// `2 · sms`: more pairs are not split), zero between launches.
