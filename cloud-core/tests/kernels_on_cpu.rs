@@ -572,6 +572,10 @@ fn batched_paged_attention_matches_the_cpu_per_sequence() {
         ),
         (4, 1, 40, 32, true, 16, &[(13, 2), (1, 1), (0, 9)]),
         (2, 2, 8, 8, false, 4, &[(0, 9)]),
+        // Prompts of several slot and key tiles for `attention_mma`: three query heads
+        // per key head (tiles end mid-row), and MLA's form with 40 new rows after 20.
+        (6, 2, 16, 16, false, 4, &[(7, 1), (0, 13), (33, 6), (2, 0)]),
+        (4, 1, 40, 32, true, 8, &[(20, 40), (0, 3)]),
     ];
     for (ci, &(h, hk, dk, dv, vik, br, seqs)) in cases.iter().enumerate() {
         let (kc, vc) = (hk * dk, hk * dv);
@@ -616,7 +620,8 @@ fn batched_paged_attention_matches_the_cpu_per_sequence() {
             row0 += new;
         }
         meta[4 * n] = t as u64;
-        let scale = 1.0 / (dk as f32).sqrt();
+        // Peaked: a few positions take most of the weight, as in a trained model.
+        let scale = 3.0 / (dk as f32).sqrt();
         let warps = kernel_define("ATT_WARPS") as u32;
         let (vcols, vhead) = if vik { (kc, dk) } else { (vc, dv) };
         // Each row's positions in one range, or split in 3 or 5 (more than some rows
@@ -667,7 +672,92 @@ fn batched_paged_attention_matches_the_cpu_per_sequence() {
             );
             out
         };
+        // The tensor-core kernel first, so that the rows it appends are checked below.
+        // Its dynamic shared memory as laid out in the kernel: queries and keys (and
+        // values), bf16, rows padded; f32 scores, bf16 probabilities, four words a slot.
+        let (slots, keys) = (kernel_define("FA_SLOTS"), kernel_define("FA_KEYS"));
+        let ldk = dk.next_multiple_of(16) + 8;
+        let values = if vik { 0 } else { keys * (dv + 8) * 2 };
+        let mma_shared =
+            (slots + keys) * ldk * 2 + values + slots * ((keys + 1) * 4 + (keys + 8) * 2 + 16);
+        let mma = |fresh: bool| {
+            let mut out = vec![f32::NAN; t * h * dv];
+            let tiles = (t * (h / hk)).div_ceil(slots) + n;
+            launch(
+                "attention_mma",
+                (tiles as u32, hk as u32),
+                kernel_define("FA_THREADS") as u32,
+                mma_shared as u32,
+                &[
+                    p(&q),
+                    p(&meta),
+                    Arg::I(n as i32),
+                    pm(&mut out),
+                    Arg::I(h as i32),
+                    Arg::I(hk as i32),
+                    Arg::I(dk as i32),
+                    Arg::I(dv as i32),
+                    Arg::I(vcols as i32),
+                    Arg::I(vhead as i32),
+                    Arg::F(scale),
+                    Arg::I(br as i32),
+                    if fresh { p(&k_new) } else { Arg::U(0) },
+                    match (fresh, vik) {
+                        (false, _) => Arg::U(0),
+                        (true, true) => p(&k_new),
+                        (true, false) => p(&v_new),
+                    },
+                ],
+            );
+            out
+        };
+        let by_mma = mma(true);
+        let mut at = 0;
+        for (i, &(cached, new)) in seqs.iter().enumerate() {
+            let total = cached + new;
+            for (cache, cols, old, fresh, what) in [
+                (&kcs[i], kc, &k_old[i], &k_new, "keys"),
+                (&vcs[i], vc, &v_old[i], &v_new, "values"),
+            ] {
+                if vik && what == "values" {
+                    continue;
+                }
+                let mut want = old.clone();
+                want.extend_from_slice(&fresh[at * cols..(at + new) * cols]);
+                let mut back = vec![0f32; total * cols];
+                if total > 0 {
+                    launch(
+                        "paged_read",
+                        (total as u32, 1),
+                        128,
+                        0,
+                        &[
+                            p(&cache.table),
+                            Arg::I(br as i32),
+                            Arg::I(cols as i32),
+                            Arg::I(0),
+                            pm(&mut back),
+                        ],
+                    );
+                }
+                assert_eq!(
+                    back,
+                    rounded(&want),
+                    "case {ci}, sequence {i}: {what} appended by attention_mma"
+                );
+            }
+            at += new;
+        }
         let out = attend(1, true);
+        // Queries and probabilities rounded to bf16 for the tensor cores: within 1% of
+        // the largest output (f32 queries and probabilities: within 1e-5).
+        assert_close(&by_mma, &out, 1e-2, &format!("case {ci}: attention_mma"));
+        assert_close(
+            &mma(false),
+            &by_mma,
+            0.0,
+            &format!("case {ci}: attention_mma from the caches"),
+        );
         for splits in [3, 5] {
             assert_close(
                 &attend(splits, true),

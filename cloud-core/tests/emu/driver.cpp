@@ -98,8 +98,9 @@ CUresult cuDevicePrimaryCtxRelease_v2(int) { return 0; }
 CUresult cuDeviceGetAttribute(int* v, int attr, int) {
     // 16: multiprocessors (few: enough that a decode step of the test models splits its
     // attention, as the step of a real model does on a real GPU); 75, 76: compute
-    // capability 9.0; 115: memory pools.
-    *v = attr == 16 ? 16 : attr == 75 ? 9 : attr == 76 ? 0 : attr == 115 ? 1 : 0;
+    // capability 9.0; 97: the shared memory a block may opt in to (an H100's 227 KiB);
+    // 115: memory pools.
+    *v = attr == 16 ? 16 : attr == 75 ? 9 : attr == 76 ? 0 : attr == 97 ? 227 << 10 : attr == 115 ? 1 : 0;
     return 0;
 }
 CUresult cuDeviceGetName(char* name, int len, int) {

@@ -1362,3 +1362,263 @@ extern "C" __global__ void MAX_THREADS(256) moe_combine(const float* __restrict_
         out[(long)tok * hidden + c] = a;
     }
 }
+
+// ---- Prompt attention on the tensor cores -------------------------------------------
+// attention_batch's causal attention (the same parameters but the splits': q, meta, the
+// shapes, knew and vnew as there) for steps with many rows per sequence, the prompts'
+// steps: attention_batch gives each (row, head) a block of its own, which reads every key
+// of the row's sequence from L2 and dots it on the CUDA cores, so a prompt's attention
+// grows with the square of its length at a few percent of the tensor cores' rate.
+// Here a block takes FA_SLOTS query slots of one key head, the (row, query head) pairs
+// of a sequence that share its keys, numbered row-major (slot σ: row σ / g, head σ % g of
+// the g = h / hk heads of key head blockIdx.y; MLA's absorbed form has one key head, so a
+// block is two rows of sixteen heads), and walks the keys FA_KEYS positions at a time:
+// scores S = Q·Kᵀ (bf16 products on the tensor cores, f32 sums), an online softmax per
+// slot in f32, and O += P·V with P rounded to bf16. Each key tile is read once for the
+// block's slots, from the cache or (the step's own rows) from knew/vnew rounded to bf16
+// as the cache holds them; the block with a row's first head of a key head appends that
+// row's keys and values to the caches, as attention_batch does.
+// Grid (a bound on the slot tiles: ceil(rows · g / FA_SLOTS) + n, those past the step's
+// return at once; hk), FA_THREADS threads, fa_shared(dk, dv, values in keys) bytes of
+// dynamic shared memory (the host's `fa_shared` computes the same). dk and dv multiples of
+// 8, dv ≤ MAX_DV; the values are the keys' columns when vtab == ktab (absorbed MLA).
+#define FA_SLOTS 32
+#define FA_KEYS 32
+#define FA_WARPS 8
+#define FA_THREADS 256
+// The warps' shares: each of the 8 products of 16 slots × 8 keys of a score tile is one
+// warp's; each warp then keeps the output's value columns 8j.. for j ≡ warp (mod 8).
+static_assert(FA_SLOTS == 32 && FA_KEYS == 32 && FA_WARPS == 8 && FA_THREADS == FA_WARPS * WARP &&
+                  MAX_DV <= 64 * FA_WARPS,
+              "attention_mma's warps split its tiles as written");
+// Row pitches in shared memory (bf16): the key width rounded up to the products' 16,
+// then 8 more, so the rows a warp's fragment reads at once fall in different banks.
+__device__ __forceinline__ int fa_ldk(int dk) { return ((dk + 15) & ~15) + 8; }
+#define FA_LDS (FA_KEYS + 1)
+#define FA_LDP (FA_KEYS + 8)
+
+// A bf16 value of shared memory at (row, column) of a pitch-`ld` tile, and two of them
+// (rows r, r + 1 of a column) as one fragment register.
+__device__ __forceinline__ unsigned fa_column_pair(const bf16* t, int ld, int r, int c) {
+    __nv_bfloat162 v;
+    v.x = t[r * ld + c];
+    v.y = t[(r + 1) * ld + c];
+    return *(const unsigned*)&v;
+}
+
+extern "C" __global__ void MAX_THREADS(FA_THREADS) attention_mma(const float* __restrict__ q, const u64* __restrict__ meta,
+                                              int n, float* __restrict__ out, int h, int hk, int dk, int dv,
+                                              int vcols, int vhead, float scale, int block_rows,
+                                              const float* __restrict__ knew, const float* __restrict__ vnew) {
+    int g = h / hk, kvh = blockIdx.y;
+    // The block's sequence and slot tile within it.
+    int s = 0;
+    long tile = blockIdx.x, row0 = 0, rows = 0;
+    for (;; s++) {
+        if (s == n) return;
+        row0 = META_ROW0(meta, n, s);
+        rows = META_ROW0(meta, n, s + 1) - row0;
+        long tiles = (rows * g + FA_SLOTS - 1) / FA_SLOTS;
+        if (tile < tiles) break;
+        tile -= tiles;
+    }
+    const u64* ktab = META_KTAB(meta, n, s);
+    const u64* vtab = META_VTAB(meta, n, s);
+    bool vin = vtab == ktab;
+    long pos0 = META_POS0(meta, n, s), sig0 = tile * FA_SLOTS;
+    int slots = (int)min((long)FA_SLOTS, rows * g - sig0);
+    long kcols = (long)hk * dk, koff = (long)kvh * dk, voff = (long)kvh * vhead;
+    long fresh = knew ? pos0 : (long)(~0ull >> 1);
+    // The last position any slot sees: its last row's.
+    long last = pos0 + (sig0 + slots - 1) / g;
+    int ldk = fa_ldk(dk), ldv = dv + 8, dkp = ldk - 8;
+    // Dynamic shared memory starts 16-byte aligned, and every region below is a multiple
+    // of 16 bytes.
+    extern __shared__ float sm[];
+    bf16* sq = (bf16*)sm;                             // FA_SLOTS × ldk
+    bf16* sk = sq + FA_SLOTS * ldk;                   // FA_KEYS × ldk
+    bf16* sv = vin ? sk : sk + FA_KEYS * ldk;         // FA_KEYS × ldv, unless the keys hold the values
+    float* ss = (float*)(vin ? sv + FA_KEYS * ldk : sv + FA_KEYS * ldv);  // FA_SLOTS × FA_LDS
+    bf16* sp = (bf16*)(ss + FA_SLOTS * FA_LDS);       // FA_SLOTS × FA_LDP
+    float* sm_m = (float*)(sp + FA_SLOTS * FA_LDP);   // per slot: running maximum,
+    float* sm_l = sm_m + FA_SLOTS;                    // sum,
+    float* sm_c = sm_l + FA_SLOTS;                    // this tile's correction of the output,
+    int* slim = (int*)(sm_c + FA_SLOTS);              // and the last position it sees (-1: none)
+    int ld8 = dkp / 8;
+    // The slots' queries, as bf16 (columns past dk zero).
+    for (int i = threadIdx.x; i < FA_SLOTS * ld8; i += blockDim.x) {
+        int sl = i / ld8, c = i % ld8 * 8;
+        uint4 v = {0u, 0u, 0u, 0u};
+        if (sl < slots && c < dk) {
+            long sg = sig0 + sl, r = row0 + sg / g;
+            const float4* p = (const float4*)(q + (r * h + kvh * g + sg % g) * (long)dk + c);
+            v = gg_bf16x8(p[0], p[1]);
+        }
+        *(uint4*)(sq + sl * ldk + c) = v;
+    }
+    if (threadIdx.x < FA_SLOTS) {
+        int sl = threadIdx.x;
+        sm_m[sl] = NEG_INF;
+        sm_l[sl] = 0.f;
+        slim[sl] = sl < slots ? (int)(pos0 + (sig0 + sl) / g) : -1;
+    }
+    // The step's rows whose first head is one of this block's slots go into the caches.
+    if (knew) {
+        for (int sl = 0; sl < slots; sl++) {
+            long sg = sig0 + sl;
+            if (sg % g) continue;
+            long r = row0 + sg / g, p = pos0 + sg / g;
+            bf16* kd = (bf16*)ktab[p / block_rows] + (p % block_rows) * kcols + koff;
+            const float* kf = knew + r * kcols + koff;
+            for (int i = threadIdx.x; i < dk; i += blockDim.x) kd[i] = __float2bfloat16(kf[i]);
+            if (!vin) {
+                bf16* vd = (bf16*)vtab[p / block_rows] + (p % block_rows) * (long)vcols + voff;
+                const float* vf = vnew + r * (long)vcols + voff;
+                for (int i = threadIdx.x; i < dv; i += blockDim.x) vd[i] = __float2bfloat16(vf[i]);
+            }
+        }
+    }
+    int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
+    int gq = lane / 4, t4 = lane % 4;
+    int mi = warp / 4, ni = warp % 4;  // the warp's score product: slots 16mi.., keys 8ni..
+    float o[2][8][4];
+#pragma unroll
+    for (int a = 0; a < 2; a++)
+#pragma unroll
+        for (int j = 0; j < 8; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) o[a][j][e] = 0.f;
+    for (long kb = 0; kb <= last; kb += FA_KEYS) {
+        __syncthreads();  // the previous tile's keys, values and probabilities are used
+        // The tile's keys (and values), positions past `last` and columns past dk zero.
+        for (int i = threadIdx.x; i < FA_KEYS * ld8; i += blockDim.x) {
+            int kr = i / ld8, c = i % ld8 * 8;
+            long p = kb + kr;
+            uint4 v = {0u, 0u, 0u, 0u};
+            if (p <= last && c < dk) {
+                if (p >= fresh) {
+                    const float4* f = (const float4*)(knew + (row0 + p - pos0) * kcols + koff + c);
+                    v = gg_bf16x8(f[0], f[1]);
+                } else {
+                    v = *(const uint4*)((const bf16*)ktab[p / block_rows] + (p % block_rows) * kcols + koff + c);
+                }
+            }
+            *(uint4*)(sk + kr * ldk + c) = v;
+        }
+        if (!vin) {
+            int lv8 = dv / 8;
+            for (int i = threadIdx.x; i < FA_KEYS * lv8; i += blockDim.x) {
+                int kr = i / lv8, c = i % lv8 * 8;
+                long p = kb + kr;
+                uint4 v = {0u, 0u, 0u, 0u};
+                if (p <= last) {
+                    if (p >= fresh) {
+                        const float4* f = (const float4*)(vnew + (row0 + p - pos0) * (long)vcols + voff + c);
+                        v = gg_bf16x8(f[0], f[1]);
+                    } else {
+                        v = *(const uint4*)((const bf16*)vtab[p / block_rows] + (p % block_rows) * (long)vcols +
+                                            voff + c);
+                    }
+                }
+                *(uint4*)(sv + kr * ldv + c) = v;
+            }
+        }
+        __syncthreads();
+        // Scores: the warp's 16 slots × 8 keys, scaled, and -inf where the slot does not
+        // see the key.
+        {
+            float acc[4] = {0.f, 0.f, 0.f, 0.f};
+            for (int kk = 0; kk < dkp; kk += 16) {
+                const bf16* pa = sq + (16 * mi + gq) * ldk + kk + 2 * t4;
+                unsigned fa[4] = {gg_pair(pa), gg_pair(pa + 8 * ldk), gg_pair(pa + 8), gg_pair(pa + 8 * ldk + 8)};
+                const bf16* pb = sk + (8 * ni + gq) * ldk + kk + 2 * t4;
+                unsigned fb[2] = {gg_pair(pb), gg_pair(pb + 8)};
+                mma_16816(acc, fa, fb);
+            }
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                int sl = 16 * mi + gq + 8 * (e / 2), key = 8 * ni + 2 * t4 + e % 2;
+                ss[sl * FA_LDS + key] = kb + key <= slim[sl] ? acc[e] * scale : NEG_INF;
+            }
+        }
+        __syncthreads();
+        // The online softmax: 8 threads per slot (adjacent lanes), 4 keys each.
+        {
+            int sl = threadIdx.x / 8, part = threadIdx.x % 8;
+            float m_old = sm_m[sl];
+            float v[4];
+            float mx = NEG_INF;
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                v[e] = ss[sl * FA_LDS + 4 * part + e];
+                mx = fmaxf(mx, v[e]);
+            }
+            for (int w = 1; w < 8; w <<= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, w));
+            float m_new = fmaxf(m_old, mx);
+            float sum = 0.f;
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                float pe = v[e] == NEG_INF ? 0.f : __expf(v[e] - m_new);
+                sum += pe;
+                sp[sl * FA_LDP + 4 * part + e] = __float2bfloat16(pe);
+            }
+            for (int w = 1; w < 8; w <<= 1) sum += __shfl_xor_sync(0xffffffffu, sum, w);
+            if (part == 0) {
+                float c = m_old == NEG_INF ? 0.f : __expf(m_old - m_new);
+                sm_c[sl] = c;
+                sm_l[sl] = sm_l[sl] * c + sum;
+                sm_m[sl] = m_new;
+            }
+        }
+        __syncthreads();
+        // O = O · correction + P·V over the warp's value columns.
+        const bf16* vt = vin ? sk : sv;
+        int ldt = vin ? ldk : ldv;
+#pragma unroll
+        for (int a = 0; a < 2; a++) {
+            float c0 = sm_c[16 * a + gq], c1 = sm_c[16 * a + gq + 8];
+            unsigned fa[2][4];
+#pragma unroll
+            for (int ks = 0; ks < 2; ks++) {
+                const bf16* pa = sp + (16 * a + gq) * FA_LDP + 16 * ks + 2 * t4;
+                fa[ks][0] = gg_pair(pa);
+                fa[ks][1] = gg_pair(pa + 8 * FA_LDP);
+                fa[ks][2] = gg_pair(pa + 8);
+                fa[ks][3] = gg_pair(pa + 8 * FA_LDP + 8);
+            }
+#pragma unroll
+            for (int j = 0; j < 8; j++) {
+                int col = 8 * (warp + FA_WARPS * j);
+                if (col >= dv) continue;
+                o[a][j][0] *= c0;
+                o[a][j][1] *= c0;
+                o[a][j][2] *= c1;
+                o[a][j][3] *= c1;
+#pragma unroll
+                for (int ks = 0; ks < 2; ks++) {
+                    // Vᵀ read column-major: the fragment's keys 2t, 2t + 1 (and 8 on) of
+                    // value column col + gq.
+                    unsigned fb[2] = {fa_column_pair(vt, ldt, 16 * ks + 2 * t4, col + gq),
+                                      fa_column_pair(vt, ldt, 16 * ks + 2 * t4 + 8, col + gq)};
+                    mma_16816(o[a][j], fa[ks], fb);
+                }
+            }
+        }
+    }
+    // Normalised: out[row, head, c].
+#pragma unroll
+    for (int a = 0; a < 2; a++)
+#pragma unroll
+        for (int hh = 0; hh < 2; hh++) {
+            int sl = 16 * a + gq + 8 * hh;
+            if (sl >= slots) continue;
+            long sg = sig0 + sl, r = row0 + sg / g;
+            float inv = 1.f / sm_l[sl];
+            float* orow = out + (r * h + kvh * g + sg % g) * (long)dv;
+#pragma unroll
+            for (int j = 0; j < 8; j++) {
+                int col = 8 * (warp + FA_WARPS * j) + 2 * t4;
+                if (col < dv) *(float2*)(orow + col) = {o[a][j][2 * hh] * inv, o[a][j][2 * hh + 1] * inv};
+            }
+        }
+}

@@ -1,13 +1,14 @@
 //! Attention: one `attention_batch` launch for all the sequences of a step, each reading
 //! its paged cache through its block table (the step's own keys and values appended to
 //! the caches by the same launch), with a row's positions split across blocks when the
-//! step has few rows; and attention over dense rows (no cache).
+//! step has few rows, or, for prompts, `attention_mma` on the tensor cores (tiles of query
+//! slots sharing each tile of keys); and attention over dense rows (no cache).
 
 use std::sync::Arc;
 
 use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig};
 
-use super::kernels::{ATT_WARPS, MAX_DV};
+use super::kernels::{fa_shared, ATT_WARPS, FA_SLOTS, FA_THREADS, MAX_DV};
 use super::kv::cache_rows;
 use super::step::Dev;
 use super::{failed, Cuda, CudaBuf};
@@ -20,7 +21,8 @@ const ATT_MAX_SPLITS: usize = 32;
 const _: () = assert!(ATT_MAX_SPLITS <= ATT_WARPS * 4);
 
 impl Cuda {
-    /// Launches `attention_batch` over the rows described by `meta` (see the kernel),
+    /// Launches `attention_mma` for a step of prompts (see the kernel), else
+    /// `attention_batch` over the rows described by `meta` (see the kernel),
     /// with each row's positions split across enough blocks to give every
     /// multiprocessor two when the step has few (row, head) pairs, and the splits merged
     /// by the same launch.
@@ -40,6 +42,54 @@ impl Cuda {
         (vcols, vhead): (usize, usize),
         fresh: Option<(&Dev<f32>, &Dev<f32>)>,
     ) {
+        let (ni, hh, hki, dki, dvi, vci, vhi, br) = (
+            n as i32,
+            s.h as i32,
+            s.hk as i32,
+            s.dk as i32,
+            s.dv as i32,
+            vcols as i32,
+            vhead as i32,
+            self.block_rows() as i32,
+        );
+        let (knew, vnew) = fresh.map_or((0, 0), |(k, v)| (k.ptr(), v.ptr()));
+        // Prompts (two rows or more per sequence on average: never a decode step) on the
+        // tensor cores, when the device has them and a block's tiles fit its shared memory.
+        let tiles_bytes = fa_shared(s.dk, s.dv, s.values_in_keys);
+        if self.tensor_cores
+            && t >= 2 * n
+            && s.dk.is_multiple_of(8)
+            && s.dv.is_multiple_of(8)
+            && tiles_bytes <= self.kernels.f["attention_mma"].dynamic as usize
+        {
+            // As many slot tiles as the step can have (each sequence's last may be partial).
+            let tiles = (t * (s.h / s.hk)).div_ceil(FA_SLOTS) + n;
+            let cfg = LaunchConfig {
+                grid_dim: (tiles as u32, s.hk as u32, 1),
+                block_dim: (FA_THREADS as u32, 1, 1),
+                shared_mem_bytes: tiles_bytes as u32,
+            };
+            launch!(
+                self,
+                "attention_mma",
+                cfg,
+                q,
+                meta,
+                &ni,
+                out,
+                &hh,
+                &hki,
+                &dki,
+                &dvi,
+                &vci,
+                &vhi,
+                &s.scale,
+                &br,
+                &knew,
+                &vnew
+            );
+            return;
+        }
         const WARPS: usize = ATT_WARPS;
         let pairs = t * s.h;
         // More than one split only for fewer than 2 · sms pairs: `tickets` has a slot
@@ -51,16 +101,6 @@ impl Cuda {
             block_dim: ((WARPS * 32) as u32, 1, 1),
             shared_mem_bytes: ((s.dk + 2 * WARPS + WARPS * s.dv) * 4) as u32,
         };
-        let (ni, hh, hki, dki, dvi, vci, vhi, br) = (
-            n as i32,
-            s.h as i32,
-            s.hk as i32,
-            s.dk as i32,
-            s.dv as i32,
-            vcols as i32,
-            vhead as i32,
-            self.block_rows() as i32,
-        );
         // The splits' partial results, when there is more than one (kept to the end of
         // this function, past the launch, as the stream orders it).
         let part = if splits > 1 {
@@ -72,7 +112,6 @@ impl Cuda {
             None
         };
         let part_ptr = part.as_ref().map_or(0, Dev::ptr);
-        let (knew, vnew) = fresh.map_or((0, 0), |(k, v)| (k.ptr(), v.ptr()));
         launch!(
             self,
             "attention_batch",

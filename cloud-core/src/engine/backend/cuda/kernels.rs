@@ -43,6 +43,7 @@ pub const KERNEL_NAMES: &[&str] = &[
     "moe_gemm_gate_up",
     "moe_gemm_down",
     "moe_combine",
+    "attention_mma",
 ];
 
 /// Each kernel's `MAX_THREADS(n)` in [`KERNELS`] (a number, or a name `#define`d as
@@ -93,6 +94,56 @@ pub const GG_M: usize = 64;
 pub const GG_N: usize = 64;
 /// Threads of a grouped expert GEMM block: `GG_THREADS` of the kernels.
 pub const GG_THREADS: usize = 128;
+
+/// Query slots (row, head) and key positions of a tile of `attention_mma`, and its
+/// threads: `FA_SLOTS`, `FA_KEYS` and `FA_THREADS` of the kernels.
+pub const FA_SLOTS: usize = 32;
+pub const FA_KEYS: usize = 32;
+pub const FA_THREADS: usize = 256;
+
+/// The dynamic shared memory of an `attention_mma` block, as the kernel lays it out: the
+/// slots' queries and the tile's keys (bf16, rows of the key width rounded up to 16, plus
+/// 8), its values unless they are the keys' columns (rows of dv + 8), the scores (f32,
+/// rows of FA_KEYS + 1), the probabilities (bf16, rows of FA_KEYS + 8), and four words
+/// per slot.
+pub fn fa_shared(dk: usize, dv: usize, values_in_keys: bool) -> usize {
+    let ldk = dk.next_multiple_of(16) + 8;
+    let values = if values_in_keys {
+        0
+    } else {
+        FA_KEYS * (dv + 8) * 2
+    };
+    (FA_SLOTS + FA_KEYS) * ldk * 2
+        + values
+        + FA_SLOTS * ((FA_KEYS + 1) * 4 + (FA_KEYS + 8) * 2 + 16)
+}
+
+/// Each kernel's number of parameters in [`KERNELS`]: a launch passes exactly as many
+/// (the device reads what the kernel declares, whatever a launch passes).
+pub fn parameter_counts() -> Result<HashMap<&'static str, usize>, String> {
+    const MARK: &str = "extern \"C\" __global__ void ";
+    let mut counts = HashMap::new();
+    for (at, _) in KERNELS.match_indices(MARK) {
+        let mut rest = &KERNELS[at + MARK.len()..];
+        if let Some(after) = rest.strip_prefix("MAX_THREADS(") {
+            rest = after.split_once(')').ok_or("an unclosed MAX_THREADS(")?.1;
+        }
+        let (name, rest) = rest.split_once('(').ok_or("a kernel without parameters")?;
+        let (params, _) = rest.split_once(')').ok_or("an unclosed parameter list")?;
+        let name = name.trim();
+        let Some(k) = KERNEL_NAMES.iter().find(|k| **k == name) else {
+            return Err(format!("a kernel {name:?} missing from KERNEL_NAMES"));
+        };
+        counts.insert(
+            *k,
+            params.split(',').filter(|p| !p.trim().is_empty()).count(),
+        );
+    }
+    match KERNEL_NAMES.iter().find(|k| !counts.contains_key(*k)) {
+        Some(k) => Err(format!("kernel {k} is not in the kernels' source")),
+        None => Ok(counts),
+    }
+}
 
 /// Where NVRTC finds `cuda_bf16.h`: `CUDA_INCLUDE`, else `$CUDA_HOME/include`, else
 /// `/usr/local/cuda/include`.
@@ -160,12 +211,15 @@ pub(super) struct Kernel {
     pub(super) func: CudaFunction,
     /// The most threads a block of it is launched with (`MAX_THREADS`).
     pub(super) max_threads: u32,
-    /// Its static shared memory per block.
-    pub(super) shared: u32,
+    /// The most dynamic shared memory a block of it may have (48 KiB less its static
+    /// shared memory, unless raised for it).
+    pub(super) dynamic: u32,
+    /// Its number of parameters.
+    pub(super) params: usize,
 }
 
 /// Shared memory a block may have without opting in per kernel (every architecture).
-const SHARED_PER_BLOCK: u32 = 48 << 10;
+pub(super) const SHARED_PER_BLOCK: u32 = 48 << 10;
 
 impl Cuda {
     /// Launches a kernel with its arguments as words (see [`KArg`](super::step::KArg)).
@@ -191,12 +245,22 @@ impl Cuda {
                 ),
             ));
         }
-        if k.shared + cfg.shared_mem_bytes > SHARED_PER_BLOCK {
+        if cfg.shared_mem_bytes > k.dynamic {
             return self.record(failed(
                 name,
                 format!(
-                    "{} bytes of shared memory per block; at most {SHARED_PER_BLOCK}",
-                    k.shared + cfg.shared_mem_bytes
+                    "{} bytes of dynamic shared memory per block; at most {}",
+                    cfg.shared_mem_bytes, k.dynamic
+                ),
+            ));
+        }
+        if words.len() != k.params {
+            return self.record(failed(
+                name,
+                format!(
+                    "launched with {} arguments; the kernel has {} parameters",
+                    words.len(),
+                    k.params
                 ),
             ));
         }
@@ -416,6 +480,16 @@ mod tests {
         assert_eq!(bounds["attention_batch"], (ATT_WARPS * 32) as u32);
         assert_eq!(bounds["moe_gemm_gate_up"], GG_THREADS as u32);
         assert_eq!(bounds["moe_gemm_down"], GG_THREADS as u32);
+        assert_eq!(bounds["attention_mma"], FA_THREADS as u32);
+    }
+
+    #[test]
+    fn every_kernel_has_its_parameters_counted() {
+        let counts = parameter_counts().unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(counts.len(), KERNEL_NAMES.len());
+        assert_eq!(counts["attention_batch"], 16);
+        assert_eq!(counts["attention_mma"], 14);
+        assert_eq!(counts["moe_gemm_down"], 9);
     }
 
     #[test]
@@ -429,6 +503,9 @@ mod tests {
             ("GG_M", GG_M),
             ("GG_N", GG_N),
             ("GG_THREADS", GG_THREADS),
+            ("FA_SLOTS", FA_SLOTS),
+            ("FA_KEYS", FA_KEYS),
+            ("FA_THREADS", FA_THREADS),
         ] {
             assert!(
                 KERNELS.contains(&format!("#define {name} {value}\n")),

@@ -87,10 +87,10 @@ mod sample;
 pub mod step;
 
 pub use kernels::{
-    compile, include_path, max_threads, ATT_WARPS, GEMV_ROWS, KERNELS, KERNEL_NAMES, MAX_DV,
-    MOE_MAX_EXPERTS, SAMPLE_MAX_THREADS,
+    compile, fa_shared, include_path, max_threads, parameter_counts, ATT_WARPS, FA_KEYS, FA_SLOTS,
+    FA_THREADS, GEMV_ROWS, KERNELS, KERNEL_NAMES, MAX_DV, MOE_MAX_EXPERTS, SAMPLE_MAX_THREADS,
 };
-use kernels::{compiled, Kernel, Kernels};
+use kernels::{compiled, Kernel, Kernels, SHARED_PER_BLOCK};
 use kv::Pool;
 pub use kv::{DeviceChunks, KvRows};
 use memory::keep_freed_memory;
@@ -262,6 +262,14 @@ impl Cuda {
             .load_module(ptx)
             .map_err(|e| failed("loading kernels", e))?;
         let bounds = max_threads().map_err(|e| failed("kernels", e))?;
+        let params = parameter_counts().map_err(|e| failed("kernels", e))?;
+        // The shared memory a block may opt in to (at least 99 KiB from sm_80 on).
+        let optin = ctx
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+            )
+            .map_or(0, |v| u32::try_from(v).unwrap_or(0))
+            .max(SHARED_PER_BLOCK);
         let mut f = HashMap::new();
         for k in KERNEL_NAMES {
             let func = module
@@ -284,12 +292,27 @@ impl Cuda {
                     ),
                 ));
             }
+            let shared = u32::try_from(shared).unwrap_or(0);
+            let mut dynamic = SHARED_PER_BLOCK.saturating_sub(shared);
+            // Prompt attention's tiles of MLA's 576-column keys take ~80 KB (refused:
+            // the kernel is not launched for them, attention_batch is).
+            if *k == "attention_mma" && major >= 8 {
+                let most = optin.saturating_sub(shared);
+                let raised = func.set_attribute(
+                    cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    i32::try_from(most).unwrap_or(i32::MAX),
+                );
+                if raised.is_ok() {
+                    dynamic = most;
+                }
+            }
             f.insert(
                 *k,
                 Kernel {
                     func,
                     max_threads: bound,
-                    shared: u32::try_from(shared).unwrap_or(0),
+                    dynamic,
+                    params: params[k],
                 },
             );
         }
