@@ -88,6 +88,11 @@ fn pm<T>(v: &mut [T]) -> Arg {
 }
 
 fn launch(name: &str, grid: (u32, u32), block: u32, shared: u32, args: &[Arg]) {
+    launch3(name, (grid.0, grid.1, 1), block, shared, args);
+}
+
+/// [`launch`] on a grid of three dimensions.
+fn launch3(name: &str, grid: (u32, u32, u32), block: u32, shared: u32, args: &[Arg]) {
     let Some(e) = emu() else { return };
     // The device reads as many parameters as the kernel declares, whatever was passed: a
     // launch with the wrong count is a test's mistake, named here rather than a crash.
@@ -133,7 +138,7 @@ fn launch(name: &str, grid: (u32, u32), block: u32, shared: u32, args: &[Arg]) {
             cname.as_ptr(),
             grid.0,
             grid.1,
-            1,
+            grid.2,
             block,
             1,
             1,
@@ -576,6 +581,10 @@ fn batched_paged_attention_matches_the_cpu_per_sequence() {
         // per key head (tiles end mid-row), and MLA's form with 40 new rows after 20.
         (6, 2, 16, 16, false, 4, &[(7, 1), (0, 13), (33, 6), (2, 0)]),
         (4, 1, 40, 32, true, 8, &[(20, 40), (0, 3)]),
+        // Decode steps of MLA's form, sixteen heads on its one key head, and of eight
+        // query heads per key head, with caches of several key tiles to split.
+        (16, 1, 40, 32, true, 8, &[(100, 1), (0, 1), (65, 1)]),
+        (16, 2, 16, 16, false, 4, &[(70, 1), (3, 1)]),
     ];
     for (ci, &(h, hk, dk, dv, vik, br, seqs)) in cases.iter().enumerate() {
         let (kc, vc) = (hk * dk, hk * dv);
@@ -680,12 +689,24 @@ fn batched_paged_attention_matches_the_cpu_per_sequence() {
         let values = if vik { 0 } else { keys * (dv + 8) * 2 };
         let mma_shared =
             (slots + keys) * ldk * 2 + values + slots * ((keys + 1) * 4 + (keys + 8) * 2 + 16);
-        let mma = |fresh: bool| {
+        // A bound on the slot tiles (those past the step's return at once), and a ticket
+        // for each of them and key head, back to zero after every launch.
+        let tiles = (t * (h / hk)).div_ceil(slots) + n;
+        let mut mma_tickets = vec![0u32; tiles * hk];
+        // Each tile's positions in one range of key tiles, or, for a step of one row per
+        // sequence, split (flash decoding) and merged by the launch: room for each tile's
+        // min(FA_SLOTS, g) slots.
+        let mut mma = |fresh: bool, splits: usize| {
             let mut out = vec![f32::NAN; t * h * dv];
-            let tiles = (t * (h / hk)).div_ceil(slots) + n;
-            launch(
+            let mut part = vec![f32::NAN; tiles * hk * splits * slots.min(h / hk) * (dv + 2)];
+            let part_arg = if splits == 1 {
+                Arg::U(0)
+            } else {
+                pm(&mut part)
+            };
+            launch3(
                 "attention_mma",
-                (tiles as u32, hk as u32),
+                (tiles as u32, hk as u32, splits as u32),
                 kernel_define("FA_THREADS") as u32,
                 mma_shared as u32,
                 &[
@@ -693,6 +714,8 @@ fn batched_paged_attention_matches_the_cpu_per_sequence() {
                     p(&meta),
                     Arg::I(n as i32),
                     pm(&mut out),
+                    part_arg,
+                    pm(&mut mma_tickets),
                     Arg::I(h as i32),
                     Arg::I(hk as i32),
                     Arg::I(dk as i32),
@@ -709,9 +732,13 @@ fn batched_paged_attention_matches_the_cpu_per_sequence() {
                     },
                 ],
             );
+            assert!(
+                mma_tickets.iter().all(|&x| x == 0),
+                "case {ci}: attention_mma in {splits} splits left tickets {mma_tickets:?}"
+            );
             out
         };
-        let by_mma = mma(true);
+        let by_mma = mma(true, 1);
         let mut at = 0;
         for (i, &(cached, new)) in seqs.iter().enumerate() {
             let total = cached + new;
@@ -753,11 +780,25 @@ fn batched_paged_attention_matches_the_cpu_per_sequence() {
         // the largest output (f32 queries and probabilities: within 1e-5).
         assert_close(&by_mma, &out, 1e-2, &format!("case {ci}: attention_mma"));
         assert_close(
-            &mma(false),
+            &mma(false, 1),
             &by_mma,
             0.0,
             &format!("case {ci}: attention_mma from the caches"),
         );
+        // Decode steps split in 2 or 5 ranges of whole key tiles (some empty for the short
+        // sequences), from the step's rows or the caches: the same attention, its
+        // probabilities rounded against other maxima.
+        let one_row = seqs.iter().all(|s| s.1 == 1);
+        for splits in [2, 5].into_iter().filter(|_| one_row) {
+            for fresh in [true, false] {
+                assert_close(
+                    &mma(fresh, splits),
+                    &out,
+                    1e-2,
+                    &format!("case {ci}: attention_mma in {splits} splits (fresh {fresh})"),
+                );
+            }
+        }
         for splits in [3, 5] {
             assert_close(
                 &attend(splits, true),

@@ -1363,12 +1363,14 @@ extern "C" __global__ void MAX_THREADS(256) moe_combine(const float* __restrict_
     }
 }
 
-// ---- Prompt attention on the tensor cores -------------------------------------------
-// attention_batch's causal attention (the same parameters but the splits': q, meta, the
-// shapes, knew and vnew as there) for steps with many rows per sequence, the prompts'
-// steps: attention_batch gives each (row, head) a block of its own, which reads every key
-// of the row's sequence from L2 and dots it on the CUDA cores, so a prompt's attention
-// grows with the square of its length at a few percent of the tensor cores' rate.
+// ---- Attention on the tensor cores, query heads grouped -----------------------------
+// attention_batch's causal attention (the same parameters, knew and vnew as there) for
+// prompts, and for decode steps whose query heads share keys by eight or more (MLA's
+// absorbed form shares one key head among all its heads): attention_batch gives each
+// (row, head) a block of its own, which reads every key of the row's sequence from L2 and
+// dots it on the CUDA cores, so a prompt's attention grows with the square of its length
+// at a few percent of the tensor cores' rate, and a decode step reads each key once per
+// head (sixteen times for V2-Lite, 128 for V3).
 // Here a block takes FA_SLOTS query slots of one key head, the (row, query head) pairs
 // of a sequence that share its keys, numbered row-major (slot σ: row σ / g, head σ % g of
 // the g = h / hk heads of key head blockIdx.y; MLA's absorbed form has one key head, so a
@@ -1378,8 +1380,15 @@ extern "C" __global__ void MAX_THREADS(256) moe_combine(const float* __restrict_
 // block's slots, from the cache or (the step's own rows) from knew/vnew rounded to bf16
 // as the cache holds them; the block with a row's first head of a key head appends that
 // row's keys and values to the caches, as attention_batch does.
-// Grid (a bound on the slot tiles: ceil(rows · g / FA_SLOTS) + n, those past the step's
-// return at once; hk), FA_THREADS threads, fa_shared(dk, dv, values in keys) bytes of
+// The grid's z dimension splits the tile's positions into gridDim.z ranges of whole key
+// tiles (flash decoding, as attention_batch's y): each block of a split tile writes its
+// slots' running maximum, sum and unnormalised output, dv + 2 floats per slot, to
+// part[((x · hk + y) · splits + split) · min(FA_SLOTS, g) + slot], and the block that
+// takes the last of the tile's tickets (tickets[x · hk + y]) merges them and puts it
+// back to zero. Only steps of one row per sequence (decode steps) are split: a tile has
+// at most min(FA_SLOTS, g) slots then.
+// Grid (the slot tiles, or a bound on them: those past the step's return at once; hk;
+// splits), FA_THREADS threads, fa_shared(dk, dv, values in keys) bytes of
 // dynamic shared memory (the host's `fa_shared` computes the same). dk and dv multiples of
 // 8, dv ≤ MAX_DV; the values are the keys' columns when vtab == ktab (absorbed MLA).
 #define FA_SLOTS 32
@@ -1406,8 +1415,47 @@ __device__ __forceinline__ unsigned fa_column_pair(const bf16* t, int ld, int r,
     return *(const unsigned*)&v;
 }
 
+// The slots a tile of a split launch (one row per sequence) has room for in `part`.
+__device__ __forceinline__ int fa_part_slots(int g) { return min(FA_SLOTS, g); }
+
+// The end of a split attention_mma block, its part written: as merge_splits, for every
+// slot of the tile at once (`slots` of them, from slot σ0 of the sequence whose rows start
+// at row0; g query heads per key head, h in all).
+__device__ __noinline__ void fa_merge_splits(const float* __restrict__ part, unsigned* __restrict__ tickets,
+                                             int slots, int dv, long row0, long sig0, int g, int h,
+                                             float* __restrict__ out, int* flag) {
+    int splits = gridDim.z;
+    long pair = (long)blockIdx.x * gridDim.y + blockIdx.y;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) flag[0] = atomicAdd(&tickets[pair], 1u) == (unsigned)splits - 1;
+    __syncthreads();
+    if (!flag[0]) return;
+    __threadfence();
+    const float* pr = part + pair * splits * fa_part_slots(g) * (dv + 2);
+    long stride = (long)fa_part_slots(g) * (dv + 2);
+    for (int i = threadIdx.x; i < slots * dv; i += blockDim.x) {
+        int sl = i / dv, c = i % dv;
+        const float* ps = pr + sl * (dv + 2);
+        float M = NEG_INF;
+        for (int z = 0; z < splits; z++) M = fmaxf(M, __ldcg(ps + z * stride));
+        float L = 0.f, a = 0.f;
+        for (int z = 0; z < splits; z++) {
+            float m = __ldcg(ps + z * stride);
+            // A split with none of the slot's positions (m = -inf) weighs nothing.
+            float e = m == NEG_INF ? 0.f : __expf(m - M);
+            L += __ldcg(ps + z * stride + 1) * e;
+            a += __ldcg(ps + z * stride + 2 + c) * e;
+        }
+        long sg = sig0 + sl;
+        out[((row0 + sg / g) * h + blockIdx.y * g + sg % g) * (long)dv + c] = a / L;
+    }
+    if (threadIdx.x == 0) tickets[pair] = 0;
+}
+
 extern "C" __global__ void MAX_THREADS(FA_THREADS) attention_mma(const float* __restrict__ q, const u64* __restrict__ meta,
-                                              int n, float* __restrict__ out, int h, int hk, int dk, int dv,
+                                              int n, float* __restrict__ out, float* __restrict__ part,
+                                              unsigned* __restrict__ tickets, int h, int hk, int dk, int dv,
                                               int vcols, int vhead, float scale, int block_rows,
                                               const float* __restrict__ knew, const float* __restrict__ vnew) {
     int g = h / hk, kvh = blockIdx.y;
@@ -1429,8 +1477,11 @@ extern "C" __global__ void MAX_THREADS(FA_THREADS) attention_mma(const float* __
     int slots = (int)min((long)FA_SLOTS, rows * g - sig0);
     long kcols = (long)hk * dk, koff = (long)kvh * dk, voff = (long)kvh * vhead;
     long fresh = knew ? pos0 : (long)(~0ull >> 1);
-    // The last position any slot sees: its last row's.
+    // The last position any slot sees: its last row's; this split's share of them, in
+    // whole key tiles, from `from` to before `to`.
     long last = pos0 + (sig0 + slots - 1) / g;
+    long chunk = ((last + gridDim.z) / gridDim.z + FA_KEYS - 1) / FA_KEYS * FA_KEYS;
+    long from = blockIdx.z * chunk, to = min(last + 1, from + chunk);
     int ldk = fa_ldk(dk), ldv = dv + 8, dkp = ldk - 8;
     // Dynamic shared memory starts 16-byte aligned, and every region below is a multiple
     // of 16 bytes.
@@ -1462,8 +1513,9 @@ extern "C" __global__ void MAX_THREADS(FA_THREADS) attention_mma(const float* __
         sm_l[sl] = 0.f;
         slim[sl] = sl < slots ? (int)(pos0 + (sig0 + sl) / g) : -1;
     }
-    // The step's rows whose first head is one of this block's slots go into the caches.
-    if (knew) {
+    // The step's rows whose first head is one of this block's slots go into the caches
+    // (by the first split).
+    if (knew && blockIdx.z == 0) {
         for (int sl = 0; sl < slots; sl++) {
             long sg = sig0 + sl;
             if (sg % g) continue;
@@ -1488,14 +1540,14 @@ extern "C" __global__ void MAX_THREADS(FA_THREADS) attention_mma(const float* __
         for (int j = 0; j < 8; j++)
 #pragma unroll
             for (int e = 0; e < 4; e++) o[a][j][e] = 0.f;
-    for (long kb = 0; kb <= last; kb += FA_KEYS) {
+    for (long kb = from; kb < to; kb += FA_KEYS) {
         __syncthreads();  // the previous tile's keys, values and probabilities are used
         // The tile's keys (and values), positions past `last` and columns past dk zero.
         for (int i = threadIdx.x; i < FA_KEYS * ld8; i += blockDim.x) {
             int kr = i / ld8, c = i % ld8 * 8;
             long p = kb + kr;
             uint4 v = {0u, 0u, 0u, 0u};
-            if (p <= last && c < dk) {
+            if (p < to && c < dk) {
                 if (p >= fresh) {
                     const float4* f = (const float4*)(knew + (row0 + p - pos0) * kcols + koff + c);
                     v = gg_bf16x8(f[0], f[1]);
@@ -1511,7 +1563,7 @@ extern "C" __global__ void MAX_THREADS(FA_THREADS) attention_mma(const float* __
                 int kr = i / lv8, c = i % lv8 * 8;
                 long p = kb + kr;
                 uint4 v = {0u, 0u, 0u, 0u};
-                if (p <= last) {
+                if (p < to) {
                     if (p >= fresh) {
                         const float4* f = (const float4*)(vnew + (row0 + p - pos0) * (long)vcols + voff + c);
                         v = gg_bf16x8(f[0], f[1]);
@@ -1544,13 +1596,13 @@ extern "C" __global__ void MAX_THREADS(FA_THREADS) attention_mma(const float* __
         __syncthreads();
         // The online softmax: 8 threads per slot (adjacent lanes), 4 keys each.
         {
-            int sl = threadIdx.x / 8, part = threadIdx.x % 8;
+            int sl = threadIdx.x / 8, eighth = threadIdx.x % 8;
             float m_old = sm_m[sl];
             float v[4];
             float mx = NEG_INF;
 #pragma unroll
             for (int e = 0; e < 4; e++) {
-                v[e] = ss[sl * FA_LDS + 4 * part + e];
+                v[e] = ss[sl * FA_LDS + 4 * eighth + e];
                 mx = fmaxf(mx, v[e]);
             }
             for (int w = 1; w < 8; w <<= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, w));
@@ -1560,10 +1612,10 @@ extern "C" __global__ void MAX_THREADS(FA_THREADS) attention_mma(const float* __
             for (int e = 0; e < 4; e++) {
                 float pe = v[e] == NEG_INF ? 0.f : __expf(v[e] - m_new);
                 sum += pe;
-                sp[sl * FA_LDP + 4 * part + e] = __float2bfloat16(pe);
+                sp[sl * FA_LDP + 4 * eighth + e] = __float2bfloat16(pe);
             }
             for (int w = 1; w < 8; w <<= 1) sum += __shfl_xor_sync(0xffffffffu, sum, w);
-            if (part == 0) {
+            if (eighth == 0) {
                 float c = m_old == NEG_INF ? 0.f : __expf(m_old - m_new);
                 sm_c[sl] = c;
                 sm_l[sl] = sm_l[sl] * c + sum;
@@ -1605,7 +1657,14 @@ extern "C" __global__ void MAX_THREADS(FA_THREADS) attention_mma(const float* __
             }
         }
     }
-    // Normalised: out[row, head, c].
+    // One split: the normalised output, out[row, head, c]. More: each slot's maximum, sum
+    // and unnormalised output.
+    bool split = gridDim.z > 1;
+    float* pz = part + (((long)blockIdx.x * gridDim.y + blockIdx.y) * gridDim.z + blockIdx.z) * fa_part_slots(g) * (dv + 2);
+    if (split && threadIdx.x < slots) {
+        pz[threadIdx.x * (dv + 2)] = sm_m[threadIdx.x];
+        pz[threadIdx.x * (dv + 2) + 1] = sm_l[threadIdx.x];
+    }
 #pragma unroll
     for (int a = 0; a < 2; a++)
 #pragma unroll
@@ -1613,12 +1672,16 @@ extern "C" __global__ void MAX_THREADS(FA_THREADS) attention_mma(const float* __
             int sl = 16 * a + gq + 8 * hh;
             if (sl >= slots) continue;
             long sg = sig0 + sl, r = row0 + sg / g;
-            float inv = 1.f / sm_l[sl];
-            float* orow = out + (r * h + kvh * g + sg % g) * (long)dv;
+            float inv = split ? 1.f : 1.f / sm_l[sl];
+            float* orow = split ? pz + sl * (dv + 2) + 2 : out + (r * h + kvh * g + sg % g) * (long)dv;
 #pragma unroll
             for (int j = 0; j < 8; j++) {
                 int col = 8 * (warp + FA_WARPS * j) + 2 * t4;
-                if (col < dv) *(float2*)(orow + col) = {o[a][j][2 * hh] * inv, o[a][j][2 * hh + 1] * inv};
+                if (col < dv) {
+                    orow[col] = o[a][j][2 * hh] * inv;
+                    orow[col + 1] = o[a][j][2 * hh + 1] * inv;
+                }
             }
         }
+    if (split) fa_merge_splits(part, tickets, slots, dv, row0, sig0, g, h, out, slim);
 }

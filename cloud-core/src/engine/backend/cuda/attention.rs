@@ -1,8 +1,10 @@
 //! Attention: one `attention_batch` launch for all the sequences of a step, each reading
 //! its paged cache through its block table (the step's own keys and values appended to
 //! the caches by the same launch), with a row's positions split across blocks when the
-//! step has few rows, or, for prompts, `attention_mma` on the tensor cores (tiles of query
-//! slots sharing each tile of keys); and attention over dense rows (no cache).
+//! step has few rows, or, for prompts and for query heads that share keys by eight or more
+//! (MLA's absorbed form), `attention_mma` on the tensor cores (tiles of query slots
+//! sharing each tile of keys, decode steps split the same way); and attention over dense
+//! rows (no cache).
 
 use std::sync::Arc;
 
@@ -21,11 +23,12 @@ const ATT_MAX_SPLITS: usize = 32;
 const _: () = assert!(ATT_MAX_SPLITS <= ATT_WARPS * 4);
 
 impl Cuda {
-    /// Launches `attention_mma` for a step of prompts (see the kernel), else
-    /// `attention_batch` over the rows described by `meta` (see the kernel),
-    /// with each row's positions split across enough blocks to give every
-    /// multiprocessor two when the step has few (row, head) pairs, and the splits merged
-    /// by the same launch.
+    /// Launches `attention_mma` for a step of prompts or with query heads grouped by
+    /// eight or more (see the kernel), else `attention_batch`, over the rows described by
+    /// `meta` (see the kernels), with each row's positions split across enough blocks to
+    /// give every multiprocessor two when the step has few (row, head) pairs (few slot
+    /// tiles, for `attention_mma`, which splits decode steps only: `one_row`, every
+    /// sequence has one row), and the splits merged by the same launch.
     /// The split depends on the step's shape alone (not on the cache lengths, which the
     /// kernel reads from `meta`), so a captured step replays with longer caches.
     /// `fresh`: the step's key and value rows, which the same launch appends to the
@@ -41,6 +44,7 @@ impl Cuda {
         s: AttnShape,
         (vcols, vhead): (usize, usize),
         fresh: Option<(&Dev<f32>, &Dev<f32>)>,
+        one_row: bool,
     ) {
         let (ni, hh, hki, dki, dvi, vci, vhi, br) = (
             n as i32,
@@ -53,22 +57,44 @@ impl Cuda {
             self.block_rows() as i32,
         );
         let (knew, vnew) = fresh.map_or((0, 0), |(k, v)| (k.ptr(), v.ptr()));
-        // Prompts (two rows or more per sequence on average: never a decode step) on the
-        // tensor cores, when the device has them and a block's tiles fit its shared memory.
+        // On the tensor cores, when the device has them and a block's tiles fit its shared
+        // memory: prompts (two rows or more per sequence on average: never a decode step),
+        // and steps whose query heads share keys by eight or more (MLA's absorbed form,
+        // whose one key head all heads share), where one tile of keys serves them all.
+        let g = s.h / s.hk;
         let tiles_bytes = fa_shared(s.dk, s.dv, s.values_in_keys);
         if self.tensor_cores
-            && t >= 2 * n
+            && (t >= 2 * n || s.values_in_keys || g >= 8)
             && s.dk.is_multiple_of(8)
             && s.dv.is_multiple_of(8)
             && tiles_bytes <= self.kernels.f["attention_mma"].dynamic as usize
         {
-            // As many slot tiles as the step can have (each sequence's last may be partial).
-            let tiles = (t * (s.h / s.hk)).div_ceil(FA_SLOTS) + n;
+            // As many slot tiles as the step can have (ceil(rows · g / FA_SLOTS) per
+            // sequence), bounded by its shape alone: a decode step has exactly
+            // n · ceil(g / FA_SLOTS).
+            let tiles = (t * g.div_ceil(FA_SLOTS)).min((t * g).div_ceil(FA_SLOTS) + n);
+            let pairs = tiles * s.hk;
+            // Split (decode steps only: see the kernel) as attention_batch's rows.
+            let splits = if one_row && pairs < self.tickets.len() {
+                (2 * self.sms).div_ceil(pairs).clamp(1, ATT_MAX_SPLITS)
+            } else {
+                1
+            };
             let cfg = LaunchConfig {
-                grid_dim: (tiles as u32, s.hk as u32, 1),
+                grid_dim: (tiles as u32, s.hk as u32, splits as u32),
                 block_dim: (FA_THREADS as u32, 1, 1),
                 shared_mem_bytes: tiles_bytes as u32,
             };
+            let part = if splits > 1 {
+                let len = pairs * splits * FA_SLOTS.min(g) * (s.dv + 2);
+                match self.tmp::<f32>(len, "attention splits") {
+                    Some(p) => Some(p),
+                    None => return,
+                }
+            } else {
+                None
+            };
+            let part_ptr = part.as_ref().map_or(0, Dev::ptr);
             launch!(
                 self,
                 "attention_mma",
@@ -77,6 +103,8 @@ impl Cuda {
                 meta,
                 &ni,
                 out,
+                &part_ptr,
+                &self.tickets,
                 &hh,
                 &hki,
                 &dki,
@@ -235,6 +263,7 @@ impl Cuda {
             s,
             (vcols, vhead),
             Some((ks, values)),
+            lens.iter().all(|&l| l == 1),
         );
         CudaBuf::F32(Arc::new(out))
     }
@@ -312,7 +341,7 @@ impl Cuda {
             values_in_keys: false,
         };
         // The tables are freed in stream order, after the kernel.
-        self.attention_launch(qs, &md, 1, t, &mut out, shape, (hk * dv, dv), None);
+        self.attention_launch(qs, &md, 1, t, &mut out, shape, (hk * dv, dv), None, t == 1);
         CudaBuf::F32(Arc::new(out))
     }
 }

@@ -28,11 +28,12 @@ impl Cuda {
                         Some(unsafe { Dev::view(&self.stream, ptr, n) })
                     }
                     None => {
-                        let size = st
+                        // Twice the size, or enough for the step so far and this.
+                        let (size, used) = st
                             .arena
                             .as_ref()
-                            .map_or(self.opts.graph_memory.0, |a| a.size);
-                        st.want_arena = st.want_arena.max(size * 2);
+                            .map_or((self.opts.graph_memory.0, 0), |a| (a.size, a.used));
+                        st.want_arena = st.want_arena.max(grown(size, used, bytes));
                         drop(st);
                         self.abandon("the step arena is full");
                         None
@@ -92,11 +93,11 @@ impl Cuda {
                         Some(unsafe { Dev::view(&self.stream, ptr, data.len()) })
                     }
                     None => {
-                        let size = st
+                        let (size, used) = st
                             .staged
                             .as_ref()
-                            .map_or(self.opts.graph_memory.1, |r| r.size);
-                        st.want_staged = st.want_staged.max(size * 2);
+                            .map_or((self.opts.graph_memory.1, 0), |r| (r.size, r.used));
+                        st.want_staged = st.want_staged.max(grown(size, used, bytes));
                         drop(st);
                         self.abandon("the step's staging area is full");
                         None
@@ -251,4 +252,10 @@ pub(super) fn keep_freed_memory(ctx: &CudaContext) {
     if let Err(e) = r {
         tracing::warn!("CUDA memory pool release threshold not set: {e}");
     }
+}
+
+/// The size a step region of `size` bytes grows to when `bytes` more did not fit past
+/// the `used` ones: twice its size, or a power of two that holds them all.
+fn grown(size: usize, used: usize, bytes: usize) -> usize {
+    (size * 2).max((used.next_multiple_of(super::step::ALIGN) + bytes).next_power_of_two())
 }
