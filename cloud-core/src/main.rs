@@ -165,6 +165,11 @@ enum Cmd {
         /// step into a CUDA graph and replaying it (to measure what the graphs save).
         #[arg(long)]
         no_graphs: bool,
+        /// CUDA: keep off the tensor-core kernels (attention_mma, the grouped expert
+        /// GEMMs): attention on the CUDA cores and one cuBLAS GEMM per expert, as on
+        /// devices before sm_80 (to measure what those kernels gain).
+        #[arg(long)]
+        no_tensor_core_kernels: bool,
         /// Decode by sampling at this temperature (0: greedy) instead of greedily.
         #[arg(long, default_value_t = 0.0)]
         temperature: f32,
@@ -309,9 +314,10 @@ fn bench(
     device: Device,
     opts: &BenchOptions,
     graphs: bool,
+    tensor_core_kernels: bool,
     profile: usize,
 ) -> Result<(), String> {
-    let _ = graphs;
+    let _ = (graphs, tensor_core_kernels);
     match device {
         Device::Cpu if profile > 0 => Err("--profile needs --engine cuda".into()),
         Device::Cpu => {
@@ -324,16 +330,22 @@ fn bench(
             use cloud_core::engine::backend::cuda::{Cuda, CudaOptions};
             let be = Cuda::new(CudaOptions {
                 graphs,
+                tensor_core_kernels,
                 ..CudaOptions::default()
             })
             .map_err(|e| e.to_string())?;
             let bw = be.copy_bandwidth(1 << 30).map_err(|e| e.to_string())?;
             let (free, total) = be.memory().map_err(|e| e.to_string())?;
             println!(
-                "device: {} ({:.1} GiB, {:.1} GiB free before the weights)",
+                "device: {} ({:.1} GiB, {:.1} GiB free before the weights; tensor-core kernels {})",
                 be.device_name(),
                 total as f64 / (1u64 << 30) as f64,
-                free as f64 / (1u64 << 30) as f64
+                free as f64 / (1u64 << 30) as f64,
+                if be.tensor_core_kernels() {
+                    "on"
+                } else {
+                    "off"
+                }
             );
             let model = bench_model(shape_name, checkpoint, be)?;
             bench_report(&model, opts, bw, "bf16")?;
@@ -739,6 +751,7 @@ fn main() -> ExitCode {
             steps,
             batches,
             no_graphs,
+            no_tensor_core_kernels,
             temperature,
             top_p,
             profile,
@@ -766,7 +779,15 @@ fn main() -> ExitCode {
                     batches,
                     sample: (temperature > 0.0).then_some((temperature, top_p)),
                 };
-                bench(&shape, model.as_deref(), engine, &opts, !no_graphs, profile)?;
+                bench(
+                    &shape,
+                    model.as_deref(),
+                    engine,
+                    &opts,
+                    !no_graphs,
+                    !no_tensor_core_kernels,
+                    profile,
+                )?;
                 match &model {
                     Some(dir) if verdicts > 0 => bench_verdicts(dir, verdicts),
                     _ => Ok(()),

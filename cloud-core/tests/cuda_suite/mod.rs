@@ -79,16 +79,21 @@ fn run<B: Backend>(model: &Model<B>, case: &Case) -> (Vec<f32>, Vec<Vec<f32>>) {
     (prefill, steps)
 }
 
+/// With the tensor-core kernels (attention, grouped expert GEMMs) where the device has
+/// them, and without (the kernels of older devices).
 #[test]
 fn cuda_logits_match_the_reference_and_the_cpu_backend() {
     let Some(_) = gpu(CudaOptions::default()) else {
         return;
     };
-    for arch in ARCHS {
+    for (arch, tensor_core_kernels) in ARCHS.iter().flat_map(|a| [(a, true), (a, false)]) {
         let dir = fixtures().join(arch);
         let cpu = Model::load(&dir, Cpu::default()).expect("cpu model");
-        let mut cuda =
-            Model::load(&dir, gpu(CudaOptions::default()).expect("gpu")).expect("cuda model");
+        let opts = CudaOptions {
+            tensor_core_kernels,
+            ..Default::default()
+        };
+        let mut cuda = Model::load(&dir, gpu(opts).expect("gpu")).expect("cuda model");
         let modes: &[bool] = if cuda.config().mla.is_some() {
             &[true, false]
         } else {
@@ -97,7 +102,15 @@ fn cuda_logits_match_the_reference_and_the_cpu_backend() {
         let vocab = cuda.config().vocab_size;
         for &absorbed in modes {
             cuda.set_mla_absorbed(absorbed);
-            let label = format!("{arch}{}", if absorbed { "" } else { " (expanded MLA)" });
+            let label = format!(
+                "{arch}{}{}",
+                if absorbed { "" } else { " (expanded MLA)" },
+                if tensor_core_kernels {
+                    ""
+                } else {
+                    " (no tensor-core kernels)"
+                }
+            );
             let mut worst = 0f64;
             for case in cases(arch) {
                 let (prefill, steps) = run(&cuda, &case);

@@ -139,9 +139,15 @@ pub struct CudaOptions {
     pub blocks_per_chunk: usize,
     /// Capture decode steps into CUDA graphs and replay them ([`step`]).
     pub graphs: bool,
-    /// Initial bytes of the graphed steps' arena and of their staging area (each doubles,
-    /// dropping the graphs made so far, when a step needs more).
+    /// Initial bytes of the graphed steps' arena and of their staging area (each grows,
+    /// to twice its size or more, dropping the graphs made so far, when a step needs
+    /// more).
     pub graph_memory: (usize, usize),
+    /// Use the kernels on the bf16 tensor cores (sm_80 and later) where they apply:
+    /// `attention_mma` and the grouped expert GEMMs. `false`: attention on the CUDA cores
+    /// (`attention_batch`) and one cuBLAS GEMM per expert, as on older devices (to
+    /// compare the two, or to fall back).
+    pub tensor_core_kernels: bool,
 }
 
 impl Default for CudaOptions {
@@ -154,6 +160,7 @@ impl Default for CudaOptions {
             blocks_per_chunk: 256,
             graphs: true,
             graph_memory: (64 << 20, 1 << 20),
+            tensor_core_kernels: true,
         }
     }
 }
@@ -181,8 +188,8 @@ pub struct Cuda {
     name: String,
     /// The device's multiprocessors (what a launch must fill).
     sms: usize,
-    /// Whether it has bf16 tensor cores (sm_80 and later), which the grouped expert GEMMs
-    /// need.
+    /// Whether it has bf16 tensor cores (sm_80 and later), which `attention_mma` and the
+    /// grouped expert GEMMs need, and the options let them be used.
     tensor_cores: bool,
     /// `attention_batch`'s tickets, one per (row, head) of a split launch (fewer than
     /// `2 · sms`: more pairs are not split), zero between launches.
@@ -333,6 +340,7 @@ impl Cuda {
             .result()
             .map_err(|e| failed("cuBLAS workspace", e))?;
         }
+        let tensor_cores = major >= 8 && opts.tensor_core_kernels;
         let tickets = stream
             .alloc_zeros::<u32>(2 * sms)
             .map_err(|e| failed("attention tickets", e))?;
@@ -345,7 +353,7 @@ impl Cuda {
             opts,
             name,
             sms,
-            tensor_cores: major >= 8,
+            tensor_cores,
             tickets,
             error: Mutex::new(None),
             budget: Mutex::new(None),
@@ -362,6 +370,12 @@ impl Cuda {
     /// The device's name.
     pub fn device_name(&self) -> &str {
         &self.name
+    }
+
+    /// Whether the tensor-core kernels run (the device has bf16 tensor cores and the
+    /// options allow them).
+    pub fn tensor_core_kernels(&self) -> bool {
+        self.tensor_cores
     }
 
     /// The context (benchmarks time with its events).
