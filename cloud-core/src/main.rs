@@ -96,9 +96,11 @@ enum Cmd {
         /// The fleet CA directory (`cloud-core ca init`): server certificate, revocation list.
         #[arg(long)]
         ca: Option<std::path::PathBuf>,
-        /// Engine backend: cpu, or cuda (GPU 0; needs a build with the `cuda` feature).
+        /// Engine backend: cpu, or cuda (needs a build with the `cuda` feature).
         #[arg(long, default_value = "cpu")]
         engine: cloud_core::engine::service::Device,
+        #[command(flatten)]
+        cuda: CudaFlags,
         /// Operator token (at least 16 characters) [default: DATA_DIR/operator-token,
         /// created on first start].
         #[arg(long, env = "CLOUD_CORE_TOKEN", hide_env_values = true)]
@@ -161,15 +163,8 @@ enum Cmd {
         /// Batch sizes to measure, comma-separated.
         #[arg(long, default_value = "1,4")]
         batches: String,
-        /// CUDA: launch every decode step's kernels one by one instead of capturing the
-        /// step into a CUDA graph and replaying it (to measure what the graphs save).
-        #[arg(long)]
-        no_graphs: bool,
-        /// CUDA: keep off the tensor-core kernels (attention_mma, the grouped expert
-        /// GEMMs): attention on the CUDA cores and one cuBLAS GEMM per expert, as on
-        /// devices before sm_80 (to measure what those kernels gain).
-        #[arg(long)]
-        no_tensor_core_kernels: bool,
+        #[command(flatten)]
+        cuda: CudaFlags,
         /// Decode by sampling at this temperature (0: greedy) instead of greedily.
         #[arg(long, default_value_t = 0.0)]
         temperature: f32,
@@ -182,6 +177,73 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         profile: usize,
     },
+}
+
+/// The CUDA backend's settings (with `--engine cuda`).
+#[derive(clap::Args, Clone, Copy, Debug, Default)]
+struct CudaFlags {
+    /// CUDA: the device ordinal [default: 0].
+    #[arg(long)]
+    cuda_device: Option<usize>,
+    /// CUDA: GiB of device memory for the KV cache (requests that do not fit are refused)
+    /// [default: 90% of what is free, less 2 GiB, once the weights are loaded].
+    #[arg(long, value_parser = gib)]
+    kv_cache_gib: Option<usize>,
+    /// CUDA: launch every decode step's kernels one by one instead of capturing the step
+    /// into a CUDA graph and replaying it (to measure what the graphs save, or to fall
+    /// back).
+    #[arg(long)]
+    no_graphs: bool,
+    /// CUDA: keep off the tensor-core kernels (attention_mma, the grouped expert GEMMs):
+    /// attention on the CUDA cores and one cuBLAS GEMM per expert, as on devices before
+    /// sm_80 (to measure what those kernels gain, or to fall back).
+    #[arg(long)]
+    no_tensor_core_kernels: bool,
+}
+
+impl CudaFlags {
+    /// The backend `--engine` names with these settings: an error for CUDA settings
+    /// given to the CPU engine, which would silently do nothing.
+    fn apply(self, engine: Device) -> Result<Device, String> {
+        use cloud_core::engine::service::CudaSettings;
+        match engine {
+            Device::Cuda(_) => {
+                let d = CudaSettings::default();
+                Ok(Device::Cuda(CudaSettings {
+                    device: self.cuda_device.unwrap_or(d.device),
+                    kv_cache_bytes: self.kv_cache_gib.or(d.kv_cache_bytes),
+                    graphs: !self.no_graphs,
+                    tensor_core_kernels: !self.no_tensor_core_kernels,
+                }))
+            }
+            Device::Cpu => {
+                let given: Vec<&str> = [
+                    (self.cuda_device.is_some(), "--cuda-device"),
+                    (self.kv_cache_gib.is_some(), "--kv-cache-gib"),
+                    (self.no_graphs, "--no-graphs"),
+                    (self.no_tensor_core_kernels, "--no-tensor-core-kernels"),
+                ]
+                .into_iter()
+                .filter_map(|(on, flag)| on.then_some(flag))
+                .collect();
+                if given.is_empty() {
+                    Ok(Device::Cpu)
+                } else {
+                    Err(format!("{} need --engine cuda", given.join(", ")))
+                }
+            }
+        }
+    }
+}
+
+/// GiB (a positive number, fractions allowed) as bytes.
+fn gib(s: &str) -> Result<usize, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 && v * (1u64 << 30) as f64 <= usize::MAX as f64 => {
+            Ok((v * (1u64 << 30) as f64) as usize)
+        }
+        _ => Err(format!("a size in GiB is a positive number (got {s:?})")),
+    }
 }
 
 #[derive(Subcommand)]
@@ -313,11 +375,8 @@ fn bench(
     checkpoint: Option<&std::path::Path>,
     device: Device,
     opts: &BenchOptions,
-    graphs: bool,
-    tensor_core_kernels: bool,
     profile: usize,
 ) -> Result<(), String> {
-    let _ = (graphs, tensor_core_kernels);
     match device {
         Device::Cpu if profile > 0 => Err("--profile needs --engine cuda".into()),
         Device::Cpu => {
@@ -326,14 +385,10 @@ fn bench(
             bench_report(&model, opts, bench::host_copy_bandwidth(), "f32")
         }
         #[cfg(feature = "cuda")]
-        Device::Cuda => {
-            use cloud_core::engine::backend::cuda::{Cuda, CudaOptions};
-            let be = Cuda::new(CudaOptions {
-                graphs,
-                tensor_core_kernels,
-                ..CudaOptions::default()
-            })
-            .map_err(|e| e.to_string())?;
+        Device::Cuda(settings) => {
+            use cloud_core::engine::backend::cuda::Cuda;
+            let graphs = settings.graphs;
+            let be = Cuda::new(settings.into()).map_err(|e| e.to_string())?;
             let bw = be.copy_bandwidth(1 << 30).map_err(|e| e.to_string())?;
             let (free, total) = be.memory().map_err(|e| e.to_string())?;
             println!(
@@ -364,7 +419,7 @@ fn bench(
             Ok(())
         }
         #[cfg(not(feature = "cuda"))]
-        Device::Cuda => {
+        Device::Cuda(_) => {
             Err("this cloud-core was built without the CUDA backend (cargo feature `cuda`)".into())
         }
     }
@@ -750,8 +805,7 @@ fn main() -> ExitCode {
             prompt,
             steps,
             batches,
-            no_graphs,
-            no_tensor_core_kernels,
+            cuda,
             temperature,
             top_p,
             profile,
@@ -779,15 +833,8 @@ fn main() -> ExitCode {
                     batches,
                     sample: (temperature > 0.0).then_some((temperature, top_p)),
                 };
-                bench(
-                    &shape,
-                    model.as_deref(),
-                    engine,
-                    &opts,
-                    !no_graphs,
-                    !no_tensor_core_kernels,
-                    profile,
-                )?;
+                let engine = cuda.apply(engine)?;
+                bench(&shape, model.as_deref(), engine, &opts, profile)?;
                 match &model {
                     Some(dir) if verdicts > 0 => bench_verdicts(dir, verdicts),
                     _ => Ok(()),
@@ -809,6 +856,7 @@ fn main() -> ExitCode {
             listen_quic,
             ca,
             engine,
+            cuda,
             token,
             max_batch,
             max_queue,
@@ -816,6 +864,13 @@ fn main() -> ExitCode {
             queue_high,
             log,
         } => {
+            let engine = match cuda.apply(engine) {
+                Ok(d) => d,
+                Err(e) => {
+                    eprintln!("cloud-core serve: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
             let filter = tracing_subscriber::EnvFilter::try_new(&log)
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
             tracing_subscriber::fmt()

@@ -50,9 +50,16 @@ fn the_cuda_benchmark_runs_on_the_emulated_device() {
         Ok(d) => d,
         Err(e) => return emu::skip_or_fail(&e),
     };
-    // Greedy, then sampled on the device, then greedy with a profile.
+    // Greedy, then sampled on the device, then greedy with a profile, then without the
+    // tensor-core kernels in a KV budget of a quarter GiB.
     let profiled = &["--profile", "2"][..];
-    for extra in [&[][..], &["--temperature", "1", "--top-p", "0.9"], profiled] {
+    let plain = &["--no-tensor-core-kernels", "--kv-cache-gib", "0.25"][..];
+    for extra in [
+        &[][..],
+        &["--temperature", "1", "--top-p", "0.9"],
+        profiled,
+        plain,
+    ] {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_cloud-core"))
             .args(["bench", "--engine", "cuda", "--shape", "tiny"])
             .args(["--prompt", "8", "--steps", "5", "--batches", "1,3"])
@@ -67,6 +74,11 @@ fn the_cuda_benchmark_runs_on_the_emulated_device() {
             String::from_utf8_lossy(&out.stderr)
         );
         assert!(text.contains("CUDA device emulated on the CPU"), "{text}");
+        let tc = if extra == plain { "off" } else { "on" };
+        assert!(
+            text.contains(&format!("tensor-core kernels {tc})")),
+            "{extra:?}: {text}"
+        );
         for batch in ["| 1 |", "| 3 |"] {
             assert!(text.contains(batch), "no row for batch {batch}: {text}");
         }
@@ -185,7 +197,7 @@ async fn verdicts_on_the_emulated_device_match_the_cpu_engine() {
         }
     };
     let cpu = judge_all(Device::Cpu).await;
-    let cuda = judge_all(Device::Cuda).await;
+    let cuda = judge_all(Device::Cuda(Default::default())).await;
     for (i, (c, g)) in cpu.iter().zip(&cuda).enumerate() {
         assert_eq!(c.class, g.class, "case {i}: CPU {c:?}, CUDA {g:?}");
         assert!((0.0..=1.0).contains(&g.confidence), "case {i}: {g:?}");

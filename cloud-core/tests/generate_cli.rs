@@ -1,5 +1,6 @@
 //! `cloud-core generate` end to end: a checkpoint directory with a tokenizer, text in,
-//! the reference's greedy tokens out, with log-probabilities in `--json`.
+//! the reference's greedy tokens out, with log-probabilities in `--json`; and the
+//! command line's refusals of settings that would do nothing or nothing sensible.
 
 mod common;
 
@@ -217,4 +218,51 @@ fn schema_constrains_the_output() {
         .expect("run");
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("schema.json"));
+}
+
+/// CUDA settings given to the CPU engine would silently do nothing: `serve` and `bench`
+/// refuse them by name, before anything starts; a KV budget that is not a positive size
+/// is refused by the parser.
+#[test]
+fn cuda_settings_need_the_cuda_engine() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_cloud-core"))
+            .args(args)
+            .output()
+            .expect("run");
+        assert!(!out.status.success(), "{args:?} succeeded");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let data = dir.path().to_str().expect("utf-8");
+    let err = run(&[
+        "serve",
+        "--data-dir",
+        data,
+        "--no-graphs",
+        "--kv-cache-gib",
+        "2",
+    ]);
+    assert!(
+        err.contains("--kv-cache-gib, --no-graphs need --engine cuda"),
+        "{err}"
+    );
+    let err = run(&["bench", "--shape", "tiny", "--cuda-device", "1"]);
+    assert!(err.contains("--cuda-device need --engine cuda"), "{err}");
+    for bad in ["0", "-1", "lots"] {
+        let err = run(&[
+            "serve",
+            "--data-dir",
+            data,
+            "--engine",
+            "cuda",
+            &format!("--kv-cache-gib={bad}"),
+        ]);
+        assert!(
+            err.contains("a size in GiB is a positive number"),
+            "{bad}: {err}"
+        );
+    }
+    // Nothing was started: no token written.
+    assert!(!dir.path().join("operator-token").exists());
 }

@@ -35,8 +35,47 @@ struct Inner {
 pub enum Device {
     /// The CPU backend.
     Cpu,
-    /// The CUDA backend on GPU 0 (built with the `cuda` feature).
-    Cuda,
+    /// The CUDA backend (built with the `cuda` feature).
+    Cuda(CudaSettings),
+}
+
+/// What an operator chooses of the CUDA backend (`serve --engine cuda`), in plain values
+/// that builds without the `cuda` feature take too.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CudaSettings {
+    /// Device ordinal.
+    pub device: usize,
+    /// Bytes for the KV cache; `None`: 90% of what is free, less 2 GiB kept for
+    /// activations, once the weights are loaded.
+    pub kv_cache_bytes: Option<usize>,
+    /// Decode steps captured into CUDA graphs and replayed.
+    pub graphs: bool,
+    /// The tensor-core kernels where the device has them (attention, grouped experts).
+    pub tensor_core_kernels: bool,
+}
+
+impl Default for CudaSettings {
+    fn default() -> Self {
+        CudaSettings {
+            device: 0,
+            kv_cache_bytes: None,
+            graphs: true,
+            tensor_core_kernels: true,
+        }
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl From<CudaSettings> for super::backend::cuda::CudaOptions {
+    fn from(s: CudaSettings) -> Self {
+        super::backend::cuda::CudaOptions {
+            device: s.device,
+            kv_cache_bytes: s.kv_cache_bytes,
+            graphs: s.graphs,
+            tensor_core_kernels: s.tensor_core_kernels,
+            ..Default::default()
+        }
+    }
 }
 
 impl std::str::FromStr for Device {
@@ -44,7 +83,7 @@ impl std::str::FromStr for Device {
     fn from_str(s: &str) -> Result<Device, String> {
         match s {
             "cpu" => Ok(Device::Cpu),
-            "cuda" => Ok(Device::Cuda),
+            "cuda" => Ok(Device::Cuda(CudaSettings::default())),
             other => Err(format!("unknown engine backend {other:?} (cpu, cuda)")),
         }
     }
@@ -67,13 +106,23 @@ impl Engine {
         match device {
             Device::Cpu => Engine::start(dir, name, cfg, Cpu::default()),
             #[cfg(feature = "cuda")]
-            Device::Cuda => {
-                let be = super::backend::cuda::Cuda::new(Default::default())?;
-                tracing::info!("CUDA backend on {}", be.device_name());
+            Device::Cuda(settings) => {
+                let be = super::backend::cuda::Cuda::new(settings.into())?;
+                tracing::info!(
+                    "CUDA backend on {} (device {}, graphs {}, tensor-core kernels {})",
+                    be.device_name(),
+                    settings.device,
+                    if settings.graphs { "on" } else { "off" },
+                    if be.tensor_core_kernels() {
+                        "on"
+                    } else {
+                        "off"
+                    }
+                );
                 Engine::start(dir, name, cfg, be)
             }
             #[cfg(not(feature = "cuda"))]
-            Device::Cuda => anyhow::bail!(
+            Device::Cuda(_) => anyhow::bail!(
                 "this cloud-core was built without the CUDA backend (cargo feature `cuda`)"
             ),
         }
