@@ -186,18 +186,40 @@ async fn verdicts_on_the_emulated_device_match_the_cpu_engine() {
         async move {
             let engine =
                 Engine::load(&dir, "demo", SchedulerConfig::default(), device).expect("engine");
-            let service = VerdictService::new(engine).expect("verdicts");
+            let service = VerdictService::new(engine.clone()).expect("verdicts");
             // All at once: the scheduler batches them.
             let judged =
                 futures_util::future::join_all(cases.iter().map(|c| service.judge(c))).await;
-            judged
+            let verdicts = judged
                 .into_iter()
                 .map(|j| j.expect("a verdict").verdict)
-                .collect::<Vec<_>>()
+                .collect::<Vec<_>>();
+            (verdicts, engine)
         }
     };
-    let cpu = judge_all(Device::Cpu).await;
-    let cuda = judge_all(Device::Cuda(Default::default())).await;
+    let (cpu, on_cpu) = judge_all(Device::Cpu).await;
+    assert!(on_cpu.handle().stats().kv_cache().is_none());
+    // A budget of 64 MiB, which the status reports with what the cached prompts hold.
+    let (cuda, engine) = judge_all(Device::Cuda(cloud_core::engine::service::CudaSettings {
+        kv_cache_bytes: Some(64 << 20),
+        ..Default::default()
+    }))
+    .await;
+    assert!(
+        engine
+            .backend()
+            .starts_with("cuda: CUDA device emulated on the CPU"),
+        "{}",
+        engine.backend()
+    );
+    let kv = engine.handle().stats().kv_cache().expect("a paged cache");
+    assert_eq!(kv.limit_bytes, 64 << 20, "{kv:?}");
+    assert!(
+        0 < kv.held_bytes
+            && kv.held_bytes <= kv.allocated_bytes
+            && kv.allocated_bytes <= kv.limit_bytes,
+        "{kv:?}"
+    );
     for (i, (c, g)) in cpu.iter().zip(&cuda).enumerate() {
         assert_eq!(c.class, g.class, "case {i}: CPU {c:?}, CUDA {g:?}");
         assert!((0.0..=1.0).contains(&g.confidence), "case {i}: {g:?}");

@@ -235,6 +235,14 @@ async fn concurrent_requests_are_batched_and_answer_as_alone() {
     )
     .expect("json");
     assert_eq!(status["completed_requests"], 12);
+    // The CPU backend, which has no paged cache.
+    assert!(
+        status["backend"]
+            .as_str()
+            .is_some_and(|b| b.starts_with("cpu (")),
+        "{status}"
+    );
+    assert!(status["kv_cache"].is_null(), "{status}");
     // Twelve requests of 6..=11 tokens, but batching took fewer steps than tokens.
     assert!(
         status["steps"].as_u64().expect("steps")

@@ -21,7 +21,7 @@ use std::time::Instant;
 
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
-use super::backend::{Backend, DeviceError};
+use super::backend::{Backend, DeviceError, KvCacheUsage};
 use super::generate::{step, Finish, Request, Sequence, Step};
 use super::model::{Cache, EngineError, Model};
 use super::sampler::Sampled;
@@ -97,6 +97,19 @@ pub struct Stats {
     pub prefix_hits: AtomicU64,
     /// Prompt tokens not run again thanks to the prefix cache.
     pub prefix_tokens_reused: AtomicU64,
+    /// The paged KV cache's memory after the last step (`None`: the backend has none,
+    /// or no step has written it yet).
+    pub kv_cache: std::sync::Mutex<Option<KvCacheUsage>>,
+}
+
+impl Stats {
+    /// [`Stats::kv_cache`].
+    pub fn kv_cache(&self) -> Option<KvCacheUsage> {
+        *self
+            .kv_cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 }
 
 struct Job {
@@ -425,6 +438,15 @@ fn run<B: Backend>(
             }
         }
         stats.running.store(active.len(), Ordering::Relaxed);
+        if let Some(kv) = model.backend().kv_cache() {
+            metrics::gauge!("engine_kv_cache_held_bytes").set(kv.held_bytes as f64);
+            metrics::gauge!("engine_kv_cache_allocated_bytes").set(kv.allocated_bytes as f64);
+            metrics::gauge!("engine_kv_cache_limit_bytes").set(kv.limit_bytes as f64);
+            *stats
+                .kv_cache
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(kv);
+        }
     }
 }
 

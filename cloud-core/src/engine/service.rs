@@ -21,6 +21,7 @@ pub struct Engine {
 
 struct Inner {
     name: String,
+    backend: String,
     dir: PathBuf,
     handle: Handle,
     tokenizer: Tokenizer,
@@ -135,6 +136,7 @@ impl Engine {
     {
         let tokenizer = Tokenizer::load(dir)?;
         let chat = ChatTemplate::load(dir)?;
+        let backend = be.describe();
         let model = Model::load(dir, be)?;
         let mut stop_tokens = model.config().eos_token_ids.clone();
         for t in generation_eos(dir)? {
@@ -162,6 +164,7 @@ impl Engine {
         Ok(Engine {
             inner: Arc::new(Inner {
                 name: name.to_string(),
+                backend,
                 dir: dir.to_path_buf(),
                 handle,
                 tokenizer,
@@ -176,6 +179,11 @@ impl Engine {
     /// The model name.
     pub fn name(&self) -> &str {
         &self.inner.name
+    }
+
+    /// What runs the model ([`Backend::describe`]).
+    pub fn backend(&self) -> &str {
+        &self.inner.backend
     }
 
     /// The checkpoint directory.

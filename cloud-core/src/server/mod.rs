@@ -128,7 +128,7 @@ async fn engine_status(State(st): State<AppState>) -> Json<serde_json::Value> {
     Json(json!({
         "model": st.engine.name(),
         "checkpoint": st.engine.dir().display().to_string(),
-        "backend": "cpu",
+        "backend": st.engine.backend(),
         "context": h.context(),
         "vocab": h.vocab(),
         "structured_output": st.engine.grammars().is_some(),
@@ -143,6 +143,11 @@ async fn engine_status(State(st): State<AppState>) -> Json<serde_json::Value> {
         "steps": s.steps.load(Ordering::Relaxed),
         "prefix_cache_hits": s.prefix_hits.load(Ordering::Relaxed),
         "prefix_tokens_reused": s.prefix_tokens_reused.load(Ordering::Relaxed),
+        "kv_cache": s.kv_cache().map(|kv| json!({
+            "held_bytes": kv.held_bytes,
+            "allocated_bytes": kv.allocated_bytes,
+            "limit_bytes": kv.limit_bytes,
+        })),
         "verdicts": st.verdicts.count(),
     }))
 }

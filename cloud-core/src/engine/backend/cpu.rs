@@ -25,6 +25,14 @@ impl Backend for Cpu {
         b.len()
     }
 
+    fn describe(&self) -> String {
+        let threads = match self.threads {
+            0 => rayon_threads(),
+            n => n,
+        };
+        format!("cpu ({threads} threads)")
+    }
+
     fn linear(&self, x: &Vec<f32>, m: usize, w: &Vec<f32>, n: usize, k: usize) -> Vec<f32> {
         assert_eq!(x.len(), m * k, "linear: input is not [{m}, {k}]");
         assert_eq!(w.len(), n * k, "linear: weight is not [{n}, {k}]");

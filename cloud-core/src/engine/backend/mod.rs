@@ -37,6 +37,17 @@ pub enum DeviceError {
     },
 }
 
+/// The memory of a paged KV cache.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KvCacheUsage {
+    /// Bytes of the blocks held by sequences and cached prompts.
+    pub held_bytes: usize,
+    /// Bytes allocated on the device for blocks (held or free for reuse).
+    pub allocated_bytes: usize,
+    /// The most it may allocate.
+    pub limit_bytes: usize,
+}
+
 /// A weight as the loader has it: f32 (converted, or random) or bf16 as stored.
 pub enum Weight<'a> {
     /// f32 values.
@@ -256,6 +267,14 @@ pub trait Backend {
     /// do nothing and return empty buffers: callers check this after a forward pass and
     /// discard its results.
     fn take_error(&self) -> Option<DeviceError> {
+        None
+    }
+
+    /// What runs the model, for status pages: `cpu (N threads)`, `cuda: DEVICE NAME`.
+    fn describe(&self) -> String;
+
+    /// The paged KV cache's memory, or `None` for a backend without one.
+    fn kv_cache(&self) -> Option<KvCacheUsage> {
         None
     }
 

@@ -11,7 +11,7 @@ use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
 
 use super::step::{Dev, Pre};
 use super::{failed, lock, per_row, Cuda, CudaBuf};
-use crate::engine::backend::DeviceError;
+use crate::engine::backend::{DeviceError, KvCacheUsage};
 use crate::engine::paged::{AllocError, BlockPool, Budget, ChunkSource, PagedRows};
 
 /// Device memory for KV pools (chunks of the paged cache).
@@ -79,6 +79,22 @@ impl KvRows {
 }
 
 impl Cuda {
+    /// The paged cache's memory: `None` before its first row (the budget is set then).
+    pub(super) fn kv_cache_usage(&self) -> Option<KvCacheUsage> {
+        let limit_bytes = lock(&self.budget).as_ref()?.limit();
+        let (mut held_bytes, mut allocated_bytes) = (0, 0);
+        for pool in lock(&self.pools).values() {
+            let total = pool.total_blocks();
+            held_bytes += total.saturating_sub(pool.free_blocks()) * pool.block_bytes();
+            allocated_bytes += total * pool.block_bytes();
+        }
+        Some(KvCacheUsage {
+            held_bytes,
+            allocated_bytes,
+            limit_bytes,
+        })
+    }
+
     pub(super) fn pool(&self, cols: usize) -> Option<Arc<Pool>> {
         let budget = {
             let mut b = lock(&self.budget);

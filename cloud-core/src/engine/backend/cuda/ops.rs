@@ -20,6 +20,20 @@ use crate::engine::sampler::{Pick, Sampled};
 impl Backend for Cuda {
     type Buf = CudaBuf;
 
+    fn describe(&self) -> String {
+        format!(
+            "cuda: {} (device {}, tensor-core kernels {}, graphs {})",
+            self.name,
+            self.opts.device,
+            if self.tensor_cores { "on" } else { "off" },
+            if self.opts.graphs { "on" } else { "off" }
+        )
+    }
+
+    fn kv_cache(&self) -> Option<crate::engine::backend::KvCacheUsage> {
+        self.kv_cache_usage()
+    }
+
     fn upload(&self, data: &[f32]) -> CudaBuf {
         if self.errored() {
             return self.empty();
