@@ -199,6 +199,10 @@ struct CudaFlags {
     /// sm_80 (to measure what those kernels gain, or to fall back).
     #[arg(long)]
     no_tensor_core_kernels: bool,
+    /// CUDA: launch kernels without programmatic dependent launch (sm_90 and later use
+    /// it: each kernel's blocks are placed while the one before it ends).
+    #[arg(long)]
+    no_pdl: bool,
 }
 
 impl CudaFlags {
@@ -214,6 +218,7 @@ impl CudaFlags {
                     kv_cache_bytes: self.kv_cache_gib.or(d.kv_cache_bytes),
                     graphs: !self.no_graphs,
                     tensor_core_kernels: !self.no_tensor_core_kernels,
+                    pdl: !self.no_pdl,
                 }))
             }
             Device::Cpu => {
@@ -222,6 +227,7 @@ impl CudaFlags {
                     (self.kv_cache_gib.is_some(), "--kv-cache-gib"),
                     (self.no_graphs, "--no-graphs"),
                     (self.no_tensor_core_kernels, "--no-tensor-core-kernels"),
+                    (self.no_pdl, "--no-pdl"),
                 ]
                 .into_iter()
                 .filter_map(|(on, flag)| on.then_some(flag))
@@ -233,6 +239,15 @@ impl CudaFlags {
                 }
             }
         }
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn on_off(on: bool) -> &'static str {
+    if on {
+        "on"
+    } else {
+        "off"
     }
 }
 
@@ -392,26 +407,24 @@ fn bench(
             let bw = be.copy_bandwidth(1 << 30).map_err(|e| e.to_string())?;
             let (free, total) = be.memory().map_err(|e| e.to_string())?;
             println!(
-                "device: {} ({:.1} GiB, {:.1} GiB free before the weights; tensor-core kernels {})",
+                "device: {} ({:.1} GiB, {:.1} GiB free before the weights; tensor-core kernels {}, programmatic launch {})",
                 be.device_name(),
                 total as f64 / (1u64 << 30) as f64,
                 free as f64 / (1u64 << 30) as f64,
-                if be.tensor_core_kernels() {
-                    "on"
-                } else {
-                    "off"
-                }
+                on_off(be.tensor_core_kernels()),
+                on_off(be.programmatic_launch())
             );
             let model = bench_model(shape_name, checkpoint, be)?;
             bench_report(&model, opts, bw, "bf16")?;
             let g = model.backend().graph_stats();
             println!(
-                "decode steps: {} captured into CUDA graphs, {} replayed, {} eager (first of their size, prefills, graphs {}), {} captures given up",
+                "decode steps: {} captured into CUDA graphs, {} replayed, {} eager (first of their size, prefills, graphs {}), {} captures given up; programmatic launch {} at the end",
                 g.captured,
                 g.replayed,
                 g.eager,
-                if graphs { "on" } else { "off" },
-                g.abandoned
+                on_off(graphs),
+                g.abandoned,
+                on_off(model.backend().programmatic_launch())
             );
             if profile > 0 {
                 bench_profile(&model, opts, profile)?;

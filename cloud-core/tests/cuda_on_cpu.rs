@@ -51,22 +51,33 @@ fn the_cuda_benchmark_runs_on_the_emulated_device() {
         Err(e) => return emu::skip_or_fail(&e),
     };
     // Greedy, then sampled on the device, then greedy with a profile, then without the
-    // tensor-core kernels in a KV budget of a quarter GiB.
+    // tensor-core kernels and programmatic launches (the emulated device is an sm_90
+    // one, which has both) in a KV budget of a quarter GiB; then with a driver that
+    // refuses programmatic launches in a capture.
     let profiled = &["--profile", "2"][..];
-    let plain = &["--no-tensor-core-kernels", "--kv-cache-gib", "0.25"][..];
-    for extra in [
-        &[][..],
-        &["--temperature", "1", "--top-p", "0.9"],
-        profiled,
-        plain,
+    let plain = &[
+        "--no-tensor-core-kernels",
+        "--no-pdl",
+        "--kv-cache-gib",
+        "0.25",
+    ][..];
+    for (extra, refused) in [
+        (&[][..], false),
+        (&["--temperature", "1", "--top-p", "0.9"], false),
+        (profiled, false),
+        (plain, false),
+        (&[], true),
     ] {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_cloud-core"))
+        let mut bench = std::process::Command::new(env!("CARGO_BIN_EXE_cloud-core"));
+        bench
             .args(["bench", "--engine", "cuda", "--shape", "tiny"])
             .args(["--prompt", "8", "--steps", "5", "--batches", "1,3"])
             .args(extra)
-            .env("LD_LIBRARY_PATH", &dir)
-            .output()
-            .expect("cloud-core runs");
+            .env("LD_LIBRARY_PATH", &dir);
+        if refused {
+            bench.env("EMU_REFUSE_PDL", "1");
+        }
+        let out = bench.output().expect("cloud-core runs");
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(
             out.status.success(),
@@ -74,20 +85,38 @@ fn the_cuda_benchmark_runs_on_the_emulated_device() {
             String::from_utf8_lossy(&out.stderr)
         );
         assert!(text.contains("CUDA device emulated on the CPU"), "{text}");
-        let tc = if extra == plain { "off" } else { "on" };
+        let on = if extra == plain { "off" } else { "on" };
         assert!(
-            text.contains(&format!("tensor-core kernels {tc})")),
+            text.contains(&format!(
+                "tensor-core kernels {on}, programmatic launch {on})"
+            )),
             "{extra:?}: {text}"
         );
         for batch in ["| 1 |", "| 3 |"] {
             assert!(text.contains(batch), "no row for batch {batch}: {text}");
         }
         // Per batch size: the prefill and the first decode step run eagerly, the second
-        // is captured, the other three replayed.
-        assert!(
-            text.contains("2 captured into CUDA graphs, 6 replayed"),
-            "{extra:?}: {text}"
-        );
+        // is captured, the other three replayed. Where the driver refuses programmatic
+        // launches in a capture, the first capture (batch 1's) is given up and its step
+        // run again eagerly, programmatic launches end, and the next step is captured
+        // plainly: graphs are not lost to it.
+        let stats: &[&str] = if refused {
+            &[
+                "2 captured into CUDA graphs, 5 replayed",
+                "1 captures given up; programmatic launch off at the end",
+            ]
+        } else {
+            &[
+                "2 captured into CUDA graphs, 6 replayed",
+                "0 captures given up; programmatic launch {on} at the end",
+            ]
+        };
+        for s in stats {
+            assert!(
+                text.contains(s.replace("{on}", on).as_str()),
+                "{extra:?}: {text}"
+            );
+        }
         if extra == profiled {
             // Per batch size, 2 steps: a row per operation with its calls per step (the
             // tiny shape has 2 dense layers: 2 attention launches, which also append the

@@ -53,6 +53,8 @@ pub struct CudaSettings {
     pub graphs: bool,
     /// The tensor-core kernels where the device has them (attention, grouped experts).
     pub tensor_core_kernels: bool,
+    /// Programmatic dependent launch where the device has it (sm_90 and later).
+    pub pdl: bool,
 }
 
 impl Default for CudaSettings {
@@ -62,6 +64,7 @@ impl Default for CudaSettings {
             kv_cache_bytes: None,
             graphs: true,
             tensor_core_kernels: true,
+            pdl: true,
         }
     }
 }
@@ -74,6 +77,7 @@ impl From<CudaSettings> for super::backend::cuda::CudaOptions {
             kv_cache_bytes: s.kv_cache_bytes,
             graphs: s.graphs,
             tensor_core_kernels: s.tensor_core_kernels,
+            pdl: s.pdl,
             ..Default::default()
         }
     }
@@ -109,17 +113,7 @@ impl Engine {
             #[cfg(feature = "cuda")]
             Device::Cuda(settings) => {
                 let be = super::backend::cuda::Cuda::new(settings.into())?;
-                tracing::info!(
-                    "CUDA backend on {} (device {}, graphs {}, tensor-core kernels {})",
-                    be.device_name(),
-                    settings.device,
-                    if settings.graphs { "on" } else { "off" },
-                    if be.tensor_core_kernels() {
-                        "on"
-                    } else {
-                        "off"
-                    }
-                );
+                tracing::info!("CUDA backend: {}", super::backend::Backend::describe(&be));
                 Engine::start(dir, name, cfg, be)
             }
             #[cfg(not(feature = "cuda"))]

@@ -38,6 +38,7 @@ enum : int {
     OUT_OF_MEMORY = 2,
     NOT_FOUND = 500,
     LAUNCH_FAILED = 719,
+    NOT_SUPPORTED = 801,
     CAPTURE_UNSUPPORTED = 900,
     CAPTURE_INVALIDATED = 901,
 };
@@ -241,6 +242,38 @@ CUresult cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned
     Op op = std::move(*k);
     delete k;
     return issue(s, std::move(op));
+}
+// cuLaunchKernelEx's configuration (cuda.h's CUlaunchConfig and CUlaunchAttribute): of
+// the attributes, programmatic stream serialization (6) alone, which the emulation,
+// running one kernel after another, honours by doing nothing else. With EMU_REFUSE_PDL
+// set it refuses that attribute in a stream capture, as a driver whose graphs cannot
+// hold it would, invalidating the capture.
+struct LaunchAttribute {
+    int id;
+    char pad[4];
+    union {
+        char bytes[64];
+        int programmatic;
+    } value;
+};
+struct LaunchConfig {
+    unsigned gx, gy, gz, bx, by, bz, shared;
+    void* stream;
+    LaunchAttribute* attrs;
+    unsigned n_attrs;
+};
+CUresult cuLaunchKernelEx(const LaunchConfig* c, void* f, void** params, void** extra) {
+    if (!c || (c->n_attrs && !c->attrs)) return INVALID_VALUE;
+    static const bool refuse = std::getenv("EMU_REFUSE_PDL") != nullptr;
+    for (unsigned i = 0; i < c->n_attrs; i++) {
+        if (c->attrs[i].id != 6 || (c->attrs[i].value.programmatic != 0 && c->attrs[i].value.programmatic != 1))
+            return INVALID_VALUE;
+        if (refuse && c->attrs[i].value.programmatic && S(c->stream)->capturing) {
+            S(c->stream)->invalidated = true;
+            return NOT_SUPPORTED;
+        }
+    }
+    return cuLaunchKernel(f, c->gx, c->gy, c->gz, c->bx, c->by, c->bz, c->shared, c->stream, params, extra);
 }
 
 // Graphs.

@@ -22,6 +22,20 @@ __device__ __forceinline__ float warp_sum(float v) {
     return v;
 }
 
+// Programmatic dependent launch (sm_90 on, where the backend launches every kernel with
+// it): each kernel lets the next one in the stream be launched at once, whose blocks are
+// then placed on the multiprocessors as this one's last ones finish, and waits, before
+// anything else, until the kernel before it has ended and its writes are visible. So
+// kernels run one after another as without it, without the gap of a launch between
+// them. Every kernel starts with it (a test checks): one that did not would run beside
+// the one before it. A no-op before sm_90, and without the launch attribute.
+__device__ __forceinline__ void grid_dependency() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
 // Sum over the block (blockDim.x a multiple of 32, at most 1024). Call once per kernel.
 __device__ float block_sum(float v) {
     __shared__ float part[32];
@@ -40,11 +54,13 @@ __device__ float block_sum(float v) {
 }
 
 extern "C" __global__ void MAX_THREADS(256) f32_to_bf16(const float* __restrict__ x, bf16* __restrict__ y, long n) {
+    grid_dependency();
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
         y[i] = __float2bfloat16(x[i]);
 }
 
 extern "C" __global__ void MAX_THREADS(256) bf16_to_f32(const bf16* __restrict__ x, float* __restrict__ y, long n) {
+    grid_dependency();
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
         y[i] = __bfloat162float(x[i]);
 }
@@ -52,6 +68,7 @@ extern "C" __global__ void MAX_THREADS(256) bf16_to_f32(const bf16* __restrict__
 // Uniform in [-amp, amp] from a counter-based hash (splitmix64): random weights made in
 // device memory, for benchmarks of shapes whose checkpoints are not at hand.
 extern "C" __global__ void MAX_THREADS(256) fill_uniform_bf16(bf16* __restrict__ y, long n, u64 seed, float amp) {
+    grid_dependency();
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
         u64 z = seed + (u64)i * 0x9E3779B97F4A7C15ull;
         z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
@@ -294,6 +311,7 @@ extern "C" __global__ void MAX_THREADS(256) gemv_bf16(const float* __restrict__ 
                                      const float* __restrict__ b2, float* __restrict__ y0,
                                      float* __restrict__ y1, float* __restrict__ y2, int n0, int n1,
                                      int n2, int m, int k, int accumulate) {
+    grid_dependency();
     gemv_parts<false, false>(x, w0, w1, w2, b0, b1, b2, y0, y1, y2, n0, n1, n2, m, k, accumulate, nullptr,
                              0.f, RopeArgs{}, 0, 0, 0, 0, 0, 0);
 }
@@ -306,6 +324,7 @@ extern "C" __global__ void MAX_THREADS(256) gemv_bf16_norm(const float* __restri
                                      float* __restrict__ y1, float* __restrict__ y2, int n0, int n1,
                                      int n2, int m, int k, int accumulate,
                                      const float* __restrict__ nw, float eps) {
+    grid_dependency();
     gemv_parts<true, false>(x, w0, w1, w2, b0, b1, b2, y0, y1, y2, n0, n1, n2, m, k, accumulate, nw, eps,
                             RopeArgs{}, 0, 0, 0, 0, 0, 0);
 }
@@ -322,6 +341,7 @@ extern "C" __global__ void MAX_THREADS(256) gemv_bf16_rope(const float* __restri
                                      const unsigned* __restrict__ pos, const float* __restrict__ cos_t,
                                      const float* __restrict__ sin_t, int rot, int interleaved,
                                      int d0, int off0, int d1, int off1, int d2, int off2) {
+    grid_dependency();
     gemv_parts<false, true>(x, w0, w1, w2, b0, b1, b2, y0, y1, y2, n0, n1, n2, m, k, 0, nullptr, 0.f,
                             RopeArgs{pos, cos_t, sin_t, rot, interleaved}, d0, off0, d1, off1, d2, off2);
 }
@@ -337,6 +357,7 @@ extern "C" __global__ void MAX_THREADS(256) gemv_bf16_norm_rope(const float* __r
                                      const float* __restrict__ sin_t, int rot, int interleaved,
                                      int d0, int off0, int d1, int off1, int d2, int off2,
                                      const float* __restrict__ nw, float eps) {
+    grid_dependency();
     gemv_parts<true, true>(x, w0, w1, w2, b0, b1, b2, y0, y1, y2, n0, n1, n2, m, k, 0, nw, eps,
                            RopeArgs{pos, cos_t, sin_t, rot, interleaved}, d0, off0, d1, off1, d2, off2);
 }
@@ -363,23 +384,27 @@ __device__ __forceinline__ void gemv_gate_up(const float* __restrict__ x, const 
 extern "C" __global__ void MAX_THREADS(256) gemv_swiglu(const float* __restrict__ x, const bf16* __restrict__ wg,
                                        const bf16* __restrict__ wu, float* __restrict__ y, int m,
                                        int n, int k) {
+    grid_dependency();
     gemv_gate_up<false>(x, wg, wu, y, m, n, k, nullptr, 0.f);
 }
 
 extern "C" __global__ void MAX_THREADS(256) gemv_swiglu_norm(const float* __restrict__ x, const bf16* __restrict__ wg,
                                        const bf16* __restrict__ wu, float* __restrict__ y, int m,
                                        int n, int k, const float* __restrict__ nw, float eps) {
+    grid_dependency();
     gemv_gate_up<true>(x, wg, wu, y, m, n, k, nw, eps);
 }
 
 // x += s * y
 extern "C" __global__ void MAX_THREADS(256) axpy(float* __restrict__ x, const float* __restrict__ y, long n, float s) {
+    grid_dependency();
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
         x[i] += s * y[i];
 }
 
 // x[r, :] += b
 extern "C" __global__ void MAX_THREADS(256) add_bias(float* __restrict__ x, const float* __restrict__ b, long total, int n) {
+    grid_dependency();
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < total; i += (long)gridDim.x * blockDim.x)
         x[i] += b[i % n];
 }
@@ -387,6 +412,7 @@ extern "C" __global__ void MAX_THREADS(256) add_bias(float* __restrict__ x, cons
 // One block per row.
 extern "C" __global__ void MAX_THREADS(256) rms_norm(const float* __restrict__ x, const float* __restrict__ w,
                                     float* __restrict__ y, int d, float eps) {
+    grid_dependency();
     const float* xr = x + (long)blockIdx.x * d;
     float* yr = y + (long)blockIdx.x * d;
     float ss = 0.f;
@@ -398,6 +424,7 @@ extern "C" __global__ void MAX_THREADS(256) rms_norm(const float* __restrict__ x
 
 extern "C" __global__ void MAX_THREADS(256) silu_mul(const float* __restrict__ g, const float* __restrict__ u,
                                     float* __restrict__ y, long n) {
+    grid_dependency();
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
         float a = g[i];
         y[i] = a / (1.f + __expf(-a)) * u[i];
@@ -407,6 +434,7 @@ extern "C" __global__ void MAX_THREADS(256) silu_mul(const float* __restrict__ g
 // One block per output row.
 extern "C" __global__ void MAX_THREADS(256) gather_rows_f32(const float* __restrict__ t, const unsigned* __restrict__ ids,
                                            float* __restrict__ y, int d) {
+    grid_dependency();
     const float* src = t + (long)ids[blockIdx.x] * d;
     float* dst = y + (long)blockIdx.x * d;
     for (int i = threadIdx.x; i < d; i += blockDim.x) dst[i] = src[i];
@@ -414,6 +442,7 @@ extern "C" __global__ void MAX_THREADS(256) gather_rows_f32(const float* __restr
 
 extern "C" __global__ void MAX_THREADS(256) gather_rows_bf16(const bf16* __restrict__ t, const unsigned* __restrict__ ids,
                                             float* __restrict__ y, int d) {
+    grid_dependency();
     const bf16* src = t + (long)ids[blockIdx.x] * d;
     float* dst = y + (long)blockIdx.x * d;
     for (int i = threadIdx.x; i < d; i += blockDim.x) dst[i] = __bfloat162float(src[i]);
@@ -422,6 +451,7 @@ extern "C" __global__ void MAX_THREADS(256) gather_rows_bf16(const bf16* __restr
 // y[r, yfrom + j] = x[r, xfrom + j] for j < width (slices and concatenations of columns).
 extern "C" __global__ void MAX_THREADS(256) copy_cols(const float* __restrict__ x, int xcols, int xfrom,
                                      float* __restrict__ y, int ycols, int yfrom, int width, long rows) {
+    grid_dependency();
     long n = rows * width;
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
         long r = i / width;
@@ -433,6 +463,7 @@ extern "C" __global__ void MAX_THREADS(256) copy_cols(const float* __restrict__ 
 // dst[rows[i], :] += w[i] * src[i, :], one block per source row (rows are distinct).
 extern "C" __global__ void MAX_THREADS(256) add_rows_scaled(float* __restrict__ dst, int d, const float* __restrict__ src,
                                            const unsigned* __restrict__ rows, const float* __restrict__ w) {
+    grid_dependency();
     float* o = dst + (long)rows[blockIdx.x] * d;
     const float* s = src + (long)blockIdx.x * d;
     float wi = w[blockIdx.x];
@@ -443,6 +474,7 @@ extern "C" __global__ void MAX_THREADS(256) add_rows_scaled(float* __restrict__ 
 extern "C" __global__ void MAX_THREADS(128) mla_expand(const float* __restrict__ kv, const float* __restrict__ kpe,
                                       float* __restrict__ k, float* __restrict__ v,
                                       int h, int nope, int dv, int rope) {
+    grid_dependency();
     int i = blockIdx.x / h, head = blockIdx.x % h;
     const float* src = kv + ((long)i * h + head) * (nope + dv);
     float* kd = k + ((long)i * h + head) * (nope + rope);
@@ -461,6 +493,7 @@ extern "C" __global__ void MAX_THREADS(256) rope(float* __restrict__ x, int head
                                 float* __restrict__ x2, int heads2, int head_dim2, int offset2,
                                 const unsigned* __restrict__ pos, const float* __restrict__ cos_t,
                                 const float* __restrict__ sin_t, int rot, int interleaved) {
+    grid_dependency();
     int rows = gridDim.x / (heads + heads2);
     int b = blockIdx.x;
     float* t = x; int h = heads, d = head_dim, off = offset;
@@ -481,6 +514,7 @@ extern "C" __global__ void MAX_THREADS(256) rope(float* __restrict__ x, int head
 
 // Writes rows[n, cols] (f32) as bf16 to the cache rows at the given addresses.
 extern "C" __global__ void MAX_THREADS(128) paged_write(const float* __restrict__ rows, const u64* __restrict__ dst, int cols) {
+    grid_dependency();
     bf16* d = (bf16*)dst[blockIdx.x];
     const float* s = rows + (long)blockIdx.x * cols;
     for (int i = threadIdx.x; i < cols; i += blockDim.x) d[i] = __float2bfloat16(s[i]);
@@ -489,6 +523,7 @@ extern "C" __global__ void MAX_THREADS(128) paged_write(const float* __restrict_
 // Reads `count` cache rows starting at `from` back as f32 (downloads, tests).
 extern "C" __global__ void MAX_THREADS(128) paged_read(const u64* __restrict__ table, int block_rows, int cols, int from,
                                       float* __restrict__ out) {
+    grid_dependency();
     int p = from + blockIdx.x;
     const bf16* s = (const bf16*)table[p / block_rows] + (long)(p % block_rows) * cols;
     float* o = out + (long)blockIdx.x * cols;
@@ -597,6 +632,7 @@ extern "C" __global__ void MAX_THREADS(SAMPLE_MAX_THREADS) sample_rows(const flo
                                        const u64* __restrict__ spec, unsigned* __restrict__ out,
                                        float* __restrict__ logprob, int top_stride,
                                        unsigned* __restrict__ top) {
+    grid_dependency();
     __shared__ double shd[SAMPLE_MAX_THREADS];
     __shared__ u64 shk[SAMPLE_MAX_THREADS];
     __shared__ float shf[SAMPLE_MAX_THREADS];
@@ -839,6 +875,7 @@ extern "C" __global__ void MAX_THREADS(256) attention_batch(const float* __restr
                                            int h, int hk, int dk, int dv, int vcols, int vhead,
                                            float scale, int block_rows, const float* __restrict__ knew,
                                            const float* __restrict__ vnew) {
+    grid_dependency();
     extern __shared__ float sm[];
     float* qs = sm;                  // dk
     float* wm = qs + dk;             // ATT_WARPS
@@ -938,6 +975,7 @@ extern "C" __global__ void MAX_THREADS(64) moe_route(const float* __restrict__ l
                                      int t, int n, int k, int scoring, int method, int n_group,
                                      int topk_group, int norm_topk, float scaling,
                                      int* __restrict__ ids, float* __restrict__ weights) {
+    grid_dependency();
     int tok = blockIdx.x * blockDim.x + threadIdx.x;
     if (tok >= t) return;
     const float* l = logits + (long)tok * n;
@@ -1020,6 +1058,7 @@ extern "C" __global__ void MAX_THREADS(MOE_MAX_EXPERTS) moe_group(const int* __r
                                      int* __restrict__ start, int* __restrict__ tiles,
                                      int* __restrict__ slot_tok, float* __restrict__ slot_w,
                                      int* __restrict__ slot_of) {
+    grid_dependency();
     __shared__ int fill[MOE_MAX_EXPERTS];
     __shared__ int at[MOE_MAX_EXPERTS];
     __shared__ int tile_at[MOE_MAX_EXPERTS];
@@ -1071,6 +1110,7 @@ extern "C" __global__ void MAX_THREADS(256) moe_gate_up(const float* __restrict_
                                        const u64* __restrict__ up_w, const int* __restrict__ count,
                                        const int* __restrict__ start, const int* __restrict__ slot_tok,
                                        int hidden, int inter, float* __restrict__ h) {
+    grid_dependency();
     int e = blockIdx.x;
     int n_e = count[e];
     if (n_e == 0) return;
@@ -1098,6 +1138,7 @@ extern "C" __global__ void MAX_THREADS(256) moe_gate_up(const float* __restrict_
 extern "C" __global__ void MAX_THREADS(256) moe_down(const float* __restrict__ h, const u64* __restrict__ down_w,
                                     const int* __restrict__ count, const int* __restrict__ start,
                                     int hidden, int inter, float* __restrict__ y) {
+    grid_dependency();
     int e = blockIdx.x;
     int n_e = count[e];
     if (n_e == 0) return;
@@ -1312,6 +1353,7 @@ extern "C" __global__ void MAX_THREADS(GG_THREADS) moe_gemm_gate_up(const float*
                                                 const u64* __restrict__ up_w, const int* __restrict__ count,
                                                 const int* __restrict__ start, const int* __restrict__ tiles,
                                                 int n, int hidden, int inter, bf16* __restrict__ act) {
+    grid_dependency();
     int e, r0;
     if (!gg_tile(tiles, n, blockIdx.y, e, r0)) return;
     int m = min(count[e] - r0, GG_M);
@@ -1335,6 +1377,7 @@ extern "C" __global__ void MAX_THREADS(GG_THREADS) moe_gemm_down(const bf16* __r
                                              const u64* __restrict__ down_w, const int* __restrict__ count,
                                              const int* __restrict__ start, const int* __restrict__ tiles,
                                              int n, int hidden, int inter, float* __restrict__ y) {
+    grid_dependency();
     int e, r0;
     if (!gg_tile(tiles, n, blockIdx.y, e, r0)) return;
     int m = min(count[e] - r0, GG_M);
@@ -1352,6 +1395,7 @@ extern "C" __global__ void MAX_THREADS(GG_THREADS) moe_gemm_down(const bf16* __r
 extern "C" __global__ void MAX_THREADS(256) moe_combine(const float* __restrict__ y, const int* __restrict__ slot_of,
                                        const float* __restrict__ slot_w, int k, int hidden,
                                        float* __restrict__ out) {
+    grid_dependency();
     int tok = blockIdx.x;
     for (int c = threadIdx.x; c < hidden; c += blockDim.x) {
         float a = 0.f;
@@ -1458,6 +1502,7 @@ extern "C" __global__ void MAX_THREADS(FA_THREADS) attention_mma(const float* __
                                               unsigned* __restrict__ tickets, int h, int hk, int dk, int dv,
                                               int vcols, int vhead, float scale, int block_rows,
                                               const float* __restrict__ knew, const float* __restrict__ vnew) {
+    grid_dependency();
     int g = h / hk, kvh = blockIdx.y;
     // The block's sequence and slot tile within it.
     int s = 0;

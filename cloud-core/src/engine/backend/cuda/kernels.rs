@@ -274,18 +274,68 @@ impl Cuda {
         if let Err(e) = self.ctx.bind_to_thread() {
             return self.record(failed("context", e));
         }
-        // SAFETY: the kernel's parameters are the words in order (device addresses and
-        // scalars of the parameter types, little-endian), sized by each caller.
-        let r = unsafe {
-            cudarc::driver::result::launch_kernel(
-                k.func.cu_function(),
-                cfg.grid_dim,
-                cfg.block_dim,
-                cfg.shared_mem_bytes,
-                self.stream.cu_stream(),
-                &mut params,
-            )
+        let programmatic = self.pdl.load(std::sync::atomic::Ordering::Relaxed);
+        let mut r = if programmatic {
+            use cudarc::driver::sys;
+            // Programmatic dependent launch: the kernel's blocks may be placed while the
+            // one before it ends (every kernel waits for it first: `grid_dependency`).
+            let mut attr = sys::CUlaunchAttribute {
+                id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
+                pad: [0; 4],
+                value: sys::CUlaunchAttributeValue { pad: [0; 64] },
+            };
+            attr.value.programmaticStreamSerializationAllowed = 1;
+            let config = sys::CUlaunchConfig {
+                gridDimX: g.0,
+                gridDimY: g.1,
+                gridDimZ: g.2,
+                blockDimX: b.0,
+                blockDimY: b.1,
+                blockDimZ: b.2,
+                sharedMemBytes: cfg.shared_mem_bytes,
+                hStream: self.stream.cu_stream(),
+                attrs: &mut attr,
+                numAttrs: 1,
+            };
+            // SAFETY: as below; `config` and `attr` outlive the call, which copies them.
+            unsafe {
+                sys::cuLaunchKernelEx(
+                    &config,
+                    k.func.cu_function(),
+                    params.as_mut_ptr(),
+                    std::ptr::null_mut(),
+                )
+                .result()
+            }
+        } else {
+            Ok(())
         };
+        if let Err(e) = &r {
+            // A driver that refuses the attribute: plain launches from now on, this one
+            // included (kernels wait for the one before them either way).
+            tracing::warn!(
+                "CUDA backend: programmatic dependent launch refused ({e}); kernels are \
+                 launched plainly from now on"
+            );
+            use std::sync::atomic::Ordering::Relaxed;
+            self.pdl.store(false, Relaxed);
+            self.pdl_refused
+                .store(self.capturing.load(Relaxed), Relaxed);
+        }
+        if !programmatic || r.is_err() {
+            // SAFETY: the kernel's parameters are the words in order (device addresses and
+            // scalars of the parameter types, little-endian), sized by each caller.
+            r = unsafe {
+                cudarc::driver::result::launch_kernel(
+                    k.func.cu_function(),
+                    cfg.grid_dim,
+                    cfg.block_dim,
+                    cfg.shared_mem_bytes,
+                    self.stream.cu_stream(),
+                    &mut params,
+                )
+            };
+        }
         self.check(name, r);
     }
 
@@ -490,6 +540,26 @@ mod tests {
         assert_eq!(counts["attention_batch"], 16);
         assert_eq!(counts["attention_mma"], 16);
         assert_eq!(counts["moe_gemm_down"], 9);
+    }
+
+    /// Kernels are launched with programmatic dependent launch on sm_90: one that did
+    /// not wait for the kernel before it, first thing, would run beside it.
+    #[test]
+    fn every_kernel_first_waits_for_the_one_before() {
+        const MARK: &str = "extern \"C\" __global__ void ";
+        let mut seen = 0;
+        for (at, _) in KERNELS.match_indices(MARK) {
+            let rest = &KERNELS[at + MARK.len()..];
+            // The body: from the first brace (parameter lists have none).
+            let (signature, body) = rest.split_once('{').expect("a kernel's body");
+            assert!(
+                body.trim_start().starts_with("grid_dependency();"),
+                "kernel {} does not start with grid_dependency();",
+                signature.trim()
+            );
+            seen += 1;
+        }
+        assert_eq!(seen, KERNEL_NAMES.len());
     }
 
     #[test]

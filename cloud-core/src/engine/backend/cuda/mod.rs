@@ -148,6 +148,10 @@ pub struct CudaOptions {
     /// (`attention_batch`) and one cuBLAS GEMM per expert, as on older devices (to
     /// compare the two, or to fall back).
     pub tensor_core_kernels: bool,
+    /// Launch every kernel with programmatic dependent launch on sm_90 and later (see
+    /// `grid_dependency` in the kernels): the next kernel's blocks are placed while the
+    /// one before it ends, rather than after. `false`: plain launches.
+    pub pdl: bool,
 }
 
 impl Default for CudaOptions {
@@ -161,6 +165,7 @@ impl Default for CudaOptions {
             graphs: true,
             graph_memory: (64 << 20, 1 << 20),
             tensor_core_kernels: true,
+            pdl: true,
         }
     }
 }
@@ -191,6 +196,12 @@ pub struct Cuda {
     /// Whether it has bf16 tensor cores (sm_80 and later), which `attention_mma` and the
     /// grouped expert GEMMs need, and the options let them be used.
     tensor_cores: bool,
+    /// Whether kernels are launched with programmatic dependent launch (sm_90 and later,
+    /// and the options allow it, until the driver refuses one).
+    pdl: AtomicBool,
+    /// The driver refused a programmatic launch during the step being captured: its
+    /// failure is not the shape's, which is captured again (plainly) at its next step.
+    pdl_refused: AtomicBool,
     /// `attention_batch`'s tickets, one per (row, head) of a split launch (fewer than
     /// `2 · sms`: more pairs are not split), zero between launches.
     tickets: CudaSlice<u32>,
@@ -341,6 +352,7 @@ impl Cuda {
             .map_err(|e| failed("cuBLAS workspace", e))?;
         }
         let tensor_cores = major >= 8 && opts.tensor_core_kernels;
+        let pdl = major >= 9 && opts.pdl;
         let tickets = stream
             .alloc_zeros::<u32>(2 * sms)
             .map_err(|e| failed("attention tickets", e))?;
@@ -354,6 +366,8 @@ impl Cuda {
             name,
             sms,
             tensor_cores,
+            pdl: AtomicBool::new(pdl),
+            pdl_refused: AtomicBool::new(false),
             tickets,
             error: Mutex::new(None),
             budget: Mutex::new(None),
@@ -376,6 +390,12 @@ impl Cuda {
     /// options allow them).
     pub fn tensor_core_kernels(&self) -> bool {
         self.tensor_cores
+    }
+
+    /// Whether kernels are launched with programmatic dependent launch (the device is
+    /// sm_90 or later and the options allow it).
+    pub fn programmatic_launch(&self) -> bool {
+        self.pdl.load(Ordering::Relaxed)
     }
 
     /// The context (benchmarks time with its events).

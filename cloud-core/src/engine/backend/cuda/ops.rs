@@ -22,11 +22,16 @@ impl Backend for Cuda {
 
     fn describe(&self) -> String {
         format!(
-            "cuda: {} (device {}, tensor-core kernels {}, graphs {})",
+            "cuda: {} (device {}, tensor-core kernels {}, graphs {}, programmatic launch {})",
             self.name,
             self.opts.device,
             if self.tensor_cores { "on" } else { "off" },
-            if self.opts.graphs { "on" } else { "off" }
+            if self.opts.graphs { "on" } else { "off" },
+            if self.programmatic_launch() {
+                "on"
+            } else {
+                "off"
+            }
         )
     }
 

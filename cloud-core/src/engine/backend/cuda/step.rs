@@ -415,9 +415,13 @@ impl Cuda {
                         (Err(e), None) => e.to_string(),
                         (Ok(_), None) => "the capture recorded nothing".into(),
                     };
-                    tracing::warn!("CUDA graphs off for {} sequences: {why}", key.0);
                     lock(&self.error).take();
-                    st.never.insert(key);
+                    // Unless the driver refused a programmatic launch in it (the next
+                    // capture launches plainly), the shape's steps run eagerly from now on.
+                    if !self.pdl_refused.swap(false, Ordering::Relaxed) {
+                        tracing::warn!("CUDA graphs off for {} sequences: {why}", key.0);
+                        st.never.insert(key);
+                    }
                     st.abandon(why);
                     self.halted.store(true, Ordering::Relaxed);
                     return false;
