@@ -28,11 +28,30 @@ __device__ __forceinline__ float warp_sum(float v) {
 // anything else, until the kernel before it has ended and its writes are visible. So
 // kernels run one after another as without it, without the gap of a launch between
 // them. Every kernel starts with it (a test checks): one that did not would run beside
-// the one before it. A no-op before sm_90, and without the launch attribute.
-__device__ __forceinline__ void grid_dependency() {
+// the one before it. A no-op before sm_90, and without the launch attribute. The decode
+// projections (gemv_parts, gemv_gate_up) take its two halves apart: between them, the
+// blocks already placed ask L2 for their weight rows, which no kernel writes, while the
+// kernel before them ends.
+__device__ __forceinline__ void grid_launch_dependents() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void grid_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void grid_dependency() {
+    grid_launch_dependents();
+    grid_wait();
+}
+
+// Asks L2 for `bytes` (a multiple of 16, from a 16-byte aligned address) of data no
+// kernel writes (weights), as one bulk request (sm_90 on; nothing before).
+__device__ __noinline__ void prefetch_l2(const void* p, unsigned bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes));
 #endif
 }
 
@@ -292,17 +311,28 @@ __device__ __forceinline__ void gemv_parts(const float* __restrict__ x, const bf
     else if (u < u0 + u1) { u -= u0; w = w1; b = b1; y = y1; n = n1; d = d1; off = off1; }
     else if (u < u0 + u1 + u2) { u -= u0 + u1; w = w2; b = b2; y = y2; n = n2; d = d2; off = off2; }
     else return;
+    // The warp's weight rows: one, or a rotated pair (oa, ob, the pair's index j).
+    int oa = u, ob = -1, j = 0;
     if (ROPE && d > 0) {
-        int per = d - half, head = u / per, j = u % per;
+        int per = d - half, head = u / per;
+        j = u % per;
         if (j < half) {
-            int a = rp.interleaved ? 2 * j : j, e = rp.interleaved ? 2 * j + 1 : j + half;
-            gemv_pair<NORM>(x, w, b, y, head * d + off + a, head * d + off + e, j, n, m, k, nw, eps, rp);
-            return;
+            oa = head * d + off + (rp.interleaved ? 2 * j : j);
+            ob = head * d + off + (rp.interleaved ? 2 * j + 1 : j + half);
+        } else {
+            int c = j - half;
+            oa = head * d + (c < off ? c : c + rp.rot);
         }
-        j -= half;
-        u = head * d + (j < off ? j : j + rp.rot);
     }
-    gemv_one<NORM>(x, w, b, y, u, n, m, k, accumulate, nw, eps);
+    // Asked of L2 before the kernel before this one has ended (see grid_dependency).
+    int lane = threadIdx.x % WARP;
+    if (lane == 0) prefetch_l2(w + (long)oa * k, 2u * k);
+    if (ROPE && lane == 1 && ob >= 0) prefetch_l2(w + (long)ob * k, 2u * k);
+    grid_wait();
+    if (ob >= 0)
+        gemv_pair<NORM>(x, w, b, y, oa, ob, j, n, m, k, nw, eps, rp);
+    else
+        gemv_one<NORM>(x, w, b, y, oa, n, m, k, accumulate, nw, eps);
 }
 
 extern "C" __global__ void MAX_THREADS(256) gemv_bf16(const float* __restrict__ x, const bf16* __restrict__ w0,
@@ -311,7 +341,7 @@ extern "C" __global__ void MAX_THREADS(256) gemv_bf16(const float* __restrict__ 
                                      const float* __restrict__ b2, float* __restrict__ y0,
                                      float* __restrict__ y1, float* __restrict__ y2, int n0, int n1,
                                      int n2, int m, int k, int accumulate) {
-    grid_dependency();
+    grid_launch_dependents();
     gemv_parts<false, false>(x, w0, w1, w2, b0, b1, b2, y0, y1, y2, n0, n1, n2, m, k, accumulate, nullptr,
                              0.f, RopeArgs{}, 0, 0, 0, 0, 0, 0);
 }
@@ -324,7 +354,7 @@ extern "C" __global__ void MAX_THREADS(256) gemv_bf16_norm(const float* __restri
                                      float* __restrict__ y1, float* __restrict__ y2, int n0, int n1,
                                      int n2, int m, int k, int accumulate,
                                      const float* __restrict__ nw, float eps) {
-    grid_dependency();
+    grid_launch_dependents();
     gemv_parts<true, false>(x, w0, w1, w2, b0, b1, b2, y0, y1, y2, n0, n1, n2, m, k, accumulate, nw, eps,
                             RopeArgs{}, 0, 0, 0, 0, 0, 0);
 }
@@ -341,7 +371,7 @@ extern "C" __global__ void MAX_THREADS(256) gemv_bf16_rope(const float* __restri
                                      const unsigned* __restrict__ pos, const float* __restrict__ cos_t,
                                      const float* __restrict__ sin_t, int rot, int interleaved,
                                      int d0, int off0, int d1, int off1, int d2, int off2) {
-    grid_dependency();
+    grid_launch_dependents();
     gemv_parts<false, true>(x, w0, w1, w2, b0, b1, b2, y0, y1, y2, n0, n1, n2, m, k, 0, nullptr, 0.f,
                             RopeArgs{pos, cos_t, sin_t, rot, interleaved}, d0, off0, d1, off1, d2, off2);
 }
@@ -357,7 +387,7 @@ extern "C" __global__ void MAX_THREADS(256) gemv_bf16_norm_rope(const float* __r
                                      const float* __restrict__ sin_t, int rot, int interleaved,
                                      int d0, int off0, int d1, int off1, int d2, int off2,
                                      const float* __restrict__ nw, float eps) {
-    grid_dependency();
+    grid_launch_dependents();
     gemv_parts<true, true>(x, w0, w1, w2, b0, b1, b2, y0, y1, y2, n0, n1, n2, m, k, 0, nw, eps,
                            RopeArgs{pos, cos_t, sin_t, rot, interleaved}, d0, off0, d1, off1, d2, off2);
 }
@@ -370,6 +400,10 @@ __device__ __forceinline__ void gemv_gate_up(const float* __restrict__ x, const 
                                              int n, int k, const float* __restrict__ nw, float eps) {
     int o = (blockIdx.x * blockDim.x + threadIdx.x) / WARP;
     if (o >= n) return;
+    // Asked of L2 before the kernel before this one has ended (see grid_dependency).
+    int lane = threadIdx.x % WARP;
+    if (lane < 2) prefetch_l2((lane ? wu : wg) + (long)o * k, 2u * k);
+    grid_wait();
     float ag[GEMV_ROWS], au[GEMV_ROWS];
     dot_two<NORM>(Dense{x, k}, wg + (long)o * k, wu + (long)o * k, m, k, nw, eps, ag, au);
 #pragma unroll
@@ -384,14 +418,14 @@ __device__ __forceinline__ void gemv_gate_up(const float* __restrict__ x, const 
 extern "C" __global__ void MAX_THREADS(256) gemv_swiglu(const float* __restrict__ x, const bf16* __restrict__ wg,
                                        const bf16* __restrict__ wu, float* __restrict__ y, int m,
                                        int n, int k) {
-    grid_dependency();
+    grid_launch_dependents();
     gemv_gate_up<false>(x, wg, wu, y, m, n, k, nullptr, 0.f);
 }
 
 extern "C" __global__ void MAX_THREADS(256) gemv_swiglu_norm(const float* __restrict__ x, const bf16* __restrict__ wg,
                                        const bf16* __restrict__ wu, float* __restrict__ y, int m,
                                        int n, int k, const float* __restrict__ nw, float eps) {
-    grid_dependency();
+    grid_launch_dependents();
     gemv_gate_up<true>(x, wg, wu, y, m, n, k, nw, eps);
 }
 

@@ -552,14 +552,35 @@ mod tests {
             let rest = &KERNELS[at + MARK.len()..];
             // The body: from the first brace (parameter lists have none).
             let (signature, body) = rest.split_once('{').expect("a kernel's body");
+            let body = body.trim_start();
+            // Or its first half, then a projection that waits after its prefetch.
+            let split = body
+                .strip_prefix("grid_launch_dependents();")
+                .is_some_and(|b| {
+                    let b = b.trim_start();
+                    b.starts_with("gemv_parts<") || b.starts_with("gemv_gate_up<")
+                });
             assert!(
-                body.trim_start().starts_with("grid_dependency();"),
+                body.starts_with("grid_dependency();") || split,
                 "kernel {} does not start with grid_dependency();",
                 signature.trim()
             );
             seen += 1;
         }
         assert_eq!(seen, KERNEL_NAMES.len());
+        // Those projections wait before their first product (which reads the rows).
+        for helper in ["void gemv_parts(", "void gemv_gate_up("] {
+            let at = KERNELS.find(helper).expect("the helper");
+            let body = &KERNELS[at..];
+            let body = &body[..body.find("\n}\n").expect("its end")];
+            let wait = body.find("grid_wait();").expect("a wait");
+            for product in ["gemv_one<", "gemv_pair<", "dot_two<", "x["] {
+                assert!(
+                    body.find(product).is_none_or(|p| p > wait),
+                    "{helper}: {product} before grid_wait()"
+                );
+            }
+        }
     }
 
     #[test]
