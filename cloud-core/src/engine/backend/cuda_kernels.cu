@@ -51,7 +51,7 @@ __device__ __forceinline__ void grid_dependency() {
 // kernel writes (weights), as one bulk request (sm_90 on; nothing before).
 __device__ __noinline__ void prefetch_l2(const void* p, unsigned bytes) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes));
+    if (bytes) asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes));
 #endif
 }
 

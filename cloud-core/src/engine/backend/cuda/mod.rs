@@ -18,10 +18,13 @@
 //!   [`DeviceError::CacheFull`] and leaves every cache as it was.
 //! - A step's attention is one launch for all its sequences (each reading its own cache
 //!   through its block table, kept in device memory), with each row's positions split
-//!   across blocks and merged by the last of them when the step has few rows. MoE
-//!   routing, the experts and greedy picks run on the device; a prompt's experts are
-//!   grouped GEMMs on the tensor cores, one launch per projection for every expert.
-//! - Decode steps are captured into CUDA graphs and replayed ([`step`]).
+//!   across blocks and merged by the last of them when the step has few rows; prompts
+//!   and MLA's steps on the tensor cores (`attention_mma`). MoE routing, the experts and
+//!   greedy picks run on the device; a prompt's experts are grouped GEMMs on the tensor
+//!   cores, one launch per projection for every expert.
+//! - Decode steps are captured into CUDA graphs and replayed ([`step`]); on sm_90 every
+//!   kernel is launched with programmatic dependent launch (the next kernel's blocks are
+//!   placed, and the projections' weights asked of L2, while the one before it ends).
 //! - Errors are sticky per step: the first one is kept, later operations do nothing, and
 //!   the model's forward pass returns it ([`Backend::take_error`](super::Backend::take_error)).
 //!
