@@ -2,10 +2,10 @@
 //! verdict service and the DeepSeek engine (CPU, CUDA and remote backends), operator API
 //! and dashboard.
 //!
-//! Built so far: `serve` (the OpenAI-compatible API and verdicts over HTTP on the CPU
-//! engine; with `--listen-quic --ca`, the QUIC link for edge fleets: registry, verdict
-//! queue, sync, steering), `ca`, `device`, `demo`, `generate` and `bench`. The CUDA and
-//! remote backends, the dashboard and the student rollout are not built yet; the README's
+//! Built so far: `serve` (the OpenAI-compatible API and verdicts over HTTP on the CPU or
+//! CUDA engine; with `--listen-quic --ca`, the QUIC link for edge fleets: registry,
+//! verdict queue, sync, steering), `ca`, `device`, `demo`, `generate` and `bench`. The
+//! remote backend, the dashboard and the student rollout are not built yet; the README's
 //! "Status" section lists what is missing.
 
 mod demo;
