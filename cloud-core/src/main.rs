@@ -427,7 +427,7 @@ fn bench(
                 on_off(model.backend().programmatic_launch())
             );
             if profile > 0 {
-                bench_profile(&model, opts, profile)?;
+                bench_profile(&model, opts, profile, bw)?;
             }
             Ok(())
         }
@@ -445,6 +445,7 @@ fn bench_profile(
     model: &Model<cloud_core::engine::backend::cuda::Cuda>,
     opts: &BenchOptions,
     steps: usize,
+    bw: f64,
 ) -> Result<(), String> {
     let be = model.backend();
     for &b in &opts.batches {
@@ -464,11 +465,23 @@ fn bench_profile(
             p.steps,
             total / n
         );
-        println!("| operation | calls per step | µs per step | share |");
-        println!("| --- | ---: | ---: | ---: |");
+        println!(
+            "| operation | calls per step | µs per step | share | weights read, GB/s (copy: {:.0}) |",
+            bw / 1e9
+        );
+        println!("| --- | ---: | ---: | ---: | ---: |");
         for o in &p.ops {
+            // The projections' weights over their time: how near each comes to the copy.
+            let rate = if o.weight_bytes > 0 && o.ms > 0.0 {
+                match o.weight_bytes as f64 / (o.ms * 1e-3) / 1e9 {
+                    r if r >= 100.0 => format!("{r:.0}"),
+                    r => format!("{r:.3}"),
+                }
+            } else {
+                "—".into()
+            };
             println!(
-                "| {} | {:.1} | {:.1} | {:.1}% |",
+                "| {} | {:.1} | {:.1} | {:.1}% | {rate} |",
                 o.op,
                 o.calls as f64 / n,
                 1e3 * o.ms / n,

@@ -147,6 +147,13 @@ fn the_cuda_benchmark_runs_on_the_emulated_device() {
                     assert_eq!(cells[2].parse::<f64>().ok(), Some(calls), "{row}");
                     let us: f64 = cells[3].parse().expect("µs per step");
                     assert!(us > 0.0, "{row}");
+                    // The projections' weight bandwidth; none counted for the others.
+                    if op.starts_with("gemv") {
+                        let rate: f64 = cells[5].parse().expect("GB/s");
+                        assert!(rate > 0.0, "{row}");
+                    } else {
+                        assert_eq!(cells[5], "—", "{row}");
+                    }
                 }
                 // Nothing else is launched: no norm or RoPE apart from its projection, no
                 // cache append and no merge of split positions apart from the attention

@@ -11,9 +11,11 @@ use super::{failed, lock, Cuda};
 /// Events before each operation of the steps being profiled, and the totals so far.
 #[derive(Default)]
 pub(super) struct Profiler {
-    marks: Vec<(String, CudaEvent)>,
-    /// Per operation: milliseconds and calls.
-    totals: HashMap<String, (f64, u64)>,
+    /// Per operation of the step: its event, and the weight bytes it reads (0: not
+    /// counted).
+    marks: Vec<(String, CudaEvent, u64)>,
+    /// Per operation: milliseconds, calls and weight bytes.
+    totals: HashMap<String, (f64, u64, u64)>,
     steps: u64,
 }
 
@@ -36,6 +38,9 @@ pub struct ProfiledOp {
     pub calls: u64,
     /// Milliseconds over all the steps, from its event to the next operation's.
     pub ms: f64,
+    /// Weight bytes it read over all the steps, where counted (projections: 0 for the
+    /// other operations), so that `bytes / ms` is its share of the bandwidth.
+    pub weight_bytes: u64,
 }
 
 impl Cuda {
@@ -55,7 +60,12 @@ impl Cuda {
         let mut ops: Vec<ProfiledOp> = p
             .totals
             .drain()
-            .map(|(op, (ms, calls))| ProfiledOp { op, calls, ms })
+            .map(|(op, (ms, calls, weight_bytes))| ProfiledOp {
+                op,
+                calls,
+                ms,
+                weight_bytes,
+            })
             .collect();
         ops.sort_by(|a, b| b.ms.total_cmp(&a.ms).then_with(|| a.op.cmp(&b.op)));
         let steps = std::mem::take(&mut p.steps);
@@ -75,12 +85,22 @@ impl Cuda {
             .stream
             .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
         {
-            Ok(e) => p.marks.push((what.to_string(), e)),
+            Ok(e) => p.marks.push((what.to_string(), e, 0)),
             Err(e) => {
                 self.profiling.store(false, Ordering::Relaxed);
                 drop(p);
                 self.record(failed("profile event", e));
             }
+        }
+    }
+
+    /// When profiling: the operation just launched reads `bytes` of weights.
+    pub(super) fn weight_bytes(&self, bytes: usize) {
+        if !self.profiling.load(Ordering::Relaxed) {
+            return;
+        }
+        if let Some(m) = lock(&self.profiler).marks.last_mut() {
+            m.2 += bytes as u64;
         }
     }
 
@@ -107,13 +127,14 @@ impl Cuda {
             }
         };
         let marks = std::mem::take(&mut p.marks);
-        for (i, (op, start)) in marks.iter().enumerate() {
+        for (i, (op, start, bytes)) in marks.iter().enumerate() {
             let next = marks.get(i + 1).map_or(&end, |m| &m.1);
             match start.elapsed_ms(next) {
                 Ok(ms) => {
                     let t = p.totals.entry(op.clone()).or_default();
                     t.0 += f64::from(ms);
                     t.1 += 1;
+                    t.2 += bytes;
                 }
                 Err(e) => {
                     self.profiling.store(false, Ordering::Relaxed);

@@ -158,6 +158,7 @@ impl Cuda {
             self.record(failed("cuBLAS bf16 GEMM", e));
             return None;
         }
+        self.weight_bytes(n * k * 2);
         Some(())
     }
 
@@ -461,6 +462,7 @@ impl Cuda {
             &ni,
             &ki
         );
+        self.weight_bytes(2 * n * k * 2);
         CudaBuf::F32(Arc::new(y))
     }
 
@@ -621,6 +623,7 @@ impl Cuda {
             (true, true) => "gemv_bf16_norm_rope",
         };
         self.launch_words(name, cfg, &mut words);
+        self.weight_bytes((n0 + n1 + n2) * k * 2);
     }
 
     /// Adds `bias[n]` to every row of `x[·, n]`.
