@@ -184,6 +184,100 @@ fn the_cuda_benchmark_runs_on_the_emulated_device() {
     }
 }
 
+/// `cloud-core serve --engine cuda` on the emulated device (the libraries found on
+/// `LD_LIBRARY_PATH`, as on a GPU machine) with a KV budget from its command line: a
+/// completion is served, and the engine status names the backend with its settings and
+/// reports the paged cache within that budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_on_the_emulated_device_reports_its_backend_and_kv_cache() {
+    use std::io::BufRead;
+    let dir = match emu::build(true) {
+        Ok(d) => d,
+        Err(e) => return emu::skip_or_fail(&e),
+    };
+    let data = tempfile::tempdir().expect("tempdir");
+    let token = "emulated-device-token-0123";
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_cloud-core"))
+        .args(["serve", "--engine", "cuda", "--kv-cache-gib", "0.25"])
+        .args([
+            "--listen-http",
+            "127.0.0.1:0",
+            "--log",
+            "warn",
+            "--token",
+            token,
+        ])
+        .arg("--data-dir")
+        .arg(data.path())
+        .env("LD_LIBRARY_PATH", &dir)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("cloud-core serve starts");
+    let stdout = child.stdout.take().expect("stdout");
+    /// Stops the server however the test ends.
+    struct Stop(std::process::Child);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _stop = Stop(child);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if let Some(a) = line.strip_prefix("cloud-core listening on ") {
+                let _ = tx.send(a.split_whitespace().next().unwrap_or_default().to_string());
+            }
+        }
+    });
+    let http = rx
+        .recv_timeout(std::time::Duration::from_secs(120))
+        .expect("cloud-core serve reports its address within 120 s");
+    let client = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(120))
+        .build()
+        .expect("client");
+    let r = client
+        .post(format!("{http}/v1/completions"))
+        .bearer_auth(token)
+        .json(&serde_json::json!({"prompt": "pump-01 runs hot", "max_tokens": 4, "temperature": 0}))
+        .send()
+        .await
+        .expect("completion");
+    assert_eq!(r.status().as_u16(), 200);
+    let v: serde_json::Value = r.json().await.expect("JSON");
+    assert!(v["choices"][0]["text"].is_string(), "{v}");
+    let status: serde_json::Value = client
+        .get(format!("{http}/api/v1/engine"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .expect("status")
+        .json()
+        .await
+        .expect("JSON");
+    assert_eq!(
+        status["backend"],
+        "cuda: CUDA device emulated on the CPU (device 0, tensor-core kernels on, graphs on, \
+         programmatic launch on)",
+        "{status}"
+    );
+    let kv = &status["kv_cache"];
+    assert_eq!(kv["limit_bytes"], 1u64 << 28, "{status}");
+    let (held, allocated) = (
+        kv["held_bytes"].as_u64().expect("held"),
+        kv["allocated_bytes"].as_u64().expect("allocated"),
+    );
+    assert!(
+        held <= allocated && 0 < allocated && allocated <= 1 << 28,
+        "{status}"
+    );
+}
+
 /// The serving path on the emulated device: the engine thread, the continuous-batching
 /// scheduler (prefill and decode steps of several requests together, graphed decode
 /// steps) and schema-constrained verdicts from the embedded demo model, against the same
