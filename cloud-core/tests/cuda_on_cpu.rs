@@ -276,6 +276,11 @@ async fn serve_on_the_emulated_device_reports_its_backend_and_kv_cache() {
         held <= allocated && 0 < allocated && allocated <= 1 << 28,
         "{status}"
     );
+    // The emulated device's 4 GiB, less the weights, caches and activations.
+    let mem = &status["device_memory"];
+    assert_eq!(mem["total_bytes"], 4u64 << 30, "{status}");
+    let free = mem["free_bytes"].as_u64().expect("free");
+    assert!(allocated < (4 << 30) - free, "{status}");
 }
 
 /// The serving path on the emulated device: the engine thread, the continuous-batching

@@ -21,7 +21,7 @@ use std::time::Instant;
 
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
-use super::backend::{Backend, DeviceError, KvCacheUsage};
+use super::backend::{Backend, DeviceError, DeviceMemory, KvCacheUsage};
 use super::generate::{step, Finish, Request, Sequence, Step};
 use super::model::{Cache, EngineError, Model};
 use super::sampler::Sampled;
@@ -100,6 +100,8 @@ pub struct Stats {
     /// The paged KV cache's memory after the last step (`None`: the backend has none,
     /// or no step has written it yet).
     pub kv_cache: std::sync::Mutex<Option<KvCacheUsage>>,
+    /// The device's memory after the last step (`None`: the backend runs on the host).
+    pub device_memory: std::sync::Mutex<Option<DeviceMemory>>,
 }
 
 impl Stats {
@@ -107,6 +109,14 @@ impl Stats {
     pub fn kv_cache(&self) -> Option<KvCacheUsage> {
         *self
             .kv_cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// [`Stats::device_memory`].
+    pub fn device_memory(&self) -> Option<DeviceMemory> {
+        *self
+            .device_memory
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
@@ -446,6 +456,14 @@ fn run<B: Backend>(
                 .kv_cache
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(kv);
+        }
+        if let Some(mem) = model.backend().device_memory() {
+            metrics::gauge!("engine_device_memory_free_bytes").set(mem.free_bytes as f64);
+            metrics::gauge!("engine_device_memory_total_bytes").set(mem.total_bytes as f64);
+            *stats
+                .device_memory
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(mem);
         }
     }
 }

@@ -37,6 +37,15 @@ pub enum DeviceError {
     },
 }
 
+/// A device's memory.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DeviceMemory {
+    /// Bytes free on the device (for every process).
+    pub free_bytes: usize,
+    /// Bytes in all.
+    pub total_bytes: usize,
+}
+
 /// The memory of a paged KV cache.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct KvCacheUsage {
@@ -275,6 +284,11 @@ pub trait Backend {
 
     /// The paged KV cache's memory, or `None` for a backend without one.
     fn kv_cache(&self) -> Option<KvCacheUsage> {
+        None
+    }
+
+    /// The device's memory, free and in all, or `None` for the host's (not tracked).
+    fn device_memory(&self) -> Option<DeviceMemory> {
         None
     }
 

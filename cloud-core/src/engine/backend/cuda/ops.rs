@@ -39,6 +39,14 @@ impl Backend for Cuda {
         self.kv_cache_usage()
     }
 
+    fn device_memory(&self) -> Option<crate::engine::backend::DeviceMemory> {
+        let (free_bytes, total_bytes) = self.memory().ok()?;
+        Some(crate::engine::backend::DeviceMemory {
+            free_bytes,
+            total_bytes,
+        })
+    }
+
     fn upload(&self, data: &[f32]) -> CudaBuf {
         if self.errored() {
             return self.empty();
