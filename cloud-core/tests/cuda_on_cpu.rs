@@ -251,15 +251,29 @@ async fn serve_on_the_emulated_device_reports_its_backend_and_kv_cache() {
     assert_eq!(r.status().as_u16(), 200);
     let v: serde_json::Value = r.json().await.expect("JSON");
     assert!(v["choices"][0]["text"].is_string(), "{v}");
-    let status: serde_json::Value = client
-        .get(format!("{http}/api/v1/engine"))
-        .bearer_auth(token)
-        .send()
-        .await
-        .expect("status")
-        .json()
-        .await
-        .expect("JSON");
+    // The engine publishes a step's figures once it has sent its tokens: the status is
+    // read until they account for every step (for 20 s at most).
+    let ran = |st: &serde_json::Value| {
+        let g = &st["graphs"];
+        let n = |k: &str| g[k].as_u64().unwrap_or(0);
+        st["steps"].as_u64() == Some(n("captured") + n("replayed") + n("eager"))
+    };
+    let mut status = serde_json::Value::Null;
+    for _ in 0..200 {
+        status = client
+            .get(format!("{http}/api/v1/engine"))
+            .bearer_auth(token)
+            .send()
+            .await
+            .expect("status")
+            .json()
+            .await
+            .expect("JSON");
+        if ran(&status) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
     assert_eq!(
         status["backend"],
         "cuda: CUDA device emulated on the CPU (device 0, tensor-core kernels on, graphs on, \
@@ -281,6 +295,10 @@ async fn serve_on_the_emulated_device_reports_its_backend_and_kv_cache() {
     assert_eq!(mem["total_bytes"], 4u64 << 30, "{status}");
     let free = mem["free_bytes"].as_u64().expect("free");
     assert!(allocated < (4 << 30) - free, "{status}");
+    // Every step the scheduler ran: the prompt's eagerly, the decode steps captured,
+    // replayed or (the first of their batch size) eager.
+    assert!(ran(&status), "{status}");
+    assert!(status["graphs"]["eager"].as_u64() >= Some(1), "{status}");
 }
 
 /// The serving path on the emulated device: the engine thread, the continuous-batching

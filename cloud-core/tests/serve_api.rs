@@ -244,6 +244,7 @@ async fn concurrent_requests_are_batched_and_answer_as_alone() {
     );
     assert!(status["kv_cache"].is_null(), "{status}");
     assert!(status["device_memory"].is_null(), "{status}");
+    assert!(status["graphs"].is_null(), "{status}");
     // Twelve requests of 6..=11 tokens, but batching took fewer steps than tokens.
     assert!(
         status["steps"].as_u64().expect("steps")

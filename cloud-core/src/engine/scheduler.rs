@@ -21,7 +21,7 @@ use std::time::Instant;
 
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
-use super::backend::{Backend, DeviceError, DeviceMemory, KvCacheUsage};
+use super::backend::{Backend, DeviceError, DeviceMemory, GraphStats, KvCacheUsage};
 use super::generate::{step, Finish, Request, Sequence, Step};
 use super::model::{Cache, EngineError, Model};
 use super::sampler::Sampled;
@@ -102,6 +102,8 @@ pub struct Stats {
     pub kv_cache: std::sync::Mutex<Option<KvCacheUsage>>,
     /// The device's memory after the last step (`None`: the backend runs on the host).
     pub device_memory: std::sync::Mutex<Option<DeviceMemory>>,
+    /// How the backend's steps ran, after the last step (`None`: it has no graphs).
+    pub graphs: std::sync::Mutex<Option<GraphStats>>,
 }
 
 impl Stats {
@@ -117,6 +119,14 @@ impl Stats {
     pub fn device_memory(&self) -> Option<DeviceMemory> {
         *self
             .device_memory
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// [`Stats::graphs`].
+    pub fn graphs(&self) -> Option<GraphStats> {
+        *self
+            .graphs
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
@@ -464,6 +474,20 @@ fn run<B: Backend>(
                 .device_memory
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(mem);
+        }
+        if let Some(g) = model.backend().graph_stats() {
+            for (how, n) in [
+                ("captured", g.captured),
+                ("replayed", g.replayed),
+                ("eager", g.eager),
+                ("abandoned", g.abandoned),
+            ] {
+                metrics::counter!("engine_steps_total", "how" => how).absolute(n);
+            }
+            *stats
+                .graphs
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(g);
         }
     }
 }

@@ -37,6 +37,21 @@ pub enum DeviceError {
     },
 }
 
+/// Counts of how steps ran on a backend with graphs (benchmarks, tests and the engine
+/// status read them).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GraphStats {
+    /// Steps captured into a graph.
+    pub captured: u64,
+    /// Steps run by replaying a graph.
+    pub replayed: u64,
+    /// Steps run eagerly.
+    pub eager: u64,
+    /// Captures or replays given up (the step then ran eagerly): a shape change, a
+    /// device allocation a capture cannot hold, a full arena.
+    pub abandoned: u64,
+}
+
 /// A device's memory.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DeviceMemory {
@@ -289,6 +304,12 @@ pub trait Backend {
 
     /// The device's memory, free and in all, or `None` for the host's (not tracked).
     fn device_memory(&self) -> Option<DeviceMemory> {
+        None
+    }
+
+    /// How steps ran so far (captured into graphs, replayed, eager), or `None` for a
+    /// backend without graphs.
+    fn graph_stats(&self) -> Option<GraphStats> {
         None
     }
 

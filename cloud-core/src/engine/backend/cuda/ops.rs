@@ -39,6 +39,10 @@ impl Backend for Cuda {
         self.kv_cache_usage()
     }
 
+    fn graph_stats(&self) -> Option<crate::engine::backend::GraphStats> {
+        Some(Cuda::graph_stats(self))
+    }
+
     fn device_memory(&self) -> Option<crate::engine::backend::DeviceMemory> {
         let (free_bytes, total_bytes) = self.memory().ok()?;
         Some(crate::engine::backend::DeviceMemory {

@@ -220,19 +220,7 @@ pub struct Captured {
 // use is under the backend's `Steps` lock.
 unsafe impl Send for Captured {}
 
-/// Counts of how steps ran (benchmarks and tests read them).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct GraphStats {
-    /// Steps captured into a graph.
-    pub captured: u64,
-    /// Steps run by replaying a graph.
-    pub replayed: u64,
-    /// Steps run eagerly.
-    pub eager: u64,
-    /// Captures or replays given up (the step then ran eagerly): a shape change, a
-    /// device allocation a capture cannot hold, a full arena.
-    pub abandoned: u64,
-}
+pub use crate::engine::backend::GraphStats;
 
 /// One bump region of device memory, views handed out from its start every step.
 pub struct Region {
