@@ -205,8 +205,9 @@ pub struct Cuda {
     /// The driver refused a programmatic launch during the step being captured: its
     /// failure is not the shape's, which is captured again (plainly) at its next step.
     pdl_refused: AtomicBool,
-    /// `attention_batch`'s tickets, one per (row, head) of a split launch (fewer than
-    /// `2 · sms`: more pairs are not split), zero between launches.
+    /// The attention kernels' tickets, one per (row, head) of a split `attention_batch`
+    /// launch or (slot tile, key head) of a split `attention_mma` one (fewer than
+    /// `2 · sms`: more are not split), zero between launches.
     tickets: CudaSlice<u32>,
     error: Mutex<Option<DeviceError>>,
     budget: Mutex<Option<Arc<Budget>>>,
