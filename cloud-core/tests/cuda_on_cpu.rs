@@ -351,7 +351,7 @@ async fn verdicts_on_the_emulated_device_match_the_cpu_engine() {
         }
     };
     let (cpu, on_cpu) = judge_all(Device::Cpu).await;
-    assert!(on_cpu.handle().stats().kv_cache().is_none());
+    assert!(on_cpu.handle().stats().backend().kv_cache.is_none());
     // A budget of 64 MiB, which the status reports with what the cached prompts hold.
     let (cuda, engine) = judge_all(Device::Cuda(cloud_core::engine::service::CudaSettings {
         kv_cache_bytes: Some(64 << 20),
@@ -365,7 +365,12 @@ async fn verdicts_on_the_emulated_device_match_the_cpu_engine() {
         "{}",
         engine.backend()
     );
-    let kv = engine.handle().stats().kv_cache().expect("a paged cache");
+    let kv = engine
+        .handle()
+        .stats()
+        .backend()
+        .kv_cache
+        .expect("a paged cache");
     assert_eq!(kv.limit_bytes, 64 << 20, "{kv:?}");
     assert!(
         0 < kv.held_bytes

@@ -97,36 +97,27 @@ pub struct Stats {
     pub prefix_hits: AtomicU64,
     /// Prompt tokens not run again thanks to the prefix cache.
     pub prefix_tokens_reused: AtomicU64,
-    /// The paged KV cache's memory after the last step (`None`: the backend has none,
-    /// or no step has written it yet).
-    pub kv_cache: std::sync::Mutex<Option<KvCacheUsage>>,
-    /// The device's memory after the last step (`None`: the backend runs on the host).
-    pub device_memory: std::sync::Mutex<Option<DeviceMemory>>,
-    /// How the backend's steps ran, after the last step (`None`: it has no graphs).
-    pub graphs: std::sync::Mutex<Option<GraphStats>>,
+    /// What the backend reports of its device after the last step.
+    pub backend: std::sync::Mutex<BackendFigures>,
+}
+
+/// What a backend reports of its device ([`Stats::backend`]), each `None` where it has
+/// nothing of the kind (the CPU backend: no paged cache, no device, no graphs).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct BackendFigures {
+    /// The paged KV cache's memory.
+    pub kv_cache: Option<KvCacheUsage>,
+    /// The device's memory.
+    pub device_memory: Option<DeviceMemory>,
+    /// How its steps ran.
+    pub graphs: Option<GraphStats>,
 }
 
 impl Stats {
-    /// [`Stats::kv_cache`].
-    pub fn kv_cache(&self) -> Option<KvCacheUsage> {
+    /// [`Stats::backend`].
+    pub fn backend(&self) -> BackendFigures {
         *self
-            .kv_cache
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// [`Stats::device_memory`].
-    pub fn device_memory(&self) -> Option<DeviceMemory> {
-        *self
-            .device_memory
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// [`Stats::graphs`].
-    pub fn graphs(&self) -> Option<GraphStats> {
-        *self
-            .graphs
+            .backend
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
@@ -458,38 +449,40 @@ fn run<B: Backend>(
             }
         }
         stats.running.store(active.len(), Ordering::Relaxed);
-        if let Some(kv) = model.backend().kv_cache() {
-            metrics::gauge!("engine_kv_cache_held_bytes").set(kv.held_bytes as f64);
-            metrics::gauge!("engine_kv_cache_allocated_bytes").set(kv.allocated_bytes as f64);
-            metrics::gauge!("engine_kv_cache_limit_bytes").set(kv.limit_bytes as f64);
-            *stats
-                .kv_cache
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(kv);
-        }
-        if let Some(mem) = model.backend().device_memory() {
-            metrics::gauge!("engine_device_memory_free_bytes").set(mem.free_bytes as f64);
-            metrics::gauge!("engine_device_memory_total_bytes").set(mem.total_bytes as f64);
-            *stats
-                .device_memory
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(mem);
-        }
-        if let Some(g) = model.backend().graph_stats() {
-            for (how, n) in [
-                ("captured", g.captured),
-                ("replayed", g.replayed),
-                ("eager", g.eager),
-                ("abandoned", g.abandoned),
-            ] {
-                metrics::counter!("engine_steps_total", "how" => how).absolute(n);
-            }
-            *stats
-                .graphs
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(g);
+        publish_backend(model.backend(), &stats);
+    }
+}
+
+/// The backend's figures after a step, into `stats` and the metrics.
+fn publish_backend<B: Backend>(be: &B, stats: &Stats) {
+    let figures = BackendFigures {
+        kv_cache: be.kv_cache(),
+        device_memory: be.device_memory(),
+        graphs: be.graph_stats(),
+    };
+    if let Some(kv) = figures.kv_cache {
+        metrics::gauge!("engine_kv_cache_held_bytes").set(kv.held_bytes as f64);
+        metrics::gauge!("engine_kv_cache_allocated_bytes").set(kv.allocated_bytes as f64);
+        metrics::gauge!("engine_kv_cache_limit_bytes").set(kv.limit_bytes as f64);
+    }
+    if let Some(mem) = figures.device_memory {
+        metrics::gauge!("engine_device_memory_free_bytes").set(mem.free_bytes as f64);
+        metrics::gauge!("engine_device_memory_total_bytes").set(mem.total_bytes as f64);
+    }
+    if let Some(g) = figures.graphs {
+        for (how, n) in [
+            ("captured", g.captured),
+            ("replayed", g.replayed),
+            ("eager", g.eager),
+            ("abandoned", g.abandoned),
+        ] {
+            metrics::counter!("engine_steps_total", "how" => how).absolute(n);
         }
     }
+    *stats
+        .backend
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner) = figures;
 }
 
 /// Waits for all events of a request: the tokens and how it ended.

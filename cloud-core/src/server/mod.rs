@@ -124,6 +124,7 @@ async fn models(State(st): State<AppState>) -> Json<serde_json::Value> {
 async fn engine_status(State(st): State<AppState>) -> Json<serde_json::Value> {
     let h = st.engine.handle();
     let s = h.stats();
+    let b = s.backend();
     let cfg = h.config();
     Json(json!({
         "model": st.engine.name(),
@@ -143,17 +144,17 @@ async fn engine_status(State(st): State<AppState>) -> Json<serde_json::Value> {
         "steps": s.steps.load(Ordering::Relaxed),
         "prefix_cache_hits": s.prefix_hits.load(Ordering::Relaxed),
         "prefix_tokens_reused": s.prefix_tokens_reused.load(Ordering::Relaxed),
-        "graphs": s.graphs().map(|g| json!({
+        "graphs": b.graphs.map(|g| json!({
             "captured": g.captured,
             "replayed": g.replayed,
             "eager": g.eager,
             "abandoned": g.abandoned,
         })),
-        "device_memory": s.device_memory().map(|m| json!({
+        "device_memory": b.device_memory.map(|m| json!({
             "free_bytes": m.free_bytes,
             "total_bytes": m.total_bytes,
         })),
-        "kv_cache": s.kv_cache().map(|kv| json!({
+        "kv_cache": b.kv_cache.map(|kv| json!({
             "held_bytes": kv.held_bytes,
             "allocated_bytes": kv.allocated_bytes,
             "limit_bytes": kv.limit_bytes,
