@@ -365,12 +365,23 @@ async fn verdicts_on_the_emulated_device_match_the_cpu_engine() {
         "{}",
         engine.backend()
     );
-    let kv = engine
-        .handle()
-        .stats()
-        .backend()
-        .kv_cache
-        .expect("a paged cache");
+    // Published after the step that empties the batch (the answers may come first).
+    let mut kv = None;
+    for _ in 0..200 {
+        kv = engine.handle().stats().backend().kv_cache;
+        if engine
+            .handle()
+            .stats()
+            .running
+            .load(std::sync::atomic::Ordering::Relaxed)
+            == 0
+            && kv.is_some()
+        {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let kv = kv.expect("a paged cache");
     assert_eq!(kv.limit_bytes, 64 << 20, "{kv:?}");
     assert!(
         0 < kv.held_bytes

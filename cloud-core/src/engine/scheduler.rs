@@ -97,14 +97,21 @@ pub struct Stats {
     pub prefix_hits: AtomicU64,
     /// Prompt tokens not run again thanks to the prefix cache.
     pub prefix_tokens_reused: AtomicU64,
-    /// What the backend reports of its device after the last step.
+    /// What the backend reports of itself: at start, then after steps (at most every
+    /// [`PUBLISH_EVERY`] while sequences run, and whenever the batch empties).
     pub backend: std::sync::Mutex<BackendFigures>,
 }
 
-/// What a backend reports of its device ([`Stats::backend`]), each `None` where it has
+/// How often the backend's figures are read while sequences run: reading them (locks,
+/// a driver call for the device's memory) is kept off most decode steps.
+pub const PUBLISH_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// What a backend reports of itself ([`Stats::backend`]), each `None` where it has
 /// nothing of the kind (the CPU backend: no paged cache, no device, no graphs).
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct BackendFigures {
+    /// What runs the model, as it runs now ([`Backend::describe`]).
+    pub description: String,
     /// The paged KV cache's memory.
     pub kv_cache: Option<KvCacheUsage>,
     /// The device's memory.
@@ -116,10 +123,10 @@ pub struct BackendFigures {
 impl Stats {
     /// [`Stats::backend`].
     pub fn backend(&self) -> BackendFigures {
-        *self
-            .backend
+        self.backend
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 }
 
@@ -197,6 +204,8 @@ where
         ctx: model.config().max_position_embeddings,
     };
     let cfg = handle.cfg;
+    // Before the thread starts: the status names the backend from the first.
+    publish_backend(model.backend(), &stats);
     std::thread::Builder::new()
         .name("engine".into())
         .spawn(move || run(model, cfg, rx, stats))
@@ -285,6 +294,7 @@ fn run<B: Backend>(
     };
     // Counted before the request hears it ended, so that a status read after an answer
     // includes it.
+    let mut published = Instant::now();
     let finish = |stats: &Stats, outcome: &str| {
         stats.completed.fetch_add(1, Ordering::Relaxed);
         metrics::counter!("engine_requests_total", "outcome" => outcome.to_string()).increment(1);
@@ -449,13 +459,17 @@ fn run<B: Backend>(
             }
         }
         stats.running.store(active.len(), Ordering::Relaxed);
-        publish_backend(model.backend(), &stats);
+        if active.is_empty() || published.elapsed() >= PUBLISH_EVERY {
+            publish_backend(model.backend(), &stats);
+            published = Instant::now();
+        }
     }
 }
 
 /// The backend's figures after a step, into `stats` and the metrics.
 fn publish_backend<B: Backend>(be: &B, stats: &Stats) {
     let figures = BackendFigures {
+        description: be.describe(),
         kv_cache: be.kv_cache(),
         device_memory: be.device_memory(),
         graphs: be.graph_stats(),

@@ -21,7 +21,6 @@ pub struct Engine {
 
 struct Inner {
     name: String,
-    backend: String,
     dir: PathBuf,
     handle: Handle,
     tokenizer: Tokenizer,
@@ -130,7 +129,6 @@ impl Engine {
     {
         let tokenizer = Tokenizer::load(dir)?;
         let chat = ChatTemplate::load(dir)?;
-        let backend = be.describe();
         let model = Model::load(dir, be)?;
         let mut stop_tokens = model.config().eos_token_ids.clone();
         for t in generation_eos(dir)? {
@@ -158,7 +156,6 @@ impl Engine {
         Ok(Engine {
             inner: Arc::new(Inner {
                 name: name.to_string(),
-                backend,
                 dir: dir.to_path_buf(),
                 handle,
                 tokenizer,
@@ -175,9 +172,9 @@ impl Engine {
         &self.inner.name
     }
 
-    /// What runs the model ([`Backend::describe`]).
-    pub fn backend(&self) -> &str {
-        &self.inner.backend
+    /// What runs the model, as it runs now ([`Backend::describe`]).
+    pub fn backend(&self) -> String {
+        self.inner.handle.stats().backend().description
     }
 
     /// The checkpoint directory.

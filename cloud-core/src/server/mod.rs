@@ -129,7 +129,7 @@ async fn engine_status(State(st): State<AppState>) -> Json<serde_json::Value> {
     Json(json!({
         "model": st.engine.name(),
         "checkpoint": st.engine.dir().display().to_string(),
-        "backend": st.engine.backend(),
+        "backend": b.description,
         "context": h.context(),
         "vocab": h.vocab(),
         "structured_output": st.engine.grammars().is_some(),

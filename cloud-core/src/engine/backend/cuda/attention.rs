@@ -23,6 +23,28 @@ const ATT_MAX_SPLITS: usize = 32;
 const _: () = assert!(ATT_MAX_SPLITS <= ATT_WARPS * 4);
 
 impl Cuda {
+    /// Into how many ranges a split launch of `pairs` (row, head) pairs or slot tiles
+    /// cuts each one's positions: enough for two blocks per multiprocessor. Only fewer
+    /// pairs than `tickets` holds are split (one ticket each).
+    fn att_splits(&self, pairs: usize) -> usize {
+        if pairs < self.tickets.len() {
+            (2 * self.sms)
+                .div_ceil(pairs.max(1))
+                .clamp(1, ATT_MAX_SPLITS)
+        } else {
+            1
+        }
+    }
+
+    /// Scratch for the partial results of a split launch (`None` for one range), or
+    /// `Err` when it cannot be had (the error or abandon is recorded).
+    fn split_scratch(&self, splits: usize, len: usize) -> Result<Option<Dev<f32>>, ()> {
+        if splits == 1 {
+            return Ok(None);
+        }
+        self.tmp::<f32>(len, "attention splits").map(Some).ok_or(())
+    }
+
     /// Launches `attention_mma` for a step of prompts or with query heads grouped by
     /// eight or more (see the kernel), else `attention_batch`, over the rows described by
     /// `meta` (see the kernels), with each row's positions split across enough blocks to
@@ -75,24 +97,15 @@ impl Cuda {
             let tiles = (t * g.div_ceil(FA_SLOTS)).min((t * g).div_ceil(FA_SLOTS) + n);
             let pairs = tiles * s.hk;
             // Split (decode steps only: see the kernel) as attention_batch's rows.
-            let splits = if one_row && pairs < self.tickets.len() {
-                (2 * self.sms).div_ceil(pairs).clamp(1, ATT_MAX_SPLITS)
-            } else {
-                1
-            };
+            let splits = if one_row { self.att_splits(pairs) } else { 1 };
             let cfg = LaunchConfig {
                 grid_dim: (tiles as u32, s.hk as u32, splits as u32),
                 block_dim: (FA_THREADS as u32, 1, 1),
                 shared_mem_bytes: tiles_bytes as u32,
             };
-            let part = if splits > 1 {
-                let len = pairs * splits * FA_SLOTS.min(g) * (s.dv + 2);
-                match self.tmp::<f32>(len, "attention splits") {
-                    Some(p) => Some(p),
-                    None => return,
-                }
-            } else {
-                None
+            let len = pairs * splits * FA_SLOTS.min(g) * (s.dv + 2);
+            let Ok(part) = self.split_scratch(splits, len) else {
+                return;
             };
             let part_ptr = part.as_ref().map_or(0, Dev::ptr);
             launch!(
@@ -120,10 +133,7 @@ impl Cuda {
         }
         const WARPS: usize = ATT_WARPS;
         let pairs = t * s.h;
-        // More than one split only for fewer than 2 · sms pairs: `tickets` has a slot
-        // for each.
-        let splits = (2 * self.sms).div_ceil(pairs).clamp(1, ATT_MAX_SPLITS);
-        debug_assert!(splits == 1 || pairs < self.tickets.len());
+        let splits = self.att_splits(pairs);
         let cfg = LaunchConfig {
             grid_dim: (pairs as u32, splits as u32, 1),
             block_dim: ((WARPS * 32) as u32, 1, 1),
@@ -131,13 +141,8 @@ impl Cuda {
         };
         // The splits' partial results, when there is more than one (kept to the end of
         // this function, past the launch, as the stream orders it).
-        let part = if splits > 1 {
-            match self.tmp::<f32>(pairs * splits * (s.dv + 2), "attention splits") {
-                Some(p) => Some(p),
-                None => return,
-            }
-        } else {
-            None
+        let Ok(part) = self.split_scratch(splits, pairs * splits * (s.dv + 2)) else {
+            return;
         };
         let part_ptr = part.as_ref().map_or(0, Dev::ptr);
         launch!(

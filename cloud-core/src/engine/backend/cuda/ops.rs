@@ -21,17 +21,14 @@ impl Backend for Cuda {
     type Buf = CudaBuf;
 
     fn describe(&self) -> String {
+        let on = |b: bool| if b { "on" } else { "off" };
         format!(
             "cuda: {} (device {}, tensor-core kernels {}, graphs {}, programmatic launch {})",
             self.name,
             self.opts.device,
-            if self.tensor_cores { "on" } else { "off" },
-            if self.opts.graphs { "on" } else { "off" },
-            if self.programmatic_launch() {
-                "on"
-            } else {
-                "off"
-            }
+            on(self.tensor_cores),
+            on(self.opts.graphs),
+            on(self.programmatic_launch())
         )
     }
 
