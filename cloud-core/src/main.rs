@@ -471,7 +471,8 @@ fn bench_profile(
         );
         println!("| --- | ---: | ---: | ---: | ---: |");
         for o in &p.ops {
-            // The projections' weights over their time: how near each comes to the copy.
+            // The projections' and experts' weights over their time: how near each comes to
+            // the copy.
             let rate = if o.weight_bytes > 0 && o.ms > 0.0 {
                 match o.weight_bytes as f64 / (o.ms * 1e-3) / 1e9 {
                     r if r >= 100.0 => format!("{r:.0}"),

@@ -453,7 +453,8 @@ fn bf16_values(n: usize, seed: u64) -> Vec<half::bf16> {
 /// The routed experts of a prompt's rows and of a decode step of many sequences (grouped
 /// GEMMs on the tensor cores, one launch per projection for every expert), and of a
 /// decode step of a few (the expert kernels), against the host's routing and SwiGLU of
-/// the same weights.
+/// the same weights; profiled, the expert kernels count the weights of the experts
+/// reached.
 #[test]
 fn cuda_prompt_and_decode_experts_match_the_host() {
     use cloud_core::engine::backend::Weight;
@@ -506,9 +507,12 @@ fn cuda_prompt_and_decode_experts_match_the_host() {
     let bias: Vec<f32> = f32s(&bf16_values(n, 3)).iter().map(|v| 0.1 * v).collect();
     let cpu = Cpu::default();
     let mut want = vec![0f32; t * hidden];
+    // The experts each token is routed to.
+    let mut routed = vec![Vec::new(); t];
     for tok in 0..t {
         let xt = &x[tok * hidden..(tok + 1) * hidden];
         for (e, w) in route(&logits[tok * n..(tok + 1) * n], Some(bias.as_slice()), &moe) {
+            routed[tok].push(e);
             let g = cpu.linear(&xt.to_vec(), 1, &f32s(&mats[e][0]), inter, hidden);
             let u = cpu.linear(&xt.to_vec(), 1, &f32s(&mats[e][1]), inter, hidden);
             let d = cpu.linear(&cpu.silu_mul(&g, &u), 1, &f32s(&mats[e][2]), hidden, inter);
@@ -523,10 +527,20 @@ fn cuda_prompt_and_decode_experts_match_the_host() {
     assert!(few * moe.num_experts_per_tok <= 8 * n && t * moe.num_experts_per_tok > 8 * n);
     let bb = gpu.upload(&bias);
     let mut got = Vec::new();
+    // The steps are profiled: the expert kernels' weight bytes are those of the experts
+    // the step's rows reach, each once.
+    gpu.set_profiling(true);
+    let reached = |rows: usize| {
+        let mut e: Vec<usize> = routed[..rows].concat();
+        e.sort_unstable();
+        e.dedup();
+        e.len()
+    };
     for (what, lens) in [
         ("prompt", vec![t]),
         ("decode step of many", vec![1; t]),
         ("decode step of few", vec![1; few]),
+        ("decode step of one", vec![1]),
     ] {
         let rows = lens.iter().sum::<usize>();
         let (xb, lb) = (
@@ -545,6 +559,24 @@ fn cuda_prompt_and_decode_experts_match_the_host() {
         println!("{what}: experts vs the host {d:e}");
         got.push(out);
     }
+    let profile = gpu.take_profile();
+    let per_expert = 3 * inter * hidden * 2;
+    for (op, share, experts) in [
+        ("moe_gemm_gate_up", 2, 2 * reached(t)),
+        ("moe_gemm_down", 1, 2 * reached(t)),
+        ("moe_gate_up", 2, reached(few) + reached(1)),
+        ("moe_down", 1, reached(few) + reached(1)),
+    ] {
+        let o = profile.ops.iter().find(|o| o.op == op);
+        let o = o.unwrap_or_else(|| panic!("no {op} in the profile: {profile:?}"));
+        assert_eq!(
+            o.weight_bytes as usize,
+            experts * per_expert * share / 3,
+            "{op}: {experts} experts reached"
+        );
+    }
+    assert_eq!(profile.steps, 4);
+    assert!(reached(1) < n, "one row reaches every expert");
     // The GEMMs take their inputs rounded to bf16, the expert kernels f32: the same results
     // from both decode steps would mean they went the same way.
     assert_eq!(

@@ -67,6 +67,7 @@ impl Cuda {
             &ii,
             &mut act
         );
+        self.expert_weight_bytes("moe_gemm_gate_up", g.count, 2 * inter * hidden * 2);
         launch!(
             self,
             "moe_gemm_down",
@@ -81,6 +82,7 @@ impl Cuda {
             &ii,
             y
         );
+        self.expert_weight_bytes("moe_gemm_down", g.count, hidden * inter * 2);
         Some(())
     }
 
@@ -289,6 +291,7 @@ impl Cuda {
                 &ii,
                 &mut h
             );
+            self.expert_weight_bytes("moe_gate_up", &count, 2 * inter * hidden * 2);
             launch!(
                 self,
                 "moe_down",
@@ -301,6 +304,7 @@ impl Cuda {
                 &ii,
                 &mut y
             );
+            self.expert_weight_bytes("moe_down", &count, hidden * inter * 2);
         }
         let hi = hidden as i32;
         launch!(
