@@ -530,12 +530,17 @@ fn bench_report<B: Backend>(
         "prefill: {} prompt tokens per sequence, all sequences in one pass; decode: {} {how} steps after it",
         opts.prompt, opts.steps
     );
-    println!("| batch | prefill tokens/s | decode tokens/s | ms per step | GB per step (bf16) | GB/s | roofline share |");
-    println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    println!("| batch | prefill tokens/s | decode tokens/s | ms per step | GB per step (bf16) | GB/s | roofline share | host ms per replayed step |");
+    println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     bench::run(model, opts, |r| {
         let achieved = r.step_bytes / (r.step_ms / 1e3);
+        // The host's part of a step replayed from a graph: its walk over the layers and
+        // the launch, which the device waits for.
+        let host = r
+            .replay_host_ms
+            .map_or_else(|| "—".to_string(), |ms| format!("{ms:.3}"));
         println!(
-            "| {} | {:.0} | {:.1} | {:.2} | {:.3} | {:.0} | {:.0}% |",
+            "| {} | {:.0} | {:.1} | {:.2} | {:.3} | {:.0} | {:.0}% | {host} |",
             r.batch,
             r.prefill_tps,
             r.decode_tps,

@@ -165,6 +165,9 @@ pub struct Row {
     pub step_ms: f64,
     /// Bytes a decode step must read (mid-measurement context).
     pub step_bytes: f64,
+    /// Milliseconds of host time per decode step replayed from a CUDA graph, from the
+    /// step's start to its graph's launch (`None`: no step was replayed).
+    pub replay_host_ms: Option<f64>,
 }
 
 fn prompt_ids(vocab: usize, n: usize, salt: u32) -> Vec<u32> {
@@ -194,15 +197,21 @@ pub fn run<B: Backend>(
         let t = Instant::now();
         let (mut caches, mut next) = prefill(model, b, opts.prompt)?;
         let prefill_s = t.elapsed().as_secs_f64();
+        let before = model.backend().graph_stats().unwrap_or_default();
         let t = Instant::now();
         decode(model, &mut caches, &mut next, opts)?;
         let decode_s = t.elapsed().as_secs_f64().max(1e-9);
+        let after = model.backend().graph_stats().unwrap_or_default();
+        let replayed = after.replayed - before.replayed;
         let row = Row {
             batch: b,
             prefill_tps: (b * opts.prompt) as f64 / prefill_s.max(1e-9),
             decode_tps: (b * opts.steps) as f64 / decode_s,
             step_ms: decode_s * 1e3 / opts.steps.max(1) as f64,
             step_bytes: decode_bytes(&cfg, b, opts.prompt + opts.steps / 2),
+            replay_host_ms: (replayed > 0).then(|| {
+                (after.replay_host_ns - before.replay_host_ns) as f64 / 1e6 / replayed as f64
+            }),
         };
         report(&row);
         rows.push(row);

@@ -50,6 +50,10 @@ pub struct GraphStats {
     /// Captures or replays given up (the step then ran eagerly): a shape change, a
     /// device allocation a capture cannot hold, a full arena.
     pub abandoned: u64,
+    /// Host nanoseconds over the replayed steps, each from its start to its graph's
+    /// launch (the model's walk over its layers, the staged metadata's upload, the
+    /// launch call): what the host adds to a replayed step.
+    pub replay_host_ns: u64,
 }
 
 /// A device's memory.

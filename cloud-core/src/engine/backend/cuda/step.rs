@@ -271,6 +271,8 @@ pub struct Steps {
     pub after_flush: bool,
     /// The step is a decode step (every sequence one new row), graphed or not.
     pub decode: bool,
+    /// When the step started.
+    pub began: Option<std::time::Instant>,
     pub stats: GraphStats,
 }
 
@@ -453,6 +455,9 @@ impl Cuda {
                 match r {
                     Some(r) => {
                         st.stats.replayed += 1;
+                        if let Some(t) = st.began {
+                            st.stats.replay_host_ns += t.elapsed().as_nanos() as u64;
+                        }
                         r
                     }
                     _ => {
@@ -473,6 +478,7 @@ impl Cuda {
     /// eagerly, or captured into a graph, or replaying one.
     pub(super) fn start_step(&self, lens: &[usize], out: u8, graphs: bool) {
         let mut st = self.steps();
+        st.began = Some(std::time::Instant::now());
         st.mode = Mode::Eager;
         st.key = None;
         st.sig = Sig::default();
