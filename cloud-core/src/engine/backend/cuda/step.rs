@@ -153,7 +153,10 @@ impl<T: KArg + ?Sized> KArg for &mut T {
     }
 }
 
-/// FNV-1a over 64-bit words: the fingerprint of a step's work.
+/// The fingerprint of a step's work: a multiplicative mix of its 64-bit words, one
+/// multiply per word (the host computes it for every operation of every replayed step,
+/// so it is kept cheap; it guards against a step that differs from its capture by
+/// mistake, not against an adversary).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Sig(u64);
 
@@ -164,22 +167,27 @@ impl Default for Sig {
 }
 
 impl Sig {
+    /// Adds one word.
+    fn mix(&mut self, w: u64) {
+        let h = (self.0 ^ w).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        self.0 = h ^ (h >> 29);
+    }
+
     /// Adds words.
     pub fn add(&mut self, words: &[u64]) {
-        for w in words {
-            for b in w.to_le_bytes() {
-                self.0 ^= u64::from(b);
-                self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
-            }
+        for &w in words {
+            self.mix(w);
         }
     }
 
-    /// Adds a name.
+    /// Adds a name (eight bytes a word, then its length).
     pub fn add_str(&mut self, s: &str) {
-        for b in s.bytes() {
-            self.0 ^= u64::from(b);
-            self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
+        for chunk in s.as_bytes().chunks(8) {
+            let mut w = [0u8; 8];
+            w[..chunk.len()].copy_from_slice(chunk);
+            self.mix(u64::from_le_bytes(w));
         }
+        self.mix(s.len() as u64);
     }
 }
 
@@ -559,5 +567,50 @@ impl Cuda {
         st.after_flush = false;
         self.halted.store(false, Ordering::Relaxed);
         ok
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Sig;
+
+    fn sig(parts: &[(&str, &[u64])]) -> Sig {
+        let mut s = Sig::default();
+        for (name, words) in parts {
+            s.add_str(name);
+            s.add(words);
+        }
+        s
+    }
+
+    /// A step's fingerprint changes with any operation's name or word, their order, and
+    /// where one name ends and the next begins.
+    #[test]
+    fn fingerprints_tell_steps_apart() {
+        let base = sig(&[("gemv_bf16", &[1, 2, 3]), ("attention_batch", &[4, 5])]);
+        assert_eq!(
+            base,
+            sig(&[("gemv_bf16", &[1, 2, 3]), ("attention_batch", &[4, 5])])
+        );
+        let others = [
+            sig(&[("gemv_bf16", &[1, 2, 4]), ("attention_batch", &[4, 5])]),
+            sig(&[("gemv_bf16", &[1, 3, 2]), ("attention_batch", &[4, 5])]),
+            sig(&[("attention_batch", &[4, 5]), ("gemv_bf16", &[1, 2, 3])]),
+            sig(&[("gemv_bf16_norm", &[1, 2, 3]), ("attention_batch", &[4, 5])]),
+            sig(&[("gemv_bf16", &[1, 2, 3]), ("attention_batch", &[4, 5, 0])]),
+            sig(&[("gemv_bf16", &[1, 2, 3, 0]), ("attention_batch", &[4, 5])]),
+            sig(&[("ab", &[]), ("c", &[])]),
+        ];
+        for (i, o) in others.iter().enumerate() {
+            assert_ne!(base, *o, "variant {i}");
+        }
+        assert_ne!(
+            sig(&[("ab", &[]), ("c", &[])]),
+            sig(&[("a", &[]), ("bc", &[])])
+        );
+        // Every single bit of a word counts.
+        for bit in 0..64 {
+            assert_ne!(sig(&[("x", &[0])]), sig(&[("x", &[1 << bit])]), "bit {bit}");
+        }
     }
 }
