@@ -12,7 +12,7 @@
 //! Appending to a block that another cache also holds copies it first (copy-on-write of
 //! the last, partly filled block), so sharing never lets one sequence see another's rows.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// The pools' shared byte budget was spent.
@@ -253,6 +253,13 @@ pub struct PagedRows<S: ChunkSource> {
     pool: Arc<BlockPool<S>>,
     blocks: Vec<BlockRef<S>>,
     rows: usize,
+    /// Changes of the block table so far (see [`PagedRows::edits`]).
+    edits: u64,
+    /// Whether the last block may be held by another cache too (a prefix took it, or it
+    /// came from one). `false`: this cache made it, so an append to it needs no copy and
+    /// no look at its holders (which would read the block, most decode steps, for every
+    /// sequence and layer).
+    last_shared: AtomicBool,
 }
 
 impl<S: ChunkSource> Clone for PagedRows<S> {
@@ -268,6 +275,8 @@ impl<S: ChunkSource> PagedRows<S> {
             pool,
             blocks: Vec::new(),
             rows: 0,
+            edits: 0,
+            last_shared: AtomicBool::new(false),
         }
     }
 
@@ -286,6 +295,13 @@ impl<S: ChunkSource> PagedRows<S> {
         self.block_addrs().collect()
     }
 
+    /// How many times the block table has changed (blocks added, dropped or replaced by
+    /// a private copy) since this cache was made: a mirror of the table made when it
+    /// was this is still the table while it stays this.
+    pub fn edits(&self) -> u64 {
+        self.edits
+    }
+
     /// The block addresses, in order, without collecting them.
     pub fn block_addrs(&self) -> impl ExactSizeIterator<Item = u64> + '_ {
         self.blocks.iter().map(|b| b.addr)
@@ -295,25 +311,64 @@ impl<S: ChunkSource> PagedRows<S> {
     pub fn prefix(&self, keep: usize) -> PagedRows<S> {
         let keep = keep.min(self.rows);
         let n = keep.div_ceil(self.pool.block_rows);
+        if n > 0 && n == self.blocks.len() {
+            self.last_shared.store(true, Ordering::Relaxed);
+        }
         PagedRows {
             pool: self.pool.clone(),
             blocks: self.blocks[..n].to_vec(),
             rows: keep,
+            edits: 0,
+            last_shared: AtomicBool::new(n > 0),
         }
+    }
+
+    /// Makes room for `n` more rows as [`PagedRows::reserve`] does, and returns the
+    /// copies to make before writing and the address of every new row, in order. On
+    /// error nothing changed.
+    pub fn grow(&mut self, n: usize) -> Result<(Vec<BlockCopy>, Vec<u64>), AllocError> {
+        let from = self.rows;
+        let copies = self.reserve(n)?;
+        Ok((copies, self.row_addrs(from, n)))
+    }
+
+    /// The addresses of rows `from..from + n` (held rows).
+    pub fn row_addrs(&self, from: usize, n: usize) -> Vec<u64> {
+        let br = self.pool.block_rows;
+        let row_bytes = (self.pool.block_bytes / br) as u64;
+        (from..(from + n).min(self.rows))
+            .map(|r| self.blocks[r / br].addr + (r % br) as u64 * row_bytes)
+            .collect()
     }
 
     /// Makes room for `n` more rows: allocates the blocks they need and, when the last
     /// block is partly filled and shared, replaces it by a private copy. Returns the
-    /// copies to make before writing, and the address of every new row, in order. On
-    /// error nothing changed.
-    pub fn grow(&mut self, n: usize) -> Result<(Vec<BlockCopy>, Vec<u64>), AllocError> {
+    /// copies to make before writing. On error nothing changed.
+    pub fn reserve(&mut self, n: usize) -> Result<Vec<BlockCopy>, AllocError> {
         let br = self.pool.block_rows;
         let used_in_last = self.rows % br;
         let cow = used_in_last != 0
             && n > 0
-            && self.blocks.last().is_some_and(|b| Arc::strong_count(b) > 1);
+            && self.last_shared.load(Ordering::Relaxed)
+            && self.blocks.last().is_some_and(|b| {
+                let shared = Arc::strong_count(b) > 1;
+                // Its other holders are gone: it is this cache's alone again.
+                if !shared {
+                    self.last_shared.store(false, Ordering::Relaxed);
+                }
+                shared
+            });
         let new_blocks = (self.rows + n).div_ceil(br) - self.blocks.len();
-        let mut fresh = self.pool.alloc(new_blocks + usize::from(cow))?;
+        // Most steps add a row to a block that has room: no blocks, no pool lock.
+        let wanted = new_blocks + usize::from(cow);
+        let mut fresh = if wanted == 0 {
+            Vec::new()
+        } else {
+            self.pool.alloc(wanted)?
+        };
+        if wanted > 0 {
+            self.edits += 1;
+        }
         let mut copies = Vec::new();
         if cow {
             let own = fresh.pop().expect("allocated one block for the copy");
@@ -324,21 +379,28 @@ impl<S: ChunkSource> PagedRows<S> {
                 rows: used_in_last,
             });
             self.blocks[last] = own;
+            self.last_shared.store(false, Ordering::Relaxed);
+        }
+        if new_blocks > 0 {
+            // The new last block is this cache's own.
+            self.last_shared.store(false, Ordering::Relaxed);
         }
         self.blocks.extend(fresh);
-        let row_bytes = (self.pool.block_bytes / br) as u64;
-        let addrs = (self.rows..self.rows + n)
-            .map(|r| self.blocks[r / br].addr + (r % br) as u64 * row_bytes)
-            .collect();
         self.rows += n;
-        Ok((copies, addrs))
+        Ok(copies)
     }
 
     /// Drops rows past `keep` (and the blocks only they used).
     pub fn truncate(&mut self, keep: usize) {
         if keep < self.rows {
             self.rows = keep;
-            self.blocks.truncate(keep.div_ceil(self.pool.block_rows));
+            let blocks = keep.div_ceil(self.pool.block_rows);
+            if blocks < self.blocks.len() {
+                self.edits += 1;
+                self.blocks.truncate(blocks);
+                // The new last block may have been taken by a prefix.
+                self.last_shared.store(true, Ordering::Relaxed);
+            }
         }
     }
 }
@@ -440,6 +502,49 @@ mod tests {
         let (copies, _) = c.grow(2).expect("room");
         assert!(copies.is_empty());
         assert_eq!(c.table()[0], a.table()[0]);
+    }
+
+    /// The cache a prefix was taken from copies its partial last block before writing
+    /// while the prefix holds it, and writes in place again once the prefix is gone; a
+    /// truncated cache whose new last block a prefix holds copies it too. The block
+    /// table's edit count moves exactly when the table does.
+    #[test]
+    fn the_source_of_a_prefix_copies_its_shared_last_block() {
+        let p = pool(16);
+        let mut a = PagedRows::new(p.clone());
+        a.grow(6).expect("room");
+        let edits = a.edits();
+        let (copies, _) = a.grow(1).expect("room");
+        assert!(copies.is_empty(), "a block of its own: written in place");
+        assert_eq!(a.edits(), edits, "same table");
+        let b = a.prefix(7);
+        let shared = a.table()[1];
+        let (copies, _) = a.grow(1).expect("room");
+        assert_eq!(copies.len(), 1, "the prefix holds the last block");
+        assert_eq!((copies[0].from, copies[0].rows), (shared, 3));
+        assert_ne!(a.table()[1], shared);
+        assert_eq!(b.table()[1], shared, "the prefix keeps the original");
+        assert_eq!(a.edits(), edits + 1);
+        let (copies, _) = a.grow(1).expect("room");
+        assert!(copies.is_empty(), "the copy is its own");
+        // A prefix that outlives nothing: once dropped, no copy.
+        let mut c = PagedRows::new(p.clone());
+        c.grow(3).expect("room");
+        drop(c.prefix(3));
+        let (copies, _) = c.grow(1).expect("room");
+        assert!(copies.is_empty(), "its other holder is gone");
+        // Truncated back into a block a prefix holds: copied before writing.
+        let mut d = PagedRows::new(p.clone());
+        d.grow(6).expect("room");
+        let e = d.prefix(3);
+        let edits = d.edits();
+        d.truncate(3);
+        assert_eq!(d.edits(), edits + 1, "a block dropped");
+        let (copies, _) = d.grow(1).expect("room");
+        assert_eq!(copies.len(), 1, "the prefix holds the new last block");
+        assert_eq!(copies[0].from, e.table()[0]);
+        d.truncate(2);
+        assert_eq!(d.edits(), edits + 2, "the copy counts; a cut inside the block does not");
     }
 
     #[test]

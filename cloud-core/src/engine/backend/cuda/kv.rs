@@ -60,6 +60,9 @@ pub struct KvRows {
 struct DeviceTable {
     buf: Option<CudaSlice<u64>>,
     mirror: Vec<u64>,
+    /// The rows' [`PagedRows::edits`] when the mirror was last brought up to date, and
+    /// the table's device address.
+    synced: Option<(u64, u64)>,
 }
 
 impl Clone for DeviceTable {
@@ -140,13 +143,8 @@ impl Cuda {
     }
 
     /// Makes room for `n` more rows of width `cols` in `cache` (a cache is created on the
-    /// first rows), queues the copy-on-write copies, and returns the new rows' addresses.
-    pub(super) fn grow_cache(
-        &self,
-        cache: &mut CudaBuf,
-        cols: usize,
-        n: usize,
-    ) -> Option<Vec<u64>> {
+    /// first rows) and queues the copy-on-write copies.
+    pub(super) fn grow_cache(&self, cache: &mut CudaBuf, cols: usize, n: usize) -> Option<()> {
         if let CudaBuf::F32(s) = cache {
             if !s.is_empty() {
                 self.record(failed("append_rows", "not a cache"));
@@ -163,7 +161,7 @@ impl Cuda {
             self.record(failed("append_rows", "row width changed"));
             return None;
         }
-        let (copies, addrs) = match p.rows.grow(n) {
+        let copies = match p.rows.reserve(n) {
             Ok(x) => x,
             Err(AllocError::Full(f)) => {
                 self.record(DeviceError::CacheFull(f));
@@ -197,7 +195,7 @@ impl Cuda {
             };
             self.check("cache copy-on-write", r);
         }
-        Some(addrs)
+        Some(())
     }
 
     /// The device address of a cache's block table, uploading what changed since its last
@@ -208,9 +206,16 @@ impl Cuda {
             return None;
         };
         let t = &mut p.table;
+        // Most steps change no cache's blocks (a block holds 16 positions): nothing to
+        // compare or upload.
+        if let Some((edits, base)) = t.synced {
+            if edits == p.rows.edits() {
+                return Some(base);
+            }
+        }
         let len = p.rows.block_addrs().len();
         let fits = t.buf.as_ref().is_some_and(|b| b.len() >= len);
-        // Most steps change nothing (a block holds 16 positions): compare in place.
+        // What changed: compare in place.
         let same = if fits {
             t.mirror
                 .iter()
@@ -237,6 +242,7 @@ impl Cuda {
                 });
             }
         }
+        t.synced = Some((p.rows.edits(), base));
         Some(base)
     }
 

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use cudarc::driver::CudaSlice;
 use half::bf16;
 
-use super::kv::KvRows;
+use super::kv::{cache_rows, KvRows};
 use super::step::Dev;
 use super::{failed, grid, lock, per_row, Cuda, CudaBuf};
 use crate::engine::backend::{
@@ -713,12 +713,17 @@ impl Backend for Cuda {
             return self.record(failed("append_rows", "rows are not whole"));
         }
         let n = src.len() / cols;
-        let Some(addrs) = self.grow_cache(cache, cols, n) else {
+        let from = cache_rows(cache);
+        if self.grow_cache(cache, cols, n).is_none() {
             return;
-        };
+        }
         if n == 0 {
             return;
         }
+        let CudaBuf::Paged(p) = cache else {
+            return self.record(failed("append_rows", "not a cache"));
+        };
+        let addrs = p.rows.row_addrs(from, n);
         let Some(dst) = self.meta(&addrs, "row addresses") else {
             return;
         };
