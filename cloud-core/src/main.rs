@@ -147,6 +147,10 @@ enum Cmd {
         /// Measure this checkpoint directory instead of random weights of a shape.
         #[arg(long)]
         model: Option<std::path::PathBuf>,
+        /// The shape with this many layers instead of its own (a shorter run of a large
+        /// shape, or the host's work of a deep model on a small one).
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+        layers: Option<u32>,
         /// Engine backend: cpu, or cuda (needs a build with the `cuda` feature).
         #[arg(long, default_value = "cpu")]
         engine: Device,
@@ -385,9 +389,16 @@ fn peak_rss_mib() -> f64 {
         .map_or(0.0, |kib| kib / 1024.0)
 }
 
+/// What `bench` measures: a checkpoint, or random weights of a named shape (with its
+/// own number of layers, or this one).
+#[derive(Clone, Copy)]
+enum Weights<'a> {
+    Checkpoint(&'a std::path::Path),
+    Random(&'a str, Option<usize>),
+}
+
 fn bench(
-    shape_name: &str,
-    checkpoint: Option<&std::path::Path>,
+    weights: Weights<'_>,
     device: Device,
     opts: &BenchOptions,
     profile: usize,
@@ -395,7 +406,7 @@ fn bench(
     match device {
         Device::Cpu if profile > 0 => Err("--profile needs --engine cuda".into()),
         Device::Cpu => {
-            let model = bench_model(shape_name, checkpoint, Cpu::default())?;
+            let model = bench_model(weights, Cpu::default())?;
             println!("device: CPU, {} threads", rayon::current_num_threads());
             bench_report(&model, opts, bench::host_copy_bandwidth(), "f32")
         }
@@ -414,7 +425,7 @@ fn bench(
                 on_off(be.tensor_core_kernels()),
                 on_off(be.programmatic_launch())
             );
-            let model = bench_model(shape_name, checkpoint, be)?;
+            let model = bench_model(weights, be)?;
             bench_report(&model, opts, bw, "bf16")?;
             let g = model.backend().graph_stats();
             println!(
@@ -493,17 +504,25 @@ fn bench_profile(
     Ok(())
 }
 
-fn bench_model<B: Backend>(
-    shape_name: &str,
-    checkpoint: Option<&std::path::Path>,
-    be: B,
-) -> Result<Model<B>, String> {
+fn bench_model<B: Backend>(weights: Weights<'_>, be: B) -> Result<Model<B>, String> {
     let t = Instant::now();
-    let model = match checkpoint {
-        Some(dir) => Model::load(dir, be).map_err(|e| e.to_string())?,
-        None => Model::random(bench::shape(shape_name)?, be, 1).map_err(|e| e.to_string())?,
+    let (model, what) = match weights {
+        Weights::Checkpoint(dir) => (
+            Model::load(dir, be).map_err(|e| e.to_string())?,
+            dir.display().to_string(),
+        ),
+        Weights::Random(name, layers) => {
+            let mut cfg = bench::shape(name)?;
+            let what = match layers {
+                Some(n) => {
+                    cfg.num_hidden_layers = n;
+                    format!("{name} with {n} layers")
+                }
+                None => name.to_string(),
+            };
+            (Model::random(cfg, be, 1).map_err(|e| e.to_string())?, what)
+        }
     };
-    let what = checkpoint.map_or_else(|| shape_name.to_string(), |d| d.display().to_string());
     let p = bench::parameters(model.config());
     println!(
         "shape {what}: {p:.3e} parameters; loaded in {:.1} s",
@@ -534,8 +553,8 @@ fn bench_report<B: Backend>(
     println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     bench::run(model, opts, |r| {
         let achieved = r.step_bytes / (r.step_ms / 1e3);
-        // The host's part of a step replayed from a graph: its walk over the layers and
-        // the launch, which the device waits for.
+        // The host's part of a step replayed from a graph: its walk over the layers,
+        // which the device waits for.
         let host = r
             .replay_host_ms
             .map_or_else(|| "—".to_string(), |ms| format!("{ms:.3}"));
@@ -832,6 +851,7 @@ fn main() -> ExitCode {
         Cmd::Bench {
             shape,
             model,
+            layers,
             engine,
             verdicts,
             prompt,
@@ -866,7 +886,14 @@ fn main() -> ExitCode {
                     sample: (temperature > 0.0).then_some((temperature, top_p)),
                 };
                 let engine = cuda.apply(engine)?;
-                bench(&shape, model.as_deref(), engine, &opts, profile)?;
+                let model_of = match (&model, layers) {
+                    (Some(_), Some(_)) => {
+                        return Err("--layers changes a --shape, not a --model checkpoint".into())
+                    }
+                    (Some(dir), None) => Weights::Checkpoint(dir),
+                    (None, layers) => Weights::Random(&shape, layers.map(|l| l as usize)),
+                };
+                bench(model_of, engine, &opts, profile)?;
                 match &model {
                     Some(dir) if verdicts > 0 => bench_verdicts(dir, verdicts),
                     _ => Ok(()),

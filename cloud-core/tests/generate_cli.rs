@@ -266,3 +266,60 @@ fn cuda_settings_need_the_cuda_engine() {
     // Nothing was started: no token written.
     assert!(!dir.path().join("operator-token").exists());
 }
+
+/// `bench --layers N` measures a shape with N layers instead of its own (here on the CPU
+/// engine, which replays no graphs: no host time per replayed step); zero layers, and
+/// layers for a checkpoint, are refused by name.
+#[test]
+fn bench_measures_a_shape_with_other_layers() {
+    let bench = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_cloud-core"))
+            .args(["bench", "--shape", "tiny", "--prompt", "4", "--steps", "2"])
+            .args(["--batches", "1,2"])
+            .args(args)
+            .output()
+            .expect("run")
+    };
+    let out = bench(&["--layers", "3"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("shape tiny with 3 layers: "), "{text}");
+    for batch in ["| 1 |", "| 2 |"] {
+        let row = text.lines().find(|l| l.starts_with(batch));
+        let row = row.unwrap_or_else(|| panic!("no row {batch}: {text}"));
+        assert!(row.ends_with("| — |"), "{row}");
+    }
+    // A tiny model's parameters grow with its layers: the count printed is the deeper one's.
+    let count = |text: &str| -> f64 {
+        let at = text.find("layers: ").expect("shape line") + "layers: ".len();
+        text[at..]
+            .split_whitespace()
+            .next()
+            .expect("count")
+            .parse()
+            .expect("number")
+    };
+    let deeper = bench(&["--layers", "4"]);
+    let deeper = String::from_utf8_lossy(&deeper.stdout);
+    assert!(count(&deeper) > count(&text), "{text}\n{deeper}");
+    let out = bench(&["--layers", "0"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--layers"));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = bench(&[
+        "--layers",
+        "2",
+        "--model",
+        dir.path().to_str().expect("utf-8"),
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--layers changes a --shape, not a --model"),
+        "{err}"
+    );
+}

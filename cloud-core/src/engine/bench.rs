@@ -166,7 +166,8 @@ pub struct Row {
     /// Bytes a decode step must read (mid-measurement context).
     pub step_bytes: f64,
     /// Milliseconds of host time per decode step replayed from a CUDA graph, from the
-    /// step's start to its graph's launch (`None`: no step was replayed).
+    /// step's start to its graph's launch, the upload and launch calls apart (`None`: no
+    /// step was replayed).
     pub replay_host_ms: Option<f64>,
 }
 

@@ -544,7 +544,11 @@ mod tests {
         assert_eq!(copies.len(), 1, "the prefix holds the new last block");
         assert_eq!(copies[0].from, e.table()[0]);
         d.truncate(2);
-        assert_eq!(d.edits(), edits + 2, "the copy counts; a cut inside the block does not");
+        assert_eq!(
+            d.edits(),
+            edits + 2,
+            "the copy counts; a cut inside the block does not"
+        );
     }
 
     #[test]

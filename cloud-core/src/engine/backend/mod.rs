@@ -50,9 +50,9 @@ pub struct GraphStats {
     /// Captures or replays given up (the step then ran eagerly): a shape change, a
     /// device allocation a capture cannot hold, a full arena.
     pub abandoned: u64,
-    /// Host nanoseconds over the replayed steps, each from its start to its graph's
-    /// launch (the model's walk over its layers, the staged metadata's upload, the
-    /// launch call): what the host adds to a replayed step.
+    /// Host nanoseconds over the replayed steps, each from its start to the upload of
+    /// its staged metadata and its graph's launch: the model's walk over its layers,
+    /// which the device waits for between steps.
     pub replay_host_ns: u64,
 }
 

@@ -389,6 +389,9 @@ impl Cuda {
             return true;
         }
         st.mode = Mode::Flushed;
+        // The host's walk of a replayed step: from its start to here, where the upload of
+        // what it staged and the graph's launch begin.
+        let walked = st.began.map_or(0, |t| t.elapsed().as_nanos() as u64);
         let Some(key) = st.key else {
             return false;
         };
@@ -463,9 +466,7 @@ impl Cuda {
                 match r {
                     Some(r) => {
                         st.stats.replayed += 1;
-                        if let Some(t) = st.began {
-                            st.stats.replay_host_ns += t.elapsed().as_nanos() as u64;
-                        }
+                        st.stats.replay_host_ns += walked;
                         r
                     }
                     _ => {
