@@ -418,12 +418,10 @@ fn bench(
             let bw = be.copy_bandwidth(1 << 30).map_err(|e| e.to_string())?;
             let (free, total) = be.memory().map_err(|e| e.to_string())?;
             println!(
-                "device: {} ({:.1} GiB, {:.1} GiB free before the weights; tensor-core kernels {}, programmatic launch {})",
-                be.device_name(),
+                "device: {}; {:.1} GiB, {:.1} GiB free before the weights",
+                be.describe(),
                 total as f64 / (1u64 << 30) as f64,
                 free as f64 / (1u64 << 30) as f64,
-                on_off(be.tensor_core_kernels()),
-                on_off(be.programmatic_launch())
             );
             let model = bench_model(weights, be)?;
             bench_report(&model, opts, bw, "bf16")?;

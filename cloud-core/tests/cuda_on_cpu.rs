@@ -88,7 +88,7 @@ fn the_cuda_benchmark_runs_on_the_emulated_device() {
         let on = if extra == plain { "off" } else { "on" };
         assert!(
             text.contains(&format!(
-                "tensor-core kernels {on}, programmatic launch {on})"
+                "tensor-core kernels {on}, graphs on, programmatic launch {on})"
             )),
             "{extra:?}: {text}"
         );

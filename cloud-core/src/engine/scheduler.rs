@@ -484,12 +484,7 @@ fn publish_backend<B: Backend>(be: &B, stats: &Stats) {
         metrics::gauge!("engine_device_memory_total_bytes").set(mem.total_bytes as f64);
     }
     if let Some(g) = figures.graphs {
-        for (how, n) in [
-            ("captured", g.captured),
-            ("replayed", g.replayed),
-            ("eager", g.eager),
-            ("abandoned", g.abandoned),
-        ] {
+        for (how, n) in g.counts() {
             metrics::counter!("engine_steps_total", "how" => how).absolute(n);
         }
     }

@@ -144,12 +144,11 @@ async fn engine_status(State(st): State<AppState>) -> Json<serde_json::Value> {
         "steps": s.steps.load(Ordering::Relaxed),
         "prefix_cache_hits": s.prefix_hits.load(Ordering::Relaxed),
         "prefix_tokens_reused": s.prefix_tokens_reused.load(Ordering::Relaxed),
-        "graphs": b.graphs.map(|g| json!({
-            "captured": g.captured,
-            "replayed": g.replayed,
-            "eager": g.eager,
-            "abandoned": g.abandoned,
-        })),
+        "graphs": b.graphs.map(|g| g
+            .counts()
+            .into_iter()
+            .map(|(how, n)| (how.to_string(), json!(n)))
+            .collect::<serde_json::Map<_, _>>()),
         "device_memory": b.device_memory.map(|m| json!({
             "free_bytes": m.free_bytes,
             "total_bytes": m.total_bytes,

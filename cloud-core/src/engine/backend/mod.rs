@@ -56,6 +56,18 @@ pub struct GraphStats {
     pub replay_host_ns: u64,
 }
 
+impl GraphStats {
+    /// The steps by how they ran, named as the status and the metrics name them.
+    pub fn counts(&self) -> [(&'static str, u64); 4] {
+        [
+            ("captured", self.captured),
+            ("replayed", self.replayed),
+            ("eager", self.eager),
+            ("abandoned", self.abandoned),
+        ]
+    }
+}
+
 /// A device's memory.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DeviceMemory {

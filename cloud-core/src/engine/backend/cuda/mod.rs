@@ -385,17 +385,6 @@ impl Cuda {
         })
     }
 
-    /// The device's name.
-    pub fn device_name(&self) -> &str {
-        &self.name
-    }
-
-    /// Whether the tensor-core kernels run (the device has bf16 tensor cores and the
-    /// options allow them).
-    pub fn tensor_core_kernels(&self) -> bool {
-        self.tensor_cores
-    }
-
     /// Whether kernels are launched with programmatic dependent launch (the device is
     /// sm_90 or later and the options allow it).
     pub fn programmatic_launch(&self) -> bool {
