@@ -153,10 +153,13 @@ static CUresult alloc(CUdeviceptr* p, size_t bytes) {
     if (used + bytes > capacity()) return OUT_OF_MEMORY;
     // Exactly `bytes` (so that, built with AddressSanitizer, an access past the end is
     // caught), 256-aligned as CUDA's, and not zeroed: every byte 0xff, a NaN as f32 and
-    // as bf16 and -1 as an integer, so a kernel that reads what nothing wrote shows it.
+    // as bf16 and -1 as an integer, so a kernel that reads what nothing wrote shows it
+    // (EMU_NO_POISON set: left as the host gives it, untouched, to time the host's
+    // work without the page faults of filling new memory).
     void* m = nullptr;
     if (posix_memalign(&m, 256, bytes ? bytes : 1) != 0) return OUT_OF_MEMORY;
-    std::memset(m, 0xff, bytes);
+    static const bool poison = std::getenv("EMU_NO_POISON") == nullptr;
+    if (poison) std::memset(m, 0xff, bytes);
     *p = (CUdeviceptr)m;
     live[*p] = bytes;
     used += bytes;
@@ -309,9 +312,18 @@ CUresult cuGraphInstantiateWithFlags(void** exec, void* graph, unsigned long lon
     *exec = new Graph(*(Graph*)graph);
     return 0;
 }
+// EMU_REPLAY_LAST set: a replayed graph runs only its last kernel (a decode step's pick
+// of tokens, from the logits the buffers last held), to time the host's walk of a
+// replayed step alone.
 CUresult cuGraphLaunch(void* exec, void* s) {
     if (S(s)->capturing) return CAPTURE_UNSUPPORTED;
-    for (auto& op : ((Graph*)exec)->ops) op();
+    static const bool last = std::getenv("EMU_REPLAY_LAST") != nullptr;
+    auto& ops = ((Graph*)exec)->ops;
+    if (last) {
+        if (!ops.empty()) ops.back()();
+        return 0;
+    }
+    for (auto& op : ops) op();
     return 0;
 }
 CUresult cuGraphUpload(void*, void*) { return 0; }
