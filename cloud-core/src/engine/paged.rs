@@ -1,7 +1,10 @@
 //! The paged KV cache's bookkeeping, independent of where the memory lives.
 //!
 //! Memory comes in *chunks* (one device allocation each, never returned while the pool
-//! lives) cut into fixed-size *blocks* of `block_rows` cache rows. A sequence's cache of
+//! lives) cut into fixed-size *blocks* of `block_rows` cache rows. A pool's chunks grow
+//! with it (each as large as all before it, up to [`MAX_CHUNK_BYTES`] or an eighth of
+//! the budget), so a cache that grows every step allocates rarely, and a chunk that
+//! does not fit what is left of the budget is made smaller, down to the pool's least. A sequence's cache of
 //! one layer is a [`PagedRows`]: a table of blocks plus a row count. Blocks are
 //! reference-counted ([`BlockRef`]): a prefix of one cache is another cache sharing the
 //! same blocks, so a shared system prompt is stored once, and a block goes back to its
@@ -79,9 +82,14 @@ pub trait ChunkSource: Send + Sync {
     fn alloc(&self, bytes: usize) -> Result<(Self::Chunk, u64), String>;
 }
 
+/// The largest chunk a pool allocates at once.
+pub const MAX_CHUNK_BYTES: usize = 256 << 20;
+
 struct PoolState<C> {
     free: Vec<u64>,
     chunks: Vec<C>,
+    /// Blocks in all chunks.
+    blocks: usize,
 }
 
 /// Fixed-size blocks of cache rows of one width.
@@ -111,8 +119,9 @@ pub enum AllocError {
 }
 
 impl<S: ChunkSource> BlockPool<S> {
-    /// A pool of blocks of `block_rows` rows of `row_bytes` bytes, `blocks_per_chunk`
-    /// blocks per allocation, drawing on `budget`.
+    /// A pool of blocks of `block_rows` rows of `row_bytes` bytes, at least
+    /// `blocks_per_chunk` blocks per allocation (and a multiple of it), drawing on
+    /// `budget`.
     pub fn new(
         source: S,
         budget: Arc<Budget>,
@@ -129,6 +138,7 @@ impl<S: ChunkSource> BlockPool<S> {
             state: Mutex::new(PoolState {
                 free: Vec::new(),
                 chunks: Vec::new(),
+                blocks: 0,
             }),
         })
     }
@@ -150,7 +160,20 @@ impl<S: ChunkSource> BlockPool<S> {
 
     /// Blocks in all chunks (free or held).
     pub fn total_blocks(&self) -> usize {
-        self.lock().chunks.len() * self.blocks_per_chunk
+        self.lock().blocks
+    }
+
+    /// Device allocations made so far.
+    pub fn chunks(&self) -> usize {
+        self.lock().chunks.len()
+    }
+
+    /// The blocks of the next chunk, given `total` so far: as many as that, within
+    /// [`MAX_CHUNK_BYTES`] and an eighth of the budget, in whole `blocks_per_chunk`.
+    fn next_chunk_blocks(&self, total: usize) -> usize {
+        let unit = self.blocks_per_chunk;
+        let cap = MAX_CHUNK_BYTES.min(self.budget.limit() / 8) / self.block_bytes;
+        total.min(cap) / unit * unit
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, PoolState<S::Chunk>> {
@@ -165,31 +188,42 @@ impl<S: ChunkSource> BlockPool<S> {
     pub fn alloc(self: &Arc<Self>, n: usize) -> Result<Vec<BlockRef<S>>, AllocError> {
         let mut st = self.lock();
         while st.free.len() < n {
-            let bytes = self.block_bytes * self.blocks_per_chunk;
-            if !self.budget.take(bytes) {
-                let short = n - st.free.len();
-                return Err(AllocError::Full(CacheFull {
-                    needed: short,
-                    block_rows: self.block_rows,
-                    limit_bytes: self.budget.limit(),
-                    used_bytes: self.budget.used(),
-                }));
-            }
-            match self.source.alloc(bytes) {
-                Ok((chunk, base)) => {
-                    st.chunks.push(chunk);
-                    // Lowest addresses handed out first.
-                    st.free.extend(
-                        (0..self.blocks_per_chunk)
-                            .rev()
-                            .map(|i| base + (i * self.block_bytes) as u64),
-                    );
+            // The largest chunk up to the next one's size that the budget still takes and
+            // the allocator gives, halving down to the least.
+            let unit = self.blocks_per_chunk;
+            let mut blocks = self.next_chunk_blocks(st.blocks).max(unit);
+            let (chunk, base) = loop {
+                let bytes = blocks * self.block_bytes;
+                if !self.budget.take(bytes) {
+                    if blocks == unit {
+                        return Err(AllocError::Full(CacheFull {
+                            needed: n - st.free.len(),
+                            block_rows: self.block_rows,
+                            limit_bytes: self.budget.limit(),
+                            used_bytes: self.budget.used(),
+                        }));
+                    }
+                } else {
+                    match self.source.alloc(bytes) {
+                        Ok(got) => break got,
+                        Err(message) => {
+                            self.budget.give_back(bytes);
+                            if blocks == unit {
+                                return Err(AllocError::Device { bytes, message });
+                            }
+                        }
+                    }
                 }
-                Err(message) => {
-                    self.budget.give_back(bytes);
-                    return Err(AllocError::Device { bytes, message });
-                }
-            }
+                blocks = (blocks / 2 / unit).max(1) * unit;
+            };
+            st.chunks.push(chunk);
+            st.blocks += blocks;
+            // Lowest addresses handed out first.
+            st.free.extend(
+                (0..blocks)
+                    .rev()
+                    .map(|i| base + (i * self.block_bytes) as u64),
+            );
         }
         let at = st.free.len() - n;
         let taken: Vec<u64> = st.free.drain(at..).rev().collect();
@@ -208,9 +242,8 @@ impl<S: ChunkSource> BlockPool<S> {
 
 impl<S: ChunkSource> Drop for BlockPool<S> {
     fn drop(&mut self) {
-        let chunks = self.lock().chunks.len();
-        self.budget
-            .give_back(chunks * self.blocks_per_chunk * self.block_bytes);
+        let blocks = self.lock().blocks;
+        self.budget.give_back(blocks * self.block_bytes);
     }
 }
 
@@ -454,6 +487,96 @@ mod tests {
         }
         assert_eq!(p.free_blocks(), 4);
         assert_eq!(p.total_blocks(), 4);
+    }
+
+    /// Each chunk is as large as the pool so far, up to an eighth of the budget: a cache
+    /// growing a block at a time allocates a few times, not once per two blocks.
+    #[test]
+    fn chunks_grow_with_the_pool() {
+        // 1024 blocks of 32 bytes: chunks of at most 128 blocks.
+        let budget = Budget::new(1024 * 32);
+        let p = BlockPool::new(Host, budget.clone(), 4, 8, 2);
+        let mut c = PagedRows::new(p.clone());
+        let mut totals = vec![];
+        for _ in 0..300 {
+            c.grow(4).expect("room");
+            if totals.last() != Some(&p.total_blocks()) {
+                totals.push(p.total_blocks());
+            }
+        }
+        assert_eq!(totals, [2, 4, 8, 16, 32, 64, 128, 256, 384]);
+        assert_eq!(p.chunks(), 9);
+        assert_eq!(budget.used(), 384 * 32);
+        drop(c);
+        drop(p);
+        assert_eq!(budget.used(), 0, "the chunks' bytes go back with the pool");
+    }
+
+    /// A chunk larger than what the budget has left is made smaller, so the pool still
+    /// fills the budget to its last block before it refuses.
+    #[test]
+    fn the_last_chunks_shrink_to_fill_the_budget() {
+        // 70 blocks: chunks 2, 2, 4, then 8 (an eighth of the budget) until 64, then
+        // the 6 left as 4 and 2.
+        let budget = Budget::new(70 * 32);
+        let p = BlockPool::new(Host, budget.clone(), 4, 8, 2);
+        let mut c = PagedRows::new(p.clone());
+        for i in 0..70 {
+            c.grow(4).unwrap_or_else(|e| panic!("block {i}: {e}"));
+        }
+        assert_eq!(p.total_blocks(), 70);
+        assert_eq!(p.free_blocks(), 0);
+        assert_eq!(p.chunks(), 12);
+        assert_eq!(budget.used(), budget.limit());
+        match c.grow(1) {
+            Err(AllocError::Full(f)) => assert_eq!(f.needed, 1),
+            other => panic!("the 71st block: {other:?}"),
+        }
+        assert_eq!(c.rows(), 280);
+    }
+
+    /// Host memory that refuses allocations over a size, as a device short of memory
+    /// below the budget does.
+    struct Capped(usize);
+
+    impl ChunkSource for Capped {
+        type Chunk = Vec<u8>;
+        fn alloc(&self, bytes: usize) -> Result<(Vec<u8>, u64), String> {
+            if bytes > self.0 {
+                return Err(format!("{bytes} bytes: out of memory"));
+            }
+            Host.alloc(bytes)
+        }
+    }
+
+    /// A chunk the allocator refuses is asked for again at half the size, down to the
+    /// least; what the refused ones took from the budget goes back.
+    #[test]
+    fn a_refused_chunk_is_asked_for_again_smaller() {
+        let budget = Budget::new(1024 * 32);
+        let p = BlockPool::new(Capped(4 * 32), budget.clone(), 4, 8, 2);
+        let mut c = PagedRows::new(p.clone());
+        for i in 0..50 {
+            c.grow(4).unwrap_or_else(|e| panic!("block {i}: {e}"));
+        }
+        let total = p.total_blocks();
+        assert!((50..=53).contains(&total), "{total} blocks");
+        assert!(p.chunks() >= 50 / 4, "no chunk over 4 blocks");
+        assert_eq!(budget.used(), total * 32);
+
+        let none = BlockPool::new(Capped(0), budget.clone(), 4, 8, 2);
+        match PagedRows::new(none.clone()).grow(1) {
+            Err(AllocError::Device { bytes, message }) => {
+                assert_eq!(bytes, 64);
+                assert!(message.contains("out of memory"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            budget.used(),
+            total * 32,
+            "the refused chunk's bytes went back"
+        );
     }
 
     #[test]

@@ -138,7 +138,8 @@ pub struct CudaOptions {
     pub reserve: usize,
     /// Positions per KV block.
     pub block_rows: usize,
-    /// Blocks per device allocation of a pool.
+    /// Blocks of a pool's first device allocation, and the unit of the larger ones that
+    /// follow as it grows ([`crate::engine::paged`]).
     pub blocks_per_chunk: usize,
     /// Capture decode steps into CUDA graphs and replay them ([`step`]).
     pub graphs: bool,
