@@ -435,6 +435,17 @@ fn bench(
                 g.abandoned,
                 on_off(model.backend().programmatic_launch())
             );
+            if let Some(kv) = model.backend().kv_cache() {
+                let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
+                println!(
+                    "KV cache at the end: {:.3} GiB held, {:.3} GiB allocated in {} device allocation{}, of a {:.2} GiB budget",
+                    gib(kv.held_bytes),
+                    gib(kv.allocated_bytes),
+                    kv.allocations,
+                    if kv.allocations == 1 { "" } else { "s" },
+                    gib(kv.limit_bytes)
+                );
+            }
             if profile > 0 {
                 bench_profile(&model, opts, profile, bw)?;
             }

@@ -125,6 +125,19 @@ fn the_cuda_benchmark_runs_on_the_emulated_device() {
                 "{extra:?}: {text}"
             );
         }
+        // The KV cache's memory after the runs: the last batch's sequences are gone,
+        // their blocks kept for reuse.
+        let kv = text
+            .lines()
+            .find(|l| l.starts_with("KV cache at the end: "));
+        let kv = kv.unwrap_or_else(|| panic!("{extra:?}: no KV cache line: {text}"));
+        assert!(
+            kv.contains("0.000 GiB held") && kv.contains(" device allocation"),
+            "{kv}"
+        );
+        if extra == plain {
+            assert!(kv.ends_with("of a 0.25 GiB budget"), "{kv}");
+        }
         if extra == profiled {
             // Per batch size, 2 steps: a row per operation with its calls per step (the
             // tiny shape has 2 dense layers: 2 attention launches, which also append the
@@ -298,6 +311,28 @@ async fn serve_on_the_emulated_device_reports_its_backend_and_kv_cache() {
         held <= allocated && 0 < allocated && allocated <= 1 << 28,
         "{status}"
     );
+    let allocations = kv["allocations"].as_u64().expect("allocations");
+    assert!(allocations > 0, "{status}");
+    // The same figures as metrics.
+    let metrics = client
+        .get(format!("{http}/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    for (name, value) in [
+        ("engine_kv_cache_allocated_bytes", allocated),
+        ("engine_kv_cache_allocations", allocations),
+        ("engine_kv_cache_limit_bytes", 1 << 28),
+    ] {
+        let got = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.trim().parse::<f64>().ok());
+        assert_eq!(got, Some(value as f64), "{name}: {metrics}");
+    }
     // The emulated device's 4 GiB, less the weights, caches and activations.
     let mem = &status["device_memory"];
     assert_eq!(mem["total_bytes"], 4u64 << 30, "{status}");

@@ -477,6 +477,7 @@ fn publish_backend<B: Backend>(be: &B, stats: &Stats) {
     if let Some(kv) = figures.kv_cache {
         metrics::gauge!("engine_kv_cache_held_bytes").set(kv.held_bytes as f64);
         metrics::gauge!("engine_kv_cache_allocated_bytes").set(kv.allocated_bytes as f64);
+        metrics::gauge!("engine_kv_cache_allocations").set(kv.allocations as f64);
         metrics::gauge!("engine_kv_cache_limit_bytes").set(kv.limit_bytes as f64);
     }
     if let Some(mem) = figures.device_memory {

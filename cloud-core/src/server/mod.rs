@@ -156,6 +156,7 @@ async fn engine_status(State(st): State<AppState>) -> Json<serde_json::Value> {
         "kv_cache": b.kv_cache.map(|kv| json!({
             "held_bytes": kv.held_bytes,
             "allocated_bytes": kv.allocated_bytes,
+            "allocations": kv.allocations,
             "limit_bytes": kv.limit_bytes,
         })),
         "verdicts": st.verdicts.count(),

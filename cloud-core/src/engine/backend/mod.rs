@@ -84,6 +84,8 @@ pub struct KvCacheUsage {
     pub held_bytes: usize,
     /// Bytes allocated on the device for blocks (held or free for reuse).
     pub allocated_bytes: usize,
+    /// The device allocations those bytes came in (a pool's allocations grow with it).
+    pub allocations: usize,
     /// The most it may allocate.
     pub limit_bytes: usize,
 }

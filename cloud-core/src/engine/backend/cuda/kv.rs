@@ -86,15 +86,17 @@ impl Cuda {
     /// The paged cache's memory: `None` before its first row (the budget is set then).
     pub(super) fn kv_cache_usage(&self) -> Option<KvCacheUsage> {
         let limit_bytes = lock(&self.budget).as_ref()?.limit();
-        let (mut held_bytes, mut allocated_bytes) = (0, 0);
+        let (mut held_bytes, mut allocated_bytes, mut allocations) = (0, 0, 0);
         for pool in lock(&self.pools).values() {
             let total = pool.total_blocks();
             held_bytes += total.saturating_sub(pool.free_blocks()) * pool.block_bytes();
             allocated_bytes += total * pool.block_bytes();
+            allocations += pool.chunks();
         }
         Some(KvCacheUsage {
             held_bytes,
             allocated_bytes,
+            allocations,
             limit_bytes,
         })
     }
