@@ -4,13 +4,14 @@
 //! lives) cut into fixed-size *blocks* of `block_rows` cache rows. A pool's chunks grow
 //! with it (each as large as all before it, up to [`MAX_CHUNK_BYTES`] or an eighth of
 //! the budget), so a cache that grows every step allocates rarely, and a chunk that
-//! does not fit what is left of the budget is made smaller, down to the pool's least. A sequence's cache of
-//! one layer is a [`PagedRows`]: a table of blocks plus a row count. Blocks are
-//! reference-counted ([`BlockRef`]): a prefix of one cache is another cache sharing the
-//! same blocks, so a shared system prompt is stored once, and a block goes back to its
-//! pool's free list when the last cache holding it drops it. Every block has the same
-//! size, so freeing never fragments; a pool grows a chunk at a time until the byte budget
-//! shared by all pools is spent, and then refuses with [`CacheFull`].
+//! does not fit what is left of the budget is made smaller, down to the pool's least.
+//! A sequence's cache of one layer is a [`PagedRows`]: a table of blocks plus a row
+//! count. Blocks are reference-counted ([`BlockRef`]): a prefix of one cache is another
+//! cache sharing the same blocks, so a shared system prompt is stored once, and a block
+//! goes back to its pool's free list when the last cache holding it drops it. Every
+//! block has the same size, so freeing never fragments; a pool grows a chunk at a time
+//! until the byte budget shared by all pools is spent, and then refuses with
+//! [`CacheFull`].
 //!
 //! Appending to a block that another cache also holds copies it first (copy-on-write of
 //! the last, partly filled block), so sharing never lets one sequence see another's rows.
