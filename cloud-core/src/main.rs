@@ -203,6 +203,12 @@ struct CudaFlags {
     /// sm_80 (to measure what those kernels gain, or to fall back).
     #[arg(long)]
     no_tensor_core_kernels: bool,
+    /// CUDA: decode steps whose query heads share a key head by this many or more run
+    /// attention on the tensor cores (attention_mma), fewer on the CUDA cores
+    /// (attention_batch); 1: every decode step on the tensor cores (to compare the two on
+    /// a GQA model) [default: 8].
+    #[arg(long, value_parser = at_least_one)]
+    mma_decode_group: Option<usize>,
     /// CUDA: launch kernels without programmatic dependent launch (sm_90 and later use
     /// it: each kernel's blocks are placed while the one before it ends).
     #[arg(long)]
@@ -222,6 +228,7 @@ impl CudaFlags {
                     kv_cache_bytes: self.kv_cache_gib.or(d.kv_cache_bytes),
                     graphs: !self.no_graphs,
                     tensor_core_kernels: !self.no_tensor_core_kernels,
+                    mma_decode_group: self.mma_decode_group.unwrap_or(d.mma_decode_group),
                     pdl: !self.no_pdl,
                 }))
             }
@@ -231,6 +238,7 @@ impl CudaFlags {
                     (self.kv_cache_gib.is_some(), "--kv-cache-gib"),
                     (self.no_graphs, "--no-graphs"),
                     (self.no_tensor_core_kernels, "--no-tensor-core-kernels"),
+                    (self.mma_decode_group.is_some(), "--mma-decode-group"),
                     (self.no_pdl, "--no-pdl"),
                 ]
                 .into_iter()
@@ -252,6 +260,14 @@ fn on_off(on: bool) -> &'static str {
         "on"
     } else {
         "off"
+    }
+}
+
+/// A whole number of at least one.
+fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!("{s:?} is not a whole number of at least 1")),
     }
 }
 

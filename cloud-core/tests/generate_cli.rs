@@ -249,6 +249,23 @@ fn cuda_settings_need_the_cuda_engine() {
     );
     let err = run(&["bench", "--shape", "tiny", "--cuda-device", "1"]);
     assert!(err.contains("--cuda-device need --engine cuda"), "{err}");
+    let err = run(&["bench", "--shape", "tiny", "--mma-decode-group", "1"]);
+    assert!(
+        err.contains("--mma-decode-group need --engine cuda"),
+        "{err}"
+    );
+    for bad in ["0", "-2", "six"] {
+        let err = run(&[
+            "bench",
+            "--engine",
+            "cuda",
+            &format!("--mma-decode-group={bad}"),
+        ]);
+        assert!(
+            err.contains("is not a whole number of at least 1"),
+            "{bad}: {err}"
+        );
+    }
     for bad in ["0", "-1", "lots"] {
         let err = run(&[
             "serve",

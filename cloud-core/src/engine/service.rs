@@ -52,6 +52,9 @@ pub struct CudaSettings {
     pub graphs: bool,
     /// The tensor-core kernels where the device has them (attention, grouped experts).
     pub tensor_core_kernels: bool,
+    /// The least query heads per key head whose decode steps run attention on the
+    /// tensor cores (8 by default; 1: all).
+    pub mma_decode_group: usize,
     /// Programmatic dependent launch where the device has it (sm_90 and later).
     pub pdl: bool,
 }
@@ -63,6 +66,7 @@ impl Default for CudaSettings {
             kv_cache_bytes: None,
             graphs: true,
             tensor_core_kernels: true,
+            mma_decode_group: 8,
             pdl: true,
         }
     }
@@ -76,6 +80,7 @@ impl From<CudaSettings> for super::backend::cuda::CudaOptions {
             kv_cache_bytes: s.kv_cache_bytes,
             graphs: s.graphs,
             tensor_core_kernels: s.tensor_core_kernels,
+            mma_decode_group: s.mma_decode_group,
             pdl: s.pdl,
             ..Default::default()
         }

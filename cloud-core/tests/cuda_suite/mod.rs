@@ -80,17 +80,26 @@ fn run<B: Backend>(model: &Model<B>, case: &Case) -> (Vec<f32>, Vec<Vec<f32>>) {
 }
 
 /// With the tensor-core kernels (attention, grouped expert GEMMs) where the device has
-/// them, and without (the kernels of older devices).
+/// them, and without (the kernels of older devices); and with every decode step's
+/// attention on the tensor cores (`attention_mma` split over a decode row's positions
+/// with fewer query heads per key head than a tile has slots, which the defaults leave
+/// to `attention_batch`).
 #[test]
 fn cuda_logits_match_the_reference_and_the_cpu_backend() {
     let Some(_) = gpu(CudaOptions::default()) else {
         return;
     };
-    for (arch, tensor_core_kernels) in ARCHS.iter().flat_map(|a| [(a, true), (a, false)]) {
+    let default_group = CudaOptions::default().mma_decode_group;
+    let variants = [(true, default_group), (false, default_group), (true, 1)];
+    for (arch, (tensor_core_kernels, mma_decode_group)) in ARCHS
+        .iter()
+        .flat_map(|a| variants.iter().map(move |v| (a, *v)))
+    {
         let dir = fixtures().join(arch);
         let cpu = Model::load(&dir, Cpu::default()).expect("cpu model");
         let opts = CudaOptions {
             tensor_core_kernels,
+            mma_decode_group,
             ..Default::default()
         };
         let mut cuda = Model::load(&dir, gpu(opts).expect("gpu")).expect("cuda model");
@@ -103,12 +112,17 @@ fn cuda_logits_match_the_reference_and_the_cpu_backend() {
         for &absorbed in modes {
             cuda.set_mla_absorbed(absorbed);
             let label = format!(
-                "{arch}{}{}",
+                "{arch}{}{}{}",
                 if absorbed { "" } else { " (expanded MLA)" },
                 if tensor_core_kernels {
                     ""
                 } else {
                     " (no tensor-core kernels)"
+                },
+                if mma_decode_group == default_group {
+                    ""
+                } else {
+                    " (decode attention on the tensor cores)"
                 }
             );
             let mut worst = 0f64;

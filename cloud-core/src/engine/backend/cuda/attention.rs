@@ -81,12 +81,13 @@ impl Cuda {
         let (knew, vnew) = fresh.map_or((0, 0), |(k, v)| (k.ptr(), v.ptr()));
         // On the tensor cores, when the device has them and a block's tiles fit its shared
         // memory: prompts (two rows or more per sequence on average: never a decode step),
-        // and steps whose query heads share keys by eight or more (MLA's absorbed form,
-        // whose one key head all heads share), where one tile of keys serves them all.
+        // and steps whose query heads share keys by `mma_decode_group` or more (eight by
+        // default: MLA's absorbed form, whose one key head all heads share), where one
+        // tile of keys serves them all.
         let g = s.h / s.hk;
         let tiles_bytes = fa_shared(s.dk, s.dv, s.values_in_keys);
         if self.tensor_cores
-            && (t >= 2 * n || s.values_in_keys || g >= 8)
+            && (t >= 2 * n || s.values_in_keys || g >= self.opts.mma_decode_group.max(1))
             && s.dk.is_multiple_of(8)
             && s.dv.is_multiple_of(8)
             && tiles_bytes <= self.kernels.f["attention_mma"].dynamic as usize

@@ -152,11 +152,22 @@ pub struct CudaOptions {
     /// (`attention_batch`) and one cuBLAS GEMM per expert, as on older devices (to
     /// compare the two, or to fall back).
     pub tensor_core_kernels: bool,
+    /// With the tensor-core kernels: decode steps whose query heads share a key head by
+    /// this many or more run attention on `attention_mma` (one tile of keys read for all
+    /// of a key head's query heads), fewer on `attention_batch` (a block per query head).
+    /// [`MMA_DECODE_GROUP`] by default (MLA's absorbed form, and GQA of eight heads per
+    /// key head or more); 1 puts every decode step on the tensor cores (to compare the
+    /// two on GQA models, such as the 1.5B's six heads per key head).
+    pub mma_decode_group: usize,
     /// Launch every kernel with programmatic dependent launch on sm_90 and later (see
     /// `grid_dependency` in the kernels): the next kernel's blocks are placed while the
     /// one before it ends, rather than after. `false`: plain launches.
     pub pdl: bool,
 }
+
+/// The least query heads per key head whose decode steps run attention on
+/// `attention_mma` by default ([`CudaOptions::mma_decode_group`]).
+pub const MMA_DECODE_GROUP: usize = 8;
 
 impl Default for CudaOptions {
     fn default() -> Self {
@@ -169,6 +180,7 @@ impl Default for CudaOptions {
             graphs: true,
             graph_memory: (64 << 20, 1 << 20),
             tensor_core_kernels: true,
+            mma_decode_group: MMA_DECODE_GROUP,
             pdl: true,
         }
     }

@@ -22,8 +22,14 @@ impl Backend for Cuda {
 
     fn describe(&self) -> String {
         let on = |b: bool| if b { "on" } else { "off" };
+        let group = self.opts.mma_decode_group;
+        let decode = if self.tensor_cores && group != super::MMA_DECODE_GROUP {
+            format!(" (decode attention on them at {group} or more query heads per key head)")
+        } else {
+            String::new()
+        };
         format!(
-            "cuda: {} (device {}, tensor-core kernels {}, graphs {}, programmatic launch {})",
+            "cuda: {} (device {}, tensor-core kernels {}{decode}, graphs {}, programmatic launch {})",
             self.name,
             self.opts.device,
             on(self.tensor_cores),
