@@ -433,11 +433,12 @@ fn bench(
             let be = Cuda::new(settings.into()).map_err(|e| e.to_string())?;
             let bw = be.copy_bandwidth(1 << 30).map_err(|e| e.to_string())?;
             let (free, total) = be.memory().map_err(|e| e.to_string())?;
+            let in_gib = |b: usize| b as f64 / (1u64 << 30) as f64;
             println!(
                 "device: {}; {:.1} GiB, {:.1} GiB free before the weights",
                 be.describe(),
-                total as f64 / (1u64 << 30) as f64,
-                free as f64 / (1u64 << 30) as f64,
+                in_gib(total),
+                in_gib(free),
             );
             let model = bench_model(weights, be)?;
             bench_report(&model, opts, bw, "bf16")?;
@@ -452,14 +453,13 @@ fn bench(
                 on_off(model.backend().programmatic_launch())
             );
             if let Some(kv) = model.backend().kv_cache() {
-                let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
                 println!(
                     "KV cache at the end: {:.3} GiB held, {:.3} GiB allocated in {} device allocation{}, of a {:.2} GiB budget",
-                    gib(kv.held_bytes),
-                    gib(kv.allocated_bytes),
+                    in_gib(kv.held_bytes),
+                    in_gib(kv.allocated_bytes),
                     kv.allocations,
                     if kv.allocations == 1 { "" } else { "s" },
-                    gib(kv.limit_bytes)
+                    in_gib(kv.limit_bytes)
                 );
             }
             if profile > 0 {

@@ -55,6 +55,9 @@ fn the_cuda_benchmark_runs_on_the_emulated_device() {
     // one, which has both) in a KV budget of a quarter GiB; then with a driver that
     // refuses programmatic launches in a capture.
     let profiled = &["--profile", "2"][..];
+    // Profiled with every decode step's attention on the tensor cores (the tiny shape has
+    // two query heads per key head: attention_batch's by default).
+    let mma = &["--profile", "2", "--mma-decode-group", "1"][..];
     let plain = &[
         "--no-tensor-core-kernels",
         "--no-pdl",
@@ -65,6 +68,7 @@ fn the_cuda_benchmark_runs_on_the_emulated_device() {
         (&[][..], false),
         (&["--temperature", "1", "--top-p", "0.9"], false),
         (profiled, false),
+        (mma, false),
         (plain, false),
         (&[], true),
     ] {
@@ -86,9 +90,14 @@ fn the_cuda_benchmark_runs_on_the_emulated_device() {
         );
         assert!(text.contains("CUDA device emulated on the CPU"), "{text}");
         let on = if extra == plain { "off" } else { "on" };
+        let decode = if extra == mma {
+            " (decode attention on them at 1 or more query heads per key head)"
+        } else {
+            ""
+        };
         assert!(
             text.contains(&format!(
-                "tensor-core kernels {on}, graphs on, programmatic launch {on})"
+                "tensor-core kernels {on}{decode}, graphs on, programmatic launch {on})"
             )),
             "{extra:?}: {text}"
         );
@@ -138,7 +147,12 @@ fn the_cuda_benchmark_runs_on_the_emulated_device() {
         if extra == plain {
             assert!(kv.ends_with("of a 0.25 GiB budget"), "{kv}");
         }
-        if extra == profiled {
+        if extra == profiled || extra == mma {
+            let attention = if extra == mma {
+                "attention_mma"
+            } else {
+                "attention_batch"
+            };
             // Per batch size, 2 steps: a row per operation with its calls per step (the
             // tiny shape has 2 dense layers: 2 attention launches, which also append the
             // step's keys and values to the caches and merge split positions, 2 q/k/v
@@ -153,7 +167,7 @@ fn the_cuda_benchmark_runs_on_the_emulated_device() {
                 let table = &text[at..];
                 let table = &table[..table.find("\n\n").unwrap_or(table.len())];
                 for (op, calls) in [
-                    ("attention_batch", 2.0),
+                    (attention, 2.0),
                     ("gemv_bf16_norm_rope", 2.0),
                     ("gemv_bf16_norm", 1.0),
                     ("gemv_swiglu_norm", 2.0),
@@ -180,7 +194,7 @@ fn the_cuda_benchmark_runs_on_the_emulated_device() {
                 // cache append and no merge of split positions apart from the attention
                 // (the embedding gather aside).
                 let known = [
-                    "attention_batch",
+                    attention,
                     "gemv_bf16_norm_rope",
                     "gemv_bf16_norm",
                     "gemv_swiglu_norm",

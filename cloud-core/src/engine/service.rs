@@ -53,7 +53,7 @@ pub struct CudaSettings {
     /// The tensor-core kernels where the device has them (attention, grouped experts).
     pub tensor_core_kernels: bool,
     /// The least query heads per key head whose decode steps run attention on the
-    /// tensor cores (8 by default; 1: all).
+    /// tensor cores ([`super::backend::MMA_DECODE_GROUP`] by default; 1: all).
     pub mma_decode_group: usize,
     /// Programmatic dependent launch where the device has it (sm_90 and later).
     pub pdl: bool,
@@ -66,7 +66,7 @@ impl Default for CudaSettings {
             kv_cache_bytes: None,
             graphs: true,
             tensor_core_kernels: true,
-            mma_decode_group: 8,
+            mma_decode_group: super::backend::MMA_DECODE_GROUP,
             pdl: true,
         }
     }

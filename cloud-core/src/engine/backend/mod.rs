@@ -68,6 +68,11 @@ impl GraphStats {
     }
 }
 
+/// The least query heads per key head whose decode steps a device backend runs
+/// attention for on its tensor cores by default (the CUDA backend's `attention_mma`: MLA's
+/// absorbed form, and GQA of eight heads per key head or more).
+pub const MMA_DECODE_GROUP: usize = 8;
+
 /// A device's memory.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DeviceMemory {

@@ -155,7 +155,7 @@ pub struct CudaOptions {
     /// With the tensor-core kernels: decode steps whose query heads share a key head by
     /// this many or more run attention on `attention_mma` (one tile of keys read for all
     /// of a key head's query heads), fewer on `attention_batch` (a block per query head).
-    /// [`MMA_DECODE_GROUP`] by default (MLA's absorbed form, and GQA of eight heads per
+    /// [`crate::engine::backend::MMA_DECODE_GROUP`] by default (MLA's absorbed form, and GQA of eight heads per
     /// key head or more); 1 puts every decode step on the tensor cores (to compare the
     /// two on GQA models, such as the 1.5B's six heads per key head).
     pub mma_decode_group: usize,
@@ -164,10 +164,6 @@ pub struct CudaOptions {
     /// one before it ends, rather than after. `false`: plain launches.
     pub pdl: bool,
 }
-
-/// The least query heads per key head whose decode steps run attention on
-/// `attention_mma` by default ([`CudaOptions::mma_decode_group`]).
-pub const MMA_DECODE_GROUP: usize = 8;
 
 impl Default for CudaOptions {
     fn default() -> Self {
@@ -180,7 +176,7 @@ impl Default for CudaOptions {
             graphs: true,
             graph_memory: (64 << 20, 1 << 20),
             tensor_core_kernels: true,
-            mma_decode_group: MMA_DECODE_GROUP,
+            mma_decode_group: crate::engine::backend::MMA_DECODE_GROUP,
             pdl: true,
         }
     }

@@ -23,7 +23,7 @@ impl Backend for Cuda {
     fn describe(&self) -> String {
         let on = |b: bool| if b { "on" } else { "off" };
         let group = self.opts.mma_decode_group;
-        let decode = if self.tensor_cores && group != super::MMA_DECODE_GROUP {
+        let decode = if self.tensor_cores && group != crate::engine::backend::MMA_DECODE_GROUP {
             format!(" (decode attention on them at {group} or more query heads per key head)")
         } else {
             String::new()
