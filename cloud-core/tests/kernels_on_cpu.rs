@@ -479,66 +479,98 @@ fn rope_matches_the_cpu_in_both_layouts() {
     }
 }
 
-/// A paged cache in host memory: `rows` of `cols` bf16 values in blocks of `br` rows,
-/// the blocks deliberately out of order.
+/// One sequence's paged cache in host memory, laid out as the backend lays it out: blocks
+/// of `br` positions of `layers` layers, each layer's key rows (`kc` wide) then its value
+/// rows (`vc` wide; none when the values are the keys' columns), the blocks deliberately
+/// out of order, every other layer's rows NaN (a kernel reading them would show).
 struct Paged {
     blocks: Vec<Vec<bf16>>,
     table: Vec<u64>,
+    br: usize,
+    kc: usize,
+    vc: usize,
+    /// Elements into a block of the layer's key rows and value rows.
+    kbase: usize,
+    vbase: usize,
 }
 
-fn paged(values: &[f32], cols: usize, br: usize) -> Paged {
-    paged_with_room(values, cols, br, 0)
-}
-
-/// A paged cache holding `values` (written through the kernel, at addresses taken from a
-/// table in reverse block order), with blocks for `room` more rows.
-fn paged_with_room(values: &[f32], cols: usize, br: usize, room: usize) -> Paged {
-    let rows = values.len() / cols;
-    let n = (rows + room).div_ceil(br).max(1);
-    let blocks: Vec<Vec<bf16>> = (0..n).map(|_| vec![bf16::ZERO; br * cols]).collect();
-    let order: Vec<usize> = (0..n).rev().collect();
-    let table: Vec<u64> = (0..n)
-        .map(|i| blocks[order[i]].as_ptr() as usize as u64)
-        .collect();
-    let addrs: Vec<u64> = (0..rows)
-        .map(|r| table[r / br] + ((r % br) * cols * 2) as u64)
-        .collect();
-    if rows > 0 {
-        launch(
-            "paged_write",
-            (rows as u32, 1),
-            128,
-            0,
-            &[p(values), p(&addrs), Arg::I(cols as i32)],
-        );
+impl Paged {
+    /// Layer `layer` of `layers` holding keys `k` and values `v` (`v` empty when the
+    /// values are the keys' columns, `vc` 0), with blocks for `room` more positions.
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        k: &[f32],
+        v: &[f32],
+        (kc, vc): (usize, usize),
+        br: usize,
+        room: usize,
+        (layer, layers): (usize, usize),
+    ) -> Paged {
+        let rows = k.len() / kc;
+        let n = (rows + room).div_ceil(br).max(1);
+        let per_layer = br * (kc + vc);
+        let mut blocks: Vec<Vec<bf16>> = (0..n)
+            .map(|_| vec![bf16::NAN; layers * per_layer])
+            .collect();
+        let (kbase, vbase) = (layer * per_layer, layer * per_layer + br * kc);
+        // Table entry i is block n - 1 - i.
+        for r in 0..rows {
+            let b = &mut blocks[n - 1 - r / br];
+            let (o, kr) = (r % br, &k[r * kc..(r + 1) * kc]);
+            for (d, x) in b[kbase + o * kc..].iter_mut().zip(kr) {
+                *d = bf16::from_f32(*x);
+            }
+            if vc > 0 {
+                for (d, x) in b[vbase + o * vc..].iter_mut().zip(&v[r * vc..(r + 1) * vc]) {
+                    *d = bf16::from_f32(*x);
+                }
+            }
+        }
+        // The rows to come: zero, as the backend's blocks may hold anything there.
+        for r in rows..n * br {
+            let b = &mut blocks[n - 1 - r / br];
+            let o = r % br;
+            b[kbase + o * kc..kbase + (o + 1) * kc].fill(bf16::ZERO);
+            b[vbase + o * vc..vbase + (o + 1) * vc].fill(bf16::ZERO);
+        }
+        let table = (0..n)
+            .map(|i| blocks[n - 1 - i].as_ptr() as usize as u64)
+            .collect();
+        Paged {
+            blocks,
+            table,
+            br,
+            kc,
+            vc,
+            kbase,
+            vbase: if vc > 0 { vbase } else { kbase },
+        }
     }
-    Paged { blocks, table }
-}
 
-#[test]
-fn paged_cache_rows_round_trip() {
-    if !available() {
-        return;
+    /// The first `rows` rows `cols` wide from `base`, as f32.
+    fn read(&self, rows: usize, base: usize, cols: usize) -> Vec<f32> {
+        let n = self.blocks.len();
+        (0..rows)
+            .flat_map(|r| {
+                let b = &self.blocks[n - 1 - r / self.br];
+                let at = base + (r % self.br) * cols;
+                b[at..at + cols].iter().map(|x| x.to_f32())
+            })
+            .collect()
     }
-    let (rows, cols, br) = (11, 20, 4);
-    let v = rand_vec(rows * cols, 14);
-    let c = paged(&v, cols, br);
-    let mut back = vec![0f32; 7 * cols];
-    launch(
-        "paged_read",
-        (7, 1),
-        128,
-        0,
-        &[
-            p(&c.table),
-            Arg::I(br as i32),
-            Arg::I(cols as i32),
-            Arg::I(0),
-            pm(&mut back),
-        ],
-    );
-    assert_eq!(back, rounded(&v[..7 * cols]));
-    assert_eq!(c.blocks.len(), 3);
+
+    fn keys(&self, rows: usize) -> Vec<f32> {
+        self.read(rows, self.kbase, self.kc)
+    }
+
+    fn values(&self, rows: usize) -> Vec<f32> {
+        self.read(rows, self.vbase, self.vc)
+    }
+
+    /// The kernels' `kbase` and `vbase`, in bytes.
+    fn bases(&self) -> (i64, i64) {
+        (2 * self.kbase as i64, 2 * self.vbase as i64)
+    }
 }
 
 /// One step of several sequences: each appends its new rows to its caches and attends
@@ -599,8 +631,9 @@ fn batched_paged_attention_matches_the_cpu_per_sequence() {
         } else {
             rand_vec(t * vc, seed + 3)
         };
-        let mut kcs = Vec::new();
-        let mut vcs = Vec::new();
+        // Layer 1 or 2 of three: the rows start past other layers' (NaN) rows.
+        let layer = (1 + ci % 2, 3);
+        let mut caches = Vec::new();
         let mut k_old = Vec::new();
         let mut v_old = Vec::new();
         for (i, &(cached, new)) in seqs.iter().enumerate() {
@@ -610,25 +643,21 @@ fn batched_paged_attention_matches_the_cpu_per_sequence() {
             } else {
                 rand_vec(cached * vc, seed + 20 + i as u64)
             };
-            kcs.push(paged_with_room(&k, kc, br, new));
-            vcs.push(paged_with_room(&v, vc, br, new));
+            let kept = if vik { (&[][..], 0) } else { (&v[..], vc) };
+            caches.push(Paged::new(&k, kept.0, (kc, kept.1), br, new, layer));
             k_old.push(k);
             v_old.push(v);
         }
-        let mut meta = vec![0u64; 4 * n + 1];
+        let (kbase, vbase) = caches[0].bases();
+        let mut meta = vec![0u64; 3 * n + 1];
         let mut row0 = 0;
         for (i, &(cached, new)) in seqs.iter().enumerate() {
-            meta[i] = kcs[i].table.as_ptr() as u64;
-            meta[n + i] = if vik {
-                meta[i]
-            } else {
-                vcs[i].table.as_ptr() as u64
-            };
-            meta[2 * n + i] = cached as u64;
-            meta[3 * n + i] = row0 as u64;
+            meta[i] = caches[i].table.as_ptr() as u64;
+            meta[n + i] = cached as u64;
+            meta[2 * n + i] = row0 as u64;
             row0 += new;
         }
-        meta[4 * n] = t as u64;
+        meta[3 * n] = t as u64;
         // Peaked: a few positions take most of the weight, as in a trained model.
         let scale = 3.0 / (dk as f32).sqrt();
         let warps = kernel_define("ATT_WARPS") as u32;
@@ -667,6 +696,8 @@ fn batched_paged_attention_matches_the_cpu_per_sequence() {
                     Arg::I(vhead as i32),
                     Arg::F(scale),
                     Arg::I(br as i32),
+                    Arg::L(kbase),
+                    Arg::L(vbase),
                     if fresh { p(&k_new) } else { Arg::U(0) },
                     match (fresh, vik) {
                         (false, _) => Arg::U(0),
@@ -724,6 +755,8 @@ fn batched_paged_attention_matches_the_cpu_per_sequence() {
                     Arg::I(vhead as i32),
                     Arg::F(scale),
                     Arg::I(br as i32),
+                    Arg::L(kbase),
+                    Arg::L(vbase),
                     if fresh { p(&k_new) } else { Arg::U(0) },
                     match (fresh, vik) {
                         (false, _) => Arg::U(0),
@@ -742,31 +775,20 @@ fn batched_paged_attention_matches_the_cpu_per_sequence() {
         let mut at = 0;
         for (i, &(cached, new)) in seqs.iter().enumerate() {
             let total = cached + new;
-            for (cache, cols, old, fresh, what) in [
-                (&kcs[i], kc, &k_old[i], &k_new, "keys"),
-                (&vcs[i], vc, &v_old[i], &v_new, "values"),
+            for (cols, old, fresh, what) in [
+                (kc, &k_old[i], &k_new, "keys"),
+                (vc, &v_old[i], &v_new, "values"),
             ] {
                 if vik && what == "values" {
                     continue;
                 }
                 let mut want = old.clone();
                 want.extend_from_slice(&fresh[at * cols..(at + new) * cols]);
-                let mut back = vec![0f32; total * cols];
-                if total > 0 {
-                    launch(
-                        "paged_read",
-                        (total as u32, 1),
-                        128,
-                        0,
-                        &[
-                            p(&cache.table),
-                            Arg::I(br as i32),
-                            Arg::I(cols as i32),
-                            Arg::I(0),
-                            pm(&mut back),
-                        ],
-                    );
-                }
+                let back = if what == "keys" {
+                    caches[i].keys(total)
+                } else {
+                    caches[i].values(total)
+                };
                 assert_eq!(
                     back,
                     rounded(&want),
@@ -823,36 +845,14 @@ fn batched_paged_attention_matches_the_cpu_per_sequence() {
             let mut v = v_old[i].clone();
             v.extend_from_slice(&v_new[at * vc..(at + new) * vc]);
             // The appended rows are in the cache, as bf16.
-            let mut back = vec![0f32; total * kc];
-            if total > 0 {
-                launch(
-                    "paged_read",
-                    (total as u32, 1),
-                    128,
-                    0,
-                    &[
-                        p(&kcs[i].table),
-                        Arg::I(br as i32),
-                        Arg::I(kc as i32),
-                        Arg::I(0),
-                        pm(&mut back),
-                    ],
-                );
-            }
-            assert_eq!(back, rounded(&k), "case {ci}, sequence {i}: keys");
+            assert_eq!(
+                caches[i].keys(total),
+                rounded(&k),
+                "case {ci}, sequence {i}: keys"
+            );
             if new > 0 {
                 let qs = &q[at * h * dk..(at + new) * h * dk];
-                let want = cpu.attention(
-                    &qs.to_vec(),
-                    &rounded(&k),
-                    &rounded(&v),
-                    new,
-                    h,
-                    hk,
-                    dk,
-                    dv,
-                    scale,
-                );
+                let want = cpu.attention(qs, &rounded(&k), &rounded(&v), new, h, hk, dk, dv, scale);
                 assert_close(
                     &out[at * h * dv..(at + new) * h * dv],
                     &want,

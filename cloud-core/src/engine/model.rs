@@ -15,7 +15,7 @@
 
 use std::path::Path;
 
-use super::backend::{AttnShape, Backend, DeviceError, RopeLayout, RopeOf, Weight};
+use super::backend::{AttnShape, Backend, DeviceError, KvShape, RopeLayout, RopeOf, Weight};
 use super::config::{Arch, ConfigError, ModelConfig, MoeConfig, ScoringFunc, TopkMethod};
 use super::rope;
 use super::sampler::{Pick, Sampled, MAX_ALTERNATIVES};
@@ -158,8 +158,7 @@ enum Outputs {
 
 /// One sequence's key/value cache.
 pub struct Cache<B: Backend> {
-    k: Vec<B::Buf>,
-    v: Vec<B::Buf>,
+    kv: B::Kv,
     len: usize,
 }
 
@@ -447,10 +446,8 @@ impl<B: Backend> Model<B> {
 
     /// An empty cache for one sequence.
     pub fn new_cache(&self) -> Cache<B> {
-        let empty = self.be.upload(&[]);
         Cache {
-            k: vec![empty.clone(); self.layers.len()],
-            v: vec![empty; self.layers.len()],
+            kv: self.be.new_kv(self.kv_shape()),
             len: 0,
         }
     }
@@ -463,33 +460,36 @@ impl<B: Backend> Model<B> {
 
     /// The first `keep` rows of every layer's cache (a paged backend shares the blocks).
     fn cut(&self, cache: &Cache<B>, keep: usize) -> Cache<B> {
-        let (kc, vc) = self.cache_cols();
-        let cut = |b: &B::Buf, cols: usize| {
-            if self.be.len(b) == 0 {
-                return b.clone();
-            }
-            self.be.slice_rows(b, cols, 0, keep)
-        };
         Cache {
-            k: cache.k.iter().map(|b| cut(b, kc)).collect(),
-            v: cache.v.iter().map(|b| cut(b, vc)).collect(),
+            kv: self.be.kv_prefix(&cache.kv, keep),
             len: keep,
         }
     }
 
-    /// The widths of a cache row of keys and of values.
-    fn cache_cols(&self) -> (usize, usize) {
+    /// A sequence's cache: its layers, the widths of a row of keys and of values, and
+    /// whether the values are the keys' first columns.
+    fn kv_shape(&self) -> KvShape {
         let c = &self.cfg;
-        match &c.mla {
+        let (kcols, vcols, values_in_keys) = match &c.mla {
             None => (
                 c.num_key_value_heads * c.head_dim,
                 c.num_key_value_heads * c.head_dim,
+                false,
             ),
-            Some(m) if self.mla_absorbed => (m.kv_lora_rank + m.qk_rope_head_dim, m.kv_lora_rank),
+            Some(m) if self.mla_absorbed => {
+                (m.kv_lora_rank + m.qk_rope_head_dim, m.kv_lora_rank, true)
+            }
             Some(m) => (
                 c.num_attention_heads * (m.qk_nope_head_dim + m.qk_rope_head_dim),
                 c.num_attention_heads * m.v_head_dim,
+                false,
             ),
+        };
+        KvShape {
+            layers: self.layers.len(),
+            kcols,
+            vcols,
+            values_in_keys,
         }
     }
 
@@ -700,6 +700,9 @@ impl<B: Backend> Model<B> {
             .flat_map(|(ids, c)| c.len..c.len + ids.len())
             .collect();
         let mut x = be.gather_rows(&self.embed, hd, &ids);
+        // Room for the step's rows in every layer's cache, once.
+        let mut caches: Vec<&mut B::Kv> = seqs.iter_mut().map(|(_, c)| &mut c.kv).collect();
+        be.kv_grow(&mut caches, lens);
         for (li, layer) in self.layers.iter().enumerate() {
             // The norms before the attention's and a dense MLP's first projections run
             // inside those projections (one launch fewer each on a device).
@@ -711,7 +714,7 @@ impl<B: Backend> Model<B> {
                 &positions,
                 lens,
                 li,
-                seqs,
+                &mut caches,
             );
             be.linear_acc(&mut x, &out, total, o, hd, width);
             match &layer.ffn {
@@ -829,17 +832,10 @@ impl<B: Backend> Model<B> {
         v: &B::Buf,
         lens: &[usize],
         li: usize,
-        seqs: &mut [(&[u32], &mut Cache<B>)],
+        caches: &mut [&mut B::Kv],
         (h, hk, dk, dv): (usize, usize, usize, usize),
         values_in_keys: bool,
     ) -> B::Buf {
-        let mut caches: Vec<(&mut B::Buf, &mut B::Buf)> = seqs
-            .iter_mut()
-            .map(|(_, c)| {
-                let Cache { k, v, .. } = &mut **c;
-                (&mut k[li], &mut v[li])
-            })
-            .collect();
         let shape = AttnShape {
             h,
             hk,
@@ -848,7 +844,7 @@ impl<B: Backend> Model<B> {
             scale: self.scale,
             values_in_keys,
         };
-        self.be.attend(q, k, v, lens, &mut caches, shape)
+        self.be.attend(q, k, v, lens, li, caches, shape)
     }
 
     /// The attention block of layer `li` over `rms_norm(x)` with `norm`: its output before
@@ -864,7 +860,7 @@ impl<B: Backend> Model<B> {
         positions: &[usize],
         lens: &[usize],
         li: usize,
-        seqs: &mut [(&[u32], &mut Cache<B>)],
+        caches: &mut [&mut B::Kv],
     ) -> (B::Buf, &'a B::Buf, usize) {
         let be = &self.be;
         let hd = self.cfg.hidden_size;
@@ -891,7 +887,7 @@ impl<B: Backend> Model<B> {
                 let (Some(qx), Some(kx), Some(vx)) = (qkv.next(), qkv.next(), qkv.next()) else {
                     unreachable!("three projections asked for")
                 };
-                let out = self.attend(&qx, &kx, &vx, lens, li, seqs, (h, kvh, d, d), false);
+                let out = self.attend(&qx, &kx, &vx, lens, li, caches, (h, kvh, d, d), false);
                 (out, o, h * d)
             }
             Attn::Mla {
@@ -975,7 +971,7 @@ impl<B: Backend> Model<B> {
                         &latent,
                         lens,
                         li,
-                        seqs,
+                        caches,
                         (h, 1, lora + rope_d, lora),
                         true,
                     );
@@ -984,7 +980,7 @@ impl<B: Backend> Model<B> {
                 } else {
                     let kv = be.linear(&latent, t, kv_b, h * (nope + dv), lora);
                     let (kx, vx) = be.mla_expand(&kv, &k_pe, t, h, nope, dv, rope_d);
-                    let out = self.attend(&qx, &kx, &vx, lens, li, seqs, (h, h, qd, dv), false);
+                    let out = self.attend(&qx, &kx, &vx, lens, li, caches, (h, h, qd, dv), false);
                     (out, o, h * dv)
                 }
             }

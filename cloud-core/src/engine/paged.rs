@@ -5,8 +5,9 @@
 //! with it (each as large as all before it, up to [`MAX_CHUNK_BYTES`] or an eighth of
 //! the budget), so a cache that grows every step allocates rarely, and a chunk that
 //! does not fit what is left of the budget is made smaller, down to the pool's least.
-//! A sequence's cache of one layer is a [`PagedRows`]: a table of blocks plus a row
-//! count. Blocks are reference-counted ([`BlockRef`]): a prefix of one cache is another
+//! A sequence's cache is a [`PagedRows`]: a table of blocks plus a row count (what a
+//! row holds is the backend's: the CUDA backend's is one position of every layer, so a
+//! sequence has one table for all its layers). Blocks are reference-counted ([`BlockRef`]): a prefix of one cache is another
 //! cache sharing the same blocks, so a shared system prompt is stored once, and a block
 //! goes back to its pool's free list when the last cache holding it drops it. Every
 //! block has the same size, so freeing never fragments; a pool grows a chunk at a time
@@ -282,7 +283,7 @@ pub struct BlockCopy {
     pub rows: usize,
 }
 
-/// The rows of one sequence's cache for one layer.
+/// The rows of one sequence's cache.
 pub struct PagedRows<S: ChunkSource> {
     pool: Arc<BlockPool<S>>,
     blocks: Vec<BlockRef<S>>,
@@ -324,8 +325,9 @@ impl<S: ChunkSource> PagedRows<S> {
         &self.pool
     }
 
-    /// The block addresses, in order (the table a kernel reads).
-    pub fn table(&self) -> Vec<u64> {
+    /// The block addresses, in order.
+    #[cfg(test)]
+    fn table(&self) -> Vec<u64> {
         self.block_addrs().collect()
     }
 
@@ -358,16 +360,19 @@ impl<S: ChunkSource> PagedRows<S> {
     }
 
     /// Makes room for `n` more rows as [`PagedRows::reserve`] does, and returns the
-    /// copies to make before writing and the address of every new row, in order. On
-    /// error nothing changed.
-    pub fn grow(&mut self, n: usize) -> Result<(Vec<BlockCopy>, Vec<u64>), AllocError> {
+    /// copies to make before writing and the address of every new row, in order (rows
+    /// of `block_bytes / block_rows` bytes, one after another in a block). On error
+    /// nothing changed.
+    #[cfg(test)]
+    fn grow(&mut self, n: usize) -> Result<(Vec<BlockCopy>, Vec<u64>), AllocError> {
         let from = self.rows;
         let copies = self.reserve(n)?;
         Ok((copies, self.row_addrs(from, n)))
     }
 
     /// The addresses of rows `from..from + n` (held rows).
-    pub fn row_addrs(&self, from: usize, n: usize) -> Vec<u64> {
+    #[cfg(test)]
+    fn row_addrs(&self, from: usize, n: usize) -> Vec<u64> {
         let br = self.pool.block_rows;
         let row_bytes = (self.pool.block_bytes / br) as u64;
         (from..(from + n).min(self.rows))

@@ -14,7 +14,7 @@ mod reference;
 
 use cloud_core::engine::backend::cpu::Cpu;
 use cloud_core::engine::backend::cuda::{unavailable, Cuda, CudaOptions};
-use cloud_core::engine::backend::{Backend, DeviceError};
+use cloud_core::engine::backend::{AttnShape, Backend, DeviceError, KvShape};
 use cloud_core::engine::model::{Cache, EngineError, Model};
 use cloud_core::engine::sampler::log_softmax;
 use reference::{argmax, cases, fixtures, rel_diff, Case};
@@ -300,7 +300,7 @@ fn cuda_a_step_that_does_not_fit_is_refused_and_changes_nothing() {
     let Some(be) = gpu(CudaOptions {
         kv_cache_bytes: Some(16 << 10),
         block_rows: 4,
-        blocks_per_chunk: 1,
+        chunk_bytes: 1,
         ..Default::default()
     }) else {
         return;
@@ -340,6 +340,64 @@ fn cuda_out_of_memory_is_a_typed_error() {
     // The backend goes on working.
     let x = be.upload(&[1.0, 2.0]);
     assert_eq!(be.download(&x), vec![1.0, 2.0]);
+}
+
+/// A layer's attention reads the rows its step made room for, once for every layer
+/// (`kv_grow`): without that room, over other caches than those grown, past the caches'
+/// layers, or with caches of differing shapes in one step, it is refused by name (nothing
+/// is written), and the backend goes on; done right, one position's attention is its
+/// value.
+#[test]
+fn cuda_attention_without_room_made_is_refused() {
+    let Some(be) = gpu(CudaOptions {
+        kv_cache_bytes: Some(64 << 20),
+        ..Default::default()
+    }) else {
+        return;
+    };
+    let shape = KvShape {
+        layers: 2,
+        kcols: 8,
+        vcols: 8,
+        values_in_keys: false,
+    };
+    let s = AttnShape {
+        h: 2,
+        hk: 1,
+        dk: 8,
+        dv: 8,
+        scale: 0.5,
+        values_in_keys: false,
+    };
+    let (q, k, v) = (
+        be.upload(&[0.1; 16]),
+        be.upload(&[0.2; 8]),
+        be.upload(&[0.25; 8]),
+    );
+    let refused = |op: &str, what: &str| match be.take_error() {
+        Some(DeviceError::Failed { op: o, message }) => {
+            assert_eq!(o, op, "{what}: refused as {message}")
+        }
+        other => panic!("{what}: expected a refusal by {op}, got {other:?}"),
+    };
+    let (mut a, mut b) = (be.new_kv(shape), be.new_kv(shape));
+    let out = be.attend(&q, &k, &v, &[1], 0, &mut [&mut a], s);
+    assert_eq!(be.len(&out), 0);
+    refused("attention", "no room made");
+    be.kv_grow(&mut [&mut a], &[1]);
+    be.attend(&q, &k, &v, &[1], 0, &mut [&mut b], s);
+    refused("attention", "room made in another cache");
+    be.kv_grow(&mut [&mut a], &[1]);
+    be.attend(&q, &k, &v, &[1], 2, &mut [&mut a], s);
+    refused("attention", "a layer past the caches'");
+    let mut wide = be.new_kv(KvShape { kcols: 16, ..shape });
+    be.kv_grow(&mut [&mut a, &mut wide], &[1, 1]);
+    refused("kv_grow", "caches of two shapes");
+    be.kv_grow(&mut [&mut b], &[1]);
+    let out = be.attend(&q, &k, &v, &[1], 1, &mut [&mut b], s);
+    assert!(be.take_error().is_none());
+    // 0.25 is a bf16 value: the cache holds it exactly.
+    assert_eq!(be.download(&out), vec![0.25; 16]);
 }
 
 /// Greedy decoding of `prompts` for `steps` steps (the first a prefill) on two models of
@@ -394,7 +452,7 @@ fn graphed_against_eager(
 fn cuda_graphs_replay_decode_steps_as_they_run_eagerly() {
     let opts = |graphs: bool| CudaOptions {
         block_rows: 4,
-        blocks_per_chunk: 1,
+        chunk_bytes: 1,
         graphs,
         graph_memory: (16 << 10, 256),
         ..Default::default()

@@ -1,7 +1,7 @@
 //! The CPU backend: the reference implementation, multi-threaded GEMM from the `gemm`
 //! crate, straightforward loops for everything else.
 
-use super::{Backend, RopeLayout};
+use super::{AttnShape, Backend, KvShape, RopeLayout};
 
 /// The CPU backend.
 #[derive(Clone, Debug, Default)]
@@ -10,8 +10,123 @@ pub struct Cpu {
     pub threads: usize,
 }
 
+/// One sequence's cache on the host: each layer's key rows and value rows.
+#[derive(Clone, Debug)]
+pub struct CpuKv {
+    shape: KvShape,
+    layers: Vec<(Vec<f32>, Vec<f32>)>,
+}
+
+impl Cpu {
+    /// Causal attention for one sequence: `q[t, h, dk]` against `k[T, hk, dk]`,
+    /// `v[T, hk, dv]` (grouped: query head `i` reads key head `i / (h / hk)`), where the
+    /// `t` queries are the last `t` of `T` positions. Returns `[t, h, dv]`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention(
+        &self,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        t: usize,
+        h: usize,
+        hk: usize,
+        dk: usize,
+        dv: usize,
+        scale: f32,
+    ) -> Vec<f32> {
+        let total = k.len() / (hk * dk);
+        let group = h / hk;
+        let mut out = vec![0f32; t * h * dv];
+        let mut scores = vec![0f32; total];
+        for qi in 0..t {
+            let visible = total - t + qi + 1; // causal: positions 0..=this one
+            for head in 0..h {
+                let kh = head / group;
+                let qv = &q[(qi * h + head) * dk..(qi * h + head + 1) * dk];
+                let mut max = f32::NEG_INFINITY;
+                for (j, s) in scores.iter_mut().enumerate().take(visible) {
+                    let kv = &k[(j * hk + kh) * dk..(j * hk + kh + 1) * dk];
+                    *s = dot(qv, kv) * scale;
+                    max = max.max(*s);
+                }
+                let mut sum = 0f32;
+                for s in scores.iter_mut().take(visible) {
+                    *s = (*s - max).exp();
+                    sum += *s;
+                }
+                let o = &mut out[(qi * h + head) * dv..(qi * h + head + 1) * dv];
+                for (j, s) in scores.iter().enumerate().take(visible) {
+                    let w = s / sum;
+                    let vv = &v[(j * hk + kh) * dv..(j * hk + kh + 1) * dv];
+                    for (a, b) in o.iter_mut().zip(vv) {
+                        *a += w * b;
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
 impl Backend for Cpu {
     type Buf = Vec<f32>;
+    type Kv = CpuKv;
+
+    fn new_kv(&self, shape: KvShape) -> CpuKv {
+        CpuKv {
+            shape,
+            layers: vec![(Vec::new(), Vec::new()); shape.layers],
+        }
+    }
+
+    fn kv_prefix(&self, kv: &CpuKv, keep: usize) -> CpuKv {
+        let (kc, vc) = (kv.shape.kcols, kv.shape.vcols);
+        CpuKv {
+            shape: kv.shape,
+            layers: kv
+                .layers
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        k[..(keep * kc).min(k.len())].to_vec(),
+                        v[..(keep * vc).min(v.len())].to_vec(),
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    // Each layer's rows grow as its attention appends them.
+    fn kv_grow(&self, _caches: &mut [&mut CpuKv], _lens: &[usize]) {}
+
+    fn attend(
+        &self,
+        q: &Vec<f32>,
+        k: &Vec<f32>,
+        v: &Vec<f32>,
+        lens: &[usize],
+        layer: usize,
+        caches: &mut [&mut CpuKv],
+        s: AttnShape,
+    ) -> Vec<f32> {
+        let (qc, kc, vc) = (s.h * s.dk, s.hk * s.dk, s.hk * s.dv);
+        let mut out = Vec::with_capacity(q.len() / s.dk.max(1) * s.dv);
+        let mut at = 0;
+        for (&len, kv) in lens.iter().zip(caches.iter_mut()) {
+            assert_eq!(
+                (kv.shape.kcols, kv.shape.vcols),
+                (kc, vc),
+                "attend: the cache's rows are not this layer's keys and values"
+            );
+            let (kcache, vcache) = &mut kv.layers[layer];
+            kcache.extend_from_slice(&k[at * kc..(at + len) * kc]);
+            vcache.extend_from_slice(&v[at * vc..(at + len) * vc]);
+            let qs = &q[at * qc..(at + len) * qc];
+            out.extend(self.attention(qs, kcache, vcache, len, s.h, s.hk, s.dk, s.dv, s.scale));
+            at += len;
+        }
+        out
+    }
 
     fn upload(&self, data: &[f32]) -> Vec<f32> {
         data.to_vec()
@@ -248,10 +363,6 @@ impl Backend for Cpu {
         y
     }
 
-    fn append_rows(&self, cache: &mut Vec<f32>, rows: &Vec<f32>, _cols: usize) {
-        cache.extend_from_slice(rows);
-    }
-
     fn rope(
         &self,
         x: &mut Vec<f32>,
@@ -281,51 +392,6 @@ impl Backend for Cpu {
                 }
             }
         }
-    }
-
-    fn attention(
-        &self,
-        q: &Vec<f32>,
-        k: &Vec<f32>,
-        v: &Vec<f32>,
-        t: usize,
-        h: usize,
-        hk: usize,
-        dk: usize,
-        dv: usize,
-        scale: f32,
-    ) -> Vec<f32> {
-        let total = k.len() / (hk * dk);
-        let group = h / hk;
-        let mut out = vec![0f32; t * h * dv];
-        let mut scores = vec![0f32; total];
-        for qi in 0..t {
-            let visible = total - t + qi + 1; // causal: positions 0..=this one
-            for head in 0..h {
-                let kh = head / group;
-                let qv = &q[(qi * h + head) * dk..(qi * h + head + 1) * dk];
-                let mut max = f32::NEG_INFINITY;
-                for (j, s) in scores.iter_mut().enumerate().take(visible) {
-                    let kv = &k[(j * hk + kh) * dk..(j * hk + kh + 1) * dk];
-                    *s = dot(qv, kv) * scale;
-                    max = max.max(*s);
-                }
-                let mut sum = 0f32;
-                for s in scores.iter_mut().take(visible) {
-                    *s = (*s - max).exp();
-                    sum += *s;
-                }
-                let o = &mut out[(qi * h + head) * dv..(qi * h + head + 1) * dv];
-                for (j, s) in scores.iter().enumerate().take(visible) {
-                    let w = s / sum;
-                    let vv = &v[(j * hk + kh) * dv..(j * hk + kh + 1) * dv];
-                    for (a, b) in o.iter_mut().zip(vv) {
-                        *a += w * b;
-                    }
-                }
-            }
-        }
-        out
     }
 }
 

@@ -546,24 +546,6 @@ extern "C" __global__ void MAX_THREADS(256) rope(float* __restrict__ x, int head
     }
 }
 
-// Writes rows[n, cols] (f32) as bf16 to the cache rows at the given addresses.
-extern "C" __global__ void MAX_THREADS(128) paged_write(const float* __restrict__ rows, const u64* __restrict__ dst, int cols) {
-    grid_dependency();
-    bf16* d = (bf16*)dst[blockIdx.x];
-    const float* s = rows + (long)blockIdx.x * cols;
-    for (int i = threadIdx.x; i < cols; i += blockDim.x) d[i] = __float2bfloat16(s[i]);
-}
-
-// Reads `count` cache rows starting at `from` back as f32 (downloads, tests).
-extern "C" __global__ void MAX_THREADS(128) paged_read(const u64* __restrict__ table, int block_rows, int cols, int from,
-                                      float* __restrict__ out) {
-    grid_dependency();
-    int p = from + blockIdx.x;
-    const bf16* s = (const bf16*)table[p / block_rows] + (long)(p % block_rows) * cols;
-    float* o = out + (long)blockIdx.x * cols;
-    for (int i = threadIdx.x; i < cols; i += blockDim.x) o[i] = __bfloat162float(s[i]);
-}
-
 // ---- Sampling on the device ------------------------------------------------------------
 // A row's values in the order the host's sampler sorts them (larger first, the lower index
 // first among equals) as distinct 64-bit keys: the value's order-preserving bits, then
@@ -755,17 +737,24 @@ static_assert(ATT_WARPS * WARP == 256, "attention_batch is compiled for blocks o
 
 // ---- One step's attention over the paged caches of many sequences -------------------
 // The step's metadata, `n` sequences, 64-bit words (read from device memory, so a step
-// captured in a CUDA graph replays with new tables and lengths):
-//   [0, n)        each sequence's key block table (device address of its u64 entries)
-//   [n, 2n)       each sequence's value block table (the key table when values are read
-//                 from the key rows: absorbed MLA keeps no value cache)
-//   [2n, 3n)      each sequence's cache length before the step (its first new position)
-//   [3n, 4n + 1)  each sequence's first row among the step's rows (prefix sums; the last
+// captured in a CUDA graph replays with new tables and lengths), the same for every
+// layer:
+//   [0, n)        each sequence's block table (device address of its u64 entries)
+//   [n, 2n)       each sequence's cache length before the step (its first new position)
+//   [2n, 3n + 1)  each sequence's first row among the step's rows (prefix sums; the last
 //                 entry is the number of rows)
-#define META_KTAB(m, n, s) ((const u64*)(m)[s])
-#define META_VTAB(m, n, s) ((const u64*)(m)[(n) + (s)])
-#define META_POS0(m, n, s) ((long)(m)[2 * (n) + (s)])
-#define META_ROW0(m, n, s) ((long)(m)[3 * (n) + (s)])
+// A block holds `block_rows` positions of every layer; the layer's key rows start
+// `kbase` bytes into it, its value rows `vbase` bytes (kbase itself when the values are
+// the keys' columns: absorbed MLA keeps no value rows).
+#define META_TAB(m, n, s) ((const u64*)(m)[s])
+#define META_POS0(m, n, s) ((long)(m)[(n) + (s)])
+#define META_ROW0(m, n, s) ((long)(m)[2 * (n) + (s)])
+
+// Row `p` of a layer's keys or values (`base`: its offset in a block, `cols` wide).
+__device__ __forceinline__ bf16* cache_row(const u64* __restrict__ tab, long base, int block_rows, long p,
+                                           long cols) {
+    return (bf16*)(tab[p / block_rows] + base) + (p % block_rows) * cols;
+}
 
 // The sequence row `r` belongs to: the last s with row0[s] <= r.
 __device__ __forceinline__ int meta_seq_of_row(const u64* __restrict__ meta, int n, long r) {
@@ -880,7 +869,8 @@ __device__ __noinline__ void merge_splits(const float* __restrict__ part, unsign
 
 // Causal attention of every sequence's new rows over its cache. q[rows, h, dk] (f32); key
 // rows kcols = hk·dk wide, value rows `vcols` wide with head j's values at column j·vhead
-// (bf16, in blocks of `block_rows` rows; dk, dv, vhead and vcols multiples of 4); row r
+// (bf16, in blocks of `block_rows` positions, from kbase and vbase bytes into a block;
+// dk, dv, vhead and vcols multiples of 4); row r
 // of sequence s is position pos0 + (r - row0) and sees positions 0..=it. Output
 // [rows, h, dv] (f32).
 //
@@ -907,8 +897,8 @@ extern "C" __global__ void MAX_THREADS(256) attention_batch(const float* __restr
                                            int n, float* __restrict__ out, float* __restrict__ part,
                                            unsigned* __restrict__ tickets,
                                            int h, int hk, int dk, int dv, int vcols, int vhead,
-                                           float scale, int block_rows, const float* __restrict__ knew,
-                                           const float* __restrict__ vnew) {
+                                           float scale, int block_rows, long kbase, long vbase,
+                                           const float* __restrict__ knew, const float* __restrict__ vnew) {
     grid_dependency();
     extern __shared__ float sm[];
     float* qs = sm;                  // dk
@@ -918,8 +908,7 @@ extern "C" __global__ void MAX_THREADS(256) attention_batch(const float* __restr
     long row = blockIdx.x / h;
     int head = blockIdx.x % h;
     int s = meta_seq_of_row(meta, n, row);
-    const u64* ktab = META_KTAB(meta, n, s);
-    const u64* vtab = META_VTAB(meta, n, s);
+    const u64* tab = META_TAB(meta, n, s);
     long pos0 = META_POS0(meta, n, s), row0 = META_ROW0(meta, n, s);
     long len = pos0 + (row - row0) + 1;
     long chunk = (len + gridDim.y - 1) / gridDim.y;
@@ -930,11 +919,11 @@ extern "C" __global__ void MAX_THREADS(256) attention_batch(const float* __restr
     long fresh = knew ? pos0 : len;
     if (knew && blockIdx.y == 0 && head % (h / hk) == 0) {
         long p = len - 1;
-        bf16* kd = (bf16*)ktab[p / block_rows] + (p % block_rows) * kcols + koff;
+        bf16* kd = cache_row(tab, kbase, block_rows, p, kcols) + koff;
         const float* kf = knew + row * kcols + koff;
         for (int i = threadIdx.x; i < dk; i += blockDim.x) kd[i] = __float2bfloat16(kf[i]);
         if (vnew != knew) {
-            bf16* vd = (bf16*)vtab[p / block_rows] + (p % block_rows) * (long)vcols + voff;
+            bf16* vd = cache_row(tab, vbase, block_rows, p, vcols) + voff;
             const float* vf = vnew + row * (long)vcols + voff;
             for (int i = threadIdx.x; i < dv; i += blockDim.x) vd[i] = __float2bfloat16(vf[i]);
         }
@@ -950,9 +939,9 @@ extern "C" __global__ void MAX_THREADS(256) attention_batch(const float* __restr
     // The warp's positions in the cache, then those of the step's own rows.
     long p = from + warp;
     for (; p < min(to, fresh); p += ATT_WARPS) {
-        long b = p / block_rows, o = p % block_rows;
-        attend_position(CacheRow{(const bf16*)ktab[b] + o * kcols + koff},
-                        CacheRow{(const bf16*)vtab[b] + o * vcols + voff}, qs, lane, dk, dv, m, sum, acc);
+        attend_position(CacheRow{cache_row(tab, kbase, block_rows, p, kcols) + koff},
+                        CacheRow{cache_row(tab, vbase, block_rows, p, vcols) + voff}, qs, lane, dk, dv, m, sum,
+                        acc);
     }
     for (; p < to; p += ATT_WARPS) {
         long r = row0 + p - pos0;
@@ -1468,7 +1457,7 @@ extern "C" __global__ void MAX_THREADS(256) moe_combine(const float* __restrict_
 // Grid (the slot tiles, or a bound on them: those past the step's return at once; hk;
 // splits), FA_THREADS threads, fa_shared(dk, dv, values in keys) bytes of
 // dynamic shared memory (the host's `fa_shared` computes the same). dk and dv multiples of
-// 8, dv ≤ MAX_DV; the values are the keys' columns when vtab == ktab (absorbed MLA).
+// 8, dv ≤ MAX_DV; the values are the keys' columns when vbase == kbase (absorbed MLA).
 #define FA_SLOTS 32
 #define FA_KEYS 32
 #define FA_WARPS 8
@@ -1534,8 +1523,9 @@ __device__ __noinline__ void fa_merge_splits(const float* __restrict__ part, uns
 extern "C" __global__ void MAX_THREADS(FA_THREADS) attention_mma(const float* __restrict__ q, const u64* __restrict__ meta,
                                               int n, float* __restrict__ out, float* __restrict__ part,
                                               unsigned* __restrict__ tickets, int h, int hk, int dk, int dv,
-                                              int vcols, int vhead, float scale, int block_rows,
-                                              const float* __restrict__ knew, const float* __restrict__ vnew) {
+                                              int vcols, int vhead, float scale, int block_rows, long kbase,
+                                              long vbase, const float* __restrict__ knew,
+                                              const float* __restrict__ vnew) {
     grid_dependency();
     int g = h / hk, kvh = blockIdx.y;
     // The block's sequence and slot tile within it.
@@ -1549,9 +1539,8 @@ extern "C" __global__ void MAX_THREADS(FA_THREADS) attention_mma(const float* __
         if (tile < tiles) break;
         tile -= tiles;
     }
-    const u64* ktab = META_KTAB(meta, n, s);
-    const u64* vtab = META_VTAB(meta, n, s);
-    bool vin = vtab == ktab;
+    const u64* tab = META_TAB(meta, n, s);
+    bool vin = vbase == kbase;
     long pos0 = META_POS0(meta, n, s), sig0 = tile * FA_SLOTS;
     int slots = (int)min((long)FA_SLOTS, rows * g - sig0);
     long kcols = (long)hk * dk, koff = (long)kvh * dk, voff = (long)kvh * vhead;
@@ -1599,11 +1588,11 @@ extern "C" __global__ void MAX_THREADS(FA_THREADS) attention_mma(const float* __
             long sg = sig0 + sl;
             if (sg % g) continue;
             long r = row0 + sg / g, p = pos0 + sg / g;
-            bf16* kd = (bf16*)ktab[p / block_rows] + (p % block_rows) * kcols + koff;
+            bf16* kd = cache_row(tab, kbase, block_rows, p, kcols) + koff;
             const float* kf = knew + r * kcols + koff;
             for (int i = threadIdx.x; i < dk; i += blockDim.x) kd[i] = __float2bfloat16(kf[i]);
             if (!vin) {
-                bf16* vd = (bf16*)vtab[p / block_rows] + (p % block_rows) * (long)vcols + voff;
+                bf16* vd = cache_row(tab, vbase, block_rows, p, vcols) + voff;
                 const float* vf = vnew + r * (long)vcols + voff;
                 for (int i = threadIdx.x; i < dv; i += blockDim.x) vd[i] = __float2bfloat16(vf[i]);
             }
@@ -1631,7 +1620,7 @@ extern "C" __global__ void MAX_THREADS(FA_THREADS) attention_mma(const float* __
                     const float4* f = (const float4*)(knew + (row0 + p - pos0) * kcols + koff + c);
                     v = gg_bf16x8(f[0], f[1]);
                 } else {
-                    v = *(const uint4*)((const bf16*)ktab[p / block_rows] + (p % block_rows) * kcols + koff + c);
+                    v = *(const uint4*)(cache_row(tab, kbase, block_rows, p, kcols) + koff + c);
                 }
             }
             *(uint4*)(sk + kr * ldk + c) = v;
@@ -1647,8 +1636,7 @@ extern "C" __global__ void MAX_THREADS(FA_THREADS) attention_mma(const float* __
                         const float4* f = (const float4*)(vnew + (row0 + p - pos0) * (long)vcols + voff + c);
                         v = gg_bf16x8(f[0], f[1]);
                     } else {
-                        v = *(const uint4*)((const bf16*)vtab[p / block_rows] + (p % block_rows) * (long)vcols +
-                                            voff + c);
+                        v = *(const uint4*)(cache_row(tab, vbase, block_rows, p, vcols) + voff + c);
                     }
                 }
                 *(uint4*)(sv + kr * ldv + c) = v;

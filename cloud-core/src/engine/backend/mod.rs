@@ -131,6 +131,20 @@ pub struct AttnShape {
     pub values_in_keys: bool,
 }
 
+/// The shape of one sequence's KV cache ([`Backend::new_kv`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KvShape {
+    /// Layers.
+    pub layers: usize,
+    /// Width of a position's key row in one layer.
+    pub kcols: usize,
+    /// Width of its value row.
+    pub vcols: usize,
+    /// The values are the first `vcols` columns of the keys (absorbed MLA): a backend may
+    /// keep no value rows.
+    pub values_in_keys: bool,
+}
+
 /// One projection of [`Backend::linear_parts`]: a weight `[n, k]`, its bias, `n`.
 pub type Projection<'a, B> = (&'a B, Option<&'a B>, usize);
 
@@ -206,6 +220,8 @@ pub type Rotated<'a, B> = (&'a mut B, usize, usize, usize);
 pub trait Backend {
     /// An f32 buffer on the backend.
     type Buf: Clone;
+    /// One sequence's KV cache of every layer ([`Backend::new_kv`]).
+    type Kv;
 
     /// Uploads host data.
     fn upload(&self, data: &[f32]) -> Self::Buf;
@@ -503,8 +519,6 @@ pub trait Backend {
         cols: usize,
         transposed: bool,
     ) -> Self::Buf;
-    /// Appends rows of width `cols` (a KV cache growing by the new positions).
-    fn append_rows(&self, cache: &mut Self::Buf, rows: &Self::Buf, cols: usize);
     /// Rotates, in every row of `x[m, heads · head_dim]`, the `rot_dim` dimensions starting
     /// at `offset` within each head, row `r` at position `positions[r]`, with the tables
     /// `cos`/`sin` of `[max_pos, rot_dim / 2]`.
@@ -540,48 +554,31 @@ pub trait Backend {
             );
         }
     }
-    /// One step's attention for every sequence in it. Rows of `q[·, h, dk]`,
-    /// `k[·, hk, dk]` and `v[·, hk, dv]` belong to the sequences in order, `lens[s]` rows
-    /// to sequence `s`: each sequence's new key and value rows are appended to its caches
-    /// (`caches[s]`: keys, values), then its queries attend causally over its whole cache.
-    /// Returns `[Σ lens, h, dv]`. The default appends and attends sequence by sequence; a
-    /// device backend does every sequence in one launch. With
-    /// [`AttnShape::values_in_keys`] a backend may leave the value caches empty.
+    /// One sequence's KV cache of every layer, empty, for caches of `shape`.
+    fn new_kv(&self, shape: KvShape) -> Self::Kv;
+    /// The first `keep` positions of `kv` (at most its own), to start another sequence
+    /// from (a paged backend shares the blocks) or to put a cache back after a step
+    /// failed.
+    fn kv_prefix(&self, kv: &Self::Kv, keep: usize) -> Self::Kv;
+    /// Room in every layer of `caches[s]` for `lens[s]` more positions, once per step
+    /// before its first layer's [`Backend::attend`]. A backend that cannot make room
+    /// records the error ([`Backend::take_error`]).
+    fn kv_grow(&self, caches: &mut [&mut Self::Kv], lens: &[usize]);
+    /// One step's attention in layer `layer` for every sequence in it. Rows of
+    /// `q[·, h, dk]`, `k[·, hk, dk]` and `v[·, hk, dv]` belong to the sequences in order,
+    /// `lens[s]` rows to sequence `s` (as given to [`Backend::kv_grow`]): each sequence's
+    /// new key and value rows go into its cache of the layer (`caches[s]`), then its
+    /// queries attend causally over its whole cache. Returns `[Σ lens, h, dv]`. With
+    /// [`AttnShape::values_in_keys`] a backend may keep no value rows.
+    #[allow(clippy::too_many_arguments)]
     fn attend(
         &self,
         q: &Self::Buf,
         k: &Self::Buf,
         v: &Self::Buf,
         lens: &[usize],
-        caches: &mut [(&mut Self::Buf, &mut Self::Buf)],
+        layer: usize,
+        caches: &mut [&mut Self::Kv],
         s: AttnShape,
-    ) -> Self::Buf {
-        let (kc, vc) = (s.hk * s.dk, s.hk * s.dv);
-        let mut outs = Vec::with_capacity(lens.len());
-        let mut at = 0;
-        for (len, (kcache, vcache)) in lens.iter().zip(caches.iter_mut()) {
-            self.append_rows(kcache, &self.slice_rows(k, kc, at, *len), kc);
-            self.append_rows(vcache, &self.slice_rows(v, vc, at, *len), vc);
-            let qs = self.slice_rows(q, s.h * s.dk, at, *len);
-            outs.push(self.attention(&qs, kcache, vcache, *len, s.h, s.hk, s.dk, s.dv, s.scale));
-            at += len;
-        }
-        self.concat_rows(&outs)
-    }
-    /// Causal attention for one sequence: `q[t, h, dk]` against `k[T, hk, dk]`,
-    /// `v[T, hk, dv]` (grouped: query head `i` reads key head `i / (h / hk)`), where the
-    /// `t` queries are the last `t` of `T` positions. Returns `[t, h, dv]`.
-    #[allow(clippy::too_many_arguments)]
-    fn attention(
-        &self,
-        q: &Self::Buf,
-        k: &Self::Buf,
-        v: &Self::Buf,
-        t: usize,
-        h: usize,
-        hk: usize,
-        dk: usize,
-        dv: usize,
-        scale: f32,
     ) -> Self::Buf;
 }

@@ -3,15 +3,16 @@
 //! the caches by the same launch), with a row's positions split across blocks when the
 //! step has few rows, or, for prompts and for query heads that share keys by eight or more
 //! (MLA's absorbed form), `attention_mma` on the tensor cores (tiles of query slots
-//! sharing each tile of keys, decode steps split the same way); and attention over dense
-//! rows (no cache).
+//! sharing each tile of keys, decode steps split the same way). Every layer's launch
+//! reads the same metadata (the step's block tables, lengths and rows), at the layer's
+//! offsets in the blocks.
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig};
+use cudarc::driver::{CudaSlice, LaunchConfig};
 
 use super::kernels::{fa_shared, ATT_WARPS, FA_SLOTS, FA_THREADS, MAX_DV};
-use super::kv::cache_rows;
+use super::kv::SeqKv;
 use super::step::Dev;
 use super::{failed, Cuda, CudaBuf};
 use crate::engine::backend::AttnShape;
@@ -53,19 +54,21 @@ impl Cuda {
     /// sequence has one row), and the splits merged by the same launch.
     /// The split depends on the step's shape alone (not on the cache lengths, which the
     /// kernel reads from `meta`), so a captured step replays with longer caches.
-    /// `fresh`: the step's key and value rows, which the same launch appends to the
-    /// caches (`None`: the caches hold them already).
+    /// `knew`/`vnew`: the step's key and value rows, which the same launch appends to the
+    /// caches; `kbase`/`vbase`: the byte offsets of the layer's key and value rows in a
+    /// block.
     #[allow(clippy::too_many_arguments)]
     fn attention_launch(
         &self,
         q: &CudaSlice<f32>,
-        meta: &CudaSlice<u64>,
+        meta: u64,
         n: usize,
         t: usize,
         out: &mut CudaSlice<f32>,
         s: AttnShape,
         (vcols, vhead): (usize, usize),
-        fresh: Option<(&Dev<f32>, &Dev<f32>)>,
+        (kbase, vbase): (u64, u64),
+        (knew, vnew): (&Dev<f32>, &Dev<f32>),
         one_row: bool,
     ) {
         let (ni, hh, hki, dki, dvi, vci, vhi, br) = (
@@ -78,7 +81,7 @@ impl Cuda {
             vhead as i32,
             self.block_rows() as i32,
         );
-        let (knew, vnew) = fresh.map_or((0, 0), |(k, v)| (k.ptr(), v.ptr()));
+        let (knew, vnew) = (knew.ptr(), vnew.ptr());
         // On the tensor cores, when the device has them and a block's tiles fit its shared
         // memory: prompts (two rows or more per sequence on average: never a decode step),
         // and steps whose query heads share keys by `mma_decode_group` or more (eight by
@@ -114,7 +117,7 @@ impl Cuda {
                 "attention_mma",
                 cfg,
                 q,
-                meta,
+                &meta,
                 &ni,
                 out,
                 &part_ptr,
@@ -127,6 +130,8 @@ impl Cuda {
                 &vhi,
                 &s.scale,
                 &br,
+                &kbase,
+                &vbase,
                 &knew,
                 &vnew
             );
@@ -151,7 +156,7 @@ impl Cuda {
             "attention_batch",
             cfg,
             q,
-            meta,
+            &meta,
             &ni,
             out,
             &part_ptr,
@@ -164,19 +169,24 @@ impl Cuda {
             &vhi,
             &s.scale,
             &br,
+            &kbase,
+            &vbase,
             &knew,
             &vnew
         );
     }
 
-    /// [`Backend::attend`](crate::engine::backend::Backend::attend) on the device.
+    /// [`Backend::attend`](crate::engine::backend::Backend::attend) on the device: layer
+    /// `layer` of the caches the step's [`Cuda::kv_grow_step`] made room in.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn attend_paged(
         &self,
         q: &CudaBuf,
         k: &CudaBuf,
         v: &CudaBuf,
         lens: &[usize],
-        caches: &mut [(&mut CudaBuf, &mut CudaBuf)],
+        layer: usize,
+        caches: &[&mut SeqKv],
         s: AttnShape,
     ) -> CudaBuf {
         if self.errored() {
@@ -189,9 +199,30 @@ impl Cuda {
         ) else {
             return self.empty();
         };
+        let (meta, layout) = {
+            let step = self.kv_step();
+            let grown = step.as_ref().filter(|st| {
+                st.lens == lens
+                    && st.caches.len() == caches.len()
+                    && st
+                        .caches
+                        .iter()
+                        .zip(caches)
+                        .all(|(a, c)| *a == &**c as *const SeqKv as usize)
+            });
+            let Some(st) = grown else {
+                self.record(failed(
+                    "attention",
+                    "the step's caches were not made room in (kv_grow) for these rows",
+                ));
+                return self.empty();
+            };
+            (st.meta.ptr(), st.layout)
+        };
         let n = lens.len();
         let t: usize = lens.iter().sum();
         let (kc, vc) = (s.hk * s.dk, s.hk * s.dv);
+        let shape = layout.shape;
         if s.dv > MAX_DV
             || s.dv == 0
             || !s.dk.is_multiple_of(4)
@@ -199,7 +230,10 @@ impl Cuda {
             || s.hk == 0
             || !s.h.is_multiple_of(s.hk)
             || (s.values_in_keys && s.dv > s.dk)
-            || caches.len() != n
+            || layer >= shape.layers
+            || shape.kcols != kc
+            || shape.values_in_keys != s.values_in_keys
+            || (!s.values_in_keys && shape.vcols != vc)
             || qs.len() != t * s.h * s.dk
             || ks.len() != t * kc
             || vs.len() != t * vc
@@ -207,52 +241,20 @@ impl Cuda {
             self.record(failed(
                 "attention",
                 format!(
-                    "shapes ({n} sequences, {t} rows, h {}, hk {}, dk {}, 0 < dv {} ≤ {MAX_DV}; \
-                     dk and dv multiples of 4)",
-                    s.h, s.hk, s.dk, s.dv
+                    "shapes (layer {layer} of {}, {n} sequences, {t} rows, h {}, hk {}, dk {}, \
+                     0 < dv {} ≤ {MAX_DV}; dk and dv multiples of 4; caches of rows {} and {} \
+                     wide)",
+                    shape.layers, s.h, s.hk, s.dk, s.dv, shape.kcols, shape.vcols
                 ),
             ));
             return self.empty();
         }
-        // Room for the new rows (copy-on-write of shared blocks included), then each
-        // cache's device table.
-        let mut meta = vec![0u64; 4 * n + 1];
-        let mut row0 = 0;
-        for (i, ((kcache, vcache), len)) in caches.iter_mut().zip(lens).enumerate() {
-            let pos0 = cache_rows(kcache);
-            if self.grow_cache(kcache, kc, *len).is_none() {
-                return self.empty();
-            }
-            let Some(kt) = self.table_of(kcache) else {
-                return self.empty();
-            };
-            meta[i] = kt;
-            meta[n + i] = if s.values_in_keys {
-                kt
-            } else {
-                if cache_rows(vcache) != pos0 || self.grow_cache(vcache, vc, *len).is_none() {
-                    self.record(failed("attention", "key and value caches differ in length"));
-                    return self.empty();
-                }
-                let Some(vt) = self.table_of(vcache) else {
-                    return self.empty();
-                };
-                vt
-            };
-            meta[2 * n + i] = pos0 as u64;
-            meta[3 * n + i] = row0 as u64;
-            row0 += len;
-        }
-        meta[4 * n] = t as u64;
         let Some(mut out) = self.tmp::<f32>(t * s.h * s.dv, "attention output") else {
             return self.empty();
         };
         if t == 0 {
             return CudaBuf::F32(Arc::new(out));
         }
-        let Some(md) = self.meta(&meta, "attention metadata") else {
-            return self.empty();
-        };
         // The new rows go into the caches in the attention launch itself, which reads
         // them from `ks`/`vs` (values from the keys when they are the keys' columns).
         let (values, vcols, vhead) = if s.values_in_keys {
@@ -262,92 +264,16 @@ impl Cuda {
         };
         self.attention_launch(
             qs,
-            &md,
+            meta,
             n,
             t,
             &mut out,
             s,
             (vcols, vhead),
-            Some((ks, values)),
+            layout.offsets(layer),
+            (ks, values),
             lens.iter().all(|&l| l == 1),
         );
-        CudaBuf::F32(Arc::new(out))
-    }
-
-    /// [`Backend::attention`](crate::engine::backend::Backend::attention) on the device:
-    /// rows attending to rows of the same call, no cache.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn attention_dense(
-        &self,
-        q: &CudaBuf,
-        k: &CudaBuf,
-        v: &CudaBuf,
-        t: usize,
-        h: usize,
-        hk: usize,
-        dk: usize,
-        dv: usize,
-        scale: f32,
-    ) -> CudaBuf {
-        if self.errored() {
-            return self.empty();
-        }
-        let Some(qs) = self.f32_of(q, "attention") else {
-            return self.empty();
-        };
-        let (CudaBuf::Paged(kp), CudaBuf::Paged(vp)) = (k, v) else {
-            self.record(failed("attention", "keys and values must be a cache"));
-            return self.empty();
-        };
-        let total = kp.rows.rows();
-        if dv > MAX_DV
-            || dv == 0
-            || !dk.is_multiple_of(4)
-            || !dv.is_multiple_of(4)
-            || hk == 0
-            || !h.is_multiple_of(hk)
-            || kp.cols != hk * dk
-            || vp.cols != hk * dv
-            || vp.rows.rows() != total
-            || t > total
-            || qs.len() != t * h * dk
-        {
-            self.record(failed(
-                "attention",
-                format!(
-                    "shapes (t {t}, T {total}, h {h}, hk {hk}, dk {dk}, 0 < dv {dv} ≤ {MAX_DV}; \
-                     dk and dv multiples of 4)"
-                ),
-            ));
-            return self.empty();
-        }
-        let Some(mut out) = self.tmp::<f32>(t * h * dv, "attention output") else {
-            return self.empty();
-        };
-        if t == 0 {
-            return CudaBuf::F32(Arc::new(out));
-        }
-        let (Some(kt), Some(vt)) = (
-            self.meta(&kp.rows.table(), "key table"),
-            self.meta(&vp.rows.table(), "value table"),
-        ) else {
-            return self.empty();
-        };
-        let addr = |x: &CudaSlice<u64>| x.device_ptr(&self.stream).0;
-        let meta = [addr(&kt), addr(&vt), (total - t) as u64, 0, t as u64];
-        let Some(md) = self.meta(&meta, "attention metadata") else {
-            return self.empty();
-        };
-        let shape = AttnShape {
-            h,
-            hk,
-            dk,
-            dv,
-            scale,
-            values_in_keys: false,
-        };
-        // The tables are freed in stream order, after the kernel.
-        self.attention_launch(qs, &md, 1, t, &mut out, shape, (hk * dv, dv), None, t == 1);
         CudaBuf::F32(Arc::new(out))
     }
 }

@@ -1,5 +1,5 @@
 //! The paged KV cache in device memory: pools of bf16 blocks drawn from one byte budget
-//! ([`crate::engine::paged`]), each sequence's rows of a layer as a table of block
+//! ([`crate::engine::paged`]), each sequence's rows of every layer as one table of block
 //! addresses (mirrored on the device for the kernels), copy-on-write of shared blocks.
 //! A cache that cannot grow is refused with [`DeviceError::CacheFull`] and left as it
 //! was.
@@ -10,8 +10,8 @@ use std::sync::Arc;
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
 
 use super::step::{Dev, Pre};
-use super::{failed, lock, per_row, Cuda, CudaBuf};
-use crate::engine::backend::{DeviceError, KvCacheUsage};
+use super::{failed, lock, Cuda};
+use crate::engine::backend::{DeviceError, KvCacheUsage, KvShape};
 use crate::engine::paged::{AllocError, BlockPool, Budget, ChunkSource, PagedRows};
 
 /// Device memory for KV pools (chunks of the paged cache).
@@ -46,14 +46,78 @@ impl ChunkSource for DeviceChunks {
 
 pub(super) type Pool = BlockPool<DeviceChunks>;
 
-/// One sequence's cache of one layer: bf16 rows of width `cols` in blocks, and the block
-/// table mirrored in device memory for the kernels (brought up to date, only where it
-/// changed, before each use).
+/// One sequence's paged cache of every layer: one table of blocks for all of them, each
+/// block holding `block_rows` positions of every layer in turn (that layer's key rows,
+/// then its value rows, none when the values are the keys' columns), and the table
+/// mirrored in device memory for the kernels (brought up to date, only where it changed,
+/// once a step). A step's room is made once for all its layers ([`Cuda::kv_grow_step`]),
+/// and a layer's attention finds its rows at the layer's offsets in the blocks.
 #[derive(Clone)]
-pub struct KvRows {
-    pub(super) rows: PagedRows<DeviceChunks>,
-    pub(super) cols: usize,
+pub struct SeqKv {
+    shape: KvShape,
+    /// `None` before the first rows (the pool, and the budget with it, is made then).
+    rows: Option<PagedRows<DeviceChunks>>,
     table: DeviceTable,
+}
+
+impl SeqKv {
+    pub(super) fn new(shape: KvShape) -> SeqKv {
+        SeqKv {
+            shape,
+            rows: None,
+            table: DeviceTable::default(),
+        }
+    }
+
+    /// The first `keep` positions, sharing the blocks.
+    pub(super) fn prefix(&self, keep: usize) -> SeqKv {
+        SeqKv {
+            shape: self.shape,
+            rows: self.rows.as_ref().map(|r| r.prefix(keep)),
+            table: DeviceTable::default(),
+        }
+    }
+
+    /// Positions held.
+    pub(super) fn len(&self) -> usize {
+        self.rows.as_ref().map_or(0, PagedRows::rows)
+    }
+}
+
+/// Where a layer's rows lie in the blocks of caches of one shape.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct KvLayout {
+    pub shape: KvShape,
+    pub block_rows: usize,
+}
+
+impl KvLayout {
+    /// Value columns kept (none when the values are the keys' columns).
+    fn vcols(&self) -> usize {
+        if self.shape.values_in_keys {
+            0
+        } else {
+            self.shape.vcols
+        }
+    }
+
+    /// Bytes of one position in every layer: the pool's row.
+    fn row_bytes(&self) -> usize {
+        self.shape.layers * (self.shape.kcols + self.vcols()) * 2
+    }
+
+    /// The byte offsets in a block of layer `layer`'s key rows and of its value rows
+    /// (the key rows' when the values are the keys' columns).
+    pub fn offsets(&self, layer: usize) -> (u64, u64) {
+        let (kc, vc, br) = (self.shape.kcols, self.vcols(), self.block_rows);
+        let k = (layer * br * (kc + vc) * 2) as u64;
+        let v = if self.shape.values_in_keys {
+            k
+        } else {
+            k + (br * kc * 2) as u64
+        };
+        (k, v)
+    }
 }
 
 /// The device copy of a block table (a clone starts without one: it may diverge).
@@ -72,14 +136,15 @@ impl Clone for DeviceTable {
     }
 }
 
-impl KvRows {
-    pub(super) fn buf(rows: PagedRows<DeviceChunks>, cols: usize) -> CudaBuf {
-        CudaBuf::Paged(KvRows {
-            rows,
-            cols,
-            table: DeviceTable::default(),
-        })
-    }
+/// What a step's [`Cuda::kv_grow_step`] leaves for its layers' attention: the caches it
+/// grew (by address), their layout, and the step's attention metadata in device memory
+/// (see the kernels: each sequence's block table, cache length before the step and first
+/// row), the same for every layer.
+pub(super) struct KvStep {
+    pub caches: Vec<usize>,
+    pub lens: Vec<usize>,
+    pub layout: KvLayout,
+    pub meta: Dev<u64>,
 }
 
 impl Cuda {
@@ -101,7 +166,8 @@ impl Cuda {
         })
     }
 
-    pub(super) fn pool(&self, cols: usize) -> Option<Arc<Pool>> {
+    /// The pool of the blocks of caches whose position takes `row_bytes` in all layers.
+    pub(super) fn pool(&self, row_bytes: usize) -> Option<Arc<Pool>> {
         let budget = {
             let mut b = lock(&self.budget);
             if b.is_none() {
@@ -123,7 +189,7 @@ impl Cuda {
         let mut pools = lock(&self.pools);
         Some(
             pools
-                .entry(cols)
+                .entry(row_bytes)
                 .or_insert_with(|| {
                     BlockPool::new(
                         DeviceChunks {
@@ -132,8 +198,8 @@ impl Cuda {
                         },
                         budget,
                         self.opts.block_rows,
-                        cols * 2,
-                        self.opts.blocks_per_chunk,
+                        row_bytes,
+                        self.opts.chunk_bytes / (self.block_rows() * row_bytes).max(1),
                     )
                 })
                 .clone(),
@@ -145,26 +211,70 @@ impl Cuda {
         self.opts.block_rows.max(1)
     }
 
-    /// Makes room for `n` more rows of width `cols` in `cache` (a cache is created on the
-    /// first rows) and queues the copy-on-write copies.
-    pub(super) fn grow_cache(&self, cache: &mut CudaBuf, cols: usize, n: usize) -> Option<()> {
-        if let CudaBuf::F32(s) = cache {
-            if !s.is_empty() {
-                self.record(failed("append_rows", "not a cache"));
-                return None;
-            }
-            let pool = self.pool(cols)?;
-            *cache = KvRows::buf(PagedRows::new(pool), cols);
+    /// [`Backend::kv_grow`](crate::engine::backend::Backend::kv_grow): room in every
+    /// layer of each cache for its rows of the step (copy-on-write of shared blocks
+    /// queued before the step), each cache's device table brought up to date, and the
+    /// step's attention metadata uploaded once for all its layers.
+    pub(super) fn kv_grow_step(&self, caches: &mut [&mut SeqKv], lens: &[usize]) {
+        *self.kv_step() = None;
+        if self.errored() {
+            return;
         }
-        let CudaBuf::Paged(p) = cache else {
-            self.record(failed("append_rows", "not a cache"));
-            return None;
+        let Some(shape) = caches.first().map(|c| c.shape) else {
+            return;
         };
-        if p.cols != cols {
-            self.record(failed("append_rows", "row width changed"));
-            return None;
+        if caches.len() != lens.len() || caches.iter().any(|c| c.shape != shape) {
+            return self.record(failed(
+                "kv_grow",
+                format!(
+                    "{} caches of differing shapes for {} sequences",
+                    caches.len(),
+                    lens.len()
+                ),
+            ));
         }
-        let copies = match p.rows.reserve(n) {
+        let layout = KvLayout {
+            shape,
+            block_rows: self.block_rows(),
+        };
+        let n = caches.len();
+        let mut meta = vec![0u64; 3 * n + 1];
+        let mut row0 = 0;
+        for (i, (kv, &len)) in caches.iter_mut().zip(lens).enumerate() {
+            let pos0 = kv.len();
+            let Some(table) = self.grow(kv, layout, len) else {
+                return;
+            };
+            meta[i] = table;
+            meta[n + i] = pos0 as u64;
+            meta[2 * n + i] = row0 as u64;
+            row0 += len;
+        }
+        meta[3 * n] = row0 as u64;
+        let Some(meta) = self.meta(&meta, "attention metadata") else {
+            return;
+        };
+        *self.kv_step() = Some(KvStep {
+            caches: caches
+                .iter()
+                .map(|c| &**c as *const SeqKv as usize)
+                .collect(),
+            lens: lens.to_vec(),
+            layout,
+            meta,
+        });
+    }
+
+    /// Makes room for `n` more positions in every layer of `kv` (its pool is made with
+    /// its first rows), queues the copy-on-write copies, and returns the address of its
+    /// device table.
+    fn grow(&self, kv: &mut SeqKv, layout: KvLayout, n: usize) -> Option<u64> {
+        if kv.rows.is_none() {
+            let pool = self.pool(layout.row_bytes())?;
+            kv.rows = Some(PagedRows::new(pool));
+        }
+        let rows = kv.rows.as_mut()?;
+        let copies = match rows.reserve(n) {
             Ok(x) => x,
             Err(AllocError::Full(f)) => {
                 self.record(DeviceError::CacheFull(f));
@@ -184,45 +294,39 @@ impl Cuda {
                 return None;
             }
         };
-        let row_bytes = cols * 2;
+        let block_bytes = rows.pool().block_bytes();
         for cp in copies {
-            // SAFETY: both addresses are blocks of this pool, each `block_rows` rows of
-            // `row_bytes` bytes, and `cp.rows` is at most `block_rows`.
-            let r = unsafe {
-                cudarc::driver::result::memcpy_dtod_async(
-                    cp.to,
-                    cp.from,
-                    cp.rows * row_bytes,
-                    self.stream.cu_stream(),
-                )
-            };
-            self.check("cache copy-on-write", r);
+            // The whole block: the positions it holds, of every layer.
+            self.before_step(Pre::Dtod {
+                dst: cp.to,
+                src: cp.from,
+                bytes: block_bytes,
+            });
         }
-        Some(())
+        self.table_of(kv)
     }
 
     /// The device address of a cache's block table, uploading what changed since its last
     /// use (new blocks, a block replaced by its private copy).
-    pub(super) fn table_of(&self, cache: &mut CudaBuf) -> Option<u64> {
-        let CudaBuf::Paged(p) = cache else {
-            self.record(failed("attention", "not a cache"));
+    fn table_of(&self, kv: &mut SeqKv) -> Option<u64> {
+        let (Some(rows), t) = (kv.rows.as_ref(), &mut kv.table) else {
+            self.record(failed("kv_grow", "a cache without rows"));
             return None;
         };
-        let t = &mut p.table;
         // Most steps change no cache's blocks (a block holds 16 positions): nothing to
         // compare or upload.
         if let Some((edits, base)) = t.synced {
-            if edits == p.rows.edits() {
+            if edits == rows.edits() {
                 return Some(base);
             }
         }
-        let len = p.rows.block_addrs().len();
+        let len = rows.block_addrs().len();
         let fits = t.buf.as_ref().is_some_and(|b| b.len() >= len);
         // What changed: compare in place.
         let same = if fits {
             t.mirror
                 .iter()
-                .zip(p.rows.block_addrs())
+                .zip(rows.block_addrs())
                 .take_while(|(a, b)| **a == *b)
                 .count()
         } else {
@@ -233,7 +337,7 @@ impl Cuda {
         let base = t.buf.as_ref()?.device_ptr(&self.stream).0;
         if same < len || t.mirror.len() != len {
             t.mirror.truncate(same);
-            t.mirror.extend(p.rows.block_addrs().skip(same));
+            t.mirror.extend(rows.block_addrs().skip(same));
             if same < len {
                 let data: Vec<u8> = t.mirror[same..]
                     .iter()
@@ -245,37 +349,12 @@ impl Cuda {
                 });
             }
         }
-        t.synced = Some((p.rows.edits(), base));
+        t.synced = Some((rows.edits(), base));
         Some(base)
     }
 
-    /// A paged cache's rows as f32, `[rows, cols]`.
-    pub(super) fn read_paged(&self, p: &PagedRows<DeviceChunks>, cols: usize) -> Option<Dev<f32>> {
-        let rows = p.rows();
-        let mut out = self.tmp::<f32>(rows * cols, "cache read")?;
-        if rows == 0 {
-            return Some(out);
-        }
-        let table = self.meta(&p.table(), "block table")?;
-        let (br, c, from) = (p.pool().block_rows() as i32, cols as i32, 0i32);
-        launch!(
-            self,
-            "paged_read",
-            per_row(rows, 128),
-            &table,
-            &br,
-            &c,
-            &from,
-            &mut out
-        );
-        Some(out)
-    }
-}
-
-/// Rows held by a cache buffer (an empty f32 buffer: a cache not written yet).
-pub(super) fn cache_rows(b: &CudaBuf) -> usize {
-    match b {
-        CudaBuf::Paged(p) => p.rows.rows(),
-        _ => 0,
+    /// What the step's [`Cuda::kv_grow_step`] left.
+    pub(super) fn kv_step(&self) -> std::sync::MutexGuard<'_, Option<KvStep>> {
+        lock(&self.kv_step)
     }
 }

@@ -12,9 +12,10 @@
 //!   weight once in our GEMV kernels (bias, residual, several projections of one input
 //!   or SwiGLU fused in); more rows are cuBLAS bf16 GEMMs with f32 accumulation.
 //! - The KV cache is paged ([`crate::engine::paged`]): bf16 rows in fixed-size blocks
-//!   drawn from pools sharing one byte budget; a sequence's cache of a layer is a table
-//!   of block addresses, prefixes share blocks by reference, attention reads the blocks
-//!   through the table. A step that does not fit is refused with
+//!   drawn from pools sharing one byte budget; a sequence's cache is one table of block
+//!   addresses for all its layers (a block holds its positions of every layer), made
+//!   room for once a step, prefixes share blocks by reference, attention reads the
+//!   blocks through the table at its layer's offsets. A step that does not fit is refused with
 //!   [`DeviceError::CacheFull`] and leaves every cache as it was.
 //! - A step's attention is one launch for all its sequences (each reading its own cache
 //!   through its block table, kept in device memory), with each row's positions split
@@ -94,8 +95,8 @@ pub use kernels::{
     FA_THREADS, GEMV_ROWS, KERNELS, KERNEL_NAMES, MAX_DV, MOE_MAX_EXPERTS, SAMPLE_MAX_THREADS,
 };
 use kernels::{compiled, Kernel, Kernels, SHARED_PER_BLOCK};
-use kv::Pool;
-pub use kv::{DeviceChunks, KvRows};
+pub use kv::{DeviceChunks, SeqKv};
+use kv::{KvStep, Pool};
 use memory::keep_freed_memory;
 use profile::Profiler;
 pub use profile::{Profile, ProfiledOp};
@@ -138,9 +139,10 @@ pub struct CudaOptions {
     pub reserve: usize,
     /// Positions per KV block.
     pub block_rows: usize,
-    /// Blocks of a pool's first device allocation, and the unit of the larger ones that
-    /// follow as it grows ([`crate::engine::paged`]).
-    pub blocks_per_chunk: usize,
+    /// Bytes of a pool's first device allocation, and the unit of the larger ones that
+    /// follow as it grows ([`crate::engine::paged`]), in whole blocks (one at least: a
+    /// block holds its positions of every layer).
+    pub chunk_bytes: usize,
     /// Capture decode steps into CUDA graphs and replay them ([`step`]).
     pub graphs: bool,
     /// Initial bytes of the graphed steps' arena and of their staging area (each grows,
@@ -172,7 +174,7 @@ impl Default for CudaOptions {
             kv_cache_bytes: None,
             reserve: 2 << 30,
             block_rows: 16,
-            blocks_per_chunk: 256,
+            chunk_bytes: 2 << 20,
             graphs: true,
             graph_memory: (64 << 20, 1 << 20),
             tensor_core_kernels: true,
@@ -189,8 +191,6 @@ pub enum CudaBuf {
     F32(Arc<Dev<f32>>),
     /// bf16 values (weight matrices).
     Bf16(Arc<Dev<bf16>>),
-    /// KV cache rows, bf16, in blocks.
-    Paged(KvRows),
 }
 
 /// The CUDA backend.
@@ -221,6 +221,8 @@ pub struct Cuda {
     error: Mutex<Option<DeviceError>>,
     budget: Mutex<Option<Arc<Budget>>>,
     pools: Mutex<HashMap<usize, Arc<Pool>>>,
+    /// The step's caches and attention metadata, from its `kv_grow` to its end.
+    kv_step: Mutex<Option<KvStep>>,
     /// Per MoE layer (keyed by its first expert's gate matrix address): the device tables
     /// of every expert's gate, up and down matrix addresses.
     expert_tables: Mutex<HashMap<u64, Arc<[Dev<u64>; 3]>>>,
@@ -385,6 +387,7 @@ impl Cuda {
             error: Mutex::new(None),
             budget: Mutex::new(None),
             pools: Mutex::new(HashMap::new()),
+            kv_step: Mutex::new(None),
             expert_tables: Mutex::new(HashMap::new()),
             steps: Mutex::new(Steps::default()),
             halted: AtomicBool::new(false),

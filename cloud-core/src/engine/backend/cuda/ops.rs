@@ -8,17 +8,18 @@ use std::sync::Arc;
 use cudarc::driver::CudaSlice;
 use half::bf16;
 
-use super::kv::{cache_rows, KvRows};
+use super::kv::SeqKv;
 use super::step::Dev;
 use super::{failed, grid, lock, per_row, Cuda, CudaBuf};
 use crate::engine::backend::{
-    AttnShape, Backend, DeviceError, Projection, RopeLayout, RopeOf, Rotated, Weight,
+    AttnShape, Backend, DeviceError, KvShape, Projection, RopeLayout, RopeOf, Rotated, Weight,
 };
 use crate::engine::config::MoeConfig;
 use crate::engine::sampler::{Pick, Sampled};
 
 impl Backend for Cuda {
     type Buf = CudaBuf;
+    type Kv = SeqKv;
 
     fn describe(&self) -> String {
         let on = |b: bool| if b { "on" } else { "off" };
@@ -77,10 +78,6 @@ impl Backend for Cuda {
                 .stream
                 .clone_dtoh::<bf16, CudaSlice<bf16>>(s)
                 .map(|v| v.into_iter().map(bf16::to_f32).collect()),
-            CudaBuf::Paged(p) => match self.read_paged(&p.rows, p.cols) {
-                Some(s) => self.stream.clone_dtoh::<f32, CudaSlice<f32>>(&s),
-                None => return Vec::new(),
-            },
         };
         match r {
             Ok(v) => v,
@@ -95,7 +92,6 @@ impl Backend for Cuda {
         match b {
             CudaBuf::F32(s) => s.len(),
             CudaBuf::Bf16(s) => s.len(),
-            CudaBuf::Paged(p) => p.rows.rows() * p.cols,
         }
     }
 
@@ -424,10 +420,6 @@ impl Backend for Cuda {
                 &mut y,
                 &di
             ),
-            CudaBuf::Paged(..) => {
-                self.record(failed("gather_rows", "not from a cache"));
-                return self.empty();
-            }
         }
         CudaBuf::F32(Arc::new(y))
     }
@@ -608,13 +600,6 @@ impl Backend for Cuda {
             return self.empty();
         }
         match x {
-            CudaBuf::Paged(p) => {
-                if from != 0 || count > p.rows.rows() || p.cols != cols {
-                    self.record(failed("slice_rows", "a cache slice must be a prefix"));
-                    return self.empty();
-                }
-                KvRows::buf(p.rows.prefix(count), cols)
-            }
             CudaBuf::F32(s) => {
                 if (from + count) * cols > s.len() {
                     self.record(failed("slice_rows", "rows out of range"));
@@ -708,35 +693,6 @@ impl Backend for Cuda {
         CudaBuf::F32(Arc::new(y))
     }
 
-    fn append_rows(&self, cache: &mut CudaBuf, rows: &CudaBuf, cols: usize) {
-        if self.errored() {
-            return;
-        }
-        let Some(src) = self.f32_of(rows, "append_rows") else {
-            return;
-        };
-        if cols == 0 || src.len() % cols != 0 {
-            return self.record(failed("append_rows", "rows are not whole"));
-        }
-        let n = src.len() / cols;
-        let from = cache_rows(cache);
-        if self.grow_cache(cache, cols, n).is_none() {
-            return;
-        }
-        if n == 0 {
-            return;
-        }
-        let CudaBuf::Paged(p) = cache else {
-            return self.record(failed("append_rows", "not a cache"));
-        };
-        let addrs = p.rows.row_addrs(from, n);
-        let Some(dst) = self.meta(&addrs, "row addresses") else {
-            return;
-        };
-        let ci = cols as i32;
-        launch!(self, "paged_write", per_row(n, 128), src, &dst, &ci);
-    }
-
     fn rope(
         &self,
         x: &mut CudaBuf,
@@ -766,30 +722,28 @@ impl Backend for Cuda {
         self.rope_of(a, Some(b), rot_dim, positions, cos, sin, layout);
     }
 
+    fn new_kv(&self, shape: KvShape) -> SeqKv {
+        SeqKv::new(shape)
+    }
+
+    fn kv_prefix(&self, kv: &SeqKv, keep: usize) -> SeqKv {
+        kv.prefix(keep)
+    }
+
+    fn kv_grow(&self, caches: &mut [&mut SeqKv], lens: &[usize]) {
+        self.kv_grow_step(caches, lens);
+    }
+
     fn attend(
         &self,
         q: &CudaBuf,
         k: &CudaBuf,
         v: &CudaBuf,
         lens: &[usize],
-        caches: &mut [(&mut CudaBuf, &mut CudaBuf)],
+        layer: usize,
+        caches: &mut [&mut SeqKv],
         s: AttnShape,
     ) -> CudaBuf {
-        self.attend_paged(q, k, v, lens, caches, s)
-    }
-
-    fn attention(
-        &self,
-        q: &CudaBuf,
-        k: &CudaBuf,
-        v: &CudaBuf,
-        t: usize,
-        h: usize,
-        hk: usize,
-        dk: usize,
-        dv: usize,
-        scale: f32,
-    ) -> CudaBuf {
-        self.attention_dense(q, k, v, t, h, hk, dk, dv, scale)
+        self.attend_paged(q, k, v, lens, layer, caches, s)
     }
 }

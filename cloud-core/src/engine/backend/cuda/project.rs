@@ -554,10 +554,6 @@ impl Cuda {
                     self.bias_rows(y, b);
                 }
             }
-            CudaBuf::Paged(..) => {
-                self.record(failed("linear", "a cache is not a weight"));
-                return self.empty();
-            }
         }
         match fresh {
             Some(f) => CudaBuf::F32(Arc::new(f)),
