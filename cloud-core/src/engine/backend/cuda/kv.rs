@@ -50,8 +50,9 @@ pub(super) type Pool = BlockPool<DeviceChunks>;
 /// block holding `block_rows` positions of every layer in turn (that layer's key rows,
 /// then its value rows, none when the values are the keys' columns), and the table
 /// mirrored in device memory for the kernels (brought up to date, only where it changed,
-/// once a step). A step's room is made once for all its layers ([`Cuda::kv_grow_step`]),
-/// and a layer's attention finds its rows at the layer's offsets in the blocks.
+/// once a step). A step's room is made once for all its layers
+/// ([`Backend::kv_grow`](crate::engine::backend::Backend::kv_grow)), and a layer's
+/// attention finds its rows at the layer's offsets in the blocks.
 #[derive(Clone)]
 pub struct SeqKv {
     shape: KvShape,
