@@ -320,9 +320,34 @@ fn cuda_a_step_that_does_not_fit_is_refused_and_changes_nothing() {
     }
     assert_eq!(big.len(), 0, "the refused sequence kept nothing");
     assert_eq!(small.len(), 3);
-    model
-        .forward(&[4], &mut small)
+    // In one step with a sequence that fits (room made for it first, a new block), then
+    // one that does not: neither keeps anything (the first's new block goes back).
+    let usage = |what: &str| {
+        model
+            .backend()
+            .kv_cache()
+            .unwrap_or_else(|| panic!("{what}: a paged cache"))
+            .held_bytes
+    };
+    let held = usage("before the batch");
+    let refuse = |small: &mut Cache<Cuda>| {
+        let mut big = model.new_cache();
+        match model.forward_batch(&mut [(&[4, 5][..], small), (&long[..], &mut big)]) {
+            Err(EngineError::Device(DeviceError::CacheFull(_))) => {}
+            other => panic!("expected a full cache, got {:?}", other.map(|l| l.len())),
+        }
+        assert_eq!((small.len(), big.len()), (3, 0), "the batch kept nothing");
+    };
+    refuse(&mut small);
+    assert_eq!(usage("after the refused batch"), held);
+    // Its rows are as they were: it goes on as a copy made before the refusal does.
+    let mut copy = model.cache_prefix(&small, 3);
+    refuse(&mut small);
+    let went_on = model
+        .forward(&[4, 5], &mut small)
         .expect("the device keeps serving after a refusal");
+    let fresh = model.forward(&[4, 5], &mut copy).expect("the copy");
+    assert_eq!(went_on, fresh, "the refused batch changed the cache's rows");
 }
 
 #[test]
