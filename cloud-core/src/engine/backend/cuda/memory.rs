@@ -177,7 +177,7 @@ impl Cuda {
     pub(super) fn run_pre(&self, pre: Pre) {
         let r = match &pre {
             // SAFETY: the destinations are device tables and blocks sized for the copies
-            // (see `table_of` and `grow_cache`); pageable host data is staged by the
+            // (see `table_of` and `grow` in `kv`); pageable host data is staged by the
             // driver before the call returns.
             Pre::Htod { dst, data } => unsafe {
                 cudarc::driver::result::memcpy_htod_async(*dst, data, self.stream.cu_stream())
