@@ -224,15 +224,16 @@ impl Cuda {
         let Some(shape) = caches.first().map(|c| c.shape) else {
             return;
         };
-        if caches.len() != lens.len() || caches.iter().any(|c| c.shape != shape) {
-            return self.record(failed(
-                "kv_grow",
-                format!(
-                    "{} caches of differing shapes for {} sequences",
-                    caches.len(),
-                    lens.len()
-                ),
-            ));
+        if caches.len() != lens.len() {
+            let why = format!("{} caches for {} sequences", caches.len(), lens.len());
+            return self.record(failed("kv_grow", why));
+        }
+        if let Some(other) = caches.iter().find(|c| c.shape != shape) {
+            let why = format!(
+                "caches of two shapes in one step: {shape:?} and {:?}",
+                other.shape
+            );
+            return self.record(failed("kv_grow", why));
         }
         let layout = KvLayout {
             shape,

@@ -486,7 +486,6 @@ impl Cuda {
     /// Starts a step ([`Backend::begin_step`](crate::engine::backend::Backend::begin_step)):
     /// eagerly, or captured into a graph, or replaying one.
     pub(super) fn start_step(&self, lens: &[usize], out: u8, graphs: bool) {
-        *self.kv_step() = None;
         let mut st = self.steps();
         st.began = Some(std::time::Instant::now());
         st.mode = Mode::Eager;
@@ -548,6 +547,7 @@ impl Cuda {
     /// its results are to be discarded.
     pub(super) fn finish_step(&self) -> bool {
         self.flush();
+        // The step's KV metadata (its memory, when the step ran eagerly) goes with it.
         *self.kv_step() = None;
         self.close_profile();
         let mut st = self.steps();
