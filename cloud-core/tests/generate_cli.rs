@@ -254,31 +254,31 @@ fn cuda_settings_need_the_cuda_engine() {
         err.contains("--mma-decode-group need --engine cuda"),
         "{err}"
     );
-    for bad in ["0", "-2", "six"] {
-        let err = run(&[
-            "bench",
-            "--engine",
-            "cuda",
-            &format!("--mma-decode-group={bad}"),
-        ]);
-        assert!(
-            err.contains("is not a whole number of at least 1"),
-            "{bad}: {err}"
-        );
-    }
-    for bad in ["0", "-1", "lots"] {
-        let err = run(&[
-            "serve",
-            "--data-dir",
-            data,
-            "--engine",
-            "cuda",
-            &format!("--kv-cache-gib={bad}"),
-        ]);
-        assert!(
-            err.contains("a size in GiB is a positive number"),
-            "{bad}: {err}"
-        );
+    // Bad values, refused by name before anything starts.
+    let bench = ["bench", "--engine", "cuda"];
+    let serve = ["serve", "--data-dir", data, "--engine", "cuda"];
+    let cases: [(&[&str], &str, [&str; 3], &str); 2] = [
+        (
+            &bench,
+            "--mma-decode-group",
+            ["0", "-2", "six"],
+            "is not a whole number of at least 1",
+        ),
+        (
+            &serve,
+            "--kv-cache-gib",
+            ["0", "-1", "lots"],
+            "a size in GiB is a positive number",
+        ),
+    ];
+    for (command, flag, bads, refusal) in cases {
+        for bad in bads {
+            let mut args = command.to_vec();
+            let arg = format!("{flag}={bad}");
+            args.push(&arg);
+            let err = run(&args);
+            assert!(err.contains(refusal), "{flag}={bad}: {err}");
+        }
     }
     // Nothing was started: no token written.
     assert!(!dir.path().join("operator-token").exists());

@@ -497,7 +497,6 @@ struct Paged {
 impl Paged {
     /// Layer `layer` of `layers` holding keys `k` and values `v` (`v` empty when the
     /// values are the keys' columns, `vc` 0), with blocks for `room` more positions.
-    #[allow(clippy::too_many_arguments)]
     fn new(
         k: &[f32],
         v: &[f32],
