@@ -19,7 +19,7 @@
 use std::ffi::{c_char, c_void, CString};
 use std::sync::OnceLock;
 
-use cloud_core::engine::backend::cpu::Cpu;
+use cloud_core::engine::backend::cpu::{Cpu, CpuBuf};
 use cloud_core::engine::backend::{Backend, RopeLayout};
 use cloud_core::engine::config::{MoeConfig, ScoringFunc, TopkMethod};
 use cloud_core::engine::model::route;
@@ -31,6 +31,116 @@ mod emu_build;
 use cloud_core::engine::sampler::Pick;
 use common::rand_vec;
 use emu_build::{glue, KERNELS};
+
+/// The CPU backend over host vectors (f32 weights): the reference the kernels are held to.
+#[derive(Default)]
+struct Host(Cpu);
+
+fn buf(v: &[f32]) -> CpuBuf {
+    CpuBuf::F32(v.to_vec())
+}
+
+#[allow(clippy::too_many_arguments)]
+impl Host {
+    fn linear(&self, x: &[f32], m: usize, w: &[f32], n: usize, k: usize) -> Vec<f32> {
+        self.0.linear(&buf(x), m, &buf(w), n, k).to_f32()
+    }
+    fn add(&self, x: &mut Vec<f32>, y: &[f32]) {
+        let mut b = buf(x);
+        self.0.add(&mut b, &buf(y));
+        *x = b.to_f32();
+    }
+    fn add_scaled(&self, x: &mut Vec<f32>, y: &[f32], s: f32) {
+        let mut b = buf(x);
+        self.0.add_scaled(&mut b, &buf(y), s);
+        *x = b.to_f32();
+    }
+    fn add_bias(&self, x: &mut Vec<f32>, bias: &[f32]) {
+        let mut b = buf(x);
+        self.0.add_bias(&mut b, &buf(bias));
+        *x = b.to_f32();
+    }
+    fn silu_mul(&self, g: &[f32], u: &[f32]) -> Vec<f32> {
+        self.0.silu_mul(&buf(g), &buf(u)).to_f32()
+    }
+    fn rms_norm(&self, x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
+        self.0.rms_norm(&buf(x), &buf(w), eps).to_f32()
+    }
+    fn gather_rows(&self, table: &[f32], d: usize, ids: &[u32]) -> Vec<f32> {
+        self.0.gather_rows(&buf(table), d, ids).to_f32()
+    }
+    fn slice_cols(&self, x: &[f32], cols: usize, from: usize, width: usize) -> Vec<f32> {
+        self.0.slice_cols(&buf(x), cols, from, width).to_f32()
+    }
+    fn add_rows_scaled(
+        &self,
+        dst: &mut Vec<f32>,
+        d: usize,
+        src: &[f32],
+        rows: &[usize],
+        w: &[f32],
+    ) {
+        let mut b = buf(dst);
+        self.0.add_rows_scaled(&mut b, d, &buf(src), rows, w);
+        *dst = b.to_f32();
+    }
+    fn mla_expand(
+        &self,
+        kv: &[f32],
+        pe: &[f32],
+        t: usize,
+        h: usize,
+        nope: usize,
+        dv: usize,
+        rope: usize,
+    ) -> (Vec<f32>, Vec<f32>) {
+        let (k, v) = self.0.mla_expand(&buf(kv), &buf(pe), t, h, nope, dv, rope);
+        (k.to_f32(), v.to_f32())
+    }
+    fn argmax_rows(&self, x: &[f32], cols: usize, allowed: Option<&[u32]>) -> Vec<(u32, f32)> {
+        self.0.argmax_rows(&buf(x), cols, allowed)
+    }
+    fn rope(
+        &self,
+        x: &mut Vec<f32>,
+        heads: usize,
+        head_dim: usize,
+        offset: usize,
+        rot: usize,
+        positions: &[usize],
+        cos: &[f32],
+        sin: &[f32],
+        layout: RopeLayout,
+    ) {
+        let mut b = buf(x);
+        self.0.rope(
+            &mut b,
+            heads,
+            head_dim,
+            offset,
+            rot,
+            positions,
+            &buf(cos),
+            &buf(sin),
+            layout,
+        );
+        *x = b.to_f32();
+    }
+    fn attention(
+        &self,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        t: usize,
+        h: usize,
+        hk: usize,
+        dk: usize,
+        dv: usize,
+        scale: f32,
+    ) -> Vec<f32> {
+        self.0.attention(q, k, v, t, h, hk, dk, dv, scale)
+    }
+}
 
 type LaunchFn =
     unsafe extern "C" fn(*const c_char, u32, u32, u32, u32, u32, u32, u32, *mut *mut c_void) -> i32;
@@ -218,7 +328,7 @@ fn conversions_and_elementwise_kernels_match_the_cpu() {
         0,
         &[pm(&mut z), p(&y), Arg::L(n as i64), Arg::F(0.5)],
     );
-    let cpu = Cpu::default();
+    let cpu = Host::default();
     let mut want = x.clone();
     cpu.add_scaled(&mut want, &y, 0.5);
     assert_close(&z, &want, 1e-6, "axpy");
@@ -266,7 +376,7 @@ fn row_kernels_match_the_cpu() {
     if !available() {
         return;
     }
-    let cpu = Cpu::default();
+    let cpu = Host::default();
     let (rows, d) = (5, 96);
     let x = rand_vec(rows * d, 4);
     let w = rand_vec(d, 5);
@@ -420,7 +530,7 @@ fn rope_matches_the_cpu_in_both_layouts() {
     if !available() {
         return;
     }
-    let cpu = Cpu::default();
+    let cpu = Host::default();
     let (rows, heads, hd) = (3, 2, 24);
     let (heads2, hd2) = (3, 28);
     let positions = [0usize, 5, 11];
@@ -582,7 +692,7 @@ fn batched_paged_attention_matches_the_cpu_per_sequence() {
     if !available() {
         return;
     }
-    let cpu = Cpu::default();
+    let cpu = Host::default();
     // (h, hk, dk, dv, values in keys, block rows, [(cached rows, new rows)]): GQA
     // (Qwen-like), MLA's absorbed form (one key head, values the keys' first columns,
     // wider than a warp's 32 lanes), decode steps, a prefill, and an empty sequence.
@@ -1093,7 +1203,7 @@ fn moe_experts_on_the_device_match_a_host_computation() {
         ],
     );
     // The host computation: route, then each chosen expert's SwiGLU, weighted.
-    let cpu = Cpu::default();
+    let cpu = Host::default();
     let f = |v: &Vec<bf16>| -> Vec<f32> { v.iter().map(|x| x.to_f32()).collect() };
     let mut want = vec![0f32; t * hidden];
     for tok in 0..t {
@@ -1234,7 +1344,7 @@ fn grouped_expert_gemms_match_a_host_computation() {
             pm(&mut y),
         ],
     );
-    let cpu = Cpu::default();
+    let cpu = Host::default();
     let f = |v: &[bf16]| -> Vec<f32> { v.iter().map(|x| x.to_f32()).collect() };
     let act = f(&act);
     let (mut want_act, mut want_y) = (vec![0f32; pairs * inter], vec![0f32; pairs * hidden]);
@@ -1248,7 +1358,7 @@ fn grouped_expert_gemms_match_a_host_computation() {
             // The down projection of the device's own intermediate values, so that a value
             // rounded to the other neighbouring bf16 does not spread into the comparison.
             let d = cpu.linear(
-                &act[s * inter..(s + 1) * inter].to_vec(),
+                &act[s * inter..(s + 1) * inter],
                 1,
                 &f(&mats[e][2]),
                 hidden,
@@ -1286,7 +1396,7 @@ fn gemv_matches_the_cpu_with_bias_and_residual() {
     if !available() {
         return;
     }
-    let cpu = Cpu::default();
+    let cpu = Host::default();
     let (n, k) = (37, 48);
     let w = rounded(&rand_vec(n * k, 30));
     let wb = to_bf16(&w);
@@ -1352,7 +1462,7 @@ fn fused_projections_match_the_cpu() {
     if !available() {
         return;
     }
-    let cpu = Cpu::default();
+    let cpu = Host::default();
     let k = 40;
     let ns = [24usize, 8, 13];
     let ws: Vec<Vec<f32>> = ns
@@ -1439,7 +1549,7 @@ fn norm_folded_projections_match_norm_then_projection() {
     if !available() {
         return;
     }
-    let cpu = Cpu::default();
+    let cpu = Host::default();
     let (k, eps) = (64, 1e-6f32);
     let ns = [16usize, 9, 30];
     let ws: Vec<Vec<f32>> = ns
@@ -1542,7 +1652,7 @@ fn rope_folded_projections_match_projection_then_rope() {
     if !available() {
         return;
     }
-    let cpu = Cpu::default();
+    let cpu = Host::default();
     let (k, eps, max_pos) = (64, 1e-6f32, 20);
     // (layout, rot, [(n, head_dim, offset)]: head_dim 0 = not rotated)
     let cases = [

@@ -205,20 +205,24 @@ impl<B: Backend> Loader<'_, B> {
     }
 
     fn get(&self, name: &str, shape: &[usize]) -> Result<B::Buf, WeightsError> {
-        if shape.len() == 2 && self.be.wants_bf16_weights() {
-            match &self.src {
-                Source::Checkpoint(ck) => {
-                    return Ok(self
-                        .be
-                        .upload_weight(Weight::Bf16(&ck.bf16(name, shape)?), shape))
-                }
+        // Random weights stand for the published checkpoints, which are bf16.
+        let stored_bf16 = match &self.src {
+            Source::Checkpoint(ck) => ck.is_bf16(name),
+            Source::Random(_) => true,
+        };
+        if shape.len() == 2 && self.be.wants_bf16_weights(stored_bf16) {
+            let values = match &self.src {
+                Source::Checkpoint(ck) => ck.bf16(name, shape)?,
                 Source::Random(seed) => {
                     let (seed, amp) = random_params(*seed, name, shape);
                     if let Some(b) = self.be.random_weight(shape, amp, seed) {
                         return Ok(b);
                     }
+                    let v = self.f32(name, shape)?;
+                    v.into_iter().map(half::bf16::from_f32).collect()
                 }
-            }
+            };
+            return Ok(self.be.upload_weight(Weight::Bf16(&values), shape));
         }
         Ok(self
             .be

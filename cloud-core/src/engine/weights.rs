@@ -245,6 +245,11 @@ impl Checkpoint {
         self.where_is.contains_key(name)
     }
 
+    /// Whether a tensor is stored as bf16 (false for one that is missing).
+    pub fn is_bf16(&self, name: &str) -> bool {
+        self.raw(name).is_ok_and(|r| r.dtype == Dtype::BF16)
+    }
+
     /// The stored bytes of a tensor (no copy).
     pub fn raw(&self, name: &str) -> Result<RawTensor<'_>, WeightsError> {
         let shard = self

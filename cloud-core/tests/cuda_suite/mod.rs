@@ -12,7 +12,7 @@ mod common;
 #[path = "../common/reference.rs"]
 mod reference;
 
-use cloud_core::engine::backend::cpu::Cpu;
+use cloud_core::engine::backend::cpu::{Cpu, CpuBuf};
 use cloud_core::engine::backend::cuda::{unavailable, Cuda, CudaOptions};
 use cloud_core::engine::backend::{AttnShape, Backend, DeviceError, KvShape};
 use cloud_core::engine::model::{Cache, EngineError, Model};
@@ -610,10 +610,16 @@ fn cuda_prompt_and_decode_experts_match_the_host() {
         let xt = &x[tok * hidden..(tok + 1) * hidden];
         for (e, w) in route(&logits[tok * n..(tok + 1) * n], Some(bias.as_slice()), &moe) {
             routed[tok].push(e);
-            let g = cpu.linear(&xt.to_vec(), 1, &f32s(&mats[e][0]), inter, hidden);
-            let u = cpu.linear(&xt.to_vec(), 1, &f32s(&mats[e][1]), inter, hidden);
-            let d = cpu.linear(&cpu.silu_mul(&g, &u), 1, &f32s(&mats[e][2]), hidden, inter);
-            for (o, v) in want[tok * hidden..(tok + 1) * hidden].iter_mut().zip(d) {
+            // The CPU backend reads the same bf16 matrices.
+            let xt = CpuBuf::F32(xt.to_vec());
+            let [wg, wu, wd] = mats[e].clone().map(CpuBuf::Bf16);
+            let g = cpu.linear(&xt, 1, &wg, inter, hidden);
+            let u = cpu.linear(&xt, 1, &wu, inter, hidden);
+            let d = cpu.linear(&cpu.silu_mul(&g, &u), 1, &wd, hidden, inter);
+            for (o, v) in want[tok * hidden..(tok + 1) * hidden]
+                .iter_mut()
+                .zip(d.f32())
+            {
                 *o += w * v;
             }
         }

@@ -1,13 +1,115 @@
 //! The CPU backend: the reference implementation, multi-threaded GEMM from the `gemm`
-//! crate, straightforward loops for everything else.
+//! crate, straightforward loops for everything else. Activations are f32; matrices are
+//! f32 or bf16 ([`CpuWeights`]), bf16 ones widened as they are read.
 
-use super::{AttnShape, Backend, KvShape, RopeLayout};
+use half::bf16;
+
+use super::{AttnShape, Backend, KvShape, RopeLayout, Weight};
 
 /// The CPU backend.
 #[derive(Clone, Debug, Default)]
 pub struct Cpu {
     /// Threads for GEMM (0: all cores).
     pub threads: usize,
+    /// How matrices are kept.
+    pub weights: CpuWeights,
+}
+
+impl Cpu {
+    /// The CPU backend keeping matrices as `weights` says.
+    pub fn with_weights(weights: CpuWeights) -> Cpu {
+        Cpu {
+            weights,
+            ..Cpu::default()
+        }
+    }
+}
+
+/// How the CPU backend keeps a model's matrices (norms, biases and the absorbed MLA
+/// products are always f32).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CpuWeights {
+    /// As the checkpoint stores them: a bf16 matrix stays bf16 (half the memory of f32
+    /// and of the bytes each decode step reads, and exactly the same values), an f32 one
+    /// stays f32. Random models stand for the published checkpoints, which are bf16.
+    #[default]
+    AsStored,
+    /// Every matrix widened to f32 (bf16 ones exactly).
+    F32,
+    /// Every matrix rounded to bf16 (f32 ones lose precision, as on the CUDA backend).
+    Bf16,
+}
+
+impl std::str::FromStr for CpuWeights {
+    type Err = String;
+    fn from_str(s: &str) -> Result<CpuWeights, String> {
+        match s {
+            "as-stored" => Ok(CpuWeights::AsStored),
+            "f32" => Ok(CpuWeights::F32),
+            "bf16" => Ok(CpuWeights::Bf16),
+            other => Err(format!(
+                "unknown CPU weight type {other:?} (as-stored, f32, bf16)"
+            )),
+        }
+    }
+}
+
+/// A buffer of the CPU backend: f32 values, or a matrix kept as bf16. Only
+/// [`Backend::linear`] (and the projections built on it) and [`Backend::gather_rows`]
+/// read bf16 matrices; every other operation takes f32 buffers.
+#[derive(Clone, Debug, PartialEq)]
+pub enum CpuBuf {
+    /// f32 values: activations, norms, biases, f32 matrices.
+    F32(Vec<f32>),
+    /// A matrix of bf16 values.
+    Bf16(Vec<bf16>),
+}
+
+impl From<Vec<f32>> for CpuBuf {
+    fn from(v: Vec<f32>) -> CpuBuf {
+        CpuBuf::F32(v)
+    }
+}
+
+impl CpuBuf {
+    /// The f32 values.
+    ///
+    /// # Panics
+    /// On a bf16 matrix: an operation was given a weight where it takes activations.
+    pub fn f32(&self) -> &Vec<f32> {
+        match self {
+            CpuBuf::F32(v) => v,
+            CpuBuf::Bf16(_) => panic!("a bf16 matrix where f32 values are expected"),
+        }
+    }
+
+    fn f32_mut(&mut self) -> &mut Vec<f32> {
+        match self {
+            CpuBuf::F32(v) => v,
+            CpuBuf::Bf16(_) => panic!("a bf16 matrix where f32 values are expected"),
+        }
+    }
+
+    /// The values as f32 (bf16 ones widened, exactly).
+    pub fn to_f32(&self) -> Vec<f32> {
+        match self {
+            CpuBuf::F32(v) => v.clone(),
+            CpuBuf::Bf16(v) => v.iter().map(|x| widen(*x)).collect(),
+        }
+    }
+
+    /// Number of values.
+    pub fn len(&self) -> usize {
+        match self {
+            CpuBuf::F32(v) => v.len(),
+            CpuBuf::Bf16(v) => v.len(),
+        }
+    }
+
+    /// Whether it holds no values.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// One sequence's cache on the host: each layer's key rows and value rows.
@@ -69,7 +171,7 @@ impl Cpu {
 }
 
 impl Backend for Cpu {
-    type Buf = Vec<f32>;
+    type Buf = CpuBuf;
     type Kv = CpuKv;
 
     fn new_kv(&self, shape: KvShape) -> CpuKv {
@@ -101,14 +203,15 @@ impl Backend for Cpu {
 
     fn attend(
         &self,
-        q: &Vec<f32>,
-        k: &Vec<f32>,
-        v: &Vec<f32>,
+        q: &CpuBuf,
+        k: &CpuBuf,
+        v: &CpuBuf,
         lens: &[usize],
         layer: usize,
         caches: &mut [&mut CpuKv],
         s: AttnShape,
-    ) -> Vec<f32> {
+    ) -> CpuBuf {
+        let (q, k, v) = (q.f32(), k.f32(), v.f32());
         let (qc, kc, vc) = (s.h * s.dk, s.hk * s.dk, s.hk * s.dv);
         let mut out = Vec::with_capacity(q.len() / s.dk.max(1) * s.dv);
         let mut at = 0;
@@ -125,19 +228,41 @@ impl Backend for Cpu {
             out.extend(self.attention(qs, kcache, vcache, len, s.h, s.hk, s.dk, s.dv, s.scale));
             at += len;
         }
-        out
+        CpuBuf::F32(out)
     }
 
-    fn upload(&self, data: &[f32]) -> Vec<f32> {
-        data.to_vec()
+    fn upload(&self, data: &[f32]) -> CpuBuf {
+        CpuBuf::F32(data.to_vec())
     }
 
-    fn download(&self, b: &Vec<f32>) -> Vec<f32> {
-        b.clone()
+    fn download(&self, b: &CpuBuf) -> Vec<f32> {
+        b.to_f32()
     }
 
-    fn len(&self, b: &Vec<f32>) -> usize {
+    fn len(&self, b: &CpuBuf) -> usize {
         b.len()
+    }
+
+    fn wants_bf16_weights(&self, stored_bf16: bool) -> bool {
+        match self.weights {
+            CpuWeights::AsStored => stored_bf16,
+            CpuWeights::F32 => false,
+            CpuWeights::Bf16 => true,
+        }
+    }
+
+    fn upload_weight(&self, w: Weight<'_>, shape: &[usize]) -> CpuBuf {
+        let matrix = shape.len() == 2;
+        match w {
+            Weight::Bf16(v) if matrix && self.weights != CpuWeights::F32 => {
+                CpuBuf::Bf16(v.to_vec())
+            }
+            Weight::Bf16(v) => CpuBuf::F32(v.iter().map(|x| widen(*x)).collect()),
+            Weight::F32(v) if matrix && self.weights == CpuWeights::Bf16 => {
+                CpuBuf::Bf16(v.iter().map(|x| bf16::from_f32(*x)).collect())
+            }
+            Weight::F32(v) => CpuBuf::F32(v.to_vec()),
+        }
     }
 
     fn describe(&self) -> String {
@@ -145,62 +270,45 @@ impl Backend for Cpu {
             0 => rayon_threads(),
             n => n,
         };
-        format!("cpu ({threads} threads)")
+        let weights = match self.weights {
+            CpuWeights::AsStored => "matrices as stored",
+            CpuWeights::F32 => "f32 matrices",
+            CpuWeights::Bf16 => "bf16 matrices",
+        };
+        format!("cpu ({threads} threads, {weights})")
     }
 
-    fn linear(&self, x: &Vec<f32>, m: usize, w: &Vec<f32>, n: usize, k: usize) -> Vec<f32> {
+    fn linear(&self, x: &CpuBuf, m: usize, w: &CpuBuf, n: usize, k: usize) -> CpuBuf {
+        let x = x.f32();
         assert_eq!(x.len(), m * k, "linear: input is not [{m}, {k}]");
         assert_eq!(w.len(), n * k, "linear: weight is not [{n}, {k}]");
-        let mut y = vec![0f32; m * n];
-        if m == 0 || n == 0 {
-            return y;
-        }
-        if k == 0 {
-            return y;
-        }
-        if m <= GEMV_MAX_ROWS {
-            return gemv(x, m, w, n, k);
+        if m == 0 || n == 0 || k == 0 {
+            return CpuBuf::F32(vec![0f32; m * n]);
         }
         let threads = if self.threads == 0 {
             rayon_threads()
         } else {
             self.threads
         };
-        let par = if m * n * k < 64 * 64 * 64 || threads <= 1 {
-            gemm::Parallelism::None
-        } else {
-            gemm::Parallelism::Rayon(threads)
-        };
-        // SAFETY: the asserts above guarantee x is m×k, w is n×k and y is m×n, and the
-        // strides below address exactly those row-major layouts (wᵀ read column-wise).
-        #[allow(unsafe_code)]
-        unsafe {
-            gemm::gemm(
-                m,
-                n,
-                k,
-                y.as_mut_ptr(),
-                1,
-                n as isize,
-                false,
-                x.as_ptr(),
-                1,
-                k as isize,
-                w.as_ptr(),
-                k as isize,
-                1,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                par,
-            );
-        }
-        y
+        CpuBuf::F32(match w {
+            CpuBuf::F32(w) if m <= GEMV_MAX_ROWS => gemv(x, m, w, n, k),
+            CpuBuf::Bf16(w) if m <= GEMV_MAX_ROWS => gemv(x, m, w, n, k),
+            CpuBuf::F32(w) => {
+                let par = if m * n * k < 64 * 64 * 64 || threads <= 1 {
+                    gemm::Parallelism::None
+                } else {
+                    gemm::Parallelism::Rayon(threads)
+                };
+                let mut y = vec![0f32; m * n];
+                gemm_into(&mut y, n, x, m, w, n, k, par);
+                y
+            }
+            CpuBuf::Bf16(w) => gemm_bf16(x, m, w, n, k),
+        })
     }
 
-    fn add_bias(&self, x: &mut Vec<f32>, bias: &Vec<f32>) {
+    fn add_bias(&self, x: &mut CpuBuf, bias: &CpuBuf) {
+        let (x, bias) = (x.f32_mut(), bias.f32());
         let n = bias.len();
         for row in x.chunks_exact_mut(n) {
             for (a, b) in row.iter_mut().zip(bias) {
@@ -209,19 +317,22 @@ impl Backend for Cpu {
         }
     }
 
-    fn add(&self, x: &mut Vec<f32>, y: &Vec<f32>) {
+    fn add(&self, x: &mut CpuBuf, y: &CpuBuf) {
+        let (x, y) = (x.f32_mut(), y.f32());
         for (a, b) in x.iter_mut().zip(y) {
             *a += b;
         }
     }
 
-    fn add_scaled(&self, x: &mut Vec<f32>, y: &Vec<f32>, s: f32) {
+    fn add_scaled(&self, x: &mut CpuBuf, y: &CpuBuf, s: f32) {
+        let (x, y) = (x.f32_mut(), y.f32());
         for (a, b) in x.iter_mut().zip(y) {
             *a += s * b;
         }
     }
 
-    fn rms_norm(&self, x: &Vec<f32>, w: &Vec<f32>, eps: f32) -> Vec<f32> {
+    fn rms_norm(&self, x: &CpuBuf, w: &CpuBuf, eps: f32) -> CpuBuf {
+        let (x, w) = (x.f32(), w.f32());
         let d = w.len();
         let mut out = vec![0f32; x.len()];
         for (row, o) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
@@ -231,50 +342,59 @@ impl Backend for Cpu {
                 *o = v * r * g;
             }
         }
-        out
+        CpuBuf::F32(out)
     }
 
-    fn silu_mul(&self, gate: &Vec<f32>, up: &Vec<f32>) -> Vec<f32> {
-        gate.iter()
-            .zip(up)
-            .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
-            .collect()
+    fn silu_mul(&self, gate: &CpuBuf, up: &CpuBuf) -> CpuBuf {
+        CpuBuf::F32(
+            gate.f32()
+                .iter()
+                .zip(up.f32())
+                .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
+                .collect(),
+        )
     }
 
-    fn gather_rows(&self, table: &Vec<f32>, d: usize, ids: &[u32]) -> Vec<f32> {
+    fn gather_rows(&self, table: &CpuBuf, d: usize, ids: &[u32]) -> CpuBuf {
         let mut out = Vec::with_capacity(ids.len() * d);
         for &i in ids {
-            let start = i as usize * d;
-            out.extend_from_slice(&table[start..start + d]);
+            let rows = i as usize * d..(i as usize + 1) * d;
+            match table {
+                CpuBuf::F32(t) => out.extend_from_slice(&t[rows]),
+                CpuBuf::Bf16(t) => out.extend(t[rows].iter().map(|x| widen(*x))),
+            }
         }
-        out
+        CpuBuf::F32(out)
     }
 
-    fn slice_cols(&self, x: &Vec<f32>, cols: usize, from: usize, width: usize) -> Vec<f32> {
+    fn slice_cols(&self, x: &CpuBuf, cols: usize, from: usize, width: usize) -> CpuBuf {
+        let x = x.f32();
         let mut out = Vec::with_capacity(x.len() / cols.max(1) * width);
         for row in x.chunks_exact(cols) {
             out.extend_from_slice(&row[from..from + width]);
         }
-        out
+        CpuBuf::F32(out)
     }
 
-    fn concat_cols(&self, a: &Vec<f32>, ca: usize, b: &Vec<f32>, cb: usize) -> Vec<f32> {
+    fn concat_cols(&self, a: &CpuBuf, ca: usize, b: &CpuBuf, cb: usize) -> CpuBuf {
+        let (a, b) = (a.f32(), b.f32());
         let mut out = Vec::with_capacity(a.len() + b.len());
         for (ra, rb) in a.chunks_exact(ca).zip(b.chunks_exact(cb)) {
             out.extend_from_slice(ra);
             out.extend_from_slice(rb);
         }
-        out
+        CpuBuf::F32(out)
     }
 
     fn add_rows_scaled(
         &self,
-        dst: &mut Vec<f32>,
+        dst: &mut CpuBuf,
         d: usize,
-        src: &Vec<f32>,
+        src: &CpuBuf,
         rows: &[usize],
         weights: &[f32],
     ) {
+        let (dst, src) = (dst.f32_mut(), src.f32());
         for ((r, w), s) in rows.iter().zip(weights).zip(src.chunks_exact(d)) {
             for (a, b) in dst[r * d..(r + 1) * d].iter_mut().zip(s) {
                 *a += w * b;
@@ -284,14 +404,15 @@ impl Backend for Cpu {
 
     fn mla_expand(
         &self,
-        kv: &Vec<f32>,
-        k_pe: &Vec<f32>,
+        kv: &CpuBuf,
+        k_pe: &CpuBuf,
         t: usize,
         h: usize,
         nope: usize,
         dv: usize,
         rope: usize,
-    ) -> (Vec<f32>, Vec<f32>) {
+    ) -> (CpuBuf, CpuBuf) {
+        let (kv, k_pe) = (kv.f32(), k_pe.f32());
         let mut k = Vec::with_capacity(t * h * (nope + rope));
         let mut v = Vec::with_capacity(t * h * dv);
         for i in 0..t {
@@ -303,27 +424,32 @@ impl Backend for Cpu {
                 v.extend_from_slice(&kv[base + nope..base + nope + dv]);
             }
         }
-        (k, v)
+        (CpuBuf::F32(k), CpuBuf::F32(v))
     }
 
-    fn slice_rows(&self, x: &Vec<f32>, cols: usize, from: usize, count: usize) -> Vec<f32> {
-        x[from * cols..(from + count) * cols].to_vec()
+    fn slice_rows(&self, x: &CpuBuf, cols: usize, from: usize, count: usize) -> CpuBuf {
+        CpuBuf::F32(x.f32()[from * cols..(from + count) * cols].to_vec())
     }
 
-    fn concat_rows(&self, parts: &[Vec<f32>]) -> Vec<f32> {
-        parts.concat()
+    fn concat_rows(&self, parts: &[CpuBuf]) -> CpuBuf {
+        let mut out = Vec::with_capacity(parts.iter().map(CpuBuf::len).sum());
+        for p in parts {
+            out.extend_from_slice(p.f32());
+        }
+        CpuBuf::F32(out)
     }
 
     fn head_linear(
         &self,
-        x: &Vec<f32>,
+        x: &CpuBuf,
         t: usize,
         h: usize,
-        w: &Vec<f32>,
+        w: &CpuBuf,
         rows: usize,
         cols: usize,
         transposed: bool,
-    ) -> Vec<f32> {
+    ) -> CpuBuf {
+        let (x, w) = (x.f32(), w.f32());
         let (din, dout) = if transposed {
             (cols, rows)
         } else {
@@ -360,21 +486,22 @@ impl Backend for Cpu {
                 }
             }
         }
-        y
+        CpuBuf::F32(y)
     }
 
     fn rope(
         &self,
-        x: &mut Vec<f32>,
+        x: &mut CpuBuf,
         heads: usize,
         head_dim: usize,
         offset: usize,
         rot_dim: usize,
         positions: &[usize],
-        cos: &Vec<f32>,
-        sin: &Vec<f32>,
+        cos: &CpuBuf,
+        sin: &CpuBuf,
         layout: RopeLayout,
     ) {
+        let (x, cos, sin) = (x.f32_mut(), cos.f32(), sin.f32());
         let half = rot_dim / 2;
         for (row, &pos) in x.chunks_exact_mut(heads * head_dim).zip(positions) {
             let c = &cos[pos * half..(pos + 1) * half];
@@ -400,8 +527,34 @@ impl Backend for Cpu {
 /// on every call and so reads it twice.
 const GEMV_MAX_ROWS: usize = 8;
 
+/// A matrix element the products read: f32, or bf16 widened as it is read.
+trait Elem: Copy + Send + Sync {
+    fn f(self) -> f32;
+}
+
+impl Elem for f32 {
+    #[inline(always)]
+    fn f(self) -> f32 {
+        self
+    }
+}
+
+impl Elem for bf16 {
+    #[inline(always)]
+    fn f(self) -> f32 {
+        widen(self)
+    }
+}
+
+/// bf16 to f32, exactly: the bf16 bits are the f32's upper half (a shift the compiler
+/// vectorises, unlike a call per value).
+#[inline(always)]
+fn widen(x: bf16) -> f32 {
+    f32::from_bits(u32::from(x.to_bits()) << 16)
+}
+
 /// `y[m, n] = x[m, k] · wᵀ` for small `m`: each thread streams a block of weight rows.
-fn gemv(x: &[f32], m: usize, w: &[f32], n: usize, k: usize) -> Vec<f32> {
+fn gemv<W: Elem>(x: &[f32], m: usize, w: &[W], n: usize, k: usize) -> Vec<f32> {
     use rayon::prelude::*;
     // Output transposed ([n, m]) so that each weight row writes one contiguous run.
     let mut yt = vec![0f32; n * m];
@@ -426,20 +579,98 @@ fn gemv(x: &[f32], m: usize, w: &[f32], n: usize, k: usize) -> Vec<f32> {
     y
 }
 
+/// `y[m, ·] = x[m, k] · wᵀ` for `w[n, k]` by the `gemm` crate, into the first `n`
+/// columns of `y`'s rows of `ycols` values.
+#[allow(clippy::too_many_arguments)]
+fn gemm_into(
+    y: &mut [f32],
+    ycols: usize,
+    x: &[f32],
+    m: usize,
+    w: &[f32],
+    n: usize,
+    k: usize,
+    par: gemm::Parallelism,
+) {
+    assert!(
+        y.len() >= m.saturating_sub(1) * ycols + n
+            && ycols >= n
+            && x.len() == m * k
+            && w.len() == n * k
+    );
+    // SAFETY: the assert above guarantees x is m×k, w is n×k and y holds m rows of
+    // `ycols ≥ n` values, and the strides below address exactly those row-major layouts
+    // (wᵀ read column-wise).
+    #[allow(unsafe_code)]
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            y.as_mut_ptr(),
+            1,
+            ycols as isize,
+            false,
+            x.as_ptr(),
+            1,
+            k as isize,
+            w.as_ptr(),
+            k as isize,
+            1,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+}
+
+/// Weight rows widened per task of [`gemm_bf16`]: a block small enough to stay in cache
+/// while its product is made, large enough that packing `x` again per block is noise.
+const BF16_GEMM_ROWS: usize = 128;
+
+/// `y[m, n] = x[m, k] · wᵀ` for a bf16 `w[n, k]` and more rows than [`gemv`] takes:
+/// each task widens a block of weight rows to f32 and multiplies it by the `gemm` crate
+/// (the widening is one pass over the block; the product is `m` passes).
+fn gemm_bf16(x: &[f32], m: usize, w: &[bf16], n: usize, k: usize) -> Vec<f32> {
+    use rayon::prelude::*;
+    let blocks: Vec<(usize, Vec<f32>)> = w
+        .par_chunks(BF16_GEMM_ROWS * k)
+        .enumerate()
+        .map(|(b, rows)| {
+            let wide: Vec<f32> = rows.iter().map(|v| widen(*v)).collect();
+            let nb = rows.len() / k;
+            let mut yb = vec![0f32; m * nb];
+            gemm_into(&mut yb, nb, x, m, &wide, nb, k, gemm::Parallelism::None);
+            (b * BF16_GEMM_ROWS, yb)
+        })
+        .collect();
+    let mut y = vec![0f32; m * n];
+    for (first, yb) in blocks {
+        let nb = yb.len() / m;
+        for (r, row) in yb.chunks_exact(nb).enumerate() {
+            y[r * n + first..r * n + first + nb].copy_from_slice(row);
+        }
+    }
+    y
+}
+
 /// Dot product with independent partial sums (so the compiler vectorises it).
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+fn dot<W: Elem>(a: &[f32], b: &[W]) -> f32 {
     let mut acc = [0f32; 16];
     let ca = a.chunks_exact(16);
     let cb = b.chunks_exact(16);
     let (ra, rb) = (ca.remainder(), cb.remainder());
     for (x, y) in ca.zip(cb) {
         for i in 0..16 {
-            acc[i] += x[i] * y[i];
+            acc[i] += x[i] * y[i].f();
         }
     }
     let mut s: f32 = acc.iter().sum();
     for (x, y) in ra.iter().zip(rb) {
-        s += x * y;
+        s += x * y.f();
     }
     s
 }
@@ -457,7 +688,9 @@ mod tests {
     #[test]
     fn linear_matches_a_naive_product() {
         let cpu = Cpu::default();
-        for (m, n, k) in [(3, 70, 65), (12, 70, 65), (1, 2000, 33)] {
+        // Rows up to GEMV_MAX_ROWS stream the weights; more go through GEMM (bf16 ones in
+        // blocks of BF16_GEMM_ROWS weight rows, here a last block that is not whole).
+        for (m, n, k) in [(3, 70, 65), (12, 70, 65), (1, 2000, 33), (9, 300, 40)] {
             check_linear(&cpu, m, n, k);
         }
     }
@@ -465,13 +698,62 @@ mod tests {
     fn check_linear(cpu: &Cpu, m: usize, n: usize, k: usize) {
         let x: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin()).collect();
         let w: Vec<f32> = (0..n * k).map(|i| (i as f32 * 0.11).cos()).collect();
-        let y = cpu.linear(&x, m, &w, n, k);
-        for r in 0..m {
-            for c in 0..n {
-                let want: f32 = (0..k).map(|i| x[r * k + i] * w[c * k + i]).sum();
-                assert!((y[r * n + c] - want).abs() < 1e-4, "{r},{c}");
+        let wb: Vec<bf16> = w.iter().map(|v| bf16::from_f32(*v)).collect();
+        let x = CpuBuf::F32(x);
+        for (w, name) in [(CpuBuf::F32(w), "f32"), (CpuBuf::Bf16(wb), "bf16")] {
+            let y = cpu.linear(&x, m, &w, n, k);
+            let (xs, ws, ys) = (x.f32(), w.to_f32(), y.f32());
+            for r in 0..m {
+                for c in 0..n {
+                    let want: f32 = (0..k).map(|i| xs[r * k + i] * ws[c * k + i]).sum();
+                    assert!(
+                        (ys[r * n + c] - want).abs() < 1e-4,
+                        "{name} {m}x{n}x{k}: {r},{c}"
+                    );
+                }
             }
         }
+    }
+
+    #[test]
+    fn bf16_matrices_are_kept_as_asked_and_read_exactly() {
+        let vals = [1.0f32, -2.5, 0.1, 3.0e-3, 65504.0, -0.0];
+        let stored: Vec<bf16> = vals.iter().map(|v| bf16::from_f32(*v)).collect();
+        let widened: Vec<f32> = stored.iter().map(|v| v.to_f32()).collect();
+        let shape = [3, 2];
+        for (weights, from_bf16, from_f32) in [
+            (CpuWeights::AsStored, true, false),
+            (CpuWeights::F32, false, false),
+            (CpuWeights::Bf16, true, true),
+        ] {
+            let cpu = Cpu::with_weights(weights);
+            assert_eq!(cpu.wants_bf16_weights(true), weights != CpuWeights::F32);
+            assert_eq!(cpu.wants_bf16_weights(false), weights == CpuWeights::Bf16);
+            let a = cpu.upload_weight(Weight::Bf16(&stored), &shape);
+            assert_eq!(matches!(a, CpuBuf::Bf16(_)), from_bf16, "{weights:?}");
+            assert_eq!(cpu.download(&a), widened, "{weights:?}: bf16 values change");
+            let b = cpu.upload_weight(Weight::F32(&vals), &shape);
+            assert_eq!(matches!(b, CpuBuf::Bf16(_)), from_f32, "{weights:?}");
+            let want = if from_f32 { &widened[..] } else { &vals[..] };
+            assert_eq!(cpu.download(&b), want, "{weights:?}");
+            // Norms and biases stay f32 whatever the setting.
+            let norm = cpu.upload_weight(Weight::Bf16(&stored), &[6]);
+            assert_eq!(norm, CpuBuf::F32(widened.clone()));
+            // An embedding table's rows read the same either way.
+            let rows = cpu.gather_rows(&a, 2, &[2, 0]);
+            assert_eq!(
+                rows.f32(),
+                &[widened[4], widened[5], widened[0], widened[1]]
+            );
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "a bf16 matrix where f32 values are expected")]
+    fn a_bf16_matrix_given_as_activations_is_named() {
+        let cpu = Cpu::default();
+        let w = CpuBuf::Bf16(vec![bf16::ONE; 4]);
+        cpu.rms_norm(&w, &CpuBuf::F32(vec![1.0; 2]), 1e-6);
     }
 
     #[test]

@@ -230,9 +230,11 @@ pub trait Backend {
     /// Number of elements.
     fn len(&self, b: &Self::Buf) -> usize;
 
-    /// Whether matrices should be loaded as bf16 ([`Backend::upload_weight`] then gets
-    /// them as stored, with no f32 copy on the host).
-    fn wants_bf16_weights(&self) -> bool {
+    /// Whether a matrix stored as bf16 (`stored_bf16`) or f32 should be loaded as bf16
+    /// ([`Backend::upload_weight`] then gets bf16 values, as stored where they are, with
+    /// no f32 copy on the host).
+    fn wants_bf16_weights(&self, stored_bf16: bool) -> bool {
+        let _ = stored_bf16;
         false
     }
     /// Uploads a weight of `shape` (a matrix `[out, in]`, a norm or a bias). Backends may

@@ -95,7 +95,7 @@ impl Backend for Cuda {
         }
     }
 
-    fn wants_bf16_weights(&self) -> bool {
+    fn wants_bf16_weights(&self, _stored_bf16: bool) -> bool {
         true
     }
 
