@@ -545,7 +545,7 @@ async fn start(args: &DemoArgs, data_dir: &Path) -> anyhow::Result<Demo> {
             ..Default::default()
         },
         scheduler: Default::default(),
-        device: cloud_core::engine::service::Device::Cpu,
+        device: cloud_core::engine::service::Device::Cpu(Default::default()),
     };
     let (stop_server, stopped) = tokio::sync::oneshot::channel::<()>();
     let mut server = tokio::spawn(cloud_core::server::run(opts, async move {

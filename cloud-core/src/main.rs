@@ -14,7 +14,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::{Parser, Subcommand};
-use cloud_core::engine::backend::cpu::Cpu;
+use cloud_core::engine::backend::cpu::{Cpu, CpuWeights};
 use cloud_core::engine::backend::Backend;
 use cloud_core::engine::bench::{self, BenchOptions};
 use cloud_core::engine::model::Model;
@@ -100,7 +100,7 @@ enum Cmd {
         #[arg(long, default_value = "cpu")]
         engine: cloud_core::engine::service::Device,
         #[command(flatten)]
-        cuda: CudaFlags,
+        backend: BackendFlags,
         /// Operator token (at least 16 characters) [default: DATA_DIR/operator-token,
         /// created on first start].
         #[arg(long, env = "CLOUD_CORE_TOKEN", hide_env_values = true)]
@@ -168,7 +168,7 @@ enum Cmd {
         #[arg(long, default_value = "1,4")]
         batches: String,
         #[command(flatten)]
-        cuda: CudaFlags,
+        backend: BackendFlags,
         /// Decode by sampling at this temperature (0: greedy) instead of greedily.
         #[arg(long, default_value_t = 0.0)]
         temperature: f32,
@@ -183,9 +183,16 @@ enum Cmd {
     },
 }
 
-/// The CUDA backend's settings (with `--engine cuda`).
+/// The backends' settings (`--cpu-*` with `--engine cpu`, `--cuda-*` and the rest with
+/// `--engine cuda`).
 #[derive(clap::Args, Clone, Copy, Debug, Default)]
-struct CudaFlags {
+struct BackendFlags {
+    /// CPU: how matrices are held: as-stored (a bf16 checkpoint's stay bf16, half the
+    /// memory of f32 and exactly the same values; random bench weights count as bf16),
+    /// f32 (every matrix widened), or bf16 (f32 checkpoints' matrices rounded, as on the
+    /// CUDA backend) [default: as-stored].
+    #[arg(long)]
+    cpu_weights: Option<CpuWeights>,
     /// CUDA: the device ordinal [default: 0].
     #[arg(long)]
     cuda_device: Option<usize>,
@@ -215,12 +222,15 @@ struct CudaFlags {
     no_pdl: bool,
 }
 
-impl CudaFlags {
-    /// The backend `--engine` names with these settings: an error for CUDA settings
-    /// given to the CPU engine, which would silently do nothing.
+impl BackendFlags {
+    /// The backend `--engine` names with these settings: an error for settings of the
+    /// other backend, which would silently do nothing.
     fn apply(self, engine: Device) -> Result<Device, String> {
         use cloud_core::engine::service::CudaSettings;
         match engine {
+            Device::Cuda(_) if self.cpu_weights.is_some() => {
+                Err("--cpu-weights needs --engine cpu".into())
+            }
             Device::Cuda(_) => {
                 let d = CudaSettings::default();
                 Ok(Device::Cuda(CudaSettings {
@@ -232,7 +242,7 @@ impl CudaFlags {
                     pdl: !self.no_pdl,
                 }))
             }
-            Device::Cpu => {
+            Device::Cpu(_) => {
                 let given: Vec<&str> = [
                     (self.cuda_device.is_some(), "--cuda-device"),
                     (self.kv_cache_gib.is_some(), "--kv-cache-gib"),
@@ -245,7 +255,7 @@ impl CudaFlags {
                 .filter_map(|(on, flag)| on.then_some(flag))
                 .collect();
                 if given.is_empty() {
-                    Ok(Device::Cpu)
+                    Ok(Device::Cpu(self.cpu_weights.unwrap_or_default()))
                 } else {
                     Err(format!("{} need --engine cuda", given.join(", ")))
                 }
@@ -420,11 +430,28 @@ fn bench(
     profile: usize,
 ) -> Result<(), String> {
     match device {
-        Device::Cpu if profile > 0 => Err("--profile needs --engine cuda".into()),
-        Device::Cpu => {
-            let model = bench_model(weights, Cpu::default())?;
-            println!("device: CPU, {} threads", rayon::current_num_threads());
-            bench_report(&model, opts, bench::host_copy_bandwidth(), "f32")
+        Device::Cpu(_) if profile > 0 => Err("--profile needs --engine cuda".into()),
+        Device::Cpu(held) => {
+            let model = bench_model(weights, Cpu::with_weights(held))?;
+            println!("device: {}", model.backend().describe());
+            let (bf16, f32) = model.backend().matrix_elements();
+            let as_held = match (bf16, f32) {
+                (_, 0) => "bf16 matrices".to_string(),
+                (0, _) => "f32 matrices".to_string(),
+                (b, f) => format!(
+                    "{:.0}% of the matrices' elements bf16, the rest f32",
+                    100.0 * b as f64 / (b + f) as f64
+                ),
+            };
+            let opts = BenchOptions {
+                elements: bench::ElementBytes {
+                    weights: model.backend().matrix_element_bytes().unwrap_or(4.0),
+                    cache: 4.0,
+                },
+                ..opts.clone()
+            };
+            let label = format!("{as_held}, f32 KV cache");
+            bench_report(&model, &opts, bench::host_copy_bandwidth(), &label)
         }
         #[cfg(feature = "cuda")]
         Device::Cuda(settings) => {
@@ -441,7 +468,7 @@ fn bench(
                 in_gib(free),
             );
             let model = bench_model(weights, be)?;
-            bench_report(&model, opts, bw, "bf16")?;
+            bench_report(&model, opts, bw, "bf16 matrices and KV cache")?;
             let g = model.backend().graph_stats();
             println!(
                 "decode steps: {} captured into CUDA graphs, {} replayed, {} eager (first of their size, prefills, graphs {}), {} captures given up; programmatic launch {} at the end",
@@ -556,6 +583,16 @@ fn bench_model<B: Backend>(weights: Weights<'_>, be: B) -> Result<Model<B>, Stri
     Ok(model)
 }
 
+/// `v` with `digits` significant digits (a small model's GB per step is not all zeros).
+fn significant(v: f64, digits: i32) -> String {
+    let magnitude = if v == 0.0 || !v.is_finite() {
+        0
+    } else {
+        v.abs().log10().floor() as i32
+    };
+    format!("{v:.*}", (digits - 1 - magnitude).max(0) as usize)
+}
+
 fn bench_report<B: Backend>(
     model: &Model<B>,
     opts: &BenchOptions,
@@ -563,7 +600,7 @@ fn bench_report<B: Backend>(
     weights: &str,
 ) -> Result<(), String> {
     println!(
-        "copy bandwidth (read + written), measured now: {:.0} GB/s; weights held as {weights}",
+        "copy bandwidth (read + written), measured now: {:.0} GB/s; held: {weights}",
         bandwidth / 1e9
     );
     let how = match opts.sample {
@@ -574,7 +611,7 @@ fn bench_report<B: Backend>(
         "prefill: {} prompt tokens per sequence, all sequences in one pass; decode: {} {how} steps after it",
         opts.prompt, opts.steps
     );
-    println!("| batch | prefill tokens/s | decode tokens/s | ms per step | GB per step (bf16) | GB/s | roofline share | host ms per replayed step |");
+    println!("| batch | prefill tokens/s | decode tokens/s | ms per step | GB per step | GB/s | roofline share | host ms per replayed step |");
     println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     bench::run(model, opts, |r| {
         let achieved = r.step_bytes / (r.step_ms / 1e3);
@@ -584,12 +621,12 @@ fn bench_report<B: Backend>(
             .replay_host_ms
             .map_or_else(|| "—".to_string(), |ms| format!("{ms:.3}"));
         println!(
-            "| {} | {:.0} | {:.1} | {:.2} | {:.3} | {:.0} | {:.0}% | {host} |",
+            "| {} | {:.0} | {:.1} | {:.2} | {} | {:.0} | {:.0}% | {host} |",
             r.batch,
             r.prefill_tps,
             r.decode_tps,
             r.step_ms,
-            r.step_bytes / 1e9,
+            significant(r.step_bytes / 1e9, 3),
             achieved / 1e9,
             100.0 * achieved / bandwidth
         );
@@ -882,7 +919,7 @@ fn main() -> ExitCode {
             prompt,
             steps,
             batches,
-            cuda,
+            backend,
             temperature,
             top_p,
             profile,
@@ -909,8 +946,9 @@ fn main() -> ExitCode {
                     steps,
                     batches,
                     sample: (temperature > 0.0).then_some((temperature, top_p)),
+                    elements: bench::ElementBytes::BF16,
                 };
-                let engine = cuda.apply(engine)?;
+                let engine = backend.apply(engine)?;
                 let model_of = match (&model, layers) {
                     (Some(_), Some(_)) => {
                         return Err("--layers changes a --shape, not a --model checkpoint".into())
@@ -940,7 +978,7 @@ fn main() -> ExitCode {
             listen_quic,
             ca,
             engine,
-            cuda,
+            backend,
             token,
             max_batch,
             max_queue,
@@ -948,7 +986,7 @@ fn main() -> ExitCode {
             queue_high,
             log,
         } => {
-            let engine = match cuda.apply(engine) {
+            let engine = match backend.apply(engine) {
                 Ok(d) => d,
                 Err(e) => {
                     eprintln!("cloud-core serve: {e}");

@@ -254,10 +254,19 @@ fn cuda_settings_need_the_cuda_engine() {
         err.contains("--mma-decode-group need --engine cuda"),
         "{err}"
     );
+    let err = run(&["bench", "--engine", "cuda", "--cpu-weights", "bf16"]);
+    assert!(err.contains("--cpu-weights needs --engine cpu"), "{err}");
     // Bad values, refused by name before anything starts.
+    let cpu_bench = ["bench", "--shape", "tiny"];
     let bench = ["bench", "--engine", "cuda"];
     let serve = ["serve", "--data-dir", data, "--engine", "cuda"];
-    let cases: [(&[&str], &str, [&str; 3], &str); 2] = [
+    let cases: [(&[&str], &str, [&str; 3], &str); 3] = [
+        (
+            &cpu_bench,
+            "--cpu-weights",
+            ["fp16", "F32", "bf"],
+            "unknown CPU weight type",
+        ),
         (
             &bench,
             "--mma-decode-group",
@@ -282,6 +291,56 @@ fn cuda_settings_need_the_cuda_engine() {
     }
     // Nothing was started: no token written.
     assert!(!dir.path().join("operator-token").exists());
+}
+
+/// `bench --cpu-weights` holds the random matrices as bf16 (as published checkpoints
+/// store them; the default) or widened to f32, says which, and counts the bytes a step
+/// reads accordingly.
+#[test]
+fn bench_says_how_the_cpu_holds_the_matrices() {
+    let bench = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_cloud-core"))
+            .args(["bench", "--shape", "tiny", "--prompt", "4", "--steps", "2"])
+            .args(["--batches", "1"])
+            .args(args)
+            .output()
+            .expect("run");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let row = text.lines().find(|l| l.starts_with("| 1 |"));
+        let row = row.unwrap_or_else(|| panic!("no row: {text}"));
+        let gb: f64 = row
+            .split('|')
+            .nth(5)
+            .expect("GB column")
+            .trim()
+            .parse()
+            .expect("GB");
+        (text, gb)
+    };
+    let (stored, stored_gb) = bench(&[]);
+    assert!(
+        stored.contains("held: bf16 matrices, f32 KV cache"),
+        "{stored}"
+    );
+    assert!(
+        stored.contains(" threads, matrices as stored)"),
+        "the device line: {stored}"
+    );
+    let (bf16, bf16_gb) = bench(&["--cpu-weights", "bf16"]);
+    assert!(bf16.contains("held: bf16 matrices, f32 KV cache"), "{bf16}");
+    assert_eq!(stored_gb, bf16_gb);
+    let (f32, f32_gb) = bench(&["--cpu-weights", "f32"]);
+    assert!(f32.contains("held: f32 matrices, f32 KV cache"), "{f32}");
+    // The matrices are nearly all of a step's bytes: f32 ones close to twice as many.
+    assert!(
+        f32_gb > 1.6 * bf16_gb && f32_gb <= 2.0 * bf16_gb,
+        "{f32_gb} GB vs {bf16_gb} GB"
+    );
 }
 
 /// `bench --layers N` measures a shape with N layers instead of its own (here on the CPU

@@ -111,7 +111,28 @@ pub fn parameters(c: &ModelConfig) -> usize {
 /// reaches on average under uniform routing, `n·(1 − (1 − k/n)^batch)` per layer), the
 /// output head, and the bf16 KV cache (MLA: the latent and rope key only).
 pub fn decode_bytes(c: &ModelConfig, batch: usize, context: usize) -> f64 {
-    let bf16 = 2.0;
+    decode_bytes_as(c, batch, context, ElementBytes::BF16)
+}
+
+/// Bytes per element of the matrices and of the KV cache a backend holds.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ElementBytes {
+    /// Bytes per matrix element (a mix of bf16 and f32 matrices: their mean).
+    pub weights: f64,
+    /// Bytes per cached key or value element.
+    pub cache: f64,
+}
+
+impl ElementBytes {
+    /// bf16 matrices and cache (the CUDA backend).
+    pub const BF16: ElementBytes = ElementBytes {
+        weights: 2.0,
+        cache: 2.0,
+    };
+}
+
+/// [`decode_bytes`] with matrices and cache held as `elem` says.
+pub fn decode_bytes_as(c: &ModelConfig, batch: usize, context: usize, elem: ElementBytes) -> f64 {
     let b = batch.max(1) as f64;
     let mut weights = 0.0;
     for i in 0..c.num_hidden_layers {
@@ -135,7 +156,7 @@ pub fn decode_bytes(c: &ModelConfig, batch: usize, context: usize) -> f64 {
         None => 2 * c.num_key_value_heads * c.head_dim,
     };
     let cache = b * context as f64 * (c.num_hidden_layers * row) as f64;
-    (weights + cache) * bf16
+    weights * elem.weights + cache * elem.cache
 }
 
 /// Options of a run.
@@ -150,6 +171,8 @@ pub struct BenchOptions {
     /// Decode by sampling with this temperature and top-p (each step's draws from a
     /// fixed seed) instead of greedily: what picking a sampled token costs.
     pub sample: Option<(f32, f32)>,
+    /// How the backend holds matrices and cache, for the bytes a step reads.
+    pub elements: ElementBytes,
 }
 
 /// One batch size's figures.
@@ -209,7 +232,7 @@ pub fn run<B: Backend>(
             prefill_tps: (b * opts.prompt) as f64 / prefill_s.max(1e-9),
             decode_tps: (b * opts.steps) as f64 / decode_s,
             step_ms: decode_s * 1e3 / opts.steps.max(1) as f64,
-            step_bytes: decode_bytes(&cfg, b, opts.prompt + opts.steps / 2),
+            step_bytes: decode_bytes_as(&cfg, b, opts.prompt + opts.steps / 2, opts.elements),
             replay_host_ms: (replayed > 0).then(|| {
                 (after.replay_host_ns - before.replay_host_ns) as f64 / 1e6 / replayed as f64
             }),
@@ -347,6 +370,19 @@ mod tests {
         let row = 2.0 * (28 * 2 * 2 * 128) as f64;
         let d = decode_bytes(&qwen, 8, 100) - decode_bytes(&qwen, 8, 0);
         assert!((d - 8.0 * 100.0 * row).abs() < 1.0);
+        // f32 matrices read twice the bytes; an f32 cache twice the cache's.
+        let f32_all = ElementBytes {
+            weights: 4.0,
+            cache: 4.0,
+        };
+        assert!((decode_bytes_as(&qwen, 1, 0, f32_all) - 2.0 * w1).abs() < 1.0);
+        let bf16_weights = ElementBytes {
+            weights: 2.0,
+            cache: 4.0,
+        };
+        let d32 = decode_bytes_as(&qwen, 8, 100, bf16_weights)
+            - decode_bytes_as(&qwen, 8, 0, bf16_weights);
+        assert!((d32 - 2.0 * d).abs() < 1.0);
         // MoE: a larger batch reaches more experts, never more than all of them.
         let lite = shape("deepseek-v2-lite").expect("shape");
         let (b1, b8, b64, b1k) = (
@@ -371,6 +407,7 @@ mod tests {
                 steps: 2,
                 batches: vec![1, 3],
                 sample: None,
+                elements: ElementBytes::BF16,
             },
             |_| {},
         )
@@ -386,6 +423,7 @@ mod tests {
                 steps: 2,
                 batches: vec![2],
                 sample: Some((1.0, 0.9)),
+                elements: ElementBytes::BF16,
             },
             |_| {},
         )

@@ -204,12 +204,28 @@ impl<B: Backend> Loader<'_, B> {
         }
     }
 
-    fn get(&self, name: &str, shape: &[usize]) -> Result<B::Buf, WeightsError> {
-        // Random weights stand for the published checkpoints, which are bf16.
-        let stored_bf16 = match &self.src {
+    /// Whether `name` is stored as bf16. Random weights stand for the published
+    /// checkpoints, which are bf16.
+    fn stored_bf16(&self, name: &str) -> bool {
+        match &self.src {
             Source::Checkpoint(ck) => ck.is_bf16(name),
             Source::Random(_) => true,
-        };
+        }
+    }
+
+    /// Uploads a matrix made from the values of `name` (a slice of it, or a product of
+    /// it), in bf16 where the backend holds a matrix stored as `name` is in bf16.
+    fn upload_like(&self, name: &str, values: &[f32], shape: &[usize]) -> B::Buf {
+        if self.be.wants_bf16_weights(self.stored_bf16(name)) {
+            let v: Vec<half::bf16> = values.iter().map(|x| half::bf16::from_f32(*x)).collect();
+            self.be.upload_weight(Weight::Bf16(&v), shape)
+        } else {
+            self.be.upload_weight(Weight::F32(values), shape)
+        }
+    }
+
+    fn get(&self, name: &str, shape: &[usize]) -> Result<B::Buf, WeightsError> {
+        let stored_bf16 = self.stored_bf16(name);
         if shape.len() == 2 && self.be.wants_bf16_weights(stored_bf16) {
             let values = match &self.src {
                 Source::Checkpoint(ck) => ck.bf16(name, shape)?,
@@ -299,10 +315,9 @@ impl<B: Backend> Model<B> {
                         ),
                         None => (None, l.get(&format!("{a}.q_proj.weight"), &[h * qd, hd])?),
                     };
-                    let kv_b = l.f32(
-                        &format!("{a}.kv_b_proj.weight"),
-                        &[h * (m.qk_nope_head_dim + m.v_head_dim), m.kv_lora_rank],
-                    )?;
+                    let kv_b_name = format!("{a}.kv_b_proj.weight");
+                    let kv_b_shape = [h * (m.qk_nope_head_dim + m.v_head_dim), m.kv_lora_rank];
+                    let kv_b = l.f32(&kv_b_name, &kv_b_shape)?;
                     let (w_uk, w_uv) =
                         split_kv_b(&kv_b, h, m.qk_nope_head_dim, m.v_head_dim, m.kv_lora_rank);
                     Attn::Mla {
@@ -314,10 +329,7 @@ impl<B: Backend> Model<B> {
                         )?,
                         kv_a_norm: l
                             .get(&format!("{a}.kv_a_layernorm.weight"), &[m.kv_lora_rank])?,
-                        kv_b: be.upload_weight(
-                            Weight::F32(&kv_b),
-                            &[h * (m.qk_nope_head_dim + m.v_head_dim), m.kv_lora_rank],
-                        ),
+                        kv_b: l.upload_like(&kv_b_name, &kv_b, &kv_b_shape),
                         w_uk: be.upload(&w_uk),
                         w_uv: be.upload(&w_uv),
                         o: l.get(&format!("{a}.o_proj.weight"), &[hd, h * m.v_head_dim])?,
@@ -387,23 +399,19 @@ impl<B: Backend> Model<B> {
                 .collect::<Result<Vec<_>, _>>()?
         } else {
             // transformers 5 fused layout: gate_up_proj [n, 2·inter, hidden], down_proj [n, hidden, inter].
-            let gu = l.f32(
-                &format!("{p}.mlp.experts.gate_up_proj"),
-                &[n, 2 * inter, hd],
-            )?;
-            let down = l.f32(&format!("{p}.mlp.experts.down_proj"), &[n, hd, inter])?;
+            let gu_name = format!("{p}.mlp.experts.gate_up_proj");
+            let down_name = format!("{p}.mlp.experts.down_proj");
+            let gu = l.f32(&gu_name, &[n, 2 * inter, hd])?;
+            let down = l.f32(&down_name, &[n, hd, inter])?;
             (0..n)
                 .map(|j| {
                     let e = &gu[j * 2 * inter * hd..(j + 1) * 2 * inter * hd];
                     Mlp {
-                        gate: l
-                            .be
-                            .upload_weight(Weight::F32(&e[..inter * hd]), &[inter, hd]),
-                        up: l
-                            .be
-                            .upload_weight(Weight::F32(&e[inter * hd..]), &[inter, hd]),
-                        down: l.be.upload_weight(
-                            Weight::F32(&down[j * hd * inter..(j + 1) * hd * inter]),
+                        gate: l.upload_like(&gu_name, &e[..inter * hd], &[inter, hd]),
+                        up: l.upload_like(&gu_name, &e[inter * hd..], &[inter, hd]),
+                        down: l.upload_like(
+                            &down_name,
+                            &down[j * hd * inter..(j + 1) * hd * inter],
                             &[hd, inter],
                         ),
                         inter,

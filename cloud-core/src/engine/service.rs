@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::backend::cpu::Cpu;
+use super::backend::cpu::{Cpu, CpuWeights};
 use super::backend::Backend;
 use super::chat::{generation_eos, ChatTemplate};
 use super::constrain::Grammars;
@@ -33,8 +33,8 @@ struct Inner {
 /// Which backend runs the model.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Device {
-    /// The CPU backend.
-    Cpu,
+    /// The CPU backend, keeping matrices as [`CpuWeights`] says.
+    Cpu(CpuWeights),
     /// The CUDA backend (built with the `cuda` feature).
     Cuda(CudaSettings),
 }
@@ -91,7 +91,7 @@ impl std::str::FromStr for Device {
     type Err = String;
     fn from_str(s: &str) -> Result<Device, String> {
         match s {
-            "cpu" => Ok(Device::Cpu),
+            "cpu" => Ok(Device::Cpu(CpuWeights::default())),
             "cuda" => Ok(Device::Cuda(CudaSettings::default())),
             other => Err(format!("unknown engine backend {other:?} (cpu, cuda)")),
         }
@@ -102,7 +102,7 @@ impl Engine {
     /// Loads the checkpoint in `dir` on the CPU backend and starts its engine thread.
     /// `name` is the model name the API reports and accepts.
     pub fn load_cpu(dir: &Path, name: &str, cfg: SchedulerConfig) -> anyhow::Result<Engine> {
-        Engine::load(dir, name, cfg, Device::Cpu)
+        Engine::load(dir, name, cfg, Device::Cpu(CpuWeights::default()))
     }
 
     /// Loads the checkpoint in `dir` on `device` and starts its engine thread.
@@ -113,7 +113,7 @@ impl Engine {
         device: Device,
     ) -> anyhow::Result<Engine> {
         match device {
-            Device::Cpu => Engine::start(dir, name, cfg, Cpu::default()),
+            Device::Cpu(weights) => Engine::start(dir, name, cfg, Cpu::with_weights(weights)),
             #[cfg(feature = "cuda")]
             Device::Cuda(settings) => {
                 let be = super::backend::cuda::Cuda::new(settings.into())?;

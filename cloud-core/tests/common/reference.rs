@@ -5,7 +5,17 @@
 
 use std::path::{Path, PathBuf};
 
+use cloud_core::engine::backend::Backend;
+use cloud_core::engine::model::Model;
 use serde_json::Value;
+
+/// The rule for bf16 weights (and a bf16 cache) against the f32 references: at every
+/// prefill position and decode step `max|Δlogit| / max|logit| ≤ BF16_TOLERANCE`, and the
+/// greedy token is the reference's wherever the reference's top-2 margin exceeds
+/// `BF16_MARGIN`.
+pub const BF16_TOLERANCE: f64 = 2e-2;
+/// See [`BF16_TOLERANCE`].
+pub const BF16_MARGIN: f32 = 0.05;
 
 /// `fixtures/parity/`, or `CLOUD_CORE_FIXTURES` (a test binary carried to another machine).
 pub fn fixtures() -> PathBuf {
@@ -85,4 +95,36 @@ pub fn cases(arch: &str) -> Vec<Case> {
             steps: rows(&c["step_logits"]),
         })
         .collect()
+}
+
+/// The reference's top-2 margin.
+pub fn margin(v: &[f32]) -> f32 {
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| b.total_cmp(a));
+    s[0] - s.get(1).copied().unwrap_or(f32::NEG_INFINITY)
+}
+
+/// The greedy token of `got` is `want`'s wherever `want`'s top-2 margin exceeds
+/// [`BF16_MARGIN`].
+pub fn check_token(arch: &str, what: &str, got: &[f32], want: &[f32]) {
+    if margin(want) > BF16_MARGIN {
+        assert_eq!(
+            argmax(got),
+            argmax(want),
+            "{arch}: {what}: greedy token differs"
+        );
+    }
+}
+
+/// Every position's logits of a teacher-forced run: the prompt, then the reference's
+/// greedy tokens one at a time (a near-tie cannot derail later comparisons).
+pub fn run_forced<B: Backend>(model: &Model<B>, case: &Case) -> (Vec<f32>, Vec<Vec<f32>>) {
+    let mut cache = model.new_cache();
+    let prefill = model.forward(&case.prompt, &mut cache).expect("prefill");
+    let vocab = model.config().vocab_size;
+    let mut steps = vec![prefill[(case.prompt.len() - 1) * vocab..].to_vec()];
+    for t in &case.greedy[..case.greedy.len().saturating_sub(1)] {
+        steps.push(model.forward(&[*t], &mut cache).expect("decode"));
+    }
+    (prefill, steps)
 }

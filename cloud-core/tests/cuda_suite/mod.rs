@@ -17,10 +17,9 @@ use cloud_core::engine::backend::cuda::{unavailable, Cuda, CudaOptions};
 use cloud_core::engine::backend::{AttnShape, Backend, DeviceError, KvShape};
 use cloud_core::engine::model::{Cache, EngineError, Model};
 use cloud_core::engine::sampler::log_softmax;
-use reference::{argmax, cases, fixtures, rel_diff, Case};
+use reference::{argmax, cases, check_token, fixtures, rel_diff, run_forced as run};
 
-const TOLERANCE: f64 = 2e-2;
-const MARGIN: f32 = 0.05;
+const TOLERANCE: f64 = reference::BF16_TOLERANCE;
 const ARCHS: &[&str] = &[
     "llama",
     "qwen2",
@@ -47,36 +46,6 @@ fn gpu(opts: CudaOptions) -> Option<Cuda> {
         Cuda::new(opts)
             .unwrap_or_else(|e| panic!("a GPU is present but the backend does not start: {e}")),
     )
-}
-
-/// The reference's top-2 margin.
-fn margin(v: &[f32]) -> f32 {
-    let mut s = v.to_vec();
-    s.sort_by(|a, b| b.total_cmp(a));
-    s[0] - s.get(1).copied().unwrap_or(f32::NEG_INFINITY)
-}
-
-fn check_token(arch: &str, what: &str, got: &[f32], want: &[f32]) {
-    if margin(want) > MARGIN {
-        assert_eq!(
-            argmax(got),
-            argmax(want),
-            "{arch}: {what}: greedy token differs"
-        );
-    }
-}
-
-/// Every position's logits of a teacher-forced run: the prompt, then the reference's
-/// greedy tokens one at a time.
-fn run<B: Backend>(model: &Model<B>, case: &Case) -> (Vec<f32>, Vec<Vec<f32>>) {
-    let mut cache = model.new_cache();
-    let prefill = model.forward(&case.prompt, &mut cache).expect("prefill");
-    let vocab = model.config().vocab_size;
-    let mut steps = vec![prefill[(case.prompt.len() - 1) * vocab..].to_vec()];
-    for t in &case.greedy[..case.greedy.len().saturating_sub(1)] {
-        steps.push(model.forward(&[*t], &mut cache).expect("decode"));
-    }
-    (prefill, steps)
 }
 
 /// With the tensor-core kernels (attention, grouped expert GEMMs) where the device has

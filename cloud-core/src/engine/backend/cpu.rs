@@ -13,6 +13,15 @@ pub struct Cpu {
     pub threads: usize,
     /// How matrices are kept.
     pub weights: CpuWeights,
+    /// Elements of the matrices uploaded so far, by the form they are held in.
+    held: std::sync::Arc<HeldMatrices>,
+}
+
+/// Elements of the matrices a [`Cpu`] backend has uploaded, by the form they are held in.
+#[derive(Debug, Default)]
+struct HeldMatrices {
+    bf16: std::sync::atomic::AtomicU64,
+    f32: std::sync::atomic::AtomicU64,
 }
 
 impl Cpu {
@@ -22,6 +31,20 @@ impl Cpu {
             weights,
             ..Cpu::default()
         }
+    }
+
+    /// Elements of the matrices uploaded through this backend (and its clones) so far:
+    /// `(held as bf16, held as f32)`.
+    pub fn matrix_elements(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (self.held.bf16.load(Relaxed), self.held.f32.load(Relaxed))
+    }
+
+    /// Bytes per matrix element over the matrices uploaded so far (2: all bf16, 4: all
+    /// f32; `None` before any).
+    pub fn matrix_element_bytes(&self) -> Option<f64> {
+        let (b, f) = self.matrix_elements();
+        (b + f > 0).then(|| (2 * b + 4 * f) as f64 / (b + f) as f64)
     }
 }
 
@@ -253,7 +276,7 @@ impl Backend for Cpu {
 
     fn upload_weight(&self, w: Weight<'_>, shape: &[usize]) -> CpuBuf {
         let matrix = shape.len() == 2;
-        match w {
+        let buf = match w {
             Weight::Bf16(v) if matrix && self.weights != CpuWeights::F32 => {
                 CpuBuf::Bf16(v.to_vec())
             }
@@ -262,7 +285,16 @@ impl Backend for Cpu {
                 CpuBuf::Bf16(v.iter().map(|x| bf16::from_f32(*x)).collect())
             }
             Weight::F32(v) => CpuBuf::F32(v.to_vec()),
+        };
+        if matrix {
+            use std::sync::atomic::Ordering::Relaxed;
+            let n = buf.len() as u64;
+            match &buf {
+                CpuBuf::Bf16(_) => self.held.bf16.fetch_add(n, Relaxed),
+                CpuBuf::F32(_) => self.held.f32.fetch_add(n, Relaxed),
+            };
         }
+        buf
     }
 
     fn describe(&self) -> String {
@@ -745,7 +777,13 @@ mod tests {
                 rows.f32(),
                 &[widened[4], widened[5], widened[0], widened[1]]
             );
+            // The two matrices are counted by the form they are held in; the norm is not.
+            let held_bf16 = 6 * (from_bf16 as u64 + from_f32 as u64);
+            assert_eq!(cpu.matrix_elements(), (held_bf16, 12 - held_bf16));
+            let want_bytes = (2 * held_bf16 + 4 * (12 - held_bf16)) as f64 / 12.0;
+            assert_eq!(cpu.matrix_element_bytes(), Some(want_bytes));
         }
+        assert_eq!(Cpu::default().matrix_element_bytes(), None);
     }
 
     #[test]
