@@ -323,8 +323,8 @@ impl Backend for Cpu {
             self.threads
         };
         CpuBuf::F32(match w {
-            CpuBuf::F32(w) if m <= GEMV_MAX_ROWS => gemv(x, m, w, n, k),
-            CpuBuf::Bf16(w) if m <= GEMV_MAX_ROWS => gemv(x, m, w, n, k),
+            CpuBuf::F32(w) if m <= GEMV_MAX_ROWS => gemv(x, m, w, n, k, Simd::detect()),
+            CpuBuf::Bf16(w) if m <= GEMV_MAX_ROWS => gemv(x, m, w, n, k, Simd::detect()),
             CpuBuf::F32(w) => {
                 let par = if m * n * k < 64 * 64 * 64 || threads <= 1 {
                     gemm::Parallelism::None
@@ -585,8 +585,9 @@ fn widen(x: bf16) -> f32 {
     f32::from_bits(u32::from(x.to_bits()) << 16)
 }
 
-/// `y[m, n] = x[m, k] · wᵀ` for small `m`: each thread streams a block of weight rows.
-fn gemv<W: Elem>(x: &[f32], m: usize, w: &[W], n: usize, k: usize) -> Vec<f32> {
+/// `y[m, n] = x[m, k] · wᵀ` for small `m`: each thread streams a block of weight rows,
+/// each weight read (and widened) once for all `m` rows, compiled for `simd`.
+fn gemv<W: Elem>(x: &[f32], m: usize, w: &[W], n: usize, k: usize, simd: Simd) -> Vec<f32> {
     use rayon::prelude::*;
     // Output transposed ([n, m]) so that each weight row writes one contiguous run.
     let mut yt = vec![0f32; n * m];
@@ -594,12 +595,17 @@ fn gemv<W: Elem>(x: &[f32], m: usize, w: &[W], n: usize, k: usize) -> Vec<f32> {
     yt.par_chunks_mut(rows_per_task * m)
         .enumerate()
         .for_each(|(blk, out)| {
-            let first = blk * rows_per_task;
-            for (jj, o) in out.chunks_exact_mut(m).enumerate() {
-                let wr = &w[(first + jj) * k..(first + jj + 1) * k];
-                for (r, v) in o.iter_mut().enumerate() {
-                    *v = dot(&x[r * k..(r + 1) * k], wr);
-                }
+            let rows = &w[blk * rows_per_task * k..];
+            match simd {
+                Simd::Baseline => gemv_rows(x, m, rows, k, out),
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: `Simd::detect` chose these only where the CPU has the features.
+                #[allow(unsafe_code)]
+                Simd::Avx2 => unsafe { gemv_rows_avx2(x, m, rows, k, out) },
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: as above.
+                #[allow(unsafe_code)]
+                Simd::Avx512 => unsafe { gemv_rows_avx512(x, m, rows, k, out) },
             }
         });
     let mut y = vec![0f32; m * n];
@@ -610,6 +616,101 @@ fn gemv<W: Elem>(x: &[f32], m: usize, w: &[W], n: usize, k: usize) -> Vec<f32> {
     }
     y
 }
+
+/// The SIMD the decode products are compiled for, chosen at run time. Every level sums
+/// in the same order ([`dot_rows`]), so all give the same bits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Simd {
+    /// What the target guarantees (SSE2 on x86-64).
+    Baseline,
+    /// AVX2 and FMA.
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    /// AVX-512 (F, BW, VL).
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+}
+
+impl Simd {
+    /// The widest level this CPU has.
+    fn detect() -> Simd {
+        static LEVEL: std::sync::OnceLock<Simd> = std::sync::OnceLock::new();
+        *LEVEL.get_or_init(|| {
+            #[cfg(target_arch = "x86_64")]
+            {
+                use std::arch::is_x86_feature_detected as has;
+                if has!("avx512f") && has!("avx512bw") && has!("avx512vl") {
+                    return Simd::Avx512;
+                }
+                if has!("avx2") && has!("fma") {
+                    return Simd::Avx2;
+                }
+            }
+            Simd::Baseline
+        })
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn gemv_rows_avx2<W: Elem>(x: &[f32], m: usize, w: &[W], k: usize, out: &mut [f32]) {
+    gemv_rows(x, m, w, k, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+fn gemv_rows_avx512<W: Elem>(x: &[f32], m: usize, w: &[W], k: usize, out: &mut [f32]) {
+    gemv_rows(x, m, w, k, out)
+}
+
+/// `out[j·m + r] = x[r]·w[j]` for the `out.len() / m` weight rows at the start of `w`,
+/// four activation rows at a time.
+#[inline(always)]
+fn gemv_rows<W: Elem>(x: &[f32], m: usize, w: &[W], k: usize, out: &mut [f32]) {
+    for (j, o) in out.chunks_exact_mut(m).enumerate() {
+        let wr = &w[j * k..(j + 1) * k];
+        for r in (0..m).step_by(4) {
+            let (rows, o) = (&x[r * k..], &mut o[r..]);
+            match m - r {
+                1 => dot_rows::<W, 1>(rows, k, wr, o),
+                2 => dot_rows::<W, 2>(rows, k, wr, o),
+                3 => dot_rows::<W, 3>(rows, k, wr, o),
+                _ => dot_rows::<W, 4>(rows, k, wr, o),
+            }
+        }
+    }
+}
+
+/// `o[r] = x[r]·w` for the first `R` rows of `x` (rows of `k` values): each chunk of the
+/// weight row widened once and used for every row, in `DOT_LANES` independent sums per
+/// row (an order that does not depend on the SIMD width).
+#[inline(always)]
+fn dot_rows<W: Elem, const R: usize>(x: &[f32], k: usize, w: &[W], o: &mut [f32]) {
+    let mut acc = [[0f32; DOT_LANES]; R];
+    let full = k / DOT_LANES * DOT_LANES;
+    for (c, wc) in w[..full].chunks_exact(DOT_LANES).enumerate() {
+        let mut wf = [0f32; DOT_LANES];
+        for (f, v) in wf.iter_mut().zip(wc) {
+            *f = v.f();
+        }
+        for (r, a) in acc.iter_mut().enumerate() {
+            let xc = &x[r * k + c * DOT_LANES..r * k + (c + 1) * DOT_LANES];
+            for i in 0..DOT_LANES {
+                a[i] += xc[i] * wf[i];
+            }
+        }
+    }
+    for (r, a) in acc.iter().enumerate() {
+        let mut s: f32 = a.iter().sum();
+        for (xv, wv) in x[r * k + full..(r + 1) * k].iter().zip(&w[full..]) {
+            s += xv * wv.f();
+        }
+        o[r] = s;
+    }
+}
+
+/// Independent partial sums per row of [`dot_rows`].
+const DOT_LANES: usize = 16;
 
 /// `y[m, ·] = x[m, k] · wᵀ` for `w[n, k]` by the `gemm` crate, into the first `n`
 /// columns of `y`'s rows of `ycols` values.
@@ -784,6 +885,43 @@ mod tests {
             assert_eq!(cpu.matrix_element_bytes(), Some(want_bytes));
         }
         assert_eq!(Cpu::default().matrix_element_bytes(), None);
+    }
+
+    /// Every SIMD level this CPU has sums in the same order: the same bits, for f32 and
+    /// bf16 weights, every row count a decode product takes and a length that leaves a
+    /// remainder after the lanes.
+    #[test]
+    fn every_simd_level_gives_the_same_bits() {
+        let mut levels = vec![Simd::Baseline];
+        #[cfg(target_arch = "x86_64")]
+        levels.extend([Simd::Avx2, Simd::Avx512]);
+        levels.retain(|l| *l <= Simd::detect());
+        println!("SIMD levels compared: {levels:?}");
+        let (n, k) = (37, 300);
+        let w: Vec<f32> = (0..n * k)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 64.0)
+            .collect();
+        let wb: Vec<bf16> = w.iter().map(|v| bf16::from_f32(*v)).collect();
+        for m in 1..=GEMV_MAX_ROWS {
+            let x: Vec<f32> = (0..m * k)
+                .map(|i| ((i * 13 % 29) as f32 - 14.0) / 8.0)
+                .collect();
+            let want = gemv(&x, m, &w, n, k, Simd::Baseline);
+            let want_b = gemv(&x, m, &wb, n, k, Simd::Baseline);
+            for &level in &levels[1..] {
+                let bits = |v: Vec<f32>| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(
+                    bits(gemv(&x, m, &w, n, k, level)),
+                    bits(want.clone()),
+                    "{level:?}, m {m}"
+                );
+                assert_eq!(
+                    bits(gemv(&x, m, &wb, n, k, level)),
+                    bits(want_b.clone()),
+                    "{level:?}, m {m}, bf16"
+                );
+            }
+        }
     }
 
     #[test]
