@@ -135,6 +135,10 @@ impl CpuBuf {
     }
 }
 
+/// Values of keys and values an attention task reads at the least (smaller tasks cost
+/// more to hand out than they save).
+const ATTENTION_TASK_WORK: usize = 1 << 16;
+
 /// One sequence's cache on the host: each layer's key rows and value rows.
 #[derive(Clone, Debug)]
 pub struct CpuKv {
@@ -159,36 +163,43 @@ impl Cpu {
         dv: usize,
         scale: f32,
     ) -> Vec<f32> {
+        use rayon::prelude::*;
         let total = k.len() / (hk * dk);
         let group = h / hk;
         let mut out = vec![0f32; t * h * dv];
-        let mut scores = vec![0f32; total];
-        for qi in 0..t {
-            let visible = total - t + qi + 1; // causal: positions 0..=this one
-            for head in 0..h {
+        // Tasks of (query, head) pairs, a decode step's heads in parallel too, each task
+        // with enough positions to read that the split costs less than it saves.
+        let per_item = total * (dk + dv);
+        let min_items = (ATTENTION_TASK_WORK / per_item.max(1)).max(1);
+        out.par_chunks_mut(dv)
+            .enumerate()
+            .with_min_len(min_items)
+            .for_each_init(Vec::new, |scores: &mut Vec<f32>, (item, o)| {
+                let (qi, head) = (item / h, item % h);
+                let visible = total - t + qi + 1; // causal: positions 0..=this one
                 let kh = head / group;
-                let qv = &q[(qi * h + head) * dk..(qi * h + head + 1) * dk];
+                let qv = &q[item * dk..(item + 1) * dk];
+                scores.clear();
                 let mut max = f32::NEG_INFINITY;
-                for (j, s) in scores.iter_mut().enumerate().take(visible) {
+                for j in 0..visible {
                     let kv = &k[(j * hk + kh) * dk..(j * hk + kh + 1) * dk];
-                    *s = dot(qv, kv) * scale;
-                    max = max.max(*s);
+                    let s = dot(qv, kv) * scale;
+                    max = max.max(s);
+                    scores.push(s);
                 }
                 let mut sum = 0f32;
-                for s in scores.iter_mut().take(visible) {
+                for s in scores.iter_mut() {
                     *s = (*s - max).exp();
                     sum += *s;
                 }
-                let o = &mut out[(qi * h + head) * dv..(qi * h + head + 1) * dv];
-                for (j, s) in scores.iter().enumerate().take(visible) {
+                for (j, s) in scores.iter().enumerate() {
                     let w = s / sum;
                     let vv = &v[(j * hk + kh) * dv..(j * hk + kh + 1) * dv];
                     for (a, b) in o.iter_mut().zip(vv) {
                         *a += w * b;
                     }
                 }
-            }
-        }
+            });
         out
     }
 }
@@ -942,5 +953,53 @@ mod tests {
         let o = cpu.attention(&q, &k, &v, 2, 1, 1, 2, 2, 1.0);
         assert_eq!(&o[..2], &[5.0, 6.0]); // the first query sees only itself
         assert!(o[2] > 6.0 && o[2] < 7.0);
+    }
+
+    /// Long enough that every (query, head) pair is a task of its own: grouped heads read
+    /// their own key head, each query the positions up to its own, as a plain softmax of
+    /// the scaled scores says.
+    #[test]
+    fn attention_split_into_tasks_matches_a_plain_softmax() {
+        let (t, h, hk, dk, dv, total) = (3, 4, 2, 128, 96, 300);
+        assert!(
+            total * (dk + dv) >= ATTENTION_TASK_WORK,
+            "one task per pair"
+        );
+        let val = |i: usize, m: usize| ((i * m % 97) as f32 - 48.0) / 97.0;
+        let q: Vec<f32> = (0..t * h * dk).map(|i| val(i, 31)).collect();
+        let k: Vec<f32> = (0..total * hk * dk).map(|i| val(i, 17)).collect();
+        let v: Vec<f32> = (0..total * hk * dv).map(|i| val(i, 13)).collect();
+        let scale = 0.125;
+        let got = Cpu::default().attention(&q, &k, &v, t, h, hk, dk, dv, scale);
+        for qi in 0..t {
+            for head in 0..h {
+                let kh = head / (h / hk);
+                let visible = total - t + qi + 1;
+                let scores: Vec<f64> = (0..visible)
+                    .map(|j| {
+                        (0..dk)
+                            .map(|d| {
+                                q[(qi * h + head) * dk + d] as f64
+                                    * k[(j * hk + kh) * dk + d] as f64
+                            })
+                            .sum::<f64>()
+                            * scale as f64
+                    })
+                    .collect();
+                let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let e: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+                let sum: f64 = e.iter().sum();
+                for d in 0..dv {
+                    let want: f64 = (0..visible)
+                        .map(|j| e[j] / sum * v[(j * hk + kh) * dv + d] as f64)
+                        .sum();
+                    let g = got[(qi * h + head) * dv + d] as f64;
+                    assert!(
+                        (g - want).abs() < 1e-5,
+                        "query {qi}, head {head}, {d}: {g} vs {want}"
+                    );
+                }
+            }
+        }
     }
 }
