@@ -235,11 +235,12 @@ async fn concurrent_requests_are_batched_and_answer_as_alone() {
     )
     .expect("json");
     assert_eq!(status["completed_requests"], 12);
-    // The CPU backend, which has no paged cache.
+    // The CPU backend, which has no paged cache, holding the checkpoint's matrices as
+    // stored.
     assert!(
         status["backend"]
             .as_str()
-            .is_some_and(|b| b.starts_with("cpu (")),
+            .is_some_and(|b| b.starts_with("cpu (") && b.ends_with(" threads, matrices as stored)")),
         "{status}"
     );
     assert!(status["kv_cache"].is_null(), "{status}");

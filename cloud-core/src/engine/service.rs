@@ -113,7 +113,11 @@ impl Engine {
         device: Device,
     ) -> anyhow::Result<Engine> {
         match device {
-            Device::Cpu(weights) => Engine::start(dir, name, cfg, Cpu::with_weights(weights)),
+            Device::Cpu(weights) => {
+                let be = Cpu::with_weights(weights);
+                tracing::info!("CPU backend: {}", super::backend::Backend::describe(&be));
+                Engine::start(dir, name, cfg, be)
+            }
             #[cfg(feature = "cuda")]
             Device::Cuda(settings) => {
                 let be = super::backend::cuda::Cuda::new(settings.into())?;
