@@ -321,17 +321,24 @@ fn decode<B: Backend>(
     Ok(())
 }
 
-/// Host memory bandwidth of a plain copy (bytes read + written per second), the CPU
-/// backend's roofline.
+/// Host memory bandwidth of a plain copy (bytes read + written per second) by every
+/// thread the CPU backend uses, each copying its own part, the CPU backend's roofline.
 pub fn host_copy_bandwidth() -> f64 {
-    let n = 16 << 20; // 64 MiB of f32, well past the caches
+    use rayon::prelude::*;
+    let n = 64 << 20; // 256 MiB of f32, well past the caches
     let src = vec![1.0f32; n];
     let mut dst = vec![0.0f32; n];
-    dst.copy_from_slice(&src);
+    let part = n.div_ceil(rayon::current_num_threads().max(1));
+    let copy = |dst: &mut [f32]| {
+        dst.par_chunks_mut(part)
+            .zip(src.par_chunks(part))
+            .for_each(|(d, s)| d.copy_from_slice(std::hint::black_box(s)));
+    };
+    copy(&mut dst);
     let reps = 4;
     let t = Instant::now();
     for _ in 0..reps {
-        dst.copy_from_slice(std::hint::black_box(&src));
+        copy(&mut dst);
         std::hint::black_box(&mut dst);
     }
     (2 * 4 * n * reps) as f64 / t.elapsed().as_secs_f64()
