@@ -12,7 +12,7 @@ mod reference;
 use cloud_core::engine::backend::cpu::{Cpu, CpuWeights};
 use cloud_core::engine::config::ModelConfig;
 use cloud_core::engine::model::Model;
-use reference::{argmax, cases, check_token, fixtures, rel_diff, rows, run_forced};
+use reference::{argmax, cases, check_token, fixtures, rel_diff, rows, run_forced, ARCHS};
 use serde_json::Value;
 
 const TOLERANCE: f64 = 1e-4;
@@ -84,14 +84,6 @@ fn check(arch: &str) {
         );
     }
 }
-
-const ARCHS: &[&str] = &[
-    "llama",
-    "qwen2",
-    "deepseek_v2_lite",
-    "deepseek_v2_qlora",
-    "deepseek_v3",
-];
 
 /// Teacher-forced logits of `model` against every reference case of `arch` by the bf16
 /// rule. Returns the worst relative difference among the positions that keep to it, and

@@ -17,6 +17,15 @@ pub const BF16_TOLERANCE: f64 = 2e-2;
 /// See [`BF16_TOLERANCE`].
 pub const BF16_MARGIN: f32 = 0.05;
 
+/// The architectures of the reference fixtures.
+pub const ARCHS: &[&str] = &[
+    "llama",
+    "qwen2",
+    "deepseek_v2_lite",
+    "deepseek_v2_qlora",
+    "deepseek_v3",
+];
+
 /// `fixtures/parity/`, or `CLOUD_CORE_FIXTURES` (a test binary carried to another machine).
 pub fn fixtures() -> PathBuf {
     match std::env::var_os("CLOUD_CORE_FIXTURES") {

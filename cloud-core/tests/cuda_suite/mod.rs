@@ -17,16 +17,9 @@ use cloud_core::engine::backend::cuda::{unavailable, Cuda, CudaOptions};
 use cloud_core::engine::backend::{AttnShape, Backend, DeviceError, KvShape};
 use cloud_core::engine::model::{Cache, EngineError, Model};
 use cloud_core::engine::sampler::log_softmax;
-use reference::{argmax, cases, check_token, fixtures, rel_diff, run_forced as run};
+use reference::{argmax, cases, check_token, fixtures, rel_diff, run_forced as run, ARCHS};
 
 const TOLERANCE: f64 = reference::BF16_TOLERANCE;
-const ARCHS: &[&str] = &[
-    "llama",
-    "qwen2",
-    "deepseek_v2_lite",
-    "deepseek_v2_qlora",
-    "deepseek_v3",
-];
 
 /// The backend, or `None` with the reason printed. `CLOUD_CORE_REQUIRE_GPU=1` (set by
 /// `.ci/gpu`) makes a missing GPU a failure.
