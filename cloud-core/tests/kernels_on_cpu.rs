@@ -126,20 +126,6 @@ impl Host {
         );
         *x = b.to_f32();
     }
-    fn attention(
-        &self,
-        q: &[f32],
-        k: &[f32],
-        v: &[f32],
-        t: usize,
-        h: usize,
-        hk: usize,
-        dk: usize,
-        dv: usize,
-        scale: f32,
-    ) -> Vec<f32> {
-        self.0.attention(q, k, v, t, h, hk, dk, dv, scale)
-    }
 }
 
 type LaunchFn =
@@ -961,7 +947,9 @@ fn batched_paged_attention_matches_the_cpu_per_sequence() {
             );
             if new > 0 {
                 let qs = &q[at * h * dk..(at + new) * h * dk];
-                let want = cpu.attention(qs, &rounded(&k), &rounded(&v), new, h, hk, dk, dv, scale);
+                let want =
+                    cpu.0
+                        .attention(qs, &rounded(&k), &rounded(&v), new, h, hk, dk, dv, scale);
                 assert_close(
                     &out[at * h * dv..(at + new) * h * dv],
                     &want,

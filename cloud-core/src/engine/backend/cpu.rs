@@ -287,15 +287,12 @@ impl Backend for Cpu {
 
     fn upload_weight(&self, w: Weight<'_>, shape: &[usize]) -> CpuBuf {
         let matrix = shape.len() == 2;
-        let buf = match w {
-            Weight::Bf16(v) if matrix && self.weights != CpuWeights::F32 => {
-                CpuBuf::Bf16(v.to_vec())
-            }
-            Weight::Bf16(v) => CpuBuf::F32(v.iter().map(|x| widen(*x)).collect()),
-            Weight::F32(v) if matrix && self.weights == CpuWeights::Bf16 => {
-                CpuBuf::Bf16(v.iter().map(|x| bf16::from_f32(*x)).collect())
-            }
-            Weight::F32(v) => CpuBuf::F32(v.to_vec()),
+        let as_bf16 = matrix && self.wants_bf16_weights(matches!(w, Weight::Bf16(_)));
+        let buf = match (w, as_bf16) {
+            (Weight::Bf16(v), true) => CpuBuf::Bf16(v.to_vec()),
+            (Weight::Bf16(v), false) => CpuBuf::F32(v.iter().map(|x| widen(*x)).collect()),
+            (Weight::F32(v), true) => CpuBuf::Bf16(v.iter().map(|x| bf16::from_f32(*x)).collect()),
+            (Weight::F32(v), false) => CpuBuf::F32(v.to_vec()),
         };
         if matrix {
             use std::sync::atomic::Ordering::Relaxed;
@@ -328,22 +325,21 @@ impl Backend for Cpu {
         if m == 0 || n == 0 || k == 0 {
             return CpuBuf::F32(vec![0f32; m * n]);
         }
-        let threads = if self.threads == 0 {
-            rayon_threads()
-        } else {
-            self.threads
-        };
         CpuBuf::F32(match w {
             CpuBuf::F32(w) if m <= GEMV_MAX_ROWS => gemv(x, m, w, n, k, Simd::detect()),
             CpuBuf::Bf16(w) if m <= GEMV_MAX_ROWS => gemv(x, m, w, n, k, Simd::detect()),
             CpuBuf::F32(w) => {
+                let threads = match self.threads {
+                    0 => rayon_threads(),
+                    n => n,
+                };
                 let par = if m * n * k < 64 * 64 * 64 || threads <= 1 {
                     gemm::Parallelism::None
                 } else {
                     gemm::Parallelism::Rayon(threads)
                 };
                 let mut y = vec![0f32; m * n];
-                gemm_into(&mut y, n, x, m, w, n, k, par);
+                gemm_into(&mut y, x, m, w, n, k, par);
                 y
             }
             CpuBuf::Bf16(w) => gemm_bf16(x, m, w, n, k),
@@ -723,12 +719,9 @@ fn dot_rows<W: Elem, const R: usize>(x: &[f32], k: usize, w: &[W], o: &mut [f32]
 /// Independent partial sums per row of [`dot_rows`].
 const DOT_LANES: usize = 16;
 
-/// `y[m, ·] = x[m, k] · wᵀ` for `w[n, k]` by the `gemm` crate, into the first `n`
-/// columns of `y`'s rows of `ycols` values.
-#[allow(clippy::too_many_arguments)]
+/// `y[m, n] = x[m, k] · wᵀ` for `w[n, k]` by the `gemm` crate.
 fn gemm_into(
     y: &mut [f32],
-    ycols: usize,
     x: &[f32],
     m: usize,
     w: &[f32],
@@ -736,15 +729,9 @@ fn gemm_into(
     k: usize,
     par: gemm::Parallelism,
 ) {
-    assert!(
-        y.len() >= m.saturating_sub(1) * ycols + n
-            && ycols >= n
-            && x.len() == m * k
-            && w.len() == n * k
-    );
-    // SAFETY: the assert above guarantees x is m×k, w is n×k and y holds m rows of
-    // `ycols ≥ n` values, and the strides below address exactly those row-major layouts
-    // (wᵀ read column-wise).
+    assert!(y.len() == m * n && x.len() == m * k && w.len() == n * k);
+    // SAFETY: the assert above guarantees x is m×k, w is n×k and y is m×n, and the
+    // strides below address exactly those row-major layouts (wᵀ read column-wise).
     #[allow(unsafe_code)]
     unsafe {
         gemm::gemm(
@@ -753,7 +740,7 @@ fn gemm_into(
             k,
             y.as_mut_ptr(),
             1,
-            ycols as isize,
+            n as isize,
             false,
             x.as_ptr(),
             1,
@@ -787,7 +774,7 @@ fn gemm_bf16(x: &[f32], m: usize, w: &[bf16], n: usize, k: usize) -> Vec<f32> {
             let wide: Vec<f32> = rows.iter().map(|v| widen(*v)).collect();
             let nb = rows.len() / k;
             let mut yb = vec![0f32; m * nb];
-            gemm_into(&mut yb, nb, x, m, &wide, nb, k, gemm::Parallelism::None);
+            gemm_into(&mut yb, x, m, &wide, nb, k, gemm::Parallelism::None);
             (b * BF16_GEMM_ROWS, yb)
         })
         .collect();
@@ -802,19 +789,19 @@ fn gemm_bf16(x: &[f32], m: usize, w: &[bf16], n: usize, k: usize) -> Vec<f32> {
 }
 
 /// Dot product with independent partial sums (so the compiler vectorises it).
-fn dot<W: Elem>(a: &[f32], b: &[W]) -> f32 {
+fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 16];
     let ca = a.chunks_exact(16);
     let cb = b.chunks_exact(16);
     let (ra, rb) = (ca.remainder(), cb.remainder());
     for (x, y) in ca.zip(cb) {
         for i in 0..16 {
-            acc[i] += x[i] * y[i].f();
+            acc[i] += x[i] * y[i];
         }
     }
     let mut s: f32 = acc.iter().sum();
     for (x, y) in ra.iter().zip(rb) {
-        s += x * y.f();
+        s += x * y;
     }
     s
 }
