@@ -37,6 +37,10 @@ pub enum EngineError {
     /// A request the model cannot serve.
     #[error("{0}")]
     Request(String),
+    /// A request that does not fit beside those running (the KV cache is full); it may
+    /// fit later.
+    #[error("{0}")]
+    Refused(String),
     /// The device failed, or the step's sequences do not fit its memory. The caches are
     /// as they were before the step.
     #[error(transparent)]

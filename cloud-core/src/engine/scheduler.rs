@@ -62,6 +62,9 @@ pub enum Event {
     Finished(Finish),
     /// The request failed; nothing more follows.
     Failed(String),
+    /// The request does not fit the KV cache beside the sequences running (the message
+    /// says by how much); nothing more follows. It may fit once they finish.
+    Refused(String),
 }
 
 /// Why a request was not taken.
@@ -404,7 +407,7 @@ fn run<B: Backend>(
                     );
                     tracing::warn!("{msg}");
                     finish(&stats, "refused");
-                    let _ = a.events.send(Event::Failed(msg));
+                    let _ = a.events.send(Event::Refused(msg));
                 }
             }
             Err(e) => {
@@ -505,6 +508,7 @@ pub async fn collect(
             Event::Token(s) => steps.push(s),
             Event::Finished(f) => return Ok((steps, f)),
             Event::Failed(e) => return Err(EngineError::Request(e)),
+            Event::Refused(e) => return Err(EngineError::Refused(e)),
         }
     }
     Err(EngineError::Request("the engine stopped".into()))

@@ -525,6 +525,7 @@ async fn run(st: AppState, p: Prepared, kind: Kind) -> Result<Response, ApiError
                 break;
             }
             Event::Failed(e) => return Err(ApiError::status(StatusCode::INTERNAL_SERVER_ERROR, e)),
+            Event::Refused(e) => return Err(ApiError::status(StatusCode::SERVICE_UNAVAILABLE, e)),
         }
     }
     if stopped {
@@ -716,6 +717,11 @@ fn stream_events(
                 Some(Event::Failed(e)) => {
                     s.tail
                         .push(json!({"error": {"message": e, "type": "server_error"}}));
+                    s.rx = None;
+                }
+                Some(Event::Refused(e)) => {
+                    s.tail
+                        .push(json!({"error": {"message": e, "type": "overloaded_error"}}));
                     s.rx = None;
                 }
                 None => {

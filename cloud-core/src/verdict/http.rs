@@ -34,6 +34,9 @@ pub async fn judge(State(st): State<AppState>, body: axum::body::Bytes) -> Respo
         }))
         .into_response(),
         Err(VerdictError::Submit(e @ SubmitError::Busy(_))) => ApiError::from(e).into_response(),
+        Err(VerdictError::Refused(m)) => {
+            ApiError::status(StatusCode::SERVICE_UNAVAILABLE, m).into_response()
+        }
         Err(VerdictError::Submit(SubmitError::Invalid(m))) => {
             ApiError::bad("case", m).into_response()
         }

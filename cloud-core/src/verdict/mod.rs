@@ -15,6 +15,7 @@ use shared::case::HardCase;
 use shared::schema::CLASSES;
 
 use crate::engine::generate::{Finish, Request};
+use crate::engine::model::EngineError;
 use crate::engine::sampler::SamplingParams;
 use crate::engine::scheduler::{collect, SubmitError};
 use crate::engine::service::Engine;
@@ -82,6 +83,10 @@ pub enum VerdictError {
     /// The engine failed.
     #[error("engine: {0}")]
     Engine(String),
+    /// The case does not fit beside those being judged (the KV cache is full); it may
+    /// fit later.
+    #[error("{0}")]
+    Refused(String),
     /// The answer did not fit in the token budget (the grammar guarantees everything else).
     #[error("the verdict did not finish within {0} tokens")]
     TooLong(usize),
@@ -149,9 +154,10 @@ impl VerdictService {
             params,
             constraint: Some(constraint),
         })?;
-        let (steps, finish) = collect(rx)
-            .await
-            .map_err(|e| VerdictError::Engine(e.to_string()))?;
+        let (steps, finish) = collect(rx).await.map_err(|e| match e {
+            EngineError::Refused(m) => VerdictError::Refused(m),
+            e => VerdictError::Engine(e.to_string()),
+        })?;
         if finish != Finish::Stop {
             return Err(VerdictError::TooLong(max_tokens));
         }
