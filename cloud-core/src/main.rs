@@ -18,7 +18,7 @@ use cloud_core::engine::backend::cpu::{Cpu, CpuWeights};
 use cloud_core::engine::backend::Backend;
 use cloud_core::engine::bench::{self, BenchOptions};
 use cloud_core::engine::model::Model;
-use cloud_core::engine::service::Device;
+use cloud_core::engine::service::{CpuSettings, Device};
 
 /// Cloud core of the factory edge/cloud inference system.
 #[derive(Parser)]
@@ -196,8 +196,9 @@ struct BackendFlags {
     /// CUDA: the device ordinal [default: 0].
     #[arg(long)]
     cuda_device: Option<usize>,
-    /// CUDA: GiB of device memory for the KV cache (requests that do not fit are refused)
-    /// [default: 90% of what is free, less 2 GiB, once the weights are loaded].
+    /// GiB of memory for the KV cache, requests that do not fit being refused [default:
+    /// once the weights are loaded, CPU: half of the host memory available, CUDA: 90% of
+    /// the device memory free, less 2 GiB].
     #[arg(long, value_parser = gib)]
     kv_cache_gib: Option<usize>,
     /// CUDA: launch every decode step's kernels one by one instead of capturing the step
@@ -245,7 +246,6 @@ impl BackendFlags {
             Device::Cpu(_) => {
                 let given: Vec<&str> = [
                     (self.cuda_device.is_some(), "--cuda-device"),
-                    (self.kv_cache_gib.is_some(), "--kv-cache-gib"),
                     (self.no_graphs, "--no-graphs"),
                     (self.no_tensor_core_kernels, "--no-tensor-core-kernels"),
                     (self.mma_decode_group.is_some(), "--mma-decode-group"),
@@ -255,7 +255,10 @@ impl BackendFlags {
                 .filter_map(|(on, flag)| on.then_some(flag))
                 .collect();
                 if given.is_empty() {
-                    Ok(Device::Cpu(self.cpu_weights.unwrap_or_default()))
+                    Ok(Device::Cpu(CpuSettings {
+                        weights: self.cpu_weights.unwrap_or_default(),
+                        kv_cache_bytes: self.kv_cache_gib,
+                    }))
                 } else {
                     Err(format!("{} need --engine cuda", given.join(", ")))
                 }
@@ -423,6 +426,21 @@ enum Weights<'a> {
     Random(&'a str, Option<usize>),
 }
 
+/// What the paged KV cache holds at the end of a benchmark.
+fn print_kv_cache(kv: Option<cloud_core::engine::backend::KvCacheUsage>) {
+    let in_gib = |b: usize| b as f64 / (1u64 << 30) as f64;
+    if let Some(kv) = kv {
+        println!(
+            "KV cache at the end: {:.3} GiB held, {:.3} GiB allocated in {} allocation{}, of a {:.2} GiB budget",
+            in_gib(kv.held_bytes),
+            in_gib(kv.allocated_bytes),
+            kv.allocations,
+            if kv.allocations == 1 { "" } else { "s" },
+            in_gib(kv.limit_bytes)
+        );
+    }
+}
+
 fn bench(
     weights: Weights<'_>,
     device: Device,
@@ -431,8 +449,8 @@ fn bench(
 ) -> Result<(), String> {
     match device {
         Device::Cpu(_) if profile > 0 => Err("--profile needs --engine cuda".into()),
-        Device::Cpu(held) => {
-            let model = bench_model(weights, Cpu::with_weights(held))?;
+        Device::Cpu(settings) => {
+            let model = bench_model(weights, Cpu::from(settings))?;
             println!("device: {}", model.backend().describe());
             let (bf16, f32) = model.backend().matrix_elements();
             let as_held = match (bf16, f32) {
@@ -451,7 +469,9 @@ fn bench(
                 ..opts.clone()
             };
             let label = format!("{as_held}, f32 KV cache");
-            bench_report(&model, &opts, bench::host_copy_bandwidth(), &label)
+            bench_report(&model, &opts, bench::host_copy_bandwidth(), &label)?;
+            print_kv_cache(model.backend().kv_cache());
+            Ok(())
         }
         #[cfg(feature = "cuda")]
         Device::Cuda(settings) => {
@@ -479,16 +499,7 @@ fn bench(
                 g.abandoned,
                 on_off(model.backend().programmatic_launch())
             );
-            if let Some(kv) = model.backend().kv_cache() {
-                println!(
-                    "KV cache at the end: {:.3} GiB held, {:.3} GiB allocated in {} device allocation{}, of a {:.2} GiB budget",
-                    in_gib(kv.held_bytes),
-                    in_gib(kv.allocated_bytes),
-                    kv.allocations,
-                    if kv.allocations == 1 { "" } else { "s" },
-                    in_gib(kv.limit_bytes)
-                );
-            }
+            print_kv_cache(model.backend().kv_cache());
             if profile > 0 {
                 bench_profile(&model, opts, profile, bw)?;
             }

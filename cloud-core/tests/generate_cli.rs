@@ -240,11 +240,12 @@ fn cuda_settings_need_the_cuda_engine() {
         "--data-dir",
         data,
         "--no-graphs",
+        "--no-pdl",
         "--kv-cache-gib",
         "2",
     ]);
     assert!(
-        err.contains("--kv-cache-gib, --no-graphs need --engine cuda"),
+        err.contains("--no-graphs, --no-pdl need --engine cuda"),
         "{err}"
     );
     let err = run(&["bench", "--shape", "tiny", "--cuda-device", "1"]);
@@ -295,7 +296,7 @@ fn cuda_settings_need_the_cuda_engine() {
 
 /// `bench --cpu-weights` holds the random matrices as bf16 (as published checkpoints
 /// store them; the default) or widened to f32, says which, and counts the bytes a step
-/// reads accordingly.
+/// reads accordingly; `--kv-cache-gib` bounds the CPU's KV cache too.
 #[test]
 fn bench_says_how_the_cpu_holds_the_matrices() {
     let bench = |args: &[&str]| {
@@ -331,8 +332,15 @@ fn bench_says_how_the_cpu_holds_the_matrices() {
         stored.contains(" threads, matrices as stored)"),
         "the device line: {stored}"
     );
-    let (bf16, bf16_gb) = bench(&["--cpu-weights", "bf16"]);
+    // The paged cache's memory at the end, within the budget asked for.
+    let kv = stored
+        .lines()
+        .find(|l| l.starts_with("KV cache at the end: "));
+    let kv = kv.unwrap_or_else(|| panic!("no KV cache line: {stored}"));
+    assert!(kv.contains(" GiB held, "), "{kv}");
+    let (bf16, bf16_gb) = bench(&["--cpu-weights", "bf16", "--kv-cache-gib", "0.5"]);
     assert!(bf16.contains("held: bf16 matrices, f32 KV cache"), "{bf16}");
+    assert!(bf16.contains("of a 0.50 GiB budget"), "{bf16}");
     assert_eq!(stored_gb, bf16_gb);
     let (f32, f32_gb) = bench(&["--cpu-weights", "f32"]);
     assert!(f32.contains("held: f32 matrices, f32 KV cache"), "{f32}");

@@ -9,7 +9,8 @@
 #[path = "common/reference.rs"]
 mod reference;
 
-use cloud_core::engine::backend::cpu::{Cpu, CpuWeights};
+use cloud_core::engine::backend::cpu::{Cpu, CpuWeights, KvOptions};
+use cloud_core::engine::backend::Backend;
 use cloud_core::engine::config::ModelConfig;
 use cloud_core::engine::model::Model;
 use reference::{argmax, cases, check_token, fixtures, rel_diff, rows, run_forced, ARCHS};
@@ -218,6 +219,79 @@ fn a_bf16_checkpoint_is_held_as_bf16_with_the_logits_of_its_values() {
         assert!(beyond.is_empty(), "{arch} stored as bf16: {beyond:?}");
         println!("{arch} stored as bf16: worst {worst:.2e} against the f32 reference");
     }
+}
+
+/// The CPU backend with its KV cache in blocks of `block_rows` positions, allocated
+/// a block at a time, within `cache_bytes`.
+fn paged(block_rows: usize, cache_bytes: Option<usize>) -> Cpu {
+    let mut cpu = Cpu::default();
+    cpu.kv = KvOptions {
+        block_rows,
+        cache_bytes,
+        chunk_bytes: 1,
+    };
+    cpu
+}
+
+/// Where a sequence's positions fall in the paged cache's blocks changes no bit of any
+/// logit: blocks of one and three positions (every prompt and decode step crossing
+/// blocks, partly filled ones too) against the default's.
+#[test]
+fn the_kv_block_size_changes_no_bit() {
+    for arch in ARCHS {
+        let dir = fixtures().join(arch);
+        let mut base = Model::load(&dir, Cpu::default()).expect("model");
+        let mut others: Vec<Model<Cpu>> = [1, 3]
+            .iter()
+            .map(|&b| Model::load(&dir, paged(b, None)).expect("model"))
+            .collect();
+        let modes: &[bool] = if base.config().mla.is_some() {
+            &[true, false]
+        } else {
+            &[true]
+        };
+        for &absorbed in modes {
+            base.set_mla_absorbed(absorbed);
+            for case in cases(arch) {
+                let want = run_forced(&base, &case);
+                for (model, rows) in others.iter_mut().zip([1, 3]) {
+                    model.set_mla_absorbed(absorbed);
+                    let got = run_forced(model, &case);
+                    assert!(
+                        got == want,
+                        "{arch} (absorbed: {absorbed}), {}: blocks of {rows} change the logits",
+                        case.name
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn prefix_sharing_gives_the_logits_of_a_fresh_run() {
+    for arch in ["qwen2", "deepseek_v2_lite"] {
+        let mut model = Model::load(&fixtures().join(arch), paged(4, None)).expect("model");
+        for absorbed in [true, false] {
+            model.set_mla_absorbed(absorbed);
+            for case in cases(arch) {
+                // The prefix's rows come from a longer chunk than the fresh run's (a
+                // product of more rows may sum in another order): not the same bits.
+                reference::prefix_sharing_gives_the_logits_of_a_fresh_run(
+                    &model, &case, 1e-5, TOLERANCE,
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn a_step_that_does_not_fit_is_refused_and_changes_nothing() {
+    let model = Model::load(&fixtures().join("qwen2"), paged(4, Some(16 << 10))).expect("model");
+    reference::a_step_that_does_not_fit_is_refused_and_changes_nothing(&model);
+    let kv = model.backend().kv_cache().expect("a paged cache");
+    assert_eq!(kv.limit_bytes, 16 << 10);
+    assert!(kv.held_bytes <= kv.allocated_bytes && kv.allocated_bytes <= kv.limit_bytes);
 }
 
 #[test]

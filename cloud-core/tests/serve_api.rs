@@ -12,7 +12,7 @@ use cloud_core::engine::generate::{generate, Request};
 use cloud_core::engine::model::Model;
 use cloud_core::engine::sampler::SamplingParams;
 use cloud_core::engine::scheduler::SchedulerConfig;
-use cloud_core::engine::service::Engine;
+use cloud_core::engine::service::{CpuSettings, Device, Engine};
 use cloud_core::server::{serve, AppState};
 use cloud_core::verdict::VerdictService;
 use serde_json::{json, Value};
@@ -27,8 +27,12 @@ struct Server {
 
 impl Server {
     async fn start(dir: &Path) -> Server {
+        Server::start_on(dir, Device::Cpu(CpuSettings::default())).await
+    }
+
+    async fn start_on(dir: &Path, device: Device) -> Server {
         let engine =
-            Engine::load_cpu(dir, "fixture-v3", SchedulerConfig::default()).expect("engine");
+            Engine::load(dir, "fixture-v3", SchedulerConfig::default(), device).expect("engine");
         let verdicts = VerdictService::new(engine.clone()).expect("verdicts");
         let state = AppState::new(engine, verdicts, TOKEN, None);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -66,6 +70,32 @@ impl Server {
         let (status, text) = self.post(path, body).await;
         assert_eq!(status, 200, "{text}");
         serde_json::from_str(&text).expect("JSON")
+    }
+
+    /// The engine's status once it shows the KV cache (the backend's figures are
+    /// published after the step that empties the batch, which may come after the last
+    /// answer).
+    async fn engine_status(&self) -> Value {
+        for _ in 0..100 {
+            let status: Value = serde_json::from_str(
+                &self
+                    .client
+                    .get(format!("http://{}/api/v1/engine", self.addr))
+                    .bearer_auth(TOKEN)
+                    .send()
+                    .await
+                    .expect("status")
+                    .text()
+                    .await
+                    .expect("body"),
+            )
+            .expect("json");
+            if !status["kv_cache"].is_null() && status["running"] == 0 {
+                return status;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        panic!("the engine's status never showed its KV cache");
     }
 
     /// Posts a streaming request; returns the parsed `data:` events (without `[DONE]`)
@@ -222,28 +252,24 @@ async fn concurrent_requests_are_batched_and_answer_as_alone() {
     for (i, v) in together.iter().enumerate() {
         assert_eq!(v["choices"][0]["text"], alone[i], "request {i}");
     }
-    let status: Value = serde_json::from_str(
-        &srv.client
-            .get(format!("http://{}/api/v1/engine", srv.addr))
-            .bearer_auth(TOKEN)
-            .send()
-            .await
-            .expect("status")
-            .text()
-            .await
-            .expect("body"),
-    )
-    .expect("json");
+    let status = srv.engine_status().await;
     assert_eq!(status["completed_requests"], 12);
-    // The CPU backend, which has no paged cache, holding the checkpoint's matrices as
-    // stored.
+    // The CPU backend, holding the checkpoint's matrices as stored, and its paged cache
+    // within its budget (half the host's available memory).
     assert!(
         status["backend"]
             .as_str()
             .is_some_and(|b| b.starts_with("cpu (") && b.ends_with(" threads, matrices as stored)")),
         "{status}"
     );
-    assert!(status["kv_cache"].is_null(), "{status}");
+    let kv = &status["kv_cache"];
+    let bytes = |k: &str| kv[k].as_u64().unwrap_or_else(|| panic!("{k}: {status}"));
+    assert!(
+        bytes("held_bytes") <= bytes("allocated_bytes")
+            && 0 < bytes("allocated_bytes")
+            && bytes("allocated_bytes") <= bytes("limit_bytes"),
+        "{status}"
+    );
     assert!(status["device_memory"].is_null(), "{status}");
     assert!(status["graphs"].is_null(), "{status}");
     // Twelve requests of 6..=11 tokens, but batching took fewer steps than tokens.
@@ -290,18 +316,7 @@ async fn a_shared_prompt_prefix_is_run_once_and_changes_nothing() {
                 .into_owned();
         assert_eq!(v["choices"][0]["text"], text.as_str(), "prompt {i}");
     }
-    let status: Value = serde_json::from_str(
-        &srv.client
-            .get(format!("http://{}/api/v1/engine", srv.addr))
-            .bearer_auth(TOKEN)
-            .send()
-            .await
-            .expect("status")
-            .text()
-            .await
-            .expect("body"),
-    )
-    .expect("json");
+    let status = srv.engine_status().await;
     assert_eq!(status["prefix_cache_hits"], 2, "{status}");
     assert!(
         status["prefix_tokens_reused"].as_u64().expect("n") >= 2 * header.len() as u64,
@@ -472,4 +487,40 @@ async fn refusals_name_what_is_wrong() {
     assert!(text.contains("tools"));
     let (s, _) = srv.post("/v1/completions", json!("not an object")).await;
     assert_eq!(s, 400);
+}
+
+/// A request that does not fit the KV cache's budget beside the others is refused with a
+/// 503 that says so (the client may try again), streamed or not; the server goes on
+/// serving what fits, and its status shows the budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_beyond_the_kv_budget_is_refused_and_the_server_goes_on() {
+    let dir = checkpoint();
+    // 64 KiB: a few blocks of 16 positions of the fixture's latent cache, far from the
+    // 900 positions of the long prompt.
+    let device = Device::Cpu(CpuSettings {
+        kv_cache_bytes: Some(64 << 10),
+        ..CpuSettings::default()
+    });
+    let srv = Server::start_on(dir.path(), device).await;
+    let long = "temperature 81.5 C; ".repeat(45);
+    for stream in [false, true] {
+        let req = json!({"model": "fixture-v3", "prompt": long, "max_tokens": 4,
+                         "temperature": 0, "stream": stream});
+        let (code, text) = srv.post("/v1/completions", req).await;
+        if stream {
+            assert_eq!(code, 200, "{text}");
+            assert!(text.contains("overloaded_error"), "{text}");
+        } else {
+            assert_eq!(code, 503, "{text}");
+            let body: Value = serde_json::from_str(&text).expect("JSON");
+            assert_eq!(body["error"]["type"], "overloaded_error", "{text}");
+        }
+        assert!(text.contains("KV cache is full"), "{text}");
+        let short = json!({"model": "fixture-v3", "prompt": "Pump 3 vibrates", "max_tokens": 4,
+                           "temperature": 0});
+        let done = srv.post_json("/v1/completions", short).await;
+        assert_eq!(done["usage"]["completion_tokens"], 4);
+    }
+    let status = srv.engine_status().await;
+    assert_eq!(status["kv_cache"]["limit_bytes"], 64 << 10, "{status}");
 }

@@ -1,18 +1,19 @@
 //! The paged KV cache's bookkeeping, independent of where the memory lives.
 //!
-//! Memory comes in *chunks* (one device allocation each, never returned while the pool
-//! lives) cut into fixed-size *blocks* of `block_rows` cache rows. A pool's chunks grow
-//! with it (each as large as all before it, up to [`MAX_CHUNK_BYTES`] or an eighth of
-//! the budget), so a cache that grows every step allocates rarely, and a chunk that
-//! does not fit what is left of the budget is made smaller, down to the pool's least.
-//! A sequence's cache is a [`PagedRows`]: a table of blocks plus a row count (what a
-//! row holds is the backend's: the CUDA backend's is one position of every layer, so a
-//! sequence has one table for all its layers). Blocks are reference-counted ([`BlockRef`]): a prefix of one cache is another
-//! cache sharing the same blocks, so a shared system prompt is stored once, and a block
-//! goes back to its pool's free list when the last cache holding it drops it. Every
-//! block has the same size, so freeing never fragments; a pool grows a chunk at a time
-//! until the byte budget shared by all pools is spent, and then refuses with
-//! [`CacheFull`].
+//! Memory comes in *chunks* (one allocation each, of device memory for the CUDA backend
+//! and host memory for the CPU one, never returned while the pool lives) cut into
+//! fixed-size *blocks* of `block_rows` cache rows. A pool's chunks grow with it (each
+//! as large as all before it, up to [`MAX_CHUNK_BYTES`] or an eighth of the budget), so
+//! a cache that grows every step allocates rarely, and a chunk that does not fit what
+//! is left of the budget is made smaller, down to the pool's least. A sequence's cache
+//! is a [`PagedRows`]: a table of blocks plus a row count (what a row holds is the
+//! backend's: both backends' is one position of every layer, so a sequence has one
+//! table for all its layers). Blocks are reference-counted ([`BlockRef`]): a prefix of
+//! one cache is another cache sharing the same blocks, so a shared system prompt is
+//! stored once, and a block goes back to its pool's free list when the last cache
+//! holding it drops it. Every block has the same size, so freeing never fragments; a
+//! pool grows a chunk at a time until the byte budget shared by all pools is spent, and
+//! then refuses with [`CacheFull`].
 //!
 //! Appending to a block that another cache also holds copies it first (copy-on-write of
 //! the last, partly filled block), so sharing never lets one sequence see another's rows.
@@ -123,7 +124,8 @@ pub enum AllocError {
 impl<S: ChunkSource> BlockPool<S> {
     /// A pool of blocks of `block_rows` rows of `row_bytes` bytes, at least
     /// `blocks_per_chunk` blocks per allocation (and a multiple of it), drawing on
-    /// `budget`.
+    /// `budget`; fewer where that would take more than an eighth of the budget, so a
+    /// small budget is still spent a few blocks at a time.
     pub fn new(
         source: S,
         budget: Arc<Budget>,
@@ -131,18 +133,25 @@ impl<S: ChunkSource> BlockPool<S> {
         row_bytes: usize,
         blocks_per_chunk: usize,
     ) -> Arc<BlockPool<S>> {
+        let block_bytes = block_rows.max(1) * row_bytes;
+        let eighth = budget.limit() / 8 / block_bytes.max(1);
         Arc::new(BlockPool {
             source,
             budget,
             block_rows: block_rows.max(1),
-            block_bytes: block_rows.max(1) * row_bytes,
-            blocks_per_chunk: blocks_per_chunk.max(1),
+            block_bytes,
+            blocks_per_chunk: blocks_per_chunk.min(eighth).max(1),
             state: Mutex::new(PoolState {
                 free: Vec::new(),
                 chunks: Vec::new(),
                 blocks: 0,
             }),
         })
+    }
+
+    /// Where its chunks come from.
+    pub fn source(&self) -> &S {
+        &self.source
     }
 
     /// Rows per block.
@@ -444,6 +453,25 @@ impl<S: ChunkSource> PagedRows<S> {
     }
 }
 
+/// The memory of the pools drawing on a budget of `limit_bytes`: what their blocks hold,
+/// what their chunks took, and in how many allocations.
+pub fn usage<'a, S: ChunkSource + 'a>(
+    limit_bytes: usize,
+    pools: impl IntoIterator<Item = &'a Arc<BlockPool<S>>>,
+) -> super::backend::KvCacheUsage {
+    let mut u = super::backend::KvCacheUsage {
+        limit_bytes,
+        ..Default::default()
+    };
+    for pool in pools {
+        let total = pool.total_blocks();
+        u.held_bytes += total.saturating_sub(pool.free_blocks()) * pool.block_bytes();
+        u.allocated_bytes += total * pool.block_bytes();
+        u.allocations += pool.chunks();
+    }
+    u
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -497,6 +525,20 @@ mod tests {
 
     /// Each chunk is as large as the pool so far, up to an eighth of the budget: a cache
     /// growing a block at a time allocates a few times, not once per two blocks.
+    /// A least chunk larger than the budget (a small `--kv-cache-gib`) is cut to an
+    /// eighth of it: the budget is still spent, a block at a time, not refused whole.
+    #[test]
+    fn a_small_budget_is_spent_in_small_chunks() {
+        // Room for 16 blocks of 32 bytes; a least chunk of 64 blocks asked for.
+        let p = BlockPool::new(Host, Budget::new(16 * 32), 4, 8, 64);
+        let mut c = PagedRows::new(p.clone());
+        c.grow(4).expect("one block fits");
+        assert_eq!(p.total_blocks(), 2, "an eighth of the budget");
+        c.grow(60).expect("the whole budget fits");
+        assert_eq!(p.total_blocks(), 16);
+        assert!(matches!(c.grow(1), Err(AllocError::Full(_))));
+    }
+
     #[test]
     fn chunks_grow_with_the_pool() {
         // 1024 blocks of 32 bytes: chunks of at most 128 blocks.

@@ -33,10 +33,28 @@ struct Inner {
 /// Which backend runs the model.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Device {
-    /// The CPU backend, keeping matrices as [`CpuWeights`] says.
-    Cpu(CpuWeights),
+    /// The CPU backend.
+    Cpu(CpuSettings),
     /// The CUDA backend (built with the `cuda` feature).
     Cuda(CudaSettings),
+}
+
+/// What an operator chooses of the CPU backend (`serve --engine cpu`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CpuSettings {
+    /// How matrices are held.
+    pub weights: CpuWeights,
+    /// Bytes for the KV cache; `None`: half of the host memory available once the
+    /// weights are loaded.
+    pub kv_cache_bytes: Option<usize>,
+}
+
+impl From<CpuSettings> for Cpu {
+    fn from(s: CpuSettings) -> Cpu {
+        let mut cpu = Cpu::with_weights(s.weights);
+        cpu.kv.cache_bytes = s.kv_cache_bytes;
+        cpu
+    }
 }
 
 /// What an operator chooses of the CUDA backend (`serve --engine cuda`), in plain values
@@ -91,7 +109,7 @@ impl std::str::FromStr for Device {
     type Err = String;
     fn from_str(s: &str) -> Result<Device, String> {
         match s {
-            "cpu" => Ok(Device::Cpu(CpuWeights::default())),
+            "cpu" => Ok(Device::Cpu(CpuSettings::default())),
             "cuda" => Ok(Device::Cuda(CudaSettings::default())),
             other => Err(format!("unknown engine backend {other:?} (cpu, cuda)")),
         }
@@ -102,7 +120,7 @@ impl Engine {
     /// Loads the checkpoint in `dir` on the CPU backend and starts its engine thread.
     /// `name` is the model name the API reports and accepts.
     pub fn load_cpu(dir: &Path, name: &str, cfg: SchedulerConfig) -> anyhow::Result<Engine> {
-        Engine::load(dir, name, cfg, Device::Cpu(CpuWeights::default()))
+        Engine::load(dir, name, cfg, Device::Cpu(CpuSettings::default()))
     }
 
     /// Loads the checkpoint in `dir` on `device` and starts its engine thread.
@@ -113,8 +131,8 @@ impl Engine {
         device: Device,
     ) -> anyhow::Result<Engine> {
         match device {
-            Device::Cpu(weights) => {
-                let be = Cpu::with_weights(weights);
+            Device::Cpu(settings) => {
+                let be = Cpu::from(settings);
                 tracing::info!("CPU backend: {}", super::backend::Backend::describe(&be));
                 Engine::start(dir, name, cfg, be)
             }

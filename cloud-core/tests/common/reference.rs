@@ -5,8 +5,8 @@
 
 use std::path::{Path, PathBuf};
 
-use cloud_core::engine::backend::Backend;
-use cloud_core::engine::model::Model;
+use cloud_core::engine::backend::{Backend, DeviceError};
+use cloud_core::engine::model::{Cache, EngineError, Model};
 use serde_json::Value;
 
 /// The rule for bf16 weights (and a bf16 cache) against the f32 references: at every
@@ -136,4 +136,104 @@ pub fn run_forced<B: Backend>(model: &Model<B>, case: &Case) -> (Vec<f32>, Vec<V
         steps.push(model.forward(&[*t], &mut cache).expect("decode"));
     }
     (prefill, steps)
+}
+
+/// Prefixes of a cache shared by reference give the logits of the same rows run without
+/// sharing (within `tolerance` of each other, and of the reference's run in one chunk
+/// within `chunked`), taking no memory of their own until they are written to; the
+/// source and the prefixes go on decoding as before once each writes its own copy of
+/// the block they shared. `model` has blocks of four positions.
+pub fn prefix_sharing_gives_the_logits_of_a_fresh_run<B: Backend>(
+    model: &Model<B>,
+    case: &Case,
+    tolerance: f64,
+    chunked: f64,
+) {
+    let (_, fresh) = run_forced(model, case);
+    let mut full = model.new_cache();
+    model.forward(&case.prompt, &mut full).expect("prompt");
+    let held = || model.backend().kv_cache().map(|kv| kv.held_bytes);
+    // Prefixes ending inside a block (copy-on-write) and on a block boundary, kept alive
+    // so that the source's own next append copies its shared last block too. Each is
+    // checked against the same two chunks of the prompt run without sharing (a backend
+    // may round a chunk of one row differently from a longer one, so the chunks decide
+    // the rounding, and sharing must not change it).
+    let vocab = model.config().vocab_size;
+    let last = |l: &[f32]| l[l.len() - vocab..].to_vec();
+    let mut kept = Vec::new();
+    for keep in [case.prompt.len() - 1, 4.min(case.prompt.len() - 1)] {
+        let before = held();
+        let mut shared = model.cache_prefix(&full, keep);
+        assert_eq!(held(), before, "a prefix of {keep} took memory of its own");
+        let logits = model
+            .forward(&case.prompt[keep..], &mut shared)
+            .expect("rest of the prompt");
+        let mut alone = model.new_cache();
+        model
+            .forward(&case.prompt[..keep], &mut alone)
+            .expect("prefix");
+        let want = model
+            .forward(&case.prompt[keep..], &mut alone)
+            .expect("rest of the prompt");
+        let d = rel_diff(&last(&logits), &last(&want));
+        assert!(d <= tolerance, "prefix of {keep}: {d:e}");
+        let d = rel_diff(&last(&logits), &fresh[0]);
+        assert!(d <= chunked, "prefix of {keep} against one chunk: {d:e}");
+        kept.push((shared, alone));
+    }
+    let l = model.forward(&[case.greedy[0]], &mut full).expect("decode");
+    assert!(rel_diff(&l, &fresh[1]) <= tolerance);
+    for (shared, alone) in &mut kept {
+        let l = model.forward(&[case.greedy[0]], shared).expect("decode");
+        let want = model.forward(&[case.greedy[0]], alone).expect("decode");
+        assert!(rel_diff(&l, &want) <= tolerance);
+    }
+}
+
+/// A step that does not fit the KV cache is refused with a full cache and changes
+/// nothing, and the backend goes on serving. `model` is the qwen2 fixture with a budget
+/// of 16 KiB in blocks of four positions: one short prompt fits, a long one does not.
+pub fn a_step_that_does_not_fit_is_refused_and_changes_nothing<B: Backend>(model: &Model<B>) {
+    let mut small = model.new_cache();
+    model
+        .forward(&[1, 2, 3], &mut small)
+        .expect("a short prompt fits");
+    let long: Vec<u32> = (0..250).map(|i| i % 50 + 1).collect();
+    let mut big = model.new_cache();
+    match model.forward(&long, &mut big) {
+        Err(EngineError::Device(DeviceError::CacheFull(f))) => {
+            assert!(f.to_string().contains("KV cache is full"), "{f}");
+        }
+        other => panic!("expected a full cache, got {:?}", other.map(|l| l.len())),
+    }
+    assert_eq!(big.len(), 0, "the refused sequence kept nothing");
+    assert_eq!(small.len(), 3);
+    // In one step with a sequence that fits (room made for it first, a new block), then
+    // one that does not: neither keeps anything (the first's new block goes back).
+    let usage = |what: &str| {
+        model
+            .backend()
+            .kv_cache()
+            .unwrap_or_else(|| panic!("{what}: a paged cache"))
+            .held_bytes
+    };
+    let held = usage("before the batch");
+    let refuse = |small: &mut Cache<B>| {
+        let mut big = model.new_cache();
+        match model.forward_batch(&mut [(&[4, 5][..], small), (&long[..], &mut big)]) {
+            Err(EngineError::Device(DeviceError::CacheFull(_))) => {}
+            other => panic!("expected a full cache, got {:?}", other.map(|l| l.len())),
+        }
+        assert_eq!((small.len(), big.len()), (3, 0), "the batch kept nothing");
+    };
+    refuse(&mut small);
+    assert_eq!(usage("after the refused batch"), held);
+    // Its rows are as they were: it goes on as a copy made before the refusal does.
+    let mut copy = model.cache_prefix(&small, 3);
+    refuse(&mut small);
+    let went_on = model
+        .forward(&[4, 5], &mut small)
+        .expect("the backend keeps serving after a refusal");
+    let fresh = model.forward(&[4, 5], &mut copy).expect("the copy");
+    assert_eq!(went_on, fresh, "the refused batch changed the cache's rows");
 }

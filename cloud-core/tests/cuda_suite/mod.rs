@@ -15,7 +15,7 @@ mod reference;
 use cloud_core::engine::backend::cpu::{Cpu, CpuBuf};
 use cloud_core::engine::backend::cuda::{unavailable, Cuda, CudaOptions};
 use cloud_core::engine::backend::{AttnShape, Backend, DeviceError, KvShape};
-use cloud_core::engine::model::{Cache, EngineError, Model};
+use cloud_core::engine::model::{Cache, Model};
 use cloud_core::engine::sampler::log_softmax;
 use reference::{argmax, cases, check_token, fixtures, rel_diff, run_forced as run, ARCHS};
 
@@ -214,46 +214,14 @@ fn cuda_prefix_sharing_gives_the_logits_of_a_fresh_run() {
         return;
     };
     let model = Model::load(&fixtures().join("deepseek_v2_lite"), be).expect("model");
-    let case = &cases("deepseek_v2_lite")[0];
-    let (_, fresh) = run(&model, case);
-    let mut full = model.new_cache();
-    model.forward(&case.prompt, &mut full).expect("prompt");
-    // Prefixes ending inside a block (copy-on-write) and on a block boundary, kept alive
-    // so that the source's own next append copies its shared last block too. Each is
-    // checked against the same two chunks of the prompt run without sharing: a chunk of
-    // one row attends on the CUDA cores, a longer one on the tensor cores (queries and
-    // probabilities in bf16), so the chunks decide the rounding, and sharing must not
-    // change it.
-    let vocab = model.config().vocab_size;
-    let last = |l: &[f32]| l[l.len() - vocab..].to_vec();
-    let mut kept = Vec::new();
-    for keep in [case.prompt.len() - 1, 4.min(case.prompt.len() - 1)] {
-        let mut shared = model.cache_prefix(&full, keep);
-        let logits = model
-            .forward(&case.prompt[keep..], &mut shared)
-            .expect("rest of the prompt");
-        let mut alone = model.new_cache();
-        model
-            .forward(&case.prompt[..keep], &mut alone)
-            .expect("prefix");
-        let want = model
-            .forward(&case.prompt[keep..], &mut alone)
-            .expect("rest of the prompt");
-        let d = rel_diff(&last(&logits), &last(&want));
-        assert!(d <= 1e-5, "prefix of {keep}: {d:e}");
-        // And within the rule of batching of the run in one chunk.
-        assert!(rel_diff(&last(&logits), &fresh[0]) <= TOLERANCE);
-        kept.push((shared, alone));
-    }
-    // The source cache still decodes as before after its blocks were shared, and so do
-    // the prefixes (each now holds its own copy of the block they shared).
-    let l = model.forward(&[case.greedy[0]], &mut full).expect("decode");
-    assert!(rel_diff(&l, &fresh[1]) <= 1e-5);
-    for (shared, alone) in &mut kept {
-        let l = model.forward(&[case.greedy[0]], shared).expect("decode");
-        let want = model.forward(&[case.greedy[0]], alone).expect("decode");
-        assert!(rel_diff(&l, &want) <= 1e-5);
-    }
+    // A chunk of one row attends on the CUDA cores, a longer one on the tensor cores
+    // (queries and probabilities in bf16).
+    reference::prefix_sharing_gives_the_logits_of_a_fresh_run(
+        &model,
+        &cases("deepseek_v2_lite")[0],
+        1e-5,
+        TOLERANCE,
+    );
 }
 
 #[test]
@@ -268,48 +236,7 @@ fn cuda_a_step_that_does_not_fit_is_refused_and_changes_nothing() {
         return;
     };
     let model = Model::load(&fixtures().join("qwen2"), be).expect("model");
-    let mut small = model.new_cache();
-    model
-        .forward(&[1, 2, 3], &mut small)
-        .expect("a short prompt fits");
-    let long: Vec<u32> = (0..250).map(|i| i % 50 + 1).collect();
-    let mut big = model.new_cache();
-    match model.forward(&long, &mut big) {
-        Err(EngineError::Device(DeviceError::CacheFull(f))) => {
-            assert!(f.to_string().contains("KV cache is full"), "{f}");
-        }
-        other => panic!("expected a full cache, got {:?}", other.map(|l| l.len())),
-    }
-    assert_eq!(big.len(), 0, "the refused sequence kept nothing");
-    assert_eq!(small.len(), 3);
-    // In one step with a sequence that fits (room made for it first, a new block), then
-    // one that does not: neither keeps anything (the first's new block goes back).
-    let usage = |what: &str| {
-        model
-            .backend()
-            .kv_cache()
-            .unwrap_or_else(|| panic!("{what}: a paged cache"))
-            .held_bytes
-    };
-    let held = usage("before the batch");
-    let refuse = |small: &mut Cache<Cuda>| {
-        let mut big = model.new_cache();
-        match model.forward_batch(&mut [(&[4, 5][..], small), (&long[..], &mut big)]) {
-            Err(EngineError::Device(DeviceError::CacheFull(_))) => {}
-            other => panic!("expected a full cache, got {:?}", other.map(|l| l.len())),
-        }
-        assert_eq!((small.len(), big.len()), (3, 0), "the batch kept nothing");
-    };
-    refuse(&mut small);
-    assert_eq!(usage("after the refused batch"), held);
-    // Its rows are as they were: it goes on as a copy made before the refusal does.
-    let mut copy = model.cache_prefix(&small, 3);
-    refuse(&mut small);
-    let went_on = model
-        .forward(&[4, 5], &mut small)
-        .expect("the device keeps serving after a refusal");
-    let fresh = model.forward(&[4, 5], &mut copy).expect("the copy");
-    assert_eq!(went_on, fresh, "the refused batch changed the cache's rows");
+    reference::a_step_that_does_not_fit_is_refused_and_changes_nothing(&model);
 }
 
 #[test]

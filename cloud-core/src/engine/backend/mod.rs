@@ -87,9 +87,9 @@ pub struct DeviceMemory {
 pub struct KvCacheUsage {
     /// Bytes of the blocks held by sequences and cached prompts.
     pub held_bytes: usize,
-    /// Bytes allocated on the device for blocks (held or free for reuse).
+    /// Bytes allocated for blocks, in device or host memory (held or free for reuse).
     pub allocated_bytes: usize,
-    /// The device allocations those bytes came in (a pool's allocations grow with it).
+    /// The allocations those bytes came in (a pool's allocations grow with it).
     pub allocations: usize,
     /// The most it may allocate.
     pub limit_bytes: usize,
@@ -143,6 +143,47 @@ pub struct KvShape {
     /// The values are the first `vcols` columns of the keys (absorbed MLA): a backend may
     /// keep no value rows.
     pub values_in_keys: bool,
+}
+
+/// Where a layer's rows lie in the blocks of a paged cache of caches of one shape: a
+/// block holds `block_rows` positions of every layer in turn, that layer's key rows,
+/// then its value rows (none when the values are the keys' columns). Both backends lay
+/// their blocks out so; sizes here are in elements (f32 on the CPU, bf16 on CUDA).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KvLayout {
+    /// The caches' shape.
+    pub shape: KvShape,
+    /// Positions per block.
+    pub block_rows: usize,
+}
+
+impl KvLayout {
+    /// Value columns kept (none when the values are the keys' columns).
+    pub fn kept_vcols(&self) -> usize {
+        if self.shape.values_in_keys {
+            0
+        } else {
+            self.shape.vcols
+        }
+    }
+
+    /// Elements of one position in every layer: a pool's row.
+    pub fn row_elems(&self) -> usize {
+        self.shape.layers * (self.shape.kcols + self.kept_vcols())
+    }
+
+    /// The offsets in a block, in elements, of layer `layer`'s key rows and of its value
+    /// rows (the key rows' when the values are the keys' columns).
+    pub fn offsets(&self, layer: usize) -> (usize, usize) {
+        let (kc, vc, br) = (self.shape.kcols, self.kept_vcols(), self.block_rows);
+        let k = layer * br * (kc + vc);
+        let v = if self.shape.values_in_keys {
+            k
+        } else {
+            k + br * kc
+        };
+        (k, v)
+    }
 }
 
 /// One projection of [`Backend::linear_parts`]: a weight `[n, k]`, its bias, `n`.

@@ -6,6 +6,9 @@ use half::bf16;
 
 use super::{AttnShape, Backend, KvShape, RopeLayout, Weight};
 
+mod kv;
+pub use kv::{host_available, CpuKv, KvOptions};
+
 /// The CPU backend.
 #[derive(Clone, Debug, Default)]
 pub struct Cpu {
@@ -13,8 +16,12 @@ pub struct Cpu {
     pub threads: usize,
     /// How matrices are kept.
     pub weights: CpuWeights,
+    /// The paged KV cache's budget and blocks.
+    pub kv: KvOptions,
     /// Elements of the matrices uploaded so far, by the form they are held in.
     held: std::sync::Arc<HeldMatrices>,
+    /// The KV cache's memory and the first error of a step, shared by clones.
+    store: std::sync::Arc<kv::Store>,
 }
 
 /// Elements of the matrices a [`Cpu`] backend has uploaded, by the form they are held in.
@@ -139,13 +146,6 @@ impl CpuBuf {
 /// more to hand out than they save).
 const ATTENTION_TASK_WORK: usize = 1 << 16;
 
-/// One sequence's cache on the host: each layer's key rows and value rows.
-#[derive(Clone, Debug)]
-pub struct CpuKv {
-    shape: KvShape,
-    layers: Vec<(Vec<f32>, Vec<f32>)>,
-}
-
 impl Cpu {
     /// Causal attention for one sequence: `q[t, h, dk]` against `k[T, hk, dk]`,
     /// `v[T, hk, dv]` (grouped: query head `i` reads key head `i / (h / hk)`), where the
@@ -163,45 +163,73 @@ impl Cpu {
         dv: usize,
         scale: f32,
     ) -> Vec<f32> {
-        use rayon::prelude::*;
-        let total = k.len() / (hk * dk);
-        let group = h / hk;
-        let mut out = vec![0f32; t * h * dv];
-        // Tasks of (query, head) pairs, a decode step's heads in parallel too, each task
-        // with enough positions to read that the split costs less than it saves.
-        let per_item = total * (dk + dv);
-        let min_items = (ATTENTION_TASK_WORK / per_item.max(1)).max(1);
-        out.par_chunks_mut(dv)
-            .enumerate()
-            .with_min_len(min_items)
-            .for_each_init(Vec::new, |scores: &mut Vec<f32>, (item, o)| {
-                let (qi, head) = (item / h, item % h);
-                let visible = total - t + qi + 1; // causal: positions 0..=this one
-                let kh = head / group;
-                let qv = &q[item * dk..(item + 1) * dk];
-                scores.clear();
-                let mut max = f32::NEG_INFINITY;
-                for j in 0..visible {
-                    let kv = &k[(j * hk + kh) * dk..(j * hk + kh + 1) * dk];
-                    let s = dot(qv, kv) * scale;
+        let rows = kv::Contiguous {
+            k,
+            v,
+            key_stride: hk * dk,
+            value_stride: hk * dv,
+        };
+        let s = AttnShape {
+            h,
+            hk,
+            dk,
+            dv,
+            scale,
+            values_in_keys: false,
+        };
+        attention(q, &rows, t, s)
+    }
+}
+
+/// [`Cpu::attention`] over the rows `rows` holds (with [`AttnShape::values_in_keys`],
+/// each head's values are the first `dv` columns of its key).
+fn attention(q: &[f32], rows: &impl kv::KvRows, t: usize, s: AttnShape) -> Vec<f32> {
+    use rayon::prelude::*;
+    let AttnShape { h, hk, dk, dv, .. } = s;
+    let total = rows.positions();
+    let group = h / hk;
+    let (ks, vs) = (rows.key_stride(), rows.value_stride());
+    let mut out = vec![0f32; t * h * dv];
+    // Tasks of (query, head) pairs, a decode step's heads in parallel too, each task
+    // with enough positions to read that the split costs less than it saves.
+    let per_item = total * (dk + dv);
+    let min_items = (ATTENTION_TASK_WORK / per_item.max(1)).max(1);
+    out.par_chunks_mut(dv)
+        .enumerate()
+        .with_min_len(min_items)
+        .for_each_init(Vec::new, |scores: &mut Vec<f32>, (item, o)| {
+            let (qi, head) = (item / h, item % h);
+            let visible = total - t + qi + 1; // causal: positions 0..=this one
+            let kh = head / group;
+            let (ko, vo) = (kh * dk, if s.values_in_keys { kh * dk } else { kh * dv });
+            let qv = &q[item * dk..(item + 1) * dk];
+            scores.clear();
+            let mut max = f32::NEG_INFINITY;
+            while scores.len() < visible {
+                for key in rows.keys(scores.len(), visible).chunks_exact(ks) {
+                    let s = dot(qv, &key[ko..ko + dk]) * s.scale;
                     max = max.max(s);
                     scores.push(s);
                 }
-                let mut sum = 0f32;
-                for s in scores.iter_mut() {
-                    *s = (*s - max).exp();
-                    sum += *s;
-                }
-                for (j, s) in scores.iter().enumerate() {
+            }
+            let mut sum = 0f32;
+            for s in scores.iter_mut() {
+                *s = (*s - max).exp();
+                sum += *s;
+            }
+            let mut j = 0;
+            while j < visible {
+                let run = rows.values(j, visible);
+                for (value, s) in run.chunks_exact(vs).zip(&scores[j..]) {
                     let w = s / sum;
-                    let vv = &v[(j * hk + kh) * dv..(j * hk + kh + 1) * dv];
-                    for (a, b) in o.iter_mut().zip(vv) {
+                    for (a, b) in o.iter_mut().zip(&value[vo..vo + dv]) {
                         *a += w * b;
                     }
                 }
-            });
-        out
-    }
+                j += run.len() / vs;
+            }
+        });
+    out
 }
 
 impl Backend for Cpu {
@@ -209,31 +237,16 @@ impl Backend for Cpu {
     type Kv = CpuKv;
 
     fn new_kv(&self, shape: KvShape) -> CpuKv {
-        CpuKv {
-            shape,
-            layers: vec![(Vec::new(), Vec::new()); shape.layers],
-        }
+        CpuKv::new(shape)
     }
 
     fn kv_prefix(&self, kv: &CpuKv, keep: usize) -> CpuKv {
-        let (kc, vc) = (kv.shape.kcols, kv.shape.vcols);
-        CpuKv {
-            shape: kv.shape,
-            layers: kv
-                .layers
-                .iter()
-                .map(|(k, v)| {
-                    (
-                        k[..(keep * kc).min(k.len())].to_vec(),
-                        v[..(keep * vc).min(v.len())].to_vec(),
-                    )
-                })
-                .collect(),
-        }
+        kv.prefix(keep)
     }
 
-    // Each layer's rows grow as its attention appends them.
-    fn kv_grow(&self, _caches: &mut [&mut CpuKv], _lens: &[usize]) {}
+    fn kv_grow(&self, caches: &mut [&mut CpuKv], lens: &[usize]) {
+        self.store.grow(&self.kv, caches, lens);
+    }
 
     fn attend(
         &self,
@@ -246,23 +259,55 @@ impl Backend for Cpu {
         s: AttnShape,
     ) -> CpuBuf {
         let (q, k, v) = (q.f32(), k.f32(), v.f32());
-        let (qc, kc, vc) = (s.h * s.dk, s.hk * s.dk, s.hk * s.dv);
-        let mut out = Vec::with_capacity(q.len() / s.dk.max(1) * s.dv);
+        let rows: usize = lens.iter().sum();
+        if self.store.errored() {
+            // The step is discarded: no rows to write, nothing worth computing.
+            return CpuBuf::F32(vec![0f32; rows * s.h * s.dv]);
+        }
+        let shape = KvShape {
+            layers: caches.first().map_or(0, |kv| kv.shape().layers),
+            kcols: s.hk * s.dk,
+            vcols: s.hk * s.dv,
+            values_in_keys: s.values_in_keys,
+        };
+        let (qc, dv) = (s.h * s.dk, s.dv);
+        let vlen = if s.values_in_keys {
+            v.len()
+        } else {
+            rows * shape.vcols
+        };
+        if (q.len(), k.len(), v.len()) != (rows * qc, rows * shape.kcols, vlen) {
+            self.store.record(super::DeviceError::Failed {
+                op: "attention".into(),
+                message: format!(
+                    "queries, keys and values of {}, {} and {} values for {rows} rows of {s:?}",
+                    q.len(),
+                    k.len(),
+                    v.len()
+                ),
+            });
+            return CpuBuf::F32(vec![0f32; rows * s.h * dv]);
+        }
+        let mut out = Vec::with_capacity(rows * s.h * dv);
         let mut at = 0;
-        for (&len, kv) in lens.iter().zip(caches.iter_mut()) {
-            assert_eq!(
-                (kv.shape.kcols, kv.shape.vcols),
-                (kc, vc),
-                "attend: the cache's rows are not this layer's keys and values"
-            );
-            let (kcache, vcache) = &mut kv.layers[layer];
-            kcache.extend_from_slice(&k[at * kc..(at + len) * kc]);
-            vcache.extend_from_slice(&v[at * vc..(at + len) * vc]);
-            let qs = &q[at * qc..(at + len) * qc];
-            out.extend(self.attention(qs, kcache, vcache, len, s.h, s.hk, s.dk, s.dv, s.scale));
-            at += len;
+        self.store
+            .write_and_read(&self.kv, caches, lens, layer, shape, k, v, |i, rows| {
+                let qs = &q[at * qc..(at + lens[i]) * qc];
+                out.extend(attention(qs, rows, lens[i], s));
+                at += lens[i];
+            });
+        if self.store.errored() {
+            return CpuBuf::F32(vec![0f32; rows * s.h * dv]);
         }
         CpuBuf::F32(out)
+    }
+
+    fn take_error(&self) -> Option<super::DeviceError> {
+        self.store.take_error()
+    }
+
+    fn kv_cache(&self) -> Option<super::KvCacheUsage> {
+        self.store.usage()
     }
 
     fn upload(&self, data: &[f32]) -> CpuBuf {
@@ -928,6 +973,64 @@ mod tests {
         let cpu = Cpu::default();
         let w = CpuBuf::Bf16(vec![bf16::ONE; 4]);
         cpu.rms_norm(&w, &CpuBuf::F32(vec![1.0; 2]), 1e-6);
+    }
+
+    /// Attention writes only where `kv_grow` made room this step, in a layer the caches
+    /// have, from rows of the layer's shape: anything else is refused (recorded, the
+    /// step's output zeros) and writes nothing.
+    #[test]
+    fn attention_without_room_made_is_refused() {
+        use crate::engine::backend::DeviceError;
+        let be = Cpu::default();
+        let shape = KvShape {
+            layers: 2,
+            kcols: 8,
+            vcols: 8,
+            values_in_keys: false,
+        };
+        let s = AttnShape {
+            h: 2,
+            hk: 1,
+            dk: 8,
+            dv: 8,
+            scale: 0.5,
+            values_in_keys: false,
+        };
+        let (q, k, v) = (
+            be.upload(&[0.1; 16]),
+            be.upload(&[0.2; 8]),
+            be.upload(&[0.25; 8]),
+        );
+        let refused = |what: &str| match be.take_error() {
+            Some(DeviceError::Failed { op, message }) => {
+                assert_eq!(op, "attention", "{what}: refused as {message}")
+            }
+            other => panic!("{what}: expected a refusal, got {other:?}"),
+        };
+        let (mut a, mut b) = (be.new_kv(shape), be.new_kv(shape));
+        let out = be.attend(&q, &k, &v, &[1], 0, &mut [&mut a], s);
+        assert_eq!(be.download(&out), vec![0.0; 16]);
+        refused("no room made");
+        be.kv_grow(&mut [&mut a], &[1]);
+        be.attend(&q, &k, &v, &[1], 0, &mut [&mut b], s);
+        refused("room made in another cache");
+        be.attend(&q, &k, &v, &[1], 2, &mut [&mut a], s);
+        refused("a layer past the caches'");
+        be.attend(&q, &k, &v, &[2], 0, &mut [&mut a], s);
+        refused("more rows than room was made for");
+        be.attend(&q, &k, &be.upload(&[0.25; 4]), &[1], 0, &mut [&mut a], s);
+        refused("values of the wrong width");
+        let mut wide = be.new_kv(KvShape { kcols: 16, ..shape });
+        be.kv_grow(&mut [&mut wide], &[1]);
+        be.attend(&q, &k, &v, &[1], 0, &mut [&mut wide], s);
+        refused("a cache of another shape");
+        be.kv_grow(&mut [&mut b], &[1]);
+        let out = be.attend(&q, &k, &v, &[1], 1, &mut [&mut b], s);
+        assert!(be.take_error().is_none());
+        assert_eq!(be.download(&out), vec![0.25; 16]);
+        // A sequence's rows, once written, are not written again without room made.
+        be.attend(&q, &k, &v, &[1], 1, &mut [&mut b], s);
+        refused("the step's last layer is written");
     }
 
     #[test]

@@ -85,7 +85,7 @@ impl SeqKv {
     }
 }
 
-/// Where a layer's rows lie in the blocks of caches of one shape.
+/// Where a layer's rows lie in a cache's blocks, in bytes (bf16 elements).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) struct KvLayout {
     pub shape: KvShape,
@@ -93,31 +93,23 @@ pub(super) struct KvLayout {
 }
 
 impl KvLayout {
-    /// Value columns kept (none when the values are the keys' columns).
-    fn vcols(&self) -> usize {
-        if self.shape.values_in_keys {
-            0
-        } else {
-            self.shape.vcols
+    fn elems(&self) -> crate::engine::backend::KvLayout {
+        crate::engine::backend::KvLayout {
+            shape: self.shape,
+            block_rows: self.block_rows,
         }
     }
 
     /// Bytes of one position in every layer: the pool's row.
     fn row_bytes(&self) -> usize {
-        self.shape.layers * (self.shape.kcols + self.vcols()) * 2
+        self.elems().row_elems() * 2
     }
 
     /// The byte offsets in a block of layer `layer`'s key rows and of its value rows
     /// (the key rows' when the values are the keys' columns).
     pub fn offsets(&self, layer: usize) -> (u64, u64) {
-        let (kc, vc, br) = (self.shape.kcols, self.vcols(), self.block_rows);
-        let k = (layer * br * (kc + vc) * 2) as u64;
-        let v = if self.shape.values_in_keys {
-            k
-        } else {
-            k + (br * kc * 2) as u64
-        };
-        (k, v)
+        let (k, v) = self.elems().offsets(layer);
+        (2 * k as u64, 2 * v as u64)
     }
 }
 
@@ -152,19 +144,10 @@ impl Cuda {
     /// The paged cache's memory: `None` before its first row (the budget is set then).
     pub(super) fn kv_cache_usage(&self) -> Option<KvCacheUsage> {
         let limit_bytes = lock(&self.budget).as_ref()?.limit();
-        let (mut held_bytes, mut allocated_bytes, mut allocations) = (0, 0, 0);
-        for pool in lock(&self.pools).values() {
-            let total = pool.total_blocks();
-            held_bytes += total.saturating_sub(pool.free_blocks()) * pool.block_bytes();
-            allocated_bytes += total * pool.block_bytes();
-            allocations += pool.chunks();
-        }
-        Some(KvCacheUsage {
-            held_bytes,
-            allocated_bytes,
-            allocations,
+        Some(crate::engine::paged::usage(
             limit_bytes,
-        })
+            lock(&self.pools).values(),
+        ))
     }
 
     /// The pool of the blocks of caches whose position takes `row_bytes` in all layers.

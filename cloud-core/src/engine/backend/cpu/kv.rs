@@ -1,0 +1,447 @@
+//! The CPU backend's paged KV cache: pools of f32 blocks in host memory drawn from one
+//! byte budget ([`crate::engine::paged`]), laid out as the CUDA backend's
+//! ([`KvLayout`]: a block holds `block_rows` positions of every layer). A prefix of a
+//! cache shares its blocks, so a cached system prompt is held once however many
+//! sequences start from it; a cache that cannot grow within the budget is refused with
+//! [`DeviceError::CacheFull`] and left as it was, and the server goes on serving the
+//! sequences that fit, where an unbounded cache would have the host kill the process.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use crate::engine::backend::{DeviceError, KvCacheUsage, KvLayout, KvShape};
+use crate::engine::paged::{AllocError, BlockPool, Budget, ChunkSource, PagedRows};
+
+/// The CPU backend's KV cache settings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KvOptions {
+    /// Bytes the cache may take; `None`: half of the host memory available (to this
+    /// process's control group, where it has a limit) when the first row is written, once
+    /// the weights are loaded.
+    pub cache_bytes: Option<usize>,
+    /// Positions per block.
+    pub block_rows: usize,
+    /// The least bytes a pool allocates at once (its first chunk; later ones grow).
+    pub chunk_bytes: usize,
+}
+
+impl Default for KvOptions {
+    fn default() -> Self {
+        KvOptions {
+            cache_bytes: None,
+            block_rows: 16,
+            chunk_bytes: 4 << 20,
+        }
+    }
+}
+
+/// Host memory for the pools: chunks of f32 values, the address of a block the chunk's
+/// number above [`OFFSET_BITS`] and its byte offset below.
+#[derive(Clone, Default)]
+pub(super) struct HostChunks(Arc<Mutex<Vec<Box<[f32]>>>>);
+
+/// Bits of a block address that hold its byte offset in its chunk.
+const OFFSET_BITS: u32 = 40;
+
+impl ChunkSource for HostChunks {
+    // The chunks live in the list, as long as the backend.
+    type Chunk = ();
+
+    fn alloc(&self, bytes: usize) -> Result<((), u64), String> {
+        let mut v = Vec::new();
+        v.try_reserve_exact(bytes / 4)
+            .map_err(|e| format!("host memory: {e}"))?;
+        v.resize(bytes / 4, 0f32);
+        let mut chunks = lock(&self.0);
+        let at = (chunks.len() as u64) << OFFSET_BITS;
+        chunks.push(v.into_boxed_slice());
+        Ok(((), at))
+    }
+}
+
+/// A block's chunk and the offset of its first value there.
+fn place(addr: u64) -> (usize, usize) {
+    (
+        (addr >> OFFSET_BITS) as usize,
+        (addr & ((1 << OFFSET_BITS) - 1)) as usize / 4,
+    )
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every critical section leaves its data whole (a push, a copy of rows).
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+type Pool = BlockPool<HostChunks>;
+
+/// What every clone of one [`super::Cpu`] shares of the KV cache: its memory, pools,
+/// budget, and the first error of a step.
+#[derive(Default)]
+pub(super) struct Store {
+    chunks: HostChunks,
+    budget: Mutex<Option<Arc<Budget>>>,
+    /// By row size (caches of one shape share a pool).
+    pools: Mutex<HashMap<usize, Arc<Pool>>>,
+    error: Mutex<Option<DeviceError>>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("budget", &lock(&self.budget).as_ref().map(|b| b.limit()))
+            .finish_non_exhaustive()
+    }
+}
+
+/// One sequence's cache on the host: one table of blocks for all its layers.
+#[derive(Clone)]
+pub struct CpuKv {
+    shape: KvShape,
+    /// `None` before the first rows (the pool is found then).
+    rows: Option<PagedRows<HostChunks>>,
+    /// The positions the last [`Store::grow`] made room for, until the last layer's
+    /// attention has written them.
+    room: Option<usize>,
+}
+
+impl std::fmt::Debug for CpuKv {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CpuKv")
+            .field("shape", &self.shape)
+            .field("positions", &self.len())
+            .finish()
+    }
+}
+
+impl CpuKv {
+    pub(super) fn new(shape: KvShape) -> CpuKv {
+        CpuKv {
+            shape,
+            rows: None,
+            room: None,
+        }
+    }
+
+    /// The first `keep` positions, sharing the blocks.
+    pub(super) fn prefix(&self, keep: usize) -> CpuKv {
+        CpuKv {
+            shape: self.shape,
+            rows: self.rows.as_ref().map(|r| r.prefix(keep)),
+            room: None,
+        }
+    }
+
+    /// Positions held (those [`Store::grow`] made room for included).
+    pub(super) fn len(&self) -> usize {
+        self.rows.as_ref().map_or(0, PagedRows::rows)
+    }
+
+    pub(super) fn shape(&self) -> KvShape {
+        self.shape
+    }
+}
+
+impl Store {
+    /// Records the first error of a step.
+    pub(super) fn record(&self, e: DeviceError) {
+        lock(&self.error).get_or_insert(e);
+    }
+
+    pub(super) fn errored(&self) -> bool {
+        lock(&self.error).is_some()
+    }
+
+    pub(super) fn take_error(&self) -> Option<DeviceError> {
+        lock(&self.error).take()
+    }
+
+    /// The memory of the cache, once it has a budget (at its first row).
+    pub(super) fn usage(&self) -> Option<KvCacheUsage> {
+        let limit = lock(&self.budget).as_ref()?.limit();
+        Some(crate::engine::paged::usage(
+            limit,
+            lock(&self.pools).values(),
+        ))
+    }
+
+    /// The pool of the blocks of caches whose position takes `row_bytes` in all layers
+    /// (the budget is set with the first).
+    fn pool(&self, opts: &KvOptions, row_bytes: usize) -> Arc<Pool> {
+        let budget = lock(&self.budget)
+            .get_or_insert_with(|| {
+                let limit = opts.cache_bytes.unwrap_or_else(|| match host_available() {
+                    Some(free) => free / 2,
+                    None => {
+                        tracing::warn!(
+                            "the host's available memory is unknown: the KV cache is not bounded"
+                        );
+                        usize::MAX
+                    }
+                });
+                tracing::info!(
+                    "KV cache budget: {:.2} GiB of host memory",
+                    limit as f64 / (1u64 << 30) as f64
+                );
+                Budget::new(limit)
+            })
+            .clone();
+        let block_rows = opts.block_rows.max(1);
+        lock(&self.pools)
+            .entry(row_bytes)
+            .or_insert_with(|| {
+                BlockPool::new(
+                    self.chunks.clone(),
+                    budget,
+                    block_rows,
+                    row_bytes,
+                    opts.chunk_bytes / (block_rows * row_bytes).max(1),
+                )
+            })
+            .clone()
+    }
+
+    /// Room for `lens[s]` more positions in every layer of `caches[s]`; shared blocks
+    /// about to be written are copied first. Stops at the first cache that does not
+    /// fit, recording why (the model puts the caches back as they were).
+    pub(super) fn grow(&self, opts: &KvOptions, caches: &mut [&mut CpuKv], lens: &[usize]) {
+        if self.errored() {
+            return;
+        }
+        for (kv, &n) in caches.iter_mut().zip(lens) {
+            let layout = KvLayout {
+                shape: kv.shape,
+                block_rows: opts.block_rows.max(1),
+            };
+            let rows = kv
+                .rows
+                .get_or_insert_with(|| PagedRows::new(self.pool(opts, layout.row_elems() * 4)));
+            match rows.reserve(n) {
+                Ok(copies) => {
+                    kv.room = Some(n);
+                    let block = rows.pool().block_bytes() / 4;
+                    let mut chunks = lock(&rows.pool().source().0);
+                    for cp in copies {
+                        // The whole block: the positions it holds, of every layer.
+                        let ((fc, fo), (tc, to)) = (place(cp.from), place(cp.to));
+                        if fc == tc {
+                            chunks[fc].copy_within(fo..fo + block, to);
+                        } else if let Ok([from, into]) = chunks.get_disjoint_mut([fc, tc]) {
+                            into[to..to + block].copy_from_slice(&from[fo..fo + block]);
+                        }
+                    }
+                }
+                Err(AllocError::Full(full)) => return self.record(DeviceError::CacheFull(full)),
+                Err(AllocError::Device { bytes, message }) => {
+                    return self.record(DeviceError::OutOfMemory {
+                        what: format!("a KV cache chunk ({message})"),
+                        bytes,
+                        free: host_available().unwrap_or(0),
+                    })
+                }
+            }
+        }
+    }
+
+    /// Writes the step's new rows of layer `layer` into each cache (`k`, `v`: `lens[s]`
+    /// rows of `kcols`/`vcols` per sequence, in order, their room made by [`Store::grow`])
+    /// and calls `attend(s, rows)` with each sequence's rows of the layer, the new ones
+    /// included. A cache without that room, or of another shape than `shape`, is refused
+    /// (recorded) before anything is written.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn write_and_read(
+        &self,
+        opts: &KvOptions,
+        caches: &mut [&mut CpuKv],
+        lens: &[usize],
+        layer: usize,
+        shape: KvShape,
+        k: &[f32],
+        v: &[f32],
+        mut attend: impl FnMut(usize, &PagedLayer<'_>),
+    ) {
+        let refuse = |why: String| {
+            self.record(DeviceError::Failed {
+                op: "attention".into(),
+                message: why,
+            })
+        };
+        if caches.len() != lens.len() {
+            return refuse(format!(
+                "{} caches for {} sequences",
+                caches.len(),
+                lens.len()
+            ));
+        }
+        for (kv, &len) in caches.iter().zip(lens) {
+            if kv.shape != shape {
+                return refuse(format!(
+                    "a cache of shape {:?} for rows of {shape:?}",
+                    kv.shape
+                ));
+            }
+            if layer >= shape.layers {
+                return refuse(format!("layer {layer} of a cache of {}", shape.layers));
+            }
+            if kv.room != Some(len) || kv.rows.is_none() {
+                return refuse(format!(
+                    "{len} rows for a cache with room made for {:?} (kv_grow first)",
+                    kv.room
+                ));
+            }
+        }
+        let layout = KvLayout {
+            shape,
+            block_rows: opts.block_rows.max(1),
+        };
+        let (kc, vc) = (shape.kcols, layout.kept_vcols());
+        let (koff, voff) = layout.offsets(layer);
+        let br = layout.block_rows;
+        let mut at = 0;
+        for (s, (kv, &len)) in caches.iter_mut().zip(lens).enumerate() {
+            if layer + 1 == shape.layers {
+                kv.room = None;
+            }
+            let Some(rows) = kv.rows.as_ref() else {
+                continue;
+            };
+            let mut chunks = lock(&rows.pool().source().0);
+            let blocks: Vec<(usize, usize)> = rows.block_addrs().map(place).collect();
+            for (i, p) in (rows.rows() - len..rows.rows()).enumerate() {
+                let (c, base) = blocks[p / br];
+                let row = p % br;
+                let r = at + i;
+                let kd = base + koff + row * kc;
+                chunks[c][kd..kd + kc].copy_from_slice(&k[r * kc..(r + 1) * kc]);
+                if vc > 0 {
+                    let vd = base + voff + row * vc;
+                    chunks[c][vd..vd + vc].copy_from_slice(&v[r * vc..(r + 1) * vc]);
+                }
+            }
+            at += len;
+            attend(
+                s,
+                &PagedLayer {
+                    chunks: &chunks,
+                    blocks,
+                    block_rows: br,
+                    key_offset: koff,
+                    value_offset: voff,
+                    kcols: kc,
+                    value_stride: if vc > 0 { vc } else { kc },
+                    positions: rows.rows(),
+                },
+            );
+        }
+    }
+}
+
+/// Rows of keys and values, in runs of consecutive positions, for attention to read.
+pub(super) trait KvRows: Sync {
+    /// Positions held.
+    fn positions(&self) -> usize;
+    /// The key rows of positions `j..` up to `end` or the end of `j`'s run, whichever
+    /// comes first: at least one whole row of [`KvRows::key_stride`] values.
+    fn keys(&self, j: usize, end: usize) -> &[f32];
+    /// Values in a key row.
+    fn key_stride(&self) -> usize;
+    /// The value rows of positions `j..`, as [`KvRows::keys`].
+    fn values(&self, j: usize, end: usize) -> &[f32];
+    /// Values in a value row (a key row's when the values are the keys' columns).
+    fn value_stride(&self) -> usize;
+}
+
+/// Rows one after another in two slices: keys `[T, key_stride]`, values
+/// `[T, value_stride]`.
+pub(super) struct Contiguous<'a> {
+    pub k: &'a [f32],
+    pub v: &'a [f32],
+    pub key_stride: usize,
+    pub value_stride: usize,
+}
+
+impl KvRows for Contiguous<'_> {
+    fn positions(&self) -> usize {
+        self.k.len() / self.key_stride.max(1)
+    }
+    fn keys(&self, j: usize, end: usize) -> &[f32] {
+        &self.k[j * self.key_stride..end * self.key_stride]
+    }
+    fn key_stride(&self) -> usize {
+        self.key_stride
+    }
+    fn values(&self, j: usize, end: usize) -> &[f32] {
+        &self.v[j * self.value_stride..end * self.value_stride]
+    }
+    fn value_stride(&self) -> usize {
+        self.value_stride
+    }
+}
+
+/// One layer's rows of a paged cache.
+pub(super) struct PagedLayer<'a> {
+    chunks: &'a [Box<[f32]>],
+    /// Each block's chunk and first value.
+    blocks: Vec<(usize, usize)>,
+    block_rows: usize,
+    key_offset: usize,
+    value_offset: usize,
+    kcols: usize,
+    value_stride: usize,
+    positions: usize,
+}
+
+impl PagedLayer<'_> {
+    fn run(&self, j: usize, end: usize, offset: usize, stride: usize) -> &[f32] {
+        let (b, row) = (j / self.block_rows, j % self.block_rows);
+        let n = (end.min((b + 1) * self.block_rows))
+            .saturating_sub(j)
+            .max(1);
+        let (c, base) = self.blocks[b];
+        let from = base + offset + row * stride;
+        &self.chunks[c][from..from + n * stride]
+    }
+}
+
+impl KvRows for PagedLayer<'_> {
+    fn positions(&self) -> usize {
+        self.positions
+    }
+    fn keys(&self, j: usize, end: usize) -> &[f32] {
+        self.run(j, end, self.key_offset, self.kcols)
+    }
+    fn key_stride(&self) -> usize {
+        self.kcols
+    }
+    fn values(&self, j: usize, end: usize) -> &[f32] {
+        self.run(j, end, self.value_offset, self.value_stride)
+    }
+    fn value_stride(&self) -> usize {
+        self.value_stride
+    }
+}
+
+/// Bytes of memory the host can still give this process: the kernel's estimate of
+/// available memory, within what its control group (cgroup v2) still allows. `None`
+/// where neither can be read (not Linux).
+pub fn host_available() -> Option<usize> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok();
+    let available = meminfo.as_deref().and_then(|m| {
+        m.lines()
+            .find_map(|l| l.strip_prefix("MemAvailable:"))
+            .and_then(|v| v.trim().strip_suffix("kB"))
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .map(|kib| kib.saturating_mul(1024))
+    });
+    let read = |f: &str| {
+        std::fs::read_to_string(format!("/sys/fs/cgroup/{f}"))
+            .ok()
+            .and_then(|s| s.trim().parse::<usize>().ok())
+    };
+    // "max" (no limit) does not parse: no bound from the group.
+    let group =
+        read("memory.max").map(|max| max.saturating_sub(read("memory.current").unwrap_or(0)));
+    match (available, group) {
+        (Some(a), Some(g)) => Some(a.min(g)),
+        (a, g) => a.or(g),
+    }
+}
