@@ -7,6 +7,8 @@ use half::bf16;
 use super::{AttnShape, Backend, KvShape, RopeLayout, Weight};
 
 mod kv;
+#[cfg(target_arch = "x86_64")]
+mod lanes;
 pub use kv::{host_available, CpuKv, KvOptions};
 
 /// The CPU backend.
@@ -612,9 +614,17 @@ impl Backend for Cpu {
 const GEMV_MAX_ROWS: usize = 8;
 
 /// A matrix element the products read: f32, or bf16 widened as it is read.
-trait Elem: Copy + Send + Sync {
+trait Elem: Copy + Send + Sync + ArchElem {
     fn f(self) -> f32;
 }
+
+/// What the x86 products need of an element: loads into SIMD lanes.
+#[cfg(target_arch = "x86_64")]
+use lanes::LoadLanes as ArchElem;
+#[cfg(not(target_arch = "x86_64"))]
+trait ArchElem {}
+#[cfg(not(target_arch = "x86_64"))]
+impl<T> ArchElem for T {}
 
 impl Elem for f32 {
     #[inline(always)]
@@ -649,7 +659,7 @@ fn gemv<W: Elem>(x: &[f32], m: usize, w: &[W], n: usize, k: usize, simd: Simd) -
         .for_each(|(blk, out)| {
             let rows = &w[blk * rows_per_task * k..];
             match simd {
-                Simd::Baseline => gemv_rows(x, m, rows, k, out),
+                Simd::Baseline => gemv_rows::<Portable, W>(x, m, rows, k, out),
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: `Simd::detect` chose these only where the CPU has the features.
                 #[allow(unsafe_code)]
@@ -706,59 +716,148 @@ impl Simd {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 fn gemv_rows_avx2<W: Elem>(x: &[f32], m: usize, w: &[W], k: usize, out: &mut [f32]) {
-    gemv_rows(x, m, w, k, out)
+    gemv_rows::<InLanes<lanes::Avx2>, W>(x, m, w, k, out)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
 fn gemv_rows_avx512<W: Elem>(x: &[f32], m: usize, w: &[W], k: usize, out: &mut [f32]) {
-    gemv_rows(x, m, w, k, out)
+    gemv_rows::<InLanes<lanes::Avx512>, W>(x, m, w, k, out)
 }
 
-/// `out[j·m + r] = x[r]·w[j]` for the `out.len() / m` weight rows at the start of `w`,
-/// four activation rows at a time.
+/// The inner loop of the decode products ([`dot_rows`]'s contract), as one SIMD level
+/// runs it.
+#[allow(unsafe_code)]
+trait Dot {
+    /// # Safety
+    /// The CPU has the level's features.
+    unsafe fn dot<W: Elem, const R: usize, const J: usize>(
+        x: &[f32],
+        k: usize,
+        w: &[W],
+        m: usize,
+        o: &mut [f32],
+    ) -> usize;
+}
+
+/// [`dot_rows`] as written, vectorised (or not) by the compiler.
+struct Portable;
+
+impl Dot for Portable {
+    #[inline(always)]
+    #[allow(unsafe_code)]
+    unsafe fn dot<W: Elem, const R: usize, const J: usize>(
+        x: &[f32],
+        k: usize,
+        w: &[W],
+        m: usize,
+        o: &mut [f32],
+    ) -> usize {
+        dot_rows::<W, R, J>(x, k, w, m, o)
+    }
+}
+
+/// [`dot_rows`] in explicit SIMD lanes `L`.
+#[cfg(target_arch = "x86_64")]
+struct InLanes<L>(std::marker::PhantomData<L>);
+
+#[cfg(target_arch = "x86_64")]
+impl<L: lanes::Lanes> Dot for InLanes<L> {
+    #[inline(always)]
+    #[allow(unsafe_code)]
+    unsafe fn dot<W: Elem, const R: usize, const J: usize>(
+        x: &[f32],
+        k: usize,
+        w: &[W],
+        m: usize,
+        o: &mut [f32],
+    ) -> usize {
+        // SAFETY: as the caller's.
+        unsafe { lanes::dot_rows::<L, W, R, J>(x, k, w, m, o) }
+    }
+}
+
+/// `out[j·m + r] = x[r]·w[j]` for the `out.len() / m` weight rows at the start of `w`:
+/// four activation rows at a time, or, for one or two, several weight rows at a time,
+/// so that each step has four independent sums to add into (a sum waits for the last
+/// addition into it: a batch-1 step had one).
 #[inline(always)]
-fn gemv_rows<W: Elem>(x: &[f32], m: usize, w: &[W], k: usize, out: &mut [f32]) {
-    for (j, o) in out.chunks_exact_mut(m).enumerate() {
-        let wr = &w[j * k..(j + 1) * k];
-        for r in (0..m).step_by(4) {
+#[allow(unsafe_code)]
+fn gemv_rows<D: Dot, W: Elem>(x: &[f32], m: usize, w: &[W], k: usize, out: &mut [f32]) {
+    let n = out.len() / m;
+    let wide = match m {
+        1 => n / 4 * 4,
+        2 => n / 2 * 2,
+        _ => 0,
+    };
+    // SAFETY (every `D::dot`): `gemv` picks `D` for a level only where the CPU has it.
+    for j in (0..wide).step_by(if m == 1 { 4 } else { 2 }) {
+        let (wr, o) = (&w[j * k..], &mut out[j * m..]);
+        unsafe {
+            match m {
+                1 => D::dot::<W, 1, 4>(x, k, wr, 1, o),
+                _ => D::dot::<W, 2, 2>(x, k, wr, 2, o),
+            }
+        };
+    }
+    for j in wide..n {
+        let (wr, o) = (&w[j * k..], &mut out[j * m..(j + 1) * m]);
+        let mut r = 0;
+        while r < m {
             let (rows, o) = (&x[r * k..], &mut o[r..]);
-            match m - r {
-                1 => dot_rows::<W, 1>(rows, k, wr, o),
-                2 => dot_rows::<W, 2>(rows, k, wr, o),
-                3 => dot_rows::<W, 3>(rows, k, wr, o),
-                _ => dot_rows::<W, 4>(rows, k, wr, o),
-            }
+            r += unsafe {
+                match m - r {
+                    1 => D::dot::<W, 1, 1>(rows, k, wr, m, o),
+                    2 => D::dot::<W, 2, 1>(rows, k, wr, m, o),
+                    3 => D::dot::<W, 3, 1>(rows, k, wr, m, o),
+                    _ => D::dot::<W, 4, 1>(rows, k, wr, m, o),
+                }
+            };
         }
     }
 }
 
-/// `o[r] = x[r]·w` for the first `R` rows of `x` (rows of `k` values): each chunk of the
-/// weight row widened once and used for every row, in `DOT_LANES` independent sums per
-/// row (an order that does not depend on the SIMD width).
+/// `o[j·m + r] = x[r]·w[j]` for the first `R` rows of `x` and the first `J` rows of `w`
+/// (rows of `k` values), returning `R`: each chunk of a weight row widened once and used for every
+/// activation row, in `DOT_LANES` independent sums per pair (an order that depends on
+/// neither the SIMD width nor `R` and `J`).
 #[inline(always)]
-fn dot_rows<W: Elem, const R: usize>(x: &[f32], k: usize, w: &[W], o: &mut [f32]) {
-    let mut acc = [[0f32; DOT_LANES]; R];
+fn dot_rows<W: Elem, const R: usize, const J: usize>(
+    x: &[f32],
+    k: usize,
+    w: &[W],
+    m: usize,
+    o: &mut [f32],
+) -> usize {
+    let mut acc = [[[0f32; DOT_LANES]; R]; J];
     let full = k / DOT_LANES * DOT_LANES;
-    for (c, wc) in w[..full].chunks_exact(DOT_LANES).enumerate() {
-        let mut wf = [0f32; DOT_LANES];
-        for (f, v) in wf.iter_mut().zip(wc) {
-            *f = v.f();
-        }
-        for (r, a) in acc.iter_mut().enumerate() {
-            let xc = &x[r * k + c * DOT_LANES..r * k + (c + 1) * DOT_LANES];
-            for i in 0..DOT_LANES {
-                a[i] += xc[i] * wf[i];
+    // Whole rows sliced once and chunks of a fixed size: no bounds to check per value,
+    // and sums the compiler keeps in registers.
+    let xs: [&[f32]; R] = std::array::from_fn(|r| &x[r * k..r * k + full]);
+    let ws: [&[W]; J] = std::array::from_fn(|j| &w[j * k..j * k + full]);
+    for c in (0..full / DOT_LANES).map(|c| c * DOT_LANES) {
+        for (aj, wr) in acc.iter_mut().zip(&ws) {
+            let wc: &[W; DOT_LANES] = wr[c..c + DOT_LANES].try_into().expect("a chunk");
+            let wf: [f32; DOT_LANES] = std::array::from_fn(|i| wc[i].f());
+            for (a, xr) in aj.iter_mut().zip(&xs) {
+                let xc: &[f32; DOT_LANES] = xr[c..c + DOT_LANES].try_into().expect("a chunk");
+                for i in 0..DOT_LANES {
+                    a[i] += xc[i] * wf[i];
+                }
             }
         }
     }
-    for (r, a) in acc.iter().enumerate() {
-        let mut s: f32 = a.iter().sum();
-        for (xv, wv) in x[r * k + full..(r + 1) * k].iter().zip(&w[full..]) {
-            s += xv * wv.f();
+    for (j, aj) in acc.iter().enumerate() {
+        let wt = &w[j * k + full..(j + 1) * k];
+        for (r, a) in aj.iter().enumerate() {
+            let mut s: f32 = a.iter().sum();
+            for (xv, wv) in x[r * k + full..(r + 1) * k].iter().zip(wt) {
+                s += xv * wv.f();
+            }
+            o[j * m + r] = s;
         }
-        o[r] = s;
     }
+    R
 }
 
 /// Independent partial sums per row of [`dot_rows`].

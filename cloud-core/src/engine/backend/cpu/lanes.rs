@@ -1,0 +1,169 @@
+//! The decode products' inner loop in explicit x86 vectors: sixteen f32 lanes as one
+//! AVX-512 register or two AVX2 ones. Left to the compiler, the same loop was
+//! vectorised for some tile shapes and not others (two or three activation rows ran
+//! three to five times slower per row than one or four). Each lane multiplies, then
+//! adds, never fused, and the lanes are summed in the portable code's order, so every
+//! level gives that code's bits.
+
+// Raw loads and stores of SIMD registers, within bounds checked before the loop.
+#![allow(unsafe_code)]
+
+use std::arch::x86_64::*;
+
+use half::bf16;
+
+const _: () = assert!(super::DOT_LANES == 16, "the lanes are sixteen f32");
+
+/// Sixteen f32 lanes of one SIMD level. The operations are `unsafe`: the caller runs
+/// where the CPU has the level's features, and pointers address sixteen values.
+pub(super) trait Lanes: Copy {
+    unsafe fn zero() -> Self;
+    unsafe fn load(p: *const f32) -> Self;
+    unsafe fn load_bf16(p: *const bf16) -> Self;
+    /// `self + x · w`, rounded after the product and after the sum.
+    unsafe fn mul_add(self, x: Self, w: Self) -> Self;
+    unsafe fn store(self, out: &mut [f32; 16]);
+}
+
+/// One AVX-512 register.
+#[derive(Clone, Copy)]
+pub(super) struct Avx512(__m512);
+
+impl Lanes for Avx512 {
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn zero() -> Self {
+        Avx512(_mm512_setzero_ps())
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn load(p: *const f32) -> Self {
+        Avx512(_mm512_loadu_ps(p))
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn load_bf16(p: *const bf16) -> Self {
+        // bf16 bits are the upper half of the f32's: widen to 32 bits, shift up.
+        let h = _mm256_loadu_si256(p.cast());
+        Avx512(_mm512_castsi512_ps(_mm512_slli_epi32::<16>(
+            _mm512_cvtepu16_epi32(h),
+        )))
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn mul_add(self, x: Self, w: Self) -> Self {
+        Avx512(_mm512_add_ps(self.0, _mm512_mul_ps(x.0, w.0)))
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn store(self, out: &mut [f32; 16]) {
+        _mm512_storeu_ps(out.as_mut_ptr(), self.0)
+    }
+}
+
+/// Two AVX2 registers.
+#[derive(Clone, Copy)]
+pub(super) struct Avx2(__m256, __m256);
+
+impl Lanes for Avx2 {
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn zero() -> Self {
+        Avx2(_mm256_setzero_ps(), _mm256_setzero_ps())
+    }
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn load(p: *const f32) -> Self {
+        Avx2(_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)))
+    }
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn load_bf16(p: *const bf16) -> Self {
+        let wide =
+            |h: __m128i| _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)));
+        Avx2(
+            wide(_mm_loadu_si128(p.cast())),
+            wide(_mm_loadu_si128(p.add(8).cast())),
+        )
+    }
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn mul_add(self, x: Self, w: Self) -> Self {
+        Avx2(
+            _mm256_add_ps(self.0, _mm256_mul_ps(x.0, w.0)),
+            _mm256_add_ps(self.1, _mm256_mul_ps(x.1, w.1)),
+        )
+    }
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn store(self, out: &mut [f32; 16]) {
+        _mm256_storeu_ps(out.as_mut_ptr(), self.0);
+        _mm256_storeu_ps(out.as_mut_ptr().add(8), self.1);
+    }
+}
+
+/// A matrix element loaded sixteen at a time into lanes.
+pub(super) trait LoadLanes: Copy {
+    unsafe fn load<L: Lanes>(p: *const Self) -> L;
+}
+
+impl LoadLanes for f32 {
+    #[inline(always)]
+    unsafe fn load<L: Lanes>(p: *const f32) -> L {
+        L::load(p)
+    }
+}
+
+impl LoadLanes for bf16 {
+    #[inline(always)]
+    unsafe fn load<L: Lanes>(p: *const bf16) -> L {
+        L::load_bf16(p)
+    }
+}
+
+/// [`super::dot_rows`] in lanes `L`: `o[j·m + r] = x[r]·w[j]` for the first `R` rows of
+/// `x` and the first `J` rows of `w`, returning `R`; the same bits.
+///
+/// # Safety
+/// The CPU has `L`'s features.
+#[inline(always)]
+pub(super) unsafe fn dot_rows<
+    L: Lanes,
+    W: super::Elem + LoadLanes,
+    const R: usize,
+    const J: usize,
+>(
+    x: &[f32],
+    k: usize,
+    w: &[W],
+    m: usize,
+    o: &mut [f32],
+) -> usize {
+    const LANES: usize = super::DOT_LANES;
+    assert!(x.len() >= R * k && w.len() >= J * k && o.len() > (J - 1) * m + R - 1);
+    let full = k / LANES * LANES;
+    let mut acc = [[L::zero(); R]; J];
+    let (xp, wp) = (x.as_ptr(), w.as_ptr());
+    for c in (0..full / LANES).map(|c| c * LANES) {
+        for (j, aj) in acc.iter_mut().enumerate() {
+            // SAFETY: c + LANES ≤ full ≤ k, and the assert bounds the rows.
+            let wv: L = W::load(wp.add(j * k + c));
+            for (r, a) in aj.iter_mut().enumerate() {
+                *a = a.mul_add(L::load(xp.add(r * k + c)), wv);
+            }
+        }
+    }
+    for (j, aj) in acc.iter().enumerate() {
+        let wt = &w[j * k + full..(j + 1) * k];
+        for (r, a) in aj.iter().enumerate() {
+            let mut lanes = [0f32; LANES];
+            a.store(&mut lanes);
+            let mut s: f32 = lanes.iter().sum();
+            for (xv, wv) in x[r * k + full..(r + 1) * k].iter().zip(wt) {
+                s += xv * wv.f();
+            }
+            o[j * m + r] = s;
+        }
+    }
+    R
+}
