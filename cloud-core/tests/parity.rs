@@ -10,7 +10,7 @@
 mod reference;
 
 use cloud_core::engine::backend::cpu::{Cpu, CpuWeights, KvOptions};
-use cloud_core::engine::backend::Backend;
+use cloud_core::engine::backend::{Backend, DeviceError, KvShape};
 use cloud_core::engine::config::ModelConfig;
 use cloud_core::engine::model::Model;
 use reference::{argmax, cases, check_token, fixtures, rel_diff, rows, run_forced, ARCHS};
@@ -292,6 +292,45 @@ fn a_step_that_does_not_fit_is_refused_and_changes_nothing() {
     let kv = model.backend().kv_cache().expect("a paged cache");
     assert_eq!(kv.limit_bytes, 16 << 10);
     assert!(kv.held_bytes <= kv.allocated_bytes && kv.allocated_bytes <= kv.limit_bytes);
+}
+
+/// Attention writes only where `kv_grow` made room this step, in a layer the caches
+/// have, from rows of the layer's shape: anything else is refused (recorded, the
+/// step's output zeros) and writes nothing.
+#[test]
+fn attention_without_room_made_is_refused() {
+    let be = Cpu::default();
+    let (shape, s, [q, k, v]) = reference::tiny_attention(&be);
+    let refused = |what: &str| match be.take_error() {
+        Some(DeviceError::Failed { op, message }) => {
+            assert_eq!(op, "attention", "{what}: refused as {message}")
+        }
+        other => panic!("{what}: expected a refusal, got {other:?}"),
+    };
+    let (mut a, mut b) = (be.new_kv(shape), be.new_kv(shape));
+    let out = be.attend(&q, &k, &v, &[1], 0, &mut [&mut a], s);
+    assert_eq!(be.download(&out), vec![0.0; 16]);
+    refused("no room made");
+    be.kv_grow(&mut [&mut a], &[1]);
+    be.attend(&q, &k, &v, &[1], 0, &mut [&mut b], s);
+    refused("room made in another cache");
+    be.attend(&q, &k, &v, &[1], 2, &mut [&mut a], s);
+    refused("a layer past the caches'");
+    be.attend(&q, &k, &v, &[2], 0, &mut [&mut a], s);
+    refused("more rows than room was made for");
+    be.attend(&q, &k, &be.upload(&[0.25; 4]), &[1], 0, &mut [&mut a], s);
+    refused("values of the wrong width");
+    let mut wide = be.new_kv(KvShape { kcols: 16, ..shape });
+    be.kv_grow(&mut [&mut wide], &[1]);
+    be.attend(&q, &k, &v, &[1], 0, &mut [&mut wide], s);
+    refused("a cache of another shape");
+    be.kv_grow(&mut [&mut b], &[1]);
+    let out = be.attend(&q, &k, &v, &[1], 1, &mut [&mut b], s);
+    assert!(be.take_error().is_none());
+    assert_eq!(be.download(&out), vec![0.25; 16]);
+    // A sequence's rows, once written, are not written again without room made.
+    be.attend(&q, &k, &v, &[1], 1, &mut [&mut b], s);
+    refused("the step's last layer is written");
 }
 
 #[test]

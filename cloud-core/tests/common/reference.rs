@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use cloud_core::engine::backend::{Backend, DeviceError};
+use cloud_core::engine::backend::{AttnShape, Backend, DeviceError, KvShape};
 use cloud_core::engine::model::{Cache, EngineError, Model};
 use serde_json::Value;
 
@@ -236,4 +236,30 @@ pub fn a_step_that_does_not_fit_is_refused_and_changes_nothing<B: Backend>(model
         .expect("the backend keeps serving after a refusal");
     let fresh = model.forward(&[4, 5], &mut copy).expect("the copy");
     assert_eq!(went_on, fresh, "the refused batch changed the cache's rows");
+}
+
+/// The inputs of the attention refusal tests: a two-layer cache shape of one key head of
+/// eight columns, its attention (two query heads), and one row of queries, keys and
+/// values (0.25, a value bf16 holds exactly).
+pub fn tiny_attention<B: Backend>(be: &B) -> (KvShape, AttnShape, [B::Buf; 3]) {
+    let shape = KvShape {
+        layers: 2,
+        kcols: 8,
+        vcols: 8,
+        values_in_keys: false,
+    };
+    let s = AttnShape {
+        h: 2,
+        hk: 1,
+        dk: 8,
+        dv: 8,
+        scale: 0.5,
+        values_in_keys: false,
+    };
+    let qkv = [
+        be.upload(&[0.1; 16]),
+        be.upload(&[0.2; 8]),
+        be.upload(&[0.25; 8]),
+    ];
+    (shape, s, qkv)
 }

@@ -14,7 +14,7 @@ mod reference;
 
 use cloud_core::engine::backend::cpu::{Cpu, CpuBuf};
 use cloud_core::engine::backend::cuda::{unavailable, Cuda, CudaOptions};
-use cloud_core::engine::backend::{AttnShape, Backend, DeviceError, KvShape};
+use cloud_core::engine::backend::{Backend, DeviceError, KvShape};
 use cloud_core::engine::model::{Cache, Model};
 use cloud_core::engine::sampler::log_softmax;
 use reference::{argmax, cases, check_token, fixtures, rel_diff, run_forced as run, ARCHS};
@@ -269,25 +269,7 @@ fn cuda_attention_without_room_made_is_refused() {
     }) else {
         return;
     };
-    let shape = KvShape {
-        layers: 2,
-        kcols: 8,
-        vcols: 8,
-        values_in_keys: false,
-    };
-    let s = AttnShape {
-        h: 2,
-        hk: 1,
-        dk: 8,
-        dv: 8,
-        scale: 0.5,
-        values_in_keys: false,
-    };
-    let (q, k, v) = (
-        be.upload(&[0.1; 16]),
-        be.upload(&[0.2; 8]),
-        be.upload(&[0.25; 8]),
-    );
+    let (shape, s, [q, k, v]) = reference::tiny_attention(&be);
     let refused = |op: &str, what: &str| match be.take_error() {
         Some(DeviceError::Failed { op: o, message }) => {
             assert_eq!(o, op, "{what}: refused as {message}")

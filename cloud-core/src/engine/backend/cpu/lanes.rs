@@ -133,12 +133,9 @@ pub(super) unsafe fn dot_rows<
     const R: usize,
     const J: usize,
 >(
-    x: &[f32],
-    k: usize,
-    w: &[W],
-    m: usize,
-    o: &mut [f32],
+    t: super::Tile<'_, W>,
 ) -> usize {
+    let super::Tile { x, k, w, m, o } = t;
     const LANES: usize = super::DOT_LANES;
     assert!(x.len() >= R * k && w.len() >= J * k && o.len() > (J - 1) * m + R - 1);
     let full = k / LANES * LANES;
@@ -154,15 +151,11 @@ pub(super) unsafe fn dot_rows<
         }
     }
     for (j, aj) in acc.iter().enumerate() {
-        let wt = &w[j * k + full..(j + 1) * k];
         for (r, a) in aj.iter().enumerate() {
             let mut lanes = [0f32; LANES];
             a.store(&mut lanes);
-            let mut s: f32 = lanes.iter().sum();
-            for (xv, wv) in x[r * k + full..(r + 1) * k].iter().zip(wt) {
-                s += xv * wv.f();
-            }
-            o[j * m + r] = s;
+            let (xt, wt) = (&x[r * k + full..(r + 1) * k], &w[j * k + full..(j + 1) * k]);
+            o[j * m + r] = super::lane_sum(&lanes, xt, wt);
         }
     }
     R

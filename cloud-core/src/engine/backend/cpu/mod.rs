@@ -725,19 +725,24 @@ fn gemv_rows_avx512<W: Elem>(x: &[f32], m: usize, w: &[W], k: usize, out: &mut [
     gemv_rows::<InLanes<lanes::Avx512>, W>(x, m, w, k, out)
 }
 
+/// What one call of the decode products' inner loop works on: activation rows `x` and
+/// weight rows `w` of `k` values each, and the output `o`, whose row `j` of `m` values
+/// takes the products with weight row `j`.
+struct Tile<'a, W> {
+    x: &'a [f32],
+    k: usize,
+    w: &'a [W],
+    m: usize,
+    o: &'a mut [f32],
+}
+
 /// The inner loop of the decode products ([`dot_rows`]'s contract), as one SIMD level
 /// runs it.
 #[allow(unsafe_code)]
 trait Dot {
     /// # Safety
     /// The CPU has the level's features.
-    unsafe fn dot<W: Elem, const R: usize, const J: usize>(
-        x: &[f32],
-        k: usize,
-        w: &[W],
-        m: usize,
-        o: &mut [f32],
-    ) -> usize;
+    unsafe fn dot<W: Elem, const R: usize, const J: usize>(t: Tile<'_, W>) -> usize;
 }
 
 /// [`dot_rows`] as written, vectorised (or not) by the compiler.
@@ -746,14 +751,8 @@ struct Portable;
 impl Dot for Portable {
     #[inline(always)]
     #[allow(unsafe_code)]
-    unsafe fn dot<W: Elem, const R: usize, const J: usize>(
-        x: &[f32],
-        k: usize,
-        w: &[W],
-        m: usize,
-        o: &mut [f32],
-    ) -> usize {
-        dot_rows::<W, R, J>(x, k, w, m, o)
+    unsafe fn dot<W: Elem, const R: usize, const J: usize>(t: Tile<'_, W>) -> usize {
+        dot_rows::<W, R, J>(t)
     }
 }
 
@@ -765,15 +764,9 @@ struct InLanes<L>(std::marker::PhantomData<L>);
 impl<L: lanes::Lanes> Dot for InLanes<L> {
     #[inline(always)]
     #[allow(unsafe_code)]
-    unsafe fn dot<W: Elem, const R: usize, const J: usize>(
-        x: &[f32],
-        k: usize,
-        w: &[W],
-        m: usize,
-        o: &mut [f32],
-    ) -> usize {
+    unsafe fn dot<W: Elem, const R: usize, const J: usize>(t: Tile<'_, W>) -> usize {
         // SAFETY: as the caller's.
-        unsafe { lanes::dot_rows::<L, W, R, J>(x, k, w, m, o) }
+        unsafe { lanes::dot_rows::<L, W, R, J>(t) }
     }
 }
 
@@ -795,8 +788,8 @@ fn gemv_rows<D: Dot, W: Elem>(x: &[f32], m: usize, w: &[W], k: usize, out: &mut 
         let (wr, o) = (&w[j * k..], &mut out[j * m..]);
         unsafe {
             match m {
-                1 => D::dot::<W, 1, 4>(x, k, wr, 1, o),
-                _ => D::dot::<W, 2, 2>(x, k, wr, 2, o),
+                1 => D::dot::<W, 1, 4>(Tile { x, k, w: wr, m, o }),
+                _ => D::dot::<W, 2, 2>(Tile { x, k, w: wr, m, o }),
             }
         };
     }
@@ -807,10 +800,34 @@ fn gemv_rows<D: Dot, W: Elem>(x: &[f32], m: usize, w: &[W], k: usize, out: &mut 
             let (rows, o) = (&x[r * k..], &mut o[r..]);
             r += unsafe {
                 match m - r {
-                    1 => D::dot::<W, 1, 1>(rows, k, wr, m, o),
-                    2 => D::dot::<W, 2, 1>(rows, k, wr, m, o),
-                    3 => D::dot::<W, 3, 1>(rows, k, wr, m, o),
-                    _ => D::dot::<W, 4, 1>(rows, k, wr, m, o),
+                    1 => D::dot::<W, 1, 1>(Tile {
+                        x: rows,
+                        k,
+                        w: wr,
+                        m,
+                        o,
+                    }),
+                    2 => D::dot::<W, 2, 1>(Tile {
+                        x: rows,
+                        k,
+                        w: wr,
+                        m,
+                        o,
+                    }),
+                    3 => D::dot::<W, 3, 1>(Tile {
+                        x: rows,
+                        k,
+                        w: wr,
+                        m,
+                        o,
+                    }),
+                    _ => D::dot::<W, 4, 1>(Tile {
+                        x: rows,
+                        k,
+                        w: wr,
+                        m,
+                        o,
+                    }),
                 }
             };
         }
@@ -822,13 +839,8 @@ fn gemv_rows<D: Dot, W: Elem>(x: &[f32], m: usize, w: &[W], k: usize, out: &mut 
 /// activation row, in `DOT_LANES` independent sums per pair (an order that depends on
 /// neither the SIMD width nor `R` and `J`).
 #[inline(always)]
-fn dot_rows<W: Elem, const R: usize, const J: usize>(
-    x: &[f32],
-    k: usize,
-    w: &[W],
-    m: usize,
-    o: &mut [f32],
-) -> usize {
+fn dot_rows<W: Elem, const R: usize, const J: usize>(t: Tile<'_, W>) -> usize {
+    let Tile { x, k, w, m, o } = t;
     let mut acc = [[[0f32; DOT_LANES]; R]; J];
     let full = k / DOT_LANES * DOT_LANES;
     // Whole rows sliced once and chunks of a fixed size: no bounds to check per value,
@@ -848,16 +860,26 @@ fn dot_rows<W: Elem, const R: usize, const J: usize>(
         }
     }
     for (j, aj) in acc.iter().enumerate() {
-        let wt = &w[j * k + full..(j + 1) * k];
         for (r, a) in aj.iter().enumerate() {
-            let mut s: f32 = a.iter().sum();
-            for (xv, wv) in x[r * k + full..(r + 1) * k].iter().zip(wt) {
-                s += xv * wv.f();
-            }
-            o[j * m + r] = s;
+            o[j * m + r] = lane_sum(
+                a,
+                &x[r * k + full..(r + 1) * k],
+                &w[j * k + full..(j + 1) * k],
+            );
         }
     }
     R
+}
+
+/// A dot product's end: its lanes summed in order, then the values past the last whole
+/// chunk (`x`, `w`) added one by one. The order every SIMD level keeps.
+#[inline(always)]
+fn lane_sum<W: Elem>(lanes: &[f32; DOT_LANES], x: &[f32], w: &[W]) -> f32 {
+    let mut s: f32 = lanes.iter().sum();
+    for (xv, wv) in x.iter().zip(w) {
+        s += xv * wv.f();
+    }
+    s
 }
 
 /// Independent partial sums per row of [`dot_rows`].
@@ -1072,64 +1094,6 @@ mod tests {
         let cpu = Cpu::default();
         let w = CpuBuf::Bf16(vec![bf16::ONE; 4]);
         cpu.rms_norm(&w, &CpuBuf::F32(vec![1.0; 2]), 1e-6);
-    }
-
-    /// Attention writes only where `kv_grow` made room this step, in a layer the caches
-    /// have, from rows of the layer's shape: anything else is refused (recorded, the
-    /// step's output zeros) and writes nothing.
-    #[test]
-    fn attention_without_room_made_is_refused() {
-        use crate::engine::backend::DeviceError;
-        let be = Cpu::default();
-        let shape = KvShape {
-            layers: 2,
-            kcols: 8,
-            vcols: 8,
-            values_in_keys: false,
-        };
-        let s = AttnShape {
-            h: 2,
-            hk: 1,
-            dk: 8,
-            dv: 8,
-            scale: 0.5,
-            values_in_keys: false,
-        };
-        let (q, k, v) = (
-            be.upload(&[0.1; 16]),
-            be.upload(&[0.2; 8]),
-            be.upload(&[0.25; 8]),
-        );
-        let refused = |what: &str| match be.take_error() {
-            Some(DeviceError::Failed { op, message }) => {
-                assert_eq!(op, "attention", "{what}: refused as {message}")
-            }
-            other => panic!("{what}: expected a refusal, got {other:?}"),
-        };
-        let (mut a, mut b) = (be.new_kv(shape), be.new_kv(shape));
-        let out = be.attend(&q, &k, &v, &[1], 0, &mut [&mut a], s);
-        assert_eq!(be.download(&out), vec![0.0; 16]);
-        refused("no room made");
-        be.kv_grow(&mut [&mut a], &[1]);
-        be.attend(&q, &k, &v, &[1], 0, &mut [&mut b], s);
-        refused("room made in another cache");
-        be.attend(&q, &k, &v, &[1], 2, &mut [&mut a], s);
-        refused("a layer past the caches'");
-        be.attend(&q, &k, &v, &[2], 0, &mut [&mut a], s);
-        refused("more rows than room was made for");
-        be.attend(&q, &k, &be.upload(&[0.25; 4]), &[1], 0, &mut [&mut a], s);
-        refused("values of the wrong width");
-        let mut wide = be.new_kv(KvShape { kcols: 16, ..shape });
-        be.kv_grow(&mut [&mut wide], &[1]);
-        be.attend(&q, &k, &v, &[1], 0, &mut [&mut wide], s);
-        refused("a cache of another shape");
-        be.kv_grow(&mut [&mut b], &[1]);
-        let out = be.attend(&q, &k, &v, &[1], 1, &mut [&mut b], s);
-        assert!(be.take_error().is_none());
-        assert_eq!(be.download(&out), vec![0.25; 16]);
-        // A sequence's rows, once written, are not written again without room made.
-        be.attend(&q, &k, &v, &[1], 1, &mut [&mut b], s);
-        refused("the step's last layer is written");
     }
 
     #[test]
