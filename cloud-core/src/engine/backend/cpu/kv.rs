@@ -424,24 +424,57 @@ impl KvRows for PagedLayer<'_> {
 /// available memory, within what its control group (cgroup v2) still allows. `None`
 /// where neither can be read (not Linux).
 pub fn host_available() -> Option<usize> {
-    let meminfo = std::fs::read_to_string("/proc/meminfo").ok();
-    let available = meminfo.as_deref().and_then(|m| {
+    let read = |p: &str| std::fs::read_to_string(p).ok();
+    available(
+        read("/proc/meminfo").as_deref(),
+        read("/sys/fs/cgroup/memory.max").as_deref(),
+        read("/sys/fs/cgroup/memory.current").as_deref(),
+    )
+}
+
+/// [`host_available`] from the text of `/proc/meminfo` and of the group's `memory.max`
+/// and `memory.current`.
+fn available(meminfo: Option<&str>, max: Option<&str>, current: Option<&str>) -> Option<usize> {
+    let from_meminfo = meminfo.and_then(|m| {
         m.lines()
             .find_map(|l| l.strip_prefix("MemAvailable:"))
             .and_then(|v| v.trim().strip_suffix("kB"))
             .and_then(|v| v.trim().parse::<usize>().ok())
             .map(|kib| kib.saturating_mul(1024))
     });
-    let read = |f: &str| {
-        std::fs::read_to_string(format!("/sys/fs/cgroup/{f}"))
-            .ok()
-            .and_then(|s| s.trim().parse::<usize>().ok())
-    };
+    let bytes = |s: Option<&str>| s.and_then(|s| s.trim().parse::<usize>().ok());
     // "max" (no limit) does not parse: no bound from the group.
-    let group =
-        read("memory.max").map(|max| max.saturating_sub(read("memory.current").unwrap_or(0)));
-    match (available, group) {
+    let from_group = bytes(max).map(|max| max.saturating_sub(bytes(current).unwrap_or(0)));
+    match (from_meminfo, from_group) {
         (Some(a), Some(g)) => Some(a.min(g)),
         (a, g) => a.or(g),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::available;
+
+    #[test]
+    fn available_memory_is_the_kernels_within_the_groups_limit() {
+        let meminfo =
+            "MemTotal:       24000000 kB\nMemFree:  1000 kB\nMemAvailable:   20000000 kB\n";
+        let gib = |g: usize| g << 30;
+        assert_eq!(
+            available(Some(meminfo), None, None),
+            Some(20_000_000 * 1024)
+        );
+        assert_eq!(
+            available(Some(meminfo), Some("max\n"), Some("5\n")),
+            Some(20_000_000 * 1024)
+        );
+        let (max, used) = (gib(8).to_string(), gib(3).to_string());
+        assert_eq!(
+            available(Some(meminfo), Some(&max), Some(&used)),
+            Some(gib(5))
+        );
+        assert_eq!(available(None, Some(&max), None), Some(gib(8)));
+        assert_eq!(available(Some("MemTotal: 5 kB"), None, None), None);
+        assert_eq!(available(None, None, None), None);
     }
 }
