@@ -193,6 +193,10 @@ struct BackendFlags {
     /// CUDA backend) [default: as-stored].
     #[arg(long)]
     cpu_weights: Option<CpuWeights>,
+    /// CPU: the KV cache's values: f32 (as computed), or bf16 (half the memory, rounded
+    /// as on the CUDA backend) [default: f32].
+    #[arg(long, value_parser = kv_values)]
+    cpu_kv_cache: Option<bool>,
     /// CUDA: the device ordinal [default: 0].
     #[arg(long)]
     cuda_device: Option<usize>,
@@ -232,6 +236,9 @@ impl BackendFlags {
             Device::Cuda(_) if self.cpu_weights.is_some() => {
                 Err("--cpu-weights needs --engine cpu".into())
             }
+            Device::Cuda(_) if self.cpu_kv_cache.is_some() => {
+                Err("--cpu-kv-cache needs --engine cpu".into())
+            }
             Device::Cuda(_) => {
                 let d = CudaSettings::default();
                 Ok(Device::Cuda(CudaSettings {
@@ -258,6 +265,7 @@ impl BackendFlags {
                     Ok(Device::Cpu(CpuSettings {
                         weights: self.cpu_weights.unwrap_or_default(),
                         kv_cache_bytes: self.kv_cache_gib,
+                        kv_bf16: self.cpu_kv_cache.unwrap_or(false),
                     }))
                 } else {
                     Err(format!("{} need --engine cuda", given.join(", ")))
@@ -273,6 +281,15 @@ fn on_off(on: bool) -> &'static str {
         "on"
     } else {
         "off"
+    }
+}
+
+/// `--cpu-kv-cache`: whether the values are bf16.
+fn kv_values(s: &str) -> Result<bool, String> {
+    match s {
+        "f32" => Ok(false),
+        "bf16" => Ok(true),
+        other => Err(format!("unknown KV cache type {other:?} (f32, bf16)")),
     }
 }
 
@@ -464,11 +481,16 @@ fn bench(
             let opts = BenchOptions {
                 elements: bench::ElementBytes {
                     weights: model.backend().matrix_element_bytes().unwrap_or(4.0),
-                    cache: 4.0,
+                    cache: if model.backend().kv.bf16 { 2.0 } else { 4.0 },
                 },
                 ..opts.clone()
             };
-            let label = format!("{as_held}, f32 KV cache");
+            let cache = if model.backend().kv.bf16 {
+                "bf16"
+            } else {
+                "f32"
+            };
+            let label = format!("{as_held}, {cache} KV cache");
             bench_report(&model, &opts, bench::host_copy_bandwidth(), &label)?;
             print_kv_cache(model.backend().kv_cache());
             Ok(())

@@ -257,16 +257,24 @@ fn cuda_settings_need_the_cuda_engine() {
     );
     let err = run(&["bench", "--engine", "cuda", "--cpu-weights", "bf16"]);
     assert!(err.contains("--cpu-weights needs --engine cpu"), "{err}");
+    let err = run(&["bench", "--engine", "cuda", "--cpu-kv-cache", "bf16"]);
+    assert!(err.contains("--cpu-kv-cache needs --engine cpu"), "{err}");
     // Bad values, refused by name before anything starts.
     let cpu_bench = ["bench", "--shape", "tiny"];
     let bench = ["bench", "--engine", "cuda"];
     let serve = ["serve", "--data-dir", data, "--engine", "cuda"];
-    let cases: [(&[&str], &str, [&str; 3], &str); 3] = [
+    let cases: [(&[&str], &str, [&str; 3], &str); 4] = [
         (
             &cpu_bench,
             "--cpu-weights",
             ["fp16", "F32", "bf"],
             "unknown CPU weight type",
+        ),
+        (
+            &cpu_bench,
+            "--cpu-kv-cache",
+            ["fp8", "BF16", ""],
+            "unknown KV cache type",
         ),
         (
             &bench,
@@ -341,6 +349,17 @@ fn bench_says_how_the_cpu_holds_the_matrices() {
     let (bf16, bf16_gb) = bench(&["--cpu-weights", "bf16", "--kv-cache-gib", "0.5"]);
     assert!(bf16.contains("held: bf16 matrices, f32 KV cache"), "{bf16}");
     assert!(bf16.contains("of a 0.50 GiB budget"), "{bf16}");
+    // A bf16 cache: said, and its bytes counted as two per value (fewer bytes a step).
+    let (kv16, kv16_gb) = bench(&["--cpu-kv-cache", "bf16"]);
+    assert!(
+        kv16.contains("held: bf16 matrices, bf16 KV cache"),
+        "{kv16}"
+    );
+    assert!(
+        kv16.contains(" threads, matrices as stored, bf16 KV cache)"),
+        "{kv16}"
+    );
+    assert!(kv16_gb < stored_gb, "{kv16_gb} GB vs {stored_gb} GB");
     assert_eq!(stored_gb, bf16_gb);
     let (f32, f32_gb) = bench(&["--cpu-weights", "f32"]);
     assert!(f32.contains("held: f32 matrices, f32 KV cache"), "{f32}");

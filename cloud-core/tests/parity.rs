@@ -120,38 +120,49 @@ fn check_bf16_rule(arch: &str, model: &Model<Cpu>) -> (f64, Vec<String>) {
     (worst, beyond)
 }
 
-/// The CPU backend holding every matrix as bf16 (as the CUDA backend does) keeps to the
-/// bf16 rule against the f32 references, in both MLA formulations; it holds no f32
-/// matrix. A dense model keeps to it at every position. A MoE model's routing is a
-/// discrete choice: where two experts (or groups) nearly tie, rounding the matrices
-/// before the router (or its own) can make it fall the other way, and that position's
-/// output then differs wholesale. The tiny random MoE fixtures, with 8 experts each, are
-/// allowed one such position over all their cases (deepseek_v3 has one, whether or not
-/// the router's gate is rounded), and every other position keeps to the rule.
+/// The CPU backend holding every matrix as bf16, or its KV cache, or both (as the CUDA
+/// backend does) keeps to the bf16 rule against the f32 references, in both MLA
+/// formulations; with bf16 matrices it holds no f32 matrix. A dense model keeps to it at
+/// every position. A MoE model's routing is a discrete choice: where two experts (or
+/// groups) nearly tie, rounding the matrices before the router (or its own) can make it
+/// fall the other way, and that position's output then differs wholesale. The tiny
+/// random MoE fixtures, with 8 experts each, are allowed one such position over all
+/// their cases (deepseek_v3 has one with bf16 matrices, whether or not the router's gate
+/// is rounded), and every other position keeps to the rule.
 #[test]
-fn bf16_matrices_keep_to_the_bf16_rule() {
-    for arch in ARCHS {
-        let be = Cpu::with_weights(CpuWeights::Bf16);
-        let mut model = Model::load(&fixtures().join(arch), be).expect("load");
-        let (bf16, f32) = model.backend().matrix_elements();
-        assert!(bf16 > 0 && f32 == 0, "{arch}: {bf16} bf16, {f32} f32");
-        let modes: &[bool] = if model.config().mla.is_some() {
-            &[true, false]
-        } else {
-            &[true]
-        };
-        let allowed = if model.config().moe.is_some() { 1 } else { 0 };
-        for &absorbed in modes {
-            model.set_mla_absorbed(absorbed);
-            let (worst, beyond) = check_bf16_rule(arch, &model);
-            assert!(
-                beyond.len() <= allowed,
-                "{arch} (absorbed MLA: {absorbed}): beyond the tolerance: {beyond:?}"
-            );
-            println!(
-                "{arch} (absorbed MLA: {absorbed}), bf16 matrices: worst {worst:.2e}; \
-                 beyond (a router near-tie): {beyond:?}"
-            );
+fn bf16_matrices_and_cache_keep_to_the_bf16_rule() {
+    for (weights, kv_bf16) in [
+        (CpuWeights::Bf16, false),
+        (CpuWeights::F32, true),
+        (CpuWeights::Bf16, true),
+    ] {
+        for arch in ARCHS {
+            let mut be = Cpu::with_weights(weights);
+            be.kv.bf16 = kv_bf16;
+            let mut model = Model::load(&fixtures().join(arch), be).expect("load");
+            let (bf16, f32) = model.backend().matrix_elements();
+            if weights == CpuWeights::Bf16 {
+                assert!(bf16 > 0 && f32 == 0, "{arch}: {bf16} bf16, {f32} f32");
+            }
+            let modes: &[bool] = if model.config().mla.is_some() {
+                &[true, false]
+            } else {
+                &[true]
+            };
+            let allowed = if model.config().moe.is_some() { 1 } else { 0 };
+            for &absorbed in modes {
+                model.set_mla_absorbed(absorbed);
+                let (worst, beyond) = check_bf16_rule(arch, &model);
+                let what = format!(
+                    "{arch} (absorbed MLA: {absorbed}), {weights:?} matrices, bf16 cache: \
+                     {kv_bf16}"
+                );
+                assert!(
+                    beyond.len() <= allowed,
+                    "{what}: beyond the tolerance: {beyond:?}"
+                );
+                println!("{what}: worst {worst:.2e}; beyond (a router near-tie): {beyond:?}");
+            }
         }
     }
 }
@@ -222,28 +233,29 @@ fn a_bf16_checkpoint_is_held_as_bf16_with_the_logits_of_its_values() {
 }
 
 /// The CPU backend with its KV cache in blocks of `block_rows` positions, allocated
-/// a block at a time, within `cache_bytes`.
-fn paged(block_rows: usize, cache_bytes: Option<usize>) -> Cpu {
+/// a block at a time, within `cache_bytes`, of bf16 values or f32.
+fn paged(block_rows: usize, cache_bytes: Option<usize>, bf16: bool) -> Cpu {
     let mut cpu = Cpu::default();
     cpu.kv = KvOptions {
         block_rows,
         cache_bytes,
         chunk_bytes: 1,
+        bf16,
     };
     cpu
 }
 
 /// Where a sequence's positions fall in the paged cache's blocks changes no bit of any
 /// logit: blocks of one and three positions (every prompt and decode step crossing
-/// blocks, partly filled ones too) against the default's.
+/// blocks, partly filled ones too) against the default's, with f32 and bf16 values.
 #[test]
 fn the_kv_block_size_changes_no_bit() {
-    for arch in ARCHS {
+    for (arch, bf16) in ARCHS.iter().flat_map(|a| [(a, false), (a, true)]) {
         let dir = fixtures().join(arch);
-        let mut base = Model::load(&dir, Cpu::default()).expect("model");
+        let mut base = Model::load(&dir, paged(16, None, bf16)).expect("model");
         let mut others: Vec<Model<Cpu>> = [1, 3]
             .iter()
-            .map(|&b| Model::load(&dir, paged(b, None)).expect("model"))
+            .map(|&b| Model::load(&dir, paged(b, None, bf16)).expect("model"))
             .collect();
         let modes: &[bool] = if base.config().mla.is_some() {
             &[true, false]
@@ -259,7 +271,8 @@ fn the_kv_block_size_changes_no_bit() {
                     let got = run_forced(model, &case);
                     assert!(
                         got == want,
-                        "{arch} (absorbed: {absorbed}), {}: blocks of {rows} change the logits",
+                        "{arch} (absorbed: {absorbed}, bf16: {bf16}), {}: blocks of {rows} \
+                         change the logits",
                         case.name
                     );
                 }
@@ -271,7 +284,7 @@ fn the_kv_block_size_changes_no_bit() {
 #[test]
 fn prefix_sharing_gives_the_logits_of_a_fresh_run() {
     for arch in ["qwen2", "deepseek_v2_lite"] {
-        let mut model = Model::load(&fixtures().join(arch), paged(4, None)).expect("model");
+        let mut model = Model::load(&fixtures().join(arch), paged(4, None, false)).expect("model");
         for absorbed in [true, false] {
             model.set_mla_absorbed(absorbed);
             for case in cases(arch) {
@@ -285,9 +298,31 @@ fn prefix_sharing_gives_the_logits_of_a_fresh_run() {
     }
 }
 
+/// A bf16 cache holds the same positions in half the bytes.
+#[test]
+fn a_bf16_cache_holds_half_the_bytes() {
+    let case = &cases("deepseek_v2_lite")[1];
+    let held: Vec<usize> = [false, true]
+        .into_iter()
+        .map(|bf16| {
+            let model = Model::load(&fixtures().join("deepseek_v2_lite"), paged(4, None, bf16))
+                .expect("model");
+            let mut cache = model.new_cache();
+            model.forward(&case.prompt, &mut cache).expect("prompt");
+            model
+                .backend()
+                .kv_cache()
+                .expect("a paged cache")
+                .held_bytes
+        })
+        .collect();
+    assert!(held[0] > 0 && held[1] * 2 == held[0], "{held:?}");
+}
+
 #[test]
 fn a_step_that_does_not_fit_is_refused_and_changes_nothing() {
-    let model = Model::load(&fixtures().join("qwen2"), paged(4, Some(16 << 10))).expect("model");
+    let model =
+        Model::load(&fixtures().join("qwen2"), paged(4, Some(16 << 10), false)).expect("model");
     reference::a_step_that_does_not_fit_is_refused_and_changes_nothing(&model);
     let kv = model.backend().kv_cache().expect("a paged cache");
     assert_eq!(kv.limit_bytes, 16 << 10);

@@ -47,12 +47,15 @@ pub struct CpuSettings {
     /// Bytes for the KV cache; `None`: half of the host memory available once the
     /// weights are loaded.
     pub kv_cache_bytes: Option<usize>,
+    /// Keys and values kept as bf16 (half the memory) instead of f32.
+    pub kv_bf16: bool,
 }
 
 impl From<CpuSettings> for Cpu {
     fn from(s: CpuSettings) -> Cpu {
         let mut cpu = Cpu::with_weights(s.weights);
         cpu.kv.cache_bytes = s.kv_cache_bytes;
+        cpu.kv.bf16 = s.kv_bf16;
         cpu
     }
 }

@@ -1,5 +1,5 @@
-//! The CPU backend's paged KV cache: pools of f32 blocks in host memory drawn from one
-//! byte budget ([`crate::engine::paged`]), laid out as the CUDA backend's
+//! The CPU backend's paged KV cache: pools of f32 (or bf16) blocks in host memory drawn
+//! from one byte budget ([`crate::engine::paged`]), laid out as the CUDA backend's
 //! ([`KvLayout`]: a block holds `block_rows` positions of every layer). A prefix of a
 //! cache shares its blocks, so a cached system prompt is held once however many
 //! sequences start from it; a cache that cannot grow within the budget is refused with
@@ -8,6 +8,8 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use half::bf16;
 
 use crate::engine::backend::{DeviceError, KvCacheUsage, KvLayout, KvShape};
 use crate::engine::paged::{AllocError, BlockPool, Budget, ChunkSource, PagedRows};
@@ -23,6 +25,9 @@ pub struct KvOptions {
     pub block_rows: usize,
     /// The least bytes a pool allocates at once (its first chunk; later ones grow).
     pub chunk_bytes: usize,
+    /// Keys and values rounded to bf16 as they are written (half the memory, the CUDA
+    /// backend's rounding), or kept as computed.
+    pub bf16: bool,
 }
 
 impl Default for KvOptions {
@@ -31,27 +36,64 @@ impl Default for KvOptions {
             cache_bytes: None,
             block_rows: 16,
             chunk_bytes: 4 << 20,
+            bf16: false,
         }
     }
 }
 
-/// Host memory for the pools: chunks of f32 values, the address of a block the chunk's
+/// A value of the cache: f32, or bf16 (widened as attention reads it).
+pub(super) trait KvElem: super::Elem + Default + 'static {
+    fn from_f32(v: f32) -> Self;
+    fn layer(rows: PagedLayer<'_, Self>) -> LayerRows<'_>;
+}
+
+impl KvElem for f32 {
+    fn from_f32(v: f32) -> f32 {
+        v
+    }
+    fn layer(rows: PagedLayer<'_, f32>) -> LayerRows<'_> {
+        LayerRows::F32(rows)
+    }
+}
+
+impl KvElem for bf16 {
+    fn from_f32(v: f32) -> bf16 {
+        bf16::from_f32(v)
+    }
+    fn layer(rows: PagedLayer<'_, bf16>) -> LayerRows<'_> {
+        LayerRows::Bf16(rows)
+    }
+}
+
+/// Host memory for the pools: chunks of values, the address of a block the chunk's
 /// number above [`OFFSET_BITS`] and its byte offset below.
-#[derive(Clone, Default)]
-pub(super) struct HostChunks(Arc<Mutex<Vec<Box<[f32]>>>>);
+pub(super) struct HostChunks<T>(Arc<Mutex<Vec<Box<[T]>>>>);
+
+impl<T> Clone for HostChunks<T> {
+    fn clone(&self) -> Self {
+        HostChunks(self.0.clone())
+    }
+}
+
+impl<T> Default for HostChunks<T> {
+    fn default() -> Self {
+        HostChunks(Arc::default())
+    }
+}
 
 /// Bits of a block address that hold its byte offset in its chunk.
 const OFFSET_BITS: u32 = 40;
 
-impl ChunkSource for HostChunks {
+impl<T: KvElem> ChunkSource for HostChunks<T> {
     // The chunks live in the list, as long as the backend.
     type Chunk = ();
 
     fn alloc(&self, bytes: usize) -> Result<((), u64), String> {
+        let n = bytes / std::mem::size_of::<T>();
         let mut v = Vec::new();
-        v.try_reserve_exact(bytes / 4)
+        v.try_reserve_exact(n)
             .map_err(|e| format!("host memory: {e}"))?;
-        v.resize(bytes / 4, 0f32);
+        v.resize(n, T::default());
         let mut chunks = lock(&self.0);
         let at = (chunks.len() as u64) << OFFSET_BITS;
         chunks.push(v.into_boxed_slice());
@@ -59,11 +101,11 @@ impl ChunkSource for HostChunks {
     }
 }
 
-/// A block's chunk and the offset of its first value there.
-fn place(addr: u64) -> (usize, usize) {
+/// A block's chunk and the offset of its first value (of `T`) there.
+fn place<T>(addr: u64) -> (usize, usize) {
     (
         (addr >> OFFSET_BITS) as usize,
-        (addr & ((1 << OFFSET_BITS) - 1)) as usize / 4,
+        (addr & ((1 << OFFSET_BITS) - 1)) as usize / std::mem::size_of::<T>(),
     )
 }
 
@@ -72,16 +114,35 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-type Pool = BlockPool<HostChunks>;
+type Pool<T> = BlockPool<HostChunks<T>>;
+
+/// One sequence's rows, of the cache's value type.
+#[derive(Clone)]
+enum Rows {
+    F32(PagedRows<HostChunks<f32>>),
+    Bf16(PagedRows<HostChunks<bf16>>),
+}
+
+/// `body` with `$r` bound to the rows of either type.
+macro_rules! either {
+    ($rows:expr, $r:ident => $body:expr) => {
+        match $rows {
+            Rows::F32($r) => $body,
+            Rows::Bf16($r) => $body,
+        }
+    };
+}
 
 /// What every clone of one [`super::Cpu`] shares of the KV cache: its memory, pools,
 /// budget, and the first error of a step.
 #[derive(Default)]
 pub(super) struct Store {
-    chunks: HostChunks,
+    chunks: HostChunks<f32>,
+    chunks_bf16: HostChunks<bf16>,
     budget: Mutex<Option<Arc<Budget>>>,
     /// By row size (caches of one shape share a pool).
-    pools: Mutex<HashMap<usize, Arc<Pool>>>,
+    pools: Mutex<HashMap<usize, Arc<Pool<f32>>>>,
+    pools_bf16: Mutex<HashMap<usize, Arc<Pool<bf16>>>>,
     error: Mutex<Option<DeviceError>>,
 }
 
@@ -98,7 +159,7 @@ impl std::fmt::Debug for Store {
 pub struct CpuKv {
     shape: KvShape,
     /// `None` before the first rows (the pool is found then).
-    rows: Option<PagedRows<HostChunks>>,
+    rows: Option<Rows>,
     /// The positions the last [`Store::grow`] made room for, until the last layer's
     /// attention has written them.
     room: Option<usize>,
@@ -126,14 +187,19 @@ impl CpuKv {
     pub(super) fn prefix(&self, keep: usize) -> CpuKv {
         CpuKv {
             shape: self.shape,
-            rows: self.rows.as_ref().map(|r| r.prefix(keep)),
+            rows: self.rows.as_ref().map(|rows| match rows {
+                Rows::F32(r) => Rows::F32(r.prefix(keep)),
+                Rows::Bf16(r) => Rows::Bf16(r.prefix(keep)),
+            }),
             room: None,
         }
     }
 
     /// Positions held (those [`Store::grow`] made room for included).
     pub(super) fn len(&self) -> usize {
-        self.rows.as_ref().map_or(0, PagedRows::rows)
+        self.rows
+            .as_ref()
+            .map_or(0, |rows| either!(rows, r => r.rows()))
     }
 
     pub(super) fn shape(&self) -> KvShape {
@@ -158,15 +224,28 @@ impl Store {
     /// The memory of the cache, once it has a budget (at its first row).
     pub(super) fn usage(&self) -> Option<KvCacheUsage> {
         let limit = lock(&self.budget).as_ref()?.limit();
-        Some(crate::engine::paged::usage(
-            limit,
-            lock(&self.pools).values(),
-        ))
+        let (a, b) = (lock(&self.pools), lock(&self.pools_bf16));
+        let (f, h) = (
+            crate::engine::paged::usage(limit, a.values()),
+            crate::engine::paged::usage(limit, b.values()),
+        );
+        Some(KvCacheUsage {
+            held_bytes: f.held_bytes + h.held_bytes,
+            allocated_bytes: f.allocated_bytes + h.allocated_bytes,
+            allocations: f.allocations + h.allocations,
+            limit_bytes: limit,
+        })
     }
 
     /// The pool of the blocks of caches whose position takes `row_bytes` in all layers
     /// (the budget is set with the first).
-    fn pool(&self, opts: &KvOptions, row_bytes: usize) -> Arc<Pool> {
+    fn pool<T: KvElem>(
+        &self,
+        opts: &KvOptions,
+        row_bytes: usize,
+        pools: &Mutex<HashMap<usize, Arc<Pool<T>>>>,
+        chunks: &HostChunks<T>,
+    ) -> Arc<Pool<T>> {
         let budget = lock(&self.budget)
             .get_or_insert_with(|| {
                 let limit = opts.cache_bytes.unwrap_or_else(|| match host_available() {
@@ -186,11 +265,11 @@ impl Store {
             })
             .clone();
         let block_rows = opts.block_rows.max(1);
-        lock(&self.pools)
+        lock(pools)
             .entry(row_bytes)
             .or_insert_with(|| {
                 BlockPool::new(
-                    self.chunks.clone(),
+                    chunks.clone(),
                     budget,
                     block_rows,
                     row_bytes,
@@ -212,24 +291,18 @@ impl Store {
                 shape: kv.shape,
                 block_rows: opts.block_rows.max(1),
             };
-            let rows = kv
-                .rows
-                .get_or_insert_with(|| PagedRows::new(self.pool(opts, layout.row_elems() * 4)));
-            match rows.reserve(n) {
-                Ok(copies) => {
-                    kv.room = Some(n);
-                    let block = rows.pool().block_bytes() / 4;
-                    let mut chunks = lock(&rows.pool().source().0);
-                    for cp in copies {
-                        // The whole block: the positions it holds, of every layer.
-                        let ((fc, fo), (tc, to)) = (place(cp.from), place(cp.to));
-                        if fc == tc {
-                            chunks[fc].copy_within(fo..fo + block, to);
-                        } else if let Ok([from, into]) = chunks.get_disjoint_mut([fc, tc]) {
-                            into[to..to + block].copy_from_slice(&from[fo..fo + block]);
-                        }
-                    }
+            let rows = kv.rows.get_or_insert_with(|| {
+                let elems = layout.row_elems();
+                if opts.bf16 {
+                    let pool = self.pool(opts, elems * 2, &self.pools_bf16, &self.chunks_bf16);
+                    Rows::Bf16(PagedRows::new(pool))
+                } else {
+                    let pool = self.pool(opts, elems * 4, &self.pools, &self.chunks);
+                    Rows::F32(PagedRows::new(pool))
                 }
+            });
+            match either!(rows, r => reserve(r, n)) {
+                Ok(()) => kv.room = Some(n),
                 Err(AllocError::Full(full)) => return self.record(DeviceError::CacheFull(full)),
                 Err(AllocError::Device { bytes, message }) => {
                     return self.record(DeviceError::OutOfMemory {
@@ -257,7 +330,7 @@ impl Store {
         shape: KvShape,
         k: &[f32],
         v: &[f32],
-        mut attend: impl FnMut(usize, &PagedLayer<'_>),
+        mut attend: impl FnMut(usize, LayerRows<'_>),
     ) {
         let refuse = |why: String| {
             self.record(DeviceError::Failed {
@@ -293,9 +366,6 @@ impl Store {
             shape,
             block_rows: opts.block_rows.max(1),
         };
-        let (kc, vc) = (shape.kcols, layout.kept_vcols());
-        let (koff, voff) = layout.offsets(layer);
-        let br = layout.block_rows;
         let mut at = 0;
         for (s, (kv, &len)) in caches.iter_mut().zip(lens).enumerate() {
             if layer + 1 == shape.layers {
@@ -304,48 +374,93 @@ impl Store {
             let Some(rows) = kv.rows.as_ref() else {
                 continue;
             };
-            let mut chunks = lock(&rows.pool().source().0);
-            let blocks: Vec<(usize, usize)> = rows.block_addrs().map(place).collect();
-            for (i, p) in (rows.rows() - len..rows.rows()).enumerate() {
-                let (c, base) = blocks[p / br];
-                let row = p % br;
-                let r = at + i;
-                let kd = base + koff + row * kc;
-                chunks[c][kd..kd + kc].copy_from_slice(&k[r * kc..(r + 1) * kc]);
-                if vc > 0 {
-                    let vd = base + voff + row * vc;
-                    chunks[c][vd..vd + vc].copy_from_slice(&v[r * vc..(r + 1) * vc]);
-                }
-            }
+            let v = &v[(at * layout.kept_vcols()).min(v.len())..];
+            let k = &k[at * shape.kcols..];
+            either!(rows, r => write_and_view(r, layout, layer, len, k, v, |rows| attend(s, rows)));
             at += len;
-            attend(
-                s,
-                &PagedLayer {
-                    chunks: &chunks,
-                    blocks,
-                    block_rows: br,
-                    key_offset: koff,
-                    value_offset: voff,
-                    kcols: kc,
-                    value_stride: if vc > 0 { vc } else { kc },
-                    positions: rows.rows(),
-                },
-            );
         }
     }
 }
 
+/// Makes room for `n` more rows, copying a shared last block first.
+fn reserve<T: KvElem>(rows: &mut PagedRows<HostChunks<T>>, n: usize) -> Result<(), AllocError> {
+    let copies = rows.reserve(n)?;
+    let block = rows.pool().block_bytes() / std::mem::size_of::<T>();
+    let mut chunks = lock(&rows.pool().source().0);
+    for cp in copies {
+        // The whole block: the positions it holds, of every layer.
+        let ((fc, fo), (tc, to)) = (place::<T>(cp.from), place::<T>(cp.to));
+        if fc == tc {
+            chunks[fc].copy_within(fo..fo + block, to);
+        } else if let Ok([from, into]) = chunks.get_disjoint_mut([fc, tc]) {
+            into[to..to + block].copy_from_slice(&from[fo..fo + block]);
+        }
+    }
+    Ok(())
+}
+
+/// Writes the last `len` rows of `rows` in layer `layer` from the first `len` rows of
+/// `k` and `v` (rounded to `T`), and calls `attend` with the layer's rows.
+fn write_and_view<T: KvElem>(
+    rows: &PagedRows<HostChunks<T>>,
+    layout: KvLayout,
+    layer: usize,
+    len: usize,
+    k: &[f32],
+    v: &[f32],
+    attend: impl FnOnce(LayerRows<'_>),
+) {
+    let (kc, vc) = (layout.shape.kcols, layout.kept_vcols());
+    let (koff, voff) = layout.offsets(layer);
+    let br = layout.block_rows;
+    let mut chunks = lock(&rows.pool().source().0);
+    let blocks: Vec<(usize, usize)> = rows.block_addrs().map(place::<T>).collect();
+    let put = |dst: &mut [T], src: &[f32]| {
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d = T::from_f32(*s);
+        }
+    };
+    for (i, p) in (rows.rows() - len..rows.rows()).enumerate() {
+        let (c, base) = blocks[p / br];
+        let row = p % br;
+        let kd = base + koff + row * kc;
+        put(&mut chunks[c][kd..kd + kc], &k[i * kc..(i + 1) * kc]);
+        if vc > 0 {
+            let vd = base + voff + row * vc;
+            put(&mut chunks[c][vd..vd + vc], &v[i * vc..(i + 1) * vc]);
+        }
+    }
+    attend(T::layer(PagedLayer {
+        chunks: &chunks,
+        blocks,
+        block_rows: br,
+        key_offset: koff,
+        value_offset: voff,
+        kcols: kc,
+        value_stride: if vc > 0 { vc } else { kc },
+        positions: rows.rows(),
+    }));
+}
+
+/// One layer's rows of a paged cache, of either value type.
+pub(super) enum LayerRows<'a> {
+    F32(PagedLayer<'a, f32>),
+    Bf16(PagedLayer<'a, bf16>),
+}
+
 /// Rows of keys and values, in runs of consecutive positions, for attention to read.
 pub(super) trait KvRows: Sync {
+    /// The values' type.
+    type E: super::Elem;
     /// Positions held.
     fn positions(&self) -> usize;
     /// The key rows of positions `j..` up to `end` or the end of `j`'s run, whichever
     /// comes first: at least one whole row of [`KvRows::key_stride`] values.
-    fn keys(&self, j: usize, end: usize) -> &[f32];
+    fn keys(&self, j: usize, end: usize) -> &[Self::E];
     /// Values in a key row.
     fn key_stride(&self) -> usize;
     /// The value rows of positions `j..`, as [`KvRows::keys`].
-    fn values(&self, j: usize, end: usize) -> &[f32];
+    fn values(&self, j: usize, end: usize) -> &[Self::E];
     /// Values in a value row (a key row's when the values are the keys' columns).
     fn value_stride(&self) -> usize;
 }
@@ -360,6 +475,7 @@ pub(super) struct Contiguous<'a> {
 }
 
 impl KvRows for Contiguous<'_> {
+    type E = f32;
     fn positions(&self) -> usize {
         self.k.len() / self.key_stride.max(1)
     }
@@ -378,8 +494,8 @@ impl KvRows for Contiguous<'_> {
 }
 
 /// One layer's rows of a paged cache.
-pub(super) struct PagedLayer<'a> {
-    chunks: &'a [Box<[f32]>],
+pub(super) struct PagedLayer<'a, T> {
+    chunks: &'a [Box<[T]>],
     /// Each block's chunk and first value.
     blocks: Vec<(usize, usize)>,
     block_rows: usize,
@@ -390,8 +506,8 @@ pub(super) struct PagedLayer<'a> {
     positions: usize,
 }
 
-impl PagedLayer<'_> {
-    fn run(&self, j: usize, end: usize, offset: usize, stride: usize) -> &[f32] {
+impl<T> PagedLayer<'_, T> {
+    fn run(&self, j: usize, end: usize, offset: usize, stride: usize) -> &[T] {
         let (b, row) = (j / self.block_rows, j % self.block_rows);
         let n = (end.min((b + 1) * self.block_rows))
             .saturating_sub(j)
@@ -402,17 +518,18 @@ impl PagedLayer<'_> {
     }
 }
 
-impl KvRows for PagedLayer<'_> {
+impl<T: KvElem> KvRows for PagedLayer<'_, T> {
+    type E = T;
     fn positions(&self) -> usize {
         self.positions
     }
-    fn keys(&self, j: usize, end: usize) -> &[f32] {
+    fn keys(&self, j: usize, end: usize) -> &[T] {
         self.run(j, end, self.key_offset, self.kcols)
     }
     fn key_stride(&self) -> usize {
         self.kcols
     }
-    fn values(&self, j: usize, end: usize) -> &[f32] {
+    fn values(&self, j: usize, end: usize) -> &[T] {
         self.run(j, end, self.value_offset, self.value_stride)
     }
     fn value_stride(&self) -> usize {

@@ -225,7 +225,7 @@ fn attention(q: &[f32], rows: &impl kv::KvRows, t: usize, s: AttnShape) -> Vec<f
                 for (value, s) in run.chunks_exact(vs).zip(&scores[j..]) {
                     let w = s / sum;
                     for (a, b) in o.iter_mut().zip(&value[vo..vo + dv]) {
-                        *a += w * b;
+                        *a += w * b.f();
                     }
                 }
                 j += run.len() / vs;
@@ -295,7 +295,10 @@ impl Backend for Cpu {
         self.store
             .write_and_read(&self.kv, caches, lens, layer, shape, k, v, |i, rows| {
                 let qs = &q[at * qc..(at + lens[i]) * qc];
-                out.extend(attention(qs, rows, lens[i], s));
+                out.extend(match rows {
+                    kv::LayerRows::F32(r) => attention(qs, &r, lens[i], s),
+                    kv::LayerRows::Bf16(r) => attention(qs, &r, lens[i], s),
+                });
                 at += lens[i];
             });
         if self.store.errored() {
@@ -362,7 +365,8 @@ impl Backend for Cpu {
             CpuWeights::F32 => "f32 matrices",
             CpuWeights::Bf16 => "bf16 matrices",
         };
-        format!("cpu ({threads} threads, {weights})")
+        let kv = if self.kv.bf16 { ", bf16 KV cache" } else { "" };
+        format!("cpu ({threads} threads, {weights}{kv})")
     }
 
     fn linear(&self, x: &CpuBuf, m: usize, w: &CpuBuf, n: usize, k: usize) -> CpuBuf {
@@ -954,20 +958,21 @@ fn gemm_bf16(x: &[f32], m: usize, w: &[bf16], n: usize, k: usize) -> Vec<f32> {
     y
 }
 
-/// Dot product with independent partial sums (so the compiler vectorises it).
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+/// Dot product with independent partial sums (so the compiler vectorises it), `b`
+/// widened as it is read.
+fn dot<E: Elem>(a: &[f32], b: &[E]) -> f32 {
     let mut acc = [0f32; 16];
     let ca = a.chunks_exact(16);
     let cb = b.chunks_exact(16);
     let (ra, rb) = (ca.remainder(), cb.remainder());
     for (x, y) in ca.zip(cb) {
         for i in 0..16 {
-            acc[i] += x[i] * y[i];
+            acc[i] += x[i] * y[i].f();
         }
     }
     let mut s: f32 = acc.iter().sum();
     for (x, y) in ra.iter().zip(rb) {
-        s += x * y;
+        s += x * y.f();
     }
     s
 }
