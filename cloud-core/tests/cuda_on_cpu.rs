@@ -407,8 +407,7 @@ async fn verdicts_on_the_emulated_device_match_the_cpu_engine() {
             (verdicts, engine)
         }
     };
-    let (cpu, on_cpu) = judge_all(Device::Cpu(Default::default())).await;
-    assert!(on_cpu.handle().stats().backend().kv_cache.is_none());
+    let (cpu, _) = judge_all(Device::Cpu(Default::default())).await;
     // A budget of 64 MiB, which the status reports with what the cached prompts hold.
     let (cuda, engine) = judge_all(Device::Cuda(cloud_core::engine::service::CudaSettings {
         kv_cache_bytes: Some(64 << 20),

@@ -110,7 +110,8 @@ pub struct Stats {
 pub const PUBLISH_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// What a backend reports of itself ([`Stats::backend`]), each `None` where it has
-/// nothing of the kind (the CPU backend: no paged cache, no device, no graphs).
+/// nothing of the kind (the CPU backend: no device, no graphs; no paged cache before its
+/// first row).
 #[derive(Clone, Debug, Default)]
 pub struct BackendFigures {
     /// What runs the model, as it runs now ([`Backend::describe`]).
