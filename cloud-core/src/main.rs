@@ -478,17 +478,17 @@ fn bench(
                     100.0 * b as f64 / (b + f) as f64
                 ),
             };
+            let (cache, cache_bytes) = if model.backend().kv.bf16 {
+                ("bf16", 2.0)
+            } else {
+                ("f32", 4.0)
+            };
             let opts = BenchOptions {
                 elements: bench::ElementBytes {
                     weights: model.backend().matrix_element_bytes().unwrap_or(4.0),
-                    cache: if model.backend().kv.bf16 { 2.0 } else { 4.0 },
+                    cache: cache_bytes,
                 },
                 ..opts.clone()
-            };
-            let cache = if model.backend().kv.bf16 {
-                "bf16"
-            } else {
-                "f32"
             };
             let label = format!("{as_held}, {cache} KV cache");
             bench_report(&model, &opts, bench::host_copy_bandwidth(), &label)?;

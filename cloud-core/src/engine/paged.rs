@@ -453,23 +453,18 @@ impl<S: ChunkSource> PagedRows<S> {
     }
 }
 
-/// The memory of the pools drawing on a budget of `limit_bytes`: what their blocks hold,
-/// what their chunks took, and in how many allocations.
-pub fn usage<'a, S: ChunkSource + 'a>(
-    limit_bytes: usize,
+/// Adds the memory of `pools` to `u`: what their blocks hold, what their chunks took,
+/// and in how many allocations.
+pub fn add_usage<'a, S: ChunkSource + 'a>(
+    u: &mut super::backend::KvCacheUsage,
     pools: impl IntoIterator<Item = &'a Arc<BlockPool<S>>>,
-) -> super::backend::KvCacheUsage {
-    let mut u = super::backend::KvCacheUsage {
-        limit_bytes,
-        ..Default::default()
-    };
+) {
     for pool in pools {
         let total = pool.total_blocks();
         u.held_bytes += total.saturating_sub(pool.free_blocks()) * pool.block_bytes();
         u.allocated_bytes += total * pool.block_bytes();
         u.allocations += pool.chunks();
     }
-    u
 }
 
 #[cfg(test)]

@@ -223,18 +223,13 @@ impl Store {
 
     /// The memory of the cache, once it has a budget (at its first row).
     pub(super) fn usage(&self) -> Option<KvCacheUsage> {
-        let limit = lock(&self.budget).as_ref()?.limit();
-        let (a, b) = (lock(&self.pools), lock(&self.pools_bf16));
-        let (f, h) = (
-            crate::engine::paged::usage(limit, a.values()),
-            crate::engine::paged::usage(limit, b.values()),
-        );
-        Some(KvCacheUsage {
-            held_bytes: f.held_bytes + h.held_bytes,
-            allocated_bytes: f.allocated_bytes + h.allocated_bytes,
-            allocations: f.allocations + h.allocations,
-            limit_bytes: limit,
-        })
+        let mut u = KvCacheUsage {
+            limit_bytes: lock(&self.budget).as_ref()?.limit(),
+            ..KvCacheUsage::default()
+        };
+        crate::engine::paged::add_usage(&mut u, lock(&self.pools).values());
+        crate::engine::paged::add_usage(&mut u, lock(&self.pools_bf16).values());
+        Some(u)
     }
 
     /// The pool of the blocks of caches whose position takes `row_bytes` in all layers
@@ -355,7 +350,7 @@ impl Store {
             if layer >= shape.layers {
                 return refuse(format!("layer {layer} of a cache of {}", shape.layers));
             }
-            if kv.room != Some(len) || kv.rows.is_none() {
+            if kv.room != Some(len) {
                 return refuse(format!(
                     "{len} rows for a cache with room made for {:?} (kv_grow first)",
                     kv.room

@@ -262,9 +262,10 @@ impl Backend for Cpu {
     ) -> CpuBuf {
         let (q, k, v) = (q.f32(), k.f32(), v.f32());
         let rows: usize = lens.iter().sum();
+        // What a step that failed gives: it is discarded, so nothing is worth computing.
+        let discarded = || CpuBuf::F32(vec![0f32; rows * s.h * s.dv]);
         if self.store.errored() {
-            // The step is discarded: no rows to write, nothing worth computing.
-            return CpuBuf::F32(vec![0f32; rows * s.h * s.dv]);
+            return discarded();
         }
         let shape = KvShape {
             layers: caches.first().map_or(0, |kv| kv.shape().layers),
@@ -288,7 +289,7 @@ impl Backend for Cpu {
                     v.len()
                 ),
             });
-            return CpuBuf::F32(vec![0f32; rows * s.h * dv]);
+            return discarded();
         }
         let mut out = Vec::with_capacity(rows * s.h * dv);
         let mut at = 0;
@@ -302,7 +303,7 @@ impl Backend for Cpu {
                 at += lens[i];
             });
         if self.store.errored() {
-            return CpuBuf::F32(vec![0f32; rows * s.h * dv]);
+            return discarded();
         }
         CpuBuf::F32(out)
     }

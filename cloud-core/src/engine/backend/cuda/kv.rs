@@ -143,11 +143,12 @@ pub(super) struct KvStep {
 impl Cuda {
     /// The paged cache's memory: `None` before its first row (the budget is set then).
     pub(super) fn kv_cache_usage(&self) -> Option<KvCacheUsage> {
-        let limit_bytes = lock(&self.budget).as_ref()?.limit();
-        Some(crate::engine::paged::usage(
-            limit_bytes,
-            lock(&self.pools).values(),
-        ))
+        let mut u = KvCacheUsage {
+            limit_bytes: lock(&self.budget).as_ref()?.limit(),
+            ..KvCacheUsage::default()
+        };
+        crate::engine::paged::add_usage(&mut u, lock(&self.pools).values());
+        Some(u)
     }
 
     /// The pool of the blocks of caches whose position takes `row_bytes` in all layers.
