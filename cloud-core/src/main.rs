@@ -491,7 +491,16 @@ fn bench(
                 ..opts.clone()
             };
             let label = format!("{as_held}, {cache} KV cache");
-            bench_report(&model, &opts, bench::host_copy_bandwidth(), &label)?;
+            let bw = bench::host_bandwidth();
+            let roofline = Roofline {
+                bytes_per_s: bw.read,
+                what: format!(
+                    "a read-only stream by every thread, measured now: {:.0} GB/s (a copy: {:.0} GB/s read + written)",
+                    bw.read / 1e9,
+                    bw.copy / 1e9
+                ),
+            };
+            bench_report(&model, &opts, &roofline, &label)?;
             print_kv_cache(model.backend().kv_cache());
             Ok(())
         }
@@ -510,7 +519,14 @@ fn bench(
                 in_gib(free),
             );
             let model = bench_model(weights, be)?;
-            bench_report(&model, opts, bw, "bf16 matrices and KV cache")?;
+            let roofline = Roofline {
+                bytes_per_s: bw,
+                what: format!(
+                    "a device copy, measured now: {:.0} GB/s read + written",
+                    bw / 1e9
+                ),
+            };
+            bench_report(&model, opts, &roofline, "bf16 matrices and KV cache")?;
             let g = model.backend().graph_stats();
             println!(
                 "decode steps: {} captured into CUDA graphs, {} replayed, {} eager (first of their size, prefills, graphs {}), {} captures given up; programmatic launch {} at the end",
@@ -626,16 +642,20 @@ fn significant(v: f64, digits: i32) -> String {
     format!("{v:.*}", (digits - 1 - magnitude).max(0) as usize)
 }
 
+/// The memory bandwidth `bench`'s roofline share is against, and how it was measured.
+struct Roofline {
+    bytes_per_s: f64,
+    what: String,
+}
+
 fn bench_report<B: Backend>(
     model: &Model<B>,
     opts: &BenchOptions,
-    bandwidth: f64,
+    roofline: &Roofline,
     weights: &str,
 ) -> Result<(), String> {
-    println!(
-        "copy bandwidth (read + written), measured now: {:.0} GB/s; held: {weights}",
-        bandwidth / 1e9
-    );
+    println!("roofline: {}; held: {weights}", roofline.what);
+    let bandwidth = roofline.bytes_per_s;
     let how = match opts.sample {
         None => "greedy".to_string(),
         Some((t, p)) => format!("sampled (temperature {t}, top-p {p})"),

@@ -4,8 +4,9 @@
 //! The roofline figure: a decode step has to read every weight the step uses once (bf16:
 //! 2 bytes each; for MoE layers the experts the batch routes to) and every sequence's KV
 //! cache (bf16). Divided by the step's time that is the bandwidth the step achieved; over
-//! the bandwidth a plain copy reaches on the same device in the same run, the share of
-//! the memory roofline.
+//! the bandwidth measured on the same device in the same run, the share of the memory
+//! roofline: a device-to-device copy on a GPU, a read-only stream by every thread on the
+//! CPU ([`host_bandwidth`]).
 
 use std::time::Instant;
 
@@ -321,27 +322,52 @@ fn decode<B: Backend>(
     Ok(())
 }
 
-/// Host memory bandwidth of a plain copy (bytes read + written per second) by every
-/// thread the CPU backend uses, each copying its own part, the CPU backend's roofline.
-pub fn host_copy_bandwidth() -> f64 {
+/// The host memory bandwidths the CPU backend's figures are compared with, measured
+/// now by every thread the backend uses, each on its own part of buffers well past the
+/// caches.
+#[derive(Clone, Copy, Debug)]
+pub struct HostBandwidth {
+    /// A plain copy: bytes read + written per second.
+    pub copy: f64,
+    /// A read-only stream (a sum of every value, in the backend's widest loads): bytes
+    /// read per second. What a decode step does to its weights and cache, so the CPU
+    /// backend's roofline.
+    pub read: f64,
+}
+
+/// [`HostBandwidth`], measured now.
+pub fn host_bandwidth() -> HostBandwidth {
     use rayon::prelude::*;
-    let n = 64 << 20; // 256 MiB of f32, well past the caches
-    let src = vec![1.0f32; n];
-    let mut dst = vec![0.0f32; n];
+    let n = 64 << 20; // 256 MiB of f32, well past the caches (and written: not the zero page)
+    let src = vec![1f32; n];
+    let mut dst = vec![0f32; n];
     let part = n.div_ceil(rayon::current_num_threads().max(1));
-    let copy = |dst: &mut [f32]| {
+    let reps = 4;
+    let timed = |f: &mut dyn FnMut()| {
+        f(); // pages touched, threads woken
+        let t = Instant::now();
+        for _ in 0..reps {
+            f();
+        }
+        (4 * n * reps) as f64 / t.elapsed().as_secs_f64()
+    };
+    let copy = timed(&mut || {
         dst.par_chunks_mut(part)
             .zip(src.par_chunks(part))
             .for_each(|(d, s)| d.copy_from_slice(std::hint::black_box(s)));
-    };
-    copy(&mut dst);
-    let reps = 4;
-    let t = Instant::now();
-    for _ in 0..reps {
-        copy(&mut dst);
         std::hint::black_box(&mut dst);
+    });
+    let read = timed(&mut || {
+        let sum: f32 = src
+            .par_chunks(part)
+            .map(|s| super::backend::cpu::stream_sum(std::hint::black_box(s)))
+            .sum();
+        std::hint::black_box(sum);
+    });
+    HostBandwidth {
+        copy: 2.0 * copy,
+        read,
     }
-    (2 * 4 * n * reps) as f64 / t.elapsed().as_secs_f64()
 }
 
 #[cfg(test)]

@@ -22,6 +22,7 @@ pub(super) trait Lanes: Copy {
     unsafe fn load_bf16(p: *const bf16) -> Self;
     /// `self + x · w`, rounded after the product and after the sum.
     unsafe fn mul_add(self, x: Self, w: Self) -> Self;
+    unsafe fn add(self, x: Self) -> Self;
     unsafe fn store(self, out: &mut [f32; 16]);
 }
 
@@ -53,6 +54,11 @@ impl Lanes for Avx512 {
     #[target_feature(enable = "avx512f")]
     unsafe fn mul_add(self, x: Self, w: Self) -> Self {
         Avx512(_mm512_add_ps(self.0, _mm512_mul_ps(x.0, w.0)))
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn add(self, x: Self) -> Self {
+        Avx512(_mm512_add_ps(self.0, x.0))
     }
     #[inline]
     #[target_feature(enable = "avx512f")]
@@ -93,6 +99,11 @@ impl Lanes for Avx2 {
             _mm256_add_ps(self.0, _mm256_mul_ps(x.0, w.0)),
             _mm256_add_ps(self.1, _mm256_mul_ps(x.1, w.1)),
         )
+    }
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn add(self, x: Self) -> Self {
+        Avx2(_mm256_add_ps(self.0, x.0), _mm256_add_ps(self.1, x.1))
     }
     #[inline]
     #[target_feature(enable = "avx2")]
@@ -159,4 +170,26 @@ pub(super) unsafe fn dot_rows<
         }
     }
     R
+}
+
+/// [`super::stream_sum`] in lanes `L`: four registers' worth of values a step, into four
+/// independent sums.
+///
+/// # Safety
+/// The CPU has `L`'s features.
+#[inline(always)]
+pub(super) unsafe fn stream_sum<L: Lanes>(s: &[f32]) -> f32 {
+    const STEP: usize = 4 * super::DOT_LANES;
+    let whole = s.len() / STEP * STEP;
+    let p = s.as_ptr();
+    let mut acc = [L::zero(); 4];
+    for c in (0..whole).step_by(STEP) {
+        for (i, a) in acc.iter_mut().enumerate() {
+            // SAFETY: c + STEP ≤ whole ≤ s.len().
+            *a = a.add(L::load(p.add(c + i * super::DOT_LANES)));
+        }
+    }
+    let mut lanes = [0f32; super::DOT_LANES];
+    acc[0].add(acc[1]).add(acc[2].add(acc[3])).store(&mut lanes);
+    lanes.iter().sum::<f32>() + s[whole..].iter().sum::<f32>()
 }

@@ -684,6 +684,50 @@ fn gemv<W: Elem>(x: &[f32], m: usize, w: &[W], n: usize, k: usize, simd: Simd) -
     y
 }
 
+/// The sum of `s`, read with the widest SIMD loads this CPU has, in an order of their
+/// own: the read-only stream over memory the benchmark's roofline is measured with (a
+/// core's share of the memory's bandwidth grows with the width of its loads).
+pub fn stream_sum(s: &[f32]) -> f32 {
+    match Simd::detect() {
+        Simd::Baseline => s
+            .chunks(DOT_LANES)
+            .fold([0f32; DOT_LANES], |mut acc, c| {
+                acc.iter_mut().zip(c).for_each(|(a, v)| *a += v);
+                acc
+            })
+            .iter()
+            .sum(),
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Simd::detect` chose it only where the CPU has the features.
+        #[allow(unsafe_code)]
+        Simd::Avx2 => unsafe { stream_sum_avx2(s) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        #[allow(unsafe_code)]
+        Simd::Avx512 => unsafe { stream_sum_avx512(s) },
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn stream_sum_avx2(s: &[f32]) -> f32 {
+    // SAFETY: this function's features are avx2's.
+    #[allow(unsafe_code)]
+    unsafe {
+        lanes::stream_sum::<lanes::Avx2>(s)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+fn stream_sum_avx512(s: &[f32]) -> f32 {
+    // SAFETY: this function's features are avx512's.
+    #[allow(unsafe_code)]
+    unsafe {
+        lanes::stream_sum::<lanes::Avx512>(s)
+    }
+}
+
 /// The SIMD the decode products are compiled for, chosen at run time. Every level sums
 /// in the same order ([`dot_rows`]), so all give the same bits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -987,6 +1031,16 @@ fn rayon_threads() -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_stream_sum_reads_every_value() {
+        // Small integers: every order of additions gives the exact sum.
+        for n in [0, 1, 15, 16, 63, 64, 65, 1000, 4099] {
+            let s: Vec<f32> = (0..n).map(|i| (i % 7) as f32 - 3.0).collect();
+            let expect: f32 = s.iter().sum();
+            assert_eq!(stream_sum(&s), expect, "{n} values");
+        }
+    }
 
     #[test]
     fn linear_matches_a_naive_product() {
