@@ -115,6 +115,8 @@ impl Lanes for Avx2 {
 
 /// A matrix element loaded sixteen at a time into lanes.
 pub(super) trait LoadLanes: Copy {
+    /// How many values ahead of its loads a weight row is prefetched, 0 for not at all.
+    const AHEAD: usize = 0;
     unsafe fn load<L: Lanes>(p: *const Self) -> L;
 }
 
@@ -126,6 +128,12 @@ impl LoadLanes for f32 {
 }
 
 impl LoadLanes for bf16 {
+    // Widening takes twice the instructions per byte of an f32 load: the loads a core
+    // has in flight cover half the bytes, and the memory, read at the same pace, gives
+    // less. A prefetch 1 KiB ahead of each line keeps more of it in flight (a widening
+    // read of 512 MiB: 18–19 → 20–22 GB/s on two cores); an f32 product is already at
+    // the pace of a plain read.
+    const AHEAD: usize = 512;
     #[inline(always)]
     unsafe fn load<L: Lanes>(p: *const bf16) -> L {
         L::load_bf16(p)
@@ -154,6 +162,10 @@ pub(super) unsafe fn dot_rows<
     let (xp, wp) = (x.as_ptr(), w.as_ptr());
     for c in (0..full / LANES).map(|c| c * LANES) {
         for (j, aj) in acc.iter_mut().enumerate() {
+            // A hint, never a fault, wherever it points: once per 64-byte line.
+            if W::AHEAD > 0 && (c * size_of::<W>()) % 64 == 0 {
+                _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(j * k + c + W::AHEAD).cast());
+            }
             // SAFETY: c + LANES ≤ full ≤ k, and the assert bounds the rows.
             let wv: L = W::load(wp.add(j * k + c));
             for (r, a) in aj.iter_mut().enumerate() {
