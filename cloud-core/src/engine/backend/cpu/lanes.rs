@@ -163,7 +163,7 @@ pub(super) unsafe fn dot_rows<
     for c in (0..full / LANES).map(|c| c * LANES) {
         for (j, aj) in acc.iter_mut().enumerate() {
             // A hint, never a fault, wherever it points: once per 64-byte line.
-            if W::AHEAD > 0 && (c * size_of::<W>()) % 64 == 0 {
+            if W::AHEAD > 0 && (c * size_of::<W>()).is_multiple_of(64) {
                 _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(j * k + c + W::AHEAD).cast());
             }
             // SAFETY: c + LANES ≤ full ≤ k, and the assert bounds the rows.
