@@ -185,53 +185,96 @@ impl Cpu {
 
 /// [`Cpu::attention`] over the rows `rows` holds (with [`AttnShape::values_in_keys`],
 /// each head's values are the first `dv` columns of its key).
-fn attention(q: &[f32], rows: &impl kv::KvRows, t: usize, s: AttnShape) -> Vec<f32> {
+fn attention<R: kv::KvRows>(q: &[f32], rows: &R, t: usize, s: AttnShape) -> Vec<f32> {
     use rayon::prelude::*;
-    let AttnShape { h, hk, dk, dv, .. } = s;
+    let AttnShape { h, dk, dv, .. } = s;
     let total = rows.positions();
-    let group = h / hk;
-    let (ks, vs) = (rows.key_stride(), rows.value_stride());
     let mut out = vec![0f32; t * h * dv];
     // Tasks of (query, head) pairs, a decode step's heads in parallel too, each task
     // with enough positions to read that the split costs less than it saves.
     let per_item = total * (dk + dv);
     let min_items = (ATTENTION_TASK_WORK / per_item.max(1)).max(1);
+    let job = Attend { q, rows, t, s };
+    let simd = Simd::detect();
     out.par_chunks_mut(dv)
         .enumerate()
         .with_min_len(min_items)
-        .for_each_init(Vec::new, |scores: &mut Vec<f32>, (item, o)| {
-            let (qi, head) = (item / h, item % h);
-            let visible = total - t + qi + 1; // causal: positions 0..=this one
-            let kh = head / group;
-            let (ko, vo) = (kh * dk, if s.values_in_keys { kh * dk } else { kh * dv });
-            let qv = &q[item * dk..(item + 1) * dk];
-            scores.clear();
-            let mut max = f32::NEG_INFINITY;
-            while scores.len() < visible {
-                for key in rows.keys(scores.len(), visible).chunks_exact(ks) {
-                    let s = dot(qv, &key[ko..ko + dk]) * s.scale;
-                    max = max.max(s);
-                    scores.push(s);
-                }
-            }
-            let mut sum = 0f32;
-            for s in scores.iter_mut() {
-                *s = (*s - max).exp();
-                sum += *s;
-            }
-            let mut j = 0;
-            while j < visible {
-                let run = rows.values(j, visible);
-                for (value, s) in run.chunks_exact(vs).zip(&scores[j..]) {
-                    let w = s / sum;
-                    for (a, b) in o.iter_mut().zip(&value[vo..vo + dv]) {
-                        *a += w * b.f();
-                    }
-                }
-                j += run.len() / vs;
-            }
+        .for_each_init(Vec::new, |scores: &mut Vec<f32>, (item, o)| match simd {
+            Simd::Baseline => job.one(item, o, scores),
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `Simd::detect` chose these only where the CPU has the features.
+            #[allow(unsafe_code)]
+            Simd::Avx2 => unsafe { job.one_avx2(item, o, scores) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as above.
+            #[allow(unsafe_code)]
+            Simd::Avx512 => unsafe { job.one_avx512(item, o, scores) },
         });
     out
+}
+
+/// One sequence's attention: its queries `q` (`[t, h, dk]`, the last `t` of the
+/// positions `rows` holds) against those rows.
+struct Attend<'a, R> {
+    q: &'a [f32],
+    rows: &'a R,
+    t: usize,
+    s: AttnShape,
+}
+
+impl<R: kv::KvRows> Attend<'_, R> {
+    /// `o` (`dv` values) for `item`, a (query, head) pair, with `scores` as room for
+    /// its scores. Loops of independent lanes or elements, which the compiler
+    /// vectorises at each level's width to the same bits.
+    #[inline(always)]
+    fn one(&self, item: usize, o: &mut [f32], scores: &mut Vec<f32>) {
+        let Attend { q, rows, t, s } = self;
+        let AttnShape { h, hk, dk, dv, .. } = *s;
+        let total = rows.positions();
+        let (ks, vs) = (rows.key_stride(), rows.value_stride());
+        let (qi, head) = (item / h, item % h);
+        let visible = total - t + qi + 1; // causal: positions 0..=this one
+        let kh = head / (h / hk);
+        let (ko, vo) = (kh * dk, if s.values_in_keys { kh * dk } else { kh * dv });
+        let qv = &q[item * dk..(item + 1) * dk];
+        scores.clear();
+        let mut max = f32::NEG_INFINITY;
+        while scores.len() < visible {
+            for key in rows.keys(scores.len(), visible).chunks_exact(ks) {
+                let s = dot(qv, &key[ko..ko + dk]) * s.scale;
+                max = max.max(s);
+                scores.push(s);
+            }
+        }
+        let mut sum = 0f32;
+        for s in scores.iter_mut() {
+            *s = (*s - max).exp();
+            sum += *s;
+        }
+        let mut j = 0;
+        while j < visible {
+            let run = rows.values(j, visible);
+            for (value, s) in run.chunks_exact(vs).zip(&scores[j..]) {
+                let w = s / sum;
+                for (a, b) in o.iter_mut().zip(&value[vo..vo + dv]) {
+                    *a += w * b.f();
+                }
+            }
+            j += run.len() / vs;
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    fn one_avx2(&self, item: usize, o: &mut [f32], scores: &mut Vec<f32>) {
+        self.one(item, o, scores)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+    fn one_avx512(&self, item: usize, o: &mut [f32], scores: &mut Vec<f32>) {
+        self.one(item, o, scores)
+    }
 }
 
 impl Backend for Cpu {
@@ -1005,6 +1048,7 @@ fn gemm_bf16(x: &[f32], m: usize, w: &[bf16], n: usize, k: usize) -> Vec<f32> {
 
 /// Dot product with independent partial sums (so the compiler vectorises it), `b`
 /// widened as it is read.
+#[inline(always)]
 fn dot<E: Elem>(a: &[f32], b: &[E]) -> f32 {
     let mut acc = [0f32; 16];
     let ca = a.chunks_exact(16);
@@ -1145,6 +1189,122 @@ mod tests {
                     "{level:?}, m {m}, bf16"
                 );
             }
+        }
+    }
+
+    /// Attention compiled for every SIMD level this CPU has gives the same bits: keys
+    /// and values in f32 and bf16, grouped heads, values in the keys' columns (MLA), and
+    /// head sizes that leave a remainder after the lanes.
+    #[test]
+    fn attention_at_every_simd_level_gives_the_same_bits() {
+        struct Rows<E> {
+            k: Vec<E>,
+            v: Vec<E>,
+            ks: usize,
+            vs: usize,
+        }
+        impl<E: Elem> kv::KvRows for Rows<E> {
+            type E = E;
+            fn positions(&self) -> usize {
+                self.k.len() / self.ks
+            }
+            fn keys(&self, j: usize, end: usize) -> &[E] {
+                &self.k[j * self.ks..end * self.ks]
+            }
+            fn key_stride(&self) -> usize {
+                self.ks
+            }
+            fn values(&self, j: usize, end: usize) -> &[E] {
+                &self.v[j * self.vs..end * self.vs]
+            }
+            fn value_stride(&self) -> usize {
+                self.vs
+            }
+        }
+        fn each_level<R: kv::KvRows>(job: &Attend<'_, R>) -> Vec<Vec<u32>> {
+            let mut levels = vec![Simd::Baseline];
+            #[cfg(target_arch = "x86_64")]
+            levels.extend([Simd::Avx2, Simd::Avx512]);
+            levels.retain(|l| *l <= Simd::detect());
+            let items = job.t * job.s.h;
+            levels
+                .into_iter()
+                .map(|level| {
+                    let mut out = vec![0f32; items * job.s.dv];
+                    let mut scores = Vec::new();
+                    for (item, o) in out.chunks_mut(job.s.dv).enumerate() {
+                        match level {
+                            Simd::Baseline => job.one(item, o, &mut scores),
+                            // SAFETY: only levels this CPU has.
+                            #[cfg(target_arch = "x86_64")]
+                            #[allow(unsafe_code)]
+                            Simd::Avx2 => unsafe { job.one_avx2(item, o, &mut scores) },
+                            #[cfg(target_arch = "x86_64")]
+                            #[allow(unsafe_code)]
+                            Simd::Avx512 => unsafe { job.one_avx512(item, o, &mut scores) },
+                        }
+                    }
+                    out.iter().map(|v| v.to_bits()).collect()
+                })
+                .collect()
+        }
+        let (t, h, hk, dk, dv, total) = (3, 4, 2, 72, 40, 50);
+        let val = |i: usize, m: usize| ((i * m % 97) as f32 - 48.0) / 61.0;
+        let q: Vec<f32> = (0..t * h * dk).map(|i| val(i, 31)).collect();
+        let k: Vec<f32> = (0..total * hk * dk).map(|i| val(i, 17)).collect();
+        let v: Vec<f32> = (0..total * hk * dv).map(|i| val(i, 13)).collect();
+        let (ks, vs) = (hk * dk, hk * dv);
+        for values_in_keys in [false, true] {
+            let s = AttnShape {
+                h,
+                hk,
+                dk,
+                dv,
+                scale: 0.2,
+                values_in_keys,
+            };
+            let (v32, vs) = if values_in_keys {
+                (k.clone(), ks)
+            } else {
+                (v.clone(), vs)
+            };
+            let wide = Rows {
+                k: k.clone(),
+                v: v32,
+                ks,
+                vs,
+            };
+            let narrow = Rows {
+                k: wide.k.iter().map(|x| bf16::from_f32(*x)).collect(),
+                v: wide.v.iter().map(|x| bf16::from_f32(*x)).collect(),
+                ks,
+                vs,
+            };
+            let f = each_level(&Attend {
+                q: &q,
+                rows: &wide,
+                t,
+                s,
+            });
+            let b = each_level(&Attend {
+                q: &q,
+                rows: &narrow,
+                t,
+                s,
+            });
+            println!(
+                "values in keys {values_in_keys}: {} levels compared",
+                f.len()
+            );
+            assert!(
+                f.iter().all(|o| *o == f[0]),
+                "f32, values in keys {values_in_keys}"
+            );
+            assert!(
+                b.iter().all(|o| *o == b[0]),
+                "bf16, values in keys {values_in_keys}"
+            );
+            assert_ne!(f[0], b[0], "the bf16 rows are rounded");
         }
     }
 
