@@ -4,7 +4,7 @@
 //!
 //! ```sh
 //! cargo build --release -p cloud-core --examples
-//! target/release/examples/decode_product_bench [N K]   # default 8960 1536: the 1.5B shape's MLP
+//! target/release/examples/decode_product_bench [N K [M...]]   # default 8960 1536, m 1..8: the 1.5B shape's MLP
 //! ```
 //!
 //! Prints the time per product, per row, and the weight's bytes per second.
@@ -17,9 +17,10 @@ fn main() {
         .skip(1)
         .map(|a| a.parse().expect("N and K are whole numbers"))
         .collect();
-    let (n, k) = match args[..] {
-        [n, k] => (n, k),
-        _ => (8960, 1536),
+    let (n, k, rows) = match &args[..] {
+        [n, k] => (*n, *k, (1..=8).collect()),
+        [n, k, rows @ ..] => (*n, *k, rows.to_vec()),
+        _ => (8960, 1536, (1..=8).collect::<Vec<_>>()),
     };
     let cpu = Cpu::default();
     let vals: Vec<f32> = (0..n * k)
@@ -31,7 +32,7 @@ fn main() {
         ("bf16", cpu.upload_weight(Weight::Bf16(&bf), &[n, k]), 2),
         ("f32", cpu.upload_weight(Weight::F32(&vals), &[n, k]), 4),
     ] {
-        for m in 1..=8 {
+        for &m in &rows {
             let x = cpu.upload(
                 &(0..m * k)
                     .map(|i| ((i * 13 % 29) as f32 - 14.0) / 8.0)
