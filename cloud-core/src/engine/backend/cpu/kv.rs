@@ -462,25 +462,25 @@ pub(super) trait KvRows: Sync {
 
 /// Rows one after another in two slices: keys `[T, key_stride]`, values
 /// `[T, value_stride]`.
-pub(super) struct Contiguous<'a> {
-    pub k: &'a [f32],
-    pub v: &'a [f32],
+pub(super) struct Contiguous<'a, E = f32> {
+    pub k: &'a [E],
+    pub v: &'a [E],
     pub key_stride: usize,
     pub value_stride: usize,
 }
 
-impl KvRows for Contiguous<'_> {
-    type E = f32;
+impl<E: super::Elem> KvRows for Contiguous<'_, E> {
+    type E = E;
     fn positions(&self) -> usize {
         self.k.len() / self.key_stride.max(1)
     }
-    fn keys(&self, j: usize, end: usize) -> &[f32] {
+    fn keys(&self, j: usize, end: usize) -> &[E] {
         &self.k[j * self.key_stride..end * self.key_stride]
     }
     fn key_stride(&self) -> usize {
         self.key_stride
     }
-    fn values(&self, j: usize, end: usize) -> &[f32] {
+    fn values(&self, j: usize, end: usize) -> &[E] {
         &self.v[j * self.value_stride..end * self.value_stride]
     }
     fn value_stride(&self) -> usize {

@@ -1225,30 +1225,6 @@ mod tests {
     /// head sizes that leave a remainder after the lanes.
     #[test]
     fn attention_at_every_simd_level_gives_the_same_bits() {
-        struct Rows<E> {
-            k: Vec<E>,
-            v: Vec<E>,
-            ks: usize,
-            vs: usize,
-        }
-        impl<E: Elem> kv::KvRows for Rows<E> {
-            type E = E;
-            fn positions(&self) -> usize {
-                self.k.len() / self.ks
-            }
-            fn keys(&self, j: usize, end: usize) -> &[E] {
-                &self.k[j * self.ks..end * self.ks]
-            }
-            fn key_stride(&self) -> usize {
-                self.ks
-            }
-            fn values(&self, j: usize, end: usize) -> &[E] {
-                &self.v[j * self.vs..end * self.vs]
-            }
-            fn value_stride(&self) -> usize {
-                self.vs
-            }
-        }
         fn each_level<R: kv::KvRows>(job: &Attend<'_, R>) -> Vec<Vec<u32>> {
             let mut levels = vec![Simd::Baseline];
             #[cfg(target_arch = "x86_64")]
@@ -1291,23 +1267,25 @@ mod tests {
                 scale: 0.2,
                 values_in_keys,
             };
-            let (v32, vs) = if values_in_keys {
-                (k.clone(), ks)
-            } else {
-                (v.clone(), vs)
-            };
-            let wide = Rows {
-                k: k.clone(),
-                v: v32,
-                ks,
-                vs,
-            };
-            let narrow = Rows {
-                k: wide.k.iter().map(|x| bf16::from_f32(*x)).collect(),
-                v: wide.v.iter().map(|x| bf16::from_f32(*x)).collect(),
-                ks,
-                vs,
-            };
+            let (v, vs) = if values_in_keys { (&k, ks) } else { (&v, vs) };
+            let (kb, vb): (Vec<bf16>, Vec<bf16>) = (
+                k.iter().map(|x| bf16::from_f32(*x)).collect(),
+                v.iter().map(|x| bf16::from_f32(*x)).collect(),
+            );
+            let (wide, narrow) = (
+                kv::Contiguous {
+                    k: &k[..],
+                    v: &v[..],
+                    key_stride: ks,
+                    value_stride: vs,
+                },
+                kv::Contiguous {
+                    k: &kb[..],
+                    v: &vb[..],
+                    key_stride: ks,
+                    value_stride: vs,
+                },
+            );
             let f = each_level(&Attend {
                 q: &q,
                 rows: &wide,
