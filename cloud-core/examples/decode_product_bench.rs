@@ -15,12 +15,18 @@ use cloud_core::engine::backend::{Backend, Weight};
 fn main() {
     let args: Vec<usize> = std::env::args()
         .skip(1)
-        .map(|a| a.parse().expect("N and K are whole numbers"))
+        .map(|a| {
+            a.parse()
+                .expect("N, K and the row counts are whole numbers")
+        })
         .collect();
-    let (n, k, rows) = match &args[..] {
-        [n, k] => (*n, *k, (1..=8).collect()),
-        [n, k, rows @ ..] => (*n, *k, rows.to_vec()),
-        _ => (8960, 1536, (1..=8).collect::<Vec<_>>()),
+    let (n, k) = match args[..] {
+        [n, k, ..] => (n, k),
+        _ => (8960, 1536),
+    };
+    let rows: Vec<usize> = match args.get(2..) {
+        Some(rows) if !rows.is_empty() => rows.to_vec(),
+        _ => (1..=8).collect(),
     };
     let cpu = Cpu::default();
     let vals: Vec<f32> = (0..n * k)
