@@ -205,3 +205,66 @@ pub(super) unsafe fn stream_sum<L: Lanes>(s: &[f32]) -> f32 {
     acc[0].add(acc[1]).add(acc[2].add(acc[3])).store(&mut lanes);
     lanes.iter().sum::<f32>() + s[whole..].iter().sum::<f32>()
 }
+
+/// [`super::columns`] in AVX-512 for the whole 16 × 16 tiles: `out[c·nb + j] = w[j·k + c]`
+/// (as f32) for `j` below `nb / 16 · 16` and `c` below `k / 16 · 16`, each tile loaded as
+/// sixteen rows, transposed in registers and stored as sixteen columns. Returns those two
+/// bounds; the rest is the caller's.
+///
+/// # Safety
+/// The CPU has AVX-512 F.
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn columns_avx512<W: LoadLanes>(
+    w: &[W],
+    nb: usize,
+    k: usize,
+    out: &mut [f32],
+) -> (usize, usize) {
+    assert!(w.len() >= nb * k && out.len() >= nb * k);
+    let (rows, cols) = (nb / 16 * 16, k / 16 * 16);
+    let (wp, op) = (w.as_ptr(), out.as_mut_ptr());
+    for j in (0..rows).step_by(16) {
+        for c in (0..cols).step_by(16) {
+            // SAFETY: rows j..j + 16 < nb, values c..c + 16 ≤ k: within the assert's bounds.
+            let mut r: [__m512; 16] =
+                std::array::from_fn(|i| W::load::<Avx512>(wp.add((j + i) * k + c)).0);
+            transpose16(&mut r);
+            for (i, v) in r.iter().enumerate() {
+                // SAFETY: column c + i < k, rows j..j + 16 ≤ nb.
+                _mm512_storeu_ps(op.add((c + i) * nb + j), *v);
+            }
+        }
+    }
+    (rows, cols)
+}
+
+/// Sixteen registers of sixteen values transposed: `r[i][l]` becomes `r[l][i]`. Pairs of
+/// rows are interleaved by value, then by pairs within each 128-bit lane, then the lanes
+/// are gathered twice.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn transpose16(r: &mut [__m512; 16]) {
+    let mut t = [_mm512_setzero_ps(); 16];
+    for p in 0..8 {
+        t[2 * p] = _mm512_unpacklo_ps(r[2 * p], r[2 * p + 1]);
+        t[2 * p + 1] = _mm512_unpackhi_ps(r[2 * p], r[2 * p + 1]);
+    }
+    for q in 0..4 {
+        let t = &t[4 * q..4 * q + 4];
+        r[4 * q] = _mm512_shuffle_ps::<0x44>(t[0], t[2]);
+        r[4 * q + 1] = _mm512_shuffle_ps::<0xEE>(t[0], t[2]);
+        r[4 * q + 2] = _mm512_shuffle_ps::<0x44>(t[1], t[3]);
+        r[4 * q + 3] = _mm512_shuffle_ps::<0xEE>(t[1], t[3]);
+    }
+    // Now 128-bit lane `l` of r[4q + i] holds value 4l + i of rows 4q..4q + 4.
+    for i in 0..4 {
+        t[i] = _mm512_shuffle_f32x4::<0x88>(r[i], r[i + 4]);
+        t[i + 4] = _mm512_shuffle_f32x4::<0xDD>(r[i], r[i + 4]);
+        t[i + 8] = _mm512_shuffle_f32x4::<0x88>(r[i + 8], r[i + 12]);
+        t[i + 12] = _mm512_shuffle_f32x4::<0xDD>(r[i + 8], r[i + 12]);
+    }
+    for i in 0..8 {
+        r[i] = _mm512_shuffle_f32x4::<0x88>(t[i], t[i + 8]);
+        r[i + 8] = _mm512_shuffle_f32x4::<0xDD>(t[i], t[i + 8]);
+    }
+}

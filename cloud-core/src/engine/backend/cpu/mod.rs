@@ -14,8 +14,6 @@ pub use kv::{host_available, CpuKv, KvOptions};
 /// The CPU backend.
 #[derive(Clone, Debug, Default)]
 pub struct Cpu {
-    /// Threads for GEMM (0: all cores).
-    pub threads: usize,
     /// How matrices are kept.
     pub weights: CpuWeights,
     /// The paged KV cache's budget and blocks.
@@ -400,10 +398,7 @@ impl Backend for Cpu {
     }
 
     fn describe(&self) -> String {
-        let threads = match self.threads {
-            0 => rayon_threads(),
-            n => n,
-        };
+        let threads = rayon::current_num_threads();
         let weights = match self.weights {
             CpuWeights::AsStored => "matrices as stored",
             CpuWeights::F32 => "f32 matrices",
@@ -423,21 +418,8 @@ impl Backend for Cpu {
         CpuBuf::F32(match w {
             CpuBuf::F32(w) if streams(m, k) => gemv(x, m, w, n, k, Simd::detect()),
             CpuBuf::Bf16(w) if streams(m, k) => gemv(x, m, w, n, k, Simd::detect()),
-            CpuBuf::F32(w) => {
-                let threads = match self.threads {
-                    0 => rayon_threads(),
-                    n => n,
-                };
-                let par = if m * n * k < 64 * 64 * 64 || threads <= 1 {
-                    gemm::Parallelism::None
-                } else {
-                    gemm::Parallelism::Rayon(threads)
-                };
-                let mut y = vec![0f32; m * n];
-                gemm_into(&mut y, x, m, w, n, k, par);
-                y
-            }
-            CpuBuf::Bf16(w) => gemm_bf16(x, m, w, n, k),
+            CpuBuf::F32(w) => gemm_rows(x, m, w, n, k, Simd::detect()),
+            CpuBuf::Bf16(w) => gemm_rows(x, m, w, n, k, Simd::detect()),
         })
     }
 
@@ -992,19 +974,12 @@ fn lane_sum<W: Elem>(lanes: &[f32; DOT_LANES], x: &[f32], w: &[W]) -> f32 {
 /// Independent partial sums per row of [`dot_rows`].
 const DOT_LANES: usize = 16;
 
-/// `y[m, n] = x[m, k] · wᵀ` for `w[n, k]` by the `gemm` crate.
-fn gemm_into(
-    y: &mut [f32],
-    x: &[f32],
-    m: usize,
-    w: &[f32],
-    n: usize,
-    k: usize,
-    par: gemm::Parallelism,
-) {
-    assert!(y.len() == m * n && x.len() == m * k && w.len() == n * k);
-    // SAFETY: the assert above guarantees x is m×k, w is n×k and y is m×n, and the
-    // strides below address exactly those row-major layouts (wᵀ read column-wise).
+/// `y[m, n] = x[m, k] · c` for columns `c[k, n]` (row-major: `n` values per row of
+/// `k`) by the `gemm` crate on one thread.
+fn gemm_columns(y: &mut [f32], x: &[f32], m: usize, c: &[f32], n: usize, k: usize) {
+    assert!(y.len() == m * n && x.len() == m * k && c.len() == n * k);
+    // SAFETY: the assert above guarantees x is m×k, c is k×n and y is m×n, and the
+    // strides below address exactly those row-major layouts.
     #[allow(unsafe_code)]
     unsafe {
         gemm::gemm(
@@ -1018,37 +993,53 @@ fn gemm_into(
             x.as_ptr(),
             1,
             k as isize,
-            w.as_ptr(),
-            k as isize,
+            c.as_ptr(),
             1,
+            n as isize,
             0.0,
             1.0,
             false,
             false,
             false,
-            par,
+            gemm::Parallelism::None,
         );
     }
 }
 
-/// Weight rows widened per task of [`gemm_bf16`]: a block small enough to stay in cache
-/// while its product is made, large enough that packing `x` again per block is noise.
-const BF16_GEMM_ROWS: usize = 128;
+/// Weight rows per task of [`gemm_rows`] at most: a block whose columns stay in cache
+/// while its product is made, large enough that `gemm` reading `x` again per block is
+/// noise. Fewer where that leaves fewer than two blocks per thread.
+const GEMM_ROWS: usize = 128;
 
-/// `y[m, n] = x[m, k] · wᵀ` for a bf16 `w[n, k]` and more rows than [`gemv`] takes:
-/// each task widens a block of weight rows to f32 and multiplies it by the `gemm` crate
-/// (the widening is one pass over the block; the product is `m` passes).
-fn gemm_bf16(x: &[f32], m: usize, w: &[bf16], n: usize, k: usize) -> Vec<f32> {
+/// `y[m, n] = x[m, k] · wᵀ` for `w[n, k]` and more rows than [`gemv`] takes. Each task turns
+/// a block of weight rows into columns ([`columns`]: f32, bf16 widened) and multiplies `x`
+/// by them with the `gemm` crate. Given the rows themselves, `gemm` gathers their values
+/// into its panels one at a time, which took as long as its products at 128 activation
+/// rows; columns it copies a vector at a time.
+fn gemm_rows<E: Elem>(x: &[f32], m: usize, w: &[E], n: usize, k: usize, simd: Simd) -> Vec<f32> {
     use rayon::prelude::*;
+    thread_local! {
+        /// One block's columns, kept from one product to the next.
+        static COLUMNS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    let per_block = (n / (2 * rayon::current_num_threads().max(1)))
+        .next_multiple_of(16)
+        .clamp(16, GEMM_ROWS);
     let blocks: Vec<(usize, Vec<f32>)> = w
-        .par_chunks(BF16_GEMM_ROWS * k)
+        .par_chunks(per_block * k)
         .enumerate()
         .map(|(b, rows)| {
-            let wide: Vec<f32> = rows.iter().map(|v| widen(*v)).collect();
             let nb = rows.len() / k;
             let mut yb = vec![0f32; m * nb];
-            gemm_into(&mut yb, x, m, &wide, nb, k, gemm::Parallelism::None);
-            (b * BF16_GEMM_ROWS, yb)
+            COLUMNS.with_borrow_mut(|c| {
+                if c.len() < nb * k {
+                    c.resize(nb * k, 0.0);
+                }
+                let c = &mut c[..nb * k];
+                columns(rows, nb, k, c, simd);
+                gemm_columns(&mut yb, x, m, c, nb, k);
+            });
+            (b * per_block, yb)
         })
         .collect();
     let mut y = vec![0f32; m * n];
@@ -1059,6 +1050,31 @@ fn gemm_bf16(x: &[f32], m: usize, w: &[bf16], n: usize, k: usize) -> Vec<f32> {
         }
     }
     y
+}
+
+/// Weight rows `w[nb, k]` as columns: `c[i·nb + j] = w[j·k + i]` in f32 (bf16 widened,
+/// exactly), whole 16 × 16 tiles transposed in AVX-512 registers where the CPU has them.
+fn columns<E: Elem>(w: &[E], nb: usize, k: usize, c: &mut [f32], simd: Simd) {
+    assert!(w.len() == nb * k && c.len() == nb * k);
+    let (rows, cols) = match simd {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: detected, this level has AVX-512 F.
+        #[allow(unsafe_code)]
+        Simd::Avx512 => unsafe { lanes::columns_avx512(w, nb, k, c) },
+        _ => (0, 0),
+    };
+    // The rest (all of it without AVX-512) in tiles that keep the rows' lines in cache.
+    const TILE: usize = 16;
+    for j0 in (0..nb).step_by(TILE) {
+        let c0 = if j0 + TILE <= rows { cols } else { 0 };
+        for i0 in (c0..k).step_by(TILE) {
+            for i in i0..(i0 + TILE).min(k) {
+                for j in j0..(j0 + TILE).min(nb) {
+                    c[i * nb + j] = w[j * k + i].f();
+                }
+            }
+        }
+    }
 }
 
 /// Dot product with independent partial sums (so the compiler vectorises it), `b`
@@ -1081,12 +1097,6 @@ fn dot<E: Elem>(a: &[f32], b: &[E]) -> f32 {
     s
 }
 
-fn rayon_threads() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1105,7 +1115,7 @@ mod tests {
     fn linear_matches_a_naive_product() {
         let cpu = Cpu::default();
         // Rows up to GEMV_MAX_ROWS stream the weights, and up to GEMV_WIDE_ROWS short
-        // ones; more go through GEMM (bf16 ones in blocks of BF16_GEMM_ROWS weight rows,
+        // ones; more go through GEMM (in blocks of GEMM_ROWS weight rows turned into columns,
         // here a last block that is not whole).
         let cases = [
             (3, 70, 65),
@@ -1182,15 +1192,45 @@ mod tests {
         assert_eq!(Cpu::default().matrix_element_bytes(), None);
     }
 
+    /// The SIMD levels this CPU has, the baseline first.
+    fn levels() -> Vec<Simd> {
+        let mut levels = vec![Simd::Baseline];
+        #[cfg(target_arch = "x86_64")]
+        levels.extend([Simd::Avx2, Simd::Avx512]);
+        levels.retain(|l| *l <= Simd::detect());
+        levels
+    }
+
+    /// A block of weight rows turned into columns holds every value where the products
+    /// read it, exactly (bf16 widened), at every SIMD level: whole tiles, remainders of
+    /// rows and of columns, and blocks smaller than a tile.
+    #[test]
+    fn columns_are_the_rows_transposed() {
+        for (nb, k) in [(16, 16), (128, 48), (37, 50), (5, 3), (16, 70), (40, 16)] {
+            let w: Vec<f32> = (0..nb * k).map(|i| i as f32 * 0.75 - 900.0).collect();
+            let wb: Vec<bf16> = w.iter().map(|v| bf16::from_f32(*v)).collect();
+            for level in levels() {
+                let mut c = vec![f32::NAN; nb * k];
+                columns(&w, nb, k, &mut c, level);
+                let mut cb = vec![f32::NAN; nb * k];
+                columns(&wb, nb, k, &mut cb, level);
+                for j in 0..nb {
+                    for i in 0..k {
+                        let at = format!("{level:?}, {nb} × {k}, row {j}, value {i}");
+                        assert_eq!(c[i * nb + j].to_bits(), w[j * k + i].to_bits(), "{at}");
+                        assert_eq!(cb[i * nb + j], wb[j * k + i].to_f32(), "{at}, bf16");
+                    }
+                }
+            }
+        }
+    }
+
     /// Every SIMD level this CPU has sums in the same order: the same bits, for f32 and
     /// bf16 weights, every row count a decode product takes and a length that leaves a
     /// remainder after the lanes.
     #[test]
     fn every_simd_level_gives_the_same_bits() {
-        let mut levels = vec![Simd::Baseline];
-        #[cfg(target_arch = "x86_64")]
-        levels.extend([Simd::Avx2, Simd::Avx512]);
-        levels.retain(|l| *l <= Simd::detect());
+        let levels = levels();
         println!("SIMD levels compared: {levels:?}");
         let (n, k) = (37, 300);
         let w: Vec<f32> = (0..n * k)
@@ -1226,12 +1266,8 @@ mod tests {
     #[test]
     fn attention_at_every_simd_level_gives_the_same_bits() {
         fn each_level<R: kv::KvRows>(job: &Attend<'_, R>) -> Vec<Vec<u32>> {
-            let mut levels = vec![Simd::Baseline];
-            #[cfg(target_arch = "x86_64")]
-            levels.extend([Simd::Avx2, Simd::Avx512]);
-            levels.retain(|l| *l <= Simd::detect());
             let items = job.t * job.s.h;
-            levels
+            levels()
                 .into_iter()
                 .map(|level| {
                     let mut out = vec![0f32; items * job.s.dv];
