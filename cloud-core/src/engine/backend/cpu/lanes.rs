@@ -206,10 +206,10 @@ pub(super) unsafe fn stream_sum<L: Lanes>(s: &[f32]) -> f32 {
     lanes.iter().sum::<f32>() + s[whole..].iter().sum::<f32>()
 }
 
-/// [`super::columns`] in AVX-512 for the whole 16 × 16 tiles: `out[c·nb + j] = w[j·k + c]`
-/// (as f32) for `j` below `nb / 16 · 16` and `c` below `k / 16 · 16`, each tile loaded as
-/// sixteen rows, transposed in registers and stored as sixteen columns. Returns those two
-/// bounds; the rest is the caller's.
+/// [`super::columns`] in AVX-512 for the whole 16 × 16 tiles: `out[i·nb + j] =
+/// w[j·stride + i]` (as f32) for `j` below `nb / 16 · 16` and `i` below `k / 16 · 16`,
+/// where `k = out.len() / nb`, each tile loaded as sixteen rows, transposed in registers
+/// and stored as sixteen columns. Returns those two bounds; the rest is the caller's.
 ///
 /// # Safety
 /// The CPU has AVX-512 F.
@@ -217,21 +217,22 @@ pub(super) unsafe fn stream_sum<L: Lanes>(s: &[f32]) -> f32 {
 pub(super) unsafe fn columns_avx512<W: LoadLanes>(
     w: &[W],
     nb: usize,
-    k: usize,
+    stride: usize,
     out: &mut [f32],
 ) -> (usize, usize) {
-    assert!(w.len() >= nb * k && out.len() >= nb * k);
+    let k = out.len() / nb.max(1);
+    assert!(k <= stride && (nb == 0 || w.len() >= (nb - 1) * stride + k));
     let (rows, cols) = (nb / 16 * 16, k / 16 * 16);
     let (wp, op) = (w.as_ptr(), out.as_mut_ptr());
     for j in (0..rows).step_by(16) {
-        for c in (0..cols).step_by(16) {
-            // SAFETY: rows j..j + 16 < nb, values c..c + 16 ≤ k: within the assert's bounds.
+        for i in (0..cols).step_by(16) {
+            // SAFETY: rows j..j + 16 ≤ nb, values i..i + 16 ≤ k: within the assert's bounds.
             let mut r: [__m512; 16] =
-                std::array::from_fn(|i| W::load::<Avx512>(wp.add((j + i) * k + c)).0);
+                std::array::from_fn(|l| W::load::<Avx512>(wp.add((j + l) * stride + i)).0);
             transpose16(&mut r);
-            for (i, v) in r.iter().enumerate() {
-                // SAFETY: column c + i < k, rows j..j + 16 ≤ nb.
-                _mm512_storeu_ps(op.add((c + i) * nb + j), *v);
+            for (l, v) in r.iter().enumerate() {
+                // SAFETY: value i + l < k, rows j..j + 16 ≤ nb: within out's nb·k.
+                _mm512_storeu_ps(op.add((i + l) * nb + j), *v);
             }
         }
     }

@@ -416,8 +416,8 @@ impl Backend for Cpu {
             return CpuBuf::F32(vec![0f32; m * n]);
         }
         CpuBuf::F32(match w {
-            CpuBuf::F32(w) if streams(m, k) => gemv(x, m, w, n, k, Simd::detect()),
-            CpuBuf::Bf16(w) if streams(m, k) => gemv(x, m, w, n, k, Simd::detect()),
+            CpuBuf::F32(w) if m <= GEMV_MAX_ROWS => gemv(x, m, w, n, k, Simd::detect()),
+            CpuBuf::Bf16(w) if m <= GEMV_MAX_ROWS => gemv(x, m, w, n, k, Simd::detect()),
             CpuBuf::F32(w) => gemm_rows(x, m, w, n, k, Simd::detect()),
             CpuBuf::Bf16(w) => gemm_rows(x, m, w, n, k, Simd::detect()),
         })
@@ -639,24 +639,12 @@ impl Backend for Cpu {
 }
 
 /// Up to this many input rows (decode steps of small batches), weights are streamed once
-/// with dot products instead of going through GEMM, which packs the whole weight matrix
-/// on every call and so reads it twice.
-const GEMV_MAX_ROWS: usize = 8;
-
-/// Up to this many rows, weights are streamed too where the rows hold at most
-/// [`GEMV_WIDE_VALUES`] values (they stay in a core's nearest caches while every weight
-/// row passes them): short prompts, decode batches of 9 to 16.
-const GEMV_WIDE_ROWS: usize = 16;
-
-/// See [`GEMV_WIDE_ROWS`]: 256 KiB of f32.
-const GEMV_WIDE_VALUES: usize = 1 << 16;
-
-/// Whether `y[m, n] = x[m, k] · wᵀ` streams the weights ([`gemv`]) rather than going
-/// through GEMM. Measured on the 1.5B shape's products (`decode_product_bench`): at 16
-/// rows of 1,536 values streaming took 0.4–0.9× GEMM's time; of 8,960 values, 1.3–1.4×.
-fn streams(m: usize, k: usize) -> bool {
-    m <= GEMV_MAX_ROWS || (m <= GEMV_WIDE_ROWS && m * k <= GEMV_WIDE_VALUES)
-}
+/// with dot products ([`gemv`]) instead of going through GEMM ([`gemm_rows`]), which turns
+/// them into columns first. Measured on the 1.5B shape's products
+/// (`decode_product_bench`): at 6 rows streaming took 0.7–1.2× GEMM's time, at 8
+/// rows 1.1–1.7× (the streamed products' multiply-adds, one row at a time, outgrow the
+/// weights' reading from about 5 rows on; the GEMM kernel's do not).
+const GEMV_MAX_ROWS: usize = 6;
 
 /// A matrix element the products read: f32, or bf16 widened as it is read.
 trait Elem: Copy + Send + Sync + ArchElem {
@@ -974,12 +962,15 @@ fn lane_sum<W: Elem>(lanes: &[f32; DOT_LANES], x: &[f32], w: &[W]) -> f32 {
 /// Independent partial sums per row of [`dot_rows`].
 const DOT_LANES: usize = 16;
 
-/// `y[m, n] = x[m, k] · c` for columns `c[k, n]` (row-major: `n` values per row of
-/// `k`) by the `gemm` crate on one thread.
-fn gemm_columns(y: &mut [f32], x: &[f32], m: usize, c: &[f32], n: usize, k: usize) {
-    assert!(y.len() == m * n && x.len() == m * k && c.len() == n * k);
-    // SAFETY: the assert above guarantees x is m×k, c is k×n and y is m×n, and the
-    // strides below address exactly those row-major layouts.
+/// `y[m, n] (+)= x[m, k] · c` for columns `c[k, n]` (row-major: `n` values per row of
+/// `k`) and rows of `x` `stride` values apart, by the `gemm` crate on one thread; `add`:
+/// added to `y`, else written over it.
+fn gemm_columns(y: &mut [f32], x: &[f32], stride: usize, c: &[f32], n: usize, add: bool) {
+    let (m, k) = (y.len() / n.max(1), c.len() / n.max(1));
+    assert!(y.len() == m * n && c.len() == n * k && k <= stride);
+    assert!(m == 0 || x.len() >= (m - 1) * stride + k);
+    // SAFETY: the asserts above guarantee that y is m×n, c is k×n and x holds m rows of
+    // k values `stride` apart, and the strides below address exactly those layouts.
     #[allow(unsafe_code)]
     unsafe {
         gemm::gemm(
@@ -989,14 +980,14 @@ fn gemm_columns(y: &mut [f32], x: &[f32], m: usize, c: &[f32], n: usize, k: usiz
             y.as_mut_ptr(),
             1,
             n as isize,
-            false,
+            add,
             x.as_ptr(),
             1,
-            k as isize,
+            stride as isize,
             c.as_ptr(),
             1,
             n as isize,
-            0.0,
+            1.0,
             1.0,
             false,
             false,
@@ -1011,15 +1002,20 @@ fn gemm_columns(y: &mut [f32], x: &[f32], m: usize, c: &[f32], n: usize, k: usiz
 /// noise. Fewer where that leaves fewer than two blocks per thread.
 const GEMM_ROWS: usize = 128;
 
-/// `y[m, n] = x[m, k] · wᵀ` for `w[n, k]` and more rows than [`gemv`] takes. Each task turns
-/// a block of weight rows into columns ([`columns`]: f32, bf16 widened) and multiplies `x`
-/// by them with the `gemm` crate. Given the rows themselves, `gemm` gathers their values
-/// into its panels one at a time, which took as long as its products at 128 activation
-/// rows; columns it copies a vector at a time.
+/// Values of each weight row turned into columns at a time by [`gemm_rows`]: 128 rows of
+/// them are 512 KiB of f32, which stay in a core's L2 cache while `gemm` reads them.
+const GEMM_VALUES: usize = 1024;
+
+/// `y[m, n] = x[m, k] · wᵀ` for `w[n, k]` and more rows than [`gemv`] takes. Each task
+/// takes a block of weight rows and, a span of their values at a time, turns it into
+/// columns ([`columns`]: f32, bf16 widened) and adds its product with `x`'s span by the
+/// `gemm` crate. Given the rows themselves, `gemm` gathers their values into its panels
+/// one at a time, which took as long as its products at 128 activation rows; columns it
+/// copies a vector at a time.
 fn gemm_rows<E: Elem>(x: &[f32], m: usize, w: &[E], n: usize, k: usize, simd: Simd) -> Vec<f32> {
     use rayon::prelude::*;
     thread_local! {
-        /// One block's columns, kept from one product to the next.
+        /// One span's columns, kept from one product to the next.
         static COLUMNS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
     }
     let per_block = (n / (2 * rayon::current_num_threads().max(1)))
@@ -1032,12 +1028,15 @@ fn gemm_rows<E: Elem>(x: &[f32], m: usize, w: &[E], n: usize, k: usize, simd: Si
             let nb = rows.len() / k;
             let mut yb = vec![0f32; m * nb];
             COLUMNS.with_borrow_mut(|c| {
-                if c.len() < nb * k {
-                    c.resize(nb * k, 0.0);
+                for v in (0..k).step_by(GEMM_VALUES) {
+                    let kc = GEMM_VALUES.min(k - v);
+                    if c.len() < nb * kc {
+                        c.resize(nb * kc, 0.0);
+                    }
+                    let c = &mut c[..nb * kc];
+                    columns(&rows[v..], nb, k, c, simd);
+                    gemm_columns(&mut yb, &x[v..], k, c, nb, v > 0);
                 }
-                let c = &mut c[..nb * k];
-                columns(rows, nb, k, c, simd);
-                gemm_columns(&mut yb, x, m, c, nb, k);
             });
             (b * per_block, yb)
         })
@@ -1052,15 +1051,18 @@ fn gemm_rows<E: Elem>(x: &[f32], m: usize, w: &[E], n: usize, k: usize, simd: Si
     y
 }
 
-/// Weight rows `w[nb, k]` as columns: `c[i·nb + j] = w[j·k + i]` in f32 (bf16 widened,
-/// exactly), whole 16 × 16 tiles transposed in AVX-512 registers where the CPU has them.
-fn columns<E: Elem>(w: &[E], nb: usize, k: usize, c: &mut [f32], simd: Simd) {
-    assert!(w.len() == nb * k && c.len() == nb * k);
+/// `nb` weight rows `stride` values apart as columns: `c[i·nb + j] = w[j·stride + i]`
+/// for the `c.len() / nb` values `i` of each, in f32 (bf16 widened, exactly), whole
+/// 16 × 16 tiles transposed in AVX-512 registers where the CPU has them.
+fn columns<E: Elem>(w: &[E], nb: usize, stride: usize, c: &mut [f32], simd: Simd) {
+    let k = c.len() / nb.max(1);
+    assert!(c.len() == nb * k && k <= stride);
+    assert!(nb == 0 || w.len() >= (nb - 1) * stride + k);
     let (rows, cols) = match simd {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: detected, this level has AVX-512 F.
         #[allow(unsafe_code)]
-        Simd::Avx512 => unsafe { lanes::columns_avx512(w, nb, k, c) },
+        Simd::Avx512 => unsafe { lanes::columns_avx512(w, nb, stride, c) },
         _ => (0, 0),
     };
     // The rest (all of it without AVX-512) in tiles that keep the rows' lines in cache.
@@ -1070,7 +1072,7 @@ fn columns<E: Elem>(w: &[E], nb: usize, k: usize, c: &mut [f32], simd: Simd) {
         for i0 in (c0..k).step_by(TILE) {
             for i in i0..(i0 + TILE).min(k) {
                 for j in j0..(j0 + TILE).min(nb) {
-                    c[i * nb + j] = w[j * k + i].f();
+                    c[i * nb + j] = w[j * stride + i].f();
                 }
             }
         }
@@ -1114,9 +1116,9 @@ mod tests {
     #[test]
     fn linear_matches_a_naive_product() {
         let cpu = Cpu::default();
-        // Rows up to GEMV_MAX_ROWS stream the weights, and up to GEMV_WIDE_ROWS short
-        // ones; more go through GEMM (in blocks of GEMM_ROWS weight rows turned into columns,
-        // here a last block that is not whole).
+        // Rows up to GEMV_MAX_ROWS stream the weights; more go through GEMM in blocks of
+        // up to GEMM_ROWS weight rows turned into columns GEMM_VALUES values at a time
+        // (here blocks that are not whole, of 16 rows, and spans that are not whole).
         let cases = [
             (3, 70, 65),
             (12, 70, 65),
@@ -1125,12 +1127,11 @@ mod tests {
             (16, 130, 40),
             (17, 300, 40),
             (12, 40, 6000),
+            (7, 20, 2 * GEMM_VALUES + 3),
         ];
         for (m, n, k) in cases {
             check_linear(&cpu, m, n, k);
         }
-        assert!(streams(16, 40) && streams(12, 65) && streams(8, 1 << 20));
-        assert!(!streams(17, 40) && !streams(12, 6000));
     }
 
     fn check_linear(cpu: &Cpu, m: usize, n: usize, k: usize) {
@@ -1237,8 +1238,7 @@ mod tests {
             .map(|i| ((i * 37 % 101) as f32 - 50.0) / 64.0)
             .collect();
         let wb: Vec<bf16> = w.iter().map(|v| bf16::from_f32(*v)).collect();
-        for m in 1..=GEMV_WIDE_ROWS {
-            assert!(streams(m, k));
+        for m in 1..=GEMV_MAX_ROWS {
             let x: Vec<f32> = (0..m * k)
                 .map(|i| ((i * 13 % 29) as f32 - 14.0) / 8.0)
                 .collect();
