@@ -641,9 +641,10 @@ impl Backend for Cpu {
 /// Up to this many input rows (decode steps of small batches), weights are streamed once
 /// with dot products ([`gemv`]) instead of going through GEMM ([`gemm_rows`]), which turns
 /// them into columns first. Measured on the 1.5B shape's products
-/// (`decode_product_bench`): at 6 rows streaming took 0.7–1.2× GEMM's time, at 8
-/// rows 1.1–1.7× (the streamed products' multiply-adds, one row at a time, outgrow the
-/// weights' reading from about 5 rows on; the GEMM kernel's do not).
+/// (`decode_product_bench`): at 6 rows streaming took 0.4–1.4× GEMM's time (the large
+/// matrices near 1×), at 8 rows 1.3–1.7× but for the smallest matrix (the streamed
+/// products' multiply-adds, one row at a time, outgrow the weights' reading from about 5
+/// rows on; the GEMM kernel's do not).
 const GEMV_MAX_ROWS: usize = 6;
 
 /// A matrix element the products read: f32, or bf16 widened as it is read.
@@ -1204,22 +1205,34 @@ mod tests {
 
     /// A block of weight rows turned into columns holds every value where the products
     /// read it, exactly (bf16 widened), at every SIMD level: whole tiles, remainders of
-    /// rows and of columns, and blocks smaller than a tile.
+    /// rows and of columns, blocks smaller than a tile, and spans of the rows' values
+    /// (from `first`, `span` of the `k`).
     #[test]
     fn columns_are_the_rows_transposed() {
-        for (nb, k) in [(16, 16), (128, 48), (37, 50), (5, 3), (16, 70), (40, 16)] {
+        let cases = [
+            (16, 16, 0, 16),
+            (128, 48, 0, 48),
+            (37, 50, 0, 50),
+            (5, 3, 0, 3),
+            (16, 70, 0, 70),
+            (40, 16, 0, 16),
+            (37, 70, 3, 33),
+            (32, 100, 48, 52),
+        ];
+        for (nb, k, first, span) in cases {
             let w: Vec<f32> = (0..nb * k).map(|i| i as f32 * 0.75 - 900.0).collect();
             let wb: Vec<bf16> = w.iter().map(|v| bf16::from_f32(*v)).collect();
             for level in levels() {
-                let mut c = vec![f32::NAN; nb * k];
-                columns(&w, nb, k, &mut c, level);
-                let mut cb = vec![f32::NAN; nb * k];
-                columns(&wb, nb, k, &mut cb, level);
+                let mut c = vec![f32::NAN; nb * span];
+                columns(&w[first..], nb, k, &mut c, level);
+                let mut cb = vec![f32::NAN; nb * span];
+                columns(&wb[first..], nb, k, &mut cb, level);
                 for j in 0..nb {
-                    for i in 0..k {
-                        let at = format!("{level:?}, {nb} × {k}, row {j}, value {i}");
-                        assert_eq!(c[i * nb + j].to_bits(), w[j * k + i].to_bits(), "{at}");
-                        assert_eq!(cb[i * nb + j], wb[j * k + i].to_f32(), "{at}, bf16");
+                    for i in 0..span {
+                        let at = format!("{level:?}, {nb} × {k} from {first}, row {j}, value {i}");
+                        let v = j * k + first + i;
+                        assert_eq!(c[i * nb + j].to_bits(), w[v].to_bits(), "{at}");
+                        assert_eq!(cb[i * nb + j], wb[v].to_f32(), "{at}, bf16");
                     }
                 }
             }
