@@ -319,21 +319,7 @@ pub trait Backend {
         seen: Option<&[u32]>,
         picks: &[crate::engine::sampler::Pick],
     ) -> Vec<crate::engine::sampler::Sampled> {
-        let v = self.download(x);
-        if cols == 0 {
-            return Vec::new();
-        }
-        let words = cols.div_ceil(32);
-        fn row_bits(b: Option<&[u32]>, words: usize, r: usize) -> Option<&[u32]> {
-            b.and_then(|b| b.get(r * words..(r + 1) * words))
-        }
-        v.chunks_exact(cols)
-            .zip(picks)
-            .enumerate()
-            .map(|(r, (row, pick))| {
-                pick.sample(row, row_bits(allowed, words, r), row_bits(seen, words, r))
-            })
-            .collect()
+        pick_on_host(&self.download(x), cols, allowed, seen, picks)
     }
     /// Routed experts of an MoE layer, on the device: routes every row of `x[t, hidden]`
     /// from the gate's `logits[t, n]` (and the noaux_tc correction `bias[n]`) as
@@ -624,4 +610,30 @@ pub trait Backend {
         caches: &mut [&mut Self::Kv],
         s: AttnShape,
     ) -> Self::Buf;
+}
+
+/// [`Backend::pick_rows`] on rows `v[·, cols]` in host memory, the rows in parallel (each
+/// pick depends on its row alone: the same picks in any order).
+pub(crate) fn pick_on_host(
+    v: &[f32],
+    cols: usize,
+    allowed: Option<&[u32]>,
+    seen: Option<&[u32]>,
+    picks: &[crate::engine::sampler::Pick],
+) -> Vec<crate::engine::sampler::Sampled> {
+    use rayon::prelude::*;
+    if cols == 0 {
+        return Vec::new();
+    }
+    let words = cols.div_ceil(32);
+    fn row_bits(b: Option<&[u32]>, words: usize, r: usize) -> Option<&[u32]> {
+        b.and_then(|b| b.get(r * words..(r + 1) * words))
+    }
+    v.par_chunks_exact(cols)
+        .zip(picks)
+        .enumerate()
+        .map(|(r, (row, pick))| {
+            pick.sample(row, row_bits(allowed, words, r), row_bits(seen, words, r))
+        })
+        .collect()
 }

@@ -423,6 +423,17 @@ impl Backend for Cpu {
         })
     }
 
+    fn pick_rows(
+        &self,
+        x: &CpuBuf,
+        cols: usize,
+        allowed: Option<&[u32]>,
+        seen: Option<&[u32]>,
+        picks: &[crate::engine::sampler::Pick],
+    ) -> Vec<crate::engine::sampler::Sampled> {
+        super::pick_on_host(x.f32(), cols, allowed, seen, picks)
+    }
+
     fn add_bias(&self, x: &mut CpuBuf, bias: &CpuBuf) {
         let (x, bias) = (x.f32_mut(), bias.f32());
         let n = bias.len();
