@@ -910,7 +910,21 @@ fn gemv_rows<D: Dot, W: Elem>(x: &[f32], m: usize, w: &[W], k: usize, out: &mut 
                         m,
                         o,
                     }),
-                    _ => D::dot::<W, 4, 1>(Tile {
+                    4 => D::dot::<W, 4, 1>(Tile {
+                        x: rows,
+                        k,
+                        w: wr,
+                        m,
+                        o,
+                    }),
+                    5 => D::dot::<W, 5, 1>(Tile {
+                        x: rows,
+                        k,
+                        w: wr,
+                        m,
+                        o,
+                    }),
+                    _ => D::dot::<W, 6, 1>(Tile {
                         x: rows,
                         k,
                         w: wr,
@@ -1252,7 +1266,7 @@ mod tests {
 
     /// Every SIMD level this CPU has sums in the same order: the same bits, for f32 and
     /// bf16 weights, every row count a decode product takes and a length that leaves a
-    /// remainder after the lanes.
+    /// remainder after the lanes; and each row's as if it were alone.
     #[test]
     fn every_simd_level_gives_the_same_bits() {
         let levels = levels();
@@ -1268,8 +1282,18 @@ mod tests {
                 .collect();
             let want = gemv(&x, m, &w, n, k, Simd::Baseline);
             let want_b = gemv(&x, m, &wb, n, k, Simd::Baseline);
+            let bits = |v: Vec<f32>| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            // Each row's sums are those of the row alone: the same bits whatever the batch.
+            for r in 0..m {
+                let row = &x[r * k..(r + 1) * k];
+                let alone = bits(gemv(row, 1, &w, n, k, Simd::Baseline));
+                assert_eq!(
+                    bits(want[r * n..(r + 1) * n].to_vec()),
+                    alone,
+                    "m {m}, row {r}"
+                );
+            }
             for &level in &levels[1..] {
-                let bits = |v: Vec<f32>| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
                 assert_eq!(
                     bits(gemv(&x, m, &w, n, k, level)),
                     bits(want.clone()),
