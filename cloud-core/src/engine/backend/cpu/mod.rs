@@ -886,51 +886,21 @@ fn gemv_rows<D: Dot, W: Elem>(x: &[f32], m: usize, w: &[W], k: usize, out: &mut 
         let (wr, o) = (&w[j * k..], &mut out[j * m..(j + 1) * m]);
         let mut r = 0;
         while r < m {
-            let (rows, o) = (&x[r * k..], &mut o[r..]);
+            let t = Tile {
+                x: &x[r * k..],
+                k,
+                w: wr,
+                m,
+                o: &mut o[r..],
+            };
             r += unsafe {
                 match m - r {
-                    1 => D::dot::<W, 1, 1>(Tile {
-                        x: rows,
-                        k,
-                        w: wr,
-                        m,
-                        o,
-                    }),
-                    2 => D::dot::<W, 2, 1>(Tile {
-                        x: rows,
-                        k,
-                        w: wr,
-                        m,
-                        o,
-                    }),
-                    3 => D::dot::<W, 3, 1>(Tile {
-                        x: rows,
-                        k,
-                        w: wr,
-                        m,
-                        o,
-                    }),
-                    4 => D::dot::<W, 4, 1>(Tile {
-                        x: rows,
-                        k,
-                        w: wr,
-                        m,
-                        o,
-                    }),
-                    5 => D::dot::<W, 5, 1>(Tile {
-                        x: rows,
-                        k,
-                        w: wr,
-                        m,
-                        o,
-                    }),
-                    _ => D::dot::<W, 6, 1>(Tile {
-                        x: rows,
-                        k,
-                        w: wr,
-                        m,
-                        o,
-                    }),
+                    1 => D::dot::<W, 1, 1>(t),
+                    2 => D::dot::<W, 2, 1>(t),
+                    3 => D::dot::<W, 3, 1>(t),
+                    4 => D::dot::<W, 4, 1>(t),
+                    5 => D::dot::<W, 5, 1>(t),
+                    _ => D::dot::<W, 6, 1>(t),
                 }
             };
         }
