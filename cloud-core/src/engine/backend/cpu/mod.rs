@@ -416,10 +416,8 @@ impl Backend for Cpu {
             return CpuBuf::F32(vec![0f32; m * n]);
         }
         CpuBuf::F32(match w {
-            CpuBuf::F32(w) if m <= GEMV_MAX_ROWS => gemv(x, m, w, n, k, Simd::detect()),
-            CpuBuf::Bf16(w) if m <= GEMV_MAX_ROWS => gemv(x, m, w, n, k, Simd::detect()),
-            CpuBuf::F32(w) => gemm_rows(x, m, w, n, k, Simd::detect()),
-            CpuBuf::Bf16(w) => gemm_rows(x, m, w, n, k, Simd::detect()),
+            CpuBuf::F32(w) => product(x, m, w, n, k),
+            CpuBuf::Bf16(w) => product(x, m, w, n, k),
         })
     }
 
@@ -655,8 +653,19 @@ impl Backend for Cpu {
 /// (`decode_product_bench`): at 6 rows streaming took 0.4–1.4× GEMM's time (the large
 /// matrices near 1×), at 8 rows 1.3–1.7× but for the smallest matrix (the streamed
 /// products' multiply-adds, one row at a time, outgrow the weights' reading from about 5
-/// rows on; the GEMM kernel's do not).
+/// rows on; the GEMM kernel's do not). Those 6-row figures are from before 5 and 6 rows
+/// became one tile each, which made them faster still.
 const GEMV_MAX_ROWS: usize = 6;
+
+/// `y[m, n] = x[m, k] · wᵀ` for `w[n, k]`: streamed for up to [`GEMV_MAX_ROWS`] rows,
+/// else by GEMM on the weight's columns, at the widest SIMD level the CPU has.
+fn product<E: Elem>(x: &[f32], m: usize, w: &[E], n: usize, k: usize) -> Vec<f32> {
+    if m <= GEMV_MAX_ROWS {
+        gemv(x, m, w, n, k, Simd::detect())
+    } else {
+        gemm_rows(x, m, w, n, k, Simd::detect())
+    }
+}
 
 /// A matrix element the products read: f32, or bf16 widened as it is read.
 trait Elem: Copy + Send + Sync + ArchElem {
