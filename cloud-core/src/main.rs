@@ -262,6 +262,7 @@ impl BackendFlags {
                 .filter_map(|(on, flag)| on.then_some(flag))
                 .collect();
                 if given.is_empty() {
+                    cloud_core::engine::backend::cpu::check_simd_env()?;
                     Ok(Device::Cpu(CpuSettings {
                         weights: self.cpu_weights.unwrap_or_default(),
                         kv_cache_bytes: self.kv_cache_gib,

@@ -298,6 +298,18 @@ fn cuda_settings_need_the_cuda_engine() {
             assert!(err.contains(refusal), "{flag}={bad}: {err}");
         }
     }
+    // The SIMD cap, named in the environment.
+    for bad in ["sse9", "avx", ""] {
+        let out = Command::new(env!("CARGO_BIN_EXE_cloud-core"))
+            .args(["serve", "--data-dir", data])
+            .env("CLOUD_CORE_CPU_SIMD", bad)
+            .output()
+            .expect("run");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "CLOUD_CORE_CPU_SIMD={bad:?} served");
+        let refusal = format!("CLOUD_CORE_CPU_SIMD={bad:?} is not one of baseline");
+        assert!(err.contains(&refusal), "{err}");
+    }
     // Nothing was started: no token written.
     assert!(!dir.path().join("operator-token").exists());
 }
@@ -337,7 +349,7 @@ fn bench_says_how_the_cpu_holds_the_matrices() {
         "{stored}"
     );
     assert!(
-        stored.contains(" threads, matrices as stored)"),
+        stored.contains(" threads, ") && stored.contains(", matrices as stored)"),
         "the device line: {stored}"
     );
     // The paged cache's memory at the end, within the budget asked for.
@@ -356,7 +368,7 @@ fn bench_says_how_the_cpu_holds_the_matrices() {
         "{kv16}"
     );
     assert!(
-        kv16.contains(" threads, matrices as stored, bf16 KV cache)"),
+        kv16.contains(", matrices as stored, bf16 KV cache)"),
         "{kv16}"
     );
     assert!(kv16_gb < stored_gb, "{kv16_gb} GB vs {stored_gb} GB");

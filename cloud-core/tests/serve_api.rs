@@ -259,7 +259,9 @@ async fn concurrent_requests_are_batched_and_answer_as_alone() {
     assert!(
         status["backend"]
             .as_str()
-            .is_some_and(|b| b.starts_with("cpu (") && b.ends_with(" threads, matrices as stored)")),
+            .is_some_and(|b| b.starts_with("cpu (")
+                && b.contains(" threads, ")
+                && b.ends_with(", matrices as stored)")),
         "{status}"
     );
     let kv = &status["kv_cache"];

@@ -239,6 +239,67 @@ pub(super) unsafe fn columns_avx512<W: LoadLanes>(
     (rows, cols)
 }
 
+/// [`super::columns`] in AVX2 for whole tiles of 8 rows by 16 values, as
+/// [`columns_avx512`] does for 16 × 16: each half of the tile's sixteen values transposed
+/// as an 8 × 8 block in registers. Returns the bounds it covered (rows, values).
+///
+/// # Safety
+/// The CPU has AVX2.
+#[target_feature(enable = "avx2")]
+pub(super) unsafe fn columns_avx2<W: LoadLanes>(
+    w: &[W],
+    nb: usize,
+    stride: usize,
+    out: &mut [f32],
+) -> (usize, usize) {
+    let k = out.len() / nb.max(1);
+    assert!(k <= stride && (nb == 0 || w.len() >= (nb - 1) * stride + k));
+    let (rows, cols) = (nb / 8 * 8, k / 16 * 16);
+    let (wp, op) = (w.as_ptr(), out.as_mut_ptr());
+    for j in (0..rows).step_by(8) {
+        for i in (0..cols).step_by(16) {
+            // SAFETY: rows j..j + 8 ≤ nb, values i..i + 16 ≤ k: within the assert's bounds.
+            let r: [Avx2; 8] =
+                std::array::from_fn(|l| W::load::<Avx2>(wp.add((j + l) * stride + i)));
+            let mut lo = r.map(|v| v.0);
+            let mut hi = r.map(|v| v.1);
+            transpose8(&mut lo);
+            transpose8(&mut hi);
+            for l in 0..8 {
+                // SAFETY: values i + l and i + 8 + l < k, rows j..j + 8 ≤ nb: within nb·k.
+                _mm256_storeu_ps(op.add((i + l) * nb + j), lo[l]);
+                _mm256_storeu_ps(op.add((i + 8 + l) * nb + j), hi[l]);
+            }
+        }
+    }
+    (rows, cols)
+}
+
+/// Eight registers of eight values transposed: `r[i][l]` becomes `r[l][i]`, by the same
+/// three rounds as [`transpose16`] (values, pairs, then 128-bit halves).
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn transpose8(r: &mut [__m256; 8]) {
+    let mut t = [_mm256_setzero_ps(); 8];
+    for p in 0..4 {
+        t[2 * p] = _mm256_unpacklo_ps(r[2 * p], r[2 * p + 1]);
+        t[2 * p + 1] = _mm256_unpackhi_ps(r[2 * p], r[2 * p + 1]);
+    }
+    for q in 0..2 {
+        let t = &t[4 * q..4 * q + 4];
+        r[4 * q] = _mm256_shuffle_ps::<0x44>(t[0], t[2]);
+        r[4 * q + 1] = _mm256_shuffle_ps::<0xEE>(t[0], t[2]);
+        r[4 * q + 2] = _mm256_shuffle_ps::<0x44>(t[1], t[3]);
+        r[4 * q + 3] = _mm256_shuffle_ps::<0xEE>(t[1], t[3]);
+    }
+    // Now half `h` of r[4q + i] holds value 4h + i of rows 4q..4q + 4.
+    for i in 0..4 {
+        t[i] = _mm256_permute2f128_ps::<0x20>(r[i], r[i + 4]);
+        t[i + 4] = _mm256_permute2f128_ps::<0x31>(r[i], r[i + 4]);
+    }
+    *r = t;
+}
+
 /// Sixteen registers of sixteen values transposed: `r[i][l]` becomes `r[l][i]`. Pairs of
 /// rows are interleaved by value, then by pairs within each 128-bit lane, then the lanes
 /// are gathered twice.

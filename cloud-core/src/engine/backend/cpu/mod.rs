@@ -405,7 +405,8 @@ impl Backend for Cpu {
             CpuWeights::Bf16 => "bf16 matrices",
         };
         let kv = if self.kv.bf16 { ", bf16 KV cache" } else { "" };
-        format!("cpu ({threads} threads, {weights}{kv})")
+        let simd = Simd::detect().name();
+        format!("cpu ({threads} threads, {simd}, {weights}{kv})")
     }
 
     fn linear(&self, x: &CpuBuf, m: usize, w: &CpuBuf, n: usize, k: usize) -> CpuBuf {
@@ -791,23 +792,84 @@ enum Simd {
     Avx512,
 }
 
+/// Caps the SIMD level the CPU backend uses below what the CPU has: `baseline`, `avx2`
+/// or `avx512`. For comparing the levels' speed on one machine (they give the same
+/// bits) and for working around a level's fault; unset, the widest level is used.
+pub const SIMD_ENV: &str = "CLOUD_CORE_CPU_SIMD";
+
+/// An error naming [`SIMD_ENV`] where it is set to no level of this target: a command
+/// checks it before it starts, where the backend itself would only log and ignore it.
+pub fn check_simd_env() -> Result<(), String> {
+    match std::env::var(SIMD_ENV) {
+        Ok(v) if Simd::named(&v).is_none() => Err(format!(
+            "{SIMD_ENV}={v:?} is not one of {}",
+            Simd::ALL.map(Simd::name).join(", ")
+        )),
+        _ => Ok(()),
+    }
+}
+
 impl Simd {
-    /// The widest level this CPU has.
+    /// Every level this target has a name for, the baseline first.
+    #[cfg(target_arch = "x86_64")]
+    const ALL: [Simd; 3] = [Simd::Baseline, Simd::Avx2, Simd::Avx512];
+    #[cfg(not(target_arch = "x86_64"))]
+    const ALL: [Simd; 1] = [Simd::Baseline];
+
+    /// The level the products use: the widest the CPU has, capped by [`SIMD_ENV`].
     fn detect() -> Simd {
         static LEVEL: std::sync::OnceLock<Simd> = std::sync::OnceLock::new();
         *LEVEL.get_or_init(|| {
-            #[cfg(target_arch = "x86_64")]
-            {
-                use std::arch::is_x86_feature_detected as has;
-                if has!("avx512f") && has!("avx512bw") && has!("avx512vl") {
-                    return Simd::Avx512;
+            let found = Simd::widest();
+            let Ok(cap) = std::env::var(SIMD_ENV) else {
+                return found;
+            };
+            match Simd::named(&cap) {
+                Some(cap) => {
+                    let level = found.min(cap);
+                    tracing::info!("{SIMD_ENV}={cap:?}: the CPU backend uses {level:?} (the CPU has {found:?})");
+                    level
                 }
-                if has!("avx2") && has!("fma") {
-                    return Simd::Avx2;
+                None => {
+                    tracing::warn!("{SIMD_ENV}={cap:?} names no SIMD level of this target: ignored, the CPU backend uses {found:?}");
+                    found
                 }
             }
-            Simd::Baseline
         })
+    }
+
+    /// The level's name, as [`SIMD_ENV`] spells it.
+    fn name(self) -> &'static str {
+        match self {
+            Simd::Baseline => "baseline",
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx2 => "avx2",
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx512 => "avx512",
+        }
+    }
+
+    /// The level named (case aside), where this target has it.
+    fn named(name: &str) -> Option<Simd> {
+        let name = name.trim();
+        Simd::ALL
+            .into_iter()
+            .find(|l| l.name().eq_ignore_ascii_case(name))
+    }
+
+    /// The widest level this CPU has.
+    fn widest() -> Simd {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            if has!("avx512f") && has!("avx512bw") && has!("avx512vl") {
+                return Simd::Avx512;
+            }
+            if has!("avx2") && has!("fma") {
+                return Simd::Avx2;
+            }
+        }
+        Simd::Baseline
     }
 }
 
@@ -1057,31 +1119,37 @@ fn gemm_rows<E: Elem>(x: &[f32], m: usize, w: &[E], n: usize, k: usize, simd: Si
 }
 
 /// `nb` weight rows `stride` values apart as columns: `c[i·nb + j] = w[j·stride + i]`
-/// for the `c.len() / nb` values `i` of each, in f32 (bf16 widened, exactly), whole
-/// 16 × 16 tiles transposed in AVX-512 registers where the CPU has them.
+/// for the `c.len() / nb` values `i` of each, in f32 (bf16 widened, exactly), whole tiles
+/// transposed in registers where the CPU has AVX-512 (16 × 16) or AVX2 (8 rows × 16).
 fn columns<E: Elem>(w: &[E], nb: usize, stride: usize, c: &mut [f32], simd: Simd) {
     let k = c.len() / nb.max(1);
     assert!(c.len() == nb * k && k <= stride);
     assert!(nb == 0 || w.len() >= (nb - 1) * stride + k);
+    // SAFETY: detected, each level has the features its function enables.
+    #[allow(unsafe_code)]
     let (rows, cols) = match simd {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: detected, this level has AVX-512 F.
-        #[allow(unsafe_code)]
         Simd::Avx512 => unsafe { lanes::columns_avx512(w, nb, stride, c) },
-        _ => (0, 0),
+        #[cfg(target_arch = "x86_64")]
+        Simd::Avx2 => unsafe { lanes::columns_avx2(w, nb, stride, c) },
+        Simd::Baseline => (0, 0),
     };
-    // The rest (all of it without AVX-512) in tiles that keep the rows' lines in cache.
+    // The rest (all of it at the baseline) in tiles that keep the rows' lines in cache:
+    // the values past `cols` of the rows the tiles covered, then the rows past them.
     const TILE: usize = 16;
-    for j0 in (0..nb).step_by(TILE) {
-        let c0 = if j0 + TILE <= rows { cols } else { 0 };
-        for i0 in (c0..k).step_by(TILE) {
-            for i in i0..(i0 + TILE).min(k) {
-                for j in j0..(j0 + TILE).min(nb) {
-                    c[i * nb + j] = w[j * stride + i].f();
+    let mut copy = |js: std::ops::Range<usize>, is: std::ops::Range<usize>| {
+        for j0 in js.clone().step_by(TILE) {
+            for i0 in is.clone().step_by(TILE) {
+                for i in i0..(i0 + TILE).min(is.end) {
+                    for j in j0..(j0 + TILE).min(js.end) {
+                        c[i * nb + j] = w[j * stride + i].f();
+                    }
                 }
             }
         }
-    }
+    };
+    copy(0..rows, cols..k);
+    copy(rows..nb, 0..k);
 }
 
 /// Dot product with independent partial sums (so the compiler vectorises it), `b`
@@ -1198,13 +1266,22 @@ mod tests {
         assert_eq!(Cpu::default().matrix_element_bytes(), None);
     }
 
+    /// Each level is named as the cap spells it; other names are none.
+    #[test]
+    fn simd_levels_are_named() {
+        for level in Simd::ALL {
+            assert_eq!(Simd::named(level.name()), Some(level));
+            assert_eq!(Simd::named(&level.name().to_uppercase()), Some(level));
+        }
+        for name in ["", "sse9", "avx", "neon2"] {
+            assert_eq!(Simd::named(name), None, "{name:?}");
+        }
+    }
+
     /// The SIMD levels this CPU has, the baseline first.
     fn levels() -> Vec<Simd> {
-        let mut levels = vec![Simd::Baseline];
-        #[cfg(target_arch = "x86_64")]
-        levels.extend([Simd::Avx2, Simd::Avx512]);
-        levels.retain(|l| *l <= Simd::detect());
-        levels
+        let widest = Simd::widest();
+        Simd::ALL.into_iter().filter(|l| *l <= widest).collect()
     }
 
     /// A block of weight rows turned into columns holds every value where the products
