@@ -416,10 +416,60 @@ impl Backend for Cpu {
         if m == 0 || n == 0 || k == 0 {
             return CpuBuf::F32(vec![0f32; m * n]);
         }
-        CpuBuf::F32(match w {
-            CpuBuf::F32(w) => product(x, m, w, n, k),
-            CpuBuf::Bf16(w) => product(x, m, w, n, k),
-        })
+        CpuBuf::F32(matrix_product(x, m, w, n, k))
+    }
+
+    fn moe_routed(
+        &self,
+        x: &CpuBuf,
+        t: usize,
+        logits: &CpuBuf,
+        bias: Option<&CpuBuf>,
+        experts: &[[&CpuBuf; 3]],
+        hidden: usize,
+        inter: usize,
+        moe: &crate::engine::config::MoeConfig,
+    ) -> Option<CpuBuf> {
+        let (x, logits) = (x.f32(), logits.f32());
+        let n = moe.n_routed_experts;
+        assert_eq!(
+            x.len(),
+            t * hidden,
+            "moe_routed: input is not [{t}, {hidden}]"
+        );
+        assert_eq!(logits.len(), t * n, "moe_routed: logits are not [{t}, {n}]");
+        assert_eq!(
+            experts.len(),
+            n,
+            "moe_routed: {} experts for {n}",
+            experts.len()
+        );
+        for (e, [gate, up, down]) in experts.iter().enumerate() {
+            let lens = [gate.len(), up.len(), down.len()];
+            let want = [inter * hidden; 3];
+            assert_eq!(
+                lens, want,
+                "moe_routed: expert {e}'s matrices are not {inter} × {hidden}"
+            );
+        }
+        let bias = bias.map(|b| b.f32().as_slice());
+        // Route on the host, as the model would: a few numbers per token.
+        let mut per_expert: Vec<(Vec<usize>, Vec<f32>)> = vec![(Vec::new(), Vec::new()); n];
+        for (tok, row) in logits.chunks_exact(n).enumerate() {
+            for (e, w) in crate::engine::model::route(row, bias, moe) {
+                per_expert[e].0.push(tok);
+                per_expert[e].1.push(w);
+            }
+        }
+        let active: Vec<(usize, &[usize], &[f32])> = per_expert
+            .iter()
+            .enumerate()
+            .filter(|(_, (toks, _))| !toks.is_empty())
+            .map(|(e, (toks, ws))| (e, toks.as_slice(), ws.as_slice()))
+            .collect();
+        Some(CpuBuf::F32(moe_experts(
+            x, t, &active, experts, hidden, inter,
+        )))
     }
 
     fn pick_rows(
@@ -472,13 +522,7 @@ impl Backend for Cpu {
     }
 
     fn silu_mul(&self, gate: &CpuBuf, up: &CpuBuf) -> CpuBuf {
-        CpuBuf::F32(
-            gate.f32()
-                .iter()
-                .zip(up.f32())
-                .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
-                .collect(),
-        )
+        CpuBuf::F32(silu_mul(gate.f32(), up.f32()))
     }
 
     fn gather_rows(&self, table: &CpuBuf, d: usize, ids: &[u32]) -> CpuBuf {
@@ -666,6 +710,69 @@ fn product<E: Elem>(x: &[f32], m: usize, w: &[E], n: usize, k: usize) -> Vec<f32
     } else {
         gemm_rows(x, m, w, n, k, Simd::detect())
     }
+}
+
+/// [`product`] of a matrix held either way.
+fn matrix_product(x: &[f32], m: usize, w: &CpuBuf, n: usize, k: usize) -> Vec<f32> {
+    match w {
+        CpuBuf::F32(w) => product(x, m, w, n, k),
+        CpuBuf::Bf16(w) => product(x, m, w, n, k),
+    }
+}
+
+/// `silu(gate) · up`, value by value.
+fn silu_mul(gate: &[f32], up: &[f32]) -> Vec<f32> {
+    gate.iter()
+        .zip(up)
+        .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
+        .collect()
+}
+
+/// The routed experts of an MoE layer: for each `(expert, tokens, weights)` of `active`
+/// (in expert order), the expert's SwiGLU MLP (`experts[e]`: gate, up, down) on its
+/// tokens' rows of `x[t, hidden]`, added to those rows of the output scaled by the
+/// tokens' weights, in expert order. The experts run side by side on the pool, each its
+/// three products in a row: a decode step's experts take a few rows each, and products
+/// that small, each spread over the threads on its own, cost more in waking and parking
+/// the threads than in reading the weights.
+fn moe_experts(
+    x: &[f32],
+    t: usize,
+    active: &[(usize, &[usize], &[f32])],
+    experts: &[[&CpuBuf; 3]],
+    hidden: usize,
+    inter: usize,
+) -> Vec<f32> {
+    use rayon::prelude::*;
+    let mut out = vec![0f32; t * hidden];
+    // A few experts per thread at a time: the outputs held at once stay a few of them.
+    let wave = 4 * rayon::current_num_threads().max(1);
+    for group in active.chunks(wave) {
+        let ys: Vec<Vec<f32>> = group
+            .par_iter()
+            .map(|&(e, toks, _)| {
+                let m = toks.len();
+                let mut xe = Vec::with_capacity(m * hidden);
+                for &r in toks {
+                    xe.extend_from_slice(&x[r * hidden..(r + 1) * hidden]);
+                }
+                let [gate, up, down] = experts[e];
+                let h = silu_mul(
+                    &matrix_product(&xe, m, gate, inter, hidden),
+                    &matrix_product(&xe, m, up, inter, hidden),
+                );
+                matrix_product(&h, m, down, hidden, inter)
+            })
+            .collect();
+        for (&(_, toks, ws), y) in group.iter().zip(ys) {
+            for ((&r, &w), ye) in toks.iter().zip(ws).zip(y.chunks_exact(hidden)) {
+                for (a, b) in out[r * hidden..(r + 1) * hidden].iter_mut().zip(ye) {
+                    *a += w * b;
+                }
+            }
+        }
+    }
+    out
 }
 
 /// A matrix element the products read: f32, or bf16 widened as it is read.
@@ -1264,6 +1371,99 @@ mod tests {
             assert_eq!(cpu.matrix_element_bytes(), Some(want_bytes));
         }
         assert_eq!(Cpu::default().matrix_element_bytes(), None);
+    }
+
+    /// The routed experts on the CPU give each token the weighted sum of its experts'
+    /// MLPs, as one token and one expert at a time would: for steps of few rows per expert
+    /// (streamed products, each row's bits those of the row alone: equal but for the
+    /// order the experts are added in) and of many (GEMM).
+    #[test]
+    fn routed_experts_are_each_tokens_weighted_mlps() {
+        use crate::engine::config::{MoeConfig, ScoringFunc, TopkMethod};
+        use crate::engine::model::route;
+        let (hidden, inter, n, t) = (64, 48, 8, 40);
+        let moe = MoeConfig {
+            n_routed_experts: n,
+            n_shared_experts: 0,
+            num_experts_per_tok: 2,
+            moe_intermediate_size: inter,
+            first_k_dense_replace: 0,
+            moe_layer_freq: 1,
+            topk_method: TopkMethod::Greedy,
+            scoring_func: ScoringFunc::Softmax,
+            n_group: 1,
+            topk_group: 1,
+            norm_topk_prob: false,
+            routed_scaling_factor: 1.0,
+        };
+        let vals = |len: usize, seed: usize| -> Vec<f32> {
+            (0..len)
+                .map(|i| (((i * 37 + seed * 101) % 97) as f32 - 48.0) / 64.0)
+                .collect()
+        };
+        let cpu = Cpu::default();
+        let mats: Vec<[CpuBuf; 3]> = (0..n)
+            .map(|e| {
+                let w = |len, seed, shape: &[usize]| {
+                    cpu.upload_weight(Weight::F32(&vals(len, seed)), shape)
+                };
+                [
+                    w(inter * hidden, 3 * e + 1, &[inter, hidden]),
+                    w(inter * hidden, 3 * e + 2, &[inter, hidden]),
+                    w(hidden * inter, 3 * e + 3, &[hidden, inter]),
+                ]
+            })
+            .collect();
+        let experts: Vec<[&CpuBuf; 3]> = mats.iter().map(|m| [&m[0], &m[1], &m[2]]).collect();
+        let x = vals(t * hidden, 50);
+        let logits = vals(t * n, 51);
+        let mut want = vec![0f32; t * hidden];
+        let mut tokens = vec![0; n];
+        for tok in 0..t {
+            let xt = CpuBuf::F32(x[tok * hidden..(tok + 1) * hidden].to_vec());
+            for (e, w) in route(&logits[tok * n..(tok + 1) * n], None, &moe) {
+                tokens[e] += 1;
+                let [gate, up, down] = experts[e];
+                let g = cpu.linear(&xt, 1, gate, inter, hidden);
+                let u = cpu.linear(&xt, 1, up, inter, hidden);
+                let y = cpu.linear(&cpu.silu_mul(&g, &u), 1, down, hidden, inter);
+                for (o, v) in want[tok * hidden..(tok + 1) * hidden]
+                    .iter_mut()
+                    .zip(y.f32())
+                {
+                    *o += w * v;
+                }
+            }
+        }
+        assert!(
+            tokens.iter().any(|&c| c > GEMV_MAX_ROWS),
+            "no expert takes the GEMM path: {tokens:?}"
+        );
+        for rows in [1, 5, t] {
+            let got = cpu
+                .moe_routed(
+                    &CpuBuf::F32(x[..rows * hidden].to_vec()),
+                    rows,
+                    &CpuBuf::F32(logits[..rows * n].to_vec()),
+                    None,
+                    &experts,
+                    hidden,
+                    inter,
+                    &moe,
+                )
+                .expect("the CPU routes its experts");
+            let want = &want[..rows * hidden];
+            let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let diff = got
+                .f32()
+                .iter()
+                .zip(want)
+                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(
+                scale > 0.0 && diff <= 1e-5 * scale,
+                "{rows} rows: {diff} of {scale}"
+            );
+        }
     }
 
     /// Each level is named as the cap spells it; other names are none.
