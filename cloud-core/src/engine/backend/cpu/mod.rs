@@ -635,27 +635,27 @@ impl Backend for Cpu {
             h * rows * cols,
             "head_linear: weight is not [{h}, {rows}, {cols}]"
         );
+        use rayon::prelude::*;
         let mut y = vec![0f32; t * h * dout];
-        for r in 0..t {
-            for i in 0..h {
-                let xi = &x[(r * h + i) * din..(r * h + i + 1) * din];
-                let wi = &w[i * rows * cols..(i + 1) * rows * cols];
-                let yi = &mut y[(r * h + i) * dout..(r * h + i + 1) * dout];
-                if transposed {
-                    // y[o] = Σ_c x[c] · w[o, c]
-                    for (o, yo) in yi.iter_mut().enumerate() {
-                        *yo = dot(&wi[o * cols..(o + 1) * cols], xi);
-                    }
-                } else {
-                    // y[c] = Σ_r x[r] · w[r, c]
-                    for (rr, xv) in xi.iter().enumerate() {
-                        for (yc, wv) in yi.iter_mut().zip(&wi[rr * cols..(rr + 1) * cols]) {
-                            *yc += xv * wv;
-                        }
+        // Each row's head on its own: the same sums, whichever thread makes them.
+        y.par_chunks_mut(dout).enumerate().for_each(|(ri, yi)| {
+            let i = ri % h;
+            let xi = &x[ri * din..(ri + 1) * din];
+            let wi = &w[i * rows * cols..(i + 1) * rows * cols];
+            if transposed {
+                // y[o] = Σ_c x[c] · w[o, c]
+                for (o, yo) in yi.iter_mut().enumerate() {
+                    *yo = dot(&wi[o * cols..(o + 1) * cols], xi);
+                }
+            } else {
+                // y[c] = Σ_r x[r] · w[r, c]
+                for (rr, xv) in xi.iter().enumerate() {
+                    for (yc, wv) in yi.iter_mut().zip(&wi[rr * cols..(rr + 1) * cols]) {
+                        *yc += xv * wv;
                     }
                 }
             }
-        }
+        });
         CpuBuf::F32(y)
     }
 
