@@ -185,30 +185,39 @@ impl Cpu {
 /// each head's values are the first `dv` columns of its key).
 fn attention<R: kv::KvRows>(q: &[f32], rows: &R, t: usize, s: AttnShape) -> Vec<f32> {
     use rayon::prelude::*;
-    let AttnShape { h, dk, dv, .. } = s;
+    let AttnShape { h, hk, dk, dv, .. } = s;
     let total = rows.positions();
     let mut out = vec![0f32; t * h * dv];
-    // Tasks of (query, head) pairs, a decode step's heads in parallel too, each task
-    // with enough positions to read that the split costs less than it saves.
-    let per_item = total * (dk + dv);
-    let min_items = (ATTENTION_TASK_WORK / per_item.max(1)).max(1);
+    let per = attention_heads(t, h, hk, rayon::current_num_threads());
+    // Tasks of a query's heads that read one key head, each task with enough positions
+    // to read that the split costs less than it saves.
+    let per_task = total * (dk + dv) * per;
+    let min_tasks = (ATTENTION_TASK_WORK / per_task.max(1)).max(1);
     let job = Attend { q, rows, t, s };
     let simd = Simd::detect();
-    out.par_chunks_mut(dv)
+    out.par_chunks_mut(per * dv)
         .enumerate()
-        .with_min_len(min_items)
-        .for_each_init(Vec::new, |scores: &mut Vec<f32>, (item, o)| match simd {
-            Simd::Baseline => job.one(item, o, scores),
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: `Simd::detect` chose these only where the CPU has the features.
-            #[allow(unsafe_code)]
-            Simd::Avx2 => unsafe { job.one_avx2(item, o, scores) },
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: as above.
-            #[allow(unsafe_code)]
-            Simd::Avx512 => unsafe { job.one_avx512(item, o, scores) },
+        .with_min_len(min_tasks)
+        .for_each_init(Vec::new, |scores, (task, o)| {
+            job.heads_at(simd, task * per, o, scores)
         });
     out
+}
+
+/// Query heads an attention task takes at most: a tile of the products' dot products,
+/// each key read once for all of them.
+const ATTENTION_HEADS: usize = GEMV_MAX_ROWS;
+
+/// Query heads per attention task of `t` queries of `h` heads reading `hk` key heads:
+/// the most that share a key head, divide them evenly and fit [`ATTENTION_HEADS`], fewer
+/// where that would leave fewer than four tasks a thread (a decode step's few queries).
+fn attention_heads(t: usize, h: usize, hk: usize, threads: usize) -> usize {
+    let group = h / hk.max(1);
+    let most = ATTENTION_HEADS.min(t * h / (4 * threads.max(1))).max(1);
+    (1..=most.min(group))
+        .rev()
+        .find(|d| group.is_multiple_of(*d))
+        .unwrap_or(1)
 }
 
 /// One sequence's attention: its queries `q` (`[t, h, dk]`, the last `t` of the
@@ -221,41 +230,83 @@ struct Attend<'a, R> {
 }
 
 impl<R: kv::KvRows> Attend<'_, R> {
-    /// `o` (`dv` values) for `item`, a (query, head) pair, with `scores` as room for
-    /// its scores. Loops of independent lanes or elements, which the compiler
-    /// vectorises at each level's width to the same bits.
+    /// [`Attend::heads`] at the SIMD level `simd`.
+    fn heads_at(&self, simd: Simd, first: usize, o: &mut [f32], scores: &mut Vec<f32>) {
+        match simd {
+            Simd::Baseline => self.heads::<Portable>(first, o, scores),
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `Simd::detect` chose these only where the CPU has the features.
+            #[allow(unsafe_code)]
+            Simd::Avx2 => unsafe { self.heads_avx2(first, o, scores) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as above.
+            #[allow(unsafe_code)]
+            Simd::Avx512 => unsafe { self.heads_avx512(first, o, scores) },
+        }
+    }
+
+    /// `o` (`dv` values a head) for the `o.len() / dv` (query, head) pairs from `first`:
+    /// heads of one query that read one key head. Each key is read once for all of
+    /// them, its scores made by the products' dot-product tiles ([`gemv_rows`]); each
+    /// head's sums are those of the head alone (the same bits however the heads are
+    /// split into tasks, at every SIMD level).
     #[inline(always)]
-    fn one(&self, item: usize, o: &mut [f32], scores: &mut Vec<f32>) {
+    fn heads<D: Dot>(&self, first: usize, o: &mut [f32], scores: &mut Vec<f32>) {
         let Attend { q, rows, t, s } = self;
         let AttnShape { h, hk, dk, dv, .. } = *s;
+        let n = o.len() / dv;
         let total = rows.positions();
         let (ks, vs) = (rows.key_stride(), rows.value_stride());
-        let (qi, head) = (item / h, item % h);
+        let (qi, head) = (first / h, first % h);
         let visible = total - t + qi + 1; // causal: positions 0..=this one
         let kh = head / (h / hk);
+        assert!(
+            n > 0 && (head + n - 1) / (h / hk) == kh,
+            "one key head a task"
+        );
         let (ko, vo) = (kh * dk, if s.values_in_keys { kh * dk } else { kh * dv });
-        let qv = &q[item * dk..(item + 1) * dk];
+        let qv = &q[first * dk..(first + n) * dk];
         scores.clear();
-        let mut max = f32::NEG_INFINITY;
-        while scores.len() < visible {
-            for key in rows.keys(scores.len(), visible).chunks_exact(ks) {
-                let s = dot(qv, &key[ko..ko + dk]) * s.scale;
-                max = max.max(s);
-                scores.push(s);
+        scores.resize(visible * n, 0.0);
+        let mut j = 0;
+        while j < visible {
+            let run = rows.keys(j, visible);
+            let count = run.len() / ks;
+            let at = &mut scores[j * n..(j + count) * n];
+            if ks == dk {
+                // The key head's keys one after another: tiles of several keys.
+                gemv_rows::<D, R::E>(qv, n, run, dk, at);
+            } else {
+                for (key, o) in run.chunks_exact(ks).zip(at.chunks_exact_mut(n)) {
+                    gemv_rows::<D, R::E>(qv, n, &key[ko..ko + dk], dk, o);
+                }
+            }
+            j += count;
+        }
+        let mut max = [f32::NEG_INFINITY; ATTENTION_HEADS];
+        for at in scores.chunks_exact_mut(n) {
+            for (m, v) in max.iter_mut().zip(at) {
+                *v *= s.scale;
+                *m = m.max(*v);
             }
         }
-        let mut sum = 0f32;
-        for s in scores.iter_mut() {
-            *s = (*s - max).exp();
-            sum += *s;
+        let mut sum = [0f32; ATTENTION_HEADS];
+        for at in scores.chunks_exact_mut(n) {
+            for ((sm, m), v) in sum.iter_mut().zip(&max).zip(at) {
+                *v = (*v - m).exp();
+                *sm += *v;
+            }
         }
         let mut j = 0;
         while j < visible {
             let run = rows.values(j, visible);
-            for (value, s) in run.chunks_exact(vs).zip(&scores[j..]) {
-                let w = s / sum;
-                for (a, b) in o.iter_mut().zip(&value[vo..vo + dv]) {
-                    *a += w * b.f();
+            for (value, at) in run.chunks_exact(vs).zip(scores[j * n..].chunks_exact(n)) {
+                let value = &value[vo..vo + dv];
+                for ((oh, sc), sm) in o.chunks_exact_mut(dv).zip(at).zip(&sum) {
+                    let w = sc / sm;
+                    for (a, b) in oh.iter_mut().zip(value) {
+                        *a += w * b.f();
+                    }
                 }
             }
             j += run.len() / vs;
@@ -264,14 +315,14 @@ impl<R: kv::KvRows> Attend<'_, R> {
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
-    fn one_avx2(&self, item: usize, o: &mut [f32], scores: &mut Vec<f32>) {
-        self.one(item, o, scores)
+    fn heads_avx2(&self, first: usize, o: &mut [f32], scores: &mut Vec<f32>) {
+        self.heads::<InLanes<lanes::Avx2>>(first, o, scores)
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
-    fn one_avx512(&self, item: usize, o: &mut [f32], scores: &mut Vec<f32>) {
-        self.one(item, o, scores)
+    fn heads_avx512(&self, first: usize, o: &mut [f32], scores: &mut Vec<f32>) {
+        self.heads::<InLanes<lanes::Avx512>>(first, o, scores)
     }
 }
 
@@ -1564,93 +1615,109 @@ mod tests {
         }
     }
 
-    /// Attention compiled for every SIMD level this CPU has gives the same bits: keys
-    /// and values in f32 and bf16, grouped heads, values in the keys' columns (MLA), and
+    /// Attention compiled for every SIMD level this CPU has gives the same bits, however
+    /// a query's heads are split into tasks: keys and values in f32 and bf16, grouped
+    /// heads (several key heads in a row, or one), values in the keys' columns (MLA), and
     /// head sizes that leave a remainder after the lanes.
     #[test]
     fn attention_at_every_simd_level_gives_the_same_bits() {
         fn each_level<R: kv::KvRows>(job: &Attend<'_, R>) -> Vec<Vec<u32>> {
-            let items = job.t * job.s.h;
-            levels()
-                .into_iter()
-                .map(|level| {
-                    let mut out = vec![0f32; items * job.s.dv];
+            let (h, hk, dv) = (job.s.h, job.s.hk, job.s.dv);
+            let group = h / hk;
+            let splits: Vec<usize> = (1..=group.min(ATTENTION_HEADS))
+                .filter(|p| group.is_multiple_of(*p))
+                .collect();
+            assert!(splits.len() > 1, "the heads split more than one way");
+            let mut runs = Vec::new();
+            for level in levels() {
+                for &per in &splits {
+                    let mut out = vec![0f32; job.t * h * dv];
                     let mut scores = Vec::new();
-                    for (item, o) in out.chunks_mut(job.s.dv).enumerate() {
-                        match level {
-                            Simd::Baseline => job.one(item, o, &mut scores),
-                            // SAFETY: only levels this CPU has.
-                            #[cfg(target_arch = "x86_64")]
-                            #[allow(unsafe_code)]
-                            Simd::Avx2 => unsafe { job.one_avx2(item, o, &mut scores) },
-                            #[cfg(target_arch = "x86_64")]
-                            #[allow(unsafe_code)]
-                            Simd::Avx512 => unsafe { job.one_avx512(item, o, &mut scores) },
-                        }
+                    for (task, o) in out.chunks_mut(per * dv).enumerate() {
+                        job.heads_at(level, task * per, o, &mut scores);
                     }
-                    out.iter().map(|v| v.to_bits()).collect()
-                })
-                .collect()
+                    runs.push(out.iter().map(|v| v.to_bits()).collect());
+                }
+            }
+            runs
         }
-        let (t, h, hk, dk, dv, total) = (3, 4, 2, 72, 40, 50);
+        let (t, dk, dv, total) = (3, 72, 40, 50);
         let val = |i: usize, m: usize| ((i * m % 97) as f32 - 48.0) / 61.0;
-        let q: Vec<f32> = (0..t * h * dk).map(|i| val(i, 31)).collect();
-        let k: Vec<f32> = (0..total * hk * dk).map(|i| val(i, 17)).collect();
-        let v: Vec<f32> = (0..total * hk * dv).map(|i| val(i, 13)).collect();
-        let (ks, vs) = (hk * dk, hk * dv);
-        for values_in_keys in [false, true] {
-            let s = AttnShape {
-                h,
-                hk,
-                dk,
-                dv,
-                scale: 0.2,
-                values_in_keys,
-            };
-            let (v, vs) = if values_in_keys { (&k, ks) } else { (&v, vs) };
-            let (kb, vb): (Vec<bf16>, Vec<bf16>) = (
-                k.iter().map(|x| bf16::from_f32(*x)).collect(),
-                v.iter().map(|x| bf16::from_f32(*x)).collect(),
+        for (h, hk) in [(4, 2), (12, 2), (6, 1)] {
+            let q: Vec<f32> = (0..t * h * dk).map(|i| val(i, 31)).collect();
+            let k: Vec<f32> = (0..total * hk * dk).map(|i| val(i, 17)).collect();
+            let v: Vec<f32> = (0..total * hk * dv).map(|i| val(i, 13)).collect();
+            let (ks, vs) = (hk * dk, hk * dv);
+            for values_in_keys in [false, true] {
+                let s = AttnShape {
+                    h,
+                    hk,
+                    dk,
+                    dv,
+                    scale: 0.2,
+                    values_in_keys,
+                };
+                let (v, vs) = if values_in_keys { (&k, ks) } else { (&v, vs) };
+                let (kb, vb): (Vec<bf16>, Vec<bf16>) = (
+                    k.iter().map(|x| bf16::from_f32(*x)).collect(),
+                    v.iter().map(|x| bf16::from_f32(*x)).collect(),
+                );
+                let (wide, narrow) = (
+                    kv::Contiguous {
+                        k: &k[..],
+                        v: &v[..],
+                        key_stride: ks,
+                        value_stride: vs,
+                    },
+                    kv::Contiguous {
+                        k: &kb[..],
+                        v: &vb[..],
+                        key_stride: ks,
+                        value_stride: vs,
+                    },
+                );
+                let f = each_level(&Attend {
+                    q: &q,
+                    rows: &wide,
+                    t,
+                    s,
+                });
+                let b = each_level(&Attend {
+                    q: &q,
+                    rows: &narrow,
+                    t,
+                    s,
+                });
+                let what = format!("{h} heads, {hk} key heads, values in keys {values_in_keys}");
+                println!("{what}: {} levels and splits compared", f.len());
+                assert!(f.iter().all(|o| *o == f[0]), "f32, {what}");
+                assert!(b.iter().all(|o| *o == b[0]), "bf16, {what}");
+                assert_ne!(f[0], b[0], "the bf16 rows are rounded");
+            }
+        }
+    }
+
+    /// A query's heads per attention task: as many as share a key head, divide them
+    /// and fit a tile, fewer where the tasks would be too few for the threads.
+    #[test]
+    fn attention_tasks_take_heads_of_one_key_head() {
+        // (queries, heads, key heads, threads) → heads per task
+        let cases = [
+            ((512, 16, 1, 2), 4), // MLA prefill: 16 share the latent; 4 divides them
+            ((512, 12, 2, 2), 6), // GQA prefill: 6 share each key head
+            ((1, 12, 2, 2), 1),   // one decode query: the heads spread over the threads
+            ((1, 16, 1, 2), 2),
+            ((4, 12, 2, 2), 6),
+            ((4, 12, 2, 16), 1),
+            ((64, 7, 7, 2), 1), // no sharing
+            ((0, 8, 1, 2), 1),
+        ];
+        for ((t, h, hk, threads), want) in cases {
+            assert_eq!(
+                attention_heads(t, h, hk, threads),
+                want,
+                "{t} × {h} / {hk}, {threads}"
             );
-            let (wide, narrow) = (
-                kv::Contiguous {
-                    k: &k[..],
-                    v: &v[..],
-                    key_stride: ks,
-                    value_stride: vs,
-                },
-                kv::Contiguous {
-                    k: &kb[..],
-                    v: &vb[..],
-                    key_stride: ks,
-                    value_stride: vs,
-                },
-            );
-            let f = each_level(&Attend {
-                q: &q,
-                rows: &wide,
-                t,
-                s,
-            });
-            let b = each_level(&Attend {
-                q: &q,
-                rows: &narrow,
-                t,
-                s,
-            });
-            println!(
-                "values in keys {values_in_keys}: {} levels compared",
-                f.len()
-            );
-            assert!(
-                f.iter().all(|o| *o == f[0]),
-                "f32, values in keys {values_in_keys}"
-            );
-            assert!(
-                b.iter().all(|o| *o == b[0]),
-                "bf16, values in keys {values_in_keys}"
-            );
-            assert_ne!(f[0], b[0], "the bf16 rows are rounded");
         }
     }
 
