@@ -1032,15 +1032,8 @@ impl<B: Backend> Model<B> {
                 None => routed,
             };
         }
-        let logits = be.download(&logits);
         // Route on the host: a few numbers per token.
-        let mut per_expert: Vec<(Vec<usize>, Vec<f32>)> = vec![(Vec::new(), Vec::new()); n];
-        for (tok, row) in logits.chunks_exact(n).enumerate() {
-            for (e, w) in route(row, bias, moe) {
-                per_expert[e].0.push(tok);
-                per_expert[e].1.push(w);
-            }
-        }
+        let per_expert = route_tokens(&be.download(&logits), bias, moe);
         let mut out = match shared {
             Some(s) => self.mlp(s, x, t),
             None => be.upload(&vec![0.0; t * hd]),
@@ -1056,6 +1049,24 @@ impl<B: Backend> Model<B> {
         }
         out
     }
+}
+
+/// Every token of the gate's `logits[t, n]` routed ([`route`]), gathered by expert: for
+/// each of the `n`, the tokens it takes (in order) and their weights.
+pub fn route_tokens(
+    logits: &[f32],
+    bias: Option<&[f32]>,
+    moe: &MoeConfig,
+) -> Vec<(Vec<usize>, Vec<f32>)> {
+    let n = moe.n_routed_experts;
+    let mut per_expert = vec![(Vec::new(), Vec::new()); n];
+    for (tok, row) in logits.chunks_exact(n).enumerate() {
+        for (e, w) in route(row, bias, moe) {
+            per_expert[e].0.push(tok);
+            per_expert[e].1.push(w);
+        }
+    }
+    per_expert
 }
 
 /// DeepSeek's gate: which experts a token goes to, with which weights.

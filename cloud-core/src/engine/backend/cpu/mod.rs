@@ -504,14 +504,7 @@ impl Backend for Cpu {
             );
         }
         let bias = bias.map(|b| b.f32().as_slice());
-        // Route on the host, as the model would: a few numbers per token.
-        let mut per_expert: Vec<(Vec<usize>, Vec<f32>)> = vec![(Vec::new(), Vec::new()); n];
-        for (tok, row) in logits.chunks_exact(n).enumerate() {
-            for (e, w) in crate::engine::model::route(row, bias, moe) {
-                per_expert[e].0.push(tok);
-                per_expert[e].1.push(w);
-            }
-        }
+        let per_expert = crate::engine::model::route_tokens(logits, bias, moe);
         let active: Vec<(usize, &[usize], &[f32])> = per_expert
             .iter()
             .enumerate()
